@@ -1,0 +1,66 @@
+# ClaudeFS make targets. `make run` and `make test` are the README quick start;
+# both call `make setup` first, which is a no-op once everything is in place.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench clean
+
+setup: system-deps $(STAMP)
+
+# pyfuse3 compiles against libfuse3; install the Debian packages when missing.
+system-deps:
+	@missing=""; for p in $(DEBIAN_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; } \
+	      || { echo "error: could not install$$missing with apt-get" >&2; exit 1; }; \
+	  else \
+	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install$$missing" >&2; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/cfs dev run
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check contracts libs services tests bench
+	$(BIN)/ruff format --check contracts libs services tests bench
+	$(BIN)/mypy contracts/cfs_contracts libs/cfs
+
+fmt: setup
+	$(BIN)/ruff format contracts libs services tests bench
+	$(BIN)/ruff check --fix contracts libs services tests bench
+
+# AsyncAPI document generated from the contracts (faststream).
+asyncapi: setup
+	$(BIN)/python -m cfs_contracts.asyncapi --output contracts/cfs_contracts/asyncapi.json
+
+bench: setup
+	$(BIN)/python bench/bus.py --json bench/results/bus.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

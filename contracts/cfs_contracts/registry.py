@@ -1,0 +1,257 @@
+"""Registry of event types: schema per version, upcasters, subjects, codec.
+
+Consumers upcast on read (vN -> vN+1 -> ... -> current), so a journal written
+by an old release replays on a new one. Writers always emit the current
+version. Parsing is lenient in production (unknown payload fields ignored) and
+strict when `CFS_STRICT_CONTRACTS=1` (tests), as S3QL and nats.py do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cfs_contracts.envelope import HLC, Envelope
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+P = TypeVar("P", bound="EventPayload")
+
+
+class ContractError(ValueError):
+    """Root of every contract violation; the message is meant for humans."""
+
+
+class UnknownEventType(ContractError):
+    def __init__(self, event_type: str) -> None:
+        super().__init__(f"unknown event type {event_type!r}")
+        self.event_type = event_type
+
+
+class SchemaVersionError(ContractError):
+    """An event version that this release cannot read or should not write."""
+
+
+class MalformedEvent(ContractError):
+    """Bytes that are not a valid envelope or payload; goes to the dead-letter subject."""
+
+
+class EventPayload(BaseModel):
+    """Base of every event payload. Subclasses are registered with `Registry.event`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    EVENT_TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """Where an event version lives: its schema, stream and subject template."""
+
+    type: str
+    version: int
+    model: type[EventPayload]
+    stream: str
+    subject_template: str
+
+    def subject(self, site: str, **keys: str) -> str:
+        """Fill `{site}` and the other placeholders, e.g. `{shard}` or `{node}`."""
+        names = {f for _, f, _, _ in string.Formatter().parse(self.subject_template) if f}
+        missing = sorted(names - {"site"} - set(keys))
+        if missing:
+            raise ContractError(
+                f"subject for {self.type} needs {', '.join(missing)} "
+                f"(template {self.subject_template!r})"
+            )
+        values = {"site": site, **keys}
+        for name, value in values.items():
+            if not value or any(c in value for c in " .*>\t\r\n"):
+                raise ContractError(f"invalid subject token {name}={value!r} for {self.type}")
+        return self.subject_template.format(**values)
+
+
+@dataclass(frozen=True)
+class DecodedEvent:
+    """An envelope plus its payload, upcast to the current schema version."""
+
+    envelope: Envelope
+    payload: EventPayload
+    stored_version: int
+
+
+def strict_by_default() -> bool:
+    return os.environ.get("CFS_STRICT_CONTRACTS", "") == "1"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._specs: dict[tuple[str, int], EventSpec] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._current: dict[str, int] = {}
+
+    # -- registration --------------------------------------------------------------
+    def event(
+        self, event_type: str, *, version: int, stream: str, subject: str
+    ) -> Callable[[type[P]], type[P]]:
+        """Class decorator registering one schema version of an event type."""
+
+        def register(model: type[P]) -> type[P]:
+            key = (event_type, version)
+            if key in self._specs:
+                raise ContractError(f"{event_type} v{version} registered twice")
+            model.EVENT_TYPE = event_type
+            model.VERSION = version
+            self._specs[key] = EventSpec(event_type, version, model, stream, subject)
+            self._current[event_type] = max(version, self._current.get(event_type, 0))
+            return model
+
+        return register
+
+    def upcaster(self, event_type: str, *, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Register the function turning a `from_version` payload into the next version."""
+
+        def register(fn: Upcaster) -> Upcaster:
+            self._upcasters[(event_type, from_version)] = fn
+            return fn
+
+        return register
+
+    def check_complete(self) -> None:
+        """Every old version must have an upcaster; called by the contract tests."""
+        for event_type, current in self._current.items():
+            for version in range(1, current):
+                if (event_type, version) in self._specs and (
+                    event_type,
+                    version,
+                ) not in self._upcasters:
+                    raise ContractError(
+                        f"{event_type} v{version} has no upcaster to v{version + 1}"
+                    )
+
+    # -- lookup ----------------------------------------------------------------------
+    def current_version(self, event_type: str) -> int:
+        try:
+            return self._current[event_type]
+        except KeyError:
+            raise UnknownEventType(event_type) from None
+
+    def spec(self, event_type: str, version: int | None = None) -> EventSpec:
+        current = self.current_version(event_type)
+        version = current if version is None else version
+        try:
+            return self._specs[(event_type, version)]
+        except KeyError:
+            raise SchemaVersionError(
+                f"{event_type} has no schema version {version} (current is v{current})"
+            ) from None
+
+    def specs(self) -> Iterator[EventSpec]:
+        yield from sorted(self._specs.values(), key=lambda s: (s.type, s.version))
+
+    def is_known(self, event_type: str) -> bool:
+        return event_type in self._current
+
+    # -- writing ---------------------------------------------------------------------
+    def envelope(
+        self,
+        payload: EventPayload,
+        *,
+        event_id: str,
+        site: str,
+        node: str,
+        hlc: HLC,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+    ) -> Envelope:
+        """Wrap a payload; only the current schema version may be written."""
+        event_type = type(payload).EVENT_TYPE
+        if not event_type:
+            raise UnknownEventType(type(payload).__name__)
+        current = self.current_version(event_type)
+        if current != type(payload).VERSION:
+            raise SchemaVersionError(
+                f"{event_type} v{type(payload).VERSION} is not the current schema "
+                f"(v{current}); writers emit v{current}"
+            )
+        return Envelope(
+            id=event_id,
+            type=event_type,
+            v=current,
+            site=site,
+            node=node,
+            hlc=hlc,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            payload=payload.model_dump(mode="json"),
+        )
+
+    # -- reading ---------------------------------------------------------------------
+    def upcast(self, event_type: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+        current = self.current_version(event_type)
+        if version > current:
+            raise SchemaVersionError(
+                f"{event_type} v{version} is newer than this release understands (v{current})"
+            )
+        while version < current:
+            step = self._upcasters.get((event_type, version))
+            if step is None:
+                raise SchemaVersionError(
+                    f"no upcaster for {event_type} v{version} -> v{version + 1}"
+                )
+            payload = step(dict(payload))
+            version += 1
+        return payload
+
+    def parse(self, envelope: Envelope, *, strict: bool | None = None) -> DecodedEvent:
+        """Validate an envelope's payload after upcasting it to the current version."""
+        strict = strict_by_default() if strict is None else strict
+        spec = self.spec(envelope.type)  # raises UnknownEventType
+        if (envelope.type, envelope.v) not in self._specs and envelope.v < spec.version:
+            raise SchemaVersionError(f"{envelope.type} v{envelope.v} was never a schema version")
+        data = self.upcast(envelope.type, envelope.v, envelope.payload)
+        if strict:
+            extra = sorted(set(data) - set(spec.model.model_fields))
+            if extra:
+                raise MalformedEvent(f"{envelope.type} v{spec.version}: unexpected fields {extra}")
+        try:
+            payload = spec.model.model_validate(data)
+        except ValidationError as exc:
+            raise MalformedEvent(f"{envelope.type} v{spec.version}: {_first_error(exc)}") from None
+        return DecodedEvent(envelope, payload, envelope.v)
+
+    def decode(self, raw: bytes, *, strict: bool | None = None) -> DecodedEvent:
+        """bytes -> upcast, validated event. Raises a ContractError subclass."""
+        return self.parse(decode_envelope(raw), strict=strict)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    return envelope.model_dump_json(exclude_none=True).encode()
+
+
+def decode_envelope(raw: bytes) -> Envelope:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEvent(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedEvent(f"envelope must be a JSON object, got {type(data).__name__}")
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedEvent(f"bad envelope: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+REGISTRY = Registry()

@@ -1,0 +1,1 @@
+"""ClaudeFS shared libraries: bus, clock, supervisor, client, CLI."""

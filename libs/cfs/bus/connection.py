@@ -1,0 +1,463 @@
+"""The bus: one NATS connection, event publishing, request/reply.
+
+Publishing is at-least-once on the wire and exactly-once in the stream: every
+event carries its ULID as `Nats-Msg-Id`, so a publish retried after a timeout
+or a leader change is stored once. Optional expected-last-sequence turns an
+append into a compare-and-set (the metadata writers' fencing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from cfs.bus.errors import (
+    BusError,
+    BusUnavailable,
+    NoResponders,
+    PayloadTooLarge,
+    PublishFailed,
+    PublishTimeout,
+    RequestTimeout,
+    SequenceConflict,
+)
+from cfs.hlc import HybridClock
+from cfs.ids import new_id
+from cfs.telemetry import inject_headers, tracer
+from cfs_contracts import REGISTRY, Envelope, EventPayload, Registry
+from cfs_contracts.registry import encode_envelope
+from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
+
+log = logging.getLogger(__name__)
+
+# JetStream API error codes (nats-server errors.json) that we give a type.
+_WRONG_LAST_SEQUENCE = 10071
+_WRONG_LAST_MSG_ID = 10070
+_NO_STREAM_MATCH = 10060
+_MESSAGE_TOO_LARGE = 10054
+
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
+HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+HDR_EVENT_TYPE = "Cfs-Type"
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Where an event landed. `duplicate` means an earlier attempt already stored it."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """An encoded event ready for the wire (encode once, retry many times)."""
+
+    envelope: Envelope
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+class Bus:
+    """A site-scoped connection; construct with `Bus.connect` (constructors do no I/O)."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        site: str,
+        node: str,
+        registry: Registry = REGISTRY,
+        clock: HybridClock | None = None,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout)
+        self.site = site
+        self.node = node
+        self.registry = registry
+        self.clock = clock or HybridClock(node)
+        self.publish_timeout = publish_timeout
+
+    # -- connection ------------------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls,
+        urls: str | Sequence[str],
+        *,
+        site: str,
+        node: str,
+        name: str | None = None,
+        credentials: Path | None = None,
+        connect_timeout: float = 5.0,
+        publish_timeout: float = 5.0,
+        registry: Registry = REGISTRY,
+    ) -> Bus:
+        """Connect to any of `urls`; reconnects forever once connected."""
+        servers = [urls] if isinstance(urls, str) else list(urls)
+        if not servers:
+            raise BusUnavailable("no NATS server URL given")
+        last_error: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            # Before the first connection the caller gets one BusUnavailable instead.
+            last_error[:] = [exc]
+            level = logging.WARNING if nc.is_connected or nc.is_reconnecting else logging.DEBUG
+            log.log(level, "nats.error", extra={"error": _describe(exc), "client": name or node})
+
+        async def on_disconnect() -> None:
+            if not nc.is_closed and not nc.is_draining:
+                log.warning("nats.disconnected", extra={"client": name or node})
+
+        async def on_reconnect() -> None:
+            log.info("nats.reconnected", extra={"client": name or node})
+
+        nc = NATS()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    name=name or f"cfs-{node}",
+                    connect_timeout=min(2.0, connect_timeout),
+                    reconnect_time_wait=0.25,
+                    max_reconnect_attempts=-1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    user_credentials=str(credentials) if credentials else None,
+                    pending_size=8 * 1024 * 1024,
+                ),
+                timeout=connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            await _quiet_close(nc)
+            cause = _describe(last_error[0] if last_error else exc)
+            raise BusUnavailable(
+                f"cannot reach NATS at {', '.join(servers)} within {connect_timeout:g}s: {cause}"
+            ) from None
+        return cls(nc, site=site, node=node, registry=registry, publish_timeout=publish_timeout)
+
+    async def close(self) -> None:
+        await _quiet_close(self.nc)
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- events ----------------------------------------------------------------------
+    def event(
+        self,
+        payload: EventPayload,
+        *,
+        correlation_id: str | None = None,
+        caused_by: Envelope | None = None,
+    ) -> Envelope:
+        """A new envelope stamped by this node's clock; `caused_by` links the chain."""
+        if caused_by is not None:
+            correlation_id = correlation_id or caused_by.correlation_id or caused_by.id
+        return self.registry.envelope(
+            payload,
+            event_id=new_id(),
+            site=self.site,
+            node=self.node,
+            hlc=self.clock.now(),
+            correlation_id=correlation_id,
+            causation_id=caused_by.id if caused_by is not None else None,
+        )
+
+    def prepare(self, envelope: Envelope, *, subject: str | None = None, **keys: str) -> Outgoing:
+        """Validate and encode; subject placeholders default to payload fields."""
+        spec = self.registry.spec(envelope.type, envelope.v)
+        if subject is None:
+            fields = {k: str(v) for k, v in envelope.payload.items() if isinstance(v, str | int)}
+            subject = spec.subject(self.site, **{**fields, **keys})
+        data = encode_envelope(envelope)
+        limit = min(self.nc.max_payload or JOURNAL_MAX_MSG_BYTES, JOURNAL_MAX_MSG_BYTES)
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"{envelope.type} event {envelope.id} is {len(data)} bytes; "
+                f"the limit for events is {limit} bytes (file data goes to chunk-stores)"
+            )
+        headers = {HDR_MSG_ID: envelope.id, HDR_EVENT_TYPE: envelope.type}
+        inject_headers(headers)
+        return Outgoing(envelope, subject, data, headers)
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        subject: str | None = None,
+        expected_last_seq: int | None = None,
+        expected_last_subject_seq: int | None = None,
+        timeout: float | None = None,
+        **keys: str,
+    ) -> Ack:
+        """Append one event; retried with the same id until acked or `timeout`.
+
+        Raises SequenceConflict when an expected sequence does not match.
+        """
+        out = self.prepare(envelope, subject=subject, **keys)
+        headers = dict(out.headers)
+        if expected_last_seq is not None:
+            headers[HDR_EXPECTED_LAST_SEQ] = str(expected_last_seq)
+        if expected_last_subject_seq is not None:
+            headers[HDR_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        expected = expected_last_seq if expected_last_seq is not None else expected_last_subject_seq
+        with tracer().start_as_current_span(f"publish {envelope.type}"):
+            inject_headers(headers)
+            try:
+                return await self._with_retry(
+                    lambda remaining: self._publish_once(
+                        out.subject, out.data, headers, remaining, expected
+                    ),
+                    what=f"publish {envelope.type} {envelope.id} to {out.subject}",
+                    timeout=timeout,
+                )
+            except SequenceConflict as conflict:
+                # The server checks the expected sequence before the dedupe id, so an
+                # attempt whose ack was lost looks like a conflict on retry: look first.
+                stored = await self._find_stored(out, expected_last_seq, conflict)
+                if stored is None:
+                    raise
+                return stored
+
+    async def publish_many(
+        self, envelopes: Sequence[Envelope], *, timeout: float | None = None
+    ) -> list[Ack]:
+        """Pipelined publish of many events (no sequence expectations); order of acks kept."""
+        outgoing = [self.prepare(e) for e in envelopes]
+        deadline = time.monotonic() + (timeout or self.publish_timeout)
+        acks: list[Ack | None] = [None] * len(outgoing)
+        pending = list(range(len(outgoing)))
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishTimeout(
+                    f"{len(pending)} of {len(outgoing)} events not acknowledged within "
+                    f"{timeout or self.publish_timeout:g}s"
+                )
+            futures = []
+            for i in pending:
+                out = outgoing[i]
+                futures.append(
+                    await self.js.publish_async(out.subject, out.data, headers=dict(out.headers))
+                )
+            results = await asyncio.gather(
+                *(asyncio.wait_for(f, remaining) for f in futures), return_exceptions=True
+            )
+            still: list[int] = []
+            for i, result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException):
+                    err = _translate(result, outgoing[i].subject, None)
+                    if not err.temporary:
+                        raise err
+                    still.append(i)
+                else:
+                    acks[i] = Ack(result.stream, result.seq, bool(result.duplicate))
+            if still:
+                await asyncio.sleep(0.1)
+            pending = still
+        return [a for a in acks if a is not None]
+
+    async def _find_stored(
+        self, out: Outgoing, expected_last_seq: int | None, conflict: SequenceConflict
+    ) -> Ack | None:
+        """Our event's Ack if an earlier attempt stored it, else None (a real conflict)."""
+        try:
+            stream = await self.js.find_stream_name_by_subject(out.subject)
+            conflict.stream = stream
+            if expected_last_seq is not None:
+                stored = await self.js.get_msg(stream, seq=expected_last_seq + 1, direct=True)
+            else:
+                stored = await self.js.get_msg(stream, subject=out.subject, direct=True)
+        except (nats.errors.Error, TimeoutError):
+            return None
+        if stored.headers and stored.headers.get(HDR_MSG_ID) == out.envelope.id:
+            return Ack(stream, stored.seq or 0, duplicate=True)
+        return None
+
+    async def _publish_once(
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        timeout: float,
+        expected: int | None,
+    ) -> Ack:
+        try:
+            ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
+        except Exception as exc:  # translated at the boundary
+            raise _translate(exc, subject, expected) from None
+        return Ack(ack.stream, ack.seq, bool(ack.duplicate))
+
+    # -- request/reply ---------------------------------------------------------------
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> Msg:
+        """One request, one reply; typed errors name the subject and the timeout."""
+        hdrs = dict(headers or {})
+        inject_headers(hdrs)
+        try:
+            return await self.nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(subject) from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise RequestTimeout(subject, timeout) from None
+        except nats.errors.ConnectionClosedError:
+            raise BusUnavailable(f"connection closed while requesting {subject}") from None
+
+    async def serve(
+        self,
+        subject: str,
+        handler: Callable[[Msg], Awaitable[bytes]],
+        *,
+        queue: str = "",
+    ) -> Subscription:
+        """Answer requests on `subject`; a handler exception becomes an error reply."""
+
+        async def respond(msg: Msg) -> None:
+            try:
+                reply = await handler(msg)
+            except Exception as exc:  # reported to the caller, not swallowed
+                if not isinstance(exc, BusError):
+                    log.exception("rpc.handler_failed", extra={"subject": msg.subject})
+                await _error_reply(msg, exc)
+                return
+            if msg.reply:
+                await msg.respond(reply)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=respond)
+
+    async def key_value(self, bucket: str) -> KeyValue:
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            raise PublishFailed(
+                f"KV bucket {bucket!r} does not exist; run `cfs cluster init` to provision it"
+            ) from None
+
+    # -- retry -------------------------------------------------------------------------
+    async def _with_retry(
+        self,
+        attempt: Callable[[float], Awaitable[Ack]],
+        *,
+        what: str,
+        timeout: float | None,
+    ) -> Ack:
+        """Jittered backoff on temporary errors until a hard deadline (STYLE.md #3)."""
+        budget = timeout or self.publish_timeout
+        deadline = time.monotonic() + budget
+        delay = 0.05
+        tries = 0
+        while True:
+            tries += 1
+            remaining = deadline - time.monotonic()
+            try:
+                return await attempt(max(0.05, min(remaining, 2.0)))
+            except BusError as exc:
+                if not exc.temporary or time.monotonic() + delay >= deadline:
+                    if exc.temporary:
+                        raise PublishTimeout(
+                            f"{what}: not acknowledged within {budget:g}s "
+                            f"({tries} attempts; last: {exc})"
+                        ) from None
+                    raise
+                level = logging.INFO if tries < 3 else logging.WARNING
+                log.log(
+                    level, "publish.retry", extra={"what": what, "try": tries, "error": str(exc)}
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 0.5)
+
+
+async def _error_reply(msg: Msg, exc: BaseException) -> None:
+    if msg.reply:
+        await msg.respond(
+            b"", headers={"Cfs-Error": type(exc).__name__, "Cfs-Error-Message": str(exc)[:512]}
+        )
+
+
+def _translate(exc: BaseException, subject: str, expected: int | None) -> BusError:
+    """nats-py exception -> our typed error (the one place this mapping lives)."""
+    if isinstance(exc, BusError):
+        return exc
+    if isinstance(exc, nats.js.errors.APIError) and not isinstance(
+        exc, nats.js.errors.ServiceUnavailableError
+    ):
+        stream = exc.stream or "?"
+        if exc.err_code == _WRONG_LAST_SEQUENCE or (
+            exc.err_code is not None and exc.err_code in (10164, _WRONG_LAST_MSG_ID)
+        ):
+            return SequenceConflict(stream, subject, expected or 0, exc.description or "")
+        if exc.err_code == _MESSAGE_TOO_LARGE:
+            return PayloadTooLarge(f"stream {stream} refused {subject}: {exc.description}")
+        if exc.err_code == _NO_STREAM_MATCH:
+            return PublishFailed(f"no stream captures {subject}; is the cluster initialised?")
+        return PublishFailed(
+            f"publish to {subject} refused: {exc.description} (code {exc.err_code})"
+        )
+    if isinstance(exc, nats.js.errors.NoStreamResponseError | nats.errors.NoRespondersError):
+        err = BusUnavailable(f"no stream answered for {subject} (leader election or no stream)")
+        return err
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return BusUnavailable(f"JetStream unavailable for {subject}")
+    if isinstance(exc, TimeoutError | nats.errors.TimeoutError):
+        return PublishTimeout(f"no acknowledgement for {subject}")
+    if isinstance(
+        exc,
+        nats.errors.ConnectionClosedError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.StaleConnectionError
+        | OSError,
+    ):
+        return BusUnavailable(f"connection lost while publishing to {subject}: {_describe(exc)}")
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return PayloadTooLarge(f"message to {subject} exceeds the server's max_payload")
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    return PublishFailed(f"publish to {subject} failed: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.removeprefix("nats: ")
+
+
+async def _quiet_close(nc: NATS) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain() if nc.is_connected else nc.close(), timeout=5)
+    except (TimeoutError, nats.errors.Error, OSError):
+        await nc.close()
+
+
+def decode_error_reply(msg: Msg) -> tuple[str, str] | None:
+    """(error type, message) if a reply is an error reply, else None."""
+    if msg.headers and "Cfs-Error" in msg.headers:
+        return msg.headers["Cfs-Error"], msg.headers.get("Cfs-Error-Message", "")
+    return None
