@@ -8,8 +8,10 @@ strict when `CFS_STRICT_CONTRACTS=1` (tests), as S3QL and nats.py do.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from cfs_contracts.envelope import HLC, Envelope
+from cfs_contracts.envelope import HLC, Envelope, is_ulid
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 P = TypeVar("P", bound="EventPayload")
@@ -61,19 +63,31 @@ class EventSpec:
     subject_template: str
 
     def subject(self, site: str, **keys: str) -> str:
-        """Fill `{site}` and the other placeholders, e.g. `{shard}` or `{node}`."""
-        names = {f for _, f, _, _ in string.Formatter().parse(self.subject_template) if f}
-        missing = sorted(names - {"site"} - set(keys))
-        if missing:
-            raise ContractError(
-                f"subject for {self.type} needs {', '.join(missing)} "
-                f"(template {self.subject_template!r})"
-            )
-        values = {"site": site, **keys}
+        """Fill `{site}` and the other placeholders, e.g. `{shard}` or `{node_id}`."""
+        names = _placeholders(self.subject_template)
+        values = {"site": site}
+        for name in names:
+            if name == "site":
+                continue
+            if name not in keys:
+                missing = sorted(n for n in names if n != "site" and n not in keys)
+                raise ContractError(
+                    f"subject for {self.type} needs {', '.join(missing)} "
+                    f"(template {self.subject_template!r})"
+                )
+            values[name] = keys[name]
         for name, value in values.items():
-            if not value or any(c in value for c in " .*>\t\r\n"):
+            if not _TOKEN.fullmatch(value):
                 raise ContractError(f"invalid subject token {name}={value!r} for {self.type}")
         return self.subject_template.format(**values)
+
+
+_TOKEN = re.compile(r"[^\s.*>]+")
+
+
+@functools.cache
+def _placeholders(template: str) -> tuple[str, ...]:
+    return tuple(f for _, f, _, _ in string.Formatter().parse(template) if f)
 
 
 @dataclass(frozen=True)
@@ -179,7 +193,17 @@ class Registry:
                 f"{event_type} v{type(payload).VERSION} is not the current schema "
                 f"(v{current}); writers emit v{current}"
             )
-        return Envelope(
+        for name, value in (
+            ("event_id", event_id),
+            ("correlation_id", correlation_id),
+            ("causation_id", causation_id),
+        ):
+            if value is not None and not is_ulid(value):
+                raise ContractError(f"{name} is not a ULID: {value!r}")
+        if not site or not node:
+            raise ContractError("site and node must be non-empty")
+        # The payload was validated when it was built; skip a second validation pass.
+        return Envelope.model_construct(
             id=event_id,
             type=event_type,
             v=current,

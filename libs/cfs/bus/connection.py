@@ -12,9 +12,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -53,7 +54,6 @@ _MESSAGE_TOO_LARGE = 10054
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-HDR_EVENT_TYPE = "Cfs-Type"
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,12 @@ class Bus:
         registry: Registry = REGISTRY,
         clock: HybridClock | None = None,
         publish_timeout: float = 5.0,
+        publish_window: int = 1024,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout)
+        self.js: JetStreamContext = nc.jetstream(
+            timeout=publish_timeout, publish_async_max_pending=publish_window
+        )
         self.site = site
         self.node = node
         self.registry = registry
@@ -108,6 +111,7 @@ class Bus:
         credentials: Path | None = None,
         connect_timeout: float = 5.0,
         publish_timeout: float = 5.0,
+        publish_window: int = 1024,
         registry: Registry = REGISTRY,
     ) -> Bus:
         """Connect to any of `urls`; reconnects forever once connected."""
@@ -188,8 +192,8 @@ class Bus:
         """Validate and encode; subject placeholders default to payload fields."""
         spec = self.registry.spec(envelope.type, envelope.v)
         if subject is None:
-            fields = {k: str(v) for k, v in envelope.payload.items() if isinstance(v, str | int)}
-            subject = spec.subject(self.site, **{**fields, **keys})
+            fields = {k: str(v) for k, v in envelope.payload.items() if type(v) in (str, int)}
+            subject = spec.subject(self.site, **fields, **keys)
         data = encode_envelope(envelope)
         limit = min(self.nc.max_payload or JOURNAL_MAX_MSG_BYTES, JOURNAL_MAX_MSG_BYTES)
         if len(data) > limit:
@@ -197,7 +201,7 @@ class Bus:
                 f"{envelope.type} event {envelope.id} is {len(data)} bytes; "
                 f"the limit for events is {limit} bytes (file data goes to chunk-stores)"
             )
-        headers = {HDR_MSG_ID: envelope.id, HDR_EVENT_TYPE: envelope.type}
+        headers = {HDR_MSG_ID: envelope.id}
         inject_headers(headers)
         return Outgoing(envelope, subject, data, headers)
 
@@ -241,42 +245,63 @@ class Bus:
                 return stored
 
     async def publish_many(
-        self, envelopes: Sequence[Envelope], *, timeout: float | None = None
+        self, envelopes: Iterable[Envelope], *, timeout: float | None = None
     ) -> list[Ack]:
-        """Pipelined publish of many events (no sequence expectations); order of acks kept."""
-        outgoing = [self.prepare(e) for e in envelopes]
-        deadline = time.monotonic() + (timeout or self.publish_timeout)
+        """Pipelined publish (no sequence expectations); acks in input order.
+
+        Events are encoded as they are sent, so encoding overlaps with the
+        server's work; at most `publish_window` are in flight. Failed or
+        unacknowledged ones are resent with the same id until `timeout`.
+        """
+        budget = timeout or self.publish_timeout
+        deadline = time.monotonic() + budget
+        outgoing: list[Outgoing] = []
+        futures: list[asyncio.Future[Any]] = []
+        for envelope in envelopes:
+            out = self.prepare(envelope)
+            outgoing.append(out)
+            futures.append(await self._send_async(out, deadline))
         acks: list[Ack | None] = [None] * len(outgoing)
         pending = list(range(len(outgoing)))
         while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PublishTimeout(
-                    f"{len(pending)} of {len(outgoing)} events not acknowledged within "
-                    f"{timeout or self.publish_timeout:g}s"
-                )
-            futures = []
-            for i in pending:
-                out = outgoing[i]
-                futures.append(
-                    await self.js.publish_async(out.subject, out.data, headers=dict(out.headers))
-                )
-            results = await asyncio.gather(
-                *(asyncio.wait_for(f, remaining) for f in futures), return_exceptions=True
-            )
-            still: list[int] = []
-            for i, result in zip(pending, results, strict=True):
-                if isinstance(result, BaseException):
-                    err = _translate(result, outgoing[i].subject, None)
+            await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            failed: list[int] = []
+            for i, future in zip(pending, futures, strict=True):
+                if not future.done():
+                    future.cancel()  # frees nats-py's window slot; resent below
+                    failed.append(i)
+                elif (exc := future.exception()) is not None:
+                    err = _translate(exc, outgoing[i].subject, None)
                     if not err.temporary:
                         raise err
-                    still.append(i)
+                    failed.append(i)
                 else:
-                    acks[i] = Ack(result.stream, result.seq, bool(result.duplicate))
-            if still:
-                await asyncio.sleep(0.1)
-            pending = still
+                    ack = future.result()
+                    acks[i] = Ack(ack.stream, ack.seq, bool(ack.duplicate))
+            if not failed:
+                break
+            if time.monotonic() >= deadline:
+                raise PublishTimeout(
+                    f"{len(failed)} of {len(outgoing)} events not acknowledged within {budget:g}s"
+                )
+            log.info("publish.resend", extra={"events": len(failed)})
+            await asyncio.sleep(0.1)
+            pending = failed
+            futures = [await self._send_async(outgoing[i], deadline) for i in pending]
         return [a for a in acks if a is not None]
+
+    async def _send_async(self, out: Outgoing, deadline: float) -> asyncio.Future[Any]:
+        try:
+            future: asyncio.Future[Any] = await self.js.publish_async(
+                out.subject,
+                out.data,
+                headers=out.headers,
+                wait_stall=max(0.01, deadline - time.monotonic()),
+            )
+        except Exception as exc:  # translated at the boundary, resent by the caller
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        return future
 
     async def _find_stored(
         self, out: Outgoing, expected_last_seq: int | None, conflict: SequenceConflict

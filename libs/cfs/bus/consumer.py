@@ -131,13 +131,13 @@ class DurableConsumer:
             while not self._stopping.is_set():
                 try:
                     msgs = await sub.fetch(self.spec.batch, timeout=1.0)
+                    for msg in msgs:
+                        await self._process(msg)
+                    # One round trip confirms every ack of the batch reached the server.
+                    await self.bus.nc.flush(timeout=max(1, int(self.spec.ack_wait_s)))
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
-                except (
-                    nats.errors.ConnectionClosedError,
-                    nats.js.errors.APIError,
-                    nats.errors.Error,
-                ) as exc:
+                except nats.errors.Error as exc:  # includes JetStream API errors
                     if self._stopping.is_set() or self.bus.nc.is_closed:
                         return
                     log.warning(
@@ -149,9 +149,6 @@ class DurableConsumer:
                         },
                     )
                     await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    await self._process(msg)
         finally:
             if not self.bus.nc.is_closed:
                 await sub.unsubscribe()
@@ -211,11 +208,11 @@ class DurableConsumer:
     ) -> None:
         ids = self._ids(delivery)
         if outcome is Outcome.ACK:
-            await msg.ack_sync()
+            await msg.ack()
             self.stats.acked += 1
         elif outcome is Outcome.SKIP:
             log.warning("consumer.unknown_event_skipped", extra={**ids, "reason": reason})
-            await msg.ack_sync()
+            await msg.ack()
             self.stats.skipped_unknown += 1
         elif outcome is Outcome.RETRY:
             log.info("consumer.retry", extra={**ids, "reason": reason, "delay_s": delay})
