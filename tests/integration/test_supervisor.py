@@ -16,6 +16,8 @@ from pathlib import Path
 import boto3
 import nats
 import pytest
+from nats.js.client import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from cfs.supervisor import (
     DEFAULT_MAX_PAYLOAD,
@@ -53,6 +55,17 @@ def _wait_for(check, timeout: float = 5.0) -> bool:
     return check()
 
 
+async def _publish(js: JetStreamContext, subject: str, payload: bytes) -> None:
+    """Publish, retrying while a new clustered stream's interest spreads over the routes."""
+    for _ in range(50):
+        try:
+            await js.publish(subject, payload)
+            return
+        except NoStreamResponseError:
+            await asyncio.sleep(0.1)
+    await js.publish(subject, payload)
+
+
 async def test_standalone_server_serves_jetstream(nats_server: NatsServer) -> None:
     assert "sync_interval: always" in nats_server.config_path.read_text()
     nc = await nats.connect(nats_server.url)
@@ -88,7 +101,7 @@ async def test_cluster_forms_and_survives_kill9_restart(nats_cluster3: NatsClust
     js = nc.jetstream()
     await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
     for i in range(10):
-        await js.publish("r3.x", str(i).encode())
+        await _publish(js, "r3.x", str(i).encode())
     info = await js.stream_info("R3")
     await nc.close()
     assert info.state.messages == 10

@@ -1,0 +1,1 @@
+"""The `cfs` command line."""

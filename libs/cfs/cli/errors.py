@@ -1,0 +1,48 @@
+"""Exit codes and the one place where failures become one-line messages."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from typing import ParamSpec, TypeVar
+
+from cfs.bus.errors import BusError, BusUnavailable
+from cfs.supervisor import SupervisorError
+from cfs_contracts import ContractError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ExitCode(IntEnum):
+    """Stable exit codes that scripts can rely on."""
+
+    OK = 0
+    FAILED = 1
+    USAGE = 2
+    UNREACHABLE = 3
+    INTERRUPTED = 130
+
+
+def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """A user's mistake or an outage is one line on stderr and an exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BusUnavailable as exc:
+            _fail(f"error: {exc}", ExitCode.UNREACHABLE)
+        except (BusError, ContractError, SupervisorError) as exc:
+            _fail(f"error: {exc}", ExitCode.FAILED)
+        except KeyboardInterrupt:
+            _fail("interrupted", ExitCode.INTERRUPTED)
+
+    return wrapper
+
+
+def _fail(message: str, code: ExitCode) -> None:
+    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    raise SystemExit(int(code))

@@ -1,0 +1,27 @@
+"""Entry point of the `cfs` console script."""
+
+from __future__ import annotations
+
+import typer
+
+from cfs.cli import dev
+
+app = typer.Typer(
+    name="cfs",
+    help="ClaudeFS: a distributed POSIX file system built for disaster recovery.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(dev.app, name="dev")
+
+
+@app.command()
+def version() -> None:
+    """Print the ClaudeFS version."""
+    from importlib.metadata import version as dist_version
+
+    typer.echo(f"claudefs {dist_version('claudefs')}")
+
+
+def main() -> None:
+    app()
