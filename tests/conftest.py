@@ -6,6 +6,7 @@ fixtures are plain sync fixtures usable from async tests.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +14,15 @@ import pytest
 
 from cfs.supervisor import NatsCluster, NatsServer, S3Server, kill_all, live_processes
 
+# Contracts parse strictly under test (unknown payload fields fail), leniently in production.
+os.environ["CFS_STRICT_CONTRACTS"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_processes() -> Iterator[None]:
     """Fail the session if any supervised child outlives its fixture (then kill it)."""
     yield
-    leaked = live_processes()
+    leaked = [repr(proc) for proc in live_processes()]
     kill_all()
     assert not leaked, f"supervised processes still alive at session end: {leaked}"
 

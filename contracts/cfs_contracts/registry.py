@@ -8,6 +8,7 @@ strict when `CFS_STRICT_CONTRACTS=1` (tests), as S3QL and nats.py do.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import json
 import os
@@ -58,7 +59,7 @@ class EventSpec:
 
     type: str
     version: int
-    model: type[EventPayload]
+    model: builtins.type[EventPayload]
     stream: str
     subject_template: str
 

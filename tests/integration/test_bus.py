@@ -90,10 +90,14 @@ async def test_racing_writers_exactly_one_wins(nats_server: NatsServer, bus: Bus
         for round_ in range(20):
             last = (await bus.js.stream_info("META_001")).state.last_seq
             results = await asyncio.gather(
-                bus.publish(bus.event(LeaderFenced(shard="001", term=1, leader="n1")),
-                            expected_last_seq=last),
-                other.publish(other.event(LeaderFenced(shard="001", term=1, leader="n2")),
-                              expected_last_seq=last),
+                bus.publish(
+                    bus.event(LeaderFenced(shard="001", term=1, leader="n1")),
+                    expected_last_seq=last,
+                ),
+                other.publish(
+                    other.event(LeaderFenced(shard="001", term=1, leader="n2")),
+                    expected_last_seq=last,
+                ),
                 return_exceptions=True,
             )
             wins = [r for r in results if not isinstance(r, BaseException)]
@@ -113,8 +117,15 @@ async def test_durable_consumer_resumes_after_kill9_without_loss_or_reapply(
 ) -> None:
     published = await bus.publish_many([bus.event(down(i)) for i in range(300)])
     out = tmp_path / "applied.txt"
-    argv = [sys.executable, "-m", "tests.integration.procs.consumer_proc", nats_server.url,
-            "resume", str(out), "0.005"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.integration.procs.consumer_proc",
+        nats_server.url,
+        "resume",
+        str(out),
+        "0.005",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env)
     try:
@@ -200,8 +211,10 @@ async def test_kill9_of_the_r3_stream_leader_loses_no_acknowledged_event(
         missing = set(acked) - set(stored)
         assert not missing, f"{len(missing)} acknowledged events lost"
         assert len(stored) == len(set(stored)), "retries must not duplicate"
-        print(f"\nR3 leader kill -9: first ack after {resumed - killed_at:.2f}s, "
-              f"{len(acked)} events acked, none lost")
+        print(
+            f"\nR3 leader kill -9: first ack after {resumed - killed_at:.2f}s, "
+            f"{len(acked)} events acked, none lost"
+        )
         nats_cluster3.server(leader).restart()
         nats_cluster3.wait_healthy()
     finally:
@@ -259,9 +272,10 @@ async def test_handler_failure_is_retried_then_dead_lettered(bus: Bus) -> None:
     await task
     assert attempts == [1, 2, 3]
     msg = await bus.js.get_last_msg(DLQ.name, f"cfs.{SITE}.dlq.cluster.flaky")
-    assert "gave up after 3 deliveries: RuntimeError: disk on fire" in (msg.headers or {})[
-        "Cfs-Dlq-Reason"
-    ]
+    assert (
+        "gave up after 3 deliveries: RuntimeError: disk on fire"
+        in (msg.headers or {})["Cfs-Dlq-Reason"]
+    )
 
 
 class NotRegistered(EventPayload):

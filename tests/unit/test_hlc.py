@@ -15,7 +15,9 @@ stamps = st.builds(
 
 
 @given(walls=st.lists(st.integers(0, 10**6), min_size=1, max_size=50))
-def test_local_stamps_strictly_increase_even_when_the_wall_clock_goes_back(walls: list[int]) -> None:
+def test_local_stamps_strictly_increase_even_when_the_wall_clock_goes_back(
+    walls: list[int],
+) -> None:
     it = iter(walls)
     clock = HybridClock("n", wall=lambda: next(it))
     stamps_seen = [clock.now() for _ in walls]

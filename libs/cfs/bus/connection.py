@@ -139,8 +139,8 @@ class Bus:
                 nc.connect(
                     servers=servers,
                     name=name or f"cfs-{node}",
-                    connect_timeout=min(2.0, connect_timeout),
-                    reconnect_time_wait=0.25,
+                    connect_timeout=max(1, min(2, int(connect_timeout))),
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # float is fine
                     max_reconnect_attempts=-1,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
@@ -370,7 +370,8 @@ class Bus:
             except Exception as exc:  # reported to the caller, not swallowed
                 if not isinstance(exc, BusError):
                     log.exception("rpc.handler_failed", extra={"subject": msg.subject})
-                await _error_reply(msg, exc)
+                if msg.reply:
+                    await self.nc.publish(msg.reply, b"", headers=_error_headers(exc))
                 return
             if msg.reply:
                 await msg.respond(reply)
@@ -419,11 +420,8 @@ class Bus:
                 delay = min(delay * 2, 0.5)
 
 
-async def _error_reply(msg: Msg, exc: BaseException) -> None:
-    if msg.reply:
-        await msg.respond(
-            b"", headers={"Cfs-Error": type(exc).__name__, "Cfs-Error-Message": str(exc)[:512]}
-        )
+def _error_headers(exc: BaseException) -> dict[str, str]:
+    return {"Cfs-Error": type(exc).__name__, "Cfs-Error-Message": str(exc)[:512]}
 
 
 def _translate(exc: BaseException, subject: str, expected: int | None) -> BusError:

@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 from enum import IntEnum
-from typing import ParamSpec, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 from cfs.bus.errors import BusError, BusUnavailable
 from cfs.supervisor import SupervisorError
@@ -43,6 +43,6 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _fail(message: str, code: ExitCode) -> None:
+def _fail(message: str, code: ExitCode) -> NoReturn:
     print(message.splitlines()[0] if message else "error", file=sys.stderr)
     raise SystemExit(int(code))

@@ -1,6 +1,6 @@
 """A consumer process for restart tests: records `seq event_id` per handled event.
 
-    python -m tests.integration.procs.consumer_proc URL DURABLE OUTFILE DELAY_S
+python -m tests.integration.procs.consumer_proc URL DURABLE OUTFILE DELAY_S
 """
 
 from __future__ import annotations
