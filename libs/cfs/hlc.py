@@ -26,10 +26,9 @@ class ClockSkewError(RuntimeError):
 
 def tick(last: HLC, wall_ms: int, node: str) -> HLC:
     """Pure send/local-event rule."""
-    # model_construct: the values are ours and already valid; this is on every event's path.
     if wall_ms > last.wall_ms:
-        return HLC.model_construct(wall_ms=wall_ms, counter=0, node=node)
-    return HLC.model_construct(wall_ms=last.wall_ms, counter=last.counter + 1, node=node)
+        return HLC(wall_ms=wall_ms, counter=0, node=node)
+    return HLC(wall_ms=last.wall_ms, counter=last.counter + 1, node=node)
 
 
 def merge(last: HLC, remote: HLC, wall_ms: int, node: str) -> HLC:

@@ -29,7 +29,8 @@ def tracer() -> trace.Tracer:
 
 def inject_headers(headers: MutableMapping[str, str]) -> None:
     """Add `traceparent` (and `tracestate`) of the current span, if any."""
-    inject(headers)
+    if trace.get_current_span().get_span_context().is_valid:  # cheap check, hot path
+        inject(headers)
 
 
 def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Context:

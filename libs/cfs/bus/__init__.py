@@ -1,6 +1,6 @@
 """The event bus over NATS JetStream: publish, consume, request/reply, provisioning."""
 
-from cfs.bus.connection import Ack, Bus, decode_error_reply
+from cfs.bus.connection import Bus, decode_error_reply
 from cfs.bus.consumer import ConsumerSpec, Delivery, DurableConsumer, Reject, Retry
 from cfs.bus.errors import (
     BusError,
@@ -13,6 +13,7 @@ from cfs.bus.errors import (
     RequestTimeout,
     SequenceConflict,
 )
+from cfs.bus.pipeline import Ack
 from cfs.bus.provision import ensure_buckets, ensure_stream, ensure_streams
 
 __all__ = [

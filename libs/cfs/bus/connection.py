@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nats
 import nats.errors
@@ -36,6 +35,7 @@ from cfs.bus.errors import (
     RequestTimeout,
     SequenceConflict,
 )
+from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.hlc import HybridClock
 from cfs.ids import new_id
 from cfs.telemetry import inject_headers, tracer
@@ -54,15 +54,6 @@ _MESSAGE_TOO_LARGE = 10054
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Where an event landed. `duplicate` means an earlier attempt already stored it."""
-
-    stream: str
-    seq: int
-    duplicate: bool
 
 
 @dataclass(frozen=True)
@@ -90,9 +81,8 @@ class Bus:
         publish_window: int = 1024,
     ) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(
-            timeout=publish_timeout, publish_async_max_pending=publish_window
-        )
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout)
+        self._pipeline = AckPipeline(nc, publish_window)
         self.site = site
         self.node = node
         self.registry = registry
@@ -192,8 +182,11 @@ class Bus:
         """Validate and encode; subject placeholders default to payload fields."""
         spec = self.registry.spec(envelope.type, envelope.v)
         if subject is None:
-            fields = {k: str(v) for k, v in envelope.payload.items() if type(v) in (str, int)}
-            subject = spec.subject(self.site, **fields, **keys)
+            payload = envelope.payload
+            for name in spec.placeholders:
+                if name not in keys and name in payload:
+                    keys[name] = str(payload[name])
+            subject = spec.subject(self.site, **keys)
         data = encode_envelope(envelope)
         limit = min(self.nc.max_payload or JOURNAL_MAX_MSG_BYTES, JOURNAL_MAX_MSG_BYTES)
         if len(data) > limit:
@@ -256,19 +249,28 @@ class Bus:
         budget = timeout or self.publish_timeout
         deadline = time.monotonic() + budget
         outgoing: list[Outgoing] = []
-        futures: list[asyncio.Future[Any]] = []
-        for envelope in envelopes:
-            out = self.prepare(envelope)
-            outgoing.append(out)
-            futures.append(await self._send_async(out, deadline))
+        futures: list[asyncio.Future[Ack]] = []
+        try:
+            # One deadline for the whole batch: per-send timeouts would cost a task each.
+            async with asyncio.timeout(budget):
+                for envelope in envelopes:
+                    out = self.prepare(envelope)
+                    outgoing.append(out)
+                    futures.append(await self._send(out))
+        except TimeoutError:
+            self._abandon(futures)
+            raise PublishTimeout(
+                f"publish window stalled: {len(outgoing)} events sent, not acknowledged "
+                f"within {budget:g}s"
+            ) from None
         acks: list[Ack | None] = [None] * len(outgoing)
         pending = list(range(len(outgoing)))
         while pending:
             await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            self._abandon(futures)
             failed: list[int] = []
             for i, future in zip(pending, futures, strict=True):
-                if not future.done():
-                    future.cancel()  # frees nats-py's window slot; resent below
+                if future.cancelled():
                     failed.append(i)
                 elif (exc := future.exception()) is not None:
                     err = _translate(exc, outgoing[i].subject, None)
@@ -276,8 +278,7 @@ class Bus:
                         raise err
                     failed.append(i)
                 else:
-                    ack = future.result()
-                    acks[i] = Ack(ack.stream, ack.seq, bool(ack.duplicate))
+                    acks[i] = future.result()
             if not failed:
                 break
             if time.monotonic() >= deadline:
@@ -287,21 +288,22 @@ class Bus:
             log.info("publish.resend", extra={"events": len(failed)})
             await asyncio.sleep(0.1)
             pending = failed
-            futures = [await self._send_async(outgoing[i], deadline) for i in pending]
+            futures = [await self._send(outgoing[i]) for i in pending]
         return [a for a in acks if a is not None]
 
-    async def _send_async(self, out: Outgoing, deadline: float) -> asyncio.Future[Any]:
+    async def _send(self, out: Outgoing) -> asyncio.Future[Ack]:
         try:
-            future: asyncio.Future[Any] = await self.js.publish_async(
-                out.subject,
-                out.data,
-                headers=out.headers,
-                wait_stall=max(0.01, deadline - time.monotonic()),
-            )
-        except Exception as exc:  # translated at the boundary, resent by the caller
-            future = asyncio.get_running_loop().create_future()
+            return await self._pipeline.send(out.subject, out.data, out.headers)
+        except nats.errors.Error as exc:  # translated by the caller, then resent
+            future: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
             future.set_exception(exc)
-        return future
+            return future
+
+    def _abandon(self, futures: list[asyncio.Future[Ack]]) -> None:
+        """Cancel what is still unacknowledged and free its window slots."""
+        for future in futures:
+            future.cancel()
+        self._pipeline.forget_done()
 
     async def _find_stored(
         self, out: Outgoing, expected_last_seq: int | None, conflict: SequenceConflict
@@ -328,11 +330,15 @@ class Bus:
         timeout: float,
         expected: int | None,
     ) -> Ack:
+        future: asyncio.Future[Ack] | None = None
         try:
-            ack = await self.js.publish(subject, data, timeout=timeout, headers=headers)
+            async with asyncio.timeout(timeout):
+                future = await self._pipeline.send(subject, data, headers)
+                return await future
         except Exception as exc:  # translated at the boundary
+            if future is not None:
+                self._abandon([future])
             raise _translate(exc, subject, expected) from None
-        return Ack(ack.stream, ack.seq, bool(ack.duplicate))
 
     # -- request/reply ---------------------------------------------------------------
     async def request(
