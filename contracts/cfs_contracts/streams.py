@@ -132,3 +132,8 @@ def stream_by_name(name: str) -> StreamSpec:
 
 def dead_letter_subject(site: str, stream: str, consumer: str) -> str:
     return site_subject(site, "dlq", stream.lower(), consumer)
+
+
+def meta_rpc_subject(site: str, shard: str) -> str:
+    """Requests to a shard's current writer (only the lease holder subscribes)."""
+    return site_subject(site, "rpc", "meta", shard)

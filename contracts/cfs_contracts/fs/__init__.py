@@ -1,0 +1,1 @@
+"""File-system schemas: records, metadata RPC."""

@@ -1,0 +1,118 @@
+"""File-system records: inodes, directory entries, chunk maps (DESIGN.md §4, §5).
+
+They are part of the metadata journal's schema, so they live in contracts.
+Inode numbers encode their shard: `(local counter << SHARD_BITS) | shard`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROOT_INO = 1
+SHARD_BITS = 10  # inode = (local counter << SHARD_BITS) | shard index (1..999)
+MAX_NAME_BYTES = 255
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+
+
+class Kind(StrEnum):
+    FILE = "f"
+    DIR = "d"
+    SYMLINK = "l"
+    FIFO = "p"
+    SOCKET = "s"
+    CHAR = "c"
+    BLOCK = "b"
+
+
+_S_IF = {
+    Kind.FILE: stat.S_IFREG,
+    Kind.DIR: stat.S_IFDIR,
+    Kind.SYMLINK: stat.S_IFLNK,
+    Kind.FIFO: stat.S_IFIFO,
+    Kind.SOCKET: stat.S_IFSOCK,
+    Kind.CHAR: stat.S_IFCHR,
+    Kind.BLOCK: stat.S_IFBLK,
+}
+_KIND_OF = {v: k for k, v in _S_IF.items()}
+
+
+def kind_from_mode(mode: int) -> Kind | None:
+    return _KIND_OF.get(stat.S_IFMT(mode))
+
+
+def shard_of(ino: int) -> int:
+    return ino & ((1 << SHARD_BITS) - 1)
+
+
+def make_ino(shard_index: int, local: int) -> int:
+    return (local << SHARD_BITS) | shard_index
+
+
+class ChunkRef(BaseModel):
+    """One chunk of a file as committed by the data path (DESIGN.md §5)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0, description="chunk number within the file")
+    chunk_id: str = Field(description="SHA-256 of the chunk's plaintext, hex")
+    length: int = Field(ge=0, description="bytes of file data in this chunk")
+    scheme: str = Field(description="erasure scheme, e.g. ec4+2, ec2+1, copy2")
+    fragments: tuple[str, ...] = Field(
+        default=(), description="node holding fragment i, in fragment order"
+    )
+
+
+class Inode(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    ino: int = Field(ge=1)
+    kind: Kind
+    mode: int = Field(ge=0, le=0o7777, description="permission bits only")
+    uid: int = Field(ge=0)
+    gid: int = Field(ge=0)
+    nlink: int = Field(ge=0)
+    size: int = Field(ge=0)
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    parent: int = Field(default=0, description="directories: the parent directory; else 0")
+    target: str | None = Field(default=None, description="symlink target")
+    xattrs: dict[str, str] = Field(default_factory=dict, description="name -> base64 value")
+    chunks: tuple[ChunkRef, ...] = ()
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, description="bytes per chunk")
+
+    @property
+    def st_mode(self) -> int:
+        return _S_IF[self.kind] | self.mode
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind is Kind.DIR
+
+
+class Dentry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    parent: int
+    name: str
+    ino: int
+    kind: Kind
+
+    @property
+    def cookie(self) -> int:
+        return name_cookie(self.name)
+
+
+def name_cookie(name: str) -> int:
+    """Stable readdir cookie: 62-bit hash of the name, never 0 (0 = start of listing).
+
+    Listing in cookie order makes a cookie stay valid while other entries come
+    and go, as ext4's hashed directories do.
+    """
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest) >> 2) or 1

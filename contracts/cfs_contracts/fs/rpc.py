@@ -1,0 +1,233 @@
+"""Metadata RPC: operations (requests), their replies, and POSIX errors.
+
+Requests travel as JSON over NATS request/reply to the shard leader; every
+mutating request carries an `op_id` so a retry after a timeout or a leader
+change is answered from the journal instead of being applied twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cfs_contracts.fs.records import ChunkRef, Inode, Kind
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+MAX_XATTR_VALUE = 64 * 1024
+
+
+class FsError(Exception):
+    """A POSIX error: `errno` goes back to the caller (and the kernel) as is."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(f"[{errno.errorcode.get(code, code)}] {message or os.strerror(code)}")
+        self.errno = code
+        self.message = message or os.strerror(code)
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Mutation(_Op):
+    op_id: str = Field(description="client-chosen ULID; retries reuse it")
+    uid: int = 0
+    gid: int = 0
+
+
+# -- reads --------------------------------------------------------------------------
+class Lookup(_Op):
+    op: Literal["lookup"] = "lookup"
+    parent: int
+    name: str
+
+
+class GetAttr(_Op):
+    op: Literal["getattr"] = "getattr"
+    ino: int
+
+
+class ReadLink(_Op):
+    op: Literal["readlink"] = "readlink"
+    ino: int
+
+
+class ReadDir(_Op):
+    op: Literal["readdir"] = "readdir"
+    ino: int
+    cookie: int = Field(default=0, description="0 = from the start; else the last cookie seen")
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class GetXattr(_Op):
+    op: Literal["getxattr"] = "getxattr"
+    ino: int
+    name: str
+
+
+class ListXattr(_Op):
+    op: Literal["listxattr"] = "listxattr"
+    ino: int
+
+
+class StatFs(_Op):
+    op: Literal["statfs"] = "statfs"
+
+
+# -- mutations ----------------------------------------------------------------------
+class SetAttr(_Mutation):
+    op: Literal["setattr"] = "setattr"
+    ino: int
+    mode: int | None = None
+    owner: int | None = Field(default=None, description="new uid")
+    group: int | None = Field(default=None, description="new gid")
+    size: int | None = Field(default=None, ge=0)
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    atime_now: bool = False
+    mtime_now: bool = False
+
+
+class Create(_Mutation):
+    op: Literal["create"] = "create"
+    parent: int
+    name: str
+    mode: int = 0o644
+    exclusive: bool = True
+
+
+class MkNod(_Mutation):
+    op: Literal["mknod"] = "mknod"
+    parent: int
+    name: str
+    kind: Kind
+    mode: int = 0o644
+    rdev: int = 0
+
+
+class MkDir(_Mutation):
+    op: Literal["mkdir"] = "mkdir"
+    parent: int
+    name: str
+    mode: int = 0o755
+
+
+class Symlink(_Mutation):
+    op: Literal["symlink"] = "symlink"
+    parent: int
+    name: str
+    target: str
+
+
+class Link(_Mutation):
+    op: Literal["link"] = "link"
+    ino: int
+    new_parent: int
+    new_name: str
+
+
+class Unlink(_Mutation):
+    op: Literal["unlink"] = "unlink"
+    parent: int
+    name: str
+
+
+class RmDir(_Mutation):
+    op: Literal["rmdir"] = "rmdir"
+    parent: int
+    name: str
+
+
+class Rename(_Mutation):
+    op: Literal["rename"] = "rename"
+    parent: int
+    name: str
+    new_parent: int
+    new_name: str
+    flags: int = Field(default=0, description="RENAME_NOREPLACE | RENAME_EXCHANGE")
+
+
+class SetXattr(_Mutation):
+    op: Literal["setxattr"] = "setxattr"
+    ino: int
+    name: str
+    value_b64: str
+    flags: int = 0
+
+
+class RemoveXattr(_Mutation):
+    op: Literal["removexattr"] = "removexattr"
+    ino: int
+    name: str
+
+
+class CommitChunks(_Mutation):
+    """The data path's commit: fragments are stored, now the chunk map points at them."""
+
+    op: Literal["commit_chunks"] = "commit_chunks"
+    ino: int
+    chunks: tuple[ChunkRef, ...]
+    size: int = Field(ge=0, description="file size after the write")
+    mtime_ns: int | None = None
+
+
+ReadOp = Lookup | GetAttr | ReadLink | ReadDir | GetXattr | ListXattr | StatFs
+MutationOp = (
+    SetAttr
+    | Create
+    | MkNod
+    | MkDir
+    | Symlink
+    | Link
+    | Unlink
+    | RmDir
+    | Rename
+    | SetXattr
+    | RemoveXattr
+    | CommitChunks
+)
+AnyOp = Annotated[ReadOp | MutationOp, Field(discriminator="op")]
+
+
+class Request(BaseModel):
+    """Wire wrapper so the discriminated union parses in one call."""
+
+    model_config = ConfigDict(frozen=True)
+
+    body: AnyOp
+
+
+# -- replies ------------------------------------------------------------------------
+class DirEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cookie: int
+    name: str
+    ino: int
+    kind: Kind
+
+
+class Reply(BaseModel):
+    """One reply shape for every op; unused fields stay empty."""
+
+    model_config = ConfigDict(frozen=True)
+
+    errno: int = 0
+    message: str = ""
+    inode: Inode | None = None
+    entries: tuple[DirEntry, ...] = ()
+    more: bool = False
+    target: str | None = None
+    value_b64: str | None = None
+    names: tuple[str, ...] = ()
+    stats: dict[str, int] = Field(default_factory=dict)
+
+    @classmethod
+    def error(cls, exc: FsError) -> Reply:
+        return cls(errno=exc.errno, message=exc.message)

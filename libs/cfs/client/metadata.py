@@ -1,0 +1,187 @@
+"""Metadata client: route each operation to its shard's writer, retry safely.
+
+A mutation gets one operation id for its whole life, so a retry after a
+timeout or a leader change is answered from the journal, never applied twice.
+Leader changes look like "no responders", a timeout, or EAGAIN from a replica
+that is no longer the writer; all are retried until the deadline, then
+reported as `Leader not available`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+from cfs.bus import Bus, BusError
+from cfs.ids import new_id
+from cfs_contracts.fs import rpc
+from cfs_contracts.fs.records import Inode, Kind, shard_of
+from cfs_contracts.fs.rpc import DirEntry, FsError, Reply, Request
+from cfs_contracts.streams import meta_rpc_subject, shard_name
+
+log = logging.getLogger(__name__)
+
+_RETRY_ERRNOS = {errno.EAGAIN}
+
+
+class LeaderUnavailable(FsError):
+    def __init__(self, shard: str, waited: float, last: str) -> None:
+        super().__init__(
+            errno.EIO, f"Leader not available for shard {shard} after {waited:.1f}s ({last})"
+        )
+        self.shard = shard
+
+
+class MetadataClient:
+    def __init__(
+        self, bus: Bus, *, deadline_s: float = 30.0, attempt_timeout_s: float = 2.0
+    ) -> None:
+        self.bus = bus
+        self.deadline_s = deadline_s
+        self.attempt_timeout_s = attempt_timeout_s
+
+    async def call(self, op: rpc.ReadOp | rpc.MutationOp) -> Reply:
+        """Send `op` to its shard's writer; FsError on a POSIX error."""
+        shard = shard_name(shard_of(_routing_ino(op)))
+        subject = meta_rpc_subject(self.bus.site, shard)
+        data = Request(body=op).model_dump_json().encode()
+        started = time.monotonic()
+        delay = 0.02
+        last = "no attempt"
+        while True:
+            try:
+                msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
+                reply = Reply.model_validate_json(msg.data)
+                if reply.errno not in _RETRY_ERRNOS:
+                    if reply.errno:
+                        raise FsError(reply.errno, reply.message)
+                    return reply
+                last = reply.message
+            except BusError as exc:
+                last = str(exc)
+            waited = time.monotonic() - started
+            if waited + delay > self.deadline_s:
+                raise LeaderUnavailable(shard, waited, last)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.5)
+
+    # -- conveniences ----------------------------------------------------------------
+    async def lookup(self, parent: int, name: str) -> Inode:
+        return _inode(await self.call(rpc.Lookup(parent=parent, name=name)))
+
+    async def getattr(self, ino: int) -> Inode:
+        return _inode(await self.call(rpc.GetAttr(ino=ino)))
+
+    async def mkdir(
+        self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
+    ) -> Inode:
+        op = rpc.MkDir(op_id=new_id(), parent=parent, name=name, mode=mode, uid=uid, gid=gid)
+        return _inode(await self.call(op))
+
+    async def create(
+        self,
+        parent: int,
+        name: str,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        exclusive: bool = True,
+    ) -> Inode:
+        op = rpc.Create(
+            op_id=new_id(),
+            parent=parent,
+            name=name,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            exclusive=exclusive,
+        )
+        return _inode(await self.call(op))
+
+    async def mknod(
+        self,
+        parent: int,
+        name: str,
+        kind: Kind,
+        mode: int = 0o644,
+        rdev: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+    ) -> Inode:
+        op = rpc.MkNod(
+            op_id=new_id(),
+            parent=parent,
+            name=name,
+            kind=kind,
+            mode=mode,
+            rdev=rdev,
+            uid=uid,
+            gid=gid,
+        )
+        return _inode(await self.call(op))
+
+    async def symlink(
+        self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0
+    ) -> Inode:
+        op = rpc.Symlink(op_id=new_id(), parent=parent, name=name, target=target, uid=uid, gid=gid)
+        return _inode(await self.call(op))
+
+    async def link(self, ino: int, new_parent: int, new_name: str) -> Inode:
+        op = rpc.Link(op_id=new_id(), ino=ino, new_parent=new_parent, new_name=new_name)
+        return _inode(await self.call(op))
+
+    async def unlink(self, parent: int, name: str) -> None:
+        await self.call(rpc.Unlink(op_id=new_id(), parent=parent, name=name))
+
+    async def rmdir(self, parent: int, name: str) -> None:
+        await self.call(rpc.RmDir(op_id=new_id(), parent=parent, name=name))
+
+    async def rename(
+        self, parent: int, name: str, new_parent: int, new_name: str, flags: int = 0
+    ) -> None:
+        await self.call(
+            rpc.Rename(
+                op_id=new_id(),
+                parent=parent,
+                name=name,
+                new_parent=new_parent,
+                new_name=new_name,
+                flags=flags,
+            )
+        )
+
+    async def setattr(self, ino: int, **changes: object) -> Inode:
+        op = rpc.SetAttr.model_validate({"op_id": new_id(), "ino": ino, **changes})
+        return _inode(await self.call(op))
+
+    async def readlink(self, ino: int) -> str:
+        return (await self.call(rpc.ReadLink(ino=ino))).target or ""
+
+    async def readdir(self, ino: int, page: int = 1000) -> AsyncIterator[DirEntry]:
+        cookie = 0
+        while True:
+            reply = await self.call(rpc.ReadDir(ino=ino, cookie=cookie, limit=page))
+            for entry in reply.entries:
+                yield entry
+            if not reply.more or not reply.entries:
+                return
+            cookie = reply.entries[-1].cookie
+
+
+def _routing_ino(op: rpc.ReadOp | rpc.MutationOp) -> int:
+    """The directory (or inode) whose shard coordinates the operation."""
+    for field in ("new_parent", "parent", "ino"):
+        value = getattr(op, field, None)
+        if isinstance(value, int):
+            return value
+    return 1  # statfs: the root's shard
+
+
+def _inode(reply: Reply) -> Inode:
+    if reply.inode is None:
+        raise FsError(errno.EIO, "reply carries no inode")
+    return reply.inode

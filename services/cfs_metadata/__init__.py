@@ -1,0 +1,1 @@
+"""metadata-raft: sharded, journaled, fenced POSIX metadata (DESIGN.md §4)."""

@@ -1,0 +1,3 @@
+from cfs_metadata.service import main
+
+main()

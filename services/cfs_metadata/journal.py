@@ -1,0 +1,98 @@
+"""One shard's journal (the `META_<shard>` stream): read, tail, fenced append."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from cfs.bus import Ack, Bus, BusUnavailable
+from cfs_contracts import DecodedEvent, EventPayload
+from cfs_contracts.streams import meta_stream, shard_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    seq: int
+    event: DecodedEvent
+
+
+class Journal:
+    def __init__(self, bus: Bus, shard_index: int) -> None:
+        self.bus = bus
+        self.shard = shard_name(shard_index)
+        self.stream = meta_stream(self.shard).name
+        self.subject = f"cfs.{bus.site}.meta.{self.shard}.journal"
+
+    async def last_seq(self) -> int:
+        try:
+            info = await self.bus.js.stream_info(self.stream)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"cannot read {self.stream} state: {exc or type(exc).__name__}"
+            ) from None
+        return int(info.state.last_seq)
+
+    async def get(self, seq: int) -> JournalRecord:
+        """One message by sequence (direct get: answered by any replica)."""
+        try:
+            msg = await self.bus.js.get_msg(self.stream, seq=seq, direct=True)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"cannot read {self.stream} seq {seq}: {exc or type(exc).__name__}"
+            ) from None
+        return JournalRecord(seq, self.bus.registry.decode(msg.data or b""))
+
+    async def read_range(self, first: int, last: int) -> AsyncIterator[JournalRecord]:
+        for seq in range(first, last + 1):
+            yield await self.get(seq)
+
+    async def tail(self, from_seq: int) -> AsyncIterator[JournalRecord]:
+        """Every message from `from_seq` on, in order, forever (ordered consumer)."""
+        sub = await self.bus.js.subscribe(
+            self.subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+            ),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=5.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                yield JournalRecord(
+                    msg.metadata.sequence.stream, self.bus.registry.decode(msg.data)
+                )
+        finally:
+            if not self.bus.nc.is_closed:
+                with contextlib.suppress(
+                    nats.errors.ConnectionClosedError, nats.errors.BadSubscriptionError
+                ):
+                    await sub.unsubscribe()
+
+    async def append(self, payload: EventPayload, expected_last_seq: int, timeout: float) -> Ack:
+        """Fenced append: fails with SequenceConflict if anyone else appended."""
+        envelope = self.bus.event(payload)
+        return await self.bus.publish(
+            envelope, subject=self.subject, expected_last_seq=expected_last_seq, timeout=timeout
+        )
+
+
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

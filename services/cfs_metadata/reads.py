@@ -1,0 +1,71 @@
+"""Read-only operations, answered from the committed projection."""
+
+from __future__ import annotations
+
+import errno
+
+from cfs_contracts.fs.records import Inode, Kind
+from cfs_contracts.fs.rpc import (
+    DirEntry,
+    FsError,
+    GetAttr,
+    GetXattr,
+    ListXattr,
+    Lookup,
+    ReadDir,
+    ReadLink,
+    ReadOp,
+    Reply,
+    StatFs,
+)
+from cfs_metadata.state import ShardView
+
+
+def read(view: ShardView, op: ReadOp) -> Reply:
+    """Answer a read; raises FsError."""
+    match op:
+        case Lookup():
+            entry = view.dentry(op.parent, op.name)
+            if entry is None:
+                _inode(view, op.parent, want_dir=True)
+                raise FsError(errno.ENOENT, f"no {op.name!r} in directory {op.parent}")
+            return Reply(inode=_inode(view, entry.ino))
+        case GetAttr():
+            return Reply(inode=_inode(view, op.ino))
+        case ReadLink():
+            inode = _inode(view, op.ino)
+            if inode.kind is not Kind.SYMLINK:
+                raise FsError(errno.EINVAL, f"inode {op.ino} is not a symbolic link")
+            return Reply(target=inode.target)
+        case ReadDir():
+            _inode(view, op.ino, want_dir=True)
+            entries: list[DirEntry] = []
+            more = False
+            for dentry in view.dentries(op.ino, op.cookie):
+                if len(entries) == op.limit:
+                    more = True
+                    break
+                entries.append(
+                    DirEntry(
+                        cookie=dentry.cookie, name=dentry.name, ino=dentry.ino, kind=dentry.kind
+                    )
+                )
+            return Reply(entries=tuple(entries), more=more)
+        case GetXattr():
+            inode = _inode(view, op.ino)
+            if op.name not in inode.xattrs:
+                raise FsError(errno.ENODATA, f"no xattr {op.name!r}")
+            return Reply(value_b64=inode.xattrs[op.name])
+        case ListXattr():
+            return Reply(names=tuple(sorted(_inode(view, op.ino).xattrs)))
+        case StatFs():
+            return Reply(stats={"shard": view.shard})
+
+
+def _inode(view: ShardView, ino: int, *, want_dir: bool = False) -> Inode:
+    inode = view.inode(ino)
+    if inode is None:
+        raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+    if want_dir and not inode.is_dir:
+        raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
+    return inode

@@ -1,0 +1,331 @@
+"""One shard on one node: a hot follower that becomes the fenced writer.
+
+Follower: tail the journal, apply each message to the projection.
+Leader (holds the shard lease): catch up to the end of the journal, append
+`LeaderFenced{term}` with the expected last sequence, then serve requests:
+reads from the projection, mutations through group commit. Every append
+carries the expected last sequence, so a deposed writer's append fails and it
+steps down; it can never fork the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from cfs.bus import Bus, BusError, SequenceConflict
+from cfs.ids import new_id
+from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
+from cfs_contracts.events.ops import CorruptionDetected
+from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, Request
+from cfs_contracts.streams import meta_rpc_subject, shard_name
+from cfs_metadata.decide import bootstrap_entry, decide
+from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
+from cfs_metadata.lease import ShardLease
+from cfs_metadata.projection import Projection
+from cfs_metadata.reads import read
+from cfs_metadata.records import CorruptRecord
+from cfs_metadata.state import Overlay, apply_entries
+
+log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    FOLLOWER = "follower"
+    FENCING = "fencing"
+    LEADER = "leader"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    lease_s: float = 1.0
+    renew_s: float = 0.25
+    max_batch_ops: int = 512
+    max_batch_bytes: int = 512 * 1024
+    append_timeout_s: float = 5.0
+
+
+@dataclass
+class _Pending:
+    op: MutationOp
+    msg: Msg
+
+
+class ShardReplica:
+    def __init__(
+        self,
+        bus: Bus,
+        shard_index: int,
+        projection: Projection,
+        settings: ReplicaSettings | None = None,
+    ) -> None:
+        self.bus = bus
+        self.shard_index = shard_index
+        self.shard = shard_name(shard_index)
+        self.projection = projection
+        self.settings = settings or ReplicaSettings()
+        self.journal = Journal(bus, shard_index)
+        self.role = Role.STOPPED
+        self.term = projection.term
+        self._caught_up = False
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._follower: asyncio.Task[None] | None = None
+        self._leader: asyncio.Task[None] | None = None
+        self._rpc: Subscription | None = None
+        self.lease = ShardLease(
+            bus,
+            f"meta.{self.shard}",
+            bus.node,
+            lease_s=self.settings.lease_s,
+            renew_s=self.settings.renew_s,
+            eligible=lambda: self._caught_up,
+            on_acquired=self._on_acquired,
+            on_lost=self._on_lost,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        self.role = Role.FOLLOWER
+        self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.shard}")
+        await self.lease.start()
+
+    async def stop(self) -> None:
+        self.role = Role.STOPPED
+        await self.lease.stop(release=True)
+        await self._stop_serving()
+        await cancel_and_wait(self._leader)
+        await cancel_and_wait(self._follower)
+
+    # -- follower --------------------------------------------------------------------
+    async def _follow(self) -> None:
+        """Tail the journal from the projection's position; flag when caught up."""
+        while True:
+            try:
+                last = await self.journal.last_seq()
+                if last <= self.projection.applied_seq:
+                    self._caught_up = True
+                async for record in self.journal.tail(self.projection.applied_seq + 1):
+                    self._apply_record(record)
+                    if record.seq >= last:
+                        self._caught_up = True
+            except BusError as exc:
+                log.warning("follower.retry", extra={"shard": self.shard, "error": str(exc)})
+                await asyncio.sleep(0.5)
+
+    def _apply_record(self, record: JournalRecord) -> None:
+        if record.seq <= self.projection.applied_seq:
+            return  # already applied (we wrote it as leader, or a redelivery)
+        payload = record.event.payload
+        if isinstance(payload, LeaderFenced):
+            self.projection.apply(record.seq, term=payload.term)
+            self.term = payload.term
+        elif isinstance(payload, MetaCommitted):
+            self.projection.apply(record.seq, payload.entries)
+        else:
+            self.projection.apply(record.seq)  # foreign event: keep the position exact
+            log.warning(
+                "journal.unexpected_event",
+                extra={"shard": self.shard, "seq": record.seq, "type": record.event.envelope.type},
+            )
+
+    # -- leadership ------------------------------------------------------------------
+    async def _on_acquired(self, term: int) -> None:
+        if self.role is Role.STOPPED:
+            return
+        await cancel_and_wait(self._leader)
+        self._leader = asyncio.create_task(self._lead(term), name=f"lead-{self.shard}")
+
+    async def _on_lost(self, term: int, reason: str) -> None:
+        log.warning("leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
+        await self._step_down(reason)
+
+    async def _lead(self, term: int) -> None:
+        self.role = Role.FENCING
+        await cancel_and_wait(self._follower)
+        try:
+            fenced_at = await self._fence(term)
+        except (BusError, SequenceConflict) as exc:
+            log.warning(
+                "leader.fence_failed", extra={"shard": self.shard, "term": term, "error": str(exc)}
+            )
+            await self._step_down(f"fence failed: {exc}")
+            return
+        log.info("leader.fenced", extra={"shard": self.shard, "term": term, "seq": fenced_at})
+        if self.shard_index == 1 and self.projection.inode(ROOT_INO) is None:
+            await self._commit([bootstrap_entry(time.time_ns(), new_id())])
+        self.role = Role.LEADER
+        self._rpc = await self.bus.nc.subscribe(
+            meta_rpc_subject(self.bus.site, self.shard), queue="leader", cb=self._on_request
+        )
+        await self._commit_loop()
+
+    async def _fence(self, term: int) -> int:
+        """Catch up to the journal's end, then append LeaderFenced at exactly that point."""
+        fence = LeaderFenced(shard=self.shard, term=term, leader=self.bus.node)
+        while True:
+            last = await self.journal.last_seq()
+            async for record in self.journal.read_range(self.projection.applied_seq + 1, last):
+                self._apply_record(record)
+            try:
+                ack = await self.journal.append(
+                    fence, self.projection.applied_seq, self.settings.append_timeout_s
+                )
+            except SequenceConflict:
+                if not self.lease.is_holder:
+                    raise
+                continue  # the old writer appended meanwhile: read it, then fence again
+            self.projection.apply(ack.seq, term=term)
+            self.term = term
+            return ack.seq
+
+    async def _step_down(self, reason: str) -> None:
+        if self.role in (Role.LEADER, Role.FENCING):
+            log.info("leader.step_down", extra={"shard": self.shard, "reason": reason})
+        await self._stop_serving()
+        if self.role is Role.STOPPED:
+            return
+        self.role = Role.FOLLOWER
+        current = asyncio.current_task()
+        if self._leader is not None and self._leader is not current:
+            await cancel_and_wait(self._leader)
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.shard}")
+
+    async def _stop_serving(self) -> None:
+        if self._rpc is not None:
+            sub, self._rpc = self._rpc, None
+            if not self.bus.nc.is_closed:
+                await sub.unsubscribe()
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            await self._respond(pending.msg, _not_leader(self.shard))
+
+    # -- serving ---------------------------------------------------------------------
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            op = Request.model_validate_json(msg.data).body
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            await self._respond(
+                msg, Reply(errno=errno.EINVAL, message=f"bad request: {err['msg']}")
+            )
+            return
+        if self.role is not Role.LEADER or not self.lease.is_holder:
+            await self._respond(msg, _not_leader(self.shard))
+            return
+        if isinstance(op, MutationOp):
+            self._queue.put_nowait(_Pending(op, msg))
+            return
+        try:
+            reply = read(self.projection, op)
+        except FsError as exc:
+            reply = Reply.error(exc)
+        except CorruptRecord as exc:
+            reply = await self._corruption(exc)
+        await self._respond(msg, reply)
+
+    async def _commit_loop(self) -> None:
+        """Group commit: everything that queued up while the last append was in flight."""
+        carry: list[_Pending] = []
+        while True:
+            batch = carry or [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
+                batch.append(self._queue.get_nowait())
+            committed, carry = await self._decide_and_commit(batch)
+            if not committed:
+                for pending in carry:
+                    await self._respond(pending.msg, _not_leader(self.shard))
+                return
+
+    async def _decide_and_commit(self, batch: list[_Pending]) -> tuple[bool, list[_Pending]]:
+        """Decide ops in order over an overlay, append them as one message, then reply.
+
+        Returns (committed, ops left for the next batch because this one is full).
+        """
+        overlay = Overlay(self.projection)
+        now = time.time_ns()
+        entries: list[JournalEntry] = []
+        replies: list[Reply] = []
+        size = 0
+        for index, pending in enumerate(batch):
+            if size >= self.settings.max_batch_bytes:
+                carry, batch = batch[index:], batch[:index]
+                break
+            try:
+                decision = decide(overlay, pending.op, now)
+            except FsError as exc:
+                replies.append(Reply.error(exc))
+                continue
+            except CorruptRecord as exc:
+                replies.append(await self._corruption(exc))
+                continue
+            replies.append(decision.reply)
+            if decision.changes:
+                entry = decision.entry(pending.op)
+                apply_entries(overlay, [entry])
+                entries.append(entry)
+                size += len(entry.model_dump_json())
+        else:
+            carry = []
+        # Error replies may depend on earlier ops of this batch: answer all after the commit.
+        committed = await self._commit(entries) if entries else True
+        if not committed:
+            for pending in batch:
+                await self._respond(pending.msg, _not_leader(self.shard))
+            return False, carry
+        for pending, reply in zip(batch, replies, strict=True):
+            await self._respond(pending.msg, reply)
+        return True, carry
+
+    async def _commit(self, entries: list[JournalEntry]) -> bool:
+        if not self.lease.is_holder:
+            await self._step_down("lease expired before commit")
+            return False
+        payload = MetaCommitted(shard=self.shard, term=self.term, entries=tuple(entries))
+        try:
+            ack = await self.journal.append(
+                payload, self.projection.applied_seq, self.settings.append_timeout_s
+            )
+        except SequenceConflict as exc:
+            await self._step_down(f"deposed: {exc}")
+            return False
+        except BusError as exc:
+            # Unknown outcome: the new leader (maybe us) reads the journal; retries by op id
+            # then get the stored answer. Never answer success without the ack.
+            await self._step_down(f"append failed: {exc}")
+            return False
+        self.projection.apply(ack.seq, entries)
+        return True
+
+    async def _corruption(self, exc: CorruptRecord) -> Reply:
+        log.error("metadata.corruption", extra={"shard": self.shard, "error": str(exc)})
+        event = CorruptionDetected(
+            component="metadata-raft",
+            object_id=exc.what,
+            detail=str(exc),
+            expected_checksum=f"0x{exc.expected:08x}",
+            actual_checksum=f"0x{exc.actual:08x}",
+        )
+        try:
+            await self.bus.publish(self.bus.event(event), timeout=2.0)
+        except BusError as err:
+            log.error("metadata.corruption_event_failed", extra={"error": str(err)})
+        return Reply(errno=errno.EIO, message=str(exc))
+
+    async def _respond(self, msg: Msg, reply: Reply) -> None:
+        if msg.reply:
+            await self.bus.nc.publish(msg.reply, reply.model_dump_json().encode())
+
+
+def _not_leader(shard: str) -> Reply:
+    return Reply(errno=errno.EAGAIN, message=f"not the leader of shard {shard}; retry")

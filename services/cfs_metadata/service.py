@@ -1,0 +1,103 @@
+"""The metadata-raft service process: one replica of every shard on this node.
+
+    cfs service run metadata-raft --node storage-1 [--config FILE]
+    python -m cfs_metadata --node storage-1
+
+Settings come from flags, then `CFS_*` environment variables, then a config
+file (JSON/TOML via pydantic-settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cfs.bus import Bus
+from cfs.logs import setup_logging
+from cfs_metadata.projection import Projection
+from cfs_metadata.replica import ReplicaSettings, ShardReplica
+
+log = logging.getLogger(__name__)
+
+
+class MetadataSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
+
+    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
+    site: str = "local"
+    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_credentials: Path | None = None
+    data_dir: Path = Path("/var/lib/claudefs")
+    shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
+    lease_s: float = 1.0
+    renew_s: float = 0.25
+    max_batch_ops: int = 512
+    log_level: str = "INFO"
+
+
+async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(
+        settings.nats_urls,
+        site=settings.site,
+        node=settings.node,
+        name=f"metadata-raft@{settings.node}",
+        credentials=settings.nats_credentials,
+        connect_timeout=10.0,
+    )
+    replica_settings = ReplicaSettings(
+        lease_s=settings.lease_s, renew_s=settings.renew_s, max_batch_ops=settings.max_batch_ops
+    )
+    replicas: list[ShardReplica] = []
+    try:
+        for index in range(1, settings.shards + 1):
+            path = settings.data_dir / "metadata" / f"shard-{index:03d}"
+            replica = ShardReplica(bus, index, Projection(path, index), replica_settings)
+            await replica.start()
+            replicas.append(replica)
+        log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
+        await stop.wait()
+    finally:
+        for replica in reversed(replicas):
+            await replica.stop()
+            replica.projection.close()
+        await bus.close()
+        log.info("metadata.stopped", extra={"node": settings.node})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="metadata-raft", description=__doc__.splitlines()[0])
+    parser.add_argument("--node", help="node id (or CFS_NODE)")
+    parser.add_argument("--config", type=Path, help="JSON settings file")
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.config is not None:
+        overrides.update(_load_config(args.config))
+    if args.node:
+        overrides["node"] = args.node
+    settings = MetadataSettings(**overrides)  # type: ignore[arg-type]
+    setup_logging(settings.log_level, service="metadata-raft", node=settings.node)
+    asyncio.run(_run(settings))
+
+
+async def _run(settings: MetadataSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)
+
+
+def _load_config(path: Path) -> dict[str, object]:
+    import json
+
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object")
+    return data

@@ -1,0 +1,182 @@
+"""Shard state seen by the pure state machine, and how changes apply to it.
+
+`ShardView` is what `decide` reads; `ShardWriter` is what `apply` writes.
+`MemoryShard` implements both (tests, reference); `Overlay` stages a group
+commit's changes over the committed state so later operations in the same
+batch see earlier ones; the rocksdict projection implements both for real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+from cfs_contracts.events.metadata import (
+    Change,
+    DelDentry,
+    DelInode,
+    JournalEntry,
+    PutDentry,
+    PutInode,
+    SetNextLocal,
+)
+from cfs_contracts.fs.records import Dentry, Inode
+from cfs_contracts.fs.rpc import Reply
+
+
+class ShardView(Protocol):
+    shard: int
+
+    def inode(self, ino: int) -> Inode | None: ...
+
+    def dentry(self, parent: int, name: str) -> Dentry | None: ...
+
+    def dentries(self, parent: int, after_cookie: int = 0) -> Iterator[Dentry]:
+        """Entries of `parent` in cookie order, strictly after `after_cookie`."""
+        ...
+
+    def next_local(self) -> int: ...
+
+    def op_reply(self, op_id: str) -> Reply | None: ...
+
+
+class ShardWriter(Protocol):
+    def put_inode(self, inode: Inode) -> None: ...
+
+    def del_inode(self, ino: int) -> None: ...
+
+    def put_dentry(self, dentry: Dentry) -> None: ...
+
+    def del_dentry(self, parent: int, name: str) -> None: ...
+
+    def set_next_local(self, value: int) -> None: ...
+
+    def record_reply(self, op_id: str, reply: Reply) -> None: ...
+
+
+def apply_change(target: ShardWriter, change: Change) -> None:
+    match change:
+        case PutInode(inode=inode):
+            target.put_inode(inode)
+        case DelInode(ino=ino):
+            target.del_inode(ino)
+        case PutDentry(dentry=dentry):
+            target.put_dentry(dentry)
+        case DelDentry(parent=parent, name=name):
+            target.del_dentry(parent, name)
+        case SetNextLocal(value=value):
+            target.set_next_local(value)
+
+
+def apply_entries(target: ShardWriter, entries: Iterable[JournalEntry]) -> None:
+    """Pure replay rule: the changes in order, then the reply kept for retries."""
+    for entry in entries:
+        for change in entry.changes:
+            apply_change(target, change)
+        target.record_reply(entry.op_id, entry.reply)
+
+
+def has_entries(view: ShardView, parent: int) -> bool:
+    return next(view.dentries(parent), None) is not None
+
+
+class MemoryShard:
+    """Dict-backed shard state; the reference implementation of both protocols."""
+
+    def __init__(self, shard: int = 1) -> None:
+        self.shard = shard
+        self.inodes: dict[int, Inode] = {}
+        self.dirs: dict[int, dict[str, Dentry]] = {}
+        self.replies: dict[str, Reply] = {}
+        self.local = 1
+
+    def inode(self, ino: int) -> Inode | None:
+        return self.inodes.get(ino)
+
+    def dentry(self, parent: int, name: str) -> Dentry | None:
+        return self.dirs.get(parent, {}).get(name)
+
+    def dentries(self, parent: int, after_cookie: int = 0) -> Iterator[Dentry]:
+        entries = sorted(self.dirs.get(parent, {}).values(), key=lambda d: d.cookie)
+        return (d for d in entries if d.cookie > after_cookie)
+
+    def next_local(self) -> int:
+        return self.local
+
+    def op_reply(self, op_id: str) -> Reply | None:
+        return self.replies.get(op_id)
+
+    def put_inode(self, inode: Inode) -> None:
+        self.inodes[inode.ino] = inode
+
+    def del_inode(self, ino: int) -> None:
+        self.inodes.pop(ino, None)
+
+    def put_dentry(self, dentry: Dentry) -> None:
+        self.dirs.setdefault(dentry.parent, {})[dentry.name] = dentry
+
+    def del_dentry(self, parent: int, name: str) -> None:
+        entries = self.dirs.get(parent)
+        if entries is not None:
+            entries.pop(name, None)
+            if not entries:
+                del self.dirs[parent]
+
+    def set_next_local(self, value: int) -> None:
+        self.local = value
+
+    def record_reply(self, op_id: str, reply: Reply) -> None:
+        self.replies[op_id] = reply
+
+
+class Overlay:
+    """Uncommitted changes of the batch being built, layered over committed state."""
+
+    def __init__(self, base: ShardView) -> None:
+        self.base = base
+        self.shard = base.shard
+        self._inodes: dict[int, Inode | None] = {}
+        self._dentries: dict[tuple[int, str], Dentry | None] = {}
+        self._replies: dict[str, Reply] = {}
+        self._local: int | None = None
+
+    def inode(self, ino: int) -> Inode | None:
+        if ino in self._inodes:
+            return self._inodes[ino]
+        return self.base.inode(ino)
+
+    def dentry(self, parent: int, name: str) -> Dentry | None:
+        key = (parent, name)
+        if key in self._dentries:
+            return self._dentries[key]
+        return self.base.dentry(parent, name)
+
+    def dentries(self, parent: int, after_cookie: int = 0) -> Iterator[Dentry]:
+        staged = {name: d for (p, name), d in self._dentries.items() if p == parent}
+        merged = [d for d in self.base.dentries(parent, after_cookie) if d.name not in staged]
+        merged += [d for d in staged.values() if d is not None and d.cookie > after_cookie]
+        return iter(sorted(merged, key=lambda d: d.cookie))
+
+    def next_local(self) -> int:
+        return self._local if self._local is not None else self.base.next_local()
+
+    def op_reply(self, op_id: str) -> Reply | None:
+        return self._replies.get(op_id) or self.base.op_reply(op_id)
+
+    def put_inode(self, inode: Inode) -> None:
+        self._inodes[inode.ino] = inode
+
+    def del_inode(self, ino: int) -> None:
+        self._inodes[ino] = None
+
+    def put_dentry(self, dentry: Dentry) -> None:
+        self._dentries[(dentry.parent, dentry.name)] = dentry
+
+    def del_dentry(self, parent: int, name: str) -> None:
+        self._dentries[(parent, name)] = None
+
+    def set_next_local(self, value: int) -> None:
+        self._local = value
+
+    def record_reply(self, op_id: str, reply: Reply) -> None:
+        self._replies[op_id] = reply
