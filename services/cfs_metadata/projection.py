@@ -20,7 +20,7 @@ from cfs_contracts.events.metadata import JournalEntry
 from cfs_contracts.fs.records import Dentry, Inode, name_cookie
 from cfs_contracts.fs.rpc import Reply
 from cfs_metadata.records import CorruptRecord, seal, unseal_dentry, unseal_inode
-from cfs_metadata.state import apply_entries
+from cfs_metadata.state import MemoryShard, apply_entries
 
 _U64 = struct.Struct(">Q")
 _INODE = b"i"
@@ -69,7 +69,7 @@ class Projection:
         raw = self._db.get(_inode_key(ino))
         if raw is None:
             return None
-        return self._checked(lambda: unseal_inode(raw, ino))
+        return self._inode_at(raw, ino)
 
     def dentry(self, parent: int, name: str) -> Dentry | None:
         raw = self._db.get(_dentry_key(parent, name))
@@ -86,6 +86,9 @@ class Projection:
                 return
             name = key[len(prefix) + 8 :].decode("utf-8", "surrogateescape")
             yield self._dentry_at(raw, parent, name)
+
+    def _inode_at(self, raw: bytes, ino: int) -> Inode:
+        return self._checked(lambda: unseal_inode(raw, ino))
 
     def _dentry_at(self, raw: bytes, parent: int, name: str) -> Dentry:
         return self._checked(lambda: unseal_dentry(raw, parent, name))
@@ -125,6 +128,25 @@ class Projection:
         if batch.inode_delta:
             batch.wb.put(_INODES, _U64.pack(self.inode_count + batch.inode_delta))
         self._db.write(batch.wb)
+
+    def to_memory(self) -> MemoryShard:
+        """Every record, checksums verified, as a MemoryShard (checks and comparisons)."""
+        out = MemoryShard(self.shard)
+        for item_key, item_value in self._db.items(from_key=_INODE):
+            key, raw = cast(bytes, item_key), cast(bytes, item_value)
+            if not key.startswith(_INODE):
+                break
+            out.put_inode(self._inode_at(raw, int(_U64.unpack(key[1:9])[0])))
+        for item_key, item_value in self._db.items(from_key=_DENTRY):
+            key, raw = cast(bytes, item_key), cast(bytes, item_value)
+            if not key.startswith(_DENTRY):
+                break
+            parent = int(_U64.unpack(key[1:9])[0])
+            out.put_dentry(
+                self._dentry_at(raw, parent, key[17:].decode("utf-8", "surrogateescape"))
+            )
+        out.set_next_local(self.next_local())
+        return out
 
     def raw_put(self, key: bytes, value: bytes) -> None:
         """For fault-injection tests only: write bytes under a key, bypassing sealing."""
