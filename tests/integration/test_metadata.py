@@ -11,7 +11,7 @@ import pytest
 
 from cfs.supervisor import NatsCluster
 from cfs_metadata.check import check_replay, check_tree
-from cfs_contracts.events.metadata import MetaCommitted
+from cfs_contracts.events.metadata import LeaderFenced, MetaCommitted
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import MetaSite, Workload, replay_journal
 
@@ -115,4 +115,42 @@ async def test_kill9_of_the_nats_server_leading_the_shard_stream(site: MetaSite)
     site.cluster.server(kill_stream_leader.victim).restart()  # type: ignore[attr-defined]
     site.cluster.wait_healthy()
     await asyncio.sleep(2.0)
+    await _verify_replicas(site)
+
+
+async def test_a_paused_then_resumed_writer_cannot_append(site: MetaSite) -> None:
+    writer = await site.writer()
+    bus, client = await site.client(deadline_s=60)
+    try:
+        directory = await client.mkdir(1, "paused")
+        load = Workload(client, directory.ino)
+        stop = asyncio.Event()
+        task = asyncio.create_task(load.run(stop))
+        await asyncio.sleep(1.0)
+        site.nodes[writer].pause()  # SIGSTOP: the writer keeps its connection and its lease record
+        deadline = time.monotonic() + 20
+        while (new_writer := await site.writer()) == writer:
+            assert time.monotonic() < deadline, "no new writer while the old one was paused"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        site.nodes[writer].resume()
+        await asyncio.sleep(3.0)  # the old writer wakes up with requests queued for it
+        stop.set()
+        await task
+        assert await site.writer() == new_writer
+        names = {e.name async for e in client.readdir(directory.ino)}
+        assert names - load.uncertain == load.expected - load.uncertain
+    finally:
+        await bus.close()
+    journal = await replay_journal(site)
+    fences = [(seq, p.term) for seq, p in journal if isinstance(p, LeaderFenced)]
+    last_fence_seq, last_term = fences[-1]
+    stale = [seq for seq, p in journal
+             if isinstance(p, MetaCommitted) and seq > last_fence_seq and p.term < last_term]
+    assert not stale, f"appends by a deposed writer after the fence: {stale}"
+    terms = [p.term for _, p in journal if isinstance(p, MetaCommitted)]
+    assert terms == sorted(terms), "journal terms never go backwards"
+    assert "leader.step_down" in site.nodes[writer].log_tail(400) or not site.nodes[
+        writer
+    ].running
     await _verify_replicas(site)
