@@ -49,7 +49,7 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check contracts libs services tests bench
 	$(BIN)/ruff format --check contracts libs services tests bench
-	$(BIN)/mypy contracts/cfs_contracts libs/cfs
+	$(BIN)/mypy contracts/cfs_contracts libs/cfs services
 
 fmt: setup
 	$(BIN)/ruff format contracts libs services tests bench

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cfs.cli import dev
+from cfs.cli import dev, service
 
 app = typer.Typer(
     name="cfs",
@@ -13,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(dev.app, name="dev")
+app.add_typer(service.app, name="service")
 
 
 @app.command()
