@@ -26,6 +26,7 @@ _U64 = struct.Struct(">Q")
 _INODE = b"i"
 _DENTRY = b"d"
 _REPLY = b"o"
+_REPLY_BY_SEQ = b"r"  # r || seq || op_id: lets old replies be pruned in order
 _APPLIED = b"m:applied"
 _TERM = b"m:term"
 _LOCAL = b"m:local"
@@ -33,6 +34,10 @@ _INODES = b"m:inodes"
 
 T = TypeVar("T")
 CorruptionHandler = Callable[[CorruptRecord], None]
+
+# Replies are kept for retries by op id. A client retries for at most its deadline
+# (30 s by default); 100k journal messages cover that at any realistic rate.
+REPLY_RETENTION_SEQS = 100_000
 
 
 def _inode_key(ino: int) -> bytes:
@@ -120,14 +125,26 @@ class Projection:
         """Apply one journal message (its entries, or a fence) atomically with its sequence."""
         if seq <= self.applied_seq:
             raise ValueError(f"sequence {seq} already applied (at {self.applied_seq})")
-        batch = _Batch(self)
+        batch = _Batch(self, seq)
         apply_entries(batch, entries)
+        self._prune_replies(batch.wb, seq - REPLY_RETENTION_SEQS)
         batch.wb.put(_APPLIED, _U64.pack(seq))
         if term is not None:
             batch.wb.put(_TERM, _U64.pack(term))
         if batch.inode_delta:
             batch.wb.put(_INODES, _U64.pack(self.inode_count + batch.inode_delta))
         self._db.write(batch.wb)
+
+    def _prune_replies(self, wb: WriteBatch, below_seq: int) -> None:
+        if below_seq <= 0:
+            return
+        end = _REPLY_BY_SEQ + _U64.pack(below_seq)
+        for item_key in self._db.keys(from_key=_REPLY_BY_SEQ):
+            key = cast(bytes, item_key)
+            if key >= end:
+                break
+            wb.delete(key)
+            wb.delete(_REPLY + key[9:])
 
     def to_memory(self) -> MemoryShard:
         """Every record, checksums verified, as a MemoryShard (checks and comparisons)."""
@@ -176,8 +193,9 @@ class Projection:
 class _Batch:
     """`ShardWriter` into a rocksdict WriteBatch (and an inode count delta)."""
 
-    def __init__(self, projection: Projection) -> None:
+    def __init__(self, projection: Projection, seq: int) -> None:
         self._projection = projection
+        self._seq = _U64.pack(seq)
         self.wb = WriteBatch(raw_mode=True)
         self.inode_delta = 0
         self._seen: dict[int, bool] = {}
@@ -210,3 +228,4 @@ class _Batch:
 
     def record_reply(self, op_id: str, reply: Reply) -> None:
         self.wb.put(_REPLY + op_id.encode(), reply.model_dump_json().encode())
+        self.wb.put(_REPLY_BY_SEQ + self._seq + op_id.encode(), b"")

@@ -1,0 +1,199 @@
+"""Metadata benchmark on a local 3-server site (R3, fsync'd), three metadata-raft processes.
+
+    python bench/metadata.py [--quick] [--json PATH]
+
+Figures: creates/s and stats/s with many concurrent clients, p50/p99 create
+latency at low load, writer-process failover and NATS-server failover seconds
+(median of several kill -9), and, in the same run, the raw rate of fsync'd R3
+JetStream publishes of one event each, pipelined, for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfs.client import MetadataClient  # noqa: E402
+from cfs.ids import new_id  # noqa: E402
+from cfs.supervisor import NatsCluster  # noqa: E402
+from tests.integration.metadata_harness import MetaSite  # noqa: E402
+
+SITE = "t"
+
+
+async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
+    """Plain nats-py publish_async of one ~300 B event per message into the R3 CLUSTER stream."""
+    nc = await nats.connect(urls)
+    js = nc.jetstream(publish_async_max_pending=256)
+    payload = b"x" * 300
+    start = time.perf_counter()
+    futures = [
+        await js.publish_async(f"cfs.{SITE}.cluster.node.raw.down", payload,
+                               headers={"Nats-Msg-Id": new_id()})
+        for _ in range(n)
+    ]
+    await asyncio.gather(*futures)
+    rate = n / (time.perf_counter() - start)
+    await nc.close()
+    return rate
+
+
+async def create_rate(client: MetadataClient, n: int, concurrency: int) -> float:
+    parents = [await client.mkdir(1, f"bench-{new_id()}") for _ in range(concurrency)]
+    per = n // concurrency
+
+    async def worker(parent: int) -> None:
+        for i in range(per):
+            await client.create(parent, f"f{i}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(p.ino) for p in parents))
+    return per * concurrency / (time.perf_counter() - start)
+
+
+async def stat_rate(client: MetadataClient, n: int, concurrency: int) -> float:
+    target = await client.create(1, f"stat-{new_id()}")
+    per = n // concurrency
+
+    async def worker() -> None:
+        for _ in range(per):
+            await client.getattr(target.ino)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return per * concurrency / (time.perf_counter() - start)
+
+
+async def create_latency(client: MetadataClient, n: int) -> tuple[float, float]:
+    parent = await client.mkdir(1, f"lat-{new_id()}")
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        await client.create(parent.ino, f"f{i}")
+        samples.append((time.perf_counter() - start) * 1000)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+async def failover_time(site: MetaSite, client: MetadataClient, kill) -> float:
+    """Seconds from kill -9 to the next acknowledged create, with creates running."""
+    parent = await client.mkdir(1, f"fo-{new_id()}")
+    stop = asyncio.Event()
+    done: list[tuple[float, float]] = []  # (sent, acknowledged)
+
+    async def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            sent = time.monotonic()
+            await client.create(parent.ino, f"f{i}")
+            done.append((sent, time.monotonic()))
+            i += 1
+
+    task = asyncio.create_task(writer())
+    await asyncio.sleep(1.0)
+    killed_at = time.monotonic()
+    restore = await kill()
+    while not any(sent > killed_at for sent, _ in done[-3:]):
+        await asyncio.sleep(0.02)
+    stop.set()
+    await task
+    # The first create issued after the kill: its wait is the outage a client sees.
+    resumed = min(acked for sent, acked in done if sent > killed_at) - killed_at
+    await restore()
+    return resumed
+
+
+async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
+    n = 3_000 if quick else 20_000
+    kills = 2 if quick else 5
+    results: dict[str, float] = {}
+    results["raw_r3_pub_per_s"] = await raw_r3_publish_rate(site.cluster.urls, n)
+    bus, client = await site.client(deadline_s=60)
+    try:
+        results["creates_per_s"] = await create_rate(client, n, concurrency=64)
+        results["stats_per_s"] = await stat_rate(client, n, concurrency=64)
+        p50, p99 = await create_latency(client, 300 if quick else 1000)
+        results["create_p50_ms"], results["create_p99_ms"] = p50, p99
+
+        async def kill_writer():
+            victim = await site.writer()
+            site.nodes[victim].kill9()
+
+            async def restore() -> None:
+                site.nodes[victim].start()
+                await asyncio.sleep(3.0)
+
+            return restore
+
+        async def kill_stream_leader():
+            leader = (await bus.js.stream_info("META_001")).cluster.leader
+            site.cluster.server(leader).kill9()
+
+            async def restore() -> None:
+                site.cluster.server(leader).restart()
+                await asyncio.to_thread(site.cluster.wait_healthy)
+                await asyncio.sleep(2.0)
+
+            return restore
+
+        writer_times = [await failover_time(site, client, kill_writer) for _ in range(kills)]
+        nats_times = [await failover_time(site, client, kill_stream_leader) for _ in range(kills)]
+        results["writer_failover_s"] = statistics.median(writer_times)
+        results["nats_failover_s"] = statistics.median(nats_times)
+        results["writer_failover_max_s"] = max(writer_times)
+        results["nats_failover_max_s"] = max(nats_times)
+    finally:
+        await bus.close()
+    results["ratio_creates_to_raw_pub"] = results["creates_per_s"] / results["raw_r3_pub_per_s"]
+    return results
+
+
+async def run(quick: bool) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="cfs-bench-meta-") as tmp:
+        cluster = NatsCluster(3, Path(tmp) / "nats")
+        cluster.start()
+        site = MetaSite(Path(tmp) / "meta", cluster)
+        try:
+            await site.provision()
+            site.start_all()
+            await site.wait_ready()
+            return await measure(site, quick)
+        finally:
+            site.stop_all()
+            cluster.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = asyncio.run(run(args.quick))
+    for key, value in results.items():
+        print(f"{key:28s} {value:12.3f}")
+    goals = {
+        "creates_per_s >= 10000": results["creates_per_s"] >= 10_000,
+        "create_p50_ms <= 5": results["create_p50_ms"] <= 5,
+        "writer_failover_s <= 1": results["writer_failover_s"] <= 1,
+        "nats_failover_s <= 10": results["nats_failover_s"] <= 10,
+    }
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
