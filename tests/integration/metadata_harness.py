@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,30 +114,29 @@ class Workload:
         i = 0
         while not stop.is_set():
             name = f"f{i}"
-            await self._do(lambda: self.client.create(self.directory, name), add={name})
+            await self._do(self.client.create(self.directory, name), add={name})
             if i % 3 == 2:
                 old, new = f"f{i - 1}", f"r{i - 1}"
                 if old in self.expected:
                     await self._do(
-                        lambda: self.client.rename(self.directory, old, self.directory, new),
+                        self.client.rename(self.directory, old, self.directory, new),
                         add={new},
                         remove={old},
                     )
             if i % 5 == 4:
                 victim = f"r{i - 3}"
                 if victim in self.expected:
-                    await self._do(lambda: self.client.unlink(self.directory, victim),
-                                   remove={victim})
+                    await self._do(self.client.unlink(self.directory, victim), remove={victim})
             i += 1
 
     async def _do(
         self,
-        action: Callable[[], Awaitable[object]],
+        action: Awaitable[object],
         add: set[str] = frozenset(),  # type: ignore[assignment]
         remove: set[str] = frozenset(),  # type: ignore[assignment]
     ) -> None:
         try:
-            await action()
+            await action
         except FsError as exc:
             self.failures.append(str(exc))
             self.uncertain |= add | remove

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cfs.supervisor import NatsCluster
-from cfs_metadata.check import check_replay, check_tree
 from cfs_contracts.events.metadata import LeaderFenced, MetaCommitted
+from cfs_metadata.check import check_replay, check_tree
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import MetaSite, Workload, replay_journal
 
@@ -28,7 +28,9 @@ async def site(tmp_path: Path, nats_cluster3: NatsCluster) -> AsyncIterator[Meta
         meta.stop_all()
 
 
-async def _run_load_through(site: MetaSite, fault, clients: int = 4) -> tuple[list[Workload], float]:
+async def _run_load_through(
+    site: MetaSite, fault, clients: int = 4
+) -> tuple[list[Workload], float]:
     """Start load, apply `fault` mid-way, return the workloads and seconds until writes resumed."""
     bus, client = await site.client(deadline_s=60)
     try:
@@ -92,8 +94,10 @@ async def test_kill9_of_the_writer_process_loses_no_acknowledged_operation(
     loads, resumed = await _run_load_through(site, kill_writer)
     new_writer = await site.writer()
     assert new_writer != writer
-    print(f"\nwriter kill -9: writes resumed after {resumed:.2f}s "
-          f"({sum(len(w.ack_times) for w in loads)} ops acked)")
+    print(
+        f"\nwriter kill -9: writes resumed after {resumed:.2f}s "
+        f"({sum(len(w.ack_times) for w in loads)} ops acked)"
+    )
     site.nodes[writer].start()
     await asyncio.sleep(2.0)  # let the restarted replica catch up before stopping
     await _verify_replicas(site)
@@ -110,8 +114,10 @@ async def test_kill9_of_the_nats_server_leading_the_shard_stream(site: MetaSite)
         kill_stream_leader.victim = leader  # type: ignore[attr-defined]
 
     loads, resumed = await _run_load_through(site, kill_stream_leader)
-    print(f"\nNATS stream-leader kill -9: writes resumed after {resumed:.2f}s "
-          f"({sum(len(w.ack_times) for w in loads)} ops acked)")
+    print(
+        f"\nNATS stream-leader kill -9: writes resumed after {resumed:.2f}s "
+        f"({sum(len(w.ack_times) for w in loads)} ops acked)"
+    )
     site.cluster.server(kill_stream_leader.victim).restart()  # type: ignore[attr-defined]
     site.cluster.wait_healthy()
     await asyncio.sleep(2.0)
@@ -145,12 +151,13 @@ async def test_a_paused_then_resumed_writer_cannot_append(site: MetaSite) -> Non
     journal = await replay_journal(site)
     fences = [(seq, p.term) for seq, p in journal if isinstance(p, LeaderFenced)]
     last_fence_seq, last_term = fences[-1]
-    stale = [seq for seq, p in journal
-             if isinstance(p, MetaCommitted) and seq > last_fence_seq and p.term < last_term]
+    stale = [
+        seq
+        for seq, p in journal
+        if isinstance(p, MetaCommitted) and seq > last_fence_seq and p.term < last_term
+    ]
     assert not stale, f"appends by a deposed writer after the fence: {stale}"
     terms = [p.term for _, p in journal if isinstance(p, MetaCommitted)]
     assert terms == sorted(terms), "journal terms never go backwards"
-    assert "leader.step_down" in site.nodes[writer].log_tail(400) or not site.nodes[
-        writer
-    ].running
+    assert "leader.step_down" in site.nodes[writer].log_tail(400) or not site.nodes[writer].running
     await _verify_replicas(site)
