@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cfs_contracts.events.metadata import (
@@ -53,7 +54,9 @@ from cfs_contracts.fs.rpc import (
     Symlink,
     Unlink,
 )
-from cfs_metadata.state import Overlay, ShardView, apply_change, has_entries
+from cfs_metadata.state import Overlay, ShardView, apply_change
+
+Placement = Callable[[int, str], int]
 
 MAX_SYMLINK = 4096
 MAX_PATH_DEPTH = 4096
@@ -95,12 +98,17 @@ def bootstrap_entry(now_ns: int, op_id: str) -> JournalEntry:
     )
 
 
-def decide(view: ShardView, op: MutationOp, now_ns: int) -> Decision:
-    """Validate `op` against `view`; return the changes and the reply. Raises FsError."""
+def decide(
+    view: ShardView, op: MutationOp, now_ns: int, placement: Placement | None = None
+) -> Decision:
+    """Validate `op` against `view`; return the changes and the reply. Raises FsError.
+
+    `placement(parent, name)` picks the shard of a new directory (default: this one).
+    """
     stored = view.op_reply(op.op_id)
     if stored is not None:
         return Decision([], stored)  # a retry: the original answer, no new changes
-    ctx = _Ctx(Overlay(view), now_ns)
+    ctx = _Ctx(Overlay(view), now_ns, placement)
     reply = _dispatch(ctx, op)
     return Decision(ctx.changes, reply)
 
@@ -108,10 +116,11 @@ def decide(view: ShardView, op: MutationOp, now_ns: int) -> Decision:
 class _Ctx:
     """Collects changes and lets later steps of one op see earlier ones."""
 
-    def __init__(self, view: Overlay, now_ns: int) -> None:
+    def __init__(self, view: Overlay, now_ns: int, placement: Placement | None) -> None:
         self.view = view
         self.now = now_ns
         self.changes: list[Change] = []
+        self.placement: Placement = placement or (lambda parent, name: view.shard)
 
     def change(self, change: Change) -> None:
         self.changes.append(change)
@@ -133,10 +142,12 @@ class _Ctx:
             raise FsError(errno.ENOTDIR, f"inode {ino} is not a directory")
         return found
 
-    def allocate(self) -> int:
+    def allocate(self, shard: int) -> int:
+        if shard != self.view.shard:
+            return make_ino(shard, self.view.reserved_local(shard))
         local = self.view.next_local()
         self.change(SetNextLocal(value=local + 1))
-        return make_ino(self.view.shard, local)
+        return make_ino(shard, local)
 
     def touch_dir(self, parent: Inode, nlink_delta: int = 0) -> Inode:
         return self.put(
@@ -152,8 +163,10 @@ class _Ctx:
     def new_inode(
         self, kind: Kind, mode: int, op: Create | MkNod | MkDir | Symlink, **extra: object
     ) -> Inode:
+        # Directories are spread over shards; everything else lives with its directory.
+        shard = self.placement(op.parent, op.name) if kind is Kind.DIR else self.view.shard
         fields: dict[str, object] = {
-            "ino": self.allocate(),
+            "ino": self.allocate(shard),
             "kind": kind,
             "mode": mode & 0o7777,
             "uid": op.uid,
@@ -280,7 +293,7 @@ def _rmdir(ctx: _Ctx, op: RmDir) -> Reply:
     victim = ctx.inode(entry.ino)
     if not victim.is_dir:
         raise FsError(errno.ENOTDIR, f"{op.name!r} is not a directory")
-    if has_entries(ctx.view, victim.ino):
+    if ctx.view.has_entries(victim.ino):
         raise FsError(errno.ENOTEMPTY, f"directory {op.name!r} is not empty")
     ctx.change(DelDentry(parent=op.parent, name=op.name))
     ctx.change(DelInode(ino=victim.ino))
@@ -328,7 +341,7 @@ def _rename(ctx: _Ctx, op: Rename) -> Reply:
             raise FsError(errno.ENOTDIR, f"{op.new_name!r} is not a directory")
         if not src.is_dir and dst.is_dir:
             raise FsError(errno.EISDIR, f"{op.new_name!r} is a directory")
-        if dst.is_dir and has_entries(ctx.view, dst.ino):
+        if dst.is_dir and ctx.view.has_entries(dst.ino):
             raise FsError(errno.ENOTEMPTY, f"directory {op.new_name!r} is not empty")
         ctx.drop_link(dst)
         if dst.is_dir:

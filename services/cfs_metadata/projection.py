@@ -17,6 +17,7 @@ from typing import TypeVar, cast
 from rocksdict import Options, Rdict, WriteBatch
 
 from cfs_contracts.events.metadata import JournalEntry
+from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode, name_cookie
 from cfs_contracts.fs.rpc import Reply
 from cfs_metadata.records import CorruptRecord, seal, unseal_dentry, unseal_inode
@@ -31,6 +32,7 @@ _APPLIED = b"m:applied"
 _TERM = b"m:term"
 _LOCAL = b"m:local"
 _INODES = b"m:inodes"
+_TX = b"t"
 
 T = TypeVar("T")
 CorruptionHandler = Callable[[CorruptRecord], None]
@@ -98,8 +100,27 @@ class Projection:
     def _dentry_at(self, raw: bytes, parent: int, name: str) -> Dentry:
         return self._checked(lambda: unseal_dentry(raw, parent, name))
 
+    def has_entries(self, parent: int) -> bool:
+        return next(self.dentries(parent), None) is not None
+
     def next_local(self) -> int:
         return self._int(_LOCAL, 1)
+
+    def reserved_local(self, shard: int) -> int:
+        raise RuntimeError(f"no inode number reserved in shard {shard} by this view")
+
+    def tx(self, tx_id: str) -> TxRecord | None:
+        raw = self._db.get(_TX + tx_id.encode())
+        return TxRecord.model_validate_json(raw) if raw is not None else None
+
+    def txs(self) -> list[TxRecord]:
+        """Unresolved transactions (participant locks, coordinator outcomes to deliver)."""
+        found = []
+        for item_key, item_value in self._db.items(from_key=_TX):
+            if not cast(bytes, item_key).startswith(_TX):
+                break
+            found.append(TxRecord.model_validate_json(cast(bytes, item_value)))
+        return found
 
     def op_reply(self, op_id: str) -> Reply | None:
         raw = self._db.get(_REPLY + op_id.encode())
@@ -229,3 +250,9 @@ class _Batch:
     def record_reply(self, op_id: str, reply: Reply) -> None:
         self.wb.put(_REPLY + op_id.encode(), reply.model_dump_json().encode())
         self.wb.put(_REPLY_BY_SEQ + self._seq + op_id.encode(), b"")
+
+    def put_tx(self, tx: TxRecord) -> None:
+        self.wb.put(_TX + tx.tx_id.encode(), tx.model_dump_json().encode())
+
+    def clear_tx(self, tx_id: str) -> None:
+        self.wb.delete(_TX + tx_id.encode())

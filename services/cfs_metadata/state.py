@@ -19,7 +19,10 @@ from cfs_contracts.events.metadata import (
     PutDentry,
     PutInode,
     SetNextLocal,
+    TxClear,
+    TxPut,
 )
+from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode
 from cfs_contracts.fs.rpc import Reply
 
@@ -35,9 +38,17 @@ class ShardView(Protocol):
         """Entries of `parent` in cookie order, strictly after `after_cookie`."""
         ...
 
+    def has_entries(self, parent: int) -> bool: ...
+
     def next_local(self) -> int: ...
 
+    def reserved_local(self, shard: int) -> int:
+        """A local number reserved in another shard (cross-shard mkdir); composite views only."""
+        ...
+
     def op_reply(self, op_id: str) -> Reply | None: ...
+
+    def tx(self, tx_id: str) -> TxRecord | None: ...
 
 
 class ShardWriter(Protocol):
@@ -53,6 +64,10 @@ class ShardWriter(Protocol):
 
     def record_reply(self, op_id: str, reply: Reply) -> None: ...
 
+    def put_tx(self, tx: TxRecord) -> None: ...
+
+    def clear_tx(self, tx_id: str) -> None: ...
+
 
 def apply_change(target: ShardWriter, change: Change) -> None:
     match change:
@@ -66,6 +81,10 @@ def apply_change(target: ShardWriter, change: Change) -> None:
             target.del_dentry(parent, name)
         case SetNextLocal(value=value):
             target.set_next_local(value)
+        case TxPut(tx=tx):
+            target.put_tx(tx)
+        case TxClear(tx_id=tx_id):
+            target.clear_tx(tx_id)
 
 
 def apply_entries(target: ShardWriter, entries: Iterable[JournalEntry]) -> None:
@@ -76,11 +95,14 @@ def apply_entries(target: ShardWriter, entries: Iterable[JournalEntry]) -> None:
         target.record_reply(entry.op_id, entry.reply)
 
 
-def has_entries(view: ShardView, parent: int) -> bool:
-    return next(view.dentries(parent), None) is not None
+class SingleShard:
+    """Views of one shard never hold numbers reserved in another shard."""
+
+    def reserved_local(self, shard: int) -> int:
+        raise RuntimeError(f"no inode number reserved in shard {shard} by this view")
 
 
-class MemoryShard:
+class MemoryShard(SingleShard):
     """Dict-backed shard state; the reference implementation of both protocols."""
 
     def __init__(self, shard: int = 1) -> None:
@@ -88,6 +110,7 @@ class MemoryShard:
         self.inodes: dict[int, Inode] = {}
         self.dirs: dict[int, dict[str, Dentry]] = {}
         self.replies: dict[str, Reply] = {}
+        self.txs: dict[str, TxRecord] = {}
         self.local = 1
 
     def inode(self, ino: int) -> Inode | None:
@@ -100,11 +123,23 @@ class MemoryShard:
         entries = sorted(self.dirs.get(parent, {}).values(), key=lambda d: d.cookie)
         return (d for d in entries if d.cookie > after_cookie)
 
+    def has_entries(self, parent: int) -> bool:
+        return bool(self.dirs.get(parent))
+
     def next_local(self) -> int:
         return self.local
 
     def op_reply(self, op_id: str) -> Reply | None:
         return self.replies.get(op_id)
+
+    def tx(self, tx_id: str) -> TxRecord | None:
+        return self.txs.get(tx_id)
+
+    def put_tx(self, tx: TxRecord) -> None:
+        self.txs[tx.tx_id] = tx
+
+    def clear_tx(self, tx_id: str) -> None:
+        self.txs.pop(tx_id, None)
 
     def put_inode(self, inode: Inode) -> None:
         self.inodes[inode.ino] = inode
@@ -138,6 +173,7 @@ class Overlay:
         self._inodes: dict[int, Inode | None] = {}
         self._dentries: dict[tuple[int, str], Dentry | None] = {}
         self._replies: dict[str, Reply] = {}
+        self._txs: dict[str, TxRecord | None] = {}
         self._local: int | None = None
 
     def inode(self, ino: int) -> Inode | None:
@@ -157,11 +193,33 @@ class Overlay:
         merged += [d for d in staged.values() if d is not None and d.cookie > after_cookie]
         return iter(sorted(merged, key=lambda d: d.cookie))
 
+    def has_entries(self, parent: int) -> bool:
+        if any(d is not None for (p, _), d in self._dentries.items() if p == parent):
+            return True
+        staged = {name for (p, name) in self._dentries if p == parent}
+        if not staged:
+            return self.base.has_entries(parent)
+        return any(d.name not in staged for d in self.base.dentries(parent))
+
     def next_local(self) -> int:
         return self._local if self._local is not None else self.base.next_local()
 
+    def reserved_local(self, shard: int) -> int:
+        return self.base.reserved_local(shard)
+
     def op_reply(self, op_id: str) -> Reply | None:
         return self._replies.get(op_id) or self.base.op_reply(op_id)
+
+    def tx(self, tx_id: str) -> TxRecord | None:
+        if tx_id in self._txs:
+            return self._txs[tx_id]
+        return self.base.tx(tx_id)
+
+    def put_tx(self, tx: TxRecord) -> None:
+        self._txs[tx.tx_id] = tx
+
+    def clear_tx(self, tx_id: str) -> None:
+        self._txs[tx_id] = None
 
     def put_inode(self, inode: Inode) -> None:
         self._inodes[inode.ino] = inode

@@ -8,13 +8,34 @@ reply (so a retried operation id gets the original answer).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from cfs_contracts.fs.records import Dentry, Inode
+from cfs_contracts.fs.changes import (
+    Change,
+    DelDentry,
+    DelInode,
+    PutDentry,
+    PutInode,
+    SetNextLocal,
+    TxClear,
+    TxPut,
+)
 from cfs_contracts.fs.rpc import Reply
 from cfs_contracts.registry import REGISTRY, EventPayload
+
+__all__ = [
+    "Change",
+    "DelDentry",
+    "DelInode",
+    "JournalEntry",
+    "LeaderFenced",
+    "MetaCommitted",
+    "PutDentry",
+    "PutInode",
+    "SetNextLocal",
+    "TxClear",
+    "TxPut",
+]
 
 _JOURNAL = "cfs.{site}.meta.{shard}.journal"
 
@@ -26,43 +47,6 @@ class LeaderFenced(EventPayload):
     shard: str
     term: int = Field(ge=1)
     leader: str = Field(description="node holding the writer lease for this term")
-
-
-class _Change(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PutInode(_Change):
-    c: Literal["inode"] = "inode"
-    inode: Inode
-
-
-class DelInode(_Change):
-    c: Literal["del_inode"] = "del_inode"
-    ino: int
-
-
-class PutDentry(_Change):
-    c: Literal["dentry"] = "dentry"
-    dentry: Dentry
-
-
-class DelDentry(_Change):
-    c: Literal["del_dentry"] = "del_dentry"
-    parent: int
-    name: str
-
-
-class SetNextLocal(_Change):
-    """Inode allocation counter of the shard (the next local number to hand out)."""
-
-    c: Literal["next_local"] = "next_local"
-    value: int = Field(ge=1)
-
-
-Change = Annotated[
-    PutInode | DelInode | PutDentry | DelDentry | SetNextLocal, Field(discriminator="c")
-]
 
 
 class JournalEntry(BaseModel):
