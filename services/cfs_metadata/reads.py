@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from cfs_contracts.fs.records import Inode, Kind
+from cfs_contracts.fs.records import Inode, Kind, shard_of
 from cfs_contracts.fs.rpc import (
     DirEntry,
     FsError,
@@ -17,8 +17,10 @@ from cfs_contracts.fs.rpc import (
     ReadOp,
     Reply,
     StatFs,
+    TxRead,
 )
 from cfs_metadata.state import ShardView
+from cfs_metadata.txn import read_records
 
 
 def read(view: ShardView, op: ReadOp) -> Reply:
@@ -29,6 +31,12 @@ def read(view: ShardView, op: ReadOp) -> Reply:
             if entry is None:
                 _inode(view, op.parent, want_dir=True)
                 raise FsError(errno.ENOENT, f"no {op.name!r} in directory {op.parent}")
+            if shard_of(entry.ino) != view.shard:
+                # The inode lives in another shard: the client asks that shard for it.
+                found = DirEntry(
+                    cookie=entry.cookie, name=entry.name, ino=entry.ino, kind=entry.kind
+                )
+                return Reply(entries=(found,))
             return Reply(inode=_inode(view, entry.ino))
         case GetAttr():
             return Reply(inode=_inode(view, op.ino))
@@ -60,6 +68,8 @@ def read(view: ShardView, op: ReadOp) -> Reply:
             return Reply(names=tuple(sorted(_inode(view, op.ino).xattrs)))
         case StatFs():
             return Reply(stats={"shard": view.shard})
+        case TxRead():
+            return Reply(records=read_records(view, op.keys))
 
 
 def _inode(view: ShardView, ino: int, *, want_dir: bool = False) -> Inode:

@@ -22,19 +22,23 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError, SequenceConflict
+from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
 from cfs_contracts.fs.records import ROOT_INO
-from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, Request
+from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, Request, TxOp
 from cfs_contracts.streams import meta_rpc_subject, shard_name
-from cfs_metadata.decide import bootstrap_entry, decide
+from cfs_metadata.coordinator import Coordinator
+from cfs_metadata.decide import bootstrap_entry
 from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
 from cfs_metadata.lease import ShardLease
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read
 from cfs_metadata.records import CorruptRecord
 from cfs_metadata.state import Overlay, apply_entries
+from cfs_metadata.txn import change_lock_grants, locked_keys, placement
+from cfs_metadata.work import ClientOp, Diverted, Forget, LockedView, ShardTxOp, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +57,7 @@ class ReplicaSettings:
     max_batch_ops: int = 512
     max_batch_bytes: int = 512 * 1024
     append_timeout_s: float = 5.0
-
-
-@dataclass
-class _Pending:
-    op: MutationOp
-    msg: Msg
+    shard_count: int = 1
 
 
 class ShardReplica:
@@ -78,7 +77,16 @@ class ShardReplica:
         self.role = Role.STOPPED
         self.term = projection.term
         self._caught_up = False
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self.placement = placement(self.settings.shard_count)
+        self.coordinator = Coordinator(
+            shard_index,
+            projection,
+            MetadataClient(bus, deadline_s=self.settings.append_timeout_s * 3),
+            self._queue.put_nowait,
+            self._respond,
+            self.placement,
+        )
         self._follower: asyncio.Task[None] | None = None
         self._leader: asyncio.Task[None] | None = None
         self._rpc: Subscription | None = None
@@ -164,6 +172,7 @@ class ShardReplica:
         if self.shard_index == 1 and self.projection.inode(ROOT_INO) is None:
             await self._commit([bootstrap_entry(time.time_ns(), new_id())])
         self.role = Role.LEADER
+        self.coordinator.recover()
         self._rpc = await self.bus.nc.subscribe(
             meta_rpc_subject(self.bus.site, self.shard), queue="leader", cb=self._on_request
         )
@@ -206,9 +215,9 @@ class ShardReplica:
             sub, self._rpc = self._rpc, None
             if not self.bus.nc.is_closed:
                 await sub.unsubscribe()
+        await self.coordinator.stop()
         while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            await self._respond(pending.msg, _not_leader(self.shard))
+            await self._queue.get_nowait().finish(_not_leader(self.shard))
 
     # -- serving ---------------------------------------------------------------------
     async def _on_request(self, msg: Msg) -> None:
@@ -224,68 +233,80 @@ class ShardReplica:
             await self._respond(msg, _not_leader(self.shard))
             return
         if isinstance(op, MutationOp):
-            self._queue.put_nowait(_Pending(op, msg))
+            self._queue.put_nowait(ClientOp(op, msg, self._respond))
+            return
+        if isinstance(op, TxOp):
+            self._queue.put_nowait(ShardTxOp(op, msg, self._respond, self.coordinator.in_flight))
             return
         try:
-            reply = read(self.projection, op)
+            reply = read(LockedView(self.projection, self._locks()), op)
         except FsError as exc:
             reply = Reply.error(exc)
         except CorruptRecord as exc:
             reply = await self._corruption(exc)
         await self._respond(msg, reply)
 
+    def _locks(self) -> set[str]:
+        return locked_keys(self.projection.txs())
+
     async def _commit_loop(self) -> None:
         """Group commit: everything that queued up while the last append was in flight."""
-        carry: list[_Pending] = []
+        carry: list[WorkItem] = []
         while True:
             batch = carry or [await self._queue.get()]
             while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
                 batch.append(self._queue.get_nowait())
             committed, carry = await self._decide_and_commit(batch)
             if not committed:
-                for pending in carry:
-                    await self._respond(pending.msg, _not_leader(self.shard))
+                for item in carry:
+                    await item.finish(_not_leader(self.shard))
                 return
 
-    async def _decide_and_commit(self, batch: list[_Pending]) -> tuple[bool, list[_Pending]]:
-        """Decide ops in order over an overlay, append them as one message, then reply.
+    async def _decide_and_commit(self, batch: list[WorkItem]) -> tuple[bool, list[WorkItem]]:
+        """Decide items in order over an overlay, append them as one message, then answer.
 
-        Returns (committed, ops left for the next batch because this one is full).
+        Returns (committed, items left for the next batch because this one is full).
         """
         overlay = Overlay(self.projection)
+        locked = self._locks()
         now = time.time_ns()
         entries: list[JournalEntry] = []
-        replies: list[Reply] = []
+        answered: list[tuple[WorkItem, Reply]] = []
+        carry: list[WorkItem] = []
         size = 0
-        for index, pending in enumerate(batch):
+        for index, item in enumerate(batch):
             if size >= self.settings.max_batch_bytes:
-                carry, batch = batch[index:], batch[:index]
+                carry = batch[index:]
                 break
             try:
-                decision = decide(overlay, pending.op, now)
+                decision = item.decide(overlay, now, locked, self.placement)
+            except Diverted:
+                assert isinstance(item, ClientOp)
+                self.coordinator.take(item)  # answered by the transaction driver
+                continue
             except FsError as exc:
-                replies.append(Reply.error(exc))
+                answered.append((item, Reply.error(exc)))
                 continue
             except CorruptRecord as exc:
-                replies.append(await self._corruption(exc))
+                answered.append((item, await self._corruption(exc)))
                 continue
-            replies.append(decision.reply)
+            answered.append((item, decision.reply))
             if decision.changes:
-                entry = decision.entry(pending.op)
+                entry = JournalEntry(
+                    op_id=item.op.op_id if not isinstance(item, Forget) else new_id(),
+                    op=item.op.op if not isinstance(item, Forget) else "tx_forget",
+                    changes=tuple(decision.changes),
+                    reply=decision.reply,
+                )
                 apply_entries(overlay, [entry])
+                locked |= change_lock_grants(entry.changes)
                 entries.append(entry)
                 size += _APPROX_CHANGE_BYTES * len(entry.changes)
-        else:
-            carry = []
-        # Error replies may depend on earlier ops of this batch: answer all after the commit.
+        # Error replies may depend on earlier items of this batch: answer all after the commit.
         committed = await self._commit(entries) if entries else True
-        if not committed:
-            for pending in batch:
-                await self._respond(pending.msg, _not_leader(self.shard))
-            return False, carry
-        for pending, reply in zip(batch, replies, strict=True):
-            await self._respond(pending.msg, reply)
-        return True, carry
+        for item, reply in answered:
+            await item.finish(reply if committed else _not_leader(self.shard))
+        return committed, carry
 
     async def _commit(self, entries: list[JournalEntry]) -> bool:
         if not self.lease.is_holder:
@@ -333,4 +354,6 @@ _APPROX_CHANGE_BYTES = 600
 
 
 def _not_leader(shard: str) -> Reply:
-    return Reply(errno=errno.EAGAIN, message=f"not the leader of shard {shard}; retry")
+    return Reply(
+        errno=errno.EAGAIN, message=f"not the leader of shard {shard}; retry", not_leader=True
+    )

@@ -50,7 +50,10 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
         connect_timeout=10.0,
     )
     replica_settings = ReplicaSettings(
-        lease_s=settings.lease_s, renew_s=settings.renew_s, max_batch_ops=settings.max_batch_ops
+        lease_s=settings.lease_s,
+        renew_s=settings.renew_s,
+        max_batch_ops=settings.max_batch_ops,
+        shard_count=settings.shards,
     )
     replicas: list[ShardReplica] = []
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -48,9 +49,13 @@ async def test_a_deposed_writer_append_is_rejected_by_the_journal(
     stale_position = a.projection.applied_seq
     b = ShardReplica(b_bus, 1, Projection(tmp_path / "b", 1), FAST)
     await b.start()
+    while b.projection.applied_seq < stale_position:  # a hot follower: caught up
+        await asyncio.sleep(0.02)
     term = await b.lease.force_acquire()  # the operator's DANGER path, or a lost lease
     await client.mkdir(1, "after")  # served by whichever writer holds the lease now
-    assert b.role is Role.LEADER and b.term == term
+    while b.role is not Role.LEADER:
+        await asyncio.sleep(0.02)
+    assert b.term == term
     # `a` still thinks its position is the journal's end: its append must fail.
     payload = MetaCommitted(shard="001", term=a.term, entries=())
     with pytest.raises(SequenceConflict):

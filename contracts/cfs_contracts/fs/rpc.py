@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cfs_contracts.fs.records import ChunkRef, Inode, Kind
+from cfs_contracts.fs.changes import BaseChange
+from cfs_contracts.fs.records import ChunkRef, Dentry, Inode, Kind
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -177,7 +178,58 @@ class CommitChunks(_Mutation):
     mtime_ns: int | None = None
 
 
-ReadOp = Lookup | GetAttr | ReadLink | ReadDir | GetXattr | ListXattr | StatFs
+# -- cross-shard transactions (shard to shard; DESIGN.md §4) ----------------------------
+class RemoteRecord(BaseModel):
+    """What one shard holds under a key, as read by a coordinating shard.
+
+    Keys: `i:<ino>` (inode), `d:<parent>:<name>` (entry), `e:<parent>` (does the
+    directory have entries).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    inode: Inode | None = None
+    dentry: Dentry | None = None
+    nonempty: bool | None = None
+
+
+class TxRead(_Op):
+    op: Literal["tx_read"] = "tx_read"
+    keys: tuple[str, ...]
+
+
+class TxReserve(_Mutation):
+    """Reserve one inode number in this shard for a directory created from another."""
+
+    op: Literal["tx_reserve"] = "tx_reserve"
+
+
+class TxPrepare(_Mutation):
+    """Check that `expected` still holds, then record `changes` (applied on commit) and lock."""
+
+    op: Literal["tx_prepare"] = "tx_prepare"
+    tx_id: str
+    coordinator: int
+    expected: tuple[RemoteRecord, ...]
+    changes: tuple[BaseChange, ...]
+
+
+class TxDecide(_Mutation):
+    op: Literal["tx_decide"] = "tx_decide"
+    tx_id: str
+    commit: bool
+
+
+class TxStatus(_Mutation):
+    """Asked of the coordinator by a participant holding a prepared transaction."""
+
+    op: Literal["tx_status"] = "tx_status"
+    tx_id: str
+
+
+ReadOp = Lookup | GetAttr | ReadLink | ReadDir | GetXattr | ListXattr | StatFs | TxRead
+TxOp = TxReserve | TxPrepare | TxDecide | TxStatus
 MutationOp = (
     SetAttr
     | Create
@@ -192,7 +244,8 @@ MutationOp = (
     | RemoveXattr
     | CommitChunks
 )
-AnyOp = Annotated[ReadOp | MutationOp, Field(discriminator="op")]
+ShardOp = MutationOp | TxOp
+AnyOp = Annotated[ReadOp | MutationOp | TxOp, Field(discriminator="op")]
 
 
 class Request(BaseModel):
@@ -227,6 +280,10 @@ class Reply(BaseModel):
     value_b64: str | None = None
     names: tuple[str, ...] = ()
     stats: dict[str, int] = Field(default_factory=dict)
+    records: tuple[RemoteRecord, ...] = ()
+    reserved: int = 0
+    tx_state: str = ""
+    not_leader: bool = Field(default=False, description="ask again: the writer is changing")
 
     @classmethod
     def error(cls, exc: FsError) -> Reply:

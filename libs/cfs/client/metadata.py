@@ -44,10 +44,20 @@ class MetadataClient:
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
 
-    async def call(self, op: rpc.ReadOp | rpc.MutationOp) -> Reply:
-        """Send `op` to its shard's writer; FsError on a POSIX error."""
-        shard = shard_name(shard_of(_routing_ino(op)))
-        subject = meta_rpc_subject(self.bus.site, shard)
+    async def call(
+        self,
+        op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp,
+        *,
+        shard: int | None = None,
+        retry_conflicts: bool = True,
+    ) -> Reply:
+        """Send `op` to its shard's writer; FsError on a POSIX error.
+
+        A writer change is always retried. EAGAIN for a conflict (records locked by
+        a cross-shard transaction) is retried too unless `retry_conflicts` is False.
+        """
+        name = shard_name(shard if shard is not None else shard_of(_routing_ino(op)))
+        subject = meta_rpc_subject(self.bus.site, name)
         data = Request(body=op).model_dump_json().encode()
         started = time.monotonic()
         delay = 0.02
@@ -56,7 +66,8 @@ class MetadataClient:
             try:
                 msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
                 reply = Reply.model_validate_json(msg.data)
-                if reply.errno not in _RETRY_ERRNOS:
+                retry = reply.not_leader or (retry_conflicts and reply.errno in _RETRY_ERRNOS)
+                if not retry:
                     if reply.errno:
                         raise FsError(reply.errno, reply.message)
                     return reply
@@ -65,13 +76,16 @@ class MetadataClient:
                 last = str(exc)
             waited = time.monotonic() - started
             if waited + delay > self.deadline_s:
-                raise LeaderUnavailable(shard, waited, last)
+                raise LeaderUnavailable(name, waited, last)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 0.5)
 
     # -- conveniences ----------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Inode:
-        return _inode(await self.call(rpc.Lookup(parent=parent, name=name)))
+        reply = await self.call(rpc.Lookup(parent=parent, name=name))
+        if reply.inode is None and reply.entries:  # the inode lives in another shard
+            return await self.getattr(reply.entries[0].ino)
+        return _inode(reply)
 
     async def getattr(self, ino: int) -> Inode:
         return _inode(await self.call(rpc.GetAttr(ino=ino)))
@@ -172,7 +186,7 @@ class MetadataClient:
             cookie = reply.entries[-1].cookie
 
 
-def _routing_ino(op: rpc.ReadOp | rpc.MutationOp) -> int:
+def _routing_ino(op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp) -> int:
     """The directory (or inode) whose shard coordinates the operation."""
     for field in ("new_parent", "parent", "ino"):
         value = getattr(op, field, None)
