@@ -24,10 +24,10 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cfs.client import MetadataClient  # noqa: E402
-from cfs.ids import new_id  # noqa: E402
-from cfs.supervisor import NatsCluster  # noqa: E402
-from tests.integration.metadata_harness import MetaSite  # noqa: E402
+from cfs.client import MetadataClient
+from cfs.ids import new_id
+from cfs.supervisor import NatsCluster
+from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
 
@@ -39,8 +39,9 @@ async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
     payload = b"x" * 300
     start = time.perf_counter()
     futures = [
-        await js.publish_async(f"cfs.{SITE}.cluster.node.raw.down", payload,
-                               headers={"Nats-Msg-Id": new_id()})
+        await js.publish_async(
+            f"cfs.{SITE}.cluster.node.raw.down", payload, headers={"Nats-Msg-Id": new_id()}
+        )
         for _ in range(n)
     ]
     await asyncio.gather(*futures)
