@@ -57,21 +57,30 @@ class Journal:
 
     async def tail(self, from_seq: int) -> AsyncIterator[JournalRecord]:
         """Every message from `from_seq` on, in order, forever (ordered consumer)."""
-        sub = await self.bus.js.subscribe(
-            self.subject,
-            stream=self.stream,
-            ordered_consumer=True,
-            idle_heartbeat=1.0,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
-            ),
-        )
+        try:
+            sub = await self.bus.js.subscribe(
+                self.subject,
+                stream=self.stream,
+                ordered_consumer=True,
+                idle_heartbeat=1.0,
+                config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=from_seq
+                ),
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(
+                f"cannot tail {self.stream}: {exc or type(exc).__name__}"
+            ) from None
         try:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=5.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     continue
+                except nats.errors.Error as exc:
+                    raise BusUnavailable(
+                        f"tail of {self.stream} broke: {exc or type(exc).__name__}"
+                    ) from None
                 yield JournalRecord(
                     msg.metadata.sequence.stream, self.bus.registry.decode(msg.data)
                 )

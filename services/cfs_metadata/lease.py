@@ -230,6 +230,7 @@ class ShardLease:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._last_held: int | None = None
+        self._stopping = False
 
     # -- what the owner reads ----------------------------------------------------------
     @property
@@ -257,12 +258,17 @@ class ShardLease:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError(f"lease {self.key!r} already started")
+        self._stopping = False
         self._task = asyncio.create_task(self.run(), name=f"lease {self.key}")
 
     async def stop(self, release: bool = True) -> None:
         """Stop the loop (re-raising its failure, if any), then release our record."""
         task, self._task = self._task, None
         if task is not None:
+            # Python 3.11's wait_for (inside nats-py requests) can swallow a cancel that
+            # lands as a reply arrives; the flag ends the loop at its next wake-up anyway.
+            self._stopping = True
+            self._wake.set()
             task.cancel()
             await asyncio.wait([task])
         s, rec = self._snap, self._snap.record
@@ -275,7 +281,7 @@ class ShardLease:
     async def run(self) -> None:
         """The loop; for a task group (or use start/stop)."""
         try:
-            while True:
+            while not self._stopping:
                 await self._ensure_watch()
                 self._wake.clear()
                 await self._cycle()

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
 from cfs.ids import new_id
+from cfs_contracts import ContractError
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
 from cfs_contracts.fs.records import ROOT_INO
@@ -129,6 +130,17 @@ class ShardReplica:
             except BusError as exc:
                 log.warning("follower.retry", extra={"shard": self.shard, "error": str(exc)})
                 await asyncio.sleep(0.5)
+            except ContractError as exc:
+                # A journal message this release cannot read: never skip it silently.
+                log.error(
+                    "follower.unreadable_journal",
+                    extra={
+                        "shard": self.shard,
+                        "seq": self.projection.applied_seq + 1,
+                        "error": str(exc),
+                    },
+                )
+                await asyncio.sleep(5.0)
 
     def _apply_record(self, record: JournalRecord) -> None:
         if record.seq <= self.projection.applied_seq:
@@ -179,8 +191,25 @@ class ShardReplica:
         await self._commit_loop()
 
     async def _fence(self, term: int) -> int:
-        """Catch up to the journal's end, then append LeaderFenced at exactly that point."""
+        """Catch up to the journal's end, then append LeaderFenced at exactly that point.
+
+        While the journal's own Raft group elects a leader, reads and appends fail
+        for a few seconds: keep trying as long as the lease is ours.
+        """
         fence = LeaderFenced(shard=self.shard, term=term, leader=self.bus.node)
+        while True:
+            try:
+                return await self._fence_once(fence)
+            except SequenceConflict:
+                raise
+            except BusError as exc:
+                if not self.lease.is_holder:
+                    raise
+                log.info("leader.fence_retry", extra={"shard": self.shard, "error": str(exc)})
+                await asyncio.sleep(0.2)
+
+    async def _fence_once(self, fence: LeaderFenced) -> int:
+        term = fence.term
         while True:
             last = await self.journal.last_seq()
             async for record in self.journal.read_range(self.projection.applied_seq + 1, last):
@@ -200,6 +229,9 @@ class ShardReplica:
     async def _step_down(self, reason: str) -> None:
         if self.role in (Role.LEADER, Role.FENCING):
             log.info("leader.step_down", extra={"shard": self.shard, "reason": reason})
+        # Not eligible until the follower has caught up again: if we still hold the
+        # lease, the lease loop releases it, so a new term starts from the journal.
+        self._caught_up = False
         await self._stop_serving()
         if self.role is Role.STOPPED:
             return
