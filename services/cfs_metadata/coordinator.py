@@ -31,6 +31,7 @@ from cfs_contracts.fs.rpc import (
     TxStatus,
 )
 from cfs_metadata.decide import Decision, Placement, decide
+from cfs_metadata.faults import crash_point
 from cfs_metadata.projection import Projection
 from cfs_metadata.txn import (
     NeedRemote,
@@ -174,9 +175,11 @@ class Coordinator:
                     await self._deliver(tx_id, tuple(prepared), commit=False)
                     return None
                 prepared.append(shard)
+            crash_point("coordinator_prepared")
             commit = CoordinatorCommit(op, planned, remote, tx_id, participants, now)
             self.submit(commit)
             reply = await commit.outcome
+            crash_point("coordinator_committed")
         finally:
             self.in_flight.discard(tx_id)
         if reply is None or (reply.errno == errno.EAGAIN and not reply.not_leader):
@@ -211,6 +214,7 @@ class Coordinator:
                         "tx.deliver_retry", extra={"tx": tx_id, "shard": shard, "error": str(exc)}
                     )
                     await asyncio.sleep(0.5)
+        crash_point("coordinator_delivered" if commit else "coordinator_aborted")
         if commit:
             forget = Forget(tx_id)
             self.submit(forget)

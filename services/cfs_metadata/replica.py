@@ -28,10 +28,19 @@ from cfs_contracts import ContractError
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
 from cfs_contracts.fs.records import ROOT_INO
-from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, Request, TxOp
+from cfs_contracts.fs.rpc import (
+    FsError,
+    MutationOp,
+    Reply,
+    Request,
+    TxDecide,
+    TxOp,
+    TxPrepare,
+)
 from cfs_contracts.streams import meta_rpc_subject, shard_name
 from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
+from cfs_metadata.faults import crash_point
 from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
 from cfs_metadata.lease import ShardLease
 from cfs_metadata.projection import Projection
@@ -336,6 +345,8 @@ class ShardReplica:
                 size += _APPROX_CHANGE_BYTES * len(entry.changes)
         # Error replies may depend on earlier items of this batch: answer all after the commit.
         committed = await self._commit(entries) if entries else True
+        if committed:
+            _participant_crash_points(answered)
         for item, reply in answered:
             await item.finish(reply if committed else _not_leader(self.shard))
         return committed, carry
@@ -383,6 +394,16 @@ class ShardReplica:
 # A sealed inode is ~400 bytes of JSON; estimating avoids serializing every entry twice.
 # The journal's 1 MiB message limit is enforced exactly when the batch is encoded.
 _APPROX_CHANGE_BYTES = 600
+
+
+def _participant_crash_points(answered: list[tuple[WorkItem, Reply]]) -> None:
+    """Recovery tests stop a participant right after it journaled a step, before replying."""
+    for item, reply in answered:
+        if isinstance(item, ShardTxOp) and not reply.errno:
+            if isinstance(item.op, TxPrepare):
+                crash_point("participant_prepared")
+            elif isinstance(item.op, TxDecide):
+                crash_point("participant_decided")
 
 
 def _not_leader(shard: str) -> Reply:

@@ -51,6 +51,7 @@ class MetaSite:
                 "CFS_LEASE_S": str(lease_s),
                 "CFS_RENEW_S": str(renew_s),
                 "PYTHONPATH": pythonpath,
+                "CFS_CRASH_FILE": str(base / "crash-at"),
             }
             self.nodes[node] = ManagedProcess(
                 f"metadata-{node}",
@@ -68,6 +69,18 @@ class MetaSite:
     def start_all(self) -> None:
         for proc in self.nodes.values():
             proc.start()
+
+    @property
+    def crash_file(self) -> Path:
+        """Write a crash point's name here (services/cfs_metadata/faults.py)."""
+        return self.base / "crash-at"
+
+    def restart_dead(self) -> list[str]:
+        """What systemd would do: start every node whose process has exited."""
+        restarted = [name for name, proc in self.nodes.items() if not proc.running]
+        for name in restarted:
+            self.nodes[name].start()
+        return restarted
 
     def stop_all(self) -> None:
         for proc in self.nodes.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,3 +79,73 @@ async def test_cross_shard_mkdir_rename_link_rmdir(site: MetaSite) -> None:
         await bus.close()
     merged = await whole_namespace(site)
     assert check_tree(merged, merged.inodes) == []
+
+
+CRASH_POINTS = [
+    "coordinator_prepared",
+    "participant_prepared",
+    "coordinator_committed",
+    "participant_decided",
+    "coordinator_delivered",
+]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+async def test_crash_at_every_step_of_a_cross_shard_rename(site: MetaSite, point: str) -> None:
+    """kill -9 (os._exit) at each step: afterwards the file is in the old place or the new
+    one, never both or neither, and the namespace is consistent."""
+    bus, client = await site.client(deadline_s=60)
+    try:
+        dirs = [await client.mkdir(1, f"d{i}") for i in range(6)]
+        a, b = next((x, y) for x in dirs for y in dirs if shard_of(x.ino) != shard_of(y.ino))
+        await client.create(a.ino, "file")
+        site.crash_file.write_text(point)
+        rename = asyncio.create_task(client.rename(a.ino, "file", b.ino, "moved"))
+        crashed: list[str] = []
+        while not rename.done():
+            crashed += site.restart_dead()
+            await asyncio.sleep(0.05)
+        renamed = rename.exception() is None
+        assert not site.crash_file.exists(), f"crash point {point} was never reached"
+        crashed += site.restart_dead()
+        await _until_no_transaction_in_doubt(site)
+        old = await _exists(client, a.ino, "file")
+        new = await _exists(client, b.ino, "moved")
+        assert old != new, f"after a crash at {point}: old={old} new={new}"
+        if renamed:
+            assert new, "an acknowledged rename must have happened"
+        print(
+            f"\ncrash at {point}: processes restarted {crashed}, rename "
+            f"{'acknowledged' if renamed else 'failed'}, file is in the "
+            f"{'new' if new else 'old'} place"
+        )
+    finally:
+        await bus.close()
+    merged = await whole_namespace(site)
+    assert check_tree(merged, merged.inodes) == []
+
+
+async def _exists(client, parent: int, name: str) -> bool:
+    try:
+        await client.lookup(parent, name)
+    except FsError as exc:
+        assert exc.errno == errno.ENOENT
+        return False
+    return True
+
+
+async def _until_no_transaction_in_doubt(site: MetaSite, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        site.restart_dead()
+        prepared = []
+        for shard in range(1, SHARDS + 1):
+            state = MemoryShard(shard)
+            for _, payload in await replay_journal(site, shard):
+                if isinstance(payload, MetaCommitted):
+                    apply_entries(state, payload.entries)
+            prepared += [t.tx_id for t in state.txs.values() if t.state == "prepared"]
+        if not prepared:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"still in doubt: {prepared}"
+        await asyncio.sleep(0.5)

@@ -10,7 +10,7 @@ and POSIX leaves their order open (e.g. a bad parent *and* a bad name), `codes` 
 acceptable errno; otherwise it holds exactly one.
 
 Link counts are not stored: a directory has 2 + its subdirectories, anything else one link per
-name. Expected mtimes are stored where POSIX fixes them and `None` where it does not.
+name. Expected mtimes and ctimes are stored where POSIX fixes them, `None` where it does not.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ class Node:
     entries: dict[str, int] = field(default_factory=dict)  # directories: name -> ino
     parent: int = 0  # directories: the directory holding this one (root: itself)
     mtime: int | None = None  # expected mtime_ns; None where POSIX leaves it open
+    ctime: int | None = None  # expected ctime_ns; likewise
+
+    def modified(self, now: int) -> None:
+        """Contents changed (data, or a directory's entries): mtime and ctime."""
+        self.mtime = self.ctime = now
+
+    def changed(self, now: int) -> None:
+        """Status changed (attributes, link count, xattrs): ctime only."""
+        self.ctime = now
 
     @property
     def is_dir(self) -> bool:
@@ -94,7 +103,7 @@ def _fail(*groups: list[int]) -> None:
 
 class ModelFS:
     def __init__(self, now: int) -> None:
-        root = Node(ROOT_INO, Kind.DIR, 0o755, 0, 0, parent=ROOT_INO, mtime=now)
+        root = Node(ROOT_INO, Kind.DIR, 0o755, 0, 0, parent=ROOT_INO, mtime=now, ctime=now)
         self.nodes: dict[int, Node] = {ROOT_INO: root}
         self.ever: set[int] = {ROOT_INO}  # every inode number ever handed out
 
@@ -143,8 +152,8 @@ class ModelFS:
         self.nodes[node.ino] = node
         directory = self.nodes[parent]
         directory.entries[name] = node.ino
-        directory.mtime = now
-        node.mtime = now
+        directory.modified(now)
+        node.modified(now)
         return node.ino
 
     def _free_name(self, parent: int, name: str, *more: list[int]) -> None:
@@ -226,7 +235,8 @@ class ModelFS:
             raise ModelError(errno.EEXIST, *refuse_dir)
         directory = self.nodes[new_parent]
         directory.entries[new_name] = ino
-        directory.mtime = now
+        directory.modified(now)
+        self.nodes[ino].changed(now)  # one more link
         return ino
 
     # -- removing ---------------------------------------------------------------------
@@ -247,7 +257,8 @@ class ModelFS:
             raise ModelError(errno.EISDIR)  # Linux; POSIX also allows EPERM
         directory = self.nodes[parent]
         del directory.entries[name]
-        directory.mtime = now
+        directory.modified(now)
+        victim.changed(now)  # one link fewer
         self._forget_if_unnamed(victim.ino)
 
     def rmdir(self, parent: int, name: str, now: int) -> None:
@@ -258,7 +269,7 @@ class ModelFS:
             raise ModelError(errno.ENOTEMPTY)
         directory = self.nodes[parent]
         del directory.entries[name]
-        directory.mtime = now
+        directory.modified(now)
         del self.nodes[victim.ino]
 
     # -- rename -----------------------------------------------------------------------
@@ -305,14 +316,15 @@ class ModelFS:
             if dst.is_dir and dst.entries:
                 raise ModelError(errno.ENOTEMPTY)
 
+        # POSIX leaves open whether a renamed inode's ctime changes (Linux: it does), and
+        # file systems differ on the mtime of a directory whose ".." now points elsewhere
+        moved = [src, dst] if exchange else [src]
         if exchange:
             assert dst is not None
             src_dir.entries[name] = dst.ino
             dst_dir.entries[new_name] = src.ino
             if dst.is_dir:
                 dst.parent = parent
-                if parent != new_parent:
-                    dst.mtime = None  # its ".." changed: file systems differ on mtime
         else:
             del src_dir.entries[name]
             dst_dir.entries[new_name] = src.ino
@@ -320,13 +332,17 @@ class ModelFS:
                 if dst.is_dir:
                     del self.nodes[dst.ino]
                 else:
+                    dst.changed(now)  # replaced: one link fewer
                     self._forget_if_unnamed(dst.ino)
         if src.is_dir:
             src.parent = new_parent
-            if parent != new_parent:
-                src.mtime = None
-        src_dir.mtime = now
-        dst_dir.mtime = now
+        for node in moved:
+            if node is not None:
+                node.ctime = None
+                if node.is_dir and parent != new_parent:
+                    node.mtime = None
+        src_dir.modified(now)
+        dst_dir.modified(now)
 
     # -- attributes -------------------------------------------------------------------
     def setattr(
@@ -353,13 +369,19 @@ class ModelFS:
         if group is not None:
             node.gid = group
         if size is not None:
-            # POSIX: a size change marks mtime; truncating to the same size may or may not
-            node.mtime = now if size != node.size else None
+            if size != node.size:
+                node.modified(now)
+            else:  # POSIX marks the times only when the size changes; Linux always does
+                node.mtime = node.ctime = None
             node.size = size
+        if mode is not None or owner is not None or group is not None or mtime_now:
+            node.changed(now)
+        elif size is None:
+            node.ctime = None  # a setattr that sets nothing
         if mtime_now:
             node.mtime = now
 
-    def commit_chunks(self, ino: int, size: int) -> None:
+    def commit_chunks(self, ino: int, size: int, now: int) -> None:
         """The data path's write commit (not POSIX): a regular file gets its new size."""
         node = self.node(ino)
         if node.is_dir:
@@ -368,6 +390,7 @@ class ModelFS:
             raise ModelError(errno.EINVAL)
         node.size = size
         node.mtime = None  # taken from the request or the clock
+        node.changed(now)
 
     # -- extended attributes ----------------------------------------------------------
     @staticmethod
@@ -378,7 +401,7 @@ class ModelFS:
             return [errno.ERANGE]
         return []
 
-    def setxattr(self, ino: int, name: str, value_b64: str, flags: int) -> None:
+    def setxattr(self, ino: int, name: str, value_b64: str, flags: int, now: int) -> None:
         try:
             value = base64.b64decode(value_b64, validate=True)
             bad_value = [errno.E2BIG] if len(value) > XATTR_SIZE_MAX else []
@@ -393,13 +416,15 @@ class ModelFS:
         if flags & XATTR_REPLACE and name not in node.xattrs:
             raise ModelError(errno.ENODATA, *both)
         node.xattrs[name] = value
+        node.changed(now)
 
-    def removexattr(self, ino: int, name: str) -> None:
+    def removexattr(self, ino: int, name: str, now: int) -> None:
         _fail(self._ino_errors(ino), self._xattr_name_errors(name))
         node = self.nodes[ino]
         if name not in node.xattrs:
             raise ModelError(errno.ENODATA)
         del node.xattrs[name]
+        node.changed(now)
 
     # -- reads ------------------------------------------------------------------------
     def lookup(self, parent: int, name: str) -> int:

@@ -219,6 +219,8 @@ def expected_attrs(model: ModelFS, node: Node) -> dict[str, Any]:
         want["rdev"] = node.rdev
     if node.mtime is not None:
         want["mtime_ns"] = node.mtime
+    if node.ctime is not None:
+        want["ctime_ns"] = node.ctime
     return want
 
 
@@ -290,11 +292,11 @@ def model_apply(model: ModelFS, op: MutationOp, now: int, alloc: Callable[[], in
             )
             return op.ino
         case SetXattr():
-            model.setxattr(op.ino, op.name, op.value_b64, op.flags)
+            model.setxattr(op.ino, op.name, op.value_b64, op.flags, now)
         case RemoveXattr():
-            model.removexattr(op.ino, op.name)
+            model.removexattr(op.ino, op.name, now)
         case CommitChunks():
-            model.commit_chunks(op.ino, op.size)
+            model.commit_chunks(op.ino, op.size, now)
     return None
 
 
@@ -351,12 +353,22 @@ class Harness:
         return self.now
 
     def submit(self, op: MutationOp, now: int) -> tuple[Outcome, int]:
-        """decide + apply on the live shard; returns the outcome and the number of changes."""
+        """decide + apply on the live shard; returns the outcome and the number of changes.
+
+        `decide` must be pure: it leaves the view alone and answers the same twice.
+        """
+        before = clone(self.state)
         try:
             decision = decide(self.state, op, now)
         except FsError as exc:
             assert exc.errno != 0
+            assert_same_shard(self.state, before, f"failed {op!r} touched the state")
             return exc.errno, 0
+        assert_same_shard(self.state, before, f"deciding {op!r} touched the state")
+        again = decide(self.state, op, now)
+        assert (again.changes, again.reply) == (decision.changes, decision.reply), (
+            f"{op!r}: decided differently twice"
+        )
         assert decision.reply.errno == 0, f"{op!r}: error reply {decision.reply} not raised"
         entry = decision.entry(op)
         apply_entries(self.state, [entry])
@@ -684,6 +696,31 @@ class MetadataMachine(RuleBasedStateMachine):
             return
         assert reply_value(op, got) == want, f"{op!r}: {got} != model {want}"
 
+    @precondition(lambda self: any(len(d.entries) > 2 for d in self.h.model.dirs()))
+    @rule(data=st.data())
+    def readdir_across_a_mutation(self, data: st.DataObject) -> None:
+        """A listing resumed by cookie after a change returns every name that stayed, once."""
+        draw = Draw(self.h, data)
+        ino = draw.pick(sorted(d.ino for d in self.h.model.dirs() if len(d.entries) > 2))
+        before = dict(self.h.model.nodes[ino].entries)
+        first = read(self.h.state, ReadDir(ino=ino, limit=2))
+        assert first.more
+        self.h.execute(draw.mutation())
+        if ino not in self.h.model.nodes:
+            return
+        after = self.h.model.nodes[ino].entries
+        names = [entry.name for entry in first.entries]
+        cookie = first.entries[-1].cookie
+        while True:
+            page = read(self.h.state, ReadDir(ino=ino, cookie=cookie, limit=PAGE))
+            names += [entry.name for entry in page.entries]
+            if not page.more:
+                break
+            cookie = page.entries[-1].cookie
+        assert len(names) == len(set(names)), f"resumed listing repeats a name: {names}"
+        assert set(before) & set(after) <= set(names), f"resumed listing lost a name: {names}"
+        assert set(names) <= set(before) | set(after), f"listing invented a name: {names}"
+
     @precondition(lambda self: self.h.committed)
     @rule(data=st.data())
     def retry(self, data: st.DataObject) -> None:
@@ -874,3 +911,57 @@ def test_bad_names_are_refused(name: str) -> None:
     want = errno.ENAMETOOLONG if len(name.encode()) > 255 else errno.EINVAL
     assert fs.do(MkDir, parent=ROOT_INO, name=name) == want
     assert fs.do(Create, parent=ROOT_INO, name=name) == want
+
+
+# -- known bugs (the owner removes the xfail with the fix) ------------------------------
+def decide_and_apply(shard: MemoryShard, op: MutationOp, now: int) -> Outcome:
+    try:
+        decision = decide(shard, op, now)
+    except FsError as exc:
+        return exc.errno
+    apply_entries(shard, [decision.entry(op)])
+    return decision.reply
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: CommitChunks sets size=op.size but keeps every existing chunk, so a commit "
+    "with a smaller size leaves chunks past EOF; a later SetAttr(size=...) extension then "
+    "re-exposes their stale data where POSIX requires zeros",
+)
+def test_commit_chunks_never_leaves_chunks_past_eof() -> None:
+    fs = Fs()
+    f = fs.new(Create, parent=ROOT_INO, name="f")
+    refs = [ChunkRef(index=i, chunk_id=f"{i:064x}", length=CHUNK, scheme="copy2") for i in (0, 1)]
+    state = fs.h.state
+    decide_and_apply(state, CommitChunks(op_id="w1", ino=f, chunks=tuple(refs), size=2 * CHUNK), 1)
+    # a second writer whose idea of the size is stale commits chunk 0 only
+    one = ChunkRef(index=0, chunk_id="e" * 64, length=1, scheme="copy2")
+    assert isinstance(
+        decide_and_apply(state, CommitChunks(op_id="w2", ino=f, chunks=(one,), size=1), 2), Reply
+    )
+    inode = state.inodes[f]
+    past_eof = [c.index for c in inode.chunks if c.index * inode.chunk_size >= inode.size]
+    assert past_eof == [], f"size {inode.size}, chunks past EOF: {past_eof}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: setxattr accepts flag bits other than XATTR_CREATE|XATTR_REPLACE "
+    "(Linux setxattr(2): EINVAL)",
+)
+def test_setxattr_with_unknown_flags_is_einval() -> None:
+    state = Harness().state
+    op = SetXattr(op_id="x1", ino=ROOT_INO, name="user.k", value_b64="", flags=4)
+    assert decide_and_apply(state, op, T0 + 1) == errno.EINVAL
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a 4096-byte symlink target is accepted; Linux caps targets at "
+    "PATH_MAX - 1 = 4095 bytes (ENAMETOOLONG) and FUSE readlink cannot return 4096 bytes",
+)
+def test_symlink_target_of_path_max_bytes_is_enametoolong() -> None:
+    state = Harness().state
+    op = Symlink(op_id="s1", parent=ROOT_INO, name="s", target="y" * 4096)
+    assert decide_and_apply(state, op, T0 + 1) == errno.ENAMETOOLONG
