@@ -58,7 +58,7 @@ from cfs_metadata.state import Overlay, ShardView, apply_change
 
 Placement = Callable[[int, str], int]
 
-MAX_SYMLINK = 4096
+MAX_SYMLINK = 4095  # PATH_MAX less the terminating NUL, as Linux
 MAX_PATH_DEPTH = 4096
 
 
@@ -423,6 +423,8 @@ def _commit_chunks(ctx: _Ctx, op: CommitChunks) -> Reply:
         raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
     by_index = {c.index: c for c in inode.chunks}
     by_index.update({c.index: c for c in op.chunks})
+    # Never keep chunks past the end: extending later must read zeros, not stale data.
+    by_index = {i: c for i, c in by_index.items() if i * inode.chunk_size < op.size}
     mtime = op.mtime_ns if op.mtime_ns is not None else ctx.now
     updated = inode.model_copy(
         update={
@@ -444,6 +446,8 @@ def _setxattr(ctx: _Ctx, op: SetXattr) -> Reply:
         raise FsError(errno.EINVAL, "xattr value is not base64") from None
     if len(value) > MAX_XATTR_VALUE:
         raise FsError(errno.E2BIG, f"xattr value larger than {MAX_XATTR_VALUE} bytes")
+    if op.flags & ~(XATTR_CREATE | XATTR_REPLACE):
+        raise FsError(errno.EINVAL, f"invalid setxattr flags {op.flags}")
     exists = op.name in inode.xattrs
     if op.flags & XATTR_CREATE and exists:
         raise FsError(errno.EEXIST, f"xattr {op.name!r} exists")

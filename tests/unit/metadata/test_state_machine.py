@@ -553,7 +553,7 @@ class Draw:
             ino=self.ino(),
             name=self.pick(XATTR_NAMES),
             value_b64=value,
-            flags=self.pick([0, 0, 1, 2, 3]),  # 4: see the xfail below
+            flags=self.pick([0, 0, 1, 2, 3, 4]),
             **self.ids(),
         )
 
@@ -565,7 +565,7 @@ class Draw:
         return RemoveXattr(ino=self.ino(), name=self.pick(XATTR_NAMES), **self.ids())
 
     def commit_chunks(self) -> MutationOp:
-        """A write of chunks first..last; the size never shrinks (see the xfail below)."""
+        """A write of chunks first..last; the size never shrinks."""
         ino = self.file()
         end = self.pick([1, CHUNK, CHUNK + 5, 2 * CHUNK + 9])
         last = (end - 1) // CHUNK
@@ -913,7 +913,7 @@ def test_bad_names_are_refused(name: str) -> None:
     assert fs.do(Create, parent=ROOT_INO, name=name) == want
 
 
-# -- known bugs (the owner removes the xfail with the fix) ------------------------------
+# -- regressions: bugs this suite found in decide.py ------------------------------------
 def decide_and_apply(shard: MemoryShard, op: MutationOp, now: int) -> Outcome:
     try:
         decision = decide(shard, op, now)
@@ -923,12 +923,6 @@ def decide_and_apply(shard: MemoryShard, op: MutationOp, now: int) -> Outcome:
     return decision.reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: CommitChunks sets size=op.size but keeps every existing chunk, so a commit "
-    "with a smaller size leaves chunks past EOF; a later SetAttr(size=...) extension then "
-    "re-exposes their stale data where POSIX requires zeros",
-)
 def test_commit_chunks_never_leaves_chunks_past_eof() -> None:
     fs = Fs()
     f = fs.new(Create, parent=ROOT_INO, name="f")
@@ -945,22 +939,12 @@ def test_commit_chunks_never_leaves_chunks_past_eof() -> None:
     assert past_eof == [], f"size {inode.size}, chunks past EOF: {past_eof}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: setxattr accepts flag bits other than XATTR_CREATE|XATTR_REPLACE "
-    "(Linux setxattr(2): EINVAL)",
-)
 def test_setxattr_with_unknown_flags_is_einval() -> None:
     state = Harness().state
     op = SetXattr(op_id="x1", ino=ROOT_INO, name="user.k", value_b64="", flags=4)
     assert decide_and_apply(state, op, T0 + 1) == errno.EINVAL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a 4096-byte symlink target is accepted; Linux caps targets at "
-    "PATH_MAX - 1 = 4095 bytes (ENAMETOOLONG) and FUSE readlink cannot return 4096 bytes",
-)
 def test_symlink_target_of_path_max_bytes_is_enametoolong() -> None:
     state = Harness().state
     op = Symlink(op_id="s1", parent=ROOT_INO, name="s", target="y" * 4096)
