@@ -322,8 +322,7 @@ class ShardLease:
         async with self._lock:
             for _ in range(10):
                 record, revision = await _read(kv, self.key, self._op_timeout)
-                s = observe(self._snap, record, revision, _now())
-                self._snap = replace(s, record=record, revision=revision)
+                self._snap = replace(self._snap, record=record, revision=revision)
                 if await self._write(self._snap, Action.ACQUIRE, "forced by operator"):
                     return self.term
         raise LeaseError(f"lease {self.key!r} kept changing; not acquired")

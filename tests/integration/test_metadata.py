@@ -11,6 +11,7 @@ import pytest
 
 from cfs.supervisor import NatsCluster
 from cfs_contracts.events.metadata import LeaderFenced, MetaCommitted
+from cfs_metadata.admin import force_election, shard_status
 from cfs_metadata.check import check_replay, check_tree
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import MetaSite, Workload, replay_journal
@@ -161,3 +162,30 @@ async def test_a_paused_then_resumed_writer_cannot_append(site: MetaSite) -> Non
     assert terms == sorted(terms), "journal terms never go backwards"
     assert "leader.step_down" in site.nodes[writer].log_tail(400) or not site.nodes[writer].running
     await _verify_replicas(site)
+
+
+async def test_raft_status_shows_both_layers_and_force_election_moves_them(
+    site: MetaSite,
+) -> None:
+    bus, client = await site.client()
+    try:
+        await client.mkdir(1, "before")
+        before = await shard_status(bus, "001")
+        assert before.problems == ()
+        assert before.stream_leader in {s.name for s in site.cluster.servers}
+        assert len(before.replicas) == 2 and all(r.current for r in before.replicas)
+        assert before.writer in site.nodes and before.term >= 1
+        assert before.lease_age_s is not None and before.lease_age_s < 2.0
+        await force_election(bus, "001")
+        deadline = time.monotonic() + 15
+        while True:
+            after = await shard_status(bus, "001")
+            if after.writer and after.term > before.term and after.stream_leader:
+                break
+            assert time.monotonic() < deadline, f"no new election: {after}"
+            await asyncio.sleep(0.2)
+        await client.mkdir(1, "after")  # the new writer serves
+        assert after.stream_leader != before.stream_leader
+        assert {e.name async for e in client.readdir(1)} == {"before", "after"}
+    finally:
+        await bus.close()

@@ -780,8 +780,8 @@ class MetadataMachine(RuleBasedStateMachine):
 
 TestMetadataStateMachine = MetadataMachine.TestCase
 TestMetadataStateMachine.settings = settings(
-    max_examples=120,
-    stateful_step_count=40,
+    max_examples=200,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
