@@ -103,8 +103,7 @@ async def failover_time(site: MetaSite, client: MetadataClient, kill) -> float:
 
     task = asyncio.create_task(writer())
     await asyncio.sleep(1.0)
-    killed_at = time.monotonic()
-    restore = await kill()
+    killed_at, restore = await kill()
     while not any(sent > killed_at for sent, _ in done[-3:]):
         await asyncio.sleep(0.02)
     stop.set()
@@ -130,23 +129,25 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
         async def kill_writer():
             victim = await site.writer()
             site.nodes[victim].kill9()
+            killed_at = time.monotonic()
 
             async def restore() -> None:
                 site.nodes[victim].start()
                 await asyncio.sleep(3.0)
 
-            return restore
+            return killed_at, restore
 
         async def kill_stream_leader():
             leader = (await bus.js.stream_info("META_001")).cluster.leader
             site.cluster.server(leader).kill9()
+            killed_at = time.monotonic()
 
             async def restore() -> None:
                 site.cluster.server(leader).restart()
                 await asyncio.to_thread(site.cluster.wait_healthy)
                 await asyncio.sleep(2.0)
 
-            return restore
+            return killed_at, restore
 
         writer_times = [await failover_time(site, client, kill_writer) for _ in range(kills)]
         nats_times = [await failover_time(site, client, kill_stream_leader) for _ in range(kills)]

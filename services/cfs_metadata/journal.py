@@ -13,7 +13,7 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cfs.bus import Ack, Bus, BusUnavailable
-from cfs_contracts import DecodedEvent, EventPayload
+from cfs_contracts import DecodedEvent, Envelope
 from cfs_contracts.streams import meta_stream, shard_name
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,8 @@ class Journal:
                 ):
                     await sub.unsubscribe()
 
-    async def append(self, payload: EventPayload, expected_last_seq: int, timeout: float) -> Ack:
+    async def append(self, envelope: Envelope, expected_last_seq: int, timeout: float) -> Ack:
         """Fenced append: fails with SequenceConflict if anyone else appended."""
-        envelope = self.bus.event(payload)
         return await self.bus.publish(
             envelope, subject=self.subject, expected_last_seq=expected_last_seq, timeout=timeout
         )

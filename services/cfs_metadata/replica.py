@@ -62,8 +62,8 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    lease_s: float = 1.0
-    renew_s: float = 0.25
+    lease_s: float = 0.8
+    renew_s: float = 0.2
     max_batch_ops: int = 512
     max_batch_bytes: int = 512 * 1024
     append_timeout_s: float = 5.0
@@ -87,6 +87,7 @@ class ShardReplica:
         self.role = Role.STOPPED
         self.term = projection.term
         self._caught_up = False
+        self._locked: set[str] = set()  # keys held by prepared transactions (leader only)
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self.placement = placement(self.settings.shard_count)
         self.coordinator = Coordinator(
@@ -192,6 +193,7 @@ class ShardReplica:
         log.info("leader.fenced", extra={"shard": self.shard, "term": term, "seq": fenced_at})
         if self.shard_index == 1 and self.projection.inode(ROOT_INO) is None:
             await self._commit([bootstrap_entry(time.time_ns(), new_id())])
+        self._locked = locked_keys(self.projection.txs())
         self.role = Role.LEADER
         self.coordinator.recover()
         self._rpc = await self.bus.nc.subscribe(
@@ -225,7 +227,9 @@ class ShardReplica:
                 self._apply_record(record)
             try:
                 ack = await self.journal.append(
-                    fence, self.projection.applied_seq, self.settings.append_timeout_s
+                    self.bus.event(fence),
+                    self.projection.applied_seq,
+                    self.settings.append_timeout_s,
                 )
             except SequenceConflict:
                 if not self.lease.is_holder:
@@ -280,15 +284,12 @@ class ShardReplica:
             self._queue.put_nowait(ShardTxOp(op, msg, self._respond, self.coordinator.in_flight))
             return
         try:
-            reply = read(LockedView(self.projection, self._locks()), op)
+            reply = read(LockedView(self.projection, self._locked), op)
         except FsError as exc:
             reply = Reply.error(exc)
         except CorruptRecord as exc:
             reply = await self._corruption(exc)
         await self._respond(msg, reply)
-
-    def _locks(self) -> set[str]:
-        return locked_keys(self.projection.txs())
 
     async def _commit_loop(self) -> None:
         """Group commit: everything that queued up while the last append was in flight."""
@@ -309,7 +310,7 @@ class ShardReplica:
         Returns (committed, items left for the next batch because this one is full).
         """
         overlay = Overlay(self.projection)
-        locked = self._locks()
+        locked = set(self._locked)
         now = time.time_ns()
         entries: list[JournalEntry] = []
         answered: list[tuple[WorkItem, Reply]] = []
@@ -346,28 +347,36 @@ class ShardReplica:
         # Error replies may depend on earlier items of this batch: answer all after the commit.
         committed = await self._commit(entries) if entries else True
         if committed:
+            if any(c.c in ("tx", "tx_clear") for e in entries for c in e.changes):
+                self._locked = locked_keys(self.projection.txs())
             _participant_crash_points(answered)
         for item, reply in answered:
             await item.finish(reply if committed else _not_leader(self.shard))
         return committed, carry
 
     async def _commit(self, entries: list[JournalEntry]) -> bool:
-        if not self.lease.is_holder:
-            await self._step_down("lease expired before commit")
-            return False
+        """Append one batch; True once it is durable in the journal and applied.
+
+        The same envelope (same id) is retried while the lease is ours, so an
+        append whose ack was lost during a journal leader election is stored once.
+        """
         payload = MetaCommitted(shard=self.shard, term=self.term, entries=tuple(entries))
-        try:
-            ack = await self.journal.append(
-                payload, self.projection.applied_seq, self.settings.append_timeout_s
-            )
-        except SequenceConflict as exc:
-            await self._step_down(f"deposed: {exc}")
-            return False
-        except BusError as exc:
-            # Unknown outcome: the new leader (maybe us) reads the journal; retries by op id
-            # then get the stored answer. Never answer success without the ack.
-            await self._step_down(f"append failed: {exc}")
-            return False
+        envelope = self.bus.event(payload)
+        while True:
+            if not self.lease.is_holder:
+                await self._step_down("lease expired before the append was acknowledged")
+                return False
+            try:
+                ack = await self.journal.append(
+                    envelope, self.projection.applied_seq, self.settings.append_timeout_s
+                )
+                break
+            except SequenceConflict as exc:
+                await self._step_down(f"deposed: {exc}")
+                return False
+            except BusError as exc:
+                # Outcome unknown: never answer without the ack; retry the same event.
+                log.warning("leader.append_retry", extra={"shard": self.shard, "error": str(exc)})
         self.projection.apply(ack.seq, entries)
         return True
 

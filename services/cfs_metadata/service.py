@@ -34,8 +34,8 @@ class MetadataSettings(BaseSettings):
     nats_credentials: Path | None = None
     data_dir: Path = Path("/var/lib/claudefs")
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
-    lease_s: float = 1.0
-    renew_s: float = 0.25
+    lease_s: float = 0.8
+    renew_s: float = 0.2
     max_batch_ops: int = 512
     log_level: str = "INFO"
 

@@ -31,8 +31,8 @@ class MetaSite:
         cluster: NatsCluster,
         nodes: tuple[str, ...] = ("a", "b", "c"),
         shards: int = 1,
-        lease_s: float = 1.0,
-        renew_s: float = 0.25,
+        lease_s: float = 0.8,
+        renew_s: float = 0.2,
     ) -> None:
         self.base = base
         self.cluster = cluster

@@ -59,7 +59,7 @@ async def test_a_deposed_writer_append_is_rejected_by_the_journal(
     # `a` still thinks its position is the journal's end: its append must fail.
     payload = MetaCommitted(shard="001", term=a.term, entries=())
     with pytest.raises(SequenceConflict):
-        await a.journal.append(payload, stale_position, timeout=2)
+        await a.journal.append(a.bus.event(payload), stale_position, timeout=2)
     assert {e.name async for e in client.readdir(1)} == {"before", "after"}
     for replica in (a, b):
         await replica.stop()

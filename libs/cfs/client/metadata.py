@@ -38,8 +38,11 @@ class LeaderUnavailable(FsError):
 
 class MetadataClient:
     def __init__(
-        self, bus: Bus, *, deadline_s: float = 30.0, attempt_timeout_s: float = 2.0
+        self, bus: Bus, *, deadline_s: float = 30.0, attempt_timeout_s: float = 0.5
     ) -> None:
+        """`attempt_timeout_s` is short on purpose: a request that reached a writer that
+        then died gets no reply, and a retry (same op id, so never applied twice) finds
+        the new writer. Operations normally answer within milliseconds."""
         self.bus = bus
         self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
@@ -78,7 +81,8 @@ class MetadataClient:
             if waited + delay > self.deadline_s:
                 raise LeaderUnavailable(name, waited, last)
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 2, 0.5)
+            # A new writer is usually serving within a lease time: keep retries frequent.
+            delay = min(delay * 2, 0.1)
 
     # -- conveniences ----------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Inode:
