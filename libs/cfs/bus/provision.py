@@ -7,10 +7,13 @@ operator's change.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -26,6 +29,26 @@ from cfs.bus.errors import ProvisionError
 from cfs_contracts.streams import KVSpec, Retention, StreamSpec
 
 log = logging.getLogger(__name__)
+
+# JetStream API errors that a cluster which is still forming gives for a few seconds:
+# no suitable peers (10005), JetStream temporarily unavailable (10008), not current (10074).
+_FORMING = {10005, 10008, 10074}
+_FORMING_WAIT_S = 20.0
+
+T = TypeVar("T")
+
+
+async def _while_forming(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Retry `call` while the cluster is still placing peers; other errors pass through."""
+    deadline = time.monotonic() + _FORMING_WAIT_S
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in _FORMING or time.monotonic() > deadline:
+                raise
+            log.info("provision.cluster_forming", extra={"what": what, "error": exc.description})
+            await asyncio.sleep(0.25)
 
 
 class Change(StrEnum):
@@ -98,7 +121,7 @@ async def ensure_stream(
         info = await js.stream_info(spec.name)
     except nats.js.errors.NotFoundError:
         try:
-            await js.add_stream(wanted)
+            await _while_forming(spec.name, lambda: js.add_stream(wanted))
         except nats.js.errors.APIError as exc:
             raise ProvisionError(f"cannot create stream {spec.name}: {exc.description}") from None
         log.info("stream.created", extra={"stream": spec.name, "replicas": replicas})
@@ -109,7 +132,7 @@ async def ensure_stream(
     if not diffs:
         return Provisioned(spec.name, Change.UNCHANGED)
     try:
-        await js.update_stream(wanted)
+        await _while_forming(spec.name, lambda: js.update_stream(wanted))
     except nats.js.errors.APIError as exc:
         raise ProvisionError(
             f"cannot update stream {spec.name} ({', '.join(diffs)}): {exc.description}"
@@ -140,7 +163,7 @@ async def ensure_bucket(js: JetStreamContext, spec: KVSpec, *, replicas: int) ->
         info = await js.stream_info(f"KV_{spec.bucket}")
     except nats.js.errors.NotFoundError:
         try:
-            await js.create_key_value(config)
+            await _while_forming(spec.bucket, lambda: js.create_key_value(config))
         except nats.js.errors.APIError as exc:
             raise ProvisionError(f"cannot create bucket {spec.bucket}: {exc.description}") from None
         log.info("bucket.created", extra={"bucket": spec.bucket, "replicas": replicas})
@@ -163,7 +186,7 @@ async def ensure_bucket(js: JetStreamContext, spec: KVSpec, *, replicas: int) ->
     current.max_msg_size = spec.max_value_bytes
     current.description = spec.description
     try:
-        await js.update_stream(current)
+        await _while_forming(spec.bucket, lambda: js.update_stream(current))
     except nats.js.errors.APIError as exc:
         raise ProvisionError(f"cannot update bucket {spec.bucket}: {exc.description}") from None
     log.info("bucket.updated", extra={"bucket": spec.bucket, "fields": diffs})
