@@ -136,7 +136,6 @@ class Projection:
     def term(self) -> int:
         return self._int(_TERM, 0)
 
-    @property
     def inode_count(self) -> int:
         return self._int(_INODES, 0)
 
@@ -153,7 +152,7 @@ class Projection:
         if term is not None:
             batch.wb.put(_TERM, _U64.pack(term))
         if batch.inode_delta:
-            batch.wb.put(_INODES, _U64.pack(self.inode_count + batch.inode_delta))
+            batch.wb.put(_INODES, _U64.pack(self.inode_count() + batch.inode_delta))
         self._db.write(batch.wb)
 
     def _prune_replies(self, wb: WriteBatch, below_seq: int) -> None:

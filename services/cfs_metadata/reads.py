@@ -67,7 +67,7 @@ def read(view: ShardView, op: ReadOp) -> Reply:
         case ListXattr():
             return Reply(names=tuple(sorted(_inode(view, op.ino).xattrs)))
         case StatFs():
-            return Reply(stats={"shard": view.shard})
+            return Reply(stats={"shard": view.shard, "inodes": view.inode_count()})
         case TxRead():
             return Reply(records=read_records(view, op.keys))
 

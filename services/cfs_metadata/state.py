@@ -42,6 +42,8 @@ class ShardView(Protocol):
 
     def next_local(self) -> int: ...
 
+    def inode_count(self) -> int: ...
+
     def reserved_local(self, shard: int) -> int:
         """A local number reserved in another shard (cross-shard mkdir); composite views only."""
         ...
@@ -129,6 +131,9 @@ class MemoryShard(SingleShard):
     def next_local(self) -> int:
         return self.local
 
+    def inode_count(self) -> int:
+        return len(self.inodes)
+
     def op_reply(self, op_id: str) -> Reply | None:
         return self.replies.get(op_id)
 
@@ -203,6 +208,9 @@ class Overlay:
 
     def next_local(self) -> int:
         return self._local if self._local is not None else self.base.next_local()
+
+    def inode_count(self) -> int:
+        return self.base.inode_count()  # staged creates are not counted until committed
 
     def reserved_local(self, shard: int) -> int:
         return self.base.reserved_local(shard)

@@ -125,6 +125,9 @@ class RemoteAwareView:
     def next_local(self) -> int:
         return self.local.next_local()
 
+    def inode_count(self) -> int:
+        return self.local.inode_count()
+
     def reserved_local(self, shard: int) -> int:
         if shard not in self.remote.reserved:
             raise NeedRemote(f"a:{shard}")

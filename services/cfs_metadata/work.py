@@ -74,6 +74,9 @@ class LockedView:
     def next_local(self) -> int:
         return self.base.next_local()
 
+    def inode_count(self) -> int:
+        return self.base.inode_count()
+
     def reserved_local(self, shard: int) -> int:
         return self.base.reserved_local(shard)
 

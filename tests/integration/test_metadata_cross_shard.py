@@ -75,10 +75,12 @@ async def test_cross_shard_mkdir_rename_link_rmdir(site: MetaSite) -> None:
         await client.rmdir(b.ino, "sub2")
         await client.rmdir(1, f"d{dirs.index(b)}")
         assert (await client.getattr(1)).nlink == 2 + 8
+        totals = await client.statfs(SHARDS)
     finally:
         await bus.close()
     merged = await whole_namespace(site)
     assert check_tree(merged, merged.inodes) == []
+    assert totals["inodes"] == len(merged.inodes)
 
 
 CRASH_POINTS = [

@@ -176,6 +176,14 @@ class MetadataClient:
         op = rpc.SetAttr.model_validate({"op_id": new_id(), "ino": ino, **changes})
         return _inode(await self.call(op))
 
+    async def statfs(self, shard_count: int) -> dict[str, int]:
+        """File-system totals: every shard's counts added up."""
+        totals: dict[str, int] = {"inodes": 0}
+        for shard in range(1, shard_count + 1):
+            reply = await self.call(rpc.StatFs(), shard=shard)
+            totals["inodes"] += reply.stats.get("inodes", 0)
+        return totals
+
     async def readlink(self, ino: int) -> str:
         return (await self.call(rpc.ReadLink(ino=ino))).target or ""
 

@@ -66,7 +66,7 @@ def test_projection_matches_reference_and_resumes_after_reopen(tmp_path: Path) -
     dumped = projection.to_memory()
     assert dumped.inodes == reference.inodes
     assert dumped.dirs == reference.dirs
-    assert projection.inode_count == len(reference.inodes)
+    assert projection.inode_count() == len(reference.inodes)
     assert projection.next_local() == reference.local
     paged = [d.name for d in projection.dentries(ROOT_INO)]
     assert paged == [d.name for d in reference.dentries(ROOT_INO)]

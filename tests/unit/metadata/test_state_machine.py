@@ -63,7 +63,7 @@ from cfs_contracts.fs.rpc import (
 )
 from cfs_metadata.decide import bootstrap_entry, decide
 from cfs_metadata.reads import read
-from cfs_metadata.state import MemoryShard, Overlay, apply_entries
+from cfs_metadata.state import MemoryShard, Overlay, ShardView, apply_entries
 
 from .model_fs import ModelError, ModelFS, Node
 
@@ -133,7 +133,7 @@ def read_outcome(shard: MemoryShard, op: ReadOp) -> Outcome:
         return exc.errno
 
 
-def list_dir(shard: MemoryShard, ino: int, limit: int = PAGE) -> list[tuple[str, Kind, int]]:
+def list_dir(shard: ShardView, ino: int, limit: int = PAGE) -> list[tuple[str, Kind, int]]:
     """The whole listing of `ino`, page by page, checking cookies and `more` on the way."""
     seen: list[tuple[str, Kind, int]] = []
     cookie, last = 0, 0
@@ -523,13 +523,27 @@ class Draw:
         return RmDir(parent=parent, name=self.entry(parent, (Kind.DIR,)), **self.ids())
 
     def rename(self) -> MutationOp:
+        flags = self.pick([0, 0, 0, 0, 1, 2, 2, 3, 4])
+        names = sorted((d.ino, name) for d in self.h.model.dirs() for name in d.entries)
+        if names and self.chance(1, 2):  # two existing names anywhere in the tree
+            (parent, name), (new_parent, new_name) = self.pick(names), self.pick(names)
+            if self.chance(1, 3):
+                new_name = self.name()
+            return Rename(
+                parent=parent,
+                name=name,
+                new_parent=new_parent,
+                new_name=new_name,
+                flags=flags,
+                **self.ids(),
+            )
         parent, new_parent = self.dir(full=True), self.dir()
         return Rename(
             parent=parent,
             name=self.entry(parent),
             new_parent=new_parent,
             new_name=self.entry(new_parent),
-            flags=self.pick([0, 0, 0, 0, 1, 2, 2, 3, 4]),
+            flags=flags,
             **self.ids(),
         )
 
@@ -767,7 +781,18 @@ class MetadataMachine(RuleBasedStateMachine):
             apply_entries(overlay, [entry])
             entries.append(entry)
             grouped.append(decision.reply)
-        apply_entries(batch, entries)
+        committed = clone(batch)
+        apply_entries(committed, entries)
+        # before the commit, the overlay already reads as the committed state will
+        for ino in set(batch.inodes) | set(committed.inodes):
+            inode = committed.inodes.get(ino)
+            assert overlay.inode(ino) == inode, f"overlay has another inode {ino}"
+            if inode is not None and inode.is_dir:
+                staged, final = list_dir(overlay, ino), list_dir(committed, ino)
+                assert staged == final, f"overlay lists {ino} as {staged}, not {final}"
+        assert overlay.next_local() == committed.local
+        assert all(overlay.op_reply(e.op_id) == e.reply for e in entries)
+        batch = committed
         one_by_one = [self.h.execute(op) for op in ops]
         assert [outcome_name(o) for o in grouped] == [outcome_name(o) for o in one_by_one]
         assert grouped == one_by_one
