@@ -121,15 +121,6 @@ def site_streams(shard_count: int) -> list[StreamSpec]:
     return [meta_stream(shard_name(i)) for i in range(1, shard_count + 1)] + list(SITE_STREAMS)
 
 
-def stream_by_name(name: str) -> StreamSpec:
-    if name.startswith("META_"):
-        return meta_stream(name.removeprefix("META_"))
-    for spec in SITE_STREAMS:
-        if spec.name == name:
-            return spec
-    raise KeyError(f"unknown stream {name!r}")
-
-
 def dead_letter_subject(site: str, stream: str, consumer: str) -> str:
     return site_subject(site, "dlq", stream.lower(), consumer)
 

@@ -23,7 +23,6 @@ from cfs_contracts.events.metadata import (
     Change,
     DelDentry,
     DelInode,
-    JournalEntry,
     PutDentry,
     PutInode,
     SetNextLocal,
@@ -282,7 +281,3 @@ def coordinator_commit(
         created_ns=now_ns,
     )
     return [*local, TxPut(tx=record)]
-
-
-def entry_of(op_id: str, op: str, changes: list[Change], reply: Reply) -> JournalEntry:
-    return JournalEntry(op_id=op_id, op=op, changes=tuple(changes), reply=reply)

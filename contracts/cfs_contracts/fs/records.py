@@ -37,11 +37,6 @@ _S_IF = {
     Kind.CHAR: stat.S_IFCHR,
     Kind.BLOCK: stat.S_IFBLK,
 }
-_KIND_OF = {v: k for k, v in _S_IF.items()}
-
-
-def kind_from_mode(mode: int) -> Kind | None:
-    return _KIND_OF.get(stat.S_IFMT(mode))
 
 
 def shard_of(ino: int) -> int:
