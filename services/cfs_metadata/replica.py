@@ -191,8 +191,9 @@ class ShardReplica:
             await self._step_down(f"fence failed: {exc}")
             return
         log.info("leader.fenced", extra={"shard": self.shard, "term": term, "seq": fenced_at})
-        if self.shard_index == 1 and self.projection.inode(ROOT_INO) is None:
-            await self._commit([bootstrap_entry(time.time_ns(), new_id())])
+        needs_root = self.shard_index == 1 and self.projection.inode(ROOT_INO) is None
+        if needs_root and not await self._commit([bootstrap_entry(time.time_ns(), new_id())]):
+            return  # stepped down; the next writer creates the root
         self._locked = locked_keys(self.projection.txs())
         self.role = Role.LEADER
         self.coordinator.recover()

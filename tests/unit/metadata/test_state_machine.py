@@ -547,6 +547,23 @@ class Draw:
             **self.ids(),
         )
 
+    def exchange(self) -> MutationOp:
+        """Two existing names, in different directories when there are such (any flags)."""
+        names = sorted((d.ino, name) for d in self.h.model.dirs() for name in d.entries)
+        if not names:
+            return self.rename()
+        parent, name = self.pick(names)
+        elsewhere = [(p, n) for p, n in names if p != parent] or names
+        new_parent, new_name = self.pick(elsewhere)
+        return Rename(
+            parent=parent,
+            name=name,
+            new_parent=new_parent,
+            new_name=new_name,
+            flags=self.pick([2, 2, 0, 1]),
+            **self.ids(),
+        )
+
     def setattr(self) -> MutationOp:
         return SetAttr(
             ino=self.file() if self.pick([True, False]) else self.ino(),
@@ -612,7 +629,7 @@ class Draw:
             self.unlink,
             self.rmdir,
             self.rename,
-            self.rename,
+            self.exchange,
             self.setattr,
             self.setxattr,
             self.removexattr,
@@ -675,6 +692,10 @@ class MetadataMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def rename(self, data: st.DataObject) -> None:
         self.run(data, Draw.rename)
+
+    @rule(data=st.data())
+    def exchange(self, data: st.DataObject) -> None:
+        self.run(data, Draw.exchange)
 
     @rule(data=st.data())
     def setattr(self, data: st.DataObject) -> None:
