@@ -52,6 +52,7 @@ from cfs_contracts.fs.rpc import (
     SetAttr,
     SetXattr,
     Symlink,
+    TxOp,
     Unlink,
 )
 from cfs_metadata.state import Overlay, ShardView, apply_change
@@ -67,7 +68,7 @@ class Decision:
     changes: list[Change] = field(default_factory=list)
     reply: Reply = field(default_factory=Reply)
 
-    def entry(self, op: MutationOp) -> JournalEntry:
+    def entry(self, op: MutationOp | TxOp) -> JournalEntry:
         return JournalEntry(op_id=op.op_id, op=op.op, changes=tuple(self.changes), reply=self.reply)
 
 

@@ -48,7 +48,7 @@ from cfs_metadata.reads import read
 from cfs_metadata.records import CorruptRecord
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
-from cfs_metadata.work import ClientOp, Diverted, Forget, LockedView, ShardTxOp, WorkItem
+from cfs_metadata.work import ClientOp, Diverted, LockedView, ShardTxOp, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +335,7 @@ class ShardReplica:
                 continue
             answered.append((item, decision.reply))
             if decision.changes:
-                entry = JournalEntry(
-                    op_id=item.op.op_id if not isinstance(item, Forget) else new_id(),
-                    op=item.op.op if not isinstance(item, Forget) else "tx_forget",
-                    changes=tuple(decision.changes),
-                    reply=decision.reply,
-                )
+                entry = item.entry(decision)
                 apply_entries(overlay, [entry])
                 locked |= change_lock_grants(entry.changes)
                 entries.append(entry)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
-from cfs_contracts.events.metadata import TxClear
+from cfs.ids import new_id
+from cfs_contracts.events.metadata import JournalEntry, TxClear
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode
 from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, TxOp, TxStatus
@@ -87,6 +88,20 @@ class LockedView:
         return self.base.tx(tx_id)
 
 
+def _future() -> asyncio.Future[Reply | None]:
+    return asyncio.get_running_loop().create_future()
+
+
+class _Awaited:
+    """Items the leader submits itself: `finish` resolves the future its task awaits."""
+
+    outcome: asyncio.Future[Reply | None]
+
+    async def finish(self, reply: Reply) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(reply)
+
+
 @dataclass
 class ClientOp:
     """A POSIX mutation from a client."""
@@ -101,6 +116,9 @@ class ClientOp:
             return decide(guarded, self.op, now, place)
         except NeedRemote as need:
             raise Diverted(need) from None
+
+    def entry(self, decision: Decision) -> JournalEntry:
+        return decision.entry(self.op)
 
     async def finish(self, reply: Reply) -> None:
         await self.respond(self.msg, reply)
@@ -120,12 +138,15 @@ class ShardTxOp:
             return Decision([], Reply(tx_state="pending"))
         return decide_tx(view, self.op, now, locked)
 
+    def entry(self, decision: Decision) -> JournalEntry:
+        return decision.entry(self.op)
+
     async def finish(self, reply: Reply) -> None:
         await self.respond(self.msg, reply)
 
 
 @dataclass
-class CoordinatorCommit:
+class CoordinatorCommit(_Awaited):
     """The commit point of a cross-shard operation, decided again on current state."""
 
     op: MutationOp
@@ -134,9 +155,7 @@ class CoordinatorCommit:
     tx_id: str
     participants: tuple[int, ...]
     now: int
-    outcome: asyncio.Future[Reply | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    outcome: asyncio.Future[Reply | None] = field(default_factory=_future)
 
     def decide(self, view: ShardView, now: int, locked: set[str], place: Placement) -> Decision:
         again = decide(
@@ -147,44 +166,39 @@ class CoordinatorCommit:
         changes = coordinator_commit(again, self.tx_id, view.shard, self.participants, self.now)
         return Decision(changes, again.reply)
 
-    async def finish(self, reply: Reply) -> None:
-        if not self.outcome.done():
-            self.outcome.set_result(reply)
+    def entry(self, decision: Decision) -> JournalEntry:
+        return decision.entry(self.op)
 
 
 @dataclass
-class Internal:
+class Internal(_Awaited):
     """A transaction step the leader takes on its own (resolve in doubt, forget)."""
 
     op: TxOp
     in_flight: set[str]
-    outcome: asyncio.Future[Reply | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    outcome: asyncio.Future[Reply | None] = field(default_factory=_future)
 
     def decide(self, view: ShardView, now: int, locked: set[str], place: Placement) -> Decision:
         return decide_tx(view, self.op, now, locked)
 
-    async def finish(self, reply: Reply) -> None:
-        if not self.outcome.done():
-            self.outcome.set_result(reply)
+    def entry(self, decision: Decision) -> JournalEntry:
+        return decision.entry(self.op)
 
 
 @dataclass
-class Forget:
+class Forget(_Awaited):
     """Drop a coordinator's record once every participant has the outcome."""
 
     tx_id: str
-    outcome: asyncio.Future[Reply | None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    outcome: asyncio.Future[Reply | None] = field(default_factory=_future)
 
     def decide(self, view: ShardView, now: int, locked: set[str], place: Placement) -> Decision:
         return Decision([TxClear(tx_id=self.tx_id)], Reply())
 
-    async def finish(self, reply: Reply) -> None:
-        if not self.outcome.done():
-            self.outcome.set_result(reply)
+    def entry(self, decision: Decision) -> JournalEntry:
+        return JournalEntry(
+            op_id=new_id(), op="tx_forget", changes=tuple(decision.changes), reply=decision.reply
+        )
 
 
 WorkItem = ClientOp | ShardTxOp | CoordinatorCommit | Internal | Forget
