@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 20
 IN_DOUBT_AFTER_S = 2.0
+DELIVER_BEFORE_REPLY_S = 2.0
 
 
 @dataclass
@@ -107,10 +108,11 @@ class Coordinator:
         self._ops.clear()
         self.in_flight.clear()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -187,7 +189,13 @@ class Coordinator:
             return None
         if reply.not_leader:
             raise FsError(errno.EAGAIN, "lost the writer lease during a transaction")
-        self._spawn(self._deliver(tx_id, participants, commit=True))
+        delivery = self._spawn(self._deliver(tx_id, participants, commit=True))
+        # Answer once participants have applied the outcome, so the client's next
+        # read on any shard sees it; an unreachable participant only delays the
+        # answer by a bounded time (its locked records answer EAGAIN until then).
+        done, _ = await asyncio.wait({delivery}, timeout=DELIVER_BEFORE_REPLY_S)
+        if not done:
+            log.warning("tx.reply_before_delivery", extra={"tx": tx_id, "shard": self.shard})
         return reply
 
     async def _fetch(self, key: str, remote: Remote) -> None:
