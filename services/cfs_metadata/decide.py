@@ -414,8 +414,20 @@ def _setattr(ctx: _Ctx, op: SetAttr) -> Reply:
 
 
 def truncate_chunks(inode: Inode, size: int) -> tuple[ChunkRef, ...]:
-    """Chunks wholly past the new end go; the data path zero-fills the tail of a partial one."""
-    return tuple(c for c in inode.chunks if c.index * inode.chunk_size < size)
+    """Chunks wholly past the new end go; a chunk cut in the middle keeps only its head.
+
+    Its `length` shrinks, so extending the file later reads zeros there, not
+    the bytes that were cut off (the data path zero-fills past `length`).
+    """
+    kept: list[ChunkRef] = []
+    for chunk in inode.chunks:
+        start = chunk.index * inode.chunk_size
+        if start >= size:
+            continue
+        if start + chunk.length > size:
+            chunk = chunk.model_copy(update={"length": size - start})
+        kept.append(chunk)
+    return tuple(kept)
 
 
 def _commit_chunks(ctx: _Ctx, op: CommitChunks) -> Reply:
@@ -424,12 +436,12 @@ def _commit_chunks(ctx: _Ctx, op: CommitChunks) -> Reply:
         raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
     by_index = {c.index: c for c in inode.chunks}
     by_index.update({c.index: c for c in op.chunks})
-    # Never keep chunks past the end: extending later must read zeros, not stale data.
-    by_index = {i: c for i, c in by_index.items() if i * inode.chunk_size < op.size}
+    # Never keep data past the end: extending later must read zeros, not stale bytes.
+    merged = inode.model_copy(update={"chunks": tuple(by_index[i] for i in sorted(by_index))})
     mtime = op.mtime_ns if op.mtime_ns is not None else ctx.now
     updated = inode.model_copy(
         update={
-            "chunks": tuple(by_index[i] for i in sorted(by_index)),
+            "chunks": truncate_chunks(merged, op.size),
             "size": op.size,
             "mtime_ns": mtime,
             "ctime_ns": ctx.now,

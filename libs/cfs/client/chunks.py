@@ -1,0 +1,126 @@
+"""Requests to chunk-store nodes (wire format in cfs_contracts.data).
+
+Every failure becomes `FragmentError`, an FsError with the node and key, so the
+data path can tell "this node does not answer" (try another node or decode
+around it) from "this node says no" (ENOSPC, ENOENT, EIO).
+"""
+
+from __future__ import annotations
+
+import errno
+import zlib
+
+from nats.aio.msg import Msg
+
+from cfs.bus import Bus, BusError, NoResponders, RequestTimeout, decode_error_reply
+from cfs_contracts.data import (
+    HEADER_CRC,
+    HEADER_ERRNO,
+    HEADER_ERROR,
+    HEADER_KEY,
+    FragmentInfo,
+    ListRequest,
+    StoreReply,
+    StoreStatus,
+    Verb,
+    chunk_rpc_subject,
+)
+from cfs_contracts.fs.rpc import FsError
+
+
+class FragmentError(FsError):
+    def __init__(self, node: str, key: str, code: int, message: str, *, unreachable: bool = False):
+        super().__init__(code, f"fragment {key} on {node}: {message}")
+        self.node = node
+        self.key = key
+        self.unreachable = unreachable
+
+
+class ChunkStoreClient:
+    def __init__(self, bus: Bus, *, timeout_s: float = 10.0) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def put(self, node: str, key: str, data: bytes) -> FragmentInfo:
+        headers = {HEADER_KEY: key, HEADER_CRC: f"{zlib.crc32(data):08x}"}
+        reply = await self._control(node, "put", key, data, headers)
+        if reply.fragment is None:
+            raise FragmentError(node, key, errno.EIO, "put answered without a fragment record")
+        return reply.fragment
+
+    async def get(self, node: str, key: str) -> bytes:
+        """The fragment's bytes, checked against the CRC the store sent."""
+        msg = await self._request(node, "get", key, b"", {HEADER_KEY: key})
+        _raise_for_errno(node, key, msg)
+        headers = msg.headers or {}
+        crc = headers.get(HEADER_CRC)
+        if crc is None:
+            raise FragmentError(node, key, errno.EIO, "reply carries no checksum")
+        actual = zlib.crc32(msg.data)
+        if actual != int(crc, 16):
+            raise FragmentError(
+                node, key, errno.EIO, f"crc32 expected 0x{crc}, got 0x{actual:08x} in transit"
+            )
+        return bytes(msg.data)
+
+    async def delete(self, node: str, key: str) -> None:
+        await self._control(node, "delete", key, b"", {HEADER_KEY: key})
+
+    async def verify(self, node: str, key: str) -> FragmentInfo:
+        reply = await self._control(node, "verify", key, b"", {HEADER_KEY: key})
+        if reply.fragment is None:
+            raise FragmentError(node, key, errno.EIO, "verify answered without a fragment record")
+        return reply.fragment
+
+    async def list(self, node: str, request: ListRequest) -> StoreReply:
+        return await self._control(node, "list", "", request.model_dump_json().encode(), {})
+
+    async def stat(self, node: str) -> StoreStatus:
+        reply = await self._control(node, "stat", "", b"", {})
+        if reply.status is None:
+            raise FragmentError(node, "-", errno.EIO, "stat answered without a status")
+        return reply.status
+
+    async def _control(
+        self, node: str, verb: Verb, key: str, data: bytes, headers: dict[str, str]
+    ) -> StoreReply:
+        msg = await self._request(node, verb, key, data, headers)
+        _raise_for_errno(node, key, msg)
+        try:
+            reply = StoreReply.model_validate_json(msg.data)
+        except ValueError as exc:
+            raise FragmentError(node, key, errno.EIO, f"malformed {verb} reply: {exc}") from None
+        if reply.errno:
+            raise FragmentError(node, key, reply.errno, reply.message)
+        return reply
+
+    async def _request(
+        self, node: str, verb: Verb, key: str, data: bytes, headers: dict[str, str]
+    ) -> Msg:
+        subject = chunk_rpc_subject(self.bus.site, node, verb)
+        try:
+            return await self.bus.request(subject, data, timeout=self.timeout_s, headers=headers)
+        except NoResponders:
+            raise FragmentError(
+                node, key or "-", errno.EHOSTDOWN, "chunk-store is not running", unreachable=True
+            ) from None
+        except RequestTimeout:
+            raise FragmentError(
+                node,
+                key or "-",
+                errno.ETIMEDOUT,
+                f"no answer within {self.timeout_s:.1f}s",
+                unreachable=True,
+            ) from None
+        except BusError as exc:
+            raise FragmentError(node, key or "-", errno.EIO, str(exc), unreachable=True) from None
+
+
+def _raise_for_errno(node: str, key: str, msg: Msg) -> None:
+    headers = msg.headers or {}
+    code = headers.get(HEADER_ERRNO)
+    if code is not None and int(code):
+        raise FragmentError(node, key, int(code), headers.get(HEADER_ERROR, "error"))
+    failed = decode_error_reply(msg)
+    if failed is not None:
+        raise FragmentError(node, key, errno.EIO, f"{failed[0]}: {failed[1]}")

@@ -1,0 +1,96 @@
+"""Which chunk-store nodes may take new fragments: a live view of `store.*` in the nodes KV.
+
+Placement needs alive, non-draining nodes with room (DESIGN.md §5). Until
+membership (§6) publishes liveness, a node counts as alive while its
+chunk-store keeps its record fresh; a node that just failed a request is
+avoided for a short while so one dead node does not slow every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import nats.errors
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from cfs.bus import Bus
+from cfs.placement import Candidate
+from cfs_contracts.data import StoreRecord
+from cfs_contracts.streams import NODES
+
+log = logging.getLogger(__name__)
+
+
+class NodeView:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        stale_after_s: float = 10.0,
+        avoid_for_s: float = 10.0,
+        domain_label: str = "rack",
+    ) -> None:
+        self.bus = bus
+        self.stale_after_s = stale_after_s
+        self.avoid_for_s = avoid_for_s
+        self.domain_label = domain_label
+        self.records: dict[str, StoreRecord] = {}
+        self._avoid_until: dict[str, float] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        kv = await self.bus.key_value(NODES.bucket)
+        self._watcher = await kv.watch("store.*")
+        self._task = asyncio.create_task(self._follow(self._watcher))
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            log.warning("nodes.initial_view_slow", extra={"timeout_s": timeout})
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(nats.errors.Error):  # connection already closed
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # initial values delivered
+                self._ready.set()
+                continue
+            node = entry.key.removeprefix("store.")
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.records.pop(node, None)
+                continue
+            try:
+                self.records[node] = StoreRecord.model_validate_json(entry.value)
+            except ValidationError as exc:
+                log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+
+    def avoid(self, node: str) -> None:
+        self._avoid_until[node] = time.monotonic() + self.avoid_for_s
+
+    def eligible(self, needed_bytes: int) -> list[Candidate]:
+        now_ms = time.time() * 1000
+        mono = time.monotonic()
+        return [
+            Candidate(
+                node=rec.node,
+                domain=rec.labels.get(self.domain_label, rec.node),
+                free_bytes=rec.free_bytes,
+                labels=rec.labels,
+            )
+            for rec in self.records.values()
+            if not rec.draining
+            and now_ms - rec.updated_ms < self.stale_after_s * 1000
+            and rec.free_bytes >= needed_bytes
+            and self._avoid_until.get(rec.node, 0.0) < mono
+        ]
