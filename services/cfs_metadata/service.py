@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="metadata-raft", description=__doc__.splitlines()[0])
     parser.add_argument("--node", help="node id (or CFS_NODE)")
+    parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
     parser.add_argument("--config", type=Path, help="JSON settings file")
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {}
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides.update(_load_config(args.config))
     if args.node:
         overrides["node"] = args.node
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
     settings = MetadataSettings(**overrides)  # type: ignore[arg-type]
     setup_logging(settings.log_level, service="metadata-raft", node=settings.node)
     asyncio.run(_run(settings))

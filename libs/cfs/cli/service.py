@@ -14,6 +14,7 @@ app = typer.Typer(help="Run ClaudeFS services (what systemd, Nomad or `cfs dev` 
 # the CLI does not load every service's dependencies.
 SERVICES = {
     "metadata-raft": "cfs_metadata.service",
+    "chunk-store": "cfs_chunkstore.service",
 }
 
 
@@ -22,6 +23,9 @@ def run(
     name: Annotated[str, typer.Argument(help=f"one of: {', '.join(SERVICES)}")],
     node: Annotated[str, typer.Option(help="this node's id, e.g. storage-1")],
     config: Annotated[Path | None, typer.Option(help="JSON settings file")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="node data directory (or CFS_DATA_DIR)")
+    ] = None,
 ) -> None:
     """Run a service until SIGTERM/SIGINT; settings from flags, CFS_* env, config file."""
     module_name = SERVICES.get(name)
@@ -29,6 +33,8 @@ def run(
         typer.echo(f"error: unknown service {name!r}; known: {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
     argv = ["--node", node] + (["--config", str(config)] if config else [])
+    if data_dir is not None:
+        argv += ["--data-dir", str(data_dir)]
     importlib.import_module(module_name).main(argv)
 
 

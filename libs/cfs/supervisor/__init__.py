@@ -16,9 +16,11 @@ from cfs.supervisor.nats import (
 from cfs.supervisor.ports import free_port, free_ports
 from cfs.supervisor.process import ManagedProcess, kill_all, live_processes
 from cfs.supervisor.s3 import S3Server
+from cfs.supervisor.site import LocalSite
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
+    "LocalSite",
     "ManagedProcess",
     "NatsCluster",
     "NatsServer",

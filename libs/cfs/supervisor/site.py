@@ -1,0 +1,318 @@
+"""A whole site on this machine: NATS, streams and buckets, and every node's services.
+
+For tests, benchmarks and `cfs dev up`. Process control (`stop`, `kill9`,
+`start_node`) is synchronous like the rest of the supervisor; what talks to NATS
+(`start`, `wait_ready`, `client`) is async:
+
+    site = LocalSite(tmp_path, nodes=3)
+    try:
+        await site.start()          # NATS up, streams + buckets provisioned, services spawned
+        await site.wait_ready()     # metadata answers, every chunk-store has a fresh record
+        site.chunkstore("storage-2").kill9()
+        site.start_node("storage-2")
+    finally:
+        site.stop()                 # every process, always
+
+or `async with LocalSite(tmp_path) as site:` (start + wait_ready, stop on exit).
+From synchronous code: `asyncio.run(site.start())`.
+
+Layout under `base_dir`: `nats/` (server stores and logs), `nodes/<node>/` (each
+node's data dir: `metadata/`, `chunks/`), `logs/<node>.<service>.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+from nats.js.kv import KeyValue
+
+from cfs.bus import Bus, ensure_buckets, ensure_streams
+from cfs.supervisor.errors import SupervisorError
+from cfs.supervisor.nats import NatsCluster, NatsServer
+from cfs.supervisor.process import ManagedProcess, log_event
+from cfs_contracts.data import StoreRecord, store_record_key
+from cfs_contracts.streams import NODES, SITE_BUCKETS, site_streams
+
+log = logging.getLogger(__name__)
+
+# Packages the service processes import; their roots go on the children's PYTHONPATH,
+# so a source tree works without installing.
+_PACKAGES = ("cfs", "cfs_contracts", "cfs_metadata", "cfs_chunkstore")
+_NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_RECORD_MAX_AGE_MS = 10_000
+NODE_SERVICES = ("metadata", "chunkstore")
+
+
+class LocalSite:
+    """NATS (a 3+ server cluster, or one server) plus metadata-raft and chunk-store per node."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        nodes: int | Sequence[str] = 3,
+        *,
+        servers: int | None = None,
+        shards: int = 1,
+        site: str = "local",
+        labels: Mapping[str, Mapping[str, str]] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """Nothing starts here: ports are chosen and process command lines fixed.
+
+        `nodes`: a count (named storage-1..N) or names. `servers`: NATS servers,
+        default min(3, nodes); fewer than 3 gives one standalone server (a 2-server
+        JetStream cluster cannot survive losing one). `labels`: per node, the
+        chunk-store's failure-domain labels. `env`: extra variables for every
+        service process (e.g. CFS_RESERVE_BYTES, CFS_LEASE_S).
+        """
+        names = (
+            [f"storage-{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
+        )
+        if not names:
+            raise ValueError("a site needs at least one node")
+        for name in names:
+            if _NODE_RE.match(name) is None:
+                raise ValueError(f"invalid node name {name!r} (letters, digits, - and _)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate node names in {names}")
+        self.base_dir = Path(base_dir)
+        self.site = site
+        self.shards = shards
+        self.node_names: tuple[str, ...] = tuple(names)
+        count = servers if servers is not None else min(3, len(names))
+        self.nats: NatsCluster | NatsServer
+        if count >= 3:
+            self.nats = NatsCluster(count, self.base_dir / "nats", name=f"cfs-{site}")
+        else:
+            self.nats = NatsServer.standalone(self.base_dir / "nats")
+        self._spawned_ms: dict[str, int] = {}
+        self._procs: dict[tuple[str, str], ManagedProcess] = {}
+        labels = labels or {}
+        pythonpath = _pythonpath()
+        for node in names:
+            common = {
+                "CFS_NODE": node,
+                "CFS_SITE": site,
+                "CFS_NATS_URLS": json.dumps(self.urls),
+                "CFS_DATA_DIR": str(self.data_dir(node)),
+                "CFS_SHARDS": str(shards),
+                "CFS_LABELS": json.dumps(dict(labels.get(node, {}))),
+                "PYTHONPATH": pythonpath,
+                **(env or {}),
+            }
+            for service, module in (("metadata", "cfs_metadata"), ("chunkstore", "cfs_chunkstore")):
+                self._procs[node, service] = ManagedProcess(
+                    f"{service}-{node}",
+                    [
+                        sys.executable,
+                        "-m",
+                        module,
+                        "--node",
+                        node,
+                        "--data-dir",
+                        str(self.data_dir(node)),
+                    ],
+                    log_path=self.base_dir / "logs" / f"{node}.{service}.log",
+                    env=common,
+                )
+
+    def __repr__(self) -> str:
+        return f"<LocalSite {self.site} nodes={list(self.node_names)} urls={self.urls}>"
+
+    # -- where things are ----------------------------------------------------------------
+    @property
+    def urls(self) -> list[str]:
+        if isinstance(self.nats, NatsCluster):
+            return self.nats.urls
+        return [self.nats.url]
+
+    @property
+    def nats_servers(self) -> list[NatsServer]:
+        return self.nats.servers if isinstance(self.nats, NatsCluster) else [self.nats]
+
+    def data_dir(self, node: str) -> Path:
+        self._check_node(node)
+        return self.base_dir / "nodes" / node
+
+    def metadata(self, node: str) -> ManagedProcess:
+        self._check_node(node)
+        return self._procs[node, "metadata"]
+
+    def chunkstore(self, node: str) -> ManagedProcess:
+        self._check_node(node)
+        return self._procs[node, "chunkstore"]
+
+    def processes(self) -> list[ManagedProcess]:
+        """Every service process (running or not), node by node."""
+        return list(self._procs.values())
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start NATS, provision streams and buckets, spawn every node's services.
+
+        Returns once the processes are spawned; `wait_ready` waits for them to serve.
+        On any failure everything started so far is stopped.
+        """
+        try:
+            await asyncio.to_thread(self._start_nats, timeout)
+            await self.provision()
+            for node in self.node_names:
+                self.start_node(node)
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        log_event(log, logging.INFO, "site.started", site=self.site, nodes=len(self.node_names))
+
+    def _start_nats(self, timeout: float) -> None:
+        if isinstance(self.nats, NatsCluster):
+            self.nats.start(timeout)
+        else:
+            self.nats.start(wait=True, timeout=timeout)
+
+    async def provision(self) -> None:
+        """What `cfs cluster init` does: every stream and KV bucket, idempotently."""
+        replicas = min(3, len(self.nats_servers))
+        async with await Bus.connect(self.urls, site=self.site, node="site-init") as bus:
+            await ensure_streams(
+                bus.js, site_streams(self.shards), site=self.site, replicas=replicas
+            )
+            await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until metadata answers getattr(1) and every chunk-store has published a fresh
+        `StoreRecord` since it was (re)started; fails fast if a service process exits."""
+        from cfs.client import MetadataClient  # the client is not needed to supervise
+
+        deadline = time.monotonic() + timeout
+        async with await self.client("site-probe") as bus:
+            client = MetadataClient(bus, deadline_s=2.0)
+            kv = await bus.key_value(NODES.bucket)
+            while True:
+                self._check_alive()
+                waiting = [node for node in self.node_names if not await self._fresh(kv, node)]
+                if not waiting:
+                    try:
+                        await client.getattr(1)
+                        break
+                    except Exception as exc:  # FsError / BusError while electing a writer
+                        waiting = [f"metadata ({exc})"]
+                if time.monotonic() >= deadline:
+                    raise SupervisorError(
+                        f"site {self.site} not ready after {timeout:.0f}s; waiting for "
+                        f"{', '.join(waiting)}{self._log_tails()}"
+                    )
+                await asyncio.sleep(0.1)
+        log_event(log, logging.INFO, "site.ready", site=self.site)
+
+    async def _fresh(self, kv: KeyValue, node: str) -> bool:
+        try:
+            entry = await kv.get(store_record_key(node))
+        except Exception:  # not written yet (KeyNotFoundError) or NATS hiccup
+            return False
+        if not entry.value:
+            return False
+        record = StoreRecord.model_validate_json(entry.value)
+        now_ms = time.time_ns() // 1_000_000
+        return (
+            record.started_ms >= self._spawned_ms.get(node, 0)
+            and now_ms - record.updated_ms < _RECORD_MAX_AGE_MS
+        )
+
+    def start_node(self, node: str) -> None:
+        """Start this node's services that are not running (what systemd would do)."""
+        self._check_node(node)
+        self._spawned_ms[node] = time.time_ns() // 1_000_000
+        for service in NODE_SERVICES:
+            proc = self._procs[node, service]
+            if not proc.running:
+                proc.start()
+
+    def stop_node(self, node: str, timeout: float = 15.0) -> None:
+        """SIGTERM this node's services (clean shutdown)."""
+        self._check_node(node)
+        for service in NODE_SERVICES:
+            self._procs[node, service].stop(timeout)
+
+    def kill9(self, node: str) -> None:
+        """SIGKILL this node's services: a crashed node (its NATS server is separate)."""
+        self._check_node(node)
+        for service in NODE_SERVICES:
+            self._procs[node, service].kill9()
+
+    def stop(self) -> None:
+        """Stop every service process (in parallel), then NATS; never leaves a process."""
+        running = [proc for proc in self._procs.values() if proc.running]
+        try:
+            if running:
+                with ThreadPoolExecutor(max_workers=len(running)) as pool:
+                    list(pool.map(lambda proc: proc.stop(15.0), running))
+        finally:
+            for proc in self._procs.values():  # whatever survived an exception above
+                if proc.running:
+                    proc.kill9()
+            self.nats.stop()
+        log_event(log, logging.INFO, "site.stopped", site=self.site)
+
+    async def client(self, name: str | None = None) -> Bus:
+        """A connected `Bus` for this site (close it, or use `async with`)."""
+        return await Bus.connect(self.urls, site=self.site, node=name or f"client-{time.time_ns()}")
+
+    async def __aenter__(self) -> LocalSite:
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await asyncio.to_thread(self.stop)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # -- internals -----------------------------------------------------------------------
+    def _check_node(self, node: str) -> None:
+        if node not in self.node_names:
+            raise KeyError(f"no node {node!r} in site {self.site} ({', '.join(self.node_names)})")
+
+    def _check_alive(self) -> None:
+        for (node, _service), proc in self._procs.items():
+            if node in self._spawned_ms and not proc.running:
+                raise SupervisorError(
+                    f"{proc.name} exited with code {proc.returncode} while the site was "
+                    f"starting\n--- last lines of {proc.log_path} ---\n{proc.log_tail()}"
+                )
+
+    def _log_tails(self) -> str:
+        return "".join(
+            f"\n--- {proc.log_path} ---\n{proc.log_tail(15)}" for proc in self._procs.values()
+        )
+
+
+def _pythonpath() -> str:
+    """The import roots of our packages, then whatever PYTHONPATH we were given."""
+    roots: list[str] = []
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+        if root not in roots:
+            roots.append(root)
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(roots + [p for p in inherited if p not in roots])

@@ -1,0 +1,3 @@
+from cfs_chunkstore.service import main
+
+main()

@@ -1,0 +1,431 @@
+"""The chunk-store service process: this node's fragments, served over NATS request/reply.
+
+    cfs service run chunk-store --node storage-1 [--data-dir PATH] [--config FILE]
+    python -m cfs_chunkstore --node storage-1 --data-dir /var/lib/claudefs
+
+Settings come from flags, then `CFS_*` environment variables, then a config file.
+The wire contract is `cfs_contracts.data`: one subject per verb
+(`cfs.<site>.rpc.chunk.<node>.<verb>`), fragment bytes as raw message bodies,
+`StoreReply` JSON for everything but a successful `get`.
+
+Every change is a `DATA` event, published before the reply: `FragmentStored` once
+the fragment is durable (if that publish fails the put is answered EIO, and a
+repeated put stores and publishes again); `FragmentDeleted` just before the
+fragment is removed (so a failed publish leaves the fragment and the stream
+agreeing, and a crash in between leaves only a fragment nobody wants). A fragment
+that fails its checksum (or is missing) on `get` or `verify` is answered EIO and
+reported as `FragmentDamaged`.
+
+`store.<node>` in the `nodes` KV bucket (`StoreRecord`) is rewritten every
+`heartbeat_s`; the first write happens once every verb is being served, so a
+fresh record means "ready".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cfs.bus import Bus, BusError
+from cfs.logs import setup_logging
+from cfs_chunkstore.store import (
+    FileFragmentStore,
+    FragmentCorrupt,
+    FragmentNotFound,
+    FragmentStore,
+    InvalidKey,
+    StoreError,
+    store_root,
+)
+from cfs_contracts.data import (
+    HEADER_CRC,
+    HEADER_ERRNO,
+    HEADER_ERROR,
+    HEADER_KEY,
+    VERBS,
+    FragmentInfo,
+    ListRequest,
+    StoreRecord,
+    StoreReply,
+    Verb,
+    chunk_rpc_subject,
+    store_record_key,
+)
+from cfs_contracts.events.data import FragmentDamaged, FragmentDeleted, FragmentStored
+from cfs_contracts.streams import NODES
+
+log = logging.getLogger(__name__)
+
+_MAX_ERROR_HEADER = 512
+
+
+class ChunkStoreSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
+
+    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
+    site: str = "local"
+    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_credentials: Path | None = None
+    data_dir: Path = Path("/var/lib/claudefs")
+    labels: dict[str, str] = Field(default_factory=dict, description="failure domains")
+    reserve_bytes: int | None = Field(
+        default=None, ge=0, description="space kept free; default 1% of the disk, >= 64 MiB"
+    )
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    max_inflight: int = Field(default=16, ge=1, description="requests handled concurrently")
+    log_level: str = "INFO"
+
+
+class ChunkStoreService:
+    """The async runner around a `FragmentStore`: subscriptions, events, heartbeat."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: FragmentStore,
+        kv: KeyValue,
+        *,
+        labels: dict[str, str] | None = None,
+        heartbeat_s: float = 2.0,
+        max_inflight: int = 16,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.kv = kv
+        self.node = store.node
+        self.labels = dict(labels or {})
+        self.heartbeat_s = heartbeat_s
+        self.started_ms = time.time_ns() // 1_000_000
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subs: list[Subscription] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for verb in VERBS:
+            subject = chunk_rpc_subject(self.bus.site, self.node, verb)
+            sub = await self.bus.nc.subscribe(subject, cb=self._receiver(verb))
+            self._subs.append(sub)
+        await self.publish_record()  # raises if the bucket is missing: not initialised
+        self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat-{self.node}")
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=10.0)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+    # -- the node record ---------------------------------------------------------------
+    async def publish_record(self) -> StoreRecord:
+        status = await asyncio.to_thread(self.store.stat)
+        record = StoreRecord(
+            node=self.node,
+            labels=self.labels,
+            capacity_bytes=status.capacity_bytes,
+            free_bytes=status.free_bytes,
+            used_bytes=status.used_bytes,
+            fragments=status.fragments,
+            updated_ms=time.time_ns() // 1_000_000,
+            started_ms=self.started_ms,
+        )
+        await self.kv.put(store_record_key(self.node), record.model_dump_json().encode())
+        return record
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.publish_record()
+            except Exception as exc:  # keep beating through NATS outages
+                log.warning(
+                    "store.heartbeat_failed",
+                    extra={"node": self.node, "error": str(exc) or type(exc).__name__},
+                )
+
+    # -- requests ------------------------------------------------------------------------
+    def _receiver(self, verb: Verb) -> Callable[[Msg], Awaitable[None]]:
+        async def receive(msg: Msg) -> None:
+            # Waiting for a slot here holds up this subscription's delivery: backpressure.
+            await self._slots.acquire()
+            task = asyncio.create_task(self._handle(verb, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+        return receive
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, verb: Verb, msg: Msg) -> None:
+        if verb == "get":
+            await self._get(msg)
+            return
+        try:
+            reply = await self._dispatch(verb, msg)
+        except StoreError as exc:
+            reply = StoreReply(errno=exc.errno, message=exc.message)
+        except Exception as exc:  # a bug or a disk error: answered, never swallowed
+            log.exception("rpc.failed", extra={"node": self.node, "verb": verb})
+            reply = StoreReply(
+                errno=errno.EIO, message=f"chunk-store {self.node}: {verb} failed: {exc}"
+            )
+        await self._respond(msg, reply.model_dump_json().encode())
+
+    async def _dispatch(self, verb: Verb, msg: Msg) -> StoreReply:
+        if verb == "put":
+            return await self._put(msg)
+        if verb == "delete":
+            return await self._delete(msg)
+        if verb == "verify":
+            return StoreReply(fragment=await self._verify(_key(msg)))
+        if verb == "list":
+            try:
+                request = ListRequest.model_validate_json(msg.data or b"{}")
+            except ValidationError as exc:
+                raise InvalidKey(f"bad list request: {exc.errors()[0]['msg']}") from None
+            found, more = await asyncio.to_thread(
+                self.store.list, request.after, request.limit, request.chunk_id
+            )
+            return StoreReply(fragments=tuple(found), more=more)
+        if verb == "stat":
+            return StoreReply(status=await asyncio.to_thread(self.store.stat))
+        raise InvalidKey(f"unknown verb {verb!r}")
+
+    async def _put(self, msg: Msg) -> StoreReply:
+        key = _key(msg)
+        crc_text = (msg.headers or {}).get(HEADER_CRC, "")
+        try:
+            crc = int(crc_text, 16)
+        except ValueError:
+            raise InvalidKey(f"put of {key}: header {HEADER_CRC} {crc_text!r} is not hex") from None
+        info = await asyncio.to_thread(self.store.put, key, msg.data, crc)
+        event = self.bus.event(
+            FragmentStored(node_id=self.node, key=key, size=info.size, crc32=info.crc32)
+        )
+        try:
+            await self.bus.publish(event)
+        except BusError as exc:
+            log.error(
+                "fragment.event_failed",
+                extra={"node": self.node, "key": key, "event_id": event.id, "error": str(exc)},
+            )
+            return StoreReply(
+                errno=errno.EIO,
+                message=f"fragment {key} is stored on node {self.node} but its FragmentStored "
+                f"event was not published ({exc}); put it again",
+            )
+        log.info(
+            "fragment.stored",
+            extra={
+                "node": self.node,
+                "key": key,
+                "size": info.size,
+                "crc32": f"{info.crc32:08x}",
+                "event_id": event.id,
+            },
+        )
+        return StoreReply(fragment=info)
+
+    async def _delete(self, msg: Msg) -> StoreReply:
+        key = _key(msg)
+        if await asyncio.to_thread(self.store.info, key) is None:
+            raise FragmentNotFound(self.node, key)
+        event = self.bus.event(FragmentDeleted(node_id=self.node, key=key))
+        try:
+            await self.bus.publish(event)
+        except BusError as exc:
+            return StoreReply(
+                errno=errno.EIO,
+                message=f"fragment {key} not deleted from node {self.node}: its FragmentDeleted "
+                f"event was not published ({exc}); retry the delete",
+            )
+        info = await asyncio.to_thread(self.store.delete, key)
+        log.info(
+            "fragment.deleted",
+            extra={"node": self.node, "key": key, "size": info.size, "event_id": event.id},
+        )
+        return StoreReply(fragment=info)
+
+    async def _get(self, msg: Msg) -> None:
+        try:
+            key = _key(msg)
+            info, data = await asyncio.to_thread(self.store.get, key)
+        except FragmentCorrupt as exc:
+            await self._report(exc)  # reported first, then answered
+            await self._respond(msg, b"", _error_headers(exc.errno, exc.message))
+            return
+        except StoreError as exc:
+            await self._respond(msg, b"", _error_headers(exc.errno, exc.message))
+            return
+        except Exception as exc:
+            log.exception("rpc.failed", extra={"node": self.node, "verb": "get"})
+            message = f"chunk-store {self.node}: get failed: {exc}"
+            await self._respond(msg, b"", _error_headers(errno.EIO, message))
+            return
+        log.debug("fragment.read", extra={"node": self.node, "key": key, "size": info.size})
+        await self._respond(msg, data, {HEADER_CRC: f"{info.crc32:08x}"})
+
+    async def _verify(self, key: str) -> FragmentInfo:
+        try:
+            return await asyncio.to_thread(self.store.verify, key)
+        except FragmentCorrupt as exc:
+            await self._report(exc)
+            raise
+
+    async def _report(self, damage: FragmentCorrupt) -> None:
+        event = self.bus.event(
+            FragmentDamaged(
+                node_id=self.node,
+                key=damage.key,
+                reason=damage.reason,
+                detail=damage.detail[:1024],
+                reported_by=self.node,
+            )
+        )
+        log.warning(
+            "fragment.damaged",
+            extra={
+                "node": self.node,
+                "key": damage.key,
+                "reason": damage.reason,
+                "detail": damage.detail,
+                "event_id": event.id,
+            },
+        )
+        try:
+            await self.bus.publish(event)
+        except BusError as exc:
+            log.error(
+                "fragment.damage_unreported",
+                extra={"node": self.node, "key": damage.key, "error": str(exc)},
+            )
+
+    async def _respond(self, msg: Msg, data: bytes, headers: dict[str, str] | None = None) -> None:
+        if not msg.reply:
+            return
+        try:
+            await self.bus.nc.publish(msg.reply, data, headers=headers)
+        except Exception as exc:  # the requester is gone or NATS is down: nothing to answer
+            log.warning("rpc.reply_failed", extra={"node": self.node, "error": str(exc)})
+
+
+def _key(msg: Msg) -> str:
+    key = (msg.headers or {}).get(HEADER_KEY, "")
+    if not key:
+        raise InvalidKey(f"request on {msg.subject} has no {HEADER_KEY} header")
+    return key
+
+
+def _error_headers(code: int, message: str) -> dict[str, str]:
+    text = " ".join(message.split())[:_MAX_ERROR_HEADER]  # header values are one line
+    return {HEADER_ERRNO: str(code), HEADER_ERROR: text}
+
+
+async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(
+        settings.nats_urls,
+        site=settings.site,
+        node=settings.node,
+        name=f"chunk-store@{settings.node}",
+        credentials=settings.nats_credentials,
+        connect_timeout=10.0,
+    )
+    store: FileFragmentStore | None = None
+    service: ChunkStoreService | None = None
+    try:
+        root = store_root(settings.data_dir)
+        store = await asyncio.to_thread(
+            FileFragmentStore, root, node=settings.node, reserve_bytes=settings.reserve_bytes
+        )
+        kv = await bus.key_value(NODES.bucket)
+        service = ChunkStoreService(
+            bus,
+            store,
+            kv,
+            labels=settings.labels,
+            heartbeat_s=settings.heartbeat_s,
+            max_inflight=settings.max_inflight,
+        )
+        await service.start()
+        status = store.stat()
+        log.info(
+            "chunkstore.started",
+            extra={
+                "node": settings.node,
+                "site": settings.site,
+                "root": str(root),
+                "fragments": status.fragments,
+                "used_bytes": status.used_bytes,
+                "free_bytes": status.free_bytes,
+                "reserve_bytes": store.reserve_bytes,
+                "orphans_removed": store.removed_at_open,
+            },
+        )
+        await stop.wait()
+    finally:
+        if service is not None:
+            await service.stop()
+        await bus.close()
+        if store is not None:
+            store.close()
+        log.info("chunkstore.stopped", extra={"node": settings.node})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="chunk-store", description=__doc__.splitlines()[0])
+    parser.add_argument("--node", help="node id (or CFS_NODE)")
+    parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
+    parser.add_argument("--config", type=Path, help="JSON settings file")
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.config is not None:
+        overrides.update(_load_config(args.config))
+    if args.node:
+        overrides["node"] = args.node
+    if args.data_dir is not None:
+        overrides["data_dir"] = args.data_dir
+    settings = ChunkStoreSettings(**overrides)  # type: ignore[arg-type]
+    setup_logging(settings.log_level, service="chunk-store", node=settings.node)
+    try:
+        asyncio.run(_run(settings))
+    except BusError as exc:  # NATS unreachable, cluster not initialised: one line, no trace
+        log.error("chunkstore.failed", extra={"node": settings.node, "error": str(exc)})
+        raise SystemExit(f"chunk-store {settings.node}: {exc}") from None
+
+
+async def _run(settings: ChunkStoreSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)
+
+
+def _load_config(path: Path) -> dict[str, object]:
+    import json
+
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object")
+    return data
