@@ -425,7 +425,9 @@ def truncate_chunks(inode: Inode, size: int) -> tuple[ChunkRef, ...]:
         if start >= size:
             continue
         if start + chunk.length > size:
-            chunk = chunk.model_copy(update={"length": size - start})
+            chunk = chunk.model_copy(
+                update={"length": size - start, "coded_length": chunk.stored_length}
+            )
         kept.append(chunk)
     return tuple(kept)
 

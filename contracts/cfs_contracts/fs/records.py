@@ -55,10 +55,20 @@ class ChunkRef(BaseModel):
     index: int = Field(ge=0, description="chunk number within the file")
     chunk_id: str = Field(description="SHA-256 of the chunk's plaintext, hex")
     length: int = Field(ge=0, description="bytes of file data in this chunk")
+    coded_length: int | None = Field(
+        default=None,
+        ge=0,
+        description="bytes that were coded and hashed, when a truncate cut `length` "
+        "below them; None = `length`",
+    )
     scheme: str = Field(description="erasure scheme, e.g. ec4+2, ec2+1, copy2")
     fragments: tuple[str, ...] = Field(
         default=(), description="node holding fragment i, in fragment order"
     )
+
+    @property
+    def stored_length(self) -> int:
+        return self.length if self.coded_length is None else self.coded_length
 
 
 class Inode(BaseModel):

@@ -125,29 +125,41 @@ class FileStore:
 
     # -- chunks ----------------------------------------------------------------------
     async def store_chunk(self, ino: int, index: int, data: bytes) -> ChunkRef:
-        """Code and store one chunk; every fragment is durable on its node on return."""
+        """Code and store one chunk; every fragment is durable on its node on return.
+
+        A node that fails is replaced by the next in rendezvous order; when none
+        is left, the chunk is coded again for the nodes still answering (4+2 on
+        six nodes becomes 2+1 on five), so losing a node never stops writes.
+        """
         async with self._storing:
             chunk_id = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
-            candidates = self.nodes.eligible(len(data))
-            if not candidates:
-                raise FsError(errno.ENOSPC, "no chunk-store node is up with room for data")
-            scheme = choose_scheme(len(candidates))
-            fragments = await asyncio.to_thread(encode, scheme, data)
-            order = [c.node for c in rank(chunk_id, candidates)]
-            spare = order[scheme.total :]
-            placed = await asyncio.gather(
-                *(
-                    self._put_fragment(chunk_id, scheme, i, fragments[i], order[i], spare)
-                    for i in range(scheme.total)
+            while True:
+                candidates = self.nodes.eligible(len(data))
+                if not candidates:
+                    raise FsError(errno.ENOSPC, "no chunk-store node is up with room for data")
+                scheme = choose_scheme(len(candidates))
+                fragments = await asyncio.to_thread(encode, scheme, data)
+                order = [c.node for c in rank(chunk_id, candidates)]
+                spare = order[scheme.total :]
+                try:
+                    placed = await asyncio.gather(
+                        *(
+                            self._put_fragment(chunk_id, scheme, i, fragments[i], order[i], spare)
+                            for i in range(scheme.total)
+                        )
+                    )
+                except _OutOfNodes as exc:
+                    if len(self.nodes.eligible(len(data))) >= len(candidates):
+                        raise FsError(exc.errno, exc.message) from None
+                    log.warning("data.recode", extra={"ino": ino, "chunk": chunk_id})
+                    continue  # fewer nodes now: choose the scheme again
+                return ChunkRef(
+                    index=index,
+                    chunk_id=chunk_id,
+                    length=len(data),
+                    scheme=scheme.name,
+                    fragments=tuple(placed),
                 )
-            )
-            return ChunkRef(
-                index=index,
-                chunk_id=chunk_id,
-                length=len(data),
-                scheme=scheme.name,
-                fragments=tuple(placed),
-            )
 
     async def _put_fragment(
         self, chunk_id: str, scheme: Scheme, index: int, data: bytes, node: str, spare: list[str]
@@ -167,7 +179,7 @@ class FileStore:
                 log.warning("data.put_failed", extra={"node": node, "key": key, "error": str(exc)})
             if not spare:
                 code = errno.ENOSPC if all("full" in e for e in errors) else errno.EIO
-                raise FsError(code, f"cannot place fragment {key}: {'; '.join(errors)}")
+                raise _OutOfNodes(code, f"cannot place fragment {key}: {'; '.join(errors)}")
             node = spare.pop(0)
 
     async def fetch_chunk(self, ino: int, ref: ChunkRef) -> bytes:
@@ -263,8 +275,12 @@ class FileStore:
         task.add_done_callback(self._tasks.discard)
 
 
+class _OutOfNodes(FsError):
+    """Every candidate node failed for one fragment."""
+
+
 def _decode_checked(scheme: Scheme, got: dict[int, bytes], ref: ChunkRef) -> bytes:
-    data = decode(scheme, got, ref.length)
+    data = decode(scheme, got, ref.stored_length)
     actual = hashlib.sha256(data).hexdigest()
     if actual != ref.chunk_id:
         raise FsError(

@@ -1,0 +1,214 @@
+"""The client data path on a real 6-node site (EC 4+2): NATS, metadata-raft and
+chunk-store processes, kill -9 and on-disk corruption."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cfs.bus import Bus
+from cfs.client import FileStore, MetadataClient
+from cfs.supervisor import LocalSite, ManagedProcess
+from cfs_chunkstore.store import fragment_path, store_root
+from cfs_contracts.data import fragment_key
+from cfs_contracts.envelope import Envelope
+from cfs_contracts.fs.records import DEFAULT_CHUNK_SIZE, ROOT_INO
+from cfs_contracts.fs.rpc import FsError
+
+CS = DEFAULT_CHUNK_SIZE
+SIZES = [0, 1, CS - 1, CS, CS + 1, 2 * CS + 12345]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
+    async with LocalSite(tmp_path / "site", nodes=6, servers=1, site="t") as running:
+        yield running
+
+
+async def _files(site: LocalSite) -> tuple[Bus, MetadataClient, FileStore]:
+    bus = await site.client()
+    meta = MetadataClient(bus, deadline_s=30)
+    files = FileStore(bus, meta, client_id=bus.node, fragment_timeout_s=3.0)
+    await files.start()
+    return bus, meta, files
+
+
+def _blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def test_files_of_every_size_round_trip_and_survive_two_lost_nodes(
+    site: LocalSite,
+) -> None:
+    bus, meta, files = await _files(site)
+    written: dict[str, tuple[int, str]] = {}
+    try:
+        for seed, size in enumerate(SIZES):
+            inode = await meta.create(ROOT_INO, f"f{size}")
+            data = _blob(size, seed)
+            stored = await files.write_all(inode.ino, data)
+            assert stored.size == size
+            assert all(c.scheme == "ec4+2" and len(set(c.fragments)) == 6 for c in stored.chunks)
+            written[f"f{size}"] = (inode.ino, hashlib.sha256(data).hexdigest())
+        for _name, (ino, digest) in written.items():
+            assert hashlib.sha256(await files.read_all(ino)).hexdigest() == digest
+    finally:
+        await files.close()
+        await bus.close()
+
+    # Lose m=2 nodes: every file still reads (degraded), from a fresh client (no cache).
+    site.kill9("storage-1")
+    site.kill9("storage-4")
+    bus, meta, files = await _files(site)
+    try:
+        for ino, digest in written.values():
+            assert hashlib.sha256(await files.read_all(ino)).hexdigest() == digest
+        damaged = await _damage_reports(bus)
+        assert {r["node_id"] for r in damaged} <= {"storage-1", "storage-4"}
+        assert {r["reason"] for r in damaged} == {"unreachable"}
+        # New writes go 2+1 or 4+2 over the four survivors, never to a dead node.
+        inode = await meta.create(ROOT_INO, "after-loss")
+        stored = await files.write_all(inode.ino, _blob(CS + 7, 99))
+        assert all(not {"storage-1", "storage-4"} & set(c.fragments) for c in stored.chunks)
+        assert await files.read_all(inode.ino) == _blob(CS + 7, 99)
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def test_corrupt_fragment_is_detected_reported_and_read_around(site: LocalSite) -> None:
+    bus, meta, files = await _files(site)
+    try:
+        inode = await meta.create(ROOT_INO, "victim")
+        data = _blob(CS + 1000, 7)
+        stored = await files.write_all(inode.ino, data)
+        chunk = stored.chunks[0]
+        victim = chunk.fragments[1]  # a data fragment: a healthy read needs it
+        key = fragment_key(chunk.chunk_id, chunk.scheme, 1)
+        path = fragment_path(store_root(site.data_dir(victim)), key)
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    finally:
+        await files.close()
+        await bus.close()
+    bus, meta, files = await _files(site)
+    try:
+        assert await files.read_all(inode.ino) == data
+        damaged = await _damage_reports(bus)
+        assert any(
+            r["key"] == key and r["node_id"] == victim and r["reason"] == "corrupt" for r in damaged
+        ), damaged
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def test_partial_writes_truncate_sparse_and_concurrent_readers(site: LocalSite) -> None:
+    bus, meta, files = await _files(site)
+    try:
+        inode = await meta.create(ROOT_INO, "edit")
+        model = bytearray(_blob(2 * CS + 100, 1))
+        handle = await files.open(inode.ino)
+        await handle.write(0, bytes(model))
+        await handle.flush()
+        # overwrite across a chunk boundary, append, then a sparse write far away
+        patch = _blob(5000, 2)
+        await handle.write(CS - 2500, patch)
+        model[CS - 2500 : CS + 2500] = patch
+        await handle.write(len(model), b"tail")
+        model += b"tail"
+        assert await handle.read(CS - 3000, 6000) == bytes(model[CS - 3000 : CS + 3000])
+        await handle.write(5 * CS + 10, b"far")
+        model += bytes(5 * CS + 10 - len(model)) + b"far"
+        await files.release(handle)
+        assert (await meta.getattr(inode.ino)).size == len(model)
+        assert await files.read_all(inode.ino) == bytes(model)
+        # truncate into the middle of a chunk, grow again: the cut bytes read as zeros
+        handle = await files.open(inode.ino)
+        await handle.truncate(CS + 10)
+        await handle.truncate(2 * CS)
+        del model[CS + 10 :]
+        model += bytes(2 * CS - len(model))
+        await files.release(handle)
+        # several readers of the same file at once, from a fresh client
+        other_bus, _, other = await _files(site)
+        try:
+            reads = await asyncio.gather(*(other.read_all(inode.ino) for _ in range(4)))
+            assert all(r == bytes(model) for r in reads)
+        finally:
+            await other.close()
+            await other_bus.close()
+        # the inode is a file; a directory is refused with EISDIR
+        with pytest.raises(FsError) as err:
+            await files.open(ROOT_INO)
+        assert err.value.errno == 21
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def test_fsynced_file_survives_kill9_of_client_and_one_chunkstore(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    """A writer process flushes (fsync) a file, says so, and is killed -9 right after;
+    then one chunk-store dies too. The acknowledged contents must read back."""
+    writer = ManagedProcess(
+        "writer",
+        [
+            sys.executable,
+            str(ROOT / "tests" / "integration" / "procs" / "file_writer.py"),
+            json.dumps(site.urls),
+            site.site,
+            str(CS * 2 + 5),
+        ],
+        log_path=tmp_path / "writer.log",
+        env={"PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("libs", "contracts"))},
+    )
+    writer.start()
+    try:
+        writer.wait_until(lambda: "FSYNCED" in writer.log_tail(200), 60, "FSYNCED")
+        writer.kill9()
+    finally:
+        if writer.running:
+            writer.kill9()
+    line = next(x for x in writer.log_tail(200).splitlines() if x.startswith("FSYNCED"))
+    _, ino, digest = line.split()
+    bus, meta, files = await _files(site)
+    try:
+        holder = (await meta.getattr(int(ino))).chunks[0].fragments[0]
+        site.kill9(holder)
+        data = await files.read_all(int(ino))
+        assert hashlib.sha256(data).hexdigest() == digest
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def _damage_reports(bus: Bus, wait_s: float = 5.0) -> list[dict[str, object]]:
+    """FragmentDamaged payloads in the DATA stream (waits for the async reports)."""
+    found: list[dict[str, object]] = []
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not found and asyncio.get_running_loop().time() < deadline:
+        sub = await bus.js.subscribe(f"cfs.{bus.site}.data.*.damaged", ordered_consumer=True)
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except TimeoutError:
+                    break
+                found.append(Envelope.model_validate_json(msg.data).payload)
+        finally:
+            await sub.unsubscribe()
+        if not found:
+            await asyncio.sleep(0.2)
+    return found
