@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cfs.cli import dev, service
+from cfs.cli import dev, fs, service
 
 app = typer.Typer(
     name="cfs",
@@ -14,6 +14,9 @@ app = typer.Typer(
 )
 app.add_typer(dev.app, name="dev")
 app.add_typer(service.app, name="service")
+app.add_typer(fs.app, name="fs")
+app.command("mount")(fs.mount)
+app.command("umount")(fs.umount)
 
 
 @app.command()

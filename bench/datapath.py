@@ -1,0 +1,237 @@
+"""Data path benchmark on a local 6-node site (EC 4+2): client library, FUSE, degraded reads.
+
+    python bench/datapath.py [--quick] [--json PATH]
+
+Figures (MB/s, 1 MiB = 2**20 bytes): sequential write and read through the
+client library and through a FUSE mount (dd-style, 1 MiB blocks), read with two
+chunk-store nodes killed, and in the same run the raw nats-py request/reply rate
+for 1 MiB payloads to a separate responder process with the same number of
+requests in flight (the transport limit on this machine), with the ratios.
+EC 4+2 sends 1.5 bytes per byte written, so 0.67 x transport is the write ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import nats
+
+from cfs.bus import Bus
+from cfs.client import FileStore, MetadataClient
+from cfs.supervisor import LocalSite, ManagedProcess
+from cfs.supervisor.site import _pythonpath
+from cfs_contracts.fs.records import ROOT_INO
+
+MiB = 1024 * 1024
+FRAGMENT = MiB  # a 4 MiB chunk in 4+2 is four 1 MiB data fragments
+IN_FLIGHT = 4 * 6  # parallel chunks x fragments per chunk, as FileStore does
+
+RESPONDER = textwrap.dedent(
+    """
+    import asyncio, sys, nats
+    async def main():
+        nc = await nats.connect(sys.argv[1])
+        blob = b"r" * int(sys.argv[2])
+        async def put(msg): await msg.respond(b"ok")
+        async def get(msg): await msg.respond(blob)
+        await nc.subscribe("raw.put", cb=put)
+        await nc.subscribe("raw.get", cb=get)
+        await nc.flush()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+    """
+)
+
+
+async def raw_transport(url: str, total_bytes: int, log_dir: Path) -> tuple[float, float]:
+    """MB/s of 1 MiB requests (put-like) and of 1 MiB replies (get-like)."""
+    responder = ManagedProcess(
+        "raw-responder",
+        [sys.executable, "-c", RESPONDER, url, str(FRAGMENT)],
+        log_path=log_dir / "raw-responder.log",
+    )
+    responder.start()
+    try:
+        responder.wait_until(
+            lambda: "READY" in responder.log_tail(5).splitlines(), 30, "the responder"
+        )
+        nc = await nats.connect(url)
+        payload = os.urandom(FRAGMENT)
+        count = total_bytes // FRAGMENT
+
+        async def run(subject: str, body: bytes) -> float:
+            queue = iter(range(count))
+
+            async def worker() -> None:
+                for _ in queue:
+                    await nc.request(subject, body, timeout=30)
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+            return count * FRAGMENT / MiB / (time.perf_counter() - start)
+
+        await run("raw.put", payload)  # warm up connections and buffers
+        put = await run("raw.put", payload)
+        get = await run("raw.get", b"")
+        await nc.close()
+        return put, get
+    finally:
+        responder.stop()
+
+
+async def _files(site: LocalSite) -> tuple[Bus, FileStore]:
+    bus = await site.client()
+    files = FileStore(bus, MetadataClient(bus), client_id=bus.node)
+    await files.start()
+    return bus, files
+
+
+async def client_write(site: LocalSite, name: str, size: int) -> tuple[int, float]:
+    bus, files = await _files(site)
+    try:
+        inode = await files.meta.create(ROOT_INO, name)
+        block = os.urandom(MiB)
+        start = time.perf_counter()
+        handle = await files.open(inode.ino)
+        for offset in range(0, size, MiB):
+            await handle.write(offset, block)
+        await files.release(handle)  # flush: stored and committed
+        return inode.ino, size / MiB / (time.perf_counter() - start)
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def client_read(site: LocalSite, ino: int, size: int) -> float:
+    bus, files = await _files(site)  # a fresh client: nothing cached
+    try:
+        handle = await files.open(ino)
+        start = time.perf_counter()
+        for offset in range(0, size, MiB):
+            got = await handle.read(offset, MiB)
+            assert len(got) == min(MiB, size - offset)
+        elapsed = time.perf_counter() - start
+        await files.release(handle)
+        return size / MiB / elapsed
+    finally:
+        await files.close()
+        await bus.close()
+
+
+def fuse_rates(site: LocalSite, mountpoint: Path, size: int, log_dir: Path) -> tuple[float, float]:
+    """dd through a mount process: write with fsync, then read after dropping caches."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mount = ManagedProcess(
+        "bench-mount",
+        [
+            sys.executable,
+            "-m",
+            "cfs.fuse",
+            str(mountpoint),
+            "--cluster",
+            ",".join(site.urls),
+            "--site",
+            site.site,
+        ],
+        log_path=log_dir / "mount.log",
+        env={"PYTHONPATH": _pythonpath()},
+    )
+    mount.start()
+    try:
+        mount.wait_until(lambda: os.path.ismount(mountpoint), 60, "the mount")
+        target = mountpoint / "fuse-bench.bin"
+        count = size // MiB
+        start = time.perf_counter()
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={count}", "conv=fsync"],
+            check=True,
+            capture_output=True,
+        )
+        write = size / MiB / (time.perf_counter() - start)
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        start = time.perf_counter()
+        subprocess.run(
+            ["dd", f"if={target}", "of=/dev/null", "bs=1M"], check=True, capture_output=True
+        )
+        read = size / MiB / (time.perf_counter() - start)
+        return write, read
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+        mount.stop()
+
+
+async def run(quick: bool) -> dict[str, float]:
+    size = (64 if quick else 512) * MiB
+    with tempfile.TemporaryDirectory(prefix="cfs-bench-data-") as tmp:
+        base = Path(tmp)
+        site = LocalSite(base / "site", nodes=6, servers=1, site="bench")
+        try:
+            await site.start()
+            await site.wait_ready()
+            raw_put, raw_get = await raw_transport(site.urls[0], size, base)
+            ino, write = await client_write(site, "client.bin", size)
+            read = await client_read(site, ino, size)
+            fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)
+            site.kill9("storage-2")
+            site.kill9("storage-5")
+            degraded = await client_read(site, ino, size)
+        finally:
+            site.stop()
+    return {
+        "file_mib": size / MiB,
+        "raw_transport_mb_s": raw_put,
+        "raw_transport_get_mb_s": raw_get,
+        "write_mb_s": write,
+        "read_mb_s": read,
+        "fuse_write_mb_s": fuse_write,
+        "fuse_read_mb_s": fuse_read,
+        "degraded_read_mb_s": degraded,
+        "write_ratio": write / raw_put,
+        "read_ratio": read / raw_get,
+        "fuse_write_ratio": fuse_write / write,
+        "fuse_read_ratio": fuse_read / read,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="64 MiB instead of 512 MiB")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = asyncio.run(run(args.quick))
+    print(f"transport (1 MiB req/reply)  put {results['raw_transport_mb_s']:8.1f} MB/s")
+    print(f"                             get {results['raw_transport_get_mb_s']:8.1f} MB/s")
+    print(
+        f"client write                     {results['write_mb_s']:8.1f} MB/s"
+        f"  ({results['write_ratio']:.2f} x transport; goal >= 0.5)"
+    )
+    print(
+        f"client read                      {results['read_mb_s']:8.1f} MB/s"
+        f"  ({results['read_ratio']:.2f} x transport; goal >= 0.8)"
+    )
+    print(
+        f"FUSE write                       {results['fuse_write_mb_s']:8.1f} MB/s"
+        f"  ({results['fuse_write_ratio']:.2f} x client; goal >= 0.5)"
+    )
+    print(
+        f"FUSE read                        {results['fuse_read_mb_s']:8.1f} MB/s"
+        f"  ({results['fuse_read_ratio']:.2f} x client; goal >= 0.5)"
+    )
+    print(f"degraded read (2 nodes down)     {results['degraded_read_mb_s']:8.1f} MB/s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""What a client needs to find the cluster, and how to tell whether a mount is ours.
+
+Kept free of pyfuse3 so `cfs fs` and `cfs umount` load quickly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+FSNAME = "claudefs"
+
+
+class ClientSettings(BaseSettings):
+    """Where the cluster is: from flags, then `CFS_*` variables, then these defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
+
+    site: str = "local"
+    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_credentials: Path | None = None
+    shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
+    log_level: str = "INFO"
+
+
+def client_settings(
+    cluster: str | None = None, site: str | None = None, shards: int | None = None
+) -> ClientSettings:
+    """Settings with command-line values (a comma-separated URL list) laid over the env."""
+    overrides: dict[str, object] = {}
+    if cluster:
+        overrides["nats_urls"] = [u.strip() for u in cluster.split(",") if u.strip()]
+    if site:
+        overrides["site"] = site
+    if shards:
+        overrides["shards"] = shards
+    return ClientSettings(**overrides)  # type: ignore[arg-type]
+
+
+def is_fuse_mount(path: Path | str) -> bool:
+    """Is `path` the mount point of a FUSE file system (per /proc/self/mountinfo)?"""
+    # Resolve symlinks above the mount point only: stat-ing a dead mount would hang.
+    absolute = os.path.abspath(path)
+    target = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        head, _, tail = line.partition(" - ")
+        fields = head.split()
+        if len(fields) < 5 or not tail:
+            continue
+        fstype = tail.split()[0]
+        if _unescape(fields[4]) == target and (fstype == "fuse" or fstype.startswith("fuse.")):
+            return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo (octal)."""
+    raw = field.encode()
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 3 < len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "surrogateescape")

@@ -1,0 +1,144 @@
+"""Run a FUSE mount: bus, metadata client and data path behind pyfuse3, on asyncio.
+
+    cfs mount /mnt/cfs --cluster nats://10.0.0.1:4222 --site dc1
+    python -m cfs.fuse /mnt/cfs --cluster nats://127.0.0.1:4222 --site dc1 --shards 4
+
+Components start in order inside one exit stack and stop in reverse: on
+SIGINT/SIGTERM (or an external umount) the FUSE loop ends, the mount goes,
+open files are flushed, then the bus closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from cfs.bus import Bus, BusError
+from cfs.client.files import FileStore
+from cfs.client.metadata import MetadataClient
+from cfs.fuse.config import FSNAME, client_settings
+from cfs.fuse.operations import ClaudeFsOperations
+from cfs.logs import setup_logging
+from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.rpc import FsError
+
+log = logging.getLogger("cfs.fuse")
+
+
+def mount_options(*, debug: bool = False) -> set[str]:
+    """The kernel checks permissions against our attributes (default_permissions);
+    as root, other users may use the mount as on any shared file system."""
+    options = {"default_permissions", f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if os.geteuid() == 0:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    return options
+
+
+async def run_mount(
+    mountpoint: Path,
+    urls: Sequence[str],
+    *,
+    site: str,
+    shard_count: int,
+    client_id: str | None = None,
+    credentials: Path | None = None,
+    debug: bool = False,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Mount and serve until `stop` is set (default: SIGINT/SIGTERM) or the file system
+    is unmounted from outside; always leaves the mount point unmounted."""
+    client_id = client_id or f"mount-{socket.gethostname()}-{os.getpid()}"
+    mountpoint = _mount_dir(mountpoint)
+    pyfuse3.asyncio.enable()
+    loop = asyncio.get_running_loop()
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        bus = await Bus.connect(
+            list(urls), site=site, node=client_id, name=client_id, credentials=credentials
+        )
+        stack.push_async_callback(bus.close)
+        meta = MetadataClient(bus)
+        await meta.getattr(ROOT_INO)  # fail before mounting when metadata does not answer
+        store = FileStore(bus, meta, client_id=client_id)
+        await store.start()
+        stack.push_async_callback(store.close)  # after the unmount: flush what is left
+        operations = ClaudeFsOperations(meta, store, shard_count=shard_count)
+        pyfuse3.init(operations, str(mountpoint), mount_options(debug=debug))
+        stack.callback(_close_session)
+        log.info(
+            "fuse.mounted",
+            extra={"mountpoint": str(mountpoint), "site": site, "client": client_id},
+        )
+        serving = asyncio.create_task(pyfuse3.main(max_tasks=256), name="fuse-main")
+        stopping = asyncio.create_task(stop.wait(), name="fuse-stop")
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            log.info("fuse.stopping", extra={"mountpoint": str(mountpoint)})
+            pyfuse3.terminate()
+        stopping.cancel()
+        await serving  # re-raises a crash of the FUSE loop itself
+    log.info("fuse.unmounted", extra={"mountpoint": str(mountpoint)})
+
+
+def _mount_dir(path: Path) -> Path:
+    """The absolute mount point; checked before anything connects (one stat, at startup)."""
+    absolute = Path(os.path.abspath(path))
+    if not absolute.is_dir():
+        raise FileNotFoundError(f"mount point {absolute} is not a directory")
+    return absolute
+
+
+def _close_session() -> None:
+    try:
+        pyfuse3.close(unmount=True)
+    except Exception as exc:  # already unmounted from outside: nothing left to do
+        log.warning("fuse.close_failed", extra={"error": repr(exc)})
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m cfs.fuse", description="Mount ClaudeFS with FUSE (foreground)."
+    )
+    parser.add_argument("mountpoint", type=Path)
+    parser.add_argument("--cluster", help="NATS URLs, comma-separated (or CFS_NATS_URLS)")
+    parser.add_argument("--site", help="site name (or CFS_SITE)")
+    parser.add_argument("--shards", type=int, help="metadata shard count (or CFS_SHARDS)")
+    parser.add_argument("--credentials", type=Path, help="NATS credentials file")
+    parser.add_argument("--client-id", help="name of this client in logs and NATS")
+    parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    args = parser.parse_args(argv)
+    settings = client_settings(args.cluster, args.site, args.shards)
+    if args.credentials:
+        settings.nats_credentials = args.credentials
+    setup_logging(settings.log_level, service="fuse-mount", mountpoint=str(args.mountpoint))
+    try:
+        asyncio.run(
+            run_mount(
+                args.mountpoint,
+                settings.nats_urls,
+                site=settings.site,
+                shard_count=settings.shards,
+                client_id=args.client_id,
+                credentials=settings.nats_credentials,
+                debug=args.debug_fuse,
+            )
+        )
+    except (BusError, FsError, OSError, RuntimeError) as exc:
+        # Cannot mount (cluster unreachable, mount point missing or busy): one line, exit 1.
+        log.error("fuse.mount_failed", extra={"error": str(exc)})
+        raise SystemExit(1) from None
