@@ -100,11 +100,13 @@ async def client_write(site: LocalSite, name: str, size: int) -> tuple[int, floa
     bus, files = await _files(site)
     try:
         inode = await files.meta.create(ROOT_INO, name)
-        block = os.urandom(MiB)
+        # Distinct data in every block: chunks are content-addressed, and repeated
+        # blocks would be stored once and read from the client's cache.
+        data = memoryview(os.urandom(size))
         start = time.perf_counter()
         handle = await files.open(inode.ino)
         for offset in range(0, size, MiB):
-            await handle.write(offset, block)
+            await handle.write(offset, bytes(data[offset : offset + MiB]))
         await files.release(handle)  # flush: stored and committed
         return inode.ino, size / MiB / (time.perf_counter() - start)
     finally:
@@ -150,10 +152,12 @@ def fuse_rates(site: LocalSite, mountpoint: Path, size: int, log_dir: Path) -> t
     try:
         mount.wait_until(lambda: os.path.ismount(mountpoint), 60, "the mount")
         target = mountpoint / "fuse-bench.bin"
+        source = log_dir / "random.bin"  # distinct chunks (see client_write), page-cached
+        source.write_bytes(os.urandom(size))
         count = size // MiB
         start = time.perf_counter()
         subprocess.run(
-            ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={count}", "conv=fsync"],
+            ["dd", f"if={source}", f"of={target}", "bs=1M", f"count={count}", "conv=fsync"],
             check=True,
             capture_output=True,
         )
