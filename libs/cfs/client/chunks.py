@@ -41,8 +41,10 @@ class ChunkStoreClient:
         self.bus = bus
         self.timeout_s = timeout_s
 
-    async def put(self, node: str, key: str, data: bytes) -> FragmentInfo:
-        headers = {HEADER_KEY: key, HEADER_CRC: f"{zlib.crc32(data):08x}"}
+    async def put(self, node: str, key: str, data: bytes, crc: int | None = None) -> FragmentInfo:
+        """Store durably on `node`; `crc` (CRC-32 of data) if the caller has it already."""
+        crc = zlib.crc32(data) if crc is None else crc
+        headers = {HEADER_KEY: key, HEADER_CRC: f"{crc:08x}"}
         reply = await self._control(node, "put", key, data, headers)
         if reply.fragment is None:
             raise FragmentError(node, key, errno.EIO, "put answered without a fragment record")

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import logging
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
@@ -54,12 +55,14 @@ class FileStore:
         write_buffer_bytes: int = 64 * MiB,
         cache_bytes: int = 64 * MiB,
         parallel_chunks: int = 4,
+        readahead_chunks: int = 4,
         fragment_timeout_s: float = 10.0,
     ) -> None:
         self.bus = bus
         self.meta = meta
         self.client_id = client_id
         self.write_buffer_bytes = write_buffer_bytes
+        self.readahead_chunks = readahead_chunks
         self.chunks = ChunkStoreClient(bus, timeout_s=fragment_timeout_s)
         self.nodes = NodeView(bus)
         self._cache = _ChunkCache(cache_bytes)
@@ -138,7 +141,7 @@ class FileStore:
                 if not candidates:
                     raise FsError(errno.ENOSPC, "no chunk-store node is up with room for data")
                 scheme = choose_scheme(len(candidates))
-                fragments = await asyncio.to_thread(encode, scheme, data)
+                fragments = await asyncio.to_thread(_encode_with_crcs, scheme, data)
                 order = [c.node for c in rank(chunk_id, candidates)]
                 spare = order[scheme.total :]
                 try:
@@ -162,14 +165,21 @@ class FileStore:
                 )
 
     async def _put_fragment(
-        self, chunk_id: str, scheme: Scheme, index: int, data: bytes, node: str, spare: list[str]
+        self,
+        chunk_id: str,
+        scheme: Scheme,
+        index: int,
+        fragment: tuple[bytes, int],
+        node: str,
+        spare: list[str],
     ) -> str:
         """Store fragment `index` on `node`, else on the next spare node; returns the holder."""
         key = fragment_key(chunk_id, scheme.name, index)
+        data, crc = fragment
         errors: list[str] = []
         while True:
             try:
-                await self.chunks.put(node, key, data)
+                await self.chunks.put(node, key, data, crc=crc)
                 return node
             except FragmentError as exc:
                 if not exc.unreachable and exc.errno not in (errno.ENOSPC, errno.EIO):
@@ -182,17 +192,17 @@ class FileStore:
                 raise _OutOfNodes(code, f"cannot place fragment {key}: {'; '.join(errors)}")
             node = spare.pop(0)
 
-    async def fetch_chunk(self, ino: int, ref: ChunkRef) -> bytes:
-        """The chunk's bytes (`ref.length` of them); shared by concurrent readers."""
+    async def fetch_chunk(self, ino: int, ref: ChunkRef) -> memoryview:
+        """The chunk's bytes (`ref.length` of them, not copied); shared by concurrent readers."""
         cached = self._cache.get(ref.chunk_id)
         if cached is not None:
-            return cached[: ref.length]
+            return memoryview(cached)[: ref.length]
         running = self._fetching.get(ref.chunk_id)
         if running is None:
             running = asyncio.ensure_future(self._fetch(ino, ref))
             self._fetching[ref.chunk_id] = running
             running.add_done_callback(lambda _: self._fetching.pop(ref.chunk_id, None))
-        return (await asyncio.shield(running))[: ref.length]
+        return memoryview(await asyncio.shield(running))[: ref.length]
 
     def prefetch(self, ino: int, ref: ChunkRef) -> None:
         if self._cache.get(ref.chunk_id) is None and ref.chunk_id not in self._fetching:
@@ -279,6 +289,11 @@ class _OutOfNodes(FsError):
     """Every candidate node failed for one fragment."""
 
 
+def _encode_with_crcs(scheme: Scheme, data: bytes) -> list[tuple[bytes, int]]:
+    """Fragments with their CRC-32, computed off the event loop (both release the GIL)."""
+    return [(f, zlib.crc32(f)) for f in encode(scheme, data)]
+
+
 def _decode_checked(scheme: Scheme, got: dict[int, bytes], ref: ChunkRef) -> bytes:
     data = decode(scheme, got, ref.stored_length)
     actual = hashlib.sha256(data).hexdigest()
@@ -354,15 +369,21 @@ class OpenFile:
         while pos < end:
             index, within = divmod(pos, self.chunk_size)
             take = min(self.chunk_size - within, end - pos)
-            piece = bytes((await self._chunk_bytes(index))[within : within + take])
-            parts.append(piece.ljust(take, b"\0"))
+            piece = bytes(memoryview(await self._chunk_bytes(index))[within : within + take])
+            parts.append(piece if len(piece) == take else piece.ljust(take, b"\0"))
             pos += take
-        following = self._committed.get(index + 1)
-        if following is not None and (index + 1) not in self._dirty:
-            self.store.prefetch(self.ino, following)  # sequential readers find it ready
-        return b"".join(parts)
+        self._read_ahead(index)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def _chunk_bytes(self, index: int) -> bytes | bytearray:
+    def _read_ahead(self, index: int) -> None:
+        """Start fetching the next chunks so a sequential reader finds them ready."""
+        for ahead in range(index + 1, index + 1 + self.store.readahead_chunks):
+            ref = self._committed.get(ahead)
+            if ref is None or ahead in self._dirty or ahead in self._storing:
+                return
+            self.store.prefetch(self.ino, ref)
+
+    async def _chunk_bytes(self, index: int) -> bytes | bytearray | memoryview:
         if index in self._dirty:
             return self._dirty[index]
         if index in self._storing:
@@ -376,6 +397,7 @@ class OpenFile:
     async def write(self, offset: int, data: bytes) -> int:
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
+        view = memoryview(data)
         async with self._lock:
             pos = 0
             while pos < len(data):
@@ -384,7 +406,7 @@ class OpenFile:
                 buffer = await self._buffer(index)
                 if len(buffer) < within:
                     buffer.extend(bytes(within - len(buffer)))
-                buffer[within : within + take] = data[pos : pos + take]
+                buffer[within : within + take] = view[pos : pos + take]
                 pos += take
                 if within + take == self.chunk_size:
                     self._store_in_background(index)  # full: start storing it now
