@@ -28,7 +28,7 @@ import nats
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
 from cfs.supervisor import LocalSite, ManagedProcess
-from cfs.supervisor.site import _pythonpath
+from cfs.supervisor.site import child_pythonpath
 from cfs_contracts.fs.records import ROOT_INO
 
 MiB = 1024 * 1024
@@ -146,7 +146,7 @@ def fuse_rates(site: LocalSite, mountpoint: Path, size: int, log_dir: Path) -> t
             site.site,
         ],
         log_path=log_dir / "mount.log",
-        env={"PYTHONPATH": _pythonpath()},
+        env={"PYTHONPATH": child_pythonpath()},
     )
     mount.start()
     try:

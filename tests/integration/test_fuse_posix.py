@@ -35,10 +35,11 @@ from cfs.client.nodes import NodeView
 from cfs.fuse.attrs import ENTRY_TIMEOUT_S
 from cfs.fuse.config import is_fuse_mount
 from cfs.supervisor import ManagedProcess, NatsCluster
+from cfs.supervisor.site import child_pythonpath
 from cfs_contracts.events.metadata import MetaCommitted
 from cfs_metadata.check import check_tree
 from cfs_metadata.state import MemoryShard, apply_entries
-from tests.integration.metadata_harness import ROOT, SITE, MetaSite, replay_journal
+from tests.integration.metadata_harness import SITE, MetaSite, replay_journal
 
 SHARDS = 2
 STORE_NODES = ("s1", "s2", "s3")
@@ -51,12 +52,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _pythonpath() -> str:
-    return os.pathsep.join(
-        [str(ROOT / "libs"), str(ROOT / "contracts"), str(ROOT / "services"), *sys.path]
-    )
-
-
 class Mounted:
     """The module's site and mount: `path` is the mount point."""
 
@@ -65,7 +60,7 @@ class Mounted:
         self.path = path
         self.cluster = NatsCluster(1, base / "nats")
         self.site = MetaSite(base / "meta", self.cluster, nodes=("m1",), shards=SHARDS)
-        env = {"CFS_SITE": SITE, "PYTHONPATH": _pythonpath()}
+        env = {"CFS_SITE": SITE, "PYTHONPATH": child_pythonpath()}
         self.stores = [
             ManagedProcess(
                 f"chunk-store-{node}",
@@ -749,7 +744,7 @@ def test_cli_fs_errors_are_one_line(mounted: Mounted, d: Path) -> None:
 def test_cli_mount_in_the_background_then_umount(
     mounted: Mounted, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", _pythonpath())
+    monkeypatch.setenv("PYTHONPATH", child_pythonpath())
     second = Path(tempfile.mkdtemp(prefix="cfs-mnt2-", dir="/tmp"))
     pid = None
     try:

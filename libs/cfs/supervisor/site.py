@@ -99,7 +99,7 @@ class LocalSite:
         self._spawned_ms: dict[str, int] = {}
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         labels = labels or {}
-        pythonpath = _pythonpath()
+        pythonpath = child_pythonpath()
         for node in names:
             common = {
                 "CFS_NODE": node,
@@ -304,7 +304,7 @@ class LocalSite:
         )
 
 
-def _pythonpath() -> str:
+def child_pythonpath() -> str:
     """The import roots of our packages, then whatever PYTHONPATH we were given."""
     roots: list[str] = []
     for package in _PACKAGES:
