@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,9 @@ import pytest
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
+from cfs.fuse.config import is_fuse_mount
 from cfs.supervisor import LocalSite, ManagedProcess
+from cfs.supervisor.site import child_pythonpath
 from cfs_chunkstore.store import fragment_path, store_root
 from cfs_contracts.data import fragment_key
 from cfs_contracts.envelope import Envelope
@@ -212,3 +215,66 @@ async def _damage_reports(bus: Bus, wait_s: float = 5.0) -> list[dict[str, objec
         if not found:
             await asyncio.sleep(0.2)
     return found
+
+
+def _mount(site: LocalSite, mountpoint: Path, log: Path) -> ManagedProcess:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = ManagedProcess(
+        "fuse-mount",
+        [
+            sys.executable,
+            "-m",
+            "cfs.fuse",
+            str(mountpoint),
+            "--cluster",
+            ",".join(site.urls),
+            "--site",
+            site.site,
+        ],
+        log_path=log,
+        env={"PYTHONPATH": child_pythonpath()},
+    )
+    proc.start()
+    proc.wait_until(lambda: is_fuse_mount(mountpoint), 30, "the FUSE mount")
+    return proc
+
+
+def _unmount(proc: ManagedProcess, mountpoint: Path) -> None:
+    try:
+        if proc.running:
+            assert proc.stop(timeout=30) == 0, proc.log_tail()  # SIGTERM: flush, unmount
+    finally:
+        if is_fuse_mount(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    assert not is_fuse_mount(mountpoint)
+
+
+async def test_files_through_the_mount_survive_unmount_and_remount(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    """0 B, 1 B, chunk-1, chunk, chunk+1 and 100 MiB through a real FUSE mount."""
+    mnt = tmp_path / "mnt"
+    sizes = [0, 1, CS - 1, CS, CS + 1, 100 * 1024 * 1024]
+    digests: dict[str, str] = {}
+    mount = _mount(site, mnt, tmp_path / "mount-1.log")
+    try:
+        for seed, size in enumerate(sizes):
+            data = _blob(size, 100 + seed)
+            name = f"size-{size}"
+            with open(mnt / name, "wb") as out:
+                for offset in range(0, size, 1 << 20):
+                    out.write(data[offset : offset + (1 << 20)])
+                os.fsync(out.fileno())
+            digests[name] = hashlib.sha256(data).hexdigest()
+        for name, digest in digests.items():
+            assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest
+    finally:
+        await asyncio.to_thread(_unmount, mount, mnt)
+    mount = _mount(site, mnt, tmp_path / "mount-2.log")
+    try:
+        assert sorted(os.listdir(mnt)) == sorted(digests)
+        for name, digest in digests.items():
+            assert (mnt / name).stat().st_size == int(name.split("-")[1])
+            assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest
+    finally:
+        await asyncio.to_thread(_unmount, mount, mnt)
