@@ -44,6 +44,7 @@ from cfs_contracts.fs.rpc import (
     Link,
     MkDir,
     MkNod,
+    MoveFragments,
     MutationOp,
     RemoveXattr,
     Rename,
@@ -452,6 +453,30 @@ def _commit_chunks(ctx: _Ctx, op: CommitChunks) -> Reply:
     return Reply(inode=ctx.put(updated))
 
 
+def _move_fragments(ctx: _Ctx, op: MoveFragments) -> Reply:
+    """Compare-and-set per fragment; neither mtime nor ctime change (same bytes)."""
+    inode = ctx.inode(op.ino)
+    chunks = {c.index: c for c in inode.chunks}
+    applied = 0
+    for move in op.moves:
+        chunk = chunks.get(move.index)
+        if (
+            chunk is None
+            or chunk.chunk_id != move.chunk_id
+            or move.fragment >= len(chunk.fragments)
+            or chunk.fragments[move.fragment] != move.old_node
+        ):
+            continue
+        holders = list(chunk.fragments)
+        holders[move.fragment] = move.new_node
+        chunks[move.index] = chunk.model_copy(update={"fragments": tuple(holders)})
+        applied += 1
+    if not applied:
+        raise FsError(errno.ESTALE, f"inode {op.ino}: no fragment is where the move expects")
+    updated = inode.model_copy(update={"chunks": tuple(chunks[i] for i in sorted(chunks))})
+    return Reply(inode=ctx.put(updated))
+
+
 def _setxattr(ctx: _Ctx, op: SetXattr) -> Reply:
     inode = ctx.inode(op.ino)
     _check_xattr_name(op.name)
@@ -512,6 +537,8 @@ def _dispatch(ctx: _Ctx, op: MutationOp) -> Reply:
             return _setattr(ctx, op)
         case CommitChunks():
             return _commit_chunks(ctx, op)
+        case MoveFragments():
+            return _move_fragments(ctx, op)
         case SetXattr():
             return _setxattr(ctx, op)
         case RemoveXattr():

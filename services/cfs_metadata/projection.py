@@ -100,6 +100,21 @@ class Projection:
     def _dentry_at(self, raw: bytes, parent: int, name: str) -> Dentry:
         return self._checked(lambda: unseal_dentry(raw, parent, name))
 
+    def scan_inodes(self, after_ino: int = 0) -> Iterator[Inode]:
+        for item_key, item_value in self._db.items(from_key=_inode_key(after_ino + 1)):
+            key, raw = cast(bytes, item_key), cast(bytes, item_value)
+            if not key.startswith(_INODE):
+                return
+            yield self._inode_at(raw, int(_U64.unpack(key[1:9])[0]))
+
+    def scan_dentries(self) -> Iterator[Dentry]:
+        for item_key, item_value in self._db.items(from_key=_DENTRY):
+            key, raw = cast(bytes, item_key), cast(bytes, item_value)
+            if not key.startswith(_DENTRY):
+                return
+            parent = int(_U64.unpack(key[1:9])[0])
+            yield self._dentry_at(raw, parent, key[17:].decode("utf-8", "surrogateescape"))
+
     def has_entries(self, parent: int) -> bool:
         return next(self.dentries(parent), None) is not None
 
@@ -169,19 +184,10 @@ class Projection:
     def to_memory(self) -> MemoryShard:
         """Every record, checksums verified, as a MemoryShard (checks and comparisons)."""
         out = MemoryShard(self.shard)
-        for item_key, item_value in self._db.items(from_key=_INODE):
-            key, raw = cast(bytes, item_key), cast(bytes, item_value)
-            if not key.startswith(_INODE):
-                break
-            out.put_inode(self._inode_at(raw, int(_U64.unpack(key[1:9])[0])))
-        for item_key, item_value in self._db.items(from_key=_DENTRY):
-            key, raw = cast(bytes, item_key), cast(bytes, item_value)
-            if not key.startswith(_DENTRY):
-                break
-            parent = int(_U64.unpack(key[1:9])[0])
-            out.put_dentry(
-                self._dentry_at(raw, parent, key[17:].decode("utf-8", "surrogateescape"))
-            )
+        for inode in self.scan_inodes():
+            out.put_inode(inode)
+        for dentry in self.scan_dentries():
+            out.put_dentry(dentry)
         out.set_next_local(self.next_local())
         return out
 

@@ -7,6 +7,7 @@ import errno
 from cfs_contracts.fs.records import Inode, Kind, shard_of
 from cfs_contracts.fs.rpc import (
     DirEntry,
+    FindNames,
     FsError,
     GetAttr,
     GetXattr,
@@ -15,11 +16,13 @@ from cfs_contracts.fs.rpc import (
     ReadDir,
     ReadLink,
     ReadOp,
+    RemoteRecord,
     Reply,
+    ScanChunks,
     StatFs,
     TxRead,
 )
-from cfs_metadata.state import ShardView
+from cfs_metadata.state import Scannable, ShardView
 from cfs_metadata.txn import read_records
 
 
@@ -70,6 +73,33 @@ def read(view: ShardView, op: ReadOp) -> Reply:
             return Reply(stats={"shard": view.shard, "inodes": view.inode_count()})
         case TxRead():
             return Reply(records=read_records(view, op.keys))
+        case ScanChunks() | FindNames():
+            raise TypeError("whole-shard scans are answered by `scan`, from the projection")
+
+
+SCAN_BUDGET = 5000  # inodes looked at per scan_chunks call, so one call stays short
+
+
+def scan(view: Scannable, op: ScanChunks | FindNames) -> Reply:
+    """Whole-shard scans (repair, lost-data reports); raises FsError."""
+    if isinstance(op, FindNames):
+        found = tuple(
+            RemoteRecord(key=f"d:{d.parent}:{d.name}", dentry=d)
+            for d in view.scan_dentries()
+            if d.ino == op.ino
+        )
+        return Reply(records=found)
+    matches: list[Inode] = []
+    cursor = 0
+    for looked, inode in enumerate(view.scan_inodes(op.after_ino), start=1):
+        cursor = inode.ino
+        if inode.chunks and (
+            not op.node or any(op.node in chunk.fragments for chunk in inode.chunks)
+        ):
+            matches.append(inode)
+        if len(matches) == op.limit or looked == SCAN_BUDGET:
+            return Reply(inodes=tuple(matches), cursor=cursor)
+    return Reply(inodes=tuple(matches), cursor=0)
 
 
 def _inode(view: ShardView, ino: int, *, want_dir: bool = False) -> Inode:

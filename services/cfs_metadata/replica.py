@@ -29,10 +29,12 @@ from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommit
 from cfs_contracts.events.ops import CorruptionDetected
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import (
+    FindNames,
     FsError,
     MutationOp,
     Reply,
     Request,
+    ScanChunks,
     TxDecide,
     TxOp,
     TxPrepare,
@@ -44,7 +46,7 @@ from cfs_metadata.faults import crash_point
 from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
 from cfs_metadata.lease import ShardLease
 from cfs_metadata.projection import Projection
-from cfs_metadata.reads import read
+from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
@@ -285,7 +287,10 @@ class ShardReplica:
             self._queue.put_nowait(ShardTxOp(op, msg, self._respond, self.coordinator.in_flight))
             return
         try:
-            reply = read(LockedView(self.projection, self._locked), op)
+            if isinstance(op, ScanChunks | FindNames):
+                reply = scan(self.projection, op)
+            else:
+                reply = read(LockedView(self.projection, self._locked), op)
         except FsError as exc:
             reply = Reply.error(exc)
         except CorruptRecord as exc:

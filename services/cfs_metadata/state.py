@@ -53,6 +53,16 @@ class ShardView(Protocol):
     def tx(self, tx_id: str) -> TxRecord | None: ...
 
 
+class Scannable(Protocol):
+    """Whole-shard iteration, for repair and lost-data reports (not on the hot path)."""
+
+    def scan_inodes(self, after_ino: int = 0) -> Iterator[Inode]:
+        """Inodes in inode-number order, strictly after `after_ino`."""
+        ...
+
+    def scan_dentries(self) -> Iterator[Dentry]: ...
+
+
 class ShardWriter(Protocol):
     def put_inode(self, inode: Inode) -> None: ...
 
@@ -127,6 +137,12 @@ class MemoryShard(SingleShard):
 
     def has_entries(self, parent: int) -> bool:
         return bool(self.dirs.get(parent))
+
+    def scan_inodes(self, after_ino: int = 0) -> Iterator[Inode]:
+        return (self.inodes[i] for i in sorted(self.inodes) if i > after_ino)
+
+    def scan_dentries(self) -> Iterator[Dentry]:
+        return (d for entries in self.dirs.values() for d in entries.values())
 
     def next_local(self) -> int:
         return self.local

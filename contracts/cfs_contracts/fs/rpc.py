@@ -178,6 +178,51 @@ class CommitChunks(_Mutation):
     mtime_ns: int | None = None
 
 
+class FragmentMove(BaseModel):
+    """Fragment `fragment` of chunk `index` now lives on `new_node` instead of `old_node`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0, description="chunk number within the file")
+    chunk_id: str
+    fragment: int = Field(ge=0)
+    old_node: str
+    new_node: str
+
+
+class MoveFragments(_Mutation):
+    """Repair and drain: repoint fragments whose new copy is durable.
+
+    Compare-and-set per move: a move whose chunk or old node no longer matches
+    (the file was rewritten, or another repair got there first) is skipped;
+    ESTALE when none applies.
+    """
+
+    op: Literal["move_fragments"] = "move_fragments"
+    ino: int
+    moves: tuple[FragmentMove, ...] = Field(min_length=1)
+
+
+class ScanChunks(_Op):
+    """Files of this shard whose chunk map names `node` (any file if `node` is empty),
+    in inode order after `after_ino`. Scans a bounded number of inodes per call;
+    `Reply.cursor` is where to continue, 0 when the shard is done."""
+
+    op: Literal["scan_chunks"] = "scan_chunks"
+    shard: int = Field(ge=1, le=999)
+    after_ino: int = Field(default=0, ge=0)
+    node: str = ""
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class FindNames(_Op):
+    """Every entry naming `ino` held by this shard (slow: a scan; for lost-data reports)."""
+
+    op: Literal["find_names"] = "find_names"
+    shard: int = Field(ge=1, le=999)
+    ino: int
+
+
 # -- cross-shard transactions (shard to shard; DESIGN.md §4) ----------------------------
 class RemoteRecord(BaseModel):
     """What one shard holds under a key, as read by a coordinating shard.
@@ -228,7 +273,18 @@ class TxStatus(_Mutation):
     tx_id: str
 
 
-ReadOp = Lookup | GetAttr | ReadLink | ReadDir | GetXattr | ListXattr | StatFs | TxRead
+ReadOp = (
+    Lookup
+    | GetAttr
+    | ReadLink
+    | ReadDir
+    | GetXattr
+    | ListXattr
+    | StatFs
+    | TxRead
+    | ScanChunks
+    | FindNames
+)
 TxOp = TxReserve | TxPrepare | TxDecide | TxStatus
 MutationOp = (
     SetAttr
@@ -243,6 +299,7 @@ MutationOp = (
     | SetXattr
     | RemoveXattr
     | CommitChunks
+    | MoveFragments
 )
 ShardOp = MutationOp | TxOp
 AnyOp = Annotated[ReadOp | MutationOp | TxOp, Field(discriminator="op")]
@@ -283,6 +340,8 @@ class Reply(BaseModel):
     records: tuple[RemoteRecord, ...] = ()
     reserved: int = 0
     tx_state: str = ""
+    inodes: tuple[Inode, ...] = ()
+    cursor: int = Field(default=0, description="scan_chunks: continue after this inode; 0 = done")
     not_leader: bool = Field(default=False, description="ask again: the writer is changing")
 
     @classmethod

@@ -59,7 +59,9 @@ class MetadataClient:
         A writer change is always retried. EAGAIN for a conflict (records locked by
         a cross-shard transaction) is retried too unless `retry_conflicts` is False.
         """
-        name = shard_name(shard if shard is not None else shard_of(_routing_ino(op)))
+        if shard is None:
+            shard = getattr(op, "shard", None) or shard_of(_routing_ino(op))
+        name = shard_name(shard)
         subject = meta_rpc_subject(self.bus.site, name)
         data = Request(body=op).model_dump_json().encode()
         started = time.monotonic()

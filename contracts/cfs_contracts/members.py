@@ -1,0 +1,79 @@
+"""Membership records in the `nodes` KV bucket (DESIGN.md §6).
+
+Keys, all in the `nodes` bucket:
+- `member.<node>` (`MemberRecord`): SWIM's verdict on a node. Written with
+  compare-and-set by whichever member observed a change, merged by SWIM's
+  precedence rules (`supersedes`), so concurrent observers converge.
+- `admin.<node>` (`NodeAdmin`): the operator's lifecycle state (active,
+  draining, drained, removed), written by admin commands and the repair
+  coordinator.
+- `store.<node>` (`cfs_contracts.data.StoreRecord`): the chunk-store's capacity.
+
+Placement takes a node only when all three agree: alive, active, with room.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Liveness(StrEnum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DOWN = "down"
+    LEFT = "left"
+
+
+class Lifecycle(StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    REMOVED = "removed"
+
+
+_RANK = {Liveness.ALIVE: 0, Liveness.SUSPECT: 1, Liveness.DOWN: 2, Liveness.LEFT: 3}
+
+
+def member_key(node: str) -> str:
+    return f"member.{node}"
+
+
+def admin_key(node: str) -> str:
+    return f"admin.{node}"
+
+
+class MemberRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    state: Liveness
+    incarnation: int = Field(ge=0, description="bumped only by the node itself, to refute")
+    host: str = Field(description="SWIM UDP address")
+    port: int = Field(ge=1, le=65535)
+    labels: dict[str, str] = Field(default_factory=dict, description="failure domains")
+    since_ms: int = Field(ge=0, description="wall clock when `state` began")
+    detected_by: str = Field(default="", description="member whose report set `state`")
+    method: str = Field(default="SWIM", description="detector, shown by `cfs admin status`")
+
+    def supersedes(self, other: MemberRecord) -> bool:
+        """SWIM precedence: higher incarnation wins; at equal incarnation the worse state
+        wins (suspect over alive, down over suspect); LEFT is final."""
+        if other.state is Liveness.LEFT:
+            return False
+        if self.state is Liveness.LEFT:
+            return True
+        if self.incarnation != other.incarnation:
+            return self.incarnation > other.incarnation
+        return _RANK[self.state] > _RANK[other.state]
+
+
+class NodeAdmin(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    lifecycle: Lifecycle = Lifecycle.ACTIVE
+    since_ms: int = Field(ge=0)
+    requested_by: str = Field(default="", description="operator or service that set it")
+    reason: str = ""
