@@ -14,8 +14,8 @@ import nats.errors
 import nats.js.errors
 
 from cfs.bus import Bus, BusUnavailable
+from cfs.lease import LeaseStatus, ShardLease
 from cfs_contracts.streams import meta_stream, shard_name
-from cfs_metadata.lease import LeaseStatus, ShardLease
 
 ANY_NODE = "*"
 

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
 from cfs.ids import new_id
+from cfs.lease import ShardLease
 from cfs_contracts import ContractError
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
@@ -44,7 +45,6 @@ from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
 from cfs_metadata.faults import crash_point
 from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
-from cfs_metadata.lease import ShardLease
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.client import MetadataClient
+from cfs.lease import ShardLease
 from cfs.supervisor import ManagedProcess, NatsCluster
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 from cfs_metadata.journal import Journal
-from cfs_metadata.lease import ShardLease
 from cfs_metadata.projection import Projection
 
 ROOT = Path(__file__).resolve().parents[2]

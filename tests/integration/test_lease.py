@@ -14,9 +14,9 @@ import nats.js.errors
 import pytest
 
 from cfs.bus import Bus, ensure_buckets
+from cfs.lease import LeaseRecord, ShardLease
 from cfs.supervisor import NatsServer
 from cfs_contracts.streams import LEASES
-from cfs_metadata.lease import LeaseRecord, ShardLease
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "meta.001"

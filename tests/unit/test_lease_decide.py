@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cfs_metadata.lease import (
+from cfs.lease import (
     Action,
     LeaseRecord,
     Snapshot,

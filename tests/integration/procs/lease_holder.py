@@ -12,8 +12,8 @@ import asyncio
 import sys
 
 from cfs.bus import Bus
+from cfs.lease import ShardLease
 from cfs.logs import setup_logging
-from cfs_metadata.lease import ShardLease
 
 
 async def main(url: str, key: str, node: str, lease_s: float, renew_s: float) -> None:
