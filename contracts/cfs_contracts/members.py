@@ -77,3 +77,30 @@ class NodeAdmin(BaseModel):
     since_ms: int = Field(ge=0)
     requested_by: str = Field(default="", description="operator or service that set it")
     reason: str = ""
+
+
+def repair_key(node: str) -> str:
+    return f"repair.{node}"
+
+
+class RepairJob(BaseModel):
+    """`repair.<node>` in the `nodes` bucket: where the repair of a node stands.
+
+    Written only by the coordinator holding the `service.repair` lease; a new
+    holder resumes from `shard`/`after_ino`.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    job_id: str
+    reason: str = Field(description="down | removed | draining")
+    trigger_ms: int = Field(ge=0, description="since when the node needed repair")
+    started_ms: int = Field(ge=0)
+    shard: int = Field(default=1, ge=1, description="shard being scanned")
+    after_ino: int = Field(default=0, ge=0, description="files up to here are done")
+    files_scanned: int = Field(default=0, ge=0)
+    fragments_rebuilt: int = Field(default=0, ge=0)
+    bytes_rebuilt: int = Field(default=0, ge=0)
+    chunks_lost: int = Field(default=0, ge=0)
+    done_ms: int = Field(default=0, ge=0, description="0 while running")

@@ -1,9 +1,12 @@
-"""Which chunk-store nodes may take new fragments: a live view of `store.*` in the nodes KV.
+"""Which chunk-store nodes may take new fragments: a live view of the nodes KV.
 
-Placement needs alive, non-draining nodes with room (DESIGN.md §5). Until
-membership (§6) publishes liveness, a node counts as alive while its
-chunk-store keeps its record fresh; a node that just failed a request is
-avoided for a short while so one dead node does not slow every write.
+Placement needs alive, active (not draining or removed) nodes with room
+(DESIGN.md §5): `member.<node>` (SWIM's verdict), `admin.<node>` (the
+operator's lifecycle state) and `store.<node>` (capacity, refreshed by the
+chunk-store) must all agree. A missing member or admin record does not
+exclude a node (a site may run without membership); a stale store record
+does. A node that just failed a request is avoided for a short while so one
+dead node does not slow every write.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import nats.errors
 from nats.js.kv import KeyValue
@@ -20,9 +24,17 @@ from pydantic import ValidationError
 from cfs.bus import Bus
 from cfs.placement import Candidate
 from cfs_contracts.data import StoreRecord
+from cfs_contracts.members import Lifecycle, Liveness, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
+
+
+_TABLES: dict[str, tuple[str, type[Any]]] = {
+    "store": ("records", StoreRecord),
+    "member": ("members", MemberRecord),
+    "admin": ("admin", NodeAdmin),
+}
 
 
 class NodeView:
@@ -39,6 +51,8 @@ class NodeView:
         self.avoid_for_s = avoid_for_s
         self.domain_label = domain_label
         self.records: dict[str, StoreRecord] = {}
+        self.members: dict[str, MemberRecord] = {}
+        self.admin: dict[str, NodeAdmin] = {}
         self._avoid_until: dict[str, float] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -46,7 +60,7 @@ class NodeView:
 
     async def start(self, timeout: float = 10.0) -> None:
         kv = await self.bus.key_value(NODES.bucket)
-        self._watcher = await kv.watch("store.*")
+        self._watcher = await kv.watch(">")
         self._task = asyncio.create_task(self._follow(self._watcher))
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
@@ -66,14 +80,26 @@ class NodeView:
             if entry is None:  # initial values delivered
                 self._ready.set()
                 continue
-            node = entry.key.removeprefix("store.")
+            kind, _, node = entry.key.partition(".")
+            if kind not in _TABLES:
+                continue  # e.g. repair job records
+            attribute, model = _TABLES[kind]
+            table: dict[str, Any] = getattr(self, attribute)
             if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self.records.pop(node, None)
+                table.pop(node, None)
                 continue
             try:
-                self.records[node] = StoreRecord.model_validate_json(entry.value)
+                table[node] = model.model_validate_json(entry.value)
             except ValidationError as exc:
                 log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+
+    def usable(self, node: str) -> bool:
+        """Alive (or not tracked by membership) and active (or never administered)."""
+        member = self.members.get(node)
+        admin = self.admin.get(node)
+        return (member is None or member.state is Liveness.ALIVE) and (
+            admin is None or admin.lifecycle is Lifecycle.ACTIVE
+        )
 
     def avoid(self, node: str) -> None:
         self._avoid_until[node] = time.monotonic() + self.avoid_for_s
@@ -90,6 +116,7 @@ class NodeView:
             )
             for rec in self.records.values()
             if not rec.draining
+            and self.usable(rec.node)
             and now_ms - rec.updated_ms < self.stale_after_s * 1000
             and rec.free_bytes >= needed_bytes
             and self._avoid_until.get(rec.node, 0.0) < mono

@@ -1,0 +1,3 @@
+from cfs_repair.service import main
+
+main()

@@ -1,0 +1,403 @@
+"""The repair coordinator: one active per site (lease `service.repair`), resumable.
+
+Each cycle takes one snapshot of the nodes KV (member, admin, store and repair
+records), decides which nodes need their fragments re-protected (`due`, pure),
+and works through them one at a time: every shard's files that name the node,
+in inode order, chunk by chunk, persisting the cursor in `repair.<node>` after
+every page so the next holder resumes there. While it holds the lease it also
+consumes `FragmentDamaged` reports and rebuilds those fragments in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, DurableConsumer, Retry
+from cfs.client.chunks import FragmentError
+from cfs.client.metadata import MetadataClient
+from cfs.client.nodes import NodeView
+from cfs.ids import new_id
+from cfs.lease import ShardLease
+from cfs_contracts import DecodedEvent
+from cfs_contracts.events.cluster import NodeDrained
+from cfs_contracts.events.data import FragmentDamaged
+from cfs_contracts.events.repair import (
+    ChunkLost,
+    FragmentRebuilt,
+    RepairCompleted,
+    RepairProgress,
+    RepairStarted,
+)
+from cfs_contracts.fs import rpc
+from cfs_contracts.fs.records import ChunkRef, Inode
+from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.members import (
+    Lifecycle,
+    Liveness,
+    MemberRecord,
+    NodeAdmin,
+    RepairJob,
+    admin_key,
+    repair_key,
+)
+from cfs_contracts.streams import NODES
+from cfs_repair.plan import Reason, plan_chunk
+from cfs_repair.rebuild import NoTarget, Rebuilder, Unrecoverable, path_of
+
+log = logging.getLogger(__name__)
+
+PAGE = 32
+PROGRESS_EVERY_S = 2.0
+
+
+def due(
+    members: dict[str, MemberRecord],
+    admin: dict[str, NodeAdmin],
+    jobs: dict[str, RepairJob],
+    now_ms: int,
+    grace_s: float,
+) -> list[tuple[str, Reason, int]]:
+    """(node, reason, trigger_ms) for every node whose fragments must move now.
+
+    Removed and draining nodes go at once; a DOWN node after `grace_s` (it may
+    just be rebooting). A finished job for the same trigger is not repeated.
+    """
+    found: list[tuple[str, Reason, int]] = []
+    for node in sorted(set(members) | set(admin)):
+        record, lifecycle = members.get(node), admin.get(node)
+        if lifecycle is not None and lifecycle.lifecycle is Lifecycle.REMOVED:
+            wanted: tuple[Reason, int] | None = (Reason.REMOVED, lifecycle.since_ms)
+        elif lifecycle is not None and lifecycle.lifecycle is Lifecycle.DRAINING:
+            wanted = (Reason.DRAINING, lifecycle.since_ms)
+        elif (
+            record is not None
+            and record.state is Liveness.DOWN
+            and now_ms - record.since_ms >= grace_s * 1000
+        ):
+            wanted = (Reason.DOWN, record.since_ms)
+        else:
+            wanted = None
+        if wanted is None:
+            continue
+        job = jobs.get(node)
+        if (
+            job is not None
+            and job.done_ms
+            and (job.reason, job.trigger_ms)
+            == (
+                wanted[0].value,
+                wanted[1],
+            )
+        ):
+            continue
+        found.append((node, wanted[0], wanted[1]))
+    return found
+
+
+@dataclass
+class Settings:
+    node: str
+    shards: int
+    grace_s: float
+    parallel_chunks: int
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class RepairCoordinator:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: Settings,
+        meta: MetadataClient,
+        nodes: NodeView,
+        rebuilder: Rebuilder,
+        lease: ShardLease,
+    ) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.meta = meta
+        self.nodes = nodes
+        self.rebuilder = rebuilder
+        self.lease = lease
+        self._kv: KeyValue | None = None
+        self._damage: DurableConsumer | None = None
+        self._damage_task: asyncio.Task[None] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._kv = await self.bus.key_value(NODES.bucket)
+        try:
+            while not stop.is_set():
+                if self.lease.is_holder:
+                    self._start_damage_consumer()
+                    try:
+                        await self.cycle()
+                    except LeaseLost:
+                        log.warning("repair.lease_lost", extra={"node": self.settings.node})
+                    except (FsError, BusError) as exc:
+                        log.warning("repair.cycle_failed", extra={"error": str(exc)})
+                else:
+                    await self._stop_damage_consumer()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+        finally:
+            await self._stop_damage_consumer()
+
+    async def cycle(self) -> None:
+        jobs = await self._jobs()
+        now_ms = time.time_ns() // 1_000_000
+        for node, reason, trigger in due(
+            dict(self.nodes.members), dict(self.nodes.admin), jobs, now_ms, self.settings.grace_s
+        ):
+            await self.repair_node(node, reason, trigger, jobs.get(node))
+
+    # -- one node ------------------------------------------------------------------------
+    async def repair_node(
+        self, node: str, reason: Reason, trigger_ms: int, previous: RepairJob | None
+    ) -> RepairJob:
+        resumed = (
+            previous is not None
+            and not previous.done_ms
+            and (previous.reason, previous.trigger_ms) == (reason.value, trigger_ms)
+        )
+        job = (
+            previous
+            if resumed and previous is not None
+            else RepairJob(
+                node=node,
+                job_id=new_id(),
+                reason=reason.value,
+                trigger_ms=trigger_ms,
+                started_ms=time.time_ns() // 1_000_000,
+            )
+        )
+        await self._save(job)
+        await self._event(
+            RepairStarted(node_id=node, job_id=job.job_id, reason=reason.value, resumed=resumed)
+        )
+        log.info("repair.started", extra={"node": node, "job": job.job_id, "reason": reason})
+        started = time.monotonic()
+        last_progress = started
+        for shard in range(job.shard, self.settings.shards + 1):
+            after = job.after_ino if shard == job.shard else 0
+            while True:
+                self._check_lease()
+                reply = await self.meta.call(
+                    rpc.ScanChunks(shard=shard, after_ino=after, node=node, limit=PAGE)
+                )
+                counts = await self._repair_files(node, reason, reply.inodes)
+                job = job.model_copy(
+                    update={
+                        "shard": shard,
+                        "after_ino": reply.cursor,
+                        "files_scanned": job.files_scanned + len(reply.inodes),
+                        "fragments_rebuilt": job.fragments_rebuilt + counts[0],
+                        "bytes_rebuilt": job.bytes_rebuilt + counts[1],
+                        "chunks_lost": job.chunks_lost + counts[2],
+                    }
+                )
+                self._check_lease()
+                await self._save(job)
+                if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+                    last_progress = time.monotonic()
+                    await self._event(_progress(job))
+                if not reply.cursor:
+                    break
+                after = reply.cursor
+            job = job.model_copy(update={"shard": min(shard + 1, self.settings.shards)})
+        job = job.model_copy(update={"done_ms": time.time_ns() // 1_000_000})
+        await self._save(job)
+        seconds = time.monotonic() - started
+        await self._event(
+            RepairCompleted(
+                node_id=node,
+                job_id=job.job_id,
+                reason=reason.value,
+                fragments_rebuilt=job.fragments_rebuilt,
+                bytes_rebuilt=job.bytes_rebuilt,
+                chunks_lost=job.chunks_lost,
+                seconds=seconds,
+            )
+        )
+        log.info(
+            "repair.completed",
+            extra={
+                "node": node,
+                "job": job.job_id,
+                "fragments": job.fragments_rebuilt,
+                "bytes": job.bytes_rebuilt,
+                "lost": job.chunks_lost,
+                "seconds": round(seconds, 2),
+            },
+        )
+        if reason is Reason.DRAINING:
+            await self._drained(node, job)
+        return job
+
+    async def _repair_files(
+        self, node: str, reason: Reason, inodes: tuple[Inode, ...]
+    ) -> tuple[int, int, int]:
+        """(fragments, bytes, lost chunks) for one page of files."""
+        work = [(inode.ino, chunk) for inode in inodes for chunk in inode.chunks]
+        totals = [0, 0, 0]
+        slots = asyncio.Semaphore(self.settings.parallel_chunks)
+
+        async def one(ino: int, chunk: ChunkRef) -> None:
+            async with slots:
+                fragments, written, lost = await self._repair_chunk(node, reason, ino, chunk)
+                totals[0] += fragments
+                totals[1] += written
+                totals[2] += lost
+
+        await asyncio.gather(*(one(ino, chunk) for ino, chunk in work))
+        return totals[0], totals[1], totals[2]
+
+    async def _repair_chunk(
+        self, node: str, reason: Reason, ino: int, chunk: ChunkRef
+    ) -> tuple[int, int, int]:
+        down = {n for n, m in self.nodes.members.items() if m.state is not Liveness.ALIVE}
+        plan = plan_chunk(
+            ino,
+            chunk,
+            node,
+            self.nodes.eligible(0),
+            unusable=down - {node},
+            copyable=reason is Reason.DRAINING,
+        )
+        if plan is None:
+            return 0, 0, 0
+        for attempt in range(3):
+            try:
+                fragments, written = await self.rebuilder.rebuild(plan, node)
+                return fragments, written, 0
+            except Unrecoverable as exc:
+                path = await path_of(self.meta, ino)
+                await self._event(
+                    ChunkLost(
+                        node_id=node,
+                        ino=ino,
+                        path=path,
+                        chunk_index=chunk.index,
+                        chunk_id=chunk.chunk_id,
+                        scheme=chunk.scheme,
+                        available=exc.available,
+                        needed=exc.needed,
+                    )
+                )
+                log.error(
+                    "repair.chunk_lost",
+                    extra={"ino": ino, "path": path, "chunk": chunk.index, "detail": str(exc)},
+                )
+                return 0, 0, 1
+            except (NoTarget, FragmentError) as exc:
+                log.warning(
+                    "repair.chunk_retry",
+                    extra={"ino": ino, "chunk": chunk.index, "attempt": attempt, "error": str(exc)},
+                )
+                await asyncio.sleep(1.0 + attempt)
+        raise FsError(
+            errno.EIO, f"inode {ino} chunk {chunk.index}: rebuild kept failing; retrying later"
+        )
+
+    async def _drained(self, node: str, job: RepairJob) -> None:
+        admin = NodeAdmin(
+            node=node,
+            lifecycle=Lifecycle.DRAINED,
+            since_ms=time.time_ns() // 1_000_000,
+            requested_by=f"repair@{self.settings.node}",
+            reason=f"drain job {job.job_id} finished",
+        )
+        assert self._kv is not None
+        await self._kv.put(admin_key(node), admin.model_dump_json().encode())
+        await self._event(
+            NodeDrained(node_id=node, fragments_moved=job.fragments_rebuilt, leases_moved=0)
+        )
+
+    # -- damaged fragments ---------------------------------------------------------------
+    def _start_damage_consumer(self) -> None:
+        if self._damage_task is not None:
+            return
+        spec = ConsumerSpec(
+            stream="DATA",
+            durable="repair-damaged",
+            filter_subject=f"cfs.{self.bus.site}.data.*.damaged",
+            batch=16,
+            ack_wait_s=60.0,
+            max_deliver=10,
+            retry_delay_s=5.0,
+        )
+        self._damage = DurableConsumer(self.bus, spec, self._on_damage)
+        self._damage_task = asyncio.create_task(self._damage.run())
+
+    async def _stop_damage_consumer(self) -> None:
+        if self._damage is not None and self._damage_task is not None:
+            self._damage.stop()
+            await asyncio.gather(self._damage_task, return_exceptions=True)
+        self._damage, self._damage_task = None, None
+
+    async def _on_damage(self, event: DecodedEvent, delivery: Delivery) -> None:
+        report = event.payload
+        if not isinstance(report, FragmentDamaged) or report.reason == "unreachable":
+            return  # an unreachable node is membership's and the node jobs' business
+        if not self.nodes.usable(report.node_id):
+            return  # the node's own repair job re-homes everything it held
+        stores = [c.node for c in self.nodes.eligible(0)]
+        try:
+            written = await self.rebuilder.rebuild_in_place(report.node_id, report.key, stores)
+        except Unrecoverable as exc:
+            log.error("repair.fragment_unrecoverable", extra={"key": report.key, "error": str(exc)})
+            return
+        except (FragmentError, NoTarget) as exc:
+            raise Retry(str(exc)) from None
+        source: Any = "scrub" if report.reported_by.endswith("/scrub") else "reader"
+        await self._event(FragmentRebuilt(node_id=report.node_id, key=report.key, source=source))
+        log.info(
+            "repair.fragment_rebuilt",
+            extra={"node": report.node_id, "key": report.key, "bytes": written},
+        )
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _check_lease(self) -> None:
+        if not self.lease.is_holder:
+            raise LeaseLost()
+
+    async def _jobs(self) -> dict[str, RepairJob]:
+        assert self._kv is not None
+        jobs: dict[str, RepairJob] = {}
+        for node in set(self.nodes.members) | set(self.nodes.admin):
+            try:
+                entry = await self._kv.get(repair_key(node))
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            if entry.value:
+                jobs[node] = RepairJob.model_validate_json(entry.value)
+        return jobs
+
+    async def _save(self, job: RepairJob) -> None:
+        assert self._kv is not None
+        await self._kv.put(repair_key(job.node), job.model_dump_json().encode())
+
+    async def _event(self, payload: Any) -> None:
+        await self.bus.publish(self.bus.event(payload), timeout=10.0)
+
+
+def _progress(job: RepairJob) -> RepairProgress:
+    return RepairProgress(
+        node_id=job.node,
+        job_id=job.job_id,
+        files_scanned=job.files_scanned,
+        fragments_rebuilt=job.fragments_rebuilt,
+        bytes_rebuilt=job.bytes_rebuilt,
+        chunks_lost=job.chunks_lost,
+    )

@@ -1,0 +1,126 @@
+"""The repair service process: one per node, one active coordinator per site (lease).
+
+    cfs service run repair --node storage-1 [--config FILE]
+    python -m cfs_repair --node storage-1
+
+A separate process from membership on purpose: rebuilding is CPU- and
+I/O-heavy (decode, re-encode, fsync'd puts), and SWIM's probe answers must
+never wait behind it or healthy nodes would be suspected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cfs.bus import Bus
+from cfs.client.chunks import ChunkStoreClient
+from cfs.client.metadata import MetadataClient
+from cfs.client.nodes import NodeView
+from cfs.lease import ShardLease
+from cfs.logs import setup_logging
+from cfs_repair.coordinator import RepairCoordinator, Settings
+from cfs_repair.plan import TokenBucket
+from cfs_repair.rebuild import Rebuilder
+
+log = logging.getLogger(__name__)
+
+LEASE_KEY = "service.repair"
+MB = 1_000_000
+
+
+class RepairSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
+
+    node: str = Field(min_length=1)
+    site: str = "local"
+    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_credentials: Path | None = None
+    shards: int = Field(default=1, ge=1, le=999)
+    repair_grace_s: float = Field(
+        default=120.0, ge=0, description="how long a DOWN node may come back before repair"
+    )
+    repair_mb_s: float = Field(default=200.0, ge=0, description="throttle; 0 = unlimited")
+    repair_parallel_chunks: int = Field(default=4, ge=1, le=64)
+    repair_lease_s: float = 5.0
+    repair_renew_s: float = 1.0
+    log_level: str = "INFO"
+
+
+async def serve(settings: RepairSettings, stop: asyncio.Event) -> None:
+    bus = await Bus.connect(
+        settings.nats_urls,
+        site=settings.site,
+        node=settings.node,
+        name=f"repair@{settings.node}",
+        credentials=settings.nats_credentials,
+        connect_timeout=10.0,
+    )
+    nodes = NodeView(bus)
+    lease = ShardLease(
+        bus,
+        LEASE_KEY,
+        settings.node,
+        lease_s=settings.repair_lease_s,
+        renew_s=settings.repair_renew_s,
+        eligible=lambda: nodes.usable(settings.node),
+    )
+    try:
+        await nodes.start()
+        meta = MetadataClient(bus)
+        rebuilder = Rebuilder(
+            meta, ChunkStoreClient(bus), TokenBucket(settings.repair_mb_s * MB, 8 * MB)
+        )
+        coordinator = RepairCoordinator(
+            bus,
+            Settings(
+                node=settings.node,
+                shards=settings.shards,
+                grace_s=settings.repair_grace_s,
+                parallel_chunks=settings.repair_parallel_chunks,
+            ),
+            meta,
+            nodes,
+            rebuilder,
+            lease,
+        )
+        await lease.start()
+        log.info("repair.service_started", extra={"node": settings.node})
+        await coordinator.run(stop)
+    finally:
+        await lease.stop()
+        await nodes.stop()
+        await bus.close()
+        log.info("repair.service_stopped", extra={"node": settings.node})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="repair", description=__doc__.splitlines()[0])
+    parser.add_argument("--node", help="node id (or CFS_NODE)")
+    parser.add_argument("--config", type=Path, help="JSON settings file")
+    parser.add_argument("--data-dir", type=Path, help="unused; accepted like every service")
+    args = parser.parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.config is not None:
+        overrides.update(json.loads(args.config.read_text()))
+    if args.node:
+        overrides["node"] = args.node
+    settings = RepairSettings(**overrides)  # type: ignore[arg-type]
+    setup_logging(settings.log_level, service="repair", node=settings.node)
+    asyncio.run(_run(settings))
+
+
+async def _run(settings: RepairSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)
