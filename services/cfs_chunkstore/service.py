@@ -16,6 +16,11 @@ agreeing, and a crash in between leaves only a fragment nobody wants). A fragmen
 that fails its checksum (or is missing) on `get` or `verify` is answered EIO and
 reported as `FragmentDamaged`.
 
+A background `Scrubber` (`scrub.py`) re-reads every fragment at up to
+`scrub_mb_s` MiB/s (0 disables it), resting `scrub_pass_interval_s` between full
+passes, and reports what it finds damaged the same way, with `reported_by="<node>/scrub"`.
+It starts once the service is serving and stops (saving its place) first on shutdown.
+
 `store.<node>` in the `nodes` KV bucket (`StoreRecord`) is rewritten every
 `heartbeat_s`; the first write happens once every verb is being served, so a
 fresh record means "ready".
@@ -40,6 +45,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus, BusError
 from cfs.logs import setup_logging
+from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
     FragmentCorrupt,
@@ -85,6 +91,12 @@ class ChunkStoreSettings(BaseSettings):
     )
     heartbeat_s: float = Field(default=2.0, gt=0)
     max_inflight: int = Field(default=16, ge=1, description="requests handled concurrently")
+    scrub_mb_s: float = Field(
+        default=20.0, ge=0, description="background scrub read rate, MiB/s; 0 disables it"
+    )
+    scrub_pass_interval_s: float = Field(
+        default=24 * 3600.0, gt=0, description="rest between two full scrub passes"
+    )
     log_level: str = "INFO"
 
 
@@ -100,6 +112,9 @@ class ChunkStoreService:
         labels: dict[str, str] | None = None,
         heartbeat_s: float = 2.0,
         max_inflight: int = 16,
+        scrub_mb_s: float = 0.0,
+        scrub_pass_interval_s: float = 24 * 3600.0,
+        scrub_cursor: Path | None = None,
     ) -> None:
         self.bus = bus
         self.store = store
@@ -112,6 +127,13 @@ class ChunkStoreService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self.scrubber = Scrubber(
+            store,
+            self._publish_damage,
+            cursor_path=scrub_cursor,
+            mb_s=scrub_mb_s,
+            pass_interval_s=scrub_pass_interval_s,
+        )
 
     async def start(self) -> None:
         for verb in VERBS:
@@ -120,8 +142,10 @@ class ChunkStoreService:
             self._subs.append(sub)
         await self.publish_record()  # raises if the bucket is missing: not initialised
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat-{self.node}")
+        self.scrubber.start()
 
     async def stop(self) -> None:
+        await self.scrubber.stop()  # first: it reads the store and publishes
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -319,6 +343,10 @@ class ChunkStoreService:
                 extra={"node": self.node, "key": damage.key, "error": str(exc)},
             )
 
+    async def _publish_damage(self, damage: FragmentDamaged) -> None:
+        """The scrubber's report: raises BusError if the event was not published."""
+        await self.bus.publish(self.bus.event(damage))
+
     async def _respond(self, msg: Msg, data: bytes, headers: dict[str, str] | None = None) -> None:
         if not msg.reply:
             return
@@ -364,6 +392,9 @@ async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
             labels=settings.labels,
             heartbeat_s=settings.heartbeat_s,
             max_inflight=settings.max_inflight,
+            scrub_mb_s=settings.scrub_mb_s,
+            scrub_pass_interval_s=settings.scrub_pass_interval_s,
+            scrub_cursor=root / "scrub.json",
         )
         await service.start()
         status = store.stat()

@@ -1,4 +1,5 @@
-"""chunk-store processes on a LocalSite: the RPC contract, DATA events, damage, full disk, crash."""
+"""chunk-store processes on a LocalSite: the RPC contract, DATA events, damage, scrub,
+full disk, crash."""
 
 from __future__ import annotations
 
@@ -190,6 +191,44 @@ async def test_corrupt_fragment_is_eio_and_reported(site: LocalSite) -> None:
             (NODE, key(0), "corrupt", NODE)
         }
         assert "failed its checksum" in damaged[0].detail
+
+
+async def test_scrub_reports_a_flipped_byte_without_any_read(tmp_path: Path) -> None:
+    scrub = {**FAST, "CFS_SCRUB_MB_S": "50", "CFS_SCRUB_PASS_INTERVAL_S": "0.2"}
+    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=scrub)
+    try:
+        await local.start()
+        await local.wait_ready()
+        async with await local.client() as bus:
+            data = os.urandom(256 * 1024)
+            assert (await put(bus, NODE, key(0), data)).errno == 0
+            assert (await put(bus, NODE, key(1), b"healthy")).errno == 0
+            path = fragment_path(store_root(local.data_dir(NODE)), key(0))
+            with path.open("r+b") as f:  # in place, as a bad sector would
+                f.seek(5000)
+                f.write(bytes([data[5000] ^ 0x40]))
+
+            deadline = time.monotonic() + 10
+            while not (
+                damaged := [e for e in await data_events(bus) if isinstance(e, FragmentDamaged)]
+            ):
+                assert time.monotonic() < deadline, "scrub did not report the damage"
+                await asyncio.sleep(0.1)
+            event = damaged[0]
+            assert (event.node_id, event.key, event.reason, event.reported_by) == (
+                NODE,
+                key(0),
+                "corrupt",
+                f"{NODE}/scrub",
+            )
+            assert "failed its checksum" in event.detail
+            assert {e.key for e in damaged} == {key(0)}  # the healthy one is left alone
+        log_lines = local.chunkstore(NODE).log_path.read_text().splitlines()
+        passes = [json.loads(line) for line in log_lines if '"scrub.pass_done"' in line]
+        assert passes
+        assert {"fragments", "bytes", "damaged", "seconds"} <= set(passes[-1])
+    finally:
+        local.stop()
 
 
 async def test_full_disk_is_enospc(tmp_path: Path) -> None:
