@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,34 +189,40 @@ class RepairCoordinator:
         )
         log.info("repair.started", extra={"node": node, "job": job.job_id, "reason": reason})
         started = time.monotonic()
-        last_progress = started
-        for shard in range(job.shard, self.settings.shards + 1):
-            after = job.after_ino if shard == job.shard else 0
-            while True:
-                self._check_lease()
-                reply = await self.meta.call(
-                    rpc.ScanChunks(shard=shard, after_ino=after, node=node, limit=PAGE)
-                )
-                counts = await self._repair_files(node, reason, reply.inodes)
-                job = job.model_copy(
-                    update={
-                        "shard": shard,
-                        "after_ino": reply.cursor,
-                        "files_scanned": job.files_scanned + len(reply.inodes),
-                        "fragments_rebuilt": job.fragments_rebuilt + counts[0],
-                        "bytes_rebuilt": job.bytes_rebuilt + counts[1],
-                        "chunks_lost": job.chunks_lost + counts[2],
-                    }
-                )
-                self._check_lease()
-                await self._save(job)
-                if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
-                    last_progress = time.monotonic()
-                    await self._event(_progress(job))
-                if not reply.cursor:
-                    break
-                after = reply.cursor
-            job = job.model_copy(update={"shard": min(shard + 1, self.settings.shards)})
+        ticker = asyncio.create_task(self._report_progress(lambda: job))
+        try:
+            for shard in range(job.shard, self.settings.shards + 1):
+                after = job.after_ino if shard == job.shard else 0
+                while True:
+                    self._check_lease()
+                    reply = await self.meta.call(
+                        rpc.ScanChunks(shard=shard, after_ino=after, node=node, limit=PAGE)
+                    )
+                    job = job.model_copy(
+                        update={"files_scanned": job.files_scanned + len(reply.inodes)}
+                    )
+
+                    def count(fragments: int, written: int, lost: int) -> None:
+                        nonlocal job
+                        job = job.model_copy(
+                            update={
+                                "fragments_rebuilt": job.fragments_rebuilt + fragments,
+                                "bytes_rebuilt": job.bytes_rebuilt + written,
+                                "chunks_lost": job.chunks_lost + lost,
+                            }
+                        )
+
+                    await self._repair_files(node, reason, reply.inodes, count)
+                    job = job.model_copy(update={"shard": shard, "after_ino": reply.cursor})
+                    self._check_lease()
+                    await self._save(job)
+                    if not reply.cursor:
+                        break
+                    after = reply.cursor
+                job = job.model_copy(update={"shard": min(shard + 1, self.settings.shards)})
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
         job = job.model_copy(update={"done_ms": time.time_ns() // 1_000_000})
         await self._save(job)
         seconds = time.monotonic() - started
@@ -246,22 +253,28 @@ class RepairCoordinator:
         return job
 
     async def _repair_files(
-        self, node: str, reason: Reason, inodes: tuple[Inode, ...]
-    ) -> tuple[int, int, int]:
-        """(fragments, bytes, lost chunks) for one page of files."""
-        work = [(inode.ino, chunk) for inode in inodes for chunk in inode.chunks]
-        totals = [0, 0, 0]
+        self,
+        node: str,
+        reason: Reason,
+        inodes: tuple[Inode, ...],
+        count: Callable[[int, int, int], None],
+    ) -> None:
+        """Every chunk of one page of files; `count(fragments, bytes, lost)` as each ends."""
         slots = asyncio.Semaphore(self.settings.parallel_chunks)
 
         async def one(ino: int, chunk: ChunkRef) -> None:
             async with slots:
-                fragments, written, lost = await self._repair_chunk(node, reason, ino, chunk)
-                totals[0] += fragments
-                totals[1] += written
-                totals[2] += lost
+                count(*await self._repair_chunk(node, reason, ino, chunk))
 
-        await asyncio.gather(*(one(ino, chunk) for ino, chunk in work))
-        return totals[0], totals[1], totals[2]
+        await asyncio.gather(*(one(inode.ino, chunk) for inode in inodes for chunk in inode.chunks))
+
+    async def _report_progress(self, current: Callable[[], RepairJob]) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            try:
+                await self._event(_progress(current()))
+            except BusError as exc:
+                log.warning("repair.progress_unpublished", extra={"error": str(exc)})
 
     async def _repair_chunk(
         self, node: str, reason: Reason, ino: int, chunk: ChunkRef

@@ -68,14 +68,12 @@ async def serve(settings: RepairSettings, stop: asyncio.Event) -> None:
         settings.node,
         lease_s=settings.repair_lease_s,
         renew_s=settings.repair_renew_s,
-        eligible=lambda: nodes.usable(settings.node),
+        eligible=lambda: nodes.in_service(settings.node),
     )
     try:
         await nodes.start()
         meta = MetadataClient(bus)
-        rebuilder = Rebuilder(
-            meta, ChunkStoreClient(bus), TokenBucket(settings.repair_mb_s * MB, 8 * MB)
-        )
+        rebuilder = Rebuilder(meta, ChunkStoreClient(bus), TokenBucket(settings.repair_mb_s * MB))
         coordinator = RepairCoordinator(
             bus,
             Settings(

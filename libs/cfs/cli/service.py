@@ -15,6 +15,7 @@ app = typer.Typer(help="Run ClaudeFS services (what systemd, Nomad or `cfs dev` 
 SERVICES = {
     "metadata-raft": "cfs_metadata.service",
     "chunk-store": "cfs_chunkstore.service",
+    "repair": "cfs_repair.service",
 }
 
 

@@ -101,6 +101,15 @@ class NodeView:
             admin is None or admin.lifecycle is Lifecycle.ACTIVE
         )
 
+    def in_service(self, node: str) -> bool:
+        """Alive and not drained or removed: may still run site services (a draining
+        node keeps coordinating until its fragments are gone)."""
+        member = self.members.get(node)
+        admin = self.admin.get(node)
+        return (member is None or member.state in (Liveness.ALIVE, Liveness.SUSPECT)) and (
+            admin is None or admin.lifecycle in (Lifecycle.ACTIVE, Lifecycle.DRAINING)
+        )
+
     def avoid(self, node: str) -> None:
         self._avoid_until[node] = time.monotonic() + self.avoid_for_s
 

@@ -48,10 +48,15 @@ log = logging.getLogger(__name__)
 
 # Packages the service processes import; their roots go on the children's PYTHONPATH,
 # so a source tree works without installing.
-_PACKAGES = ("cfs", "cfs_contracts", "cfs_metadata", "cfs_chunkstore")
+_PACKAGES = ("cfs", "cfs_contracts", "cfs_metadata", "cfs_chunkstore", "cfs_repair")
 _NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RECORD_MAX_AGE_MS = 10_000
-NODE_SERVICES = ("metadata", "chunkstore")
+_SERVICE_MODULES = {
+    "metadata": "cfs_metadata",
+    "chunkstore": "cfs_chunkstore",
+    "repair": "cfs_repair",
+}
+NODE_SERVICES = tuple(_SERVICE_MODULES)
 
 
 class LocalSite:
@@ -111,7 +116,7 @@ class LocalSite:
                 "PYTHONPATH": pythonpath,
                 **(env or {}),
             }
-            for service, module in (("metadata", "cfs_metadata"), ("chunkstore", "cfs_chunkstore")):
+            for service, module in _SERVICE_MODULES.items():
                 self._procs[node, service] = ManagedProcess(
                     f"{service}-{node}",
                     [
@@ -152,6 +157,10 @@ class LocalSite:
     def chunkstore(self, node: str) -> ManagedProcess:
         self._check_node(node)
         return self._procs[node, "chunkstore"]
+
+    def repair(self, node: str) -> ManagedProcess:
+        self._check_node(node)
+        return self._procs[node, "repair"]
 
     def processes(self) -> list[ManagedProcess]:
         """Every service process (running or not), node by node."""

@@ -1,0 +1,200 @@
+"""Repair on a real 6-node site: remove a dead node, drain a live one, kill the coordinator.
+
+Lifecycle changes are made the way `cfs admin node-remove|node-drain` make them:
+an `admin.<node>` record in the nodes KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cfs.bus import Bus
+from cfs.client import ChunkStoreClient, FileStore, MetadataClient
+from cfs.lease import ShardLease
+from cfs.supervisor import LocalSite
+from cfs_contracts.data import ListRequest, fragment_key
+from cfs_contracts.envelope import Envelope
+from cfs_contracts.fs.records import DEFAULT_CHUNK_SIZE, ROOT_INO, Inode
+from cfs_contracts.members import Lifecycle, NodeAdmin, admin_key
+from cfs_contracts.streams import NODES
+
+CS = DEFAULT_CHUNK_SIZE
+SIZES = [1, CS - 1, CS + 1, 2 * CS + 99, 5000, 3 * CS]
+
+
+def _site(base: Path, **env: str) -> LocalSite:
+    return LocalSite(base, nodes=6, servers=1, site="t", env={"CFS_REPAIR_GRACE_S": "3600", **env})
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
+    async with _site(tmp_path / "site") as running:
+        yield running
+
+
+async def _write_files(site: LocalSite) -> dict[int, str]:
+    bus = await site.client()
+    meta = MetadataClient(bus)
+    files = FileStore(bus, meta, client_id="writer")
+    await files.start()
+    try:
+        digests = {}
+        for seed, size in enumerate(SIZES):
+            data = random.Random(seed).randbytes(size)
+            inode = await meta.create(ROOT_INO, f"f{seed}")
+            await files.write_all(inode.ino, data)
+            digests[inode.ino] = hashlib.sha256(data).hexdigest()
+        return digests
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def _set_lifecycle(bus: Bus, node: str, lifecycle: Lifecycle) -> None:
+    kv = await bus.key_value(NODES.bucket)
+    record = NodeAdmin(node=node, lifecycle=lifecycle, since_ms=time.time_ns() // 1_000_000)
+    await kv.put(admin_key(node), record.model_dump_json().encode())
+
+
+async def _wait_event(bus: Bus, subject: str, timeout: float) -> dict[str, object]:
+    sub = await bus.js.subscribe(subject, ordered_consumer=True)
+    try:
+        msg = await sub.next_msg(timeout=timeout)
+        return dict(Envelope.model_validate_json(msg.data).payload)
+    finally:
+        await sub.unsubscribe()
+
+
+async def _inodes(meta: MetadataClient, inos: list[int]) -> list[Inode]:
+    return [await meta.getattr(ino) for ino in inos]
+
+
+async def _check_redundancy(bus: Bus, inodes: list[Inode], gone: str) -> None:
+    """Every chunk: k+m fragments, none on `gone`, each present and verified on its node."""
+    chunks = ChunkStoreClient(bus)
+    for inode in inodes:
+        for chunk in inode.chunks:
+            assert gone not in chunk.fragments, (inode.ino, chunk.fragments)
+            assert len(chunk.fragments) == 6
+            for index, node in enumerate(chunk.fragments):
+                await chunks.verify(node, fragment_key(chunk.chunk_id, chunk.scheme, index))
+
+
+async def _read_back(site: LocalSite, digests: dict[int, str]) -> None:
+    bus = await site.client()
+    files = FileStore(bus, MetadataClient(bus), client_id="reader")
+    await files.start()
+    try:
+        for ino, digest in digests.items():
+            assert hashlib.sha256(await files.read_all(ino)).hexdigest() == digest
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) -> None:
+    digests = await _write_files(site)
+    site.kill9("storage-3")
+    async with await site.client() as bus:
+        done = asyncio.create_task(_wait_event(bus, "cfs.t.cluster.repair.storage-3.completed", 90))
+        await _set_lifecycle(bus, "storage-3", Lifecycle.REMOVED)
+        completed = await done
+        assert completed["chunks_lost"] == 0
+        assert int(str(completed["fragments_rebuilt"])) >= len(SIZES)
+        inodes = await _inodes(MetadataClient(bus), list(digests))
+        await _check_redundancy(bus, inodes, "storage-3")
+    await _read_back(site, digests)
+
+
+async def test_draining_a_live_node_moves_every_fragment_off_it(site: LocalSite) -> None:
+    digests = await _write_files(site)
+    async with await site.client() as bus:
+        drained = asyncio.create_task(_wait_event(bus, "cfs.t.cluster.node.storage-2.drained", 90))
+        await _set_lifecycle(bus, "storage-2", Lifecycle.DRAINING)
+        event = await drained
+        assert int(str(event["fragments_moved"])) >= len(SIZES)
+        meta = MetadataClient(bus)
+        inodes = await _inodes(meta, list(digests))
+        await _check_redundancy(bus, inodes, "storage-2")
+        left = await ChunkStoreClient(bus).list("storage-2", ListRequest())
+        assert left.fragments == (), "the drained node keeps no fragment"
+        kv = await bus.key_value(NODES.bucket)
+        admin = NodeAdmin.model_validate_json((await kv.get(admin_key("storage-2"))).value or b"")
+        assert admin.lifecycle is Lifecycle.DRAINED
+    site.stop_node("storage-2")
+    await _read_back(site, digests)
+
+
+async def test_a_coordinator_killed_mid_repair_is_resumed_without_double_rebuilds(
+    tmp_path: Path,
+) -> None:
+    async with _site(tmp_path / "site", CFS_REPAIR_MB_S="1.5") as site:
+        digests = await _write_files(site)
+        site.kill9("storage-5")
+        async with await site.client() as bus:
+            progress = asyncio.create_task(
+                _wait_event(bus, "cfs.t.cluster.repair.storage-5.progress", 60)
+            )
+            await _set_lifecycle(bus, "storage-5", Lifecycle.REMOVED)
+            await progress
+            status = await ShardLease.read_status(bus, "service.repair")
+            assert status is not None and status.holder
+            first = status.holder
+            site.repair(first).kill9()
+            deadline = time.monotonic() + 30
+            while len(started := await _started_events(bus, "storage-5")) < 2:
+                assert time.monotonic() < deadline, "no coordinator took over"
+            assert started[1]["resumed"] is True, started
+            await _wait_event(bus, "cfs.t.cluster.repair.storage-5.completed", 120)
+            inodes = await _inodes(MetadataClient(bus), list(digests))
+            await _check_redundancy(bus, inodes, "storage-5")
+            # Each re-created fragment was written to exactly one new place.
+            stored = await _stored_after(bus, "storage-5", inodes)
+            assert all(len(nodes) == 1 for nodes in stored.values()), stored
+            site.start_node(first)
+        await _read_back(site, digests)
+
+
+async def _started_events(bus: Bus, node: str) -> list[dict[str, object]]:
+    found = []
+    sub = await bus.js.subscribe(f"cfs.t.cluster.repair.{node}.started", ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                return found
+            found.append(dict(Envelope.model_validate_json(msg.data).payload))
+    finally:
+        await sub.unsubscribe()
+
+
+async def _stored_after(bus: Bus, gone: str, inodes: list[Inode]) -> dict[str, set[str]]:
+    """For fragments that were on `gone`: every other node a FragmentStored event names."""
+    moved = {
+        fragment_key(c.chunk_id, c.scheme, i)
+        for inode in inodes
+        for c in inode.chunks
+        for i, _ in enumerate(c.fragments)
+    }
+    seen: dict[str, set[str]] = {}
+    sub = await bus.js.subscribe("cfs.t.data.*.stored", ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                break
+            payload = Envelope.model_validate_json(msg.data).payload
+            if payload["key"] in moved:
+                seen.setdefault(str(payload["key"]), set()).add(str(payload["node_id"]))
+    finally:
+        await sub.unsubscribe()
+    return {key: nodes - {gone} for key, nodes in seen.items() if gone in nodes}
