@@ -451,3 +451,19 @@ class ShardLease:
 
 def _now() -> float:
     return time.monotonic()
+
+
+async def leases_held(bus: Bus, node: str, *, prefix: str = "meta.") -> list[str]:
+    """Keys of the leases (shard writers by default) that `node` holds right now."""
+    kv = await bus.key_value("leases")
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    held = []
+    for key in sorted(keys):
+        if key.startswith(prefix):
+            status = await ShardLease.read_status(bus, key)
+            if status is not None and status.holder == node:
+                held.append(key)
+    return held

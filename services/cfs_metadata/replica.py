@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -79,7 +80,9 @@ class ShardReplica:
         shard_index: int,
         projection: Projection,
         settings: ReplicaSettings | None = None,
+        may_lead: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`may_lead`: False while this node is draining (its leases move elsewhere)."""
         self.bus = bus
         self.shard_index = shard_index
         self.shard = shard_name(shard_index)
@@ -109,7 +112,7 @@ class ShardReplica:
             bus.node,
             lease_s=self.settings.lease_s,
             renew_s=self.settings.renew_s,
-            eligible=lambda: self._caught_up,
+            eligible=lambda: self._caught_up and may_lead(),
             on_acquired=self._on_acquired,
             on_lost=self._on_lost,
         )

@@ -18,6 +18,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus
+from cfs.client.nodes import NodeView
 from cfs.logs import setup_logging
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
@@ -56,10 +57,18 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
         shard_count=settings.shards,
     )
     replicas: list[ShardReplica] = []
+    nodes = NodeView(bus)
     try:
+        await nodes.start()
         for index in range(1, settings.shards + 1):
             path = settings.data_dir / "metadata" / f"shard-{index:03d}"
-            replica = ShardReplica(bus, index, Projection(path, index), replica_settings)
+            replica = ShardReplica(
+                bus,
+                index,
+                Projection(path, index),
+                replica_settings,
+                may_lead=lambda: nodes.active(settings.node),
+            )
             await replica.start()
             replicas.append(replica)
         log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
@@ -68,6 +77,7 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
         for replica in reversed(replicas):
             await replica.stop()
             replica.projection.close()
+        await nodes.stop()
         await bus.close()
         log.info("metadata.stopped", extra={"node": settings.node})
 

@@ -27,7 +27,7 @@ from cfs.client.chunks import FragmentError
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.ids import new_id
-from cfs.lease import ShardLease
+from cfs.lease import ShardLease, leases_held
 from cfs_contracts import DecodedEvent
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.data import FragmentDamaged
@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 32
 PROGRESS_EVERY_S = 2.0
+DRAIN_LEASE_WAIT_S = 30.0
 
 
 def due(
@@ -223,6 +224,8 @@ class RepairCoordinator:
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
+        if reason is Reason.DRAINING:
+            await self._wait_leases_released(node)  # before "done": a failure retries
         job = job.model_copy(update={"done_ms": time.time_ns() // 1_000_000})
         await self._save(job)
         seconds = time.monotonic() - started
@@ -249,7 +252,8 @@ class RepairCoordinator:
             },
         )
         if reason is Reason.DRAINING:
-            await self._drained(node, job)
+            admin = self.nodes.admin.get(node)
+            await self._drained(node, job, len(admin.leases) if admin else 0)
         return job
 
     async def _repair_files(
@@ -323,7 +327,14 @@ class RepairCoordinator:
             errno.EIO, f"inode {ino} chunk {chunk.index}: rebuild kept failing; retrying later"
         )
 
-    async def _drained(self, node: str, job: RepairJob) -> None:
+    async def _wait_leases_released(self, node: str) -> None:
+        deadline = time.monotonic() + DRAIN_LEASE_WAIT_S
+        while remaining := await leases_held(self.bus, node):
+            if time.monotonic() > deadline:
+                raise FsError(errno.EBUSY, f"{node} still holds leases {remaining}; retrying")
+            await asyncio.sleep(0.5)
+
+    async def _drained(self, node: str, job: RepairJob, leases: int) -> None:
         admin = NodeAdmin(
             node=node,
             lifecycle=Lifecycle.DRAINED,
@@ -334,7 +345,7 @@ class RepairCoordinator:
         assert self._kv is not None
         await self._kv.put(admin_key(node), admin.model_dump_json().encode())
         await self._event(
-            NodeDrained(node_id=node, fragments_moved=job.fragments_rebuilt, leases_moved=0)
+            NodeDrained(node_id=node, fragments_moved=job.fragments_rebuilt, leases_moved=leases)
         )
 
     # -- damaged fragments ---------------------------------------------------------------

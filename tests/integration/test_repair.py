@@ -18,6 +18,7 @@ import pytest
 from cfs.bus import Bus
 from cfs.client import ChunkStoreClient, FileStore, MetadataClient
 from cfs.lease import ShardLease
+from cfs.lifecycle import set_lifecycle
 from cfs.supervisor import LocalSite
 from cfs_contracts.data import ListRequest, fragment_key
 from cfs_contracts.envelope import Envelope
@@ -58,9 +59,7 @@ async def _write_files(site: LocalSite) -> dict[int, str]:
 
 
 async def _set_lifecycle(bus: Bus, node: str, lifecycle: Lifecycle) -> None:
-    kv = await bus.key_value(NODES.bucket)
-    record = NodeAdmin(node=node, lifecycle=lifecycle, since_ms=time.time_ns() // 1_000_000)
-    await kv.put(admin_key(node), record.model_dump_json().encode())
+    await set_lifecycle(bus, node, lifecycle, requested_by="test")
 
 
 async def _wait_event(bus: Bus, subject: str, timeout: float) -> dict[str, object]:
@@ -113,22 +112,30 @@ async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) ->
     await _read_back(site, digests)
 
 
-async def test_draining_a_live_node_moves_every_fragment_off_it(site: LocalSite) -> None:
+async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(
+    site: LocalSite,
+) -> None:
     digests = await _write_files(site)
     async with await site.client() as bus:
-        drained = asyncio.create_task(_wait_event(bus, "cfs.t.cluster.node.storage-2.drained", 90))
-        await _set_lifecycle(bus, "storage-2", Lifecycle.DRAINING)
+        lease = await ShardLease.read_status(bus, "meta.001")
+        assert lease is not None and lease.holder
+        victim = lease.holder  # the shard writer: its lease must move too
+        drained = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.node.{victim}.drained", 90))
+        await _set_lifecycle(bus, victim, Lifecycle.DRAINING)
         event = await drained
         assert int(str(event["fragments_moved"])) >= len(SIZES)
+        assert event["leases_moved"] == 1
+        after = await ShardLease.read_status(bus, "meta.001")
+        assert after is not None and after.holder not in ("", victim)
         meta = MetadataClient(bus)
         inodes = await _inodes(meta, list(digests))
-        await _check_redundancy(bus, inodes, "storage-2")
-        left = await ChunkStoreClient(bus).list("storage-2", ListRequest())
+        await _check_redundancy(bus, inodes, victim)
+        left = await ChunkStoreClient(bus).list(victim, ListRequest())
         assert left.fragments == (), "the drained node keeps no fragment"
         kv = await bus.key_value(NODES.bucket)
-        admin = NodeAdmin.model_validate_json((await kv.get(admin_key("storage-2"))).value or b"")
+        admin = NodeAdmin.model_validate_json((await kv.get(admin_key(victim))).value or b"")
         assert admin.lifecycle is Lifecycle.DRAINED
-    site.stop_node("storage-2")
+    site.stop_node(victim)
     await _read_back(site, digests)
 
 

@@ -101,6 +101,11 @@ class NodeView:
             admin is None or admin.lifecycle is Lifecycle.ACTIVE
         )
 
+    def active(self, node: str) -> bool:
+        """Not draining, drained or removed (liveness aside)."""
+        admin = self.admin.get(node)
+        return admin is None or admin.lifecycle is Lifecycle.ACTIVE
+
     def in_service(self, node: str) -> bool:
         """Alive and not drained or removed: may still run site services (a draining
         node keeps coordinating until its fragments are gone)."""
