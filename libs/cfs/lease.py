@@ -67,6 +67,9 @@ class Snapshot:
     held_term: int | None = None  # the term this node believes it holds
     renewed_at: float = 0.0  # when the last successful write of ours was sent
     eligible: bool = True  # caught up and not draining (the owner says)
+    # Extra wait before taking a free or expired lease: the node's place in the key's
+    # preference order times a small step, so preferred replicas win and leases spread.
+    acquire_delay_s: float = 0.0
 
     def holds(self, now: float) -> bool:
         return self.held_term is not None and now < self.valid_until
@@ -104,9 +107,12 @@ def decide(s: Snapshot, now: float) -> Decision:
     if rec is None:
         return Decision(Action.ACQUIRE, "no lease record")
     silent = now - s.observed_at
+    delay = 0.0 if rec.handoff_to == s.node else s.acquire_delay_s
     if rec.holder == "" and rec.handoff_to in (None, s.node):
+        if silent < delay:
+            return Decision(Action.WAIT, f"released; preferred replicas first ({delay:.2f}s)")
         return Decision(Action.ACQUIRE, f"released by term {rec.term}")
-    if silent >= rec.lease_s:
+    if silent >= rec.lease_s + delay:
         who = rec.holder or f"handoff to {rec.handoff_to}"
         return Decision(Action.ACQUIRE, f"{who} silent for {silent:.2f}s (lease {rec.lease_s:g}s)")
     return Decision(Action.WAIT, f"held by {rec.holder or '-'} term {rec.term}")
@@ -118,7 +124,8 @@ def wake_in(s: Snapshot, now: float) -> float:
     if s.held_term is not None:
         deadline = s.valid_until - now
     elif s.record is not None:
-        deadline = s.observed_at + s.record.lease_s - now
+        wait = 0.0 if s.record.holder == "" else s.record.lease_s
+        deadline = s.observed_at + wait + s.acquire_delay_s - now
     else:
         return tick
     # Once a deadline has passed, failed attempts are retried at the tick, not in a spin.
@@ -212,6 +219,7 @@ class ShardLease:
         margin_s: float | None = None,
         bucket: str = "leases",
         eligible: Callable[[], bool] = lambda: True,
+        acquire_delay: Callable[[], float] = lambda: 0.0,
         on_acquired: OnAcquired | None = None,
         on_lost: OnLost | None = None,
     ) -> None:
@@ -221,6 +229,7 @@ class ShardLease:
         self.key, self.node, self._bus, self._bucket = key, node, bus, bucket
         self._snap = Snapshot(node=node, lease_s=lease_s, renew_s=renew_s, margin_s=margin)
         self._eligible, self._on_acquired, self._on_lost = eligible, on_acquired, on_lost
+        self._acquire_delay = acquire_delay
         self._op_timeout = max(renew_s, 0.5)
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
@@ -340,7 +349,9 @@ class ShardLease:
     # -- the runner --------------------------------------------------------------------
     async def _cycle(self) -> None:
         async with self._lock:
-            s = self._snap = replace(self._snap, eligible=self._eligible())
+            s = self._snap = replace(
+                self._snap, eligible=self._eligible(), acquire_delay_s=self._acquire_delay()
+            )
             d = decide(s, _now())
             extra = self._extra(s.record, d.reason)
             quiet = d.action in (Action.WAIT, Action.RENEW)

@@ -81,8 +81,10 @@ class ShardReplica:
         projection: Projection,
         settings: ReplicaSettings | None = None,
         may_lead: Callable[[], bool] = lambda: True,
+        acquire_delay: Callable[[], float] = lambda: 0.0,
     ) -> None:
-        """`may_lead`: False while this node is draining (its leases move elsewhere)."""
+        """`may_lead`: False while this node is draining (its leases move elsewhere).
+        `acquire_delay`: extra wait before taking a free lease (spreads leases)."""
         self.bus = bus
         self.shard_index = shard_index
         self.shard = shard_name(shard_index)
@@ -113,6 +115,7 @@ class ShardReplica:
             lease_s=self.settings.lease_s,
             renew_s=self.settings.renew_s,
             eligible=lambda: self._caught_up and may_lead(),
+            acquire_delay=acquire_delay,
             on_acquired=self._on_acquired,
             on_lost=self._on_lost,
         )

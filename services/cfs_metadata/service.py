@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 
 from pydantic import Field
@@ -20,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cfs.bus import Bus
 from cfs.client.nodes import NodeView
 from cfs.logs import setup_logging
+from cfs.placement import Candidate, rank
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
@@ -68,6 +70,7 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
                 Projection(path, index),
                 replica_settings,
                 may_lead=lambda: nodes.active(settings.node),
+                acquire_delay=partial(preference_delay, nodes, settings.node, index),
             )
             await replica.start()
             replicas.append(replica)
@@ -80,6 +83,19 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
         await nodes.stop()
         await bus.close()
         log.info("metadata.stopped", extra={"node": settings.node})
+
+
+LEASE_PREFERENCE_STEP_S = 0.1
+
+
+def preference_delay(nodes: NodeView, node: str, shard: int) -> float:
+    """This node's place in the shard's rendezvous order over live nodes, times a step:
+    contested leases go to the preferred replica, so shards spread over the nodes."""
+    live = nodes.live_nodes()
+    if node not in live:
+        live.append(node)
+    order = [c.node for c in rank(f"meta.{shard}", [Candidate(n) for n in live])]
+    return order.index(node) * LEASE_PREFERENCE_STEP_S
 
 
 def main(argv: list[str] | None = None) -> None:

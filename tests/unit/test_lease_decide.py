@@ -275,3 +275,15 @@ def test_no_two_nodes_ever_hold_the_lease_at_once(
     m.nodes = {n: replace(s, eligible=True) for n, s in m.nodes.items()}
     m.run(None, 200)
     assert sum(s.holds(m.now) for s in m.nodes.values()) == 1
+
+
+def test_a_less_preferred_replica_waits_its_delay_before_taking_a_lease() -> None:
+    released = snap(record=rec(""), revision=3, observed_at=10.0, acquire_delay_s=0.2)
+    assert decide(released, 10.1).action is Action.WAIT
+    assert decide(released, 10.25).action is Action.ACQUIRE
+    assert abs(wake_in(released, 10.1) - 0.1) < 0.01
+    expired = snap(record=rec("b"), revision=3, observed_at=10.0, acquire_delay_s=0.2)
+    assert decide(expired, 10.0 + LEASE + 0.1).action is Action.WAIT
+    assert decide(expired, 10.0 + LEASE + 0.25).action is Action.ACQUIRE
+    handed = snap(record=rec("", handoff_to="a"), revision=3, observed_at=10.0, acquire_delay_s=5)
+    assert decide(handed, 10.0).action is Action.ACQUIRE, "a handoff target never waits"

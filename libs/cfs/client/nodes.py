@@ -101,6 +101,18 @@ class NodeView:
             admin is None or admin.lifecycle is Lifecycle.ACTIVE
         )
 
+    def live_nodes(self) -> list[str]:
+        """Nodes alive by membership or, where membership has no record, by a fresh
+        chunk-store record; sorted."""
+        now_ms = time.time() * 1000
+        fresh = {
+            n
+            for n, rec in self.records.items()
+            if now_ms - rec.updated_ms < self.stale_after_s * 1000
+        }
+        alive = {n for n, m in self.members.items() if m.state is Liveness.ALIVE}
+        return sorted(alive | {n for n in fresh if n not in self.members})
+
     def active(self, node: str) -> bool:
         """Not draining, drained or removed (liveness aside)."""
         admin = self.admin.get(node)
