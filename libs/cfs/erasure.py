@@ -8,7 +8,7 @@ copies (k=1), used when the site has fewer than three nodes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import zfec
@@ -48,17 +48,23 @@ def choose_scheme(eligible_nodes: int) -> Scheme:
 
 def encode(scheme: Scheme, chunk: bytes) -> list[bytes]:
     """All `scheme.total` fragments of `chunk`, in fragment order."""
+    return list(encode_some(scheme, chunk, range(scheme.total)).values())
+
+
+def encode_some(scheme: Scheme, chunk: bytes, wanted: Iterable[int]) -> dict[int, bytes]:
+    """Only the fragments asked for (repair re-creates one or two, not all)."""
+    indices = sorted(set(wanted))
     if scheme.k == 1:
-        return [chunk] * scheme.total
+        return dict.fromkeys(indices, chunk)
     size = scheme.fragment_size(len(chunk))
     padded = chunk.ljust(size * scheme.k, b"\0")
-    data = [padded[i * size : (i + 1) * size] for i in range(scheme.k)]
-    if scheme.m == 0:
-        return data
-    parity: list[bytes] = zfec.Encoder(scheme.k, scheme.total).encode(
-        data, list(range(scheme.k, scheme.total))
-    )
-    return data + list(parity)
+    out = {i: padded[i * size : (i + 1) * size] for i in indices if i < scheme.k}
+    parity = [i for i in indices if i >= scheme.k]
+    if parity:
+        data = [padded[i * size : (i + 1) * size] for i in range(scheme.k)]
+        coded = zfec.Encoder(scheme.k, scheme.total).encode(data, parity)
+        out.update(zip(parity, coded, strict=True))
+    return out
 
 
 def decode(scheme: Scheme, fragments: Mapping[int, bytes], length: int) -> bytes:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.metadata import MetadataClient
-from cfs.erasure import Scheme, decode, encode
+from cfs.erasure import Scheme, decode, encode_some
 from cfs.ids import new_id
 from cfs_contracts.data import ListRequest, fragment_key, parse_fragment_key
 from cfs_contracts.fs import rpc
@@ -95,8 +95,7 @@ class Rebuilder:
         holders = {i: plan.ref.fragments[i] for i in plan.sources}
         got = await self._gather(plan.ref.chunk_id, plan.ref.scheme, plan.scheme, holders)
         data = await asyncio.to_thread(_decode_verified, plan, got)
-        every = await asyncio.to_thread(encode, plan.scheme, data)
-        return {i: every[i] for i in plan.missing}
+        return await asyncio.to_thread(encode_some, plan.scheme, data, plan.missing)
 
     async def _gather(
         self, chunk_id: str, scheme_name: str, scheme: Scheme, holders: dict[int, str]
@@ -148,7 +147,7 @@ class Rebuilder:
         else:
             size = len(next(iter(got.values())))
             padded = await asyncio.to_thread(decode, scheme, got, size * scheme.k)
-            data = (await asyncio.to_thread(encode, scheme, padded))[index]
+            data = (await asyncio.to_thread(encode_some, scheme, padded, [index]))[index]
         await self._pace(len(data))
         await self.chunks.put(node, key, data)
         return len(data)

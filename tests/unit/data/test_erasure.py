@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cfs.erasure import Scheme, choose_scheme, decode, encode
+from cfs.erasure import Scheme, choose_scheme, decode, encode, encode_some
 
 SCHEMES = ["ec4+2", "ec2+1", "copy1", "copy2", "copy3"]
 
@@ -50,3 +50,16 @@ def test_scheme_follows_node_count(nodes: int, scheme: str) -> None:
 def test_unknown_scheme_is_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="erasure scheme"):
         Scheme.parse(bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.binary(min_size=1, max_size=3000),
+    name=st.sampled_from(SCHEMES),
+    wanted=st.sets(st.integers(0, 5), min_size=1),
+)
+def test_encode_some_matches_encode(data: bytes, name: str, wanted: set[int]) -> None:
+    scheme = Scheme.parse(name)
+    every = encode(scheme, data)
+    wanted = {i for i in wanted if i < scheme.total} or {0}
+    assert encode_some(scheme, data, wanted) == {i: every[i] for i in wanted}
