@@ -56,6 +56,9 @@ class MemberRecord(BaseModel):
     since_ms: int = Field(ge=0, description="wall clock when `state` began")
     detected_by: str = Field(default="", description="member whose report set `state`")
     method: str = Field(default="SWIM", description="detector, shown by `cfs admin status`")
+    last_seen_ms: int = Field(
+        default=0, ge=0, description="wall clock of the node's last own refresh; 0 = never"
+    )
 
     def supersedes(self, other: MemberRecord) -> bool:
         """SWIM precedence: higher incarnation wins; at equal incarnation the worse state
@@ -77,6 +80,9 @@ class NodeAdmin(BaseModel):
     since_ms: int = Field(ge=0)
     requested_by: str = Field(default="", description="operator or service that set it")
     reason: str = ""
+    leases: tuple[str, ...] = Field(
+        default=(), description="draining: writer leases the node held when asked to drain"
+    )
 
 
 def repair_key(node: str) -> str:

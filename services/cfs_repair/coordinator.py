@@ -70,8 +70,9 @@ def due(
 ) -> list[tuple[str, Reason, int]]:
     """(node, reason, trigger_ms) for every node whose fragments must move now.
 
-    Removed and draining nodes go at once; a DOWN node after `grace_s` (it may
-    just be rebooting). A finished job for the same trigger is not repeated.
+    Removed and draining nodes go at once; a DOWN node (or one that left the
+    membership gracefully: its fragments are just as unreachable) after
+    `grace_s`, as it may only be rebooting. A finished job for the same trigger is not repeated.
     """
     found: list[tuple[str, Reason, int]] = []
     for node in sorted(set(members) | set(admin)):
@@ -82,7 +83,7 @@ def due(
             wanted = (Reason.DRAINING, lifecycle.since_ms)
         elif (
             record is not None
-            and record.state is Liveness.DOWN
+            and record.state in (Liveness.DOWN, Liveness.LEFT)
             and now_ms - record.since_ms >= grace_s * 1000
         ):
             wanted = (Reason.DOWN, record.since_ms)

@@ -16,6 +16,7 @@ SERVICES = {
     "metadata-raft": "cfs_metadata.service",
     "chunk-store": "cfs_chunkstore.service",
     "repair": "cfs_repair.service",
+    "membership": "cfs_membership.service",
 }
 
 

@@ -28,6 +28,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -40,21 +42,31 @@ from nats.js.kv import KeyValue
 from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.nats import NatsCluster, NatsServer
+from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
 from cfs_contracts.data import StoreRecord, store_record_key
+from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES, SITE_BUCKETS, site_streams
 
 log = logging.getLogger(__name__)
 
 # Packages the service processes import; their roots go on the children's PYTHONPATH,
 # so a source tree works without installing.
-_PACKAGES = ("cfs", "cfs_contracts", "cfs_metadata", "cfs_chunkstore", "cfs_repair")
+_PACKAGES = (
+    "cfs",
+    "cfs_contracts",
+    "cfs_metadata",
+    "cfs_chunkstore",
+    "cfs_repair",
+    "cfs_membership",
+)
 _NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RECORD_MAX_AGE_MS = 10_000
 _SERVICE_MODULES = {
     "metadata": "cfs_metadata",
     "chunkstore": "cfs_chunkstore",
     "repair": "cfs_repair",
+    "membership": "cfs_membership",
 }
 NODE_SERVICES = tuple(_SERVICE_MODULES)
 
@@ -105,6 +117,9 @@ class LocalSite:
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         labels = labels or {}
         pythonpath = child_pythonpath()
+        # SWIM: a UDP port per node, every other node as a seed, one token per site.
+        self._swim_ports = {node: _free_udp_port() for node in names}
+        self._cluster_token = secrets.token_hex(16)
         for node in names:
             common = {
                 "CFS_NODE": node,
@@ -116,7 +131,19 @@ class LocalSite:
                 "PYTHONPATH": pythonpath,
                 **(env or {}),
             }
+            swim = {
+                "CFS_SWIM_HOST": "127.0.0.1",
+                "CFS_SWIM_PORT": str(self._swim_ports[node]),
+                "CFS_SEEDS": json.dumps(
+                    [f"127.0.0.1:{port}" for n, port in self._swim_ports.items() if n != node]
+                ),
+                "CFS_CLUSTER_TOKEN": self._cluster_token,
+                "CFS_NETEM_FILE": str(self.netem_file),
+            }
             for service, module in _SERVICE_MODULES.items():
+                service_env = (
+                    {**common, **swim, **(env or {})} if service == "membership" else common
+                )
                 self._procs[node, service] = ManagedProcess(
                     f"{service}-{node}",
                     [
@@ -129,7 +156,7 @@ class LocalSite:
                         str(self.data_dir(node)),
                     ],
                     log_path=self.base_dir / "logs" / f"{node}.{service}.log",
-                    env=common,
+                    env=service_env,
                 )
 
     def __repr__(self) -> str:
@@ -161,6 +188,16 @@ class LocalSite:
     def repair(self, node: str) -> ManagedProcess:
         self._check_node(node)
         return self._procs[node, "repair"]
+
+    def membership(self, node: str) -> ManagedProcess:
+        self._check_node(node)
+        return self._procs[node, "membership"]
+
+    @property
+    def netem_file(self) -> Path:
+        """Fault-injection rules every membership process follows (absent: no faults);
+        see `cfs_membership.transport` (write with `write_rules`)."""
+        return self.base_dir / "netem.json"
 
     def processes(self) -> list[ManagedProcess]:
         """Every service process (running or not), node by node."""
@@ -199,8 +236,9 @@ class LocalSite:
             await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until metadata answers getattr(1) and every chunk-store has published a fresh
-        `StoreRecord` since it was (re)started; fails fast if a service process exits."""
+        """Until metadata answers getattr(1), every chunk-store has published a fresh
+        `StoreRecord` and every membership process has recorded its node ALIVE since it
+        was (re)started; fails fast if a service process exits."""
         from cfs.client import MetadataClient  # the client is not needed to supervise
 
         deadline = time.monotonic() + timeout
@@ -236,6 +274,20 @@ class LocalSite:
         return (
             record.started_ms >= self._spawned_ms.get(node, 0)
             and now_ms - record.updated_ms < _RECORD_MAX_AGE_MS
+            and await self._member_alive(kv, node)
+        )
+
+    async def _member_alive(self, kv: KeyValue, node: str) -> bool:
+        """The node's membership process has written `member.<node>` ALIVE since its start."""
+        try:
+            entry = await kv.get(member_key(node))
+        except Exception:  # not written yet (KeyNotFoundError) or NATS hiccup
+            return False
+        if not entry.value:
+            return False
+        member = MemberRecord.model_validate_json(entry.value)
+        return member.state is Liveness.ALIVE and member.last_seen_ms >= self._spawned_ms.get(
+            node, 0
         )
 
     def start_node(self, node: str) -> None:
@@ -311,6 +363,19 @@ class LocalSite:
         return "".join(
             f"\n--- {proc.log_path} ---\n{proc.log_tail(15)}" for proc in self._procs.values()
         )
+
+
+def _free_udp_port(host: str = "127.0.0.1") -> int:
+    """A port free for TCP (as `free_port` checks) and for UDP (what SWIM binds)."""
+    for _ in range(100):
+        port = free_port(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise OSError(f"no free UDP port found on {host}")
 
 
 def child_pythonpath() -> str:

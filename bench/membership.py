@@ -1,0 +1,133 @@
+"""Membership benchmark on a local 6-node site: failure detection after kill -9.
+
+    python bench/membership.py [--quick] [--json PATH]
+
+Detection time: from SIGKILL of every process of a node (`LocalSite.kill9`) to
+the first `NodeDown` event for it on the CLUSTER subjects (the same
+compare-and-set write flips `member.<node>` to DOWN just before). Six kills (three
+with --quick), a different node each time, at a random point of the probe cycle;
+after each the node is restarted and the site waits until every member sees it
+alive again. Default timing (CFS_PROBE_INTERVAL_S etc. in the environment
+override it). Goals: median <= 2 s, max <= 4 s.
+
+JSON keys: detect_median_s, detect_max_s (and kills, the sample size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from nats.aio.msg import Msg
+
+from cfs.bus import Bus
+from cfs.supervisor import LocalSite
+from cfs_contracts.members import Liveness
+from cfs_membership.service import MembershipView, view_subject
+
+NODES = 6
+GOAL_MEDIAN_S = 2.0
+GOAL_MAX_S = 4.0
+
+
+async def all_alive(bus: Bus, site: LocalSite) -> bool:
+    """Every member's own view has every node ALIVE."""
+    nodes = list(site.node_names)
+    try:
+        replies = await asyncio.gather(
+            *(bus.request(view_subject(site.site, node), b"", timeout=2.0) for node in nodes)
+        )
+    except Exception:  # a member still starting: not yet
+        return False
+    for reply in replies:
+        view = MembershipView.model_validate_json(reply.data)
+        if any(view.state_of(node) is not Liveness.ALIVE for node in nodes):
+            return False
+    return True
+
+
+async def settle(bus: Bus, site: LocalSite, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await all_alive(bus, site):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"membership did not converge within {timeout:.0f}s")
+        await asyncio.sleep(0.2)
+
+
+async def measure_detection(site: LocalSite, bus: Bus, kills: int) -> dict[str, float]:
+    """kill -9 a node, time its NodeDown, restart it; `kills` times, round robin."""
+    down_at: dict[str, float] = {}
+
+    async def on_down(msg: Msg) -> None:
+        node = msg.subject.split(".")[-2]  # cfs.<site>.cluster.node.<node>.down
+        down_at.setdefault(node, time.monotonic())
+
+    sub = await bus.nc.subscribe(f"cfs.{site.site}.cluster.node.*.down", cb=on_down)
+    rng = random.Random(7)
+    times: list[float] = []
+    try:
+        for i in range(kills):
+            victim = site.node_names[(5 * i + 1) % len(site.node_names)]  # each node in turn
+            await settle(bus, site)
+            await asyncio.sleep(1.0 + rng.random())  # a random point of the probe cycle
+            down_at.pop(victim, None)
+            killed_at = time.monotonic()
+            site.kill9(victim)
+            while victim not in down_at:
+                if time.monotonic() - killed_at > 30:
+                    raise RuntimeError(f"no NodeDown for {victim} within 30 s")
+                await asyncio.sleep(0.01)
+            times.append(down_at[victim] - killed_at)
+            print(f"kill {i + 1}/{kills}: {victim} DOWN after {times[-1]:.2f}s", flush=True)
+            site.start_node(victim)
+            await site.wait_ready()
+    finally:
+        await sub.unsubscribe()
+    return {
+        "detect_median_s": statistics.median(times),
+        "detect_max_s": max(times),
+        "kills": float(len(times)),
+    }
+
+
+async def run(quick: bool) -> dict[str, float]:
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="cfs-bench-membership-") as tmp:
+        # One NATS server: SWIM does not depend on it, and two cores are shared by all.
+        async with (
+            LocalSite(Path(tmp) / "site", nodes=NODES, servers=1, site="bench") as site,
+            await site.client("bench-membership") as bus,
+        ):
+            results.update(await measure_detection(site, bus, kills=3 if quick else 6))
+            # Repair throughput (`repair_mb_s`) is measured here, on the same site,
+            # by the repair part of this benchmark: results.update(await measure_repair(...)).
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 kills instead of 6")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args()
+    results = asyncio.run(run(args.quick))
+    for key, value in results.items():
+        print(f"{key:28s} {value:12.3f}")
+    goals = {
+        f"detect_median_s <= {GOAL_MEDIAN_S:g}": results["detect_median_s"] <= GOAL_MEDIAN_S,
+        f"detect_max_s <= {GOAL_MAX_S:g}": results["detect_max_s"] <= GOAL_MAX_S,
+    }
+    for goal, met in goals.items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from cfs_membership.service import main
+
+main()
