@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,7 +43,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus, BusError
-from cfs.logs import setup_logging
+from cfs.service_main import run_service
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
@@ -422,41 +421,4 @@ async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="chunk-store", description=__doc__.splitlines()[0])
-    parser.add_argument("--node", help="node id (or CFS_NODE)")
-    parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
-    parser.add_argument("--config", type=Path, help="JSON settings file")
-    args = parser.parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.config is not None:
-        overrides.update(_load_config(args.config))
-    if args.node:
-        overrides["node"] = args.node
-    if args.data_dir is not None:
-        overrides["data_dir"] = args.data_dir
-    settings = ChunkStoreSettings(**overrides)  # type: ignore[arg-type]
-    setup_logging(settings.log_level, service="chunk-store", node=settings.node)
-    try:
-        asyncio.run(_run(settings))
-    except BusError as exc:  # NATS unreachable, cluster not initialised: one line, no trace
-        log.error("chunkstore.failed", extra={"node": settings.node, "error": str(exc)})
-        raise SystemExit(f"chunk-store {settings.node}: {exc}") from None
-
-
-async def _run(settings: ChunkStoreSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
-
-
-def _load_config(path: Path) -> dict[str, object]:
-    import json
-
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a JSON object")
-    return data
+    run_service("chunk-store", __doc__.splitlines()[0], ChunkStoreSettings, serve, argv)

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -39,14 +38,13 @@ from pydantic import (
     BaseModel,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cfs.bus import Bus, BusError
-from cfs.logs import setup_logging
+from cfs.bus import Bus
+from cfs.service_main import run_service
 from cfs_contracts.members import Liveness, MemberRecord
 from cfs_contracts.streams import NODES, site_subject
 from cfs_membership.codec import Codec, CodecError
@@ -455,51 +453,6 @@ async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="membership", description=__doc__.splitlines()[0])
-    parser.add_argument("--node", help="node id (or CFS_NODE)")
-    parser.add_argument("--config", type=Path, help="JSON settings file")
-    parser.add_argument(
-        "--data-dir", type=Path, help="accepted like every service's; membership keeps no files"
+    run_service(
+        "membership", __doc__.splitlines()[0], MembershipSettings, serve, argv, fatal=(OSError,)
     )
-    args = parser.parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.config is not None:
-        overrides.update(_load_config(args.config))
-    if args.node:
-        overrides["node"] = args.node
-    try:
-        settings = MembershipSettings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:  # without the input values: they hold the token
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors(include_input=False)
-        )
-        raise SystemExit(f"membership: bad settings: {problems}") from None
-    setup_logging(settings.log_level, service="membership", node=settings.node)
-    try:
-        asyncio.run(_run(settings))
-    except BusError as exc:  # NATS unreachable, cluster not initialised: one line, no trace
-        log.error("membership.failed", extra={"node": settings.node, "error": str(exc)})
-        raise SystemExit(f"membership {settings.node}: {exc}") from None
-    except OSError as exc:  # the UDP port is taken, the address is not ours
-        log.error("membership.failed", extra={"node": settings.node, "error": str(exc)})
-        raise SystemExit(f"membership {settings.node}: {exc}") from None
-
-
-async def _run(settings: MembershipSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
-
-
-def _load_config(path: Path) -> dict[str, object]:
-    import json
-
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a JSON object")
-    return data

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from functools import partial
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus
 from cfs.client.nodes import NodeView
-from cfs.logs import setup_logging
 from cfs.placement import Candidate, rank
+from cfs.service_main import run_service
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
@@ -99,37 +98,4 @@ def preference_delay(nodes: NodeView, node: str, shard: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="metadata-raft", description=__doc__.splitlines()[0])
-    parser.add_argument("--node", help="node id (or CFS_NODE)")
-    parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
-    parser.add_argument("--config", type=Path, help="JSON settings file")
-    args = parser.parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.config is not None:
-        overrides.update(_load_config(args.config))
-    if args.node:
-        overrides["node"] = args.node
-    if args.data_dir is not None:
-        overrides["data_dir"] = args.data_dir
-    settings = MetadataSettings(**overrides)  # type: ignore[arg-type]
-    setup_logging(settings.log_level, service="metadata-raft", node=settings.node)
-    asyncio.run(_run(settings))
-
-
-async def _run(settings: MetadataSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
-
-
-def _load_config(path: Path) -> dict[str, object]:
-    import json
-
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path} must hold a JSON object")
-    return data
+    run_service("metadata-raft", __doc__.splitlines()[0], MetadataSettings, serve, argv)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 from pydantic import Field
@@ -23,7 +22,7 @@ from cfs.client.chunks import ChunkStoreClient
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.lease import ShardLease
-from cfs.logs import setup_logging
+from cfs.service_main import run_service
 from cfs_repair.coordinator import RepairCoordinator, Settings
 from cfs_repair.plan import TokenBucket
 from cfs_repair.rebuild import Rebuilder
@@ -98,27 +97,4 @@ async def serve(settings: RepairSettings, stop: asyncio.Event) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="repair", description=__doc__.splitlines()[0])
-    parser.add_argument("--node", help="node id (or CFS_NODE)")
-    parser.add_argument("--config", type=Path, help="JSON settings file")
-    parser.add_argument("--data-dir", type=Path, help="unused; accepted like every service")
-    args = parser.parse_args(argv)
-    overrides: dict[str, object] = {}
-    if args.config is not None:
-        overrides.update(json.loads(args.config.read_text()))
-    if args.node:
-        overrides["node"] = args.node
-    settings = RepairSettings(**overrides)  # type: ignore[arg-type]
-    setup_logging(settings.log_level, service="repair", node=settings.node)
-    asyncio.run(_run(settings))
-
-
-async def _run(settings: RepairSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
+    run_service("repair", __doc__.splitlines()[0], RepairSettings, serve, argv)

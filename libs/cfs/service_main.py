@@ -1,0 +1,89 @@
+"""The one way a service process starts: flags, settings, logging, signals, one-line failures.
+
+Every service's `main(argv)` is `run_service(...)` with its settings class and
+`serve(settings, stop)` coroutine, so `cfs service run NAME` and `python -m`
+behave the same for all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
+
+from cfs.bus import BusError
+from cfs.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def run_service(
+    name: str,
+    description: str,
+    settings_type: type[S],
+    serve: Callable[[S, asyncio.Event], Awaitable[None]],
+    argv: list[str] | None = None,
+    *,
+    fatal: tuple[type[BaseException], ...] = (),
+) -> None:
+    """Parse `--node/--data-dir/--config`, build settings (flags over CFS_* env over the
+    file), run `serve` until SIGTERM/SIGINT. NATS unreachable (BusError) and any of
+    `fatal` end the process with one line, not a traceback."""
+    parser = argparse.ArgumentParser(prog=name, description=description)
+    parser.add_argument("--node", help="node id (or CFS_NODE)")
+    parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
+    parser.add_argument("--config", type=Path, help="JSON settings file")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.config is not None:
+        overrides.update(_load_config(args.config))
+    if args.node:
+        overrides["node"] = args.node
+    if args.data_dir is not None and "data_dir" in settings_type.model_fields:
+        overrides["data_dir"] = args.data_dir
+    try:
+        settings = settings_type(**overrides)
+    except ValidationError as exc:  # without the input values: they may hold secrets
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors(include_input=False)
+        )
+        raise SystemExit(f"{name}: bad settings: {problems}") from None
+    node = str(getattr(settings, "node", "?"))
+    setup_logging(str(getattr(settings, "log_level", "INFO")), service=name, node=node)
+    one_line: tuple[type[BaseException], ...] = (BusError, *fatal)
+    try:
+        asyncio.run(_until_signalled(serve, settings))
+    except one_line as exc:
+        log.error(f"{name}.failed", extra={"node": node, "error": str(exc)})
+        raise SystemExit(f"{name} {node}: {exc}") from None
+
+
+async def _until_signalled(
+    serve: Callable[[S, asyncio.Event], Awaitable[None]], settings: S
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(settings, stop)
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read settings file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} must hold a JSON object")
+    return data
