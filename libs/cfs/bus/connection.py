@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -44,6 +45,13 @@ from cfs_contracts.registry import encode_envelope
 from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
 
 log = logging.getLogger(__name__)
+
+# nats-py reads the socket DEFAULT_BUFFER_SIZE (32 KiB) bytes per event-loop turn and
+# uses it as the stream reader's limit. File fragments travel as 1 MiB messages, so
+# that is 32+ loop turns per fragment; nats-py has no option for it, hence the module
+# setting (read when a connection is made). bench/datapath.py measures the effect.
+READ_BUFFER_BYTES = 1024 * 1024
+nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, READ_BUFFER_BYTES)
 
 # JetStream API error codes (nats-server errors.json) that we give a type.
 _WRONG_LAST_SEQUENCE = 10071
