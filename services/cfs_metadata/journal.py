@@ -19,6 +19,9 @@ from cfs_contracts.streams import meta_stream, shard_name
 log = logging.getLogger(__name__)
 
 
+TAIL_STALL_CHECK_S = 1.0  # silence after which a tail checks it is not stuck
+
+
 @dataclass(frozen=True)
 class JournalRecord:
     seq: int
@@ -71,19 +74,25 @@ class Journal:
             raise BusUnavailable(
                 f"cannot tail {self.stream}: {exc or type(exc).__name__}"
             ) from None
+        position = from_seq - 1
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=5.0)
+                    msg = await sub.next_msg(timeout=TAIL_STALL_CHECK_S)
                 except (TimeoutError, nats.errors.TimeoutError):
+                    # Quiet, or stalled: an ordered consumer whose server died may never
+                    # deliver again. Behind the stream = stalled: let the caller resubscribe.
+                    if await self.last_seq() > position:
+                        raise BusUnavailable(
+                            f"tail of {self.stream} stalled at seq {position}"
+                        ) from None
                     continue
                 except nats.errors.Error as exc:
                     raise BusUnavailable(
                         f"tail of {self.stream} broke: {exc or type(exc).__name__}"
                     ) from None
-                yield JournalRecord(
-                    msg.metadata.sequence.stream, self.bus.registry.decode(msg.data)
-                )
+                position = msg.metadata.sequence.stream
+                yield JournalRecord(position, self.bus.registry.decode(msg.data))
         finally:
             if not self.bus.nc.is_closed:
                 with contextlib.suppress(
