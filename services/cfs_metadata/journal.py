@@ -26,6 +26,7 @@ TAIL_STALL_CHECK_S = 1.0  # silence after which a tail checks it is not stuck
 class JournalRecord:
     seq: int
     event: DecodedEvent
+    pending: int | None = None  # tail only: messages after this one (0 = at the end)
 
 
 class Journal:
@@ -92,7 +93,9 @@ class Journal:
                         f"tail of {self.stream} broke: {exc or type(exc).__name__}"
                     ) from None
                 position = msg.metadata.sequence.stream
-                yield JournalRecord(position, self.bus.registry.decode(msg.data))
+                yield JournalRecord(
+                    position, self.bus.registry.decode(msg.data), msg.metadata.num_pending
+                )
         finally:
             if not self.bus.nc.is_closed:
                 with contextlib.suppress(

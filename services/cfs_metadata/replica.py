@@ -11,6 +11,7 @@ steps down; it can never fork the journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -138,12 +139,15 @@ class ShardReplica:
         """Tail the journal from the projection's position; flag when caught up."""
         while True:
             try:
-                last = await self.journal.last_seq()
-                if last <= self.projection.applied_seq:
-                    self._caught_up = True
+                # Tail at once: stream info may time out for seconds while JetStream
+                # re-elects after a server loss, and the tail does not need it.
+                with contextlib.suppress(BusError, TimeoutError):
+                    last = await asyncio.wait_for(self.journal.last_seq(), 1.0)
+                    if last <= self.projection.applied_seq:
+                        self._caught_up = True
                 async for record in self.journal.tail(self.projection.applied_seq + 1):
                     self._apply_record(record)
-                    if record.seq >= last:
+                    if record.pending == 0:
                         self._caught_up = True
             except BusError as exc:
                 log.warning("follower.retry", extra={"shard": self.shard, "error": str(exc)})
