@@ -16,15 +16,38 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cfs.bus import BusError
+from cfs.bus import Bus, BusError
 from cfs.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S", bound=BaseSettings)
+
+class ServiceSettings(BaseSettings):
+    """What every service process needs: who it is and where NATS is (CFS_* env)."""
+
+    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
+
+    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
+    site: str = "local"
+    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_credentials: Path | None = None
+    log_level: str = "INFO"
+
+    async def connect(self, service: str) -> Bus:
+        return await Bus.connect(
+            self.nats_urls,
+            site=self.site,
+            node=self.node,
+            name=f"{service}@{self.node}",
+            credentials=self.nats_credentials,
+            connect_timeout=10.0,
+        )
+
+
+S = TypeVar("S", bound=ServiceSettings)
 
 
 def run_service(
@@ -59,8 +82,8 @@ def run_service(
             for err in exc.errors(include_input=False)
         )
         raise SystemExit(f"{name}: bad settings: {problems}") from None
-    node = str(getattr(settings, "node", "?"))
-    setup_logging(str(getattr(settings, "log_level", "INFO")), service=name, node=node)
+    node = settings.node
+    setup_logging(settings.log_level, service=name, node=node)
     one_line: tuple[type[BaseException], ...] = (BusError, *fatal)
     try:
         asyncio.run(_until_signalled(serve, settings))

@@ -40,10 +40,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus, BusError
-from cfs.service_main import run_service
+from cfs.service_main import ServiceSettings, run_service
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
@@ -76,13 +75,7 @@ log = logging.getLogger(__name__)
 _MAX_ERROR_HEADER = 512
 
 
-class ChunkStoreSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
-
-    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
-    site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    nats_credentials: Path | None = None
+class ChunkStoreSettings(ServiceSettings):
     data_dir: Path = Path("/var/lib/claudefs")
     labels: dict[str, str] = Field(default_factory=dict, description="failure domains")
     reserve_bytes: int | None = Field(
@@ -96,7 +89,6 @@ class ChunkStoreSettings(BaseSettings):
     scrub_pass_interval_s: float = Field(
         default=24 * 3600.0, gt=0, description="rest between two full scrub passes"
     )
-    log_level: str = "INFO"
 
 
 class ChunkStoreService:
@@ -368,14 +360,7 @@ def _error_headers(code: int, message: str) -> dict[str, str]:
 
 
 async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(
-        settings.nats_urls,
-        site=settings.site,
-        node=settings.node,
-        name=f"chunk-store@{settings.node}",
-        credentials=settings.nats_credentials,
-        connect_timeout=10.0,
-    )
+    bus = await settings.connect("chunk-store")
     store: FileFragmentStore | None = None
     service: ChunkStoreService | None = None
     try:

@@ -41,10 +41,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus
-from cfs.service_main import run_service
+from cfs.service_main import ServiceSettings, run_service
 from cfs_contracts.members import Liveness, MemberRecord
 from cfs_contracts.streams import NODES, site_subject
 from cfs_membership.codec import Codec, CodecError
@@ -58,13 +57,7 @@ log = logging.getLogger(__name__)
 _BAD_DATAGRAM_LOG_EVERY_S = 60.0
 
 
-class MembershipSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
-
-    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
-    site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    nats_credentials: Path | None = None
+class MembershipSettings(ServiceSettings):
     swim_host: str = Field(default="127.0.0.1", description="UDP address to bind")
     swim_port: int = Field(default=7946, ge=0, le=65535)
     advertise_host: str | None = Field(default=None, description="default: swim_host")
@@ -87,7 +80,6 @@ class MembershipSettings(BaseSettings):
     leave_on_terminate: bool = True
     leave_timeout_s: float = Field(default=2.0, ge=0)
     netem_file: Path | None = Field(default=None, description="fault-injection rules (tests)")
-    log_level: str = "INFO"
 
     @field_validator("seeds")
     @classmethod
@@ -424,14 +416,7 @@ def _wall_ms() -> int:
 
 
 async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(
-        settings.nats_urls,
-        site=settings.site,
-        node=settings.node,
-        name=f"membership@{settings.node}",
-        credentials=settings.nats_credentials,
-        connect_timeout=10.0,
-    )
+    bus = await settings.connect("membership")
     service: MembershipService | None = None
     try:
         kv = await bus.key_value(NODES.bucket)

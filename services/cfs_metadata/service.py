@@ -15,42 +15,26 @@ from functools import partial
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cfs.bus import Bus
 from cfs.client.nodes import NodeView
 from cfs.placement import Candidate, rank
-from cfs.service_main import run_service
+from cfs.service_main import ServiceSettings, run_service
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
 log = logging.getLogger(__name__)
 
 
-class MetadataSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
-
-    node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
-    site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    nats_credentials: Path | None = None
+class MetadataSettings(ServiceSettings):
     data_dir: Path = Path("/var/lib/claudefs")
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
     lease_s: float = 0.8
     renew_s: float = 0.2
     max_batch_ops: int = 512
-    log_level: str = "INFO"
 
 
 async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(
-        settings.nats_urls,
-        site=settings.site,
-        node=settings.node,
-        name=f"metadata-raft@{settings.node}",
-        credentials=settings.nats_credentials,
-        connect_timeout=10.0,
-    )
+    bus = await settings.connect("metadata-raft")
     replica_settings = ReplicaSettings(
         lease_s=settings.lease_s,
         renew_s=settings.renew_s,

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cfs.bus import Bus
 from cfs.client.chunks import ChunkStoreClient
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.lease import ShardLease
-from cfs.service_main import run_service
+from cfs.service_main import ServiceSettings, run_service
 from cfs_repair.coordinator import RepairCoordinator, Settings
 from cfs_repair.plan import TokenBucket
 from cfs_repair.rebuild import Rebuilder
@@ -33,13 +30,7 @@ LEASE_KEY = "service.repair"
 MB = 1_000_000
 
 
-class RepairSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
-
-    node: str = Field(min_length=1)
-    site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    nats_credentials: Path | None = None
+class RepairSettings(ServiceSettings):
     shards: int = Field(default=1, ge=1, le=999)
     repair_grace_s: float = Field(
         default=120.0, ge=0, description="how long a DOWN node may come back before repair"
@@ -48,18 +39,10 @@ class RepairSettings(BaseSettings):
     repair_parallel_chunks: int = Field(default=4, ge=1, le=64)
     repair_lease_s: float = 5.0
     repair_renew_s: float = 1.0
-    log_level: str = "INFO"
 
 
 async def serve(settings: RepairSettings, stop: asyncio.Event) -> None:
-    bus = await Bus.connect(
-        settings.nats_urls,
-        site=settings.site,
-        node=settings.node,
-        name=f"repair@{settings.node}",
-        credentials=settings.nats_credentials,
-        connect_timeout=10.0,
-    )
+    bus = await settings.connect("repair")
     nodes = NodeView(bus)
     lease = ShardLease(
         bus,
