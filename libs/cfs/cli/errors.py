@@ -9,6 +9,7 @@ from enum import IntEnum
 from typing import NoReturn, ParamSpec, TypeVar
 
 from cfs.bus.errors import BusError, BusUnavailable
+from cfs.fuse.config import ConfigError
 from cfs.supervisor import SupervisorError
 from cfs_contracts import ContractError
 
@@ -35,7 +36,7 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except BusUnavailable as exc:
             _fail(f"error: {exc}", ExitCode.UNREACHABLE)
-        except (BusError, ContractError, SupervisorError) as exc:
+        except (BusError, ConfigError, ContractError, SupervisorError) as exc:
             _fail(f"error: {exc}", ExitCode.FAILED)
         except KeyboardInterrupt:
             _fail("interrupted", ExitCode.INTERRUPTED)

@@ -9,13 +9,33 @@ import os
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 FSNAME = "claudefs"
+# Written by `cfs dev up` and `cfs cluster init`; found from the working directory.
+DEFAULT_CONFIG = Path(".cfs-dev") / "cluster.json"
+
+
+class ConfigError(Exception):
+    """The cluster config file named cannot be used."""
+
+
+def config_path() -> Path | None:
+    """The cluster config file: $CFS_CONFIG, else ./.cfs-dev/cluster.json when present."""
+    named = os.environ.get("CFS_CONFIG")
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
 class ClientSettings(BaseSettings):
-    """Where the cluster is: from flags, then `CFS_*` variables, then these defaults."""
+    """Where the cluster is: from flags, then `CFS_*` variables, then the cluster config
+    file (`config_path()`), then these defaults."""
 
     model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
 
@@ -24,6 +44,22 @@ class ClientSettings(BaseSettings):
     nats_credentials: Path | None = None
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
     log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = config_path()
+        if path is None:
+            return (init_settings, env_settings)
+        if not path.is_file():
+            raise ConfigError(f"cluster config {path} does not exist (CFS_CONFIG)")
+        return (init_settings, env_settings, JsonConfigSettingsSource(settings_cls, path))
 
 
 def client_settings(

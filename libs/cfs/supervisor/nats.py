@@ -257,10 +257,17 @@ class NatsCluster:
         extra_conf: str = "",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         die_with_parent: bool = True,
+        names: Sequence[str] | None = None,
     ) -> None:
-        """Allocate every port up front: each node's config must list all routes."""
+        """Allocate every port up front: each node's config must list all routes.
+
+        `names`: server names (default n1..nN); a site names them after its nodes.
+        """
         if size < 1:
             raise ValueError(f"cluster size must be >= 1, got {size}")
+        names = list(names) if names is not None else [f"n{i + 1}" for i in range(size)]
+        if len(names) != size or len(set(names)) != size:
+            raise ValueError(f"need {size} distinct server names, got {names}")
         self.name = name
         self.base_dir = Path(base_dir)
         clustered = size > 1
@@ -268,8 +275,8 @@ class NatsCluster:
         route_urls = [f"nats://{HOST}:{port}" for port in route_ports]
         self._servers = [
             NatsServer(
-                f"n{i + 1}",
-                self.base_dir / f"n{i + 1}",
+                names[i],
+                self.base_dir / names[i],
                 cluster_name=name if clustered else None,
                 cluster_port=route_ports[i] if clustered else None,
                 routes=[url for j, url in enumerate(route_urls) if j != i],

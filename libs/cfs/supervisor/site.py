@@ -110,7 +110,11 @@ class LocalSite:
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
         if count >= 3:
-            self.nats = NatsCluster(count, self.base_dir / "nats", name=f"cfs-{site}")
+            # Server i runs beside node i, named after it (`raft-status` shows node names).
+            server_names = names[:count] + [f"nats-{i}" for i in range(len(names) + 1, count + 1)]
+            self.nats = NatsCluster(
+                count, self.base_dir / "nats", name=f"cfs-{site}", names=server_names
+            )
         else:
             self.nats = NatsServer.standalone(self.base_dir / "nats")
         self._spawned_ms: dict[str, int] = {}
@@ -172,6 +176,11 @@ class LocalSite:
     @property
     def nats_servers(self) -> list[NatsServer]:
         return self.nats.servers if isinstance(self.nats, NatsCluster) else [self.nats]
+
+    def nats_server_of(self, node: str) -> NatsServer | None:
+        """The NATS server that runs beside `node` (named after it), if it has one."""
+        self._check_node(node)
+        return next((server for server in self.nats_servers if server.name == node), None)
 
     def data_dir(self, node: str) -> Path:
         self._check_node(node)
