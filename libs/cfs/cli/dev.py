@@ -1,72 +1,348 @@
-"""`cfs dev`: run ClaudeFS's moving parts on this machine as real processes."""
+"""`cfs dev`: a whole ClaudeFS site on this machine as real processes.
+
+    cfs dev up [--topology deploy/topologies/six-nodes.yaml]   # returns when ready
+    cfs dev status | kill NODE | start NODE | stop NODE | down
+    cfs dev run                                              # `make run`
+
+The site runs under a daemon (`cfs.supervisor.devcluster`) that owns every
+process; these commands talk to it through its control socket.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cfs.bus import Bus, ensure_buckets, ensure_streams
-from cfs.cli.errors import one_line_errors
-from cfs.supervisor import NatsServer, S3Server
-from cfs_contracts.streams import SITE_BUCKETS, site_streams
+from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.supervisor import SupervisorError
+from cfs.supervisor.devcluster import CLUSTER_FILE, LOG_FILE, DevCluster, DevControl
+from cfs.supervisor.topology import Topology
 
-app = typer.Typer(help="Local development cluster (real nats-server and S3 processes).")
+app = typer.Typer(
+    help="Local development site: NATS cluster, S3 server and every node's services.",
+    no_args_is_help=True,
+)
 console = Console()
 
+StateDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--state-dir", envvar="CFS_DEV_DIR", help="where stores, logs and cluster.json live"
+    ),
+]
+DEFAULT_STATE_DIR = Path(".cfs-dev")
+TopologyOpt = Annotated[
+    Path | None,
+    typer.Option("--topology", help="YAML topology (deploy/topologies/); default: 3 nodes"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
-async def _provision(url: str, site: str, shards: int) -> int:
-    async with await Bus.connect(url, site=site, node="dev") as bus:
-        streams = await ensure_streams(bus.js, site_streams(shards), site=site, replicas=1)
-        buckets = await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
-    return len(streams) + len(buckets)
+
+def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+def _topology(path: Path | None) -> Topology:
+    return Topology.load(path) if path is not None else Topology.default()
+
+
+@app.command("up")
+@one_line_errors
+def up(
+    topology: TopologyOpt = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="stay attached; Ctrl-C stops the site")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the site")] = 180.0,
+) -> None:
+    """Start a site and return when every service is ready."""
+    spec = _topology(topology)  # a bad file fails here, before anything starts
+    control = DevControl(state_dir)
+    running = control.daemon_pid()
+    if running is not None:
+        _fail(
+            f"a dev site is already running from {control.state_dir} (pid {running}); "
+            "stop it first: cfs dev down"
+        )
+    if foreground:
+        cluster = DevCluster(state_dir, spec)
+        console.print(f"starting site {spec.site} ({len(spec.nodes)} nodes); Ctrl-C stops it")
+        asyncio.run(cluster.serve(ready_timeout=timeout, on_ready=_print_ready))
+        return
+    control.state_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "cfs.supervisor.devcluster",
+        "--state-dir",
+        str(control.state_dir),
+    ]
+    if topology is not None:
+        argv += ["--topology", str(topology.resolve())]
+    argv += ["--ready-timeout", str(timeout)]
+    with (control.state_dir / LOG_FILE).open("ab") as log:
+        # A session of its own: the site outlives this command and its terminal.
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    deadline = time.monotonic() + timeout + 30
+    with console.status(f"starting site {spec.site} ({len(spec.nodes)} nodes)..."):
+        while True:
+            state = control.state() or {}
+            if state.get("pid") == proc.pid and state.get("state") == "ready":
+                break
+            if proc.poll() is not None:
+                _fail(
+                    f"the dev site did not start (exit {proc.returncode}): "
+                    f"{state.get('state', 'no state')}; see {control.state_dir / LOG_FILE}"
+                )
+            if time.monotonic() > deadline:
+                proc.terminate()
+                _fail(
+                    f"the dev site was not ready after {timeout:.0f}s; see "
+                    f"{control.state_dir / LOG_FILE}"
+                )
+            time.sleep(0.2)
+    _print_status(control.call("status"))
+    console.print(f"clients find it through {control.state_dir / CLUSTER_FILE}")
+
+
+async def _print_ready(cluster: DevCluster) -> None:
+    _print_status(await asyncio.to_thread(cluster.status))
+
+
+@app.command("status")
+@one_line_errors
+def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
+    """Which processes of the dev site run (exit 1 when no site is running)."""
+    result = DevControl(state_dir).call("status")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        _print_status(result)
+
+
+@app.command("kill")
+@one_line_errors
+def kill(
+    node: Annotated[str, typer.Argument(help="node name, e.g. storage-1")],
+    services_only: Annotated[
+        bool, typer.Option("--services-only", help="leave the node's NATS server running")
+    ] = False,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """`kill -9` a node: every service process and (unless --services-only) its NATS server."""
+    _node_call(state_dir, "kill", node, services_only=services_only)
+    console.print(f"killed {node}" + (" (services only)" if services_only else ""))
+
+
+@app.command("start")
+@one_line_errors
+def start(
+    node: Annotated[str, typer.Argument()], state_dir: StateDirOpt = DEFAULT_STATE_DIR
+) -> None:
+    """Start what is not running of a node (as systemd would after a reboot)."""
+    _node_call(state_dir, "start", node)
+    console.print(f"started {node}")
+
+
+@app.command("stop")
+@one_line_errors
+def stop(
+    node: Annotated[str, typer.Argument()], state_dir: StateDirOpt = DEFAULT_STATE_DIR
+) -> None:
+    """Stop a node cleanly (SIGTERM to its services and NATS server)."""
+    _node_call(state_dir, "stop", node)
+    console.print(f"stopped {node}")
+
+
+def _node_call(state_dir: Path, op: str, node: str, **args: Any) -> None:
+    try:
+        DevControl(state_dir).call(op, node=node, **args)
+    except SupervisorError as exc:
+        if str(exc).startswith("unknown node"):
+            _fail(str(exc), ExitCode.USAGE)
+        raise
+
+
+@app.command("down")
+@one_line_errors
+def down(
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    purge: Annotated[bool, typer.Option("--purge", help="also delete every store and log")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for a clean stop")] = 60.0,
+) -> None:
+    """Stop every process of the dev site (state is kept unless --purge)."""
+    control = DevControl(state_dir)
+    pid = control.daemon_pid()
+    if pid is not None:
+        control.call("down")
+        if not control.wait_exit(pid, timeout):
+            os.kill(pid, 9)  # its children die with it (PR_SET_PDEATHSIG)
+            _fail(f"the dev site did not stop within {timeout:.0f}s; killed pid {pid}")
+        console.print("dev site stopped")
+    elif not purge:
+        _fail(f"no dev site is running from {control.state_dir}")
+    if purge and control.state_dir.exists():
+        shutil.rmtree(control.state_dir)
+        console.print(f"removed {control.state_dir}")
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    table = Table(title=f"ClaudeFS dev site {status['site']}", show_header=True)
+    table.add_column("node")
+    table.add_column("nats")
+    for service in ("metadata", "chunkstore", "membership", "repair"):
+        table.add_column(service)
+    for node, info in status["nodes"].items():
+        nats = info.get("nats")
+        cells = ["-" if nats is None else _mark(nats["running"])]
+        for service in ("metadata", "chunkstore", "membership", "repair"):
+            proc = info["services"].get(service, {})
+            cells.append(_mark(bool(proc.get("running")), proc.get("pid")))
+        table.add_row(node, *cells)
+    console.print(table)
+    console.print(f"NATS: {', '.join(status['nats_urls'])}")
+    if status.get("s3"):
+        console.print(f"S3:   {status['s3']['endpoint']}")
+
+
+def _mark(running: bool, pid: int | None = None) -> str:
+    if running:
+        return f"[green]up[/]{f' {pid}' if pid else ''}"
+    return "[red]down[/]"
+
+
+# -- make run -------------------------------------------------------------------------------
+SAMPLE_FILES = {
+    "README.txt": b"Welcome to ClaudeFS. This tree was written through the FUSE mount.\n",
+    "docs/guide.md": b"# Disaster recovery\n\nSee ../shared/seeds/disaster-recovery-guide.md\n",
+    "docs/notes/todo.txt": b"- drain a node: cfs admin node-drain storage-2\n",
+}
+SAMPLE_BLOB = "data/sample-6MiB.bin"  # more than one 4 MiB chunk: erasure-coded stripes
 
 
 @app.command("run")
 @one_line_errors
 def run(
-    state_dir: Annotated[Path, typer.Option(help="where server stores and logs live")] = Path(
-        ".cfs-dev"
-    ),
-    site: Annotated[str, typer.Option(help="site name used in subjects")] = "local",
-    shards: Annotated[int, typer.Option(min=1, max=999, help="metadata shards")] = 1,
+    mountpoint: Annotated[Path, typer.Option(help="where to mount the site")] = Path("mnt"),
+    topology: TopologyOpt = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the site")] = 180.0,
 ) -> None:
-    """Start a single-node NATS JetStream and an S3 server; stay in the foreground."""
-    state_dir = state_dir.resolve()
-    nats_server = NatsServer.standalone(state_dir / "nats", name="local-1")
-    s3 = S3Server(state_dir / "s3")
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        with console.status("starting nats-server and the S3 server..."):
-            nats_server.start()
-            s3.start()
-            provisioned = asyncio.run(_provision(nats_server.url, site, shards))
-        table = Table(title="ClaudeFS local services", show_header=True)
-        table.add_column("service")
-        table.add_column("listening on", no_wrap=True)
-        table.add_column("state / logs", overflow="fold")
-        table.add_row("NATS JetStream", nats_server.url, str(nats_server.log_path))
-        table.add_row("NATS monitoring", nats_server.monitor_url, "")
-        table.add_row("S3 (moto server)", s3.endpoint_url, str(s3.log_path))
-        console.print(table)
-        console.print(f"site [bold]{site}[/]: {provisioned} streams and buckets provisioned")
-        console.print("press Ctrl-C to stop")
-        while not stop.wait(0.5):
-            for proc in (nats_server, s3):
-                if not proc.running:
-                    console.print(f"[red]{proc!r} exited; last log lines:[/]\n{proc.log_tail(10)}")
-                    raise typer.Exit(1)
-    except KeyboardInterrupt:
-        console.print("stopping...")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        s3.stop()
-        nats_server.stop()
-    console.print("stopped")
+    """`make run`: start a site, mount it, write a sample tree, print its status, and stay
+    in the foreground until Ctrl-C; then unmount and stop every process."""
+    from cfs.fuse.config import is_fuse_mount
+
+    spec = _topology(topology)
+    control = DevControl(state_dir)
+    running = control.daemon_pid()
+    if running is not None:
+        _fail(
+            f"a dev site is already running from {control.state_dir} (pid {running}); "
+            "stop it first: cfs dev down"
+        )
+    mnt = mountpoint.resolve()
+    if is_fuse_mount(mnt):
+        _fail(f"{mnt} is already mounted; unmount it first: cfs umount {mountpoint}")
+    mnt.mkdir(parents=True, exist_ok=True)
+    mount = _MountProcess(mnt, control.state_dir)
+    cluster = DevCluster(state_dir, spec)
+    console.print(f"starting site {spec.site} ({len(spec.nodes)} nodes)...")
+    asyncio.run(
+        cluster.serve(ready_timeout=timeout, on_ready=mount.on_ready, before_stop=mount.on_stop)
+    )
+    console.print("stopped: unmounted and every process ended")
+
+
+class _MountProcess:
+    """The FUSE mount of `make run`, owned by the dev process like every other child."""
+
+    def __init__(self, mnt: Path, state_dir: Path) -> None:
+        self.mnt = mnt
+        self.state_dir = state_dir
+        self.proc: Any = None
+
+    async def on_ready(self, cluster: DevCluster) -> None:
+        from cfs.fuse.config import is_fuse_mount
+        from cfs.supervisor.process import ManagedProcess
+
+        status = await asyncio.to_thread(cluster.status)
+        self.proc = ManagedProcess(
+            "mount",
+            [
+                sys.executable,
+                "-m",
+                "cfs.fuse",
+                str(self.mnt),
+                "--cluster",
+                ",".join(status["nats_urls"]),
+                "--site",
+                cluster.topology.site,
+                "--shards",
+                str(cluster.topology.shards),
+            ],
+            log_path=self.state_dir / "logs" / "mount.log",
+        )
+        self.proc.start()
+        await asyncio.to_thread(
+            self.proc.wait_until, lambda: is_fuse_mount(self.mnt), 60.0, f"{self.mnt} mounted"
+        )
+        written = await asyncio.to_thread(_write_sample_tree, self.mnt)
+        _print_status(status)
+        console.print(f"mounted at [bold]{self.mnt}[/]; sample tree: {written}")
+        env = {**os.environ, "CFS_CONFIG": str(cluster.state_dir / CLUSTER_FILE)}
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "cfs.cli", "admin", "status"],
+            env=env,
+            check=False,
+        )
+        console.print("press Ctrl-C to unmount and stop")
+
+    async def on_stop(self, cluster: DevCluster) -> None:
+        if self.proc is None:
+            return
+        await asyncio.to_thread(_unmount, self.mnt)
+        await asyncio.to_thread(self.proc.stop, 30.0)
+
+
+def _write_sample_tree(mnt: Path) -> str:
+    """A few files and directories (kept if a previous run wrote them)."""
+    for name, data in SAMPLE_FILES.items():
+        path = mnt / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    blob = mnt / SAMPLE_BLOB
+    if not blob.exists():
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        with blob.open("wb") as f:
+            f.write(os.urandom(6 * 1024 * 1024))
+            f.flush()
+            os.fsync(f.fileno())
+    return f"{len(SAMPLE_FILES) + 1} files under {mnt}"
+
+
+def _unmount(mnt: Path) -> None:
+    from cfs.fuse.config import is_fuse_mount
+
+    if not is_fuse_mount(mnt):
+        return
+    argv = ["umount", str(mnt)] if os.geteuid() == 0 else ["fusermount3", "-u", str(mnt)]
+    if subprocess.run(argv, capture_output=True, check=False).returncode != 0:
+        lazy = ["umount", "-l", str(mnt)] if os.geteuid() == 0 else ["fusermount3", "-uz", str(mnt)]
+        subprocess.run(lazy, capture_output=True, check=False)

@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
+import nats.errors
+import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, ensure_buckets, ensure_streams
@@ -235,14 +237,30 @@ class LocalSite:
         else:
             self.nats.start(wait=True, timeout=timeout)
 
-    async def provision(self) -> None:
-        """What `cfs cluster init` does: every stream and KV bucket, idempotently."""
+    async def provision(self, timeout: float = 60.0) -> None:
+        """What `cfs cluster init` does: every stream and KV bucket, idempotently.
+
+        Retried until `timeout`: servers restarted on existing stores answer JetStream
+        API requests only once each stream's Raft group has a leader again.
+        """
         replicas = min(3, len(self.nats_servers))
+        deadline = time.monotonic() + timeout
         async with await Bus.connect(self.urls, site=self.site, node="site-init") as bus:
-            await ensure_streams(
-                bus.js, site_streams(self.shards), site=self.site, replicas=replicas
-            )
-            await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+            while True:
+                try:
+                    await ensure_streams(
+                        bus.js, site_streams(self.shards), site=self.site, replicas=replicas
+                    )
+                    await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+                    return
+                except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                    if time.monotonic() >= deadline:
+                        raise SupervisorError(
+                            f"provisioning site {self.site}: JetStream did not answer "
+                            f"within {timeout:.0f}s ({exc!r})"
+                        ) from exc
+                    log_event(log, logging.INFO, "site.provision_retry", error=repr(exc))
+                    await asyncio.sleep(0.5)
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until metadata answers getattr(1), every chunk-store has published a fresh

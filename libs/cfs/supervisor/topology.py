@@ -1,0 +1,76 @@
+"""What `cfs dev up --topology FILE` runs: one site, its nodes, labels and tuning.
+
+A topology file is YAML (see `deploy/topologies/`):
+
+    site: local
+    shards: 1
+    nodes:
+      - name: storage-1
+        labels: {rack: r1}
+      - name: storage-2
+    env:                      # extra CFS_* settings for every service process
+      CFS_REPAIR_GRACE_S: "120"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cfs.supervisor.errors import SupervisorError
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    labels: dict[str, str] = Field(default_factory=dict, description="failure domains")
+
+
+class Topology(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    site: str = Field(default="local", pattern=r"^[A-Za-z0-9_-]+$")
+    shards: int = Field(default=1, ge=1, le=999, description="fixed at cluster init")
+    nats_servers: int | None = Field(
+        default=None, ge=1, description="default: 3 beside the first 3 nodes, 1 below 3 nodes"
+    )
+    s3: bool = Field(default=True, description="run an S3 server (moto) for tiering/backups")
+    nodes: list[NodeSpec] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("nodes")
+    @classmethod
+    def _unique(cls, nodes: list[NodeSpec]) -> list[NodeSpec]:
+        names = [node.name for node in nodes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate node names: {', '.join(duplicates)}")
+        return nodes
+
+    @classmethod
+    def default(cls, nodes: int = 3) -> Topology:
+        """One site, `nodes` nodes storage-1..N, one shard: `deploy/topologies/default.yaml`."""
+        return cls(nodes=[NodeSpec(name=f"storage-{i}") for i in range(1, nodes + 1)])
+
+    @classmethod
+    def load(cls, path: Path) -> Topology:
+        """Parse a topology file; any problem is one SupervisorError naming the file."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise SupervisorError(f"topology {path}: {exc.strerror or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise SupervisorError(f"topology {path}: not valid YAML: {exc}") from exc
+        try:
+            return cls.model_validate(data if data is not None else {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "file"
+            raise SupervisorError(f"topology {path}: {where}: {first['msg']}") from exc
+
+    @property
+    def node_names(self) -> list[str]:
+        return [node.name for node in self.nodes]
