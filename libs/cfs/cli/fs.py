@@ -29,7 +29,7 @@ import typer
 
 from cfs.bus import Bus
 from cfs.cli.errors import ExitCode, one_line_errors
-from cfs.client.metadata import MetadataClient
+from cfs.client.metadata import LeaderUnavailable, MetadataClient
 from cfs.fuse.config import ClientSettings, client_settings, is_fuse_mount
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.fs.rpc import FsError
@@ -190,9 +190,14 @@ class PathError(Exception):
     """An FsError on one path: reported as `cfs: PATH: strerror`."""
 
     def __init__(self, path: str, error: FsError) -> None:
-        super().__init__(f"{path}: {os.strerror(error.errno)}")
+        super().__init__(f"{path}: {_reason(error)}")
         self.path = path
         self.errno = error.errno
+
+
+def _reason(error: FsError) -> str:
+    """strerror, except for an outage, whose message says what is missing."""
+    return error.message if isinstance(error, LeaderUnavailable) else os.strerror(error.errno)
 
 
 @dataclass
@@ -261,7 +266,7 @@ def _run(ctx: typer.Context, work: Callable[[Session], Awaitable[bool]]) -> None
     async def go() -> bool:
         node = f"cli-{os.getpid()}"
         async with await Bus.connect(settings.nats_urls, site=settings.site, node=node) as bus:
-            return await work(Session(bus, MetadataClient(bus)))
+            return await work(Session(bus, MetadataClient(bus, deadline_s=settings.op_timeout_s)))
 
     if not asyncio.run(go()):
         raise typer.Exit(int(ExitCode.FAILED))
@@ -277,7 +282,7 @@ async def _each(paths: list[str], action: Callable[[str], Awaitable[None]]) -> b
             typer.echo(f"cfs: {exc}", err=True)
             ok = False
         except FsError as exc:
-            typer.echo(f"cfs: {path}: {os.strerror(exc.errno)}", err=True)
+            typer.echo(f"cfs: {path}: {_reason(exc)}", err=True)
             ok = False
     return ok
 

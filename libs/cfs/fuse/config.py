@@ -44,6 +44,12 @@ class ClientSettings(BaseSettings):
     nats_credentials: Path | None = None
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
     log_level: str = "INFO"
+    op_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="how long a metadata call waits for a shard leader before it fails "
+        "with `Leader not available` (covers writer and NATS failover)",
+    )
 
     @classmethod
     def settings_customise_sources(
