@@ -24,7 +24,25 @@ class ExitCode(IntEnum):
     FAILED = 1
     USAGE = 2
     UNREACHABLE = 3
+    FORBIDDEN = 4
     INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure a command reports itself: one line, a chosen exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# What NATS says when credentials lack a permission (server -ERR texts).
+_DENIED = ("permissions violation", "authorization violation", "authorization error")
+
+
+def is_permission_error(text: str) -> bool:
+    lowered = text.lower()
+    return any(marker in lowered for marker in _DENIED)
 
 
 def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -34,9 +52,15 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except BusUnavailable as exc:
-            _fail(f"error: {exc}", ExitCode.UNREACHABLE)
-        except (BusError, ConfigError, ContractError, SupervisorError) as exc:
+        except CliError as exc:
+            _fail(f"error: {exc}", exc.code)
+        except BusError as exc:
+            if is_permission_error(str(exc)):
+                _fail(f"error: permission denied: {exc}", ExitCode.FORBIDDEN)
+            if isinstance(exc, BusUnavailable):
+                _fail(f"error: {exc}", ExitCode.UNREACHABLE)
+            _fail(f"error: {exc}", ExitCode.FAILED)
+        except (ConfigError, ContractError, SupervisorError) as exc:
             _fail(f"error: {exc}", ExitCode.FAILED)
         except KeyboardInterrupt:
             _fail("interrupted", ExitCode.INTERRUPTED)

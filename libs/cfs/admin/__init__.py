@@ -1,0 +1,1 @@
+"""Admin commands (`cfs admin`): pure decisions, snapshots, the command executor."""

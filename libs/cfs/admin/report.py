@@ -1,0 +1,192 @@
+"""What `cfs admin status|raft-status|raft-debug` print, as pure functions of snapshots.
+
+The line shapes are the operator guide's (`Node "storage-1" is DOWN (detected by
+SWIM, age 15s)`, `Shard 001: Leader=storage-2 (re-elected, 5s ago)`), so the
+runbook and the tool agree; `--json` gives the same facts as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cfs.admin.decide import NodeFacts
+from cfs_contracts.members import Lifecycle, Liveness
+
+_SHOWN = {
+    Liveness.ALIVE: "UP",
+    Liveness.SUSPECT: "SUSPECT",
+    Liveness.DOWN: "DOWN",
+    Liveness.LEFT: "LEFT",
+}
+
+
+def age(seconds: float) -> str:
+    """15s, 4m10s, 3h05m, 2d04h: short enough for one line."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def node_line(facts: NodeFacts, node: str) -> str:
+    """`Node "storage-1" is DOWN (detected by SWIM, age 15s)`, then lifecycle and capacity."""
+    state = facts.liveness(node)
+    member = facts.members.get(node)
+    head = f'Node "{node}" is {_SHOWN[state] if state else "UNKNOWN"}'
+    if state in (Liveness.DOWN, Liveness.SUSPECT, Liveness.LEFT) and member is not None:
+        detail = []
+        if state is not Liveness.LEFT:
+            who = member.method or "SWIM"
+            by = f", reported by {member.detected_by}" if member.detected_by else ""
+            detail.append(f"detected by {who}{by}")
+        if member.since_ms:
+            detail.append(f"age {age((facts.now_ms - member.since_ms) / 1000)}")
+        head += f" ({', '.join(detail)})" if detail else ""
+    elif state is None:
+        head += " (no membership record, no fresh chunk-store record)"
+    extras = []
+    admin = facts.admin.get(node)
+    if admin is not None and admin.lifecycle is not Lifecycle.ACTIVE:
+        since = f" since {age((facts.now_ms - admin.since_ms) / 1000)}" if admin.since_ms else ""
+        extras.append(f"{admin.lifecycle.value}{since}")
+    store = facts.stores.get(node)
+    if store is not None and store.capacity_bytes:
+        extras.append(f"{size(store.free_bytes)} free of {size(store.capacity_bytes)}")
+    return ", ".join([head, *extras])
+
+
+def node_json(facts: NodeFacts, node: str) -> dict[str, Any]:
+    state = facts.liveness(node)
+    member = facts.members.get(node)
+    store = facts.stores.get(node)
+    return {
+        "node": node,
+        "state": _SHOWN[state] if state else "UNKNOWN",
+        "liveness": state.value if state else None,
+        "detected_by": member.detected_by if member else None,
+        "method": member.method if member else None,
+        "age_s": (facts.now_ms - member.since_ms) / 1000 if member and member.since_ms else None,
+        "lifecycle": facts.lifecycle(node).value,
+        "capacity_bytes": store.capacity_bytes if store else None,
+        "free_bytes": store.free_bytes if store else None,
+        "fragments": store.fragments if store else None,
+    }
+
+
+@dataclass(frozen=True)
+class Replica:
+    server: str
+    current: bool
+    lag: int
+    active_s: float
+
+
+@dataclass(frozen=True)
+class ShardView:
+    """Both Raft layers of one shard (DESIGN.md §4): the writer lease and the journal."""
+
+    shard: str
+    writer: str | None = None
+    term: int = 0
+    elected_ago_s: float | None = None
+    renewed_ago_s: float | None = None
+    lease_s: float | None = None
+    handoff_to: str | None = None
+    stream: str = ""
+    stream_leader: str | None = None
+    replicas: tuple[Replica, ...] = ()
+    last_seq: int = 0
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def quorum_lost(self) -> bool:
+        return self.stream_leader is None and any("Raft leader" in p for p in self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "writer": self.writer,
+            "term": self.term,
+            "elected_ago_s": self.elected_ago_s,
+            "renewed_ago_s": self.renewed_ago_s,
+            "lease_s": self.lease_s,
+            "handoff_to": self.handoff_to,
+            "stream": self.stream,
+            "stream_leader": self.stream_leader,
+            "replicas": [r.__dict__ for r in self.replicas],
+            "last_seq": self.last_seq,
+            "problems": list(self.problems),
+        }
+
+
+def shard_line(view: ShardView) -> str:
+    """`Shard 001: Leader=storage-2 (re-elected, 5s ago)` or `Leader=None (...)`."""
+    if view.writer:
+        how = "elected" if view.term <= 1 else "re-elected"
+        when = f", {age(view.elected_ago_s)} ago" if view.elected_ago_s is not None else ""
+        return f"Shard {view.shard}: Leader={view.writer} ({how}{when}; term {view.term})"
+    if view.quorum_lost:
+        why = f"quorum lost: journal {view.stream} has no Raft leader"
+    elif view.handoff_to and view.handoff_to != "*":
+        why = f"election in progress, handing over to {view.handoff_to}"
+    else:
+        why = "election in progress"
+    return f"Shard {view.shard}: Leader=None ({why})"
+
+
+def stream_line(view: ShardView) -> str:
+    """The JetStream Raft layer: `  journal META_001: leader storage-2, replicas ...`."""
+    if view.stream_leader is None:
+        return f"  journal {view.stream}: no Raft leader"
+    followers = ", ".join(
+        f"{r.server} {'current' if r.current else 'behind'}" + (f" lag {r.lag}" if r.lag else "")
+        for r in view.replicas
+    )
+    total = len(view.replicas) + 1
+    current = 1 + sum(1 for r in view.replicas if r.current)
+    return f"  journal {view.stream}: leader {view.stream_leader}, {current}/{total} current" + (
+        f" ({followers})" if followers else ""
+    )
+
+
+def debug_lines(view: ShardView) -> list[str]:
+    """Everything known about one shard, for `raft-debug`."""
+
+    def ago(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}s ago"
+
+    lines = [
+        shard_line(view),
+        f"  writer lease (leases KV, key meta.{view.shard}):",
+        f"    holder      {view.writer or '-'}",
+        f"    term        {view.term}",
+        f"    elected     {ago(view.elected_ago_s)}",
+        f"    renewed     {ago(view.renewed_ago_s)}",
+        f"    lease time  {'-' if view.lease_s is None else f'{view.lease_s:g}s'}",
+        f"    handoff to  {view.handoff_to or '-'}",
+        f"  journal stream {view.stream} (JetStream Raft group):",
+        f"    leader      {view.stream_leader or '-'}",
+        f"    last seq    {view.last_seq}",
+    ]
+    for r in view.replicas:
+        state = "current" if r.current else "behind"
+        lines.append(
+            f"    replica     {r.server}: {state}, lag {r.lag}, seen {r.active_s:.1f}s ago"
+        )
+    lines.append("  problems:" + ("" if view.problems else " none"))
+    lines.extend(f"    - {p}" for p in view.problems)
+    return lines
