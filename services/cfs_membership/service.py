@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from cfs.admin.executor import CommandExecutor, membership_handlers
 from cfs.bus import Bus
 from cfs.service_main import ServiceSettings, run_service
 from cfs_contracts.members import Liveness, MemberRecord
@@ -418,10 +419,13 @@ def _wall_ms() -> int:
 async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
     bus = await settings.connect("membership")
     service: MembershipService | None = None
+    executor: CommandExecutor | None = None  # executes cmd.membership.* (node-drain, -remove)
     try:
         kv = await bus.key_value(NODES.bucket)
         service = MembershipService(settings, bus, kv)
         await service.start()
+        executor = CommandExecutor(bus, "membership", membership_handlers(bus))
+        await executor.start()
         waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -431,6 +435,8 @@ async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
         if service.failure is not None:
             raise service.failure
     finally:
+        if executor is not None:
+            await executor.stop()
         if service is not None:
             await service.stop(leave=settings.leave_on_terminate)
         await bus.close()

@@ -16,9 +16,12 @@ from pathlib import Path
 
 from pydantic import Field
 
+from cfs.admin.executor import CommandExecutor, metadata_handlers
 from cfs.client.nodes import NodeView
 from cfs.placement import Candidate, rank
 from cfs.service_main import ServiceSettings, run_service
+from cfs_contracts.streams import shard_name
+from cfs_metadata.admin import force_election
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
@@ -43,6 +46,7 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
     )
     replicas: list[ShardReplica] = []
     nodes = NodeView(bus)
+    executor: CommandExecutor | None = None
     try:
         await nodes.start()
         for index in range(1, settings.shards + 1):
@@ -57,9 +61,16 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
             )
             await replica.start()
             replicas.append(replica)
+        shards = [shard_name(i) for i in range(1, settings.shards + 1)]
+        executor = CommandExecutor(
+            bus, "metadata-raft", metadata_handlers(bus, shards, force_election)
+        )
+        await executor.start()  # executes cmd.metadata-raft.* (force-election)
         log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
         await stop.wait()
     finally:
+        if executor is not None:
+            await executor.stop()
         for replica in reversed(replicas):
             await replica.stop()
             replica.projection.close()

@@ -74,6 +74,7 @@ class CommandExecutor:
         """Create the shared consumer (idempotent), then consume in the background."""
         await self._consumer.ensure()
         self._task = asyncio.create_task(self._consumer.run(), name=f"cmd-{self.service}")
+        self._task.add_done_callback(self._ended)
         log.info("admin.executor_started", extra={"service": self.service, "node": self.bus.node})
 
     async def stop(self) -> None:
@@ -85,6 +86,14 @@ class CommandExecutor:
             except TimeoutError:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """Admin commands stop being executed here: say so loudly, never silently."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "admin.executor_failed",
+                extra={"service": self.service, "node": self.bus.node, "error": repr(exc)},
+            )
 
     @property
     def task(self) -> asyncio.Task[None] | None:
