@@ -8,6 +8,7 @@ Keys, all in the `nodes` bucket:
   draining, drained, removed), written by admin commands and the repair
   coordinator.
 - `store.<node>` (`cfs_contracts.data.StoreRecord`): the chunk-store's capacity.
+- `cluster.config` (`ClusterConfig`): what `cfs cluster init` fixed for the site.
 
 Placement takes a node only when all three agree: alive, active, with room.
 """
@@ -34,6 +35,27 @@ class Lifecycle(StrEnum):
 
 
 _RANK = {Liveness.ALIVE: 0, Liveness.SUSPECT: 1, Liveness.DOWN: 2, Liveness.LEFT: 3}
+
+
+CLUSTER_CONFIG_KEY = "cluster.config"
+
+
+class ClusterConfig(BaseModel):
+    """Written once by `cfs cluster init`; the shard count can never change after."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="cluster name, e.g. claudefs-prod")
+    site: str
+    shards: int = Field(ge=1, le=999)
+    ec: str = Field(
+        default="auto",
+        description="erasure code for new chunks when enough nodes are up (ec4+2, ec2+1, "
+        "copy3, ...); auto = 4+2 on 6+ nodes, 2+1 on 3-5, copies below",
+    )
+    bootstrap_node: str
+    created_ms: int
+    created_by: str
 
 
 def member_key(node: str) -> str:

@@ -35,8 +35,13 @@ class Scheme:
         return -(-length // self.k) if length else 0
 
 
-def choose_scheme(eligible_nodes: int) -> Scheme:
-    """4+2 on 6+ nodes, 2+1 on 3-5, plain copies below 3 (one per node)."""
+def choose_scheme(eligible_nodes: int, preferred: str = "auto") -> Scheme:
+    """The cluster's preferred scheme when there are nodes enough for it; otherwise (and
+    for `auto`) 4+2 on 6+ nodes, 2+1 on 3-5, plain copies below 3 (one per node)."""
+    if preferred != "auto":
+        wanted = Scheme.parse(preferred)
+        if eligible_nodes >= wanted.total:
+            return wanted
     if eligible_nodes >= 6:
         return Scheme.parse("ec4+2")
     if eligible_nodes >= 3:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cfs.cli import admin, dev, fs, service
+from cfs.cli import admin, cluster, dev, fs, service
 
 app = typer.Typer(
     name="cfs",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.add_typer(dev.app, name="dev")
 app.add_typer(service.app, name="service")
 app.add_typer(fs.app, name="fs")
+app.add_typer(cluster.app, name="cluster")
 app.add_typer(admin.app, name="admin")
 app.command("mount")(fs.mount)
 app.command("umount")(fs.umount)

@@ -140,7 +140,7 @@ class FileStore:
                 candidates = self.nodes.eligible(len(data))
                 if not candidates:
                     raise FsError(errno.ENOSPC, "no chunk-store node is up with room for data")
-                scheme = choose_scheme(len(candidates))
+                scheme = choose_scheme(len(candidates), self.nodes.ec_default)
                 fragments = await asyncio.to_thread(_encode_with_crcs, scheme, data)
                 order = [c.node for c in rank(chunk_id, candidates)]
                 spare = order[scheme.total :]

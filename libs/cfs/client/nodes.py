@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from cfs.bus import Bus
 from cfs.placement import Candidate
 from cfs_contracts.data import StoreRecord
-from cfs_contracts.members import Lifecycle, Liveness, MemberRecord, NodeAdmin
+from cfs_contracts.members import ClusterConfig, Lifecycle, Liveness, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ _TABLES: dict[str, tuple[str, type[Any]]] = {
     "store": ("records", StoreRecord),
     "member": ("members", MemberRecord),
     "admin": ("admin", NodeAdmin),
+    "cluster": ("cluster", ClusterConfig),  # one key: cluster.config
 }
 
 
@@ -53,6 +54,7 @@ class NodeView:
         self.records: dict[str, StoreRecord] = {}
         self.members: dict[str, MemberRecord] = {}
         self.admin: dict[str, NodeAdmin] = {}
+        self.cluster: dict[str, ClusterConfig] = {}
         self._avoid_until: dict[str, float] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -92,6 +94,12 @@ class NodeView:
                 table[node] = model.model_validate_json(entry.value)
             except ValidationError as exc:
                 log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+
+    @property
+    def ec_default(self) -> str:
+        """The erasure code `cfs cluster init` chose (auto when not initialized so)."""
+        config = self.cluster.get("config")
+        return config.ec if config is not None else "auto"
 
     def usable(self, node: str) -> bool:
         """Alive (or not tracked by membership) and active (or never administered)."""

@@ -60,6 +60,7 @@ class DevCluster:
             site=topology.site,
             labels={node.name: node.labels for node in topology.nodes},
             env=topology.env,
+            ec=topology.ec,
         )
         self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
         self._stop = asyncio.Event()

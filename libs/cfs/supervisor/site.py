@@ -41,14 +41,14 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from cfs.bus import Bus, ensure_buckets, ensure_streams
+from cfs.bus import Bus
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.nats import NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
 from cfs_contracts.data import StoreRecord, store_record_key
 from cfs_contracts.members import Liveness, MemberRecord, member_key
-from cfs_contracts.streams import NODES, SITE_BUCKETS, site_streams
+from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class LocalSite:
         site: str = "local",
         labels: Mapping[str, Mapping[str, str]] | None = None,
         env: Mapping[str, str] | None = None,
+        ec: str = "auto",
     ) -> None:
         """Nothing starts here: ports are chosen and process command lines fixed.
 
@@ -108,6 +109,7 @@ class LocalSite:
         self.base_dir = Path(base_dir)
         self.site = site
         self.shards = shards
+        self.ec = ec
         self.node_names: tuple[str, ...] = tuple(names)
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
@@ -121,49 +123,62 @@ class LocalSite:
             self.nats = NatsServer.standalone(self.base_dir / "nats")
         self._spawned_ms: dict[str, int] = {}
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
-        labels = labels or {}
-        pythonpath = child_pythonpath()
+        self._env = dict(env or {})
         # SWIM: a UDP port per node, every other node as a seed, one token per site.
         self._swim_ports = {node: _free_udp_port() for node in names}
         self._cluster_token = secrets.token_hex(16)
         for node in names:
-            common = {
-                "CFS_NODE": node,
-                "CFS_SITE": site,
-                "CFS_NATS_URLS": json.dumps(self.urls),
-                "CFS_DATA_DIR": str(self.data_dir(node)),
-                "CFS_SHARDS": str(shards),
-                "CFS_LABELS": json.dumps(dict(labels.get(node, {}))),
-                "PYTHONPATH": pythonpath,
-                **(env or {}),
-            }
-            swim = {
-                "CFS_SWIM_HOST": "127.0.0.1",
-                "CFS_SWIM_PORT": str(self._swim_ports[node]),
-                "CFS_SEEDS": json.dumps(
-                    [f"127.0.0.1:{port}" for n, port in self._swim_ports.items() if n != node]
-                ),
-                "CFS_CLUSTER_TOKEN": self._cluster_token,
-                "CFS_NETEM_FILE": str(self.netem_file),
-            }
-            for service, module in _SERVICE_MODULES.items():
-                service_env = (
-                    {**common, **swim, **(env or {})} if service == "membership" else common
-                )
-                self._procs[node, service] = ManagedProcess(
-                    f"{service}-{node}",
-                    [
-                        sys.executable,
-                        "-m",
-                        module,
-                        "--node",
-                        node,
-                        "--data-dir",
-                        str(self.data_dir(node)),
-                    ],
-                    log_path=self.base_dir / "logs" / f"{node}.{service}.log",
-                    env=service_env,
-                )
+            self._build_node(node, (labels or {}).get(node, {}))
+
+    def _build_node(self, node: str, labels: Mapping[str, str]) -> None:
+        """Fix the command lines and environment of a node's service processes."""
+        common = {
+            "CFS_NODE": node,
+            "CFS_SITE": self.site,
+            "CFS_NATS_URLS": json.dumps(self.urls),
+            "CFS_DATA_DIR": str(self.base_dir / "nodes" / node),
+            "CFS_SHARDS": str(self.shards),
+            "CFS_LABELS": json.dumps(dict(labels)),
+            "PYTHONPATH": child_pythonpath(),
+            **self._env,
+        }
+        swim = {
+            "CFS_SWIM_HOST": "127.0.0.1",
+            "CFS_SWIM_PORT": str(self._swim_ports[node]),
+            "CFS_SEEDS": json.dumps(
+                [f"127.0.0.1:{port}" for n, port in self._swim_ports.items() if n != node]
+            ),
+            "CFS_CLUSTER_TOKEN": self._cluster_token,
+            "CFS_NETEM_FILE": str(self.netem_file),
+            **self._env,
+        }
+        for service, module in _SERVICE_MODULES.items():
+            self._procs[node, service] = ManagedProcess(
+                f"{service}-{node}",
+                [
+                    sys.executable,
+                    "-m",
+                    module,
+                    "--node",
+                    node,
+                    "--data-dir",
+                    str(self.base_dir / "nodes" / node),
+                ],
+                log_path=self.base_dir / "logs" / f"{node}.{service}.log",
+                env={**common, **swim} if service == "membership" else common,
+            )
+
+    def add_node(self, node: str, labels: Mapping[str, str] | None = None) -> None:
+        """A new node (`cfs node add`): its services join through the existing members.
+
+        Not started here: `start_node` does that, as for any other node."""
+        if _NODE_RE.match(node) is None:
+            raise ValueError(f"invalid node name {node!r} (letters, digits, - and _)")
+        if node in self.node_names:
+            raise ValueError(f"node {node!r} is already part of site {self.site}")
+        self._swim_ports[node] = _free_udp_port()
+        self.node_names = (*self.node_names, node)
+        self._build_node(node, labels or {})
 
     def __repr__(self) -> str:
         return f"<LocalSite {self.site} nodes={list(self.node_names)} urls={self.urls}>"
@@ -238,20 +253,27 @@ class LocalSite:
             self.nats.start(wait=True, timeout=timeout)
 
     async def provision(self, timeout: float = 60.0) -> None:
-        """What `cfs cluster init` does: every stream and KV bucket, idempotently.
+        """`cfs cluster init`: every stream and KV bucket and the cluster config, idempotently.
 
         Retried until `timeout`: servers restarted on existing stores answer JetStream
         API requests only once each stream's Raft group has a leader again.
         """
+        from cfs.cluster import init_cluster, new_config
+
+        wanted = new_config(
+            name=f"cfs-{self.site}",
+            site=self.site,
+            shards=self.shards,
+            ec=self.ec,
+            bootstrap_node=self.node_names[0],
+            created_by="cfs dev",
+        )
         replicas = min(3, len(self.nats_servers))
         deadline = time.monotonic() + timeout
         async with await Bus.connect(self.urls, site=self.site, node="site-init") as bus:
             while True:
                 try:
-                    await ensure_streams(
-                        bus.js, site_streams(self.shards), site=self.site, replicas=replicas
-                    )
-                    await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+                    await init_cluster(bus, wanted, replicas=replicas)
                     return
                 except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
                     if time.monotonic() >= deadline:

@@ -37,6 +37,7 @@ class Topology(BaseModel):
     nats_servers: int | None = Field(
         default=None, ge=1, description="default: 3 beside the first 3 nodes, 1 below 3 nodes"
     )
+    ec: str = Field(default="auto", description="erasure code for new chunks (cluster init)")
     s3: bool = Field(default=True, description="run an S3 server (moto) for tiering/backups")
     nodes: list[NodeSpec] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,186 @@
+"""`cfs cluster init|info`: create a site's streams, buckets and config; show them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import stat
+from pathlib import Path
+from typing import Annotated
+
+import nats.js.errors
+import typer
+
+from cfs.bus import Bus
+from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
+from cfs.fuse.config import client_settings
+from cfs_contracts.events.ops import AdminActionRecorded
+
+app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
+
+ClusterOpt = Annotated[
+    str | None, typer.Option("--cluster", help="NATS URLs, comma-separated (or CFS_NATS_URLS)")
+]
+SiteOpt = Annotated[str | None, typer.Option("--site", help="site name (or CFS_SITE)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+TOKEN_FILE = "cluster-token"
+CONFIG_FILE = "cluster.json"
+
+
+def _default_config_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/etc/claudefs")
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "claudefs"
+
+
+def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(int(code))
+
+
+@app.command("init")
+@one_line_errors
+def init(
+    bootstrap_node: Annotated[str, typer.Option("--bootstrap-node", help="the first node")],
+    cluster_name: Annotated[str, typer.Option("--cluster-name", help="e.g. claudefs-prod")],
+    cluster: ClusterOpt = None,
+    site: SiteOpt = None,
+    shards: Annotated[
+        int, typer.Option(min=1, max=999, help="metadata shards; fixed for the cluster's life")
+    ] = 1,
+    ec: Annotated[str, typer.Option(help="erasure code: auto, ec4+2, ec2+1, copy3, ...")] = "auto",
+    replicas: Annotated[
+        int | None, typer.Option(min=1, max=5, help="stream replicas (default: min(3, servers))")
+    ] = None,
+    config_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where cluster.json and the cluster token go "
+            "(default /etc/claudefs as root, else ~/.config/claudefs)"
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Provision every stream and bucket, record the cluster's shape, write its config.
+
+    Running it again with the same shape changes nothing; another shard count or
+    name is refused (exit 1)."""
+    try:
+        check_ec(ec)
+    except ClusterInitError as exc:
+        _fail(str(exc), ExitCode.USAGE)
+    settings = client_settings(cluster, site)
+    directory = config_dir or _default_config_dir()
+    wanted = new_config(
+        name=cluster_name,
+        site=settings.site,
+        shards=shards,
+        ec=ec,
+        bootstrap_node=bootstrap_node,
+        created_by=f"{os.environ.get('USER', 'uid' + str(os.getuid()))}@cfs-cli",
+    )
+
+    async def go() -> tuple[bool, int]:
+        async with await Bus.connect(
+            settings.nats_urls, site=settings.site, node=f"cli-{os.getpid()}"
+        ) as bus:
+            count = replicas or max(1, min(3, len(bus.nc.servers)))
+            result = await init_cluster(bus, wanted, replicas=count)
+            await bus.publish(
+                bus.event(
+                    AdminActionRecorded(
+                        actor=wanted.created_by,
+                        command="cluster init",
+                        arguments={
+                            "cluster_name": cluster_name,
+                            "shards": str(shards),
+                            "ec": ec,
+                            "bootstrap_node": bootstrap_node,
+                            "replicas": str(count),
+                        },
+                        outcome="succeeded" if result.created else "succeeded: already initialized",
+                    )
+                )
+            )
+            return result.created, count
+
+    try:
+        created, count = asyncio.run(go())
+    except ClusterInitError as exc:
+        _fail(str(exc))
+    config_path, token_path = _write_config(
+        directory, settings.site, settings.nats_urls, shards, cluster_name
+    )
+    summary = {
+        "cluster_name": cluster_name,
+        "site": settings.site,
+        "shards": shards,
+        "ec": ec,
+        "replicas": count,
+        "created": created,
+        "config": str(config_path),
+        "token": str(token_path),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    verb = "initialized" if created else "was already initialized (nothing changed)"
+    typer.echo(
+        f"cluster {cluster_name!r} {verb}: site {settings.site}, {shards} shard(s), "
+        f"ec {ec}, R{count} streams"
+    )
+    typer.echo(f"config: {config_path} (use: export CFS_CONFIG={config_path})")
+    typer.echo(f"cluster token (for nodes joining): {token_path}")
+
+
+def _write_config(
+    directory: Path, site: str, urls: list[str], shards: int, name: str
+) -> tuple[Path, Path]:
+    """cluster.json (readable) and the membership token (0600, kept if it exists)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = directory / CONFIG_FILE
+    tmp = config_path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps(
+            {"cluster_name": name, "site": site, "nats_urls": urls, "shards": shards}, indent=2
+        )
+        + "\n"
+    )
+    os.replace(tmp, config_path)
+    token_path = directory / TOKEN_FILE
+    if not token_path.exists():
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return config_path, token_path
+
+
+@app.command("info")
+@one_line_errors
+def info(cluster: ClusterOpt = None, site: SiteOpt = None, as_json: JsonOpt = False) -> None:
+    """What `cfs cluster init` recorded (exit 1 if the site is not initialized)."""
+    settings = client_settings(cluster, site)
+
+    async def go() -> str | None:
+        async with await Bus.connect(
+            settings.nats_urls, site=settings.site, node=f"cli-{os.getpid()}"
+        ) as bus:
+            try:
+                config = await read_config(bus)
+            except nats.js.errors.BucketNotFoundError:
+                return None
+            return None if config is None else config.model_dump_json()
+
+    found = asyncio.run(go())
+    if found is None:
+        _fail(f"site {settings.site} is not initialized (cfs cluster init)")
+        return
+    data = json.loads(found)
+    if as_json:
+        typer.echo(found)
+    else:
+        for key, value in data.items():
+            typer.echo(f"{key}: {value}")
