@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cfs.supervisor.errors import SupervisorError
+from cfs.supervisor.nats import NatsCluster
 from cfs.supervisor.process import log_event
 from cfs.supervisor.s3 import S3Server
 from cfs.supervisor.site import LocalSite
@@ -42,6 +43,7 @@ CLUSTER_FILE = "cluster.json"
 STATE_FILE = "dev.json"
 CONTROL_SOCKET = "control.sock"
 LOG_FILE = "devd.log"
+FULL_NATS = 3
 
 Hook = Callable[["DevCluster"], Awaitable[None]]
 
@@ -142,6 +144,23 @@ class DevCluster:
         self.site.start_node(node)
         log_event(log, logging.INFO, "dev.node_started", node=node)
 
+    def add_node(self, node: str, labels: dict[str, str]) -> dict[str, Any]:
+        """`cfs node add`: a new node's services, and a NATS server beside it while the
+        site runs fewer than three (after a quorum loss left one)."""
+        try:
+            self.site.add_node(node, labels)
+        except ValueError as exc:
+            raise SupervisorError(str(exc)) from None
+        added = None
+        running = [server for server in self.site.nats_servers if server.running]
+        if isinstance(self.site.nats, NatsCluster) and len(running) < FULL_NATS:
+            added = self.site.nats.add_server(node)
+            running.append(added)
+        self.site.start_node(node)
+        self.write_cluster_file()
+        log_event(log, logging.INFO, "dev.node_added", node=node, nats=added is not None)
+        return {"nats_server": None if added is None else added.name, "nats_servers": len(running)}
+
     def handle(self, request: dict[str, Any]) -> Any:
         """One control request -> its result; raises on bad requests."""
         op = request.get("op")
@@ -160,6 +179,8 @@ class DevCluster:
             else:
                 self.stop_node(node)
             return self.status()["nodes"][node]
+        if op == "add-node":
+            return self.add_node(str(node), dict(request.get("labels") or {}))
         if op == "down":
             self._stop.set()
             return "stopping"
@@ -300,6 +321,17 @@ class DevControl:
                 return True
             time.sleep(0.1)
         return False
+
+
+def running_dev_site() -> DevControl | None:
+    """The dev site this shell's client config points at ($CFS_DEV_DIR, else the
+    directory of the cluster config file), if its daemon runs."""
+    from cfs.fuse.config import DEFAULT_CONFIG, config_path
+
+    named = os.environ.get("CFS_DEV_DIR")
+    state_dir = Path(named) if named else (config_path() or DEFAULT_CONFIG).resolve().parent
+    control = DevControl(state_dir)
+    return control if control.daemon_pid() is not None else None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

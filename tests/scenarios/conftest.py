@@ -1,0 +1,167 @@
+"""Guide scenarios end to end: a `cfs dev` site, a FUSE mount, and only `cfs` commands.
+
+Each test drives the operator's commands as subprocesses (what a person would type)
+and the mount with plain file I/O; it asserts the guide's RPO (no acknowledged
+write lost) and prints the measured RTO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cfs.fuse.config import is_fuse_mount
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse"), reason="scenarios need a FUSE mount (/dev/fuse missing)"
+)
+
+
+class DevSite:
+    """One `cfs dev` site under `tmp_path` and at most one mount of it."""
+
+    def __init__(self, tmp_path: Path, nodes: int = 3, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp_path
+        self.state = tmp_path / "state"
+        self.topology = tmp_path / "topology.yaml"
+        self.topology.write_text(
+            yaml.safe_dump(
+                {
+                    "site": "local",
+                    "shards": 1,
+                    "s3": False,
+                    "nodes": [{"name": f"storage-{i}"} for i in range(1, nodes + 1)],
+                    "env": env or {},
+                }
+            )
+        )
+        self.mnt = tmp_path / "mnt"
+        self.env = {
+            **os.environ,
+            "CFS_DEV_DIR": str(self.state),
+            "CFS_CONFIG": str(self.state / "cluster.json"),
+            "CFS_OP_TIMEOUT_S": "10",
+        }
+        self._mount_pid: int | None = None
+
+    def cfs(
+        self, *args: str, timeout: float = 180.0, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `cfs ARGS` as an operator would; never raises on a non-zero exit."""
+        return subprocess.run(
+            [sys.executable, "-m", "cfs.cli", *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, timeout: float = 180.0) -> str:
+        """`cfs ARGS` that must succeed; its stdout."""
+        result = self.cfs(*args, timeout=timeout)
+        assert result.returncode == 0, (
+            f"cfs {' '.join(args)} exited {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def up(self) -> None:
+        self.ok("dev", "up", "--topology", str(self.topology), timeout=240)
+
+    def mount(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        out = self.ok("mount", str(self.mnt), "--log", str(self.tmp / "mount.log"))
+        found = re.search(r"pid (\d+)", out)
+        self._mount_pid = int(found.group(1)) if found else None
+        assert is_fuse_mount(self.mnt)
+
+    def down(self) -> None:
+        """Unmount and stop everything, whatever state the test left."""
+        try:
+            if is_fuse_mount(self.mnt):
+                subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
+        finally:
+            if self._mount_pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._mount_pid, signal.SIGKILL)
+            result = self.cfs("dev", "down", timeout=90)
+            state = self.state / "dev.json"
+            if result.returncode != 0 and state.exists():  # last resort: kill the daemon
+                pid = json.loads(state.read_text()).get("pid")
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+    # -- observations ----------------------------------------------------------------------
+    def shard_leader(self, shard: str = "001") -> str | None:
+        """The writer of a shard as `cfs admin raft-status --json` reports it."""
+        for entry in self.json("admin", "raft-status"):
+            if entry["shard"] == shard:
+                return entry.get("writer")
+        raise AssertionError(f"shard {shard} missing from raft-status")
+
+
+@pytest.fixture
+def dev_site_factory(tmp_path: Path) -> Iterator[Callable[..., DevSite]]:
+    sites: list[DevSite] = []
+
+    def make(nodes: int = 3, env: dict[str, str] | None = None) -> DevSite:
+        site = DevSite(tmp_path, nodes, env)
+        sites.append(site)
+        site.up()
+        site.mount()
+        return site
+
+    try:
+        yield make
+    finally:
+        for site in sites:
+            site.down()
+
+
+def write_file(path: Path, data: bytes) -> str:
+    """Write and fsync (acknowledged = durable); returns the SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float = 0.2) -> float:
+    """Seconds until `check()` holds; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f}s")
+        time.sleep(every)
+    return time.monotonic() - started
+
+
+def report(scenario: str, **figures: float | str) -> None:
+    """The measured RTO/RPO, printed (pytest -s) and kept in the test log."""
+    line = " ".join(
+        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
+    )
+    print(f"\n[{scenario}] {line}")
