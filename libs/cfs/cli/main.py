@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cfs.cli import admin, cluster, dev, fs, service
+from cfs.cli import admin, cluster, dev, fs, node, service
 
 app = typer.Typer(
     name="cfs",
@@ -16,6 +16,7 @@ app.add_typer(dev.app, name="dev")
 app.add_typer(service.app, name="service")
 app.add_typer(fs.app, name="fs")
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(node.app, name="node")
 app.add_typer(admin.app, name="admin")
 app.command("mount")(fs.mount)
 app.command("umount")(fs.umount)
