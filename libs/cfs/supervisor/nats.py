@@ -3,6 +3,10 @@
 Every port is fixed when a server object is built and kept across restarts, so a
 killed node comes back with the same name, routes and store and rejoins its cluster
 as the same JetStream peer.
+
+After quorum loss (guide scenario 3) `NatsCluster.reform` turns the survivor into
+the seed of a new JetStream cluster and `NatsCluster.add_server` grows it again;
+`cfs.recovery` moves the streams across.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -27,6 +34,9 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 DEFAULT_MAX_PAYLOAD = 8 * MiB
 HOST = "127.0.0.1"
+# A user in the system account: removing a JetStream meta peer (`$JS.API.SERVER.REMOVE`)
+# is a system-account request. Only reformed clusters configure it.
+SYSTEM_USER = "cfs-sys"
 
 
 def nats_server_binary() -> str:
@@ -75,8 +85,13 @@ class NatsServer:
         extra_conf: str = "",
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         die_with_parent: bool = True,
+        system_password: str | None = None,
     ) -> None:
-        """Ports left as None are allocated now; files live under `state_dir`."""
+        """Ports left as None are allocated now; files live under `state_dir`.
+
+        `system_password`: configure SYSTEM_USER in the system account (anonymous
+        clients keep using the global account).
+        """
         self.name = name
         self.state_dir = Path(state_dir)
         self.port = port if port is not None else free_port(HOST)
@@ -88,6 +103,7 @@ class NatsServer:
         self.routes = list(routes)
         self.extra_conf = extra_conf
         self.max_payload = max_payload
+        self.system_password = system_password
         self.config_path = self.state_dir / "nats.conf"
         self.store_dir = self.state_dir / "store"
         self.process = ManagedProcess(
@@ -154,6 +170,13 @@ class NatsServer:
                 "  ]",
                 "}",
             ]
+        if self.system_password is not None:
+            lines += [
+                "accounts {",
+                f'  "$SYS" {{ users = [{{user: {_quote(SYSTEM_USER)}, '
+                f"password: {_quote(self.system_password)}}}] }}",
+                "}",
+            ]
         if self.extra_conf:
             lines += ["", self.extra_conf]
         return "\n".join(lines) + "\n"
@@ -213,12 +236,16 @@ class NatsServer:
 
     def meta_leader(self) -> str | None:
         """Name of the JetStream meta leader this server sees, or None."""
-        try:
-            meta = self.jsz().get("meta_cluster") or {}
-        except SupervisorError:
-            return None
-        leader = meta.get("leader")
+        leader = self.meta_cluster().get("leader")
         return str(leader) if leader else None
+
+    def meta_cluster(self) -> dict[str, Any]:
+        """The `meta_cluster` part of /jsz (leader, cluster_size, replicas), or {}."""
+        try:
+            meta: dict[str, Any] = self.jsz().get("meta_cluster") or {}
+        except (SupervisorError, ValueError):
+            return {}
+        return meta
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Block until /healthz is 200; fail fast with the log tail if the server exits."""
@@ -270,6 +297,13 @@ class NatsCluster:
             raise ValueError(f"need {size} distinct server names, got {names}")
         self.name = name
         self.base_dir = Path(base_dir)
+        self._base_name = name
+        self._extra_conf = extra_conf
+        self._max_payload = max_payload
+        self._die_with_parent = die_with_parent
+        self.system_password: str | None = None
+        self._lost: list[NatsServer] = []  # members left behind by `reform`
+        self._stale_routes: set[str] = set()  # the reform witness's route
         clustered = size > 1
         route_ports = free_ports(size) if clustered else []
         route_urls = [f"nats://{HOST}:{port}" for port in route_ports]
@@ -346,10 +380,180 @@ class NatsCluster:
                     return leader
         return None
 
+    @property
+    def lost(self) -> list[NatsServer]:
+        """Former members that `reform` left behind (not part of the current cluster)."""
+        return list(self._lost)
+
+    def reform(self, survivor: str, timeout: float = 60.0) -> Path:
+        """Make `survivor` the seed of a new JetStream cluster on a fresh store (quorum loss).
+
+        Returns the old store, moved to `<state_dir>/store.lost-<UTC stamp>` (never
+        deleted). Read the survivor's streams (`cfs.recovery.export_streams`) before
+        calling this; import them afterwards. Every other member must be down.
+
+        What nats-server 2.14 needs (observed, see tests/integration/test_reseed.py):
+        - A fresh clustered server cannot be a JetStream cluster on its own: it
+          refuses to start without routes ("JetStream cluster requires configured
+          routes"), with routes it waits for a route connection before its meta
+          Raft group runs ("Waiting for routing to be established..."), and a fresh
+          meta group expects at least 2 peers, so dead or self routes never give it
+          a leader. Standalone mode would work alone, but its streams are not adopted
+          when the server is later clustered (they stay on disk, unknown to the meta
+          layer), so it cannot grow back to R3.
+        - So the seed starts beside a throwaway "witness" server (fresh store, same
+          new cluster): the pair elects a meta leader in about 1-2 s. The witness is
+          then removed from the meta group (`$JS.API.SERVER.REMOVE`, a system-account
+          request, hence SYSTEM_USER on reformed servers) while it is still up, so
+          the group shrinks to the seed alone (cluster_size 1: the seed is meta leader
+          and creates R1 streams) and the witness is stopped and deleted. About 2-3 s
+          in all. Until the first `add_server` the seed's config still routes to the
+          witness: a restart of the lone seed waits for a route again (reform again,
+          or add a server).
+        - The new cluster has a new name (`<name>-r<stamp>`): a lost member that comes
+          back with its old store and old cluster name is refused by the seed
+          ("Cluster Name Conflict"), so old Raft state never mixes with the new.
+          The seed keeps its server name and ports (clients need no new URLs).
+        """
+        seed = self.server(survivor)
+        alive = [s.name for s in self._servers if s is not seed and s.running]
+        if alive:
+            raise SupervisorError(
+                f"cannot reform {self.name} on {survivor}: {', '.join(alive)} still running"
+            )
+        if seed.cluster_name is None:
+            raise SupervisorError(f"{survivor} is a standalone server; nothing to reform")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        new_name = f"{self._base_name}-r{stamp}"
+        password = secrets.token_hex(16)
+        seed.stop()
+        lost_store = seed.state_dir / f"store.lost-{stamp}"
+        if seed.store_dir.exists():
+            seed.store_dir.rename(lost_store)
+        else:
+            lost_store.mkdir(parents=True)
+        witness = NatsServer(
+            f"{survivor}-witness",
+            self.base_dir / f".{survivor}-witness-{stamp}",
+            cluster_name=new_name,
+            routes=[str(seed.route_url)],
+            extra_conf=self._extra_conf,
+            max_payload=self._max_payload,
+            die_with_parent=self._die_with_parent,
+            system_password=password,
+        )
+        seed.cluster_name = new_name
+        seed.routes = [str(witness.route_url)]
+        seed.system_password = password
+        started = time.monotonic()
+        try:
+            seed.start(wait=False)
+            witness.start(wait=False)
+            deadline = time.monotonic() + timeout
+
+            def left() -> float:
+                return max(0.1, deadline - time.monotonic())
+
+            seed.process.wait_until(
+                lambda: seed.healthz() and seed.meta_cluster().get("cluster_size") == 2,
+                left(),
+                f"a meta leader for {survivor} and its witness",
+            )
+            _remove_meta_peer(seed, witness.name, password, left())
+            seed.process.wait_until(
+                lambda: (
+                    seed.meta_cluster().get("cluster_size") == 1 and seed.meta_leader() == seed.name
+                ),
+                left(),
+                f"{survivor} as the only meta peer",
+            )
+        except BaseException:
+            seed.kill9()
+            raise
+        finally:
+            witness.stop()
+            shutil.rmtree(witness.state_dir, ignore_errors=True)
+        self._lost.extend(s for s in self._servers if s is not seed)
+        self._servers = [seed]
+        self._stale_routes = {str(witness.route_url)}
+        self.name = new_name
+        self.system_password = password
+        log_event(
+            log,
+            logging.WARNING,
+            "nats.cluster_reformed",
+            cluster=new_name,
+            seed=survivor,
+            lost=[s.name for s in self._lost],
+            old_store=str(lost_store),
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return lost_store
+
+    def add_server(self, name: str, timeout: float = 60.0) -> NatsServer:
+        """Start a new member (fresh store, new ports) and wait until it joined the meta group.
+
+        Members join one at a time: two fresh servers started together next to a
+        one-peer meta group elect their own leader (a split the supervisor would not
+        notice), so this waits until the current leader lists the newcomer. Route
+        gossip tells the running members about it; their `routes` are updated too,
+        so their next start lists it.
+        """
+        if any(s.name == name for s in self._servers):
+            raise SupervisorError(f"cluster {self.name} already has a server {name!r}")
+        running = [s for s in self._servers if s.running]
+        if not running or running[0].cluster_name is None:
+            raise SupervisorError(
+                f"cannot add {name}: cluster {self.name} has no clustered member up"
+            )
+        state_dir = self.base_dir / name
+        if state_dir.exists():  # a lost member's directory: never reuse its store
+            state_dir = self.base_dir / f"{name}.{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}"
+        server = NatsServer(
+            name,
+            state_dir,
+            cluster_name=self.name,
+            routes=[str(s.route_url) for s in self._servers],
+            extra_conf=self._extra_conf,
+            max_payload=self._max_payload,
+            die_with_parent=self._die_with_parent,
+            system_password=self.system_password,
+        )
+        server.start(wait=False)
+        members = {s.name for s in self._servers}
+
+        def joined() -> bool:
+            leader_name = server.meta_leader()
+            if leader_name is None or leader_name not in members | {name}:
+                return False
+            leader = self.server(leader_name) if leader_name != name else server
+            peers = {r.get("name") for r in leader.meta_cluster().get("replicas") or []}
+            return server.healthz() and (name in peers or leader_name == name)
+
+        try:
+            server.process.wait_until(joined, timeout, f"{name} in the meta group of {self.name}")
+        except BaseException:
+            server.kill9()
+            raise
+        for member in self._servers:
+            routes = [r for r in member.routes if r not in self._stale_routes]
+            member.routes = [*routes, str(server.route_url)]
+        self._servers.append(server)
+        log_event(
+            log,
+            logging.INFO,
+            "nats.server_added",
+            cluster=self.name,
+            server=name,
+            url=server.url,
+            leader=server.meta_leader(),
+        )
+        return server
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every node; keep going if one fails so nothing is left behind."""
         errors: list[BaseException] = []
-        for server in self._servers:
+        for server in [*self._servers, *self._lost]:
             try:
                 server.stop(timeout)
             except Exception as exc:  # collected and re-raised below
@@ -368,3 +572,53 @@ class NatsCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _remove_meta_peer(server: NatsServer, peer: str, password: str, timeout: float) -> None:
+    """`$JS.API.SERVER.REMOVE` for `peer` as SYSTEM_USER, retried until the leader agrees."""
+    deadline = time.monotonic() + timeout
+    request = json.dumps({"peer": peer}).encode()
+    last = ""
+    while True:
+        try:
+            reply = json.loads(
+                _request(server.port, SYSTEM_USER, password, "$JS.API.SERVER.REMOVE", request, 2.0)
+            )
+        except (OSError, ValueError, SupervisorError) as exc:
+            last = str(exc)
+        else:
+            if reply.get("success"):
+                return
+            last = str(reply.get("error"))
+        if time.monotonic() > deadline:
+            raise SupervisorError(f"{server.name}: cannot remove meta peer {peer}: {last}")
+        time.sleep(0.2)
+
+
+def _request(
+    port: int, user: str, password: str, subject: str, payload: bytes, timeout: float
+) -> bytes:
+    """One request/reply over the plain NATS protocol (the supervisor stays synchronous)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        if not reader.readline().startswith(b"INFO "):
+            raise SupervisorError(f"no INFO from nats-server at {HOST}:{port}")
+        connect = {"user": user, "pass": password, "verbose": False, "pedantic": False}
+        inbox = f"_INBOX.cfs.{secrets.token_hex(8)}"
+        sock.sendall(
+            f"CONNECT {json.dumps(connect)}\r\nSUB {inbox} 1\r\n".encode()
+            + f"PUB {subject} {inbox} {len(payload)}\r\n".encode()
+            + payload
+            + b"\r\nPING\r\n"
+        )
+        while True:
+            line = reader.readline()
+            if not line:
+                raise SupervisorError(f"nats-server at {HOST}:{port} closed the connection")
+            if line.startswith(b"PING"):
+                sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise SupervisorError(line.decode().strip())
+            elif line.startswith(b"MSG "):
+                size = int(line.split()[-1])
+                return bytes(reader.read(size + 2)[:size])
