@@ -66,6 +66,7 @@ class DevCluster:
         )
         self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
         self._stop = asyncio.Event()
+        self._retired: set[str] = set()
 
     # -- files ---------------------------------------------------------------------------
     @property
@@ -76,7 +77,7 @@ class DevCluster:
         """Where clients find the site; rewritten when the NATS servers change."""
         config = {
             "site": self.topology.site,
-            "nats_urls": self.site.urls,
+            "nats_urls": [s.url for s in self.site.nats_servers if s.name not in self._retired],
             "shards": self.topology.shards,
             "s3_endpoint": self.s3.endpoint_url if self.s3 else None,
         }
@@ -144,6 +145,31 @@ class DevCluster:
         self.site.start_node(node)
         log_event(log, logging.INFO, "dev.node_started", node=node)
 
+    def reform_nats(self, survivor: str) -> dict[str, Any]:
+        """Quorum recovery: the survivor's NATS server becomes the seed of a fresh cluster
+        (its old store kept aside). Nodes whose server was lost are retired: they can
+        only come back as new nodes (`cfs node add`), never with their old state."""
+        if not isinstance(self.site.nats, NatsCluster):
+            raise SupervisorError("this site runs one standalone NATS server: nothing to reform")
+        if survivor not in self.site.node_names or self.site.nats_server_of(survivor) is None:
+            raise SupervisorError(f"{survivor!r} runs no NATS server of this site")
+        lost = [
+            node
+            for node in self.site.node_names
+            if (server := self.site.nats_server_of(node)) is not None and not server.running
+        ]
+        old_store = self.site.nats.reform(survivor)
+        for node in lost:
+            self.site.kill9(node)  # whatever of it still ran must not rejoin
+        self._retired.update(lost)
+        self.write_cluster_file()
+        log_event(log, logging.WARNING, "dev.nats_reformed", survivor=survivor, retired=lost)
+        return {
+            "nats_urls": [s.url for s in self.site.nats_servers if s.running],
+            "old_store": str(old_store),
+            "retired": lost,
+        }
+
     def add_node(self, node: str, labels: dict[str, str]) -> dict[str, Any]:
         """`cfs node add`: a new node's services, and a NATS server beside it while the
         site runs fewer than three (after a quorum loss left one)."""
@@ -172,6 +198,11 @@ class DevCluster:
                 raise SupervisorError(
                     f"unknown node {node!r}; nodes: {', '.join(self.site.node_names)}"
                 )
+            if op == "start" and node in self._retired:
+                raise SupervisorError(
+                    f"{node} was lost in a quorum recovery; add a new node instead "
+                    "(cfs node add --node NAME)"
+                )
             if op == "kill":
                 self.kill(node, bool(request.get("services_only")))
             elif op == "start":
@@ -179,6 +210,8 @@ class DevCluster:
             else:
                 self.stop_node(node)
             return self.status()["nodes"][node]
+        if op == "reform-nats":
+            return self.reform_nats(str(node))
         if op == "add-node":
             return self.add_node(str(node), dict(request.get("labels") or {}))
         if op == "down":
