@@ -143,3 +143,17 @@ def parse_shard(text: str, shards: list[str], *, allow_all: bool = False) -> lis
     if name not in shards:
         raise ValueError(f"unknown shard {name} (shards: {', '.join(shards) or 'none'})")
     return [name]
+
+
+def merge_views(kv: NodeFacts, views: NodeFacts) -> tuple[NodeFacts, list[str]]:
+    """The nodes KV, with liveness corrected by the live SWIM views where they disagree
+    (a KV read from a replica without quorum can be stale); (facts, corrected nodes)."""
+    members = dict(kv.members)
+    corrected = []
+    for node, seen in views.members.items():
+        recorded = members.get(node)
+        if recorded is None or recorded.state is not seen.state:
+            members[node] = seen
+            corrected.append(node)
+    merged = NodeFacts(members=members, admin=kv.admin, stores=kv.stores, now_ms=kv.now_ms)
+    return merged, sorted(corrected)

@@ -52,11 +52,7 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     try:
         async with asyncio.timeout(timeout):
             kv = await bus.key_value(NODES.bucket)
-            try:
-                keys = await kv.keys()
-            except nats.js.errors.NoKeysError:
-                keys = []
-            for key in keys:
+            for key in await _keys(bus, NODES.bucket):
                 kind, _, node = key.partition(".")
                 if kind not in _MODELS:
                     continue  # repair jobs and future record kinds
@@ -75,6 +71,14 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     return NodeFacts(
         members=tables["member"], admin=tables["admin"], stores=tables["store"], now_ms=now_ms()
     )
+
+
+async def _keys(bus: Bus, bucket: str) -> list[str]:
+    """Keys from the bucket stream's subject counts: one API call, unlike `kv.keys()`
+    (whose watcher can report "no keys" when its messages race its consumer info)."""
+    prefix = f"$KV.{bucket}."
+    info = await bus.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
 
 
 async def discover_shards(bus: Bus, fallback: int, timeout: float = 2.0) -> list[str]:

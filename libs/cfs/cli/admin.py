@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cfs.admin.client import CommandTimeout, issue, node_events, poll_until
-from cfs.admin.decide import NodeFacts, parse_shard
+from cfs.admin.decide import NodeFacts, merge_views, parse_shard
 from cfs.admin.report import ShardView, debug_lines, node_json, node_line, shard_line, stream_line
 from cfs.admin.snapshot import (
     SnapshotUnavailable,
@@ -167,34 +167,49 @@ def status(
 
     async def work(bus: Bus) -> None:
         notes: list[str] = []
-        try:
-            facts = await read_node_facts(bus, timeout=3.0)
+        found, names = await asyncio.gather(
+            read_node_facts(bus, timeout=2.5),
+            discover_shards(bus, settings.shards, timeout=1.5),
+            return_exceptions=True,
+        )
+        if isinstance(names, BaseException):
+            raise names
+        if isinstance(found, NodeFacts):
+            asked = [connected_server_name(bus) or "", *found.known()]
+            views, answered = await facts_from_membership(bus, asked, timeout=1.0)
+            facts, corrected = merge_views(found, views)
             source = "nodes KV"
-        except SnapshotUnavailable as exc:
+            if corrected:
+                notes.append(
+                    f"the nodes KV is behind for {', '.join(corrected)}: "
+                    f"liveness from the membership view of {', '.join(answered)}"
+                )
+        elif isinstance(found, SnapshotUnavailable):
             if (denied := _denied(bus)) is not None:
                 raise CliError(f"permission denied: {denied}", ExitCode.FORBIDDEN) from None
-            candidates = [connected_server_name(bus) or ""]
-            facts, answered = await facts_from_membership(bus, candidates, timeout=2.0)
+            asked = [connected_server_name(bus) or ""]
+            facts, answered = await facts_from_membership(bus, asked, timeout=1.5)
             if not answered:
-                raise CliError(f"{exc}; and no membership process answered") from None
+                raise CliError(f"{found}; and no membership process answered") from None
             source = f"membership view of {', '.join(answered)}"
-            notes.append(f"JetStream unavailable ({exc}): node states from the {source}")
-        names = await discover_shards(bus, settings.shards, timeout=1.5)
+            notes.append(f"JetStream unavailable ({found}): node states from the {source}")
+        else:
+            raise found
         budget = 2.5 if source == "nodes KV" else 1.5
-        views = await asyncio.gather(*(shard_view(bus, s, timeout=budget) for s in names))
+        shard_views = await asyncio.gather(*(shard_view(bus, s, timeout=budget) for s in names))
         nodes = facts.known()
-        led = [v for v in views if v.writer]
-        summary = f"Shards: {len(views)}, {len(led)} with a writer"
-        if lost := [v.shard for v in views if v.quorum_lost]:
+        led = [v for v in shard_views if v.writer]
+        summary = f"Shards: {len(shard_views)}, {len(led)} with a writer"
+        if lost := [v.shard for v in shard_views if v.quorum_lost]:
             summary += f"; journal quorum lost on {', '.join(lost)}"
         document = {
             "source": source,
             "nodes": [node_json(facts, n) for n in nodes],
-            "shards": [v.to_dict() for v in views],
+            "shards": [v.to_dict() for v in shard_views],
             "notes": notes,
         }
         lines = [node_line(facts, n) for n in nodes] + [summary]
-        lines += [shard_line(v) for v in views] + [f"Note: {n}" for n in notes]
+        lines += [shard_line(v) for v in shard_views] + [f"Note: {n}" for n in notes]
         _emit(as_json, document, lines)
 
     _session(settings, work)
