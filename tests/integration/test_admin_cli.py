@@ -125,11 +125,11 @@ def test_bad_input_is_exit_2_and_one_line(
 
 
 def test_unreachable_cluster_is_exit_3_within_seconds(site: LocalSite) -> None:
-    for args in (("status",), ("node-drain", "storage-1"), ("raft-status", "--json")):
+    for args in (("status",), ("node-drain", "storage-1", "--json")):
         started = time.monotonic()
         result = cfs(None, *args, "--cluster", "nats://127.0.0.1:1")
         assert result.returncode == 3, (result.stdout, result.stderr)
-        assert time.monotonic() - started < 8
+        assert time.monotonic() - started < 10  # 2.5 s connect deadline + interpreter start
         assert result.stderr.startswith("error: cannot reach NATS at nats://127.0.0.1:1")
         assert result.stderr.count("\n") == 1 and not result.stdout
 

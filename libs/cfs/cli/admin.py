@@ -74,7 +74,7 @@ TimeoutOpt = Annotated[
 ]
 WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="follow progress until done")]
 
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 2.5
 REQUEST_TIMEOUT_S = 2.0  # JetStream API calls: a lost quorum must not make us hang
 LEASE_MOVE_TIMEOUT_S = 15.0
 RESULT_CODES = {"ok": ExitCode.OK, "usage": ExitCode.USAGE}
