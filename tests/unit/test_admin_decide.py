@@ -160,7 +160,7 @@ def test_bad_shard_ids(text: str, message: str) -> None:
 
 def test_node_lines_read_like_the_guide() -> None:
     assert node_line(SITE, "storage-1") == (
-        'Node "storage-1" is DOWN (detected by SWIM, reported by storage-2, age 15s), '
+        'Node "storage-1" is DOWN (detected by SWIM, age 15s), reported by storage-2, '
         "18.0 GiB free of 20.0 GiB"
     )
     assert node_line(SITE, "storage-3") == 'Node "storage-3" is UP, 18.0 GiB free of 20.0 GiB'

@@ -50,12 +50,12 @@ def node_line(facts: NodeFacts, node: str) -> str:
     if state in (Liveness.DOWN, Liveness.SUSPECT, Liveness.LEFT) and member is not None:
         detail = []
         if state is not Liveness.LEFT:
-            who = member.method or "SWIM"
-            by = f", reported by {member.detected_by}" if member.detected_by else ""
-            detail.append(f"detected by {who}{by}")
+            detail.append(f"detected by {member.method or 'SWIM'}")
         if member.since_ms:
             detail.append(f"age {age((facts.now_ms - member.since_ms) / 1000)}")
         head += f" ({', '.join(detail)})" if detail else ""
+        if state is not Liveness.LEFT and member.detected_by:
+            head += f", reported by {member.detected_by}"
     elif state is None:
         head += " (no membership record, no fresh chunk-store record)"
     extras = []
