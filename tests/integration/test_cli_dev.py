@@ -1,0 +1,143 @@
+"""`cfs dev`, `cfs cluster` and `cfs node` as an operator types them, bad input included.
+
+Every failure is one line on stderr with a stable exit code (1 failed, 2 usage,
+3 unreachable); a dev site leaves no process behind after `cfs dev down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def _cfs(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cfs.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def _live_pids_under(path: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(path).encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
+    return {
+        **base,
+        "CFS_DEV_DIR": str(tmp_path / "state"),
+        "CFS_CONFIG": str(tmp_path / "state" / "cluster.json"),
+    }
+
+
+@pytest.fixture
+def site(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A one-node dev site (a standalone NATS server): quick to start."""
+    topology = tmp_path / "one.yaml"
+    topology.write_text(yaml.safe_dump({"s3": False, "nodes": [{"name": "solo"}]}))
+    up = _cfs(env, "dev", "up", "--topology", str(topology), timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        yield env
+    finally:
+        _cfs(env, "dev", "down", timeout=90)
+    assert _live_pids_under(tmp_path / "state") == [], "dev down left processes"
+
+
+def test_dev_commands_without_a_site(env: dict[str, str], tmp_path: Path) -> None:
+    _one_line_error(_cfs(env, "dev", "status"), 1, "no dev cluster is running")
+    _one_line_error(_cfs(env, "dev", "kill", "storage-1"), 1, "no dev cluster is running")
+    _one_line_error(_cfs(env, "dev", "down"), 1, "no dev site is running")
+    missing = tmp_path / "missing.yaml"
+    _one_line_error(_cfs(env, "dev", "up", "--topology", str(missing)), 1, "No such file")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"nodes": [{"name": "a"}, {"name": "a"}]}))
+    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "duplicate node names: a")
+    bad.write_text("nodes: [unclosed")
+    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "not valid YAML")
+    bad.write_text(yaml.safe_dump({"nodes": [{"name": "a b"}]}))
+    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "nodes.0.name")
+    assert not (tmp_path / "state" / "dev.json").exists()  # nothing was started
+
+
+def test_cluster_commands_bad_input(env: dict[str, str]) -> None:
+    env = {k: v for k, v in env.items() if k != "CFS_CONFIG"}
+    unreachable = _cfs(
+        env, "cluster", "init", "--cluster", "nats://127.0.0.1:1",
+        "--bootstrap-node", "n1", "--cluster-name", "c", timeout=30,
+    )  # fmt: skip
+    _one_line_error(unreachable, 3, "cannot reach NATS at nats://127.0.0.1:1")
+    bad_ec = _cfs(
+        env, "cluster", "init", "--cluster", "nats://127.0.0.1:1",
+        "--bootstrap-node", "n1", "--cluster-name", "c", "--ec", "ec9",
+    )  # fmt: skip
+    _one_line_error(bad_ec, 2, "unknown erasure scheme")
+    _one_line_error(
+        _cfs({**env, "CFS_CONFIG": "/nonexistent/cluster.json"}, "cluster", "info"),
+        1,
+        "cluster config /nonexistent/cluster.json does not exist",
+    )
+    _one_line_error(_cfs(env, "node", "add", "--node", "x", "--label", "norack"), 2, "KEY=VALUE")
+
+
+def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Path) -> None:
+    env = site
+    status = json.loads(_cfs(env, "dev", "status", "--json").stdout)
+    assert status["nodes"]["solo"]["services"]["metadata"]["running"]
+    _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
+    _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
+
+    # cluster init: idempotent for the same shape, refused for another.
+    info = json.loads(_cfs(env, "cluster", "info", "--json").stdout)
+    assert info["shards"] == 1 and info["name"] == "cfs-local"
+    again = _cfs(
+        env, "cluster", "init", "--bootstrap-node", "solo", "--cluster-name", "cfs-local",
+        "--config-dir", str(tmp_path / "cfg"), "--json",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["created"] is False
+    token = tmp_path / "cfg" / "cluster-token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert json.loads((tmp_path / "cfg" / "cluster.json").read_text())["shards"] == 1
+    other = _cfs(
+        env, "cluster", "init", "--bootstrap-node", "solo", "--cluster-name", "cfs-local",
+        "--shards", "4", "--config-dir", str(tmp_path / "cfg"),
+    )  # fmt: skip
+    _one_line_error(other, 1, "the shard count is fixed at init")
+
+    _one_line_error(_cfs(env, "node", "add", "--node", "solo"), 1, "already a member")
+
+    # kill -9 and start a node through the daemon; the file system answers again.
+    assert _cfs(env, "dev", "kill", "solo", "--services-only").returncode == 0
+    status = json.loads(_cfs(env, "dev", "status", "--json").stdout)
+    assert not any(s["running"] for s in status["nodes"]["solo"]["services"].values())
+    assert _cfs(env, "dev", "start", "solo").returncode == 0
+    made = _cfs(env, "fs", "mkdir", "/after-restart", timeout=60)
+    assert made.returncode == 0, made.stderr
