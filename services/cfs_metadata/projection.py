@@ -29,6 +29,7 @@ _DENTRY = b"d"
 _REPLY = b"o"
 _REPLY_BY_SEQ = b"r"  # r || seq || op_id: lets old replies be pruned in order
 _APPLIED = b"m:applied"
+_APPLIED_ID = b"m:applied_id"  # Nats-Msg-Id (envelope id) of the message at m:applied
 _TERM = b"m:term"
 _LOCAL = b"m:local"
 _INODES = b"m:inodes"
@@ -148,6 +149,12 @@ class Projection:
         return self._int(_APPLIED, 0)
 
     @property
+    def applied_id(self) -> str | None:
+        """Envelope id (= Nats-Msg-Id) of the last applied message, when it was recorded."""
+        raw = self._db.get(_APPLIED_ID)
+        return raw.decode() if raw is not None else None
+
+    @property
     def term(self) -> int:
         return self._int(_TERM, 0)
 
@@ -155,15 +162,27 @@ class Projection:
         return self._int(_INODES, 0)
 
     def apply(
-        self, seq: int, entries: Iterable[JournalEntry] = (), term: int | None = None
+        self,
+        seq: int,
+        entries: Iterable[JournalEntry] = (),
+        term: int | None = None,
+        msg_id: str | None = None,
     ) -> None:
-        """Apply one journal message (its entries, or a fence) atomically with its sequence."""
+        """Apply one journal message (its entries, or a fence) atomically with its sequence.
+
+        `msg_id`: the message's envelope id, kept so a journal re-seeded after quorum
+        loss can be checked to still hold this very message at `seq`.
+        """
         if seq <= self.applied_seq:
             raise ValueError(f"sequence {seq} already applied (at {self.applied_seq})")
         batch = _Batch(self, seq)
         apply_entries(batch, entries)
         self._prune_replies(batch.wb, seq - REPLY_RETENTION_SEQS)
         batch.wb.put(_APPLIED, _U64.pack(seq))
+        if msg_id is not None:
+            batch.wb.put(_APPLIED_ID, msg_id.encode())
+        else:
+            batch.wb.delete(_APPLIED_ID)
         if term is not None:
             batch.wb.put(_TERM, _U64.pack(term))
         if batch.inode_delta:
@@ -180,6 +199,16 @@ class Projection:
                 break
             wb.delete(key)
             wb.delete(_REPLY + key[9:])
+
+    def reset(self) -> None:
+        """Wipe everything (records, replies, position): the next apply is seq 1 again.
+
+        For a projection that is ahead of, or differs from, its journal: the journal
+        is the truth and the projection is rebuilt from it.
+        """
+        self._db.close()
+        Rdict.destroy(str(self.path), Options(raw_mode=True))
+        self._db = Rdict(str(self.path), options=Options(raw_mode=True))
 
     def to_memory(self) -> MemoryShard:
         """Every record, checksums verified, as a MemoryShard (checks and comparisons)."""

@@ -143,6 +143,7 @@ class ShardReplica:
                 # re-elects after a server loss, and the tail does not need it.
                 with contextlib.suppress(BusError, TimeoutError):
                     last = await asyncio.wait_for(self.journal.last_seq(), 1.0)
+                    await self._check_position(last)
                     if last <= self.projection.applied_seq:
                         self._caught_up = True
                 async for record in self.journal.tail(self.projection.applied_seq + 1):
@@ -164,17 +165,51 @@ class ShardReplica:
                 )
                 await asyncio.sleep(5.0)
 
+    async def _check_position(self, last: int) -> None:
+        """Rebuild the projection if the journal no longer holds what it applied.
+
+        After a quorum-loss re-seed the journal is the survivor's copy: it may end
+        before the projection's sequence (a quorum of lost servers acknowledged
+        messages this replica applied), or hold another message at that sequence
+        (new appends after the re-seed). The journal is the truth: wipe and replay.
+        """
+        applied = self.projection.applied_seq
+        if applied == 0:
+            return
+        reason = ""
+        if last < applied:
+            reason = "journal ends before the applied sequence"
+        elif (recorded := self.projection.applied_id) is not None:
+            found = (await self.journal.get(applied)).event.envelope.id
+            if found != recorded:
+                reason = f"message {applied} is {found}, the projection applied {recorded}"
+        if not reason:
+            return
+        log.warning(
+            "projection.rebuilt",
+            extra={
+                "shard": self.shard,
+                "applied_seq": applied,
+                "journal_last_seq": last,
+                "reason": reason,
+            },
+        )
+        self._caught_up = False
+        self.projection.reset()
+        self.term = 0
+
     def _apply_record(self, record: JournalRecord) -> None:
         if record.seq <= self.projection.applied_seq:
             return  # already applied (we wrote it as leader, or a redelivery)
         payload = record.event.payload
+        msg_id = record.event.envelope.id
         if isinstance(payload, LeaderFenced):
-            self.projection.apply(record.seq, term=payload.term)
+            self.projection.apply(record.seq, term=payload.term, msg_id=msg_id)
             self.term = payload.term
         elif isinstance(payload, MetaCommitted):
-            self.projection.apply(record.seq, payload.entries)
+            self.projection.apply(record.seq, payload.entries, msg_id=msg_id)
         else:
-            self.projection.apply(record.seq)  # foreign event: keep the position exact
+            self.projection.apply(record.seq, msg_id=msg_id)  # foreign event: keep position
             log.warning(
                 "journal.unexpected_event",
                 extra={"shard": self.shard, "seq": record.seq, "type": record.event.envelope.type},
@@ -236,11 +271,19 @@ class ShardReplica:
         term = fence.term
         while True:
             last = await self.journal.last_seq()
+            if last < self.projection.applied_seq:  # re-seeded journal: the follower rebuilds
+                raise SequenceConflict(
+                    self.journal.stream,
+                    self.journal.subject,
+                    self.projection.applied_seq,
+                    f"the journal ends at {last}",
+                )
             async for record in self.journal.read_range(self.projection.applied_seq + 1, last):
                 self._apply_record(record)
+            envelope = self.bus.event(fence)
             try:
                 ack = await self.journal.append(
-                    self.bus.event(fence),
+                    envelope,
                     self.projection.applied_seq,
                     self.settings.append_timeout_s,
                 )
@@ -248,7 +291,7 @@ class ShardReplica:
                 if not self.lease.is_holder:
                     raise
                 continue  # the old writer appended meanwhile: read it, then fence again
-            self.projection.apply(ack.seq, term=term)
+            self.projection.apply(ack.seq, term=term, msg_id=envelope.id)
             self.term = term
             return ack.seq
 
@@ -388,7 +431,7 @@ class ShardReplica:
             except BusError as exc:
                 # Outcome unknown: never answer without the ack; retry the same event.
                 log.warning("leader.append_retry", extra={"shard": self.shard, "error": str(exc)})
-        self.projection.apply(ack.seq, entries)
+        self.projection.apply(ack.seq, entries, msg_id=envelope.id)
         return True
 
     async def _corruption(self, exc: CorruptRecord) -> Reply:
