@@ -422,6 +422,7 @@ async def import_streams(
         await ensure_streams(js, site_streams(shards), site=site, replicas=replicas)
         await ensure_buckets(js, SITE_BUCKETS, replicas=replicas)
         known = {s.name for s in site_streams(shards)} | {f"KV_{b.bucket}" for b in SITE_BUCKETS}
+        todo: list[ExportedStream] = []
         for name, entry in exported.items():
             if not entry.found:
                 skipped[name] = f"not exported: {entry.reason}"
@@ -434,13 +435,24 @@ async def import_streams(
                         f"{name} already holds messages (last seq {info.state.last_seq}): "
                         "import only into a fresh cluster"
                     )
-                streams[name] = await _import_stream(nc, src, entry)
-                info = await js.stream_info(name)
+                todo.append(entry)
+        # Streams are independent (each its own store and fsyncs): several at once. Within
+        # a stream, one connection keeps the publish order.
+        limit = asyncio.Semaphore(PARALLEL_STREAMS)
+
+        async def one(entry: ExportedStream) -> ImportedStream:
+            async with limit:
+                imported = await _import_stream(nc, src, entry)
+                info = await js.stream_info(entry.name)
                 if info.state.messages != entry.messages:
                     raise RecoveryError(
-                        f"{name}: {info.state.messages} messages after the import, "
+                        f"{entry.name}: {info.state.messages} messages after the import, "
                         f"exported {entry.messages}"
                     )
+                return imported
+
+        for imported in await asyncio.gather(*(one(entry) for entry in todo)):
+            streams[imported.name] = imported
     finally:
         await _close(nc)
     for name, why in skipped.items():
