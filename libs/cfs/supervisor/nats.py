@@ -402,7 +402,7 @@ class NatsCluster:
           when the server is later clustered (they stay on disk, unknown to the meta
           layer), so it cannot grow back to R3.
         - So the seed starts beside a throwaway "witness" server (fresh store, same
-          new cluster): the pair elects a meta leader in about 1-2 s. The witness is
+          new cluster): the pair elects a meta leader in about 0.3-2 s. The witness is
           then removed from the meta group (`$JS.API.SERVER.REMOVE`, a system-account
           request, hence SYSTEM_USER on reformed servers) while it is still up, so
           the group shrinks to the seed alone (cluster_size 1: the seed is meta leader
@@ -494,10 +494,13 @@ class NatsCluster:
         """Start a new member (fresh store, new ports) and wait until it joined the meta group.
 
         Members join one at a time: two fresh servers started together next to a
-        one-peer meta group elect their own leader (a split the supervisor would not
-        notice), so this waits until the current leader lists the newcomer. Route
-        gossip tells the running members about it; their `routes` are updated too,
-        so their next start lists it.
+        one-peer meta group elected their own meta leader (nats-server 2.14: a split
+        into two groups of the same cluster name), so this waits until the current
+        leader lists the newcomer as a meta peer (observed: about 4 s for the first
+        server next to a reformed seed, 1 s for the next). The newcomer routes to
+        every member, which is enough for the running ones (no reload needed); their
+        `routes` are updated too, so their next start lists it. Streams stay where
+        they are until raised (`cfs.recovery.scale_streams`).
         """
         if any(s.name == name for s in self._servers):
             raise SupervisorError(f"cluster {self.name} already has a server {name!r}")
