@@ -71,7 +71,13 @@ def add(
         f'Node "{node}" joined (SWIM, {result["joined_s"]:.1f}s)'
         + (f"; NATS server {result['nats_server']} added" if result["nats_server"] else "")
     )
-    typer.echo(f"streams: R{result['replicas']} ({result['streams']} streams and buckets)")
+    if result["replicas"]:
+        typer.echo(f"streams: R{result['replicas']} ({result['streams']} streams and buckets)")
+    else:
+        typer.echo(
+            f"streams unchanged: {result['nats_servers']} NATS server(s) run; they are raised "
+            f"to R{FULL_REPLICAS} when {FULL_REPLICAS} do"
+        )
 
 
 async def _refuse_existing(urls: list[str], site: str, node: str) -> None:
@@ -108,16 +114,18 @@ async def _admit(
                     _fail(f"node {node!r} did not join within {timeout:.0f}s")
                 await asyncio.sleep(0.5)
         joined = time.monotonic() - began
-    servers = int(started.get("nats_servers") or 0)
-    replicas = min(FULL_REPLICAS, servers) if servers else FULL_REPLICAS
-    with console.status(f"raising streams to R{replicas} and waiting until current..."):
-        scaled = await scale_streams(urls, site, _shards(), replicas, timeout=timeout)
+        servers = int(started.get("nats_servers") or 0) or len(bus.nc.servers)
+    scaled: dict[str, list[str]] = {}
+    if servers >= FULL_REPLICAS:
+        with console.status(f"raising streams to R{FULL_REPLICAS}, waiting until current..."):
+            scaled = await scale_streams(urls, site, _shards(), FULL_REPLICAS, timeout=timeout)
     return {
         "node": node,
         "joined_s": round(joined, 2),
         "nats_server": started.get("nats_server"),
-        "replicas": replicas,
-        "streams": scaled,
+        "nats_servers": servers,
+        "replicas": FULL_REPLICAS if scaled else None,
+        "streams": len(scaled),
     }
 
 
