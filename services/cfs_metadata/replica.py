@@ -95,6 +95,7 @@ class ShardReplica:
         self.role = Role.STOPPED
         self.term = projection.term
         self._caught_up = False
+        self._release_first = False  # stepped down still holding the lease (see _may_hold)
         self._locked: set[str] = set()  # keys held by prepared transactions (leader only)
         self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         self.placement = placement(self.settings.shard_count)
@@ -115,11 +116,25 @@ class ShardReplica:
             bus.node,
             lease_s=self.settings.lease_s,
             renew_s=self.settings.renew_s,
-            eligible=lambda: self._caught_up and may_lead(),
+            eligible=lambda: self._may_hold(may_lead),
             acquire_delay=acquire_delay,
             on_acquired=self._on_acquired,
             on_lost=self._on_lost,
         )
+
+    def _may_hold(self, may_lead: Callable[[], bool]) -> bool:
+        """Lease eligibility: caught up and allowed to lead.
+
+        After stepping down while still holding the lease (an append refused although
+        the record names us, e.g. by a journal re-seeded after quorum loss), not
+        eligible until the lease loop has let it go: leading only starts on an
+        acquisition, and a fast catch-up must not keep a lease that leads nobody.
+        """
+        if self._release_first:
+            if self.lease.is_holder:
+                return False
+            self._release_first = False
+        return self._caught_up and may_lead()
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -298,9 +313,12 @@ class ShardReplica:
     async def _step_down(self, reason: str) -> None:
         if self.role in (Role.LEADER, Role.FENCING):
             log.info("leader.step_down", extra={"shard": self.shard, "reason": reason})
-        # Not eligible until the follower has caught up again: if we still hold the
-        # lease, the lease loop releases it, so a new term starts from the journal.
-        self._caught_up = False
+            # Not eligible until the follower has caught up again: if we still hold the
+            # lease, the lease loop releases it (`_may_hold`), so a new term starts from
+            # the journal. A running follower's tail keeps `_caught_up` itself (a
+            # quiet journal delivers nothing that would set it again).
+            self._caught_up = False
+            self._release_first = self.lease.is_holder
         await self._stop_serving()
         if self.role is Role.STOPPED:
             return

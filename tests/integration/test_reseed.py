@@ -298,3 +298,44 @@ async def test_a_projection_ahead_of_a_reseeded_journal_is_rebuilt(
             await bus.close()
         old.stop()
         new.stop()
+
+
+async def test_a_running_writer_rebuilds_when_its_journal_was_reseeded_shorter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The survivor's server is re-seeded under a running writer that applied more:
+    its next append fails (expected last sequence), it steps down, rebuilds, leads."""
+    server = NatsServer.standalone(tmp_path / "nats")
+    buses: list[Bus] = []
+    replica: ShardReplica | None = None
+    try:
+        server.start()
+        buses = [await Bus.connect(server.url, site=SITE, node=n) for n in ("a", "cl")]
+        bus, client_bus = buses
+        await ensure_streams(bus.js, site_streams(1), site=SITE, replicas=1)
+        await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
+        replica = ShardReplica(bus, 1, Projection(tmp_path / "a-shard-001", 1), FAST)
+        await replica.start()
+        client = MetadataClient(client_bus, deadline_s=15)
+        await client.mkdir(1, "kept")
+        names = [s.name for s in site_streams(1)] + [f"KV_{b.bucket}" for b in SITE_BUCKETS]
+        await export_streams([server.url], names, tmp_path / "export")  # the survivor's copy
+        await client.mkdir(1, "lost")
+        ahead = replica.projection.applied_seq
+
+        server.stop()  # what `NatsCluster.reform` does to the survivor, then the import
+        server.store_dir.rename(tmp_path / "store.lost")
+        server.start()
+        await import_streams([server.url], SITE, 1, tmp_path / "export")
+        caplog.set_level(logging.WARNING, logger="cfs_metadata.replica")
+        await client.mkdir(1, "after")  # retried by the client until the writer is back
+        rebuilt = [r for r in caplog.records if r.getMessage() == "projection.rebuilt"]
+        assert [r.applied_seq for r in rebuilt] == [ahead]  # type: ignore[attr-defined]
+        assert {e.name async for e in client.readdir(1)} == {"kept", "after"}
+    finally:
+        if replica is not None:
+            await replica.stop()
+            replica.projection.close()
+        for b in buses:
+            await b.close()
+        server.stop()

@@ -33,12 +33,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import nats
@@ -52,6 +52,7 @@ from cfs.bus.provision import ensure_buckets, ensure_streams
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MANIFEST = "manifest.json"
 FORMAT = "cfs-stream-export/1"
@@ -163,7 +164,7 @@ async def export_streams(
             async with limit:
                 return await _export_stream(reader, name, dest, timeout)
 
-        results = await asyncio.gather(*(one(name) for name in stream_names))
+        results = await _all([one(name) for name in stream_names])
     finally:
         await _close(nc)
     exported = {result.name: result for result in results}
@@ -197,7 +198,9 @@ class _DirectReader:
         self._prefix = f"{self.nc.new_inbox()}."
         await self.nc.subscribe(self._prefix + "*", cb=self._on_msg)
 
-    async def batch(self, stream: str, seq: int) -> tuple[list[Msg], str, str]:
+    async def batch(
+        self, stream: str, seq: int, max_bytes: int | None = BATCH_BYTES
+    ) -> tuple[list[Msg], str, str]:
         """Messages from `seq` on and the closing status ("204" end of batch, "404"
         nothing at or after seq, "503" no responders, "timeout")."""
         self._counter += 1
@@ -205,7 +208,9 @@ class _DirectReader:
         msgs: list[Msg] = []
         done: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
         self._batches[token] = (msgs, done)
-        request = {"seq": seq, "batch": BATCH, "max_bytes": BATCH_BYTES}
+        request: dict[str, int] = {"seq": seq, "batch": BATCH}
+        if max_bytes is not None:
+            request["max_bytes"] = max_bytes
         try:
             await self.nc.publish(
                 f"$JS.API.DIRECT.GET.{stream}",
@@ -241,9 +246,12 @@ async def _export_stream(
     digest = hashlib.sha256()
     count = first = last = gaps = size = 0
     seq = 1
+    empty = 0  # end-of-batch replies in a row without a message
     with part.open("wb") as out:
         while True:
-            msgs, status, description = await reader.batch(name, seq)
+            msgs, status, description = await reader.batch(
+                name, seq, BATCH_BYTES if not empty else None
+            )
             for msg in msgs:
                 record, msg_seq = _record(msg)
                 if count and msg_seq != last + 1:
@@ -257,6 +265,7 @@ async def _export_stream(
                 size += len(line)
             if msgs:
                 seq = last + 1
+                empty = 0
                 deadline = time.monotonic() + timeout
                 if _pending(msgs[-1]) == 0:
                     break
@@ -274,7 +283,8 @@ async def _export_stream(
                     )
                 await asyncio.sleep(0.25)
                 continue
-            if status == "204":  # an empty batch that is not the end: ask again
+            if status == "204" and empty < 2:  # e.g. a message over max_bytes: ask without
+                empty += 1
                 continue
             raise RecoveryError(
                 f"{name}: direct get from seq {seq} answered {status} {description}"
@@ -451,7 +461,7 @@ async def import_streams(
                     )
                 return imported
 
-        for imported in await asyncio.gather(*(one(entry) for entry in todo)):
+        for imported in await _all([one(entry) for entry in todo]):
             streams[imported.name] = imported
     finally:
         await _close(nc)
@@ -509,7 +519,16 @@ async def _import_stream(nc: NATS, src: Path, entry: ExportedStream) -> Imported
         if journal:  # the server refuses it unless it lands exactly at `seq`
             headers[_EXPECTED_LAST_SEQ] = str(seq - 1)
         data = base64.b64decode(record["data"])
-        in_flight.append((seq, await pipeline.send(record["subject"], data, headers)))
+        try:  # waits while the window is full of unacknowledged publishes
+            sent = await asyncio.wait_for(
+                pipeline.send(record["subject"], data, headers), ACK_TIMEOUT_S
+            )
+        except TimeoutError:
+            _Tally.abandon(in_flight)
+            raise RecoveryError(
+                f"{name}: no acks for {ACK_TIMEOUT_S:g}s, stopped before exported seq {seq}"
+            ) from None
+        in_flight.append((seq, sent))
         while in_flight and in_flight[0][1].done():
             tally.check(*in_flight.popleft(), in_flight)
     while in_flight:
@@ -545,33 +564,33 @@ class _Tally:
         rest: deque[tuple[int, asyncio.Future[Ack]]],
     ) -> None:
         if not future.done():
-            self._abandon(rest)
+            self.abandon(rest)
             raise RecoveryError(
                 f"{self.name}: no ack for exported seq {seq} within {ACK_TIMEOUT_S:g}s"
             )
         error = future.exception()
         if error is not None:
-            self._abandon(rest)
+            self.abandon(rest)
             detail = getattr(error, "description", None) or repr(error)
             raise RecoveryError(f"{self.name}: exported seq {seq} was refused: {detail}")
         ack = future.result()
         if ack.duplicate:
             self.duplicates += 1
             if self.journal:
-                self._abandon(rest)
+                self.abandon(rest)
                 raise RecoveryError(f"{self.name}: exported seq {seq} was dropped as a duplicate")
             return
         if ack.seq != seq:
             self.renumbered += 1
             if self.journal:
-                self._abandon(rest)
+                self.abandon(rest)
                 raise RecoveryError(f"{self.name}: exported seq {seq} was stored as seq {ack.seq}")
         self.count += 1
         self.first = self.first or ack.seq
         self.last = ack.seq
 
     @staticmethod
-    def _abandon(rest: deque[tuple[int, asyncio.Future[Ack]]]) -> None:
+    def abandon(rest: deque[tuple[int, asyncio.Future[Ack]]]) -> None:
         for _, future in rest:
             if not future.done():
                 future.cancel()
@@ -648,6 +667,18 @@ async def _replication(
     if len(followers) != replicas - 1 or lagging:
         return None, f"{len(followers)} followers, not current: {lagging}"
     return [cluster.leader, *(str(r.name) for r in followers)], ""
+
+
+async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest (nothing left running)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 # -- connection ------------------------------------------------------------------------
