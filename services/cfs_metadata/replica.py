@@ -188,23 +188,14 @@ class ShardReplica:
         messages this replica applied), or hold another message at that sequence
         (new appends after the re-seed). The journal is the truth: wipe and replay.
         """
-        applied = self.projection.applied_seq
-        if applied == 0:
-            return
-        reason = ""
-        if last < applied:
-            reason = "journal ends before the applied sequence"
-        elif (recorded := self.projection.applied_id) is not None:
-            found = (await self.journal.get(applied)).event.envelope.id
-            if found != recorded:
-                reason = f"message {applied} is {found}, the projection applied {recorded}"
+        reason = await self._position_mismatch(last)
         if not reason:
             return
         log.warning(
             "projection.rebuilt",
             extra={
                 "shard": self.shard,
-                "applied_seq": applied,
+                "applied_seq": self.projection.applied_seq,
                 "journal_last_seq": last,
                 "reason": reason,
             },
@@ -212,6 +203,21 @@ class ShardReplica:
         self._caught_up = False
         self.projection.reset()
         self.term = 0
+
+    async def _position_mismatch(self, last: int) -> str:
+        """Why the journal (ending at `last`) does not continue the projection, or ""."""
+        applied = self.projection.applied_seq
+        if applied == 0:
+            return ""
+        if last < applied:
+            return "journal ends before the applied sequence"
+        recorded = self.projection.applied_id
+        if recorded is None:  # applied by a release that did not record ids
+            return ""
+        found = (await self.journal.get(applied)).event.envelope.id
+        if found != recorded:
+            return f"message {applied} is {found}, the projection applied {recorded}"
+        return ""
 
     def _apply_record(self, record: JournalRecord) -> None:
         if record.seq <= self.projection.applied_seq:
@@ -286,12 +292,13 @@ class ShardReplica:
         term = fence.term
         while True:
             last = await self.journal.last_seq()
-            if last < self.projection.applied_seq:  # re-seeded journal: the follower rebuilds
+            mismatch = await self._position_mismatch(last)
+            if mismatch:  # a re-seeded journal: step down, the follower rebuilds
                 raise SequenceConflict(
                     self.journal.stream,
                     self.journal.subject,
                     self.projection.applied_seq,
-                    f"the journal ends at {last}",
+                    f"{mismatch} (journal ends at {last})",
                 )
             async for record in self.journal.read_range(self.projection.applied_seq + 1, last):
                 self._apply_record(record)

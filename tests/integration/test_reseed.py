@@ -339,3 +339,57 @@ async def test_a_running_writer_rebuilds_when_its_journal_was_reseeded_shorter(
         for b in buses:
             await b.close()
         server.stop()
+
+
+async def test_a_running_follower_rebuilds_before_it_leads_a_reseeded_journal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hot follower kept tailing through the re-seed with a projection ahead of the
+    journal; when it takes the lease, its fence finds the journal short, it steps
+    down, rebuilds from the journal and only then leads."""
+    server = NatsServer.standalone(tmp_path / "nats")
+    buses: list[Bus] = []
+    replicas: list[ShardReplica] = []
+    try:
+        server.start()
+        buses = [await Bus.connect(server.url, site=SITE, node=n) for n in ("a", "b", "cl")]
+        a_bus, b_bus, client_bus = buses
+        await ensure_streams(a_bus.js, site_streams(1), site=SITE, replicas=1)
+        await ensure_buckets(a_bus.js, SITE_BUCKETS, replicas=1)
+        a = ShardReplica(a_bus, 1, Projection(tmp_path / "a-shard-001", 1), FAST)
+        replicas.append(a)
+        await a.start()
+        await _wait_leader(a)
+        b = ShardReplica(b_bus, 1, Projection(tmp_path / "b-shard-001", 1), FAST)
+        replicas.append(b)
+        await b.start()
+        client = MetadataClient(client_bus, deadline_s=15)
+        await client.mkdir(1, "kept")
+        names = [s.name for s in site_streams(1)] + [f"KV_{b.bucket}" for b in SITE_BUCKETS]
+        await export_streams([server.url], names, tmp_path / "export")
+        await client.mkdir(1, "lost")
+        ahead = a.projection.applied_seq
+        while b.projection.applied_seq < ahead:  # the follower applied it too
+            await asyncio.sleep(0.02)
+
+        server.stop()
+        server.store_dir.rename(tmp_path / "store.lost")
+        server.start()
+        await import_streams([server.url], SITE, 1, tmp_path / "export")
+        caplog.set_level(logging.INFO, logger="cfs_metadata.replica")
+        await a.stop()  # releases the lease: the follower takes over
+        a.projection.close()
+        replicas.remove(a)
+        await client.mkdir(1, "after")
+        assert b.role is Role.LEADER
+        rebuilt = [r for r in caplog.records if r.getMessage() == "projection.rebuilt"]
+        assert [r.applied_seq for r in rebuilt] == [ahead]  # type: ignore[attr-defined]
+        assert {e.name async for e in client.readdir(1)} == {"kept", "after"}
+        assert b.projection.dentry(1, "lost") is None
+    finally:
+        for replica in replicas:
+            await replica.stop()
+            replica.projection.close()
+        for bus in buses:
+            await bus.close()
+        server.stop()
