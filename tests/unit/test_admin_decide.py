@@ -207,3 +207,20 @@ def test_shard_lines_show_both_layers() -> None:
     debug = "\n".join(debug_lines(led))
     assert "holder      storage-2" in debug and "replica     storage-3: behind, lag 12" in debug
     assert debug.endswith("problems: none")
+
+
+def test_a_journal_leader_that_hears_no_majority_has_no_quorum() -> None:
+    from cfs.admin.report import Replica, ShardView
+
+    def view(*peers: tuple[bool, float]) -> ShardView:
+        replicas = tuple(
+            Replica(f"p{i}", current, 0, active) for i, (current, active) in enumerate(peers)
+        )
+        return ShardView(shard="001", stream_leader="storage-3", replicas=replicas)
+
+    assert view((True, 0.5), (True, 0.7)).has_quorum
+    assert view((True, 0.5), (False, 9.0)).has_quorum  # one peer lost: 2 of 3
+    assert not view((True, 4.0), (True, 5.0)).has_quorum  # both silent: the leader is alone
+    assert not view((False, 0.5), (False, 0.5)).has_quorum
+    assert ShardView(shard="001", stream_leader="storage-3").has_quorum  # R1
+    assert not ShardView(shard="001").has_quorum

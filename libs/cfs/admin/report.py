@@ -95,6 +95,9 @@ class Replica:
     active_s: float
 
 
+PEER_SILENT_S = 3.0  # Raft heartbeats every second: a peer silent this long is gone
+
+
 @dataclass(frozen=True)
 class ShardView:
     """Both Raft layers of one shard (DESIGN.md §4): the writer lease and the journal."""
@@ -115,6 +118,16 @@ class ShardView:
     @property
     def quorum_lost(self) -> bool:
         return self.stream_leader is None and any("Raft leader" in p for p in self.problems)
+
+    @property
+    def has_quorum(self) -> bool:
+        """A journal leader that still hears a majority of its peers. A leader cut off
+        from the others answers stream info for a few seconds before it steps down,
+        so a reported leader alone does not prove the journal can take writes."""
+        if self.stream_leader is None:
+            return False
+        heard = sum(1 for r in self.replicas if r.current and r.active_s < PEER_SILENT_S)
+        return 2 * (1 + heard) > 1 + len(self.replicas)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -577,8 +577,8 @@ async def _force_leader(
 ) -> dict[str, Any]:
     """With quorum, move the lease by handoff; without, recover the quorum on `leader`."""
     views = await asyncio.gather(*(shard_view(bus, s) for s in chosen))
-    with_quorum = [v.shard for v in views if v.stream_leader]
-    without = [v.shard for v in views if not v.stream_leader]
+    with_quorum = [v.shard for v in views if v.has_quorum]
+    without = [v.shard for v in views if not v.has_quorum]
     lines: list[str] = []
     for name in with_quorum:
         await ShardLease(bus, f"meta.{name}", node="cfs-admin").request_handoff(leader)
