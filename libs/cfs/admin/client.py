@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +23,31 @@ from cfs.bus import Bus
 from cfs.ids import new_id
 from cfs_contracts import ContractError, DecodedEvent
 from cfs_contracts.events.admin import AdminCommandCompleted, AdminCommandIssued
+from cfs_contracts.events.ops import AdminActionRecorded
 
 
 class CommandTimeout(Exception):
     """Nobody answered: the executing service is not running (or JetStream is down)."""
+
+
+def actor() -> str:
+    """Who runs this command, for AUDIT records: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+async def record_action(bus: Bus, command: str, arguments: dict[str, str], outcome: str) -> None:
+    """An `AdminActionRecorded` in AUDIT for an action that is not a CMD event."""
+    await bus.publish(
+        bus.event(
+            AdminActionRecorded(
+                actor=actor(), command=command, arguments=arguments, outcome=outcome
+            )
+        )
+    )
 
 
 async def issue(

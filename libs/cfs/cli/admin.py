@@ -14,12 +14,10 @@ missing --yes-i-know without a terminal), 3 cluster unreachable, 4 permission de
 from __future__ import annotations
 
 import asyncio
-import getpass
 import importlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +28,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cfs.admin.client import CommandTimeout, issue, node_events, poll_until
+from cfs.admin.client import CommandTimeout, actor, issue, node_events, poll_until
 from cfs.admin.decide import NodeFacts, merge_views, parse_shard
 from cfs.admin.report import ShardView, debug_lines, node_json, node_line, shard_line, stream_line
 from cfs.admin.snapshot import (
@@ -100,14 +98,6 @@ def _settings(
     """Command options over group options over CFS_* over the cluster config file."""
     group = ctx.find_object(Target) or Target()
     return client_settings(cluster or group.cluster, site or group.site, shards or group.shards)
-
-
-def _actor() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
 
 
 def _session(settings: ClientSettings, work: Callable[[Bus], Awaitable[T]]) -> T:
@@ -310,7 +300,7 @@ def raft_force_election(
             service="metadata-raft",
             verb="force-election",
             target=name,
-            actor=_actor(),
+            actor=actor(),
             arguments={"to": to} if to else {},
             timeout=timeout,
         )
@@ -406,7 +396,7 @@ def _lifecycle_command(
         total = await _fragments_on(bus, node)
         async with node_events(bus, node) as events:
             reply = await issue(
-                bus, service="membership", verb=verb, target=node, actor=_actor(), timeout=timeout
+                bus, service="membership", verb=verb, target=node, actor=actor(), timeout=timeout
             )
             if not reply.ok or not wait:
                 return reply, None
@@ -618,7 +608,7 @@ async def _force_leader(
 async def _audit(bus: Bus, arguments: dict[str, str], outcome: str) -> None:
     """AUDIT record of the force; without quorum it may not be writable: say so, go on."""
     record = AdminActionRecorded(
-        actor=_actor(), command="raft-force-leader", arguments=arguments, outcome=outcome
+        actor=actor(), command="raft-force-leader", arguments=arguments, outcome=outcome
     )
     try:
         await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)

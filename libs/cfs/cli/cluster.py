@@ -13,11 +13,11 @@ from typing import Annotated
 import nats.js.errors
 import typer
 
+from cfs.admin.client import actor, record_action
 from cfs.bus import Bus
 from cfs.cli.errors import ExitCode, one_line_errors
 from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
 from cfs.fuse.config import client_settings
-from cfs_contracts.events.ops import AdminActionRecorded
 
 app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
 
@@ -80,7 +80,7 @@ def init(
         shards=shards,
         ec=ec,
         bootstrap_node=bootstrap_node,
-        created_by=f"{os.environ.get('USER', 'uid' + str(os.getuid()))}@cfs-cli",
+        created_by=actor(),
     )
 
     async def go() -> tuple[bool, int]:
@@ -89,21 +89,17 @@ def init(
         ) as bus:
             count = replicas or max(1, min(3, len(bus.nc.servers)))
             result = await init_cluster(bus, wanted, replicas=count)
-            await bus.publish(
-                bus.event(
-                    AdminActionRecorded(
-                        actor=wanted.created_by,
-                        command="cluster init",
-                        arguments={
-                            "cluster_name": cluster_name,
-                            "shards": str(shards),
-                            "ec": ec,
-                            "bootstrap_node": bootstrap_node,
-                            "replicas": str(count),
-                        },
-                        outcome="succeeded" if result.created else "succeeded: already initialized",
-                    )
-                )
+            await record_action(
+                bus,
+                "cluster init",
+                {
+                    "cluster_name": cluster_name,
+                    "shards": str(shards),
+                    "ec": ec,
+                    "bootstrap_node": bootstrap_node,
+                    "replicas": str(count),
+                },
+                "succeeded" if result.created else "succeeded: already initialized",
             )
             return result.created, count
 

@@ -19,6 +19,7 @@ import nats.js.errors
 import typer
 from rich.console import Console
 
+from cfs.admin.client import record_action
 from cfs.bus import Bus
 from cfs.cli.errors import ExitCode, one_line_errors
 from cfs.fuse.config import client_settings
@@ -114,6 +115,7 @@ async def _admit(
                     _fail(f"node {node!r} did not join within {timeout:.0f}s")
                 await asyncio.sleep(0.5)
         joined = time.monotonic() - began
+        await record_action(bus, "node add", {"node": node}, "succeeded: joined")
         servers = int(started.get("nats_servers") or 0) or len(bus.nc.servers)
     scaled: dict[str, list[str]] = {}
     if servers >= FULL_REPLICAS:
