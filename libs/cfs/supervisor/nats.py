@@ -408,8 +408,9 @@ class NatsCluster:
           the group shrinks to the seed alone (cluster_size 1: the seed is meta leader
           and creates R1 streams) and the witness is stopped and deleted. About 2-3 s
           in all. Until the first `add_server` the seed's config still routes to the
-          witness: a restart of the lone seed waits for a route again (reform again,
-          or add a server).
+          (gone) witness: a restarted lone seed waits for a route again and is not
+          healthy; `add_server` then brings it back at once, streams intact (never
+          reform again: that would move the imported store aside).
         - The new cluster has a new name (`<name>-r<stamp>`): a lost member that comes
           back with its old store and old cluster name is refused by the seed
           ("Cluster Name Conflict"), so old Raft state never mixes with the new.
