@@ -149,9 +149,13 @@ def proposal(s: Snapshot, action: Action, wall_ms: int) -> LeaseRecord:
     return rec.model_copy(update={"holder": "", "renewed_ms": wall_ms})
 
 
-def observe(s: Snapshot, record: LeaseRecord | None, revision: int, now: float) -> Snapshot:
-    """Take a read or watch result; older revisions than the one known are ignored."""
-    if revision == s.revision or 0 < revision < s.revision:
+def observe(
+    s: Snapshot, record: LeaseRecord | None, revision: int, now: float, *, fresh: bool = False
+) -> Snapshot:
+    """Take a read or watch result; older revisions than the one known are ignored, except
+    from a `fresh` read of the server (after a quorum recovery re-seeded the bucket, its
+    revisions start again lower, and a CAS can only succeed with the server's own)."""
+    if revision == s.revision or (not fresh and 0 < revision < s.revision):
         return s
     return replace(s, record=record, revision=revision, observed_at=now)
 
@@ -408,7 +412,7 @@ class ShardLease:
         except _TRANSPORT as exc:  # the next tick tries again; the lease may lapse
             log.warning("lease.read_failed", extra=self._extra(self.record, repr(exc)))
         else:
-            self._snap = observe(self._snap, *found, _now())
+            self._snap = observe(self._snap, *found, _now(), fresh=True)
 
     async def _ensure_watch(self) -> None:
         """A KV watch wakes the loop on every change; after a break, read and re-watch."""

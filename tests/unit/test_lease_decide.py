@@ -287,3 +287,11 @@ def test_a_less_preferred_replica_waits_its_delay_before_taking_a_lease() -> Non
     assert decide(expired, 10.0 + LEASE + 0.25).action is Action.ACQUIRE
     handed = snap(record=rec("", handoff_to="a"), revision=3, observed_at=10.0, acquire_delay_s=5)
     assert decide(handed, 10.0).action is Action.ACQUIRE, "a handoff target never waits"
+
+
+def test_a_fresh_read_wins_over_a_higher_known_revision() -> None:
+    """After a quorum recovery re-seeded the bucket, revisions start again lower."""
+    s = observe(snap(), rec("b", 2), 900, now=1.0)
+    assert observe(s, rec("b", 2), 3, now=2.0) is s  # a stale watch delivery: ignored
+    reseeded = observe(s, rec("b", 2), 3, now=2.0, fresh=True)
+    assert reseeded.revision == 3 and reseeded.record == rec("b", 2)
