@@ -15,7 +15,7 @@ import typer
 
 from cfs.admin.client import actor, record_action
 from cfs.bus import Bus
-from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
 from cfs.fuse.config import client_settings
 
@@ -34,11 +34,6 @@ def _default_config_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/etc/claudefs")
     return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "claudefs"
-
-
-def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(int(code))
 
 
 @app.command("init")
@@ -71,7 +66,7 @@ def init(
     try:
         check_ec(ec)
     except ClusterInitError as exc:
-        _fail(str(exc), ExitCode.USAGE)
+        raise CliError(str(exc), ExitCode.USAGE) from None
     settings = client_settings(cluster, site)
     directory = config_dir or _default_config_dir()
     wanted = new_config(
@@ -106,7 +101,7 @@ def init(
     try:
         created, count = asyncio.run(go())
     except ClusterInitError as exc:
-        _fail(str(exc))
+        raise CliError(str(exc)) from None
     config_path, token_path = _write_config(
         directory, settings.site, settings.nats_urls, shards, cluster_name
     )
@@ -172,8 +167,7 @@ def info(cluster: ClusterOpt = None, site: SiteOpt = None, as_json: JsonOpt = Fa
 
     found = asyncio.run(go())
     if found is None:
-        _fail(f"site {settings.site} is not initialized (cfs cluster init)")
-        return
+        raise CliError(f"site {settings.site} is not initialized (cfs cluster init)")
     data = json.loads(found)
     if as_json:
         typer.echo(found)

@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.supervisor import SupervisorError
 from cfs.supervisor.devcluster import CLUSTER_FILE, LOG_FILE, DevCluster, DevControl
 from cfs.supervisor.topology import Topology
@@ -49,11 +49,6 @@ TopologyOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
-def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(int(code))
-
-
 def _topology(path: Path | None) -> Topology:
     return Topology.load(path) if path is not None else Topology.default()
 
@@ -73,7 +68,7 @@ def up(
     control = DevControl(state_dir)
     running = control.daemon_pid()
     if running is not None:
-        _fail(
+        raise CliError(
             f"a dev site is already running from {control.state_dir} (pid {running}); "
             "stop it first: cfs dev down"
         )
@@ -105,13 +100,13 @@ def up(
             if state.get("pid") == proc.pid and state.get("state") == "ready":
                 break
             if proc.poll() is not None:
-                _fail(
+                raise CliError(
                     f"the dev site did not start (exit {proc.returncode}): "
                     f"{state.get('state', 'no state')}; see {control.state_dir / LOG_FILE}"
                 )
             if time.monotonic() > deadline:
                 proc.terminate()
-                _fail(
+                raise CliError(
                     f"the dev site was not ready after {timeout:.0f}s; see "
                     f"{control.state_dir / LOG_FILE}"
                 )
@@ -174,7 +169,7 @@ def _node_call(state_dir: Path, op: str, node: str, **args: Any) -> None:
         DevControl(state_dir).call(op, node=node, **args)
     except SupervisorError as exc:
         if str(exc).startswith("unknown node"):
-            _fail(str(exc), ExitCode.USAGE)
+            raise CliError(str(exc), ExitCode.USAGE) from None
         raise
 
 
@@ -192,10 +187,10 @@ def down(
         control.call("down")
         if not control.wait_exit(pid, timeout):
             os.kill(pid, 9)  # its children die with it (PR_SET_PDEATHSIG)
-            _fail(f"the dev site did not stop within {timeout:.0f}s; killed pid {pid}")
+            raise CliError(f"the dev site did not stop within {timeout:.0f}s; killed pid {pid}")
         console.print("dev site stopped")
     elif not purge:
-        _fail(f"no dev site is running from {control.state_dir}")
+        raise CliError(f"no dev site is running from {control.state_dir}")
     if purge and control.state_dir.exists():
         shutil.rmtree(control.state_dir)
         console.print(f"removed {control.state_dir}")
@@ -251,13 +246,13 @@ def run(
     control = DevControl(state_dir)
     running = control.daemon_pid()
     if running is not None:
-        _fail(
+        raise CliError(
             f"a dev site is already running from {control.state_dir} (pid {running}); "
             "stop it first: cfs dev down"
         )
     mnt = mountpoint.resolve()
     if is_fuse_mount(mnt):
-        _fail(f"{mnt} is already mounted; unmount it first: cfs umount {mountpoint}")
+        raise CliError(f"{mnt} is already mounted; unmount it first: cfs umount {mountpoint}")
     mnt.mkdir(parents=True, exist_ok=True)
     mount = _MountProcess(mnt, control.state_dir)
     cluster = DevCluster(state_dir, spec)

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from cfs.admin.client import record_action
 from cfs.bus import Bus
-from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.fuse.config import client_settings
 from cfs.supervisor.devcluster import running_dev_site
 from cfs_contracts.members import Liveness, MemberRecord, member_key
@@ -31,11 +31,6 @@ app = typer.Typer(help="Add nodes to the cluster.", no_args_is_help=True)
 console = Console(stderr=True)
 
 FULL_REPLICAS = 3
-
-
-def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(int(code))
 
 
 @app.command("add")
@@ -55,7 +50,7 @@ def add(
     for item in label or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            _fail(f"--label {item!r}: expected KEY=VALUE", ExitCode.USAGE)
+            raise CliError(f"--label {item!r}: expected KEY=VALUE", ExitCode.USAGE)
         labels[key] = value
     settings = client_settings(cluster, site)
     asyncio.run(_refuse_existing(settings.nats_urls, settings.site, node))
@@ -91,7 +86,7 @@ async def _refuse_existing(urls: list[str], site: str, node: str) -> None:
         if entry.value:
             member = MemberRecord.model_validate_json(entry.value)
             if member.state in (Liveness.ALIVE, Liveness.SUSPECT):
-                _fail(f"node {node!r} is already a member ({member.state.value})")
+                raise CliError(f"node {node!r} is already a member ({member.state.value})")
 
 
 async def _admit(
@@ -112,7 +107,7 @@ async def _admit(
                 except (nats.js.errors.KeyNotFoundError, ValueError):
                     pass
                 if time.monotonic() - began > timeout:
-                    _fail(f"node {node!r} did not join within {timeout:.0f}s")
+                    raise CliError(f"node {node!r} did not join within {timeout:.0f}s")
                 await asyncio.sleep(0.5)
         joined = time.monotonic() - began
         await record_action(bus, "node add", {"node": node}, "succeeded: joined")
