@@ -49,6 +49,18 @@ TopologyOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
+def _not_running(state_dir: Path) -> DevControl:
+    """One site per state directory: its stores and ports are the running daemon's."""
+    control = DevControl(state_dir)
+    running = control.daemon_pid()
+    if running is not None:
+        raise CliError(
+            f"a dev site is already running from {control.state_dir} (pid {running}); "
+            "stop it first: cfs dev down"
+        )
+    return control
+
+
 def _topology(path: Path | None) -> Topology:
     return Topology.load(path) if path is not None else Topology.default()
 
@@ -65,13 +77,7 @@ def up(
 ) -> None:
     """Start a site and return when every service is ready."""
     spec = _topology(topology)  # a bad file fails here, before anything starts
-    control = DevControl(state_dir)
-    running = control.daemon_pid()
-    if running is not None:
-        raise CliError(
-            f"a dev site is already running from {control.state_dir} (pid {running}); "
-            "stop it first: cfs dev down"
-        )
+    control = _not_running(state_dir)
     if foreground:
         cluster = DevCluster(state_dir, spec)
         console.print(f"starting site {spec.site} ({len(spec.nodes)} nodes); Ctrl-C stops it")
@@ -243,13 +249,7 @@ def run(
     from cfs.fuse.config import is_fuse_mount
 
     spec = _topology(topology)
-    control = DevControl(state_dir)
-    running = control.daemon_pid()
-    if running is not None:
-        raise CliError(
-            f"a dev site is already running from {control.state_dir} (pid {running}); "
-            "stop it first: cfs dev down"
-        )
+    control = _not_running(state_dir)
     mnt = mountpoint.resolve()
     if is_fuse_mount(mnt):
         raise CliError(f"{mnt} is already mounted; unmount it first: cfs umount {mountpoint}")
