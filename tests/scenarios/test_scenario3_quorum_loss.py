@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from tests.scenarios.conftest import DevSite, report, sha256_of, wait_for, write_file
 
+NODES = ("storage-1", "storage-2", "storage-3")
+
 
 def _journal_current(site: DevSite) -> bool:
     """Every replica of shard 001's journal is current (nothing only on a quorum)."""
@@ -56,6 +58,13 @@ def test_quorum_loss_options_1_and_2(dev_site_factory: Callable[..., DevSite]) -
     option1_rto = wait_for(
         "metadata writes after the nodes came back",
         lambda: site.cfs("fs", "mkdir", f"/option1-{time.monotonic_ns()}").returncode == 0,
+        timeout=120,
+        every=0.5,
+    )
+    # Data needs k=2 of each chunk's 3 fragments: wait until the chunk-stores are back too.
+    wait_for(
+        "every node UP again",
+        lambda: all(f'Node "{n}" is UP' in site.cfs("admin", "status").stdout for n in NODES),
         timeout=120,
         every=0.5,
     )
