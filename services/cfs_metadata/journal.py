@@ -82,10 +82,13 @@ class Journal:
                     msg = await sub.next_msg(timeout=TAIL_STALL_CHECK_S)
                 except (TimeoutError, nats.errors.TimeoutError):
                     # Quiet, or stalled: an ordered consumer whose server died may never
-                    # deliver again. Behind the stream = stalled: let the caller resubscribe.
-                    if await self.last_seq() > position:
+                    # deliver again. Behind the stream = stalled; ahead of it = the journal
+                    # was re-seeded shorter (quorum recovery). Either way the caller
+                    # resubscribes, and checks its projection against the journal first.
+                    last = await self.last_seq()
+                    if last != position:
                         raise BusUnavailable(
-                            f"tail of {self.stream} stalled at seq {position}"
+                            f"tail of {self.stream} at seq {position}, journal ends at {last}"
                         ) from None
                     continue
                 except nats.errors.Error as exc:
