@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CommandHandler = Callable[[AdminCommandIssued], Awaitable[Verdict]]
 MAX_DELIVER = 4
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
 
 
 def reply_subject(site: str, command_id: str) -> str:
@@ -71,11 +73,27 @@ class CommandExecutor:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Create the shared consumer (idempotent), then consume in the background."""
-        await self._consumer.ensure()
-        self._task = asyncio.create_task(self._consumer.run(), name=f"cmd-{self.service}")
+        """Consume in the background. Never fails the service: right after a restart
+        JetStream may still be electing, so the consumer is made again until it works."""
+        self._task = asyncio.create_task(self._serve(), name=f"cmd-{self.service}")
         self._task.add_done_callback(self._ended)
         log.info("admin.executor_started", extra={"service": self.service, "node": self.bus.node})
+
+    async def _serve(self) -> None:
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                await self._consumer.run()
+                return
+            except (BusError, nats.errors.Error, TimeoutError) as exc:
+                if self._consumer.stopped:
+                    return
+                log.warning(
+                    "admin.executor_retry",
+                    extra={"service": self.service, "error": str(exc), "retry_in_s": delay},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
 
     async def stop(self) -> None:
         self._consumer.stop()

@@ -156,6 +156,10 @@ class DurableConsumer:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
+
     async def _process(self, msg: Msg) -> None:
         meta = msg.metadata
         delivery = Delivery(
