@@ -14,7 +14,6 @@ missing --yes-i-know without a terminal), 3 cluster unreachable, 4 permission de
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import os
@@ -43,6 +42,8 @@ from cfs.bus import Bus, BusError
 from cfs.cli.errors import CliError, ExitCode, is_permission_error, one_line_errors
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.lease import ShardLease
+from cfs.recovery.quorum import recover_quorum
+from cfs.recovery.streams import RecoveryError
 from cfs_contracts.events.admin import AdminCommandCompleted
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -537,7 +538,7 @@ def raft_force_leader(
         await _audit(bus, arguments, "requested")
         try:
             result = await _force_leader(bus, settings, chosen, leader)
-        except (BusError, CliError, TimeoutError) as exc:
+        except (BusError, CliError, RecoveryError, TimeoutError) as exc:
             await _audit(bus, arguments, f"failed: {exc}")
             raise
         await _audit(bus, arguments, "succeeded")
@@ -581,16 +582,8 @@ async def _force_leader(
                 f"shard {name}: {leader} did not take the lease within {LEASE_MOVE_TIMEOUT_S:g}s"
             )
         lines.append(shard_line(await shard_view(bus, name)))
-    recovered: Any = None
+    recovered: str | None = None
     if without:
-        try:  # loaded on demand: only this path needs it
-            recover_quorum = importlib.import_module("cfs.recovery.quorum").recover_quorum
-        except ImportError as exc:
-            raise CliError(
-                f"shards {', '.join(without)} have no quorum and quorum recovery "
-                f"is not available: {exc}"
-            ) from None
-
         recovered = await recover_quorum(settings, survivor=leader, shards=without)
         lines.append(
             f"quorum recovered on {leader} for shards {', '.join(without)}"

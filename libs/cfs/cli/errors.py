@@ -10,6 +10,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 from cfs.bus.errors import BusError, BusUnavailable
 from cfs.fuse.config import ConfigError
+from cfs.recovery.streams import RecoveryError
 from cfs.supervisor import SupervisorError
 from cfs_contracts import ContractError
 
@@ -60,7 +61,7 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             if isinstance(exc, BusUnavailable):
                 _fail(f"error: {exc}", ExitCode.UNREACHABLE)
             _fail(f"error: {exc}", ExitCode.FAILED)
-        except (ConfigError, ContractError, SupervisorError) as exc:
+        except (ConfigError, ContractError, RecoveryError, SupervisorError) as exc:
             _fail(f"error: {exc}", ExitCode.FAILED)
         except KeyboardInterrupt:
             _fail("interrupted", ExitCode.INTERRUPTED)

@@ -30,6 +30,7 @@ import nats.errors
 from cfs.bus import Bus, BusError
 from cfs.fuse.config import ClientSettings
 from cfs.lease import LeaseError, ShardLease
+from cfs.recovery.streams import RecoveryError, export_streams, import_streams
 from cfs.supervisor.devcluster import running_dev_site
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 LEASE_TIMEOUT_S = 60.0
 
 
-class QuorumRecoveryError(Exception):
+class QuorumRecoveryError(RecoveryError):
     """Recovery could not go on; the message says what to do."""
 
 
@@ -51,8 +52,6 @@ def site_stream_names(shards: int) -> list[str]:
 
 async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: list[str]) -> str:
     """Re-form the site on `survivor`; returns a one-line summary for the operator."""
-    from cfs.recovery.streams import export_streams, import_streams
-
     control = running_dev_site()
     if control is None:
         raise QuorumRecoveryError(
@@ -72,7 +71,7 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
         for shard in shards:
             await _hand_lease(bus, shard, survivor)
     journals = {name: info for name, info in exported.items() if name.startswith("META_")}
-    messages = sum(_count(info) for info in journals.values())
+    messages = sum(info.messages for info in journals.values())
     return (
         f"{len(names)} streams re-seeded from {survivor} ({messages} journal messages) in "
         f"{time.monotonic() - started:.1f}s; old store kept at {reformed['old_store']}; "
@@ -98,7 +97,3 @@ async def _hand_lease(bus: Bus, shard: str, survivor: str) -> None:
                 f"{LEASE_TIMEOUT_S:.0f}s after the re-seed"
             )
         await asyncio.sleep(0.5)
-
-
-def _count(info: object) -> int:
-    return int(getattr(info, "messages", 0) or 0)
