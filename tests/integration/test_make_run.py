@@ -19,10 +19,17 @@ from cfs.fuse.config import is_fuse_mount
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or shutil.which("git") is None or shutil.which("make") is None,
-    reason="needs /dev/fuse, git and make",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists("/dev/fuse")
+        or shutil.which("git") is None
+        or shutil.which("make") is None,
+        reason="needs /dev/fuse, git and make",
+    ),
+    # A fresh venv is a pip install (about a minute): in `make test-slow`, keeping the
+    # default suite well under 15 minutes on 2 cores.
+    pytest.mark.slow,
+]
 
 
 def _processes_under(path: Path) -> list[str]:
