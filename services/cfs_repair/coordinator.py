@@ -344,7 +344,26 @@ class RepairCoordinator:
             reason=f"drain job {job.job_id} finished",
         )
         assert self._kv is not None
-        await self._kv.put(admin_key(node), admin.model_dump_json().encode())
+        # Compare-and-set from DRAINING only: a `node-remove` that came in while the job
+        # ran must not be overwritten by "drained".
+        try:
+            entry = await self._kv.get(admin_key(node))
+        except nats.js.errors.KeyNotFoundError:
+            log.info("repair.drained_superseded", extra={"node_id": node, "lifecycle": None})
+            return
+        current = NodeAdmin.model_validate_json(entry.value) if entry.value else None
+        if current is None or current.lifecycle is Lifecycle.DRAINING:
+            try:
+                await self._kv.update(
+                    admin_key(node), admin.model_dump_json().encode(), last=entry.revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.info("repair.drained_superseded", extra={"node_id": node})
+        else:
+            log.info(
+                "repair.drained_superseded",
+                extra={"node_id": node, "lifecycle": current.lifecycle.value},
+            )
         await self._event(
             NodeDrained(node_id=node, fragments_moved=job.fragments_rebuilt, leases_moved=leases)
         )
