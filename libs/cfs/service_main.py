@@ -12,10 +12,13 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import nats.errors
+import nats.js.errors
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,6 +26,35 @@ from cfs.bus import Bus, BusError
 from cfs.logs import setup_logging
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_NOT_READY = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+async def until_jetstream_answers(
+    what: str, call: Callable[[], Awaitable[T]], *, wait_s: float = 120.0
+) -> T:
+    """Start-up reads of a restarted node: JetStream answers only once the streams involved
+    have elected leaders again (seconds after servers restart), so retry until `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.25
+    while True:
+        try:
+            return await call()
+        except _NOT_READY as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.warning(
+                "service.jetstream_not_ready",
+                extra={"what": what, "error": repr(exc), "retry_in_s": delay},
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class ServiceSettings(BaseSettings):

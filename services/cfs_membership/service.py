@@ -44,7 +44,7 @@ from pydantic import (
 
 from cfs.admin.executor import CommandExecutor, membership_handlers
 from cfs.bus import Bus
-from cfs.service_main import ServiceSettings, run_service
+from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
 from cfs_contracts.members import Liveness, MemberRecord
 from cfs_contracts.streams import NODES, site_subject
 from cfs_membership.codec import Codec, CodecError
@@ -170,7 +170,9 @@ class MembershipService:
     async def start(self) -> None:
         s = self.settings
         loop = self._loop = asyncio.get_running_loop()
-        stored, _revision = await self.writer.read(self.node)
+        stored, _revision = await until_jetstream_answers(
+            "own member record", lambda: self.writer.read(self.node)
+        )
         incarnation = stored.incarnation + 1 if stored is not None else 0
         udp = await UdpTransport.open(s.swim_host, s.swim_port, self._on_datagram)
         host = s.advertise_host or udp.local_addr[0]
@@ -421,7 +423,7 @@ async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
     service: MembershipService | None = None
     executor: CommandExecutor | None = None  # executes cmd.membership.* (node-drain, -remove)
     try:
-        kv = await bus.key_value(NODES.bucket)
+        kv = await until_jetstream_answers("nodes bucket", lambda: bus.key_value(NODES.bucket))
         service = MembershipService(settings, bus, kv)
         await service.start()
         executor = CommandExecutor(bus, "membership", membership_handlers(bus))
