@@ -27,6 +27,7 @@ import nats
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
+from cfs.security import Role, connect_options
 from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.site import child_pythonpath
 from cfs_contracts.fs.records import ROOT_INO
@@ -38,8 +39,10 @@ IN_FLIGHT = 4 * 6  # parallel chunks x fragments per chunk, as FileStore does
 RESPONDER = textwrap.dedent(
     """
     import asyncio, sys, nats
+    from pathlib import Path
+    from cfs.security import connect_options
     async def main():
-        nc = await nats.connect(sys.argv[1])
+        nc = await nats.connect(sys.argv[1], **connect_options(Path(sys.argv[3])))
         blob = b"r" * int(sys.argv[2])
         async def put(msg): await msg.respond(b"ok")
         async def get(msg): await msg.respond(blob)
@@ -53,19 +56,23 @@ RESPONDER = textwrap.dedent(
 )
 
 
-async def raw_transport(url: str, total_bytes: int, log_dir: Path) -> tuple[float, float]:
-    """MB/s of 1 MiB requests (put-like) and of 1 MiB replies (get-like)."""
+async def raw_transport(
+    url: str, credentials: Path, total_bytes: int, log_dir: Path
+) -> tuple[float, float]:
+    """MB/s of 1 MiB requests (put-like) and of 1 MiB replies (get-like), through the
+    same authenticated server the file system uses."""
     responder = ManagedProcess(
         "raw-responder",
-        [sys.executable, "-c", RESPONDER, url, str(FRAGMENT)],
+        [sys.executable, "-c", RESPONDER, url, str(FRAGMENT), str(credentials)],
         log_path=log_dir / "raw-responder.log",
+        env={"PYTHONPATH": child_pythonpath()},
     )
     responder.start()
     try:
         responder.wait_until(
             lambda: "READY" in responder.log_tail(5).splitlines(), 30, "the responder"
         )
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **connect_options(credentials))
         payload = os.urandom(FRAGMENT)
         count = total_bytes // FRAGMENT
 
@@ -90,7 +97,7 @@ async def raw_transport(url: str, total_bytes: int, log_dir: Path) -> tuple[floa
 
 
 async def _files(site: LocalSite) -> tuple[Bus, FileStore]:
-    bus = await site.client()
+    bus = await site.client(role=Role.CLIENT)
     files = FileStore(bus, MetadataClient(bus), client_id=bus.node)
     await files.start()
     return bus, files
@@ -144,6 +151,8 @@ def fuse_rates(site: LocalSite, mountpoint: Path, size: int, log_dir: Path) -> t
             ",".join(site.urls),
             "--site",
             site.site,
+            "--credentials",
+            str(site.credentials(Role.CLIENT)),
         ],
         log_path=log_dir / "mount.log",
         env={"PYTHONPATH": child_pythonpath()},
@@ -182,7 +191,9 @@ async def run(quick: bool) -> dict[str, float]:
         try:
             await site.start()
             await site.wait_ready()
-            raw_put, raw_get = await raw_transport(site.urls[0], size, base)
+            admin = site.credentials(Role.ADMIN)
+            assert admin is not None  # a LocalSite is secure by default
+            raw_put, raw_get = await raw_transport(site.urls[0], admin, size, base)
             ino, write = await client_write(site, "client.bin", size)
             read = await client_read(site, ino, size)
             fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)

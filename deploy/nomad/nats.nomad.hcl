@@ -46,6 +46,10 @@ cluster {
   listen: 0.0.0.0:6222
   routes: [ {{ range nomadService "cfs-nats-cluster" }}nats-route://{{ .Address }}:{{ .Port }} {{ end }}]
 }
+# Client authorization: public NKeys and per-role permissions written by
+# `cfs cluster credentials`, stored with
+#   nomad var put nomad/jobs/cfs-nats auth_conf=@$CFS_CONFIG_DIR/credentials/nats-auth.conf
+{{ with nomadVar "nomad/jobs/cfs-nats" }}{{ .auth_conf }}{{ end }}
 EOT
       }
 

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus, BusError
 from cfs.logs import setup_logging
+from cfs.security import CredentialsError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ _NOT_READY = (
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
 )
 
 
@@ -116,7 +118,7 @@ def run_service(
         raise SystemExit(f"{name}: bad settings: {problems}") from None
     node = settings.node
     setup_logging(settings.log_level, service=name, node=node)
-    one_line: tuple[type[BaseException], ...] = (BusError, *fatal)
+    one_line: tuple[type[BaseException], ...] = (BusError, CredentialsError, *fatal)
     try:
         asyncio.run(_until_signalled(serve, settings))
     except one_line as exc:

@@ -42,7 +42,7 @@ from nats.js.kv import KeyValue
 from pydantic import Field, ValidationError
 
 from cfs.bus import Bus, BusError
-from cfs.service_main import ServiceSettings, run_service
+from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
@@ -131,7 +131,8 @@ class ChunkStoreService:
             subject = chunk_rpc_subject(self.bus.site, self.node, verb)
             sub = await self.bus.nc.subscribe(subject, cb=self._receiver(verb))
             self._subs.append(sub)
-        await self.publish_record()  # raises if the bucket is missing: not initialised
+        # Raises if the bucket is missing (not initialised); waits while it elects.
+        await until_jetstream_answers("store record", self.publish_record)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat-{self.node}")
         self.scrubber.start()
 
@@ -368,7 +369,7 @@ async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
         store = await asyncio.to_thread(
             FileFragmentStore, root, node=settings.node, reserve_bytes=settings.reserve_bytes
         )
-        kv = await bus.key_value(NODES.bucket)
+        kv = await until_jetstream_answers("nodes bucket", lambda: bus.key_value(NODES.bucket))
         service = ChunkStoreService(
             bus,
             store,

@@ -19,7 +19,7 @@ from pydantic import Field
 from cfs.admin.executor import CommandExecutor, metadata_handlers
 from cfs.client.nodes import NodeView
 from cfs.placement import Candidate, rank
-from cfs.service_main import ServiceSettings, run_service
+from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
 from cfs_contracts.streams import shard_name
 from cfs_metadata.admin import force_election
 from cfs_metadata.projection import Projection
@@ -48,7 +48,7 @@ async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
     nodes = NodeView(bus)
     executor: CommandExecutor | None = None
     try:
-        await nodes.start()
+        await until_jetstream_answers("nodes view", nodes.start)
         for index in range(1, settings.shards + 1):
             path = settings.data_dir / "metadata" / f"shard-{index:03d}"
             replica = ShardReplica(

@@ -28,6 +28,7 @@ from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.ids import new_id
 from cfs.lease import ShardLease, leases_held
+from cfs.service_main import until_jetstream_answers
 from cfs_contracts import DecodedEvent
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.data import FragmentDamaged
@@ -139,7 +140,9 @@ class RepairCoordinator:
         self._damage_task: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._kv = await self.bus.key_value(NODES.bucket)
+        self._kv = await until_jetstream_answers(
+            "nodes bucket", lambda: self.bus.key_value(NODES.bucket)
+        )
         try:
             while not stop.is_set():
                 if self.lease.is_holder:

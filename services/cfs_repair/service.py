@@ -19,7 +19,7 @@ from cfs.client.chunks import ChunkStoreClient
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.lease import ShardLease
-from cfs.service_main import ServiceSettings, run_service
+from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
 from cfs_repair.coordinator import RepairCoordinator, Settings
 from cfs_repair.plan import TokenBucket
 from cfs_repair.rebuild import Rebuilder
@@ -53,7 +53,7 @@ async def serve(settings: RepairSettings, stop: asyncio.Event) -> None:
         eligible=lambda: nodes.in_service(settings.node),
     )
     try:
-        await nodes.start()
+        await until_jetstream_answers("nodes view", nodes.start)
         meta = MetadataClient(bus)
         rebuilder = Rebuilder(meta, ChunkStoreClient(bus), TokenBucket(settings.repair_mb_s * MB))
         coordinator = RepairCoordinator(

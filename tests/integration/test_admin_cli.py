@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from cfs.security import Role
 from cfs.supervisor import LocalSite
 from cfs_contracts import REGISTRY
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -44,7 +45,11 @@ def cfs(
     """Run `cfs admin ARGS` with stdin not a terminal, as a script would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
     if site is not None:
-        env.update(CFS_NATS_URLS=json.dumps(site.urls), CFS_SITE=site.site)
+        env.update(
+            CFS_NATS_URLS=json.dumps(site.urls),
+            CFS_SITE=site.site,
+            CFS_NATS_CREDENTIALS=str(site.credentials(Role.ADMIN)),
+        )
     return subprocess.run(
         [CFS, "admin", *args],
         capture_output=True,

@@ -122,7 +122,11 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
         "--config-dir", str(tmp_path / "cfg"), "--json",
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["created"] is False
+    summary = json.loads(again.stdout)
+    assert summary["created"] is False
+    # The dev site's own keys were used, and its servers refuse anonymous clients.
+    assert summary["credentials_dir"] == str(tmp_path / "state" / "credentials")
+    assert summary["nats_auth_enforced"] is True
     token = tmp_path / "cfg" / "cluster-token"
     assert token.stat().st_mode & 0o777 == 0o600
     assert json.loads((tmp_path / "cfg" / "cluster.json").read_text())["shards"] == 1

@@ -18,6 +18,7 @@ import pytest
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
 from cfs.fuse.config import is_fuse_mount
+from cfs.security import Role
 from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.site import child_pythonpath
 from cfs_chunkstore.store import fragment_path, store_root
@@ -173,6 +174,7 @@ async def test_fsynced_file_survives_kill9_of_client_and_one_chunkstore(
             json.dumps(site.urls),
             site.site,
             str(CS * 2 + 5),
+            str(site.credentials(Role.CLIENT)),  # a client needs no more than its role
         ],
         log_path=tmp_path / "writer.log",
         env={"PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("libs", "contracts"))},
@@ -230,6 +232,8 @@ def _mount(site: LocalSite, mountpoint: Path, log: Path) -> ManagedProcess:
             ",".join(site.urls),
             "--site",
             site.site,
+            "--credentials",
+            str(site.credentials(Role.CLIENT)),
         ],
         log_path=log,
         env={"PYTHONPATH": child_pythonpath()},

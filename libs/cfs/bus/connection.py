@@ -9,6 +9,7 @@ append into a compare-and-set (the metadata writers' fencing).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -35,16 +36,20 @@ from cfs.bus.errors import (
     PublishTimeout,
     RequestTimeout,
     SequenceConflict,
+    is_permission_error,
 )
 from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.hlc import HybridClock
 from cfs.ids import new_id
+from cfs.security import connect_options
 from cfs.telemetry import inject_headers, tracer
 from cfs_contracts import REGISTRY, Envelope, EventPayload, Registry
 from cfs_contracts.registry import encode_envelope
 from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
 
 log = logging.getLogger(__name__)
+# Errors of the first connection attempts, kept to say why connecting failed.
+CONNECT_ERRORS_KEPT = 16
 
 # nats-py reads the socket DEFAULT_BUFFER_SIZE (32 KiB) bytes per event-loop turn and
 # uses it as the stream reader's limit. File fragments travel as 1 MiB messages, so
@@ -117,10 +122,14 @@ class Bus:
         if not servers:
             raise BusUnavailable("no NATS server URL given")
         last_error: list[BaseException] = []
+        refused = asyncio.Event()  # the server refused our credentials: no use retrying
 
         async def on_error(exc: Exception) -> None:
             # Before the first connection the caller gets one BusUnavailable instead.
-            last_error[:] = [exc]
+            if len(last_error) < CONNECT_ERRORS_KEPT:
+                last_error.append(exc)
+            if not nc.is_connected and is_permission_error(str(exc)):
+                refused.set()
             level = logging.WARNING if nc.is_connected or nc.is_reconnecting else logging.DEBUG
             log.log(level, "nats.error", extra={"error": _describe(exc), "client": name or node})
 
@@ -131,9 +140,10 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats.reconnected", extra={"client": name or node})
 
+        auth = connect_options(credentials)
         nc = NATS()
         try:
-            await asyncio.wait_for(
+            await _unless_refused(
                 nc.connect(
                     servers=servers,
                     name=name or f"cfs-{node}",
@@ -143,14 +153,23 @@ class Bus:
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
-                    user_credentials=str(credentials) if credentials else None,
+                    **auth,
                     pending_size=8 * 1024 * 1024,
                 ),
-                timeout=connect_timeout,
+                refused,
+                connect_timeout,
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             await _quiet_close(nc)
-            cause = _describe(last_error[0] if last_error else exc)
+            # A refused connection can look like a reset too: the refusal says more.
+            seen = [*last_error, exc]
+            denied = next((e for e in seen if is_permission_error(str(e))), None)
+            if denied is not None:
+                raise BusUnavailable(
+                    f"NATS at {', '.join(servers)} refused the connection: {_describe(denied)} "
+                    f"(credentials: {credentials or 'none'})"
+                ) from None
+            cause = _describe(seen[0])
             raise BusUnavailable(
                 f"cannot reach NATS at {', '.join(servers)} within {connect_timeout:g}s: {cause}"
             ) from None
@@ -235,6 +254,7 @@ class Bus:
                         out.subject, out.data, headers, remaining, expected
                     ),
                     what=f"publish {envelope.type} {envelope.id} to {out.subject}",
+                    subject=out.subject,
                     timeout=timeout,
                 )
             except SequenceConflict as conflict:
@@ -400,15 +420,23 @@ class Bus:
                 f"KV bucket {bucket!r} does not exist; run `cfs cluster init` to provision it"
             ) from None
 
+    def _refused(self, subject: str) -> str | None:
+        """The server's permission error for publishing to `subject`, if it sent one (a
+        refused publish is dropped, so the request just times out)."""
+        text = _describe(self.nc.last_error) if self.nc.last_error is not None else ""
+        return text if is_permission_error(text) and f'"{subject}"' in text else None
+
     # -- retry -------------------------------------------------------------------------
     async def _with_retry(
         self,
         attempt: Callable[[float], Awaitable[Ack]],
         *,
         what: str,
+        subject: str,
         timeout: float | None,
     ) -> Ack:
-        """Jittered backoff on temporary errors until a hard deadline (STYLE.md #3)."""
+        """Jittered backoff on temporary errors until a hard deadline (STYLE.md #3);
+        a publish the server refused for lack of permission is not retried."""
         budget = timeout or self.publish_timeout
         deadline = time.monotonic() + budget
         delay = 0.05
@@ -419,6 +447,8 @@ class Bus:
             try:
                 return await attempt(max(0.05, min(remaining, 2.0)))
             except BusError as exc:
+                if exc.temporary and (denied := self._refused(subject)):
+                    raise PublishFailed(f"{what}: {denied}") from None
                 if not exc.temporary or time.monotonic() + delay >= deadline:
                     if exc.temporary:
                         raise PublishTimeout(
@@ -477,6 +507,23 @@ def _translate(exc: BaseException, subject: str, expected: int | None) -> BusErr
     if isinstance(exc, asyncio.CancelledError):
         raise exc
     return PublishFailed(f"publish to {subject} failed: {_describe(exc)}")
+
+
+async def _unless_refused(connect: Awaitable[None], refused: asyncio.Event, timeout: float) -> None:
+    """Await `connect` for up to `timeout`; stop at once when credentials are refused."""
+    attempt = asyncio.ensure_future(connect)
+    refusal = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({attempt, refusal}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refusal.cancel()
+    if attempt.done():
+        attempt.result()  # connected, or its error
+        return
+    attempt.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await attempt
+    raise TimeoutError("credentials refused" if refused.is_set() else "connect timed out")
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,14 @@ deep inside the client.
 
 from __future__ import annotations
 
+# What NATS says when credentials are refused or lack a permission (server -ERR texts).
+_DENIED = ("permissions violation", "authorization violation", "authorization error")
+
+
+def is_permission_error(text: str) -> bool:
+    lowered = text.lower()
+    return any(marker in lowered for marker in _DENIED)
+
 
 class BusError(Exception):
     """Root of every bus failure."""

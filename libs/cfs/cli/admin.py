@@ -39,11 +39,13 @@ from cfs.admin.snapshot import (
     shard_view,
 )
 from cfs.bus import Bus, BusError
-from cfs.cli.errors import CliError, ExitCode, is_permission_error, one_line_errors
+from cfs.bus.errors import is_permission_error
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.lease import ShardLease
 from cfs.recovery.quorum import recover_quorum
 from cfs.recovery.streams import RecoveryError
+from cfs.security import Role
 from cfs_contracts.events.admin import AdminCommandCompleted
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -105,12 +107,10 @@ def _session(settings: ClientSettings, work: Callable[[Bus], Awaitable[T]]) -> T
     """Connect, run `work`, close; a permission error NATS reported becomes exit 4."""
 
     async def go() -> T:
-        bus = await Bus.connect(
-            settings.nats_urls,
-            site=settings.site,
-            node=f"cli-{os.getpid()}",
+        bus = await settings.connect(
+            Role.ADMIN,
+            f"cli-{os.getpid()}",
             name="cfs-admin",
-            credentials=settings.nats_credentials,
             connect_timeout=CONNECT_TIMEOUT_S,
             publish_timeout=REQUEST_TIMEOUT_S,
         )

@@ -14,10 +14,12 @@ import nats.js.errors
 import typer
 
 from cfs.admin.client import actor, record_action
-from cfs.bus import Bus
+from cfs.bus import Bus, BusError
+from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
 from cfs.fuse.config import client_settings
+from cfs.security import Role, credentials_path, ensure_credentials, ensure_keys, write_auth_conf
 
 app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
 
@@ -28,6 +30,7 @@ SiteOpt = Annotated[str | None, typer.Option("--site", help="site name (or CFS_S
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 TOKEN_FILE = "cluster-token"
 CONFIG_FILE = "cluster.json"
+CREDENTIALS_DIR = "credentials"
 
 
 def _default_config_dir() -> Path:
@@ -69,6 +72,9 @@ def init(
         raise CliError(str(exc), ExitCode.USAGE) from None
     settings = client_settings(cluster, site)
     directory = config_dir or _default_config_dir()
+    # The site's own keys when the config names them (a dev site), else new ones.
+    settings.credentials_dir = settings.credentials_dir or directory / CREDENTIALS_DIR
+    ensure_keys(settings.credentials_dir, settings.site)
     wanted = new_config(
         name=cluster_name,
         site=settings.site,
@@ -79,9 +85,7 @@ def init(
     )
 
     async def go() -> tuple[bool, int]:
-        async with await Bus.connect(
-            settings.nats_urls, site=settings.site, node=f"cli-{os.getpid()}"
-        ) as bus:
+        async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
             count = replicas or max(1, min(3, len(bus.nc.servers)))
             result = await init_cluster(bus, wanted, replicas=count)
             await record_action(
@@ -102,9 +106,12 @@ def init(
         created, count = asyncio.run(go())
     except ClusterInitError as exc:
         raise CliError(str(exc)) from None
+    auth_conf = write_auth_conf(settings.credentials_dir, settings.site, shards)
+    enforced = asyncio.run(_requires_credentials(settings.nats_urls, settings.site))
     config_path, token_path = _write_config(
-        directory, settings.site, settings.nats_urls, shards, cluster_name
-    )
+        directory, settings.site, settings.nats_urls, shards, cluster_name,
+        settings.credentials_dir,
+    )  # fmt: skip
     summary = {
         "cluster_name": cluster_name,
         "site": settings.site,
@@ -114,7 +121,17 @@ def init(
         "created": created,
         "config": str(config_path),
         "token": str(token_path),
+        "credentials_dir": str(settings.credentials_dir),
+        "nats_auth_conf": str(auth_conf),
+        "nats_auth_enforced": enforced,
     }
+    if not enforced:
+        typer.echo(
+            "warning: NATS accepts clients without credentials; add the authorization "
+            f"block of {auth_conf} to every nats-server config and restart them "
+            "(README: Security)",
+            err=True,
+        )
     if as_json:
         typer.echo(json.dumps(summary))
         return
@@ -125,10 +142,25 @@ def init(
     )
     typer.echo(f"config: {config_path} (use: export CFS_CONFIG={config_path})")
     typer.echo(f"cluster token (for nodes joining): {token_path}")
+    typer.echo(
+        f"NATS credentials per service: {settings.credentials_dir} (server side: {auth_conf})"
+    )
+
+
+async def _requires_credentials(urls: list[str], site: str) -> bool:
+    """Does NATS refuse a client without credentials (the authorization is in force)?"""
+    try:
+        bus = await Bus.connect(urls, site=site, node=f"cli-{os.getpid()}-anonymous")
+    except BusError as exc:
+        if is_permission_error(str(exc)):
+            return True
+        raise
+    await bus.close()
+    return False
 
 
 def _write_config(
-    directory: Path, site: str, urls: list[str], shards: int, name: str
+    directory: Path, site: str, urls: list[str], shards: int, name: str, credentials: Path
 ) -> tuple[Path, Path]:
     """cluster.json (readable) and the membership token (0600, kept if it exists)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,7 +168,14 @@ def _write_config(
     tmp = config_path.with_suffix(".tmp")
     tmp.write_text(
         json.dumps(
-            {"cluster_name": name, "site": site, "nats_urls": urls, "shards": shards}, indent=2
+            {
+                "cluster_name": name,
+                "site": site,
+                "nats_urls": urls,
+                "shards": shards,
+                "credentials_dir": str(Path(credentials).resolve()),
+            },
+            indent=2,
         )
         + "\n"
     )
@@ -149,6 +188,60 @@ def _write_config(
     return config_path, token_path
 
 
+@app.command("credentials")
+@one_line_errors
+def credentials(
+    site: SiteOpt = None,
+    shards: Annotated[
+        int | None,
+        typer.Option(min=1, max=999, help="metadata shards (default: from the cluster config)"),
+    ] = None,
+    config_dir: Annotated[
+        Path | None,
+        typer.Option(help="where the credentials/ directory goes (as for `init`)"),
+    ] = None,
+    rotate: Annotated[
+        list[str] | None,
+        typer.Option("--rotate", help="replace this role's key (repeatable), e.g. client"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write every role's NATS key and the servers' authorization config, offline.
+
+    Run it before the first start of nats-server with that config (then `cfs cluster
+    init` finds the servers already secured), or with --rotate to replace a key:
+    reload the servers (`nats-server --signal reload`) and restart that role's
+    processes with the new file."""
+    settings = client_settings(None, site)
+    roles: list[Role] = []
+    for name in rotate or []:
+        try:
+            roles.append(Role(name))
+        except ValueError:
+            known = ", ".join(role.value for role in Role)
+            raise CliError(f"unknown role {name!r} (roles: {known})", ExitCode.USAGE) from None
+    directory = settings.credentials_dir or (config_dir or _default_config_dir()) / CREDENTIALS_DIR
+    for role in roles:
+        credentials_path(directory, role).unlink(missing_ok=True)
+    conf = ensure_credentials(directory, settings.site, shards or settings.shards)
+    summary = {
+        "credentials_dir": str(directory),
+        "nats_auth_conf": str(conf),
+        "roles": [role.value for role in Role],
+        "rotated": [role.value for role in roles],
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(f"NATS credentials per role in {directory}")
+    typer.echo(f"server side (add to every nats-server config): {conf}")
+    if roles:
+        typer.echo(
+            f"rotated: {', '.join(summary['rotated'])}; reload the servers, then restart "
+            "those processes with the new files"
+        )
+
+
 @app.command("info")
 @one_line_errors
 def info(cluster: ClusterOpt = None, site: SiteOpt = None, as_json: JsonOpt = False) -> None:
@@ -156,9 +249,7 @@ def info(cluster: ClusterOpt = None, site: SiteOpt = None, as_json: JsonOpt = Fa
     settings = client_settings(cluster, site)
 
     async def go() -> str | None:
-        async with await Bus.connect(
-            settings.nats_urls, site=settings.site, node=f"cli-{os.getpid()}"
-        ) as bus:
+        async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
             try:
                 config = await read_config(bus)
             except nats.js.errors.BucketNotFoundError:

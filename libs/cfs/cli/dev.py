@@ -273,9 +273,11 @@ class _MountProcess:
 
     async def on_ready(self, cluster: DevCluster) -> None:
         from cfs.fuse.config import is_fuse_mount
+        from cfs.security import Role
         from cfs.supervisor.process import ManagedProcess
 
         status = await asyncio.to_thread(cluster.status)
+        credentials = cluster.site.credentials(Role.CLIENT)
         self.proc = ManagedProcess(
             "mount",
             [
@@ -289,6 +291,7 @@ class _MountProcess:
                 cluster.topology.site,
                 "--shards",
                 str(cluster.topology.shards),
+                *(["--credentials", str(credentials)] if credentials else []),
             ],
             log_path=self.state_dir / "logs" / "mount.log",
         )

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import NoReturn, ParamSpec, TypeVar
 
-from cfs.bus.errors import BusError, BusUnavailable
+from cfs.bus.errors import BusError, BusUnavailable, is_permission_error
 from cfs.fuse.config import ConfigError
 from cfs.recovery.streams import RecoveryError
+from cfs.security import CredentialsError
 from cfs.supervisor import SupervisorError
 from cfs_contracts import ContractError
 
@@ -37,15 +38,6 @@ class CliError(Exception):
         self.code = code
 
 
-# What NATS says when credentials lack a permission (server -ERR texts).
-_DENIED = ("permissions violation", "authorization violation", "authorization error")
-
-
-def is_permission_error(text: str) -> bool:
-    lowered = text.lower()
-    return any(marker in lowered for marker in _DENIED)
-
-
 def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """A user's mistake or an outage is one line on stderr and an exit code, never a traceback."""
 
@@ -61,7 +53,13 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             if isinstance(exc, BusUnavailable):
                 _fail(f"error: {exc}", ExitCode.UNREACHABLE)
             _fail(f"error: {exc}", ExitCode.FAILED)
-        except (ConfigError, ContractError, RecoveryError, SupervisorError) as exc:
+        except (
+            ConfigError,
+            ContractError,
+            CredentialsError,
+            RecoveryError,
+            SupervisorError,
+        ) as exc:
             _fail(f"error: {exc}", ExitCode.FAILED)
         except KeyboardInterrupt:
             _fail("interrupted", ExitCode.INTERRUPTED)

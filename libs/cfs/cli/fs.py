@@ -31,6 +31,7 @@ from cfs.bus import Bus
 from cfs.cli.errors import ExitCode, one_line_errors
 from cfs.client.metadata import LeaderUnavailable, MetadataClient
 from cfs.fuse.config import ClientSettings, client_settings, is_fuse_mount
+from cfs.security import Role
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.fs.rpc import FsError
 
@@ -97,9 +98,14 @@ def _mount_foreground(path: Path, settings: ClientSettings) -> None:
             settings.site,
             "--shards",
             str(settings.shards),
+            *_credentials_args(settings),
         ]
-        + (["--credentials", str(settings.nats_credentials)] if settings.nats_credentials else [])
     )
+
+
+def _credentials_args(settings: ClientSettings) -> list[str]:
+    credentials = settings.credentials_for(Role.CLIENT)
+    return ["--credentials", str(credentials)] if credentials is not None else []
 
 
 def _mount_background(path: Path, settings: ClientSettings, log_path: Path) -> None:
@@ -115,8 +121,7 @@ def _mount_background(path: Path, settings: ClientSettings, log_path: Path) -> N
         "--shards",
         str(settings.shards),
     ]
-    if settings.nats_credentials:
-        argv += ["--credentials", str(settings.nats_credentials)]
+    argv += _credentials_args(settings)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         # A session of its own: the mount outlives this command and its terminal.
@@ -265,7 +270,7 @@ def _run(ctx: typer.Context, work: Callable[[Session], Awaitable[bool]]) -> None
 
     async def go() -> bool:
         node = f"cli-{os.getpid()}"
-        async with await Bus.connect(settings.nats_urls, site=settings.site, node=node) as bus:
+        async with await settings.connect(Role.CLIENT, node) as bus:
             return await work(Session(bus, MetadataClient(bus, deadline_s=settings.op_timeout_s)))
 
     if not asyncio.run(go()):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from cfs.cli import admin, cluster, dev, fs, node, service
+from cfs.logs import setup_logging
 
 app = typer.Typer(
     name="cfs",
@@ -12,6 +15,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _quiet_logs() -> None:
+    """Commands report failures as one line; library logs only at CFS_LOG_LEVEL (default
+    ERROR), as JSON on stderr. Long-running commands configure their own."""
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="cfs")
+
+
 app.add_typer(dev.app, name="dev")
 app.add_typer(service.app, name="service")
 app.add_typer(fs.app, name="fs")

@@ -20,9 +20,9 @@ import typer
 from rich.console import Console
 
 from cfs.admin.client import record_action
-from cfs.bus import Bus
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
-from cfs.fuse.config import client_settings
+from cfs.fuse.config import ClientSettings, client_settings
+from cfs.security import Role
 from cfs.supervisor.devcluster import running_dev_site
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES
@@ -53,13 +53,13 @@ def add(
             raise CliError(f"--label {item!r}: expected KEY=VALUE", ExitCode.USAGE)
         labels[key] = value
     settings = client_settings(cluster, site)
-    asyncio.run(_refuse_existing(settings.nats_urls, settings.site, node))
+    asyncio.run(_refuse_existing(settings, node))
     control = running_dev_site()
     started: dict[str, Any] = {}
     if control is not None:
         started = control.call("add-node", node=node, labels=labels, timeout=timeout)
         settings = client_settings(cluster, site)  # the dev site may have new NATS URLs
-    result = asyncio.run(_admit(settings.nats_urls, settings.site, node, timeout, started))
+    result = asyncio.run(_admit(settings, node, timeout, started))
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -76,8 +76,8 @@ def add(
         )
 
 
-async def _refuse_existing(urls: list[str], site: str, node: str) -> None:
-    async with await Bus.connect(urls, site=site, node=f"cli-{os.getpid()}") as bus:
+async def _refuse_existing(settings: ClientSettings, node: str) -> None:
+    async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
         kv = await bus.key_value(NODES.bucket)
         try:
             entry = await kv.get(member_key(node))
@@ -90,12 +90,12 @@ async def _refuse_existing(urls: list[str], site: str, node: str) -> None:
 
 
 async def _admit(
-    urls: list[str], site: str, node: str, timeout: float, started: dict[str, Any]
+    settings: ClientSettings, node: str, timeout: float, started: dict[str, Any]
 ) -> dict[str, Any]:
     from cfs.recovery.streams import scale_streams
 
     began = time.monotonic()
-    async with await Bus.connect(urls, site=site, node=f"cli-{os.getpid()}") as bus:
+    async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
         kv = await bus.key_value(NODES.bucket)
         with console.status(f"waiting for {node} to join..."):
             while True:
@@ -115,7 +115,14 @@ async def _admit(
     scaled: dict[str, list[str]] = {}
     if servers >= FULL_REPLICAS:
         with console.status(f"raising streams to R{FULL_REPLICAS}, waiting until current..."):
-            scaled = await scale_streams(urls, site, _shards(), FULL_REPLICAS, timeout=timeout)
+            scaled = await scale_streams(
+                settings.nats_urls,
+                settings.site,
+                settings.shards,
+                FULL_REPLICAS,
+                timeout=timeout,
+                credentials=settings.credentials_for(Role.ADMIN),
+            )
     return {
         "node": node,
         "joined_s": round(joined, 2),
@@ -124,7 +131,3 @@ async def _admit(
         "replicas": FULL_REPLICAS if scaled else None,
         "streams": len(scaled),
     }
-
-
-def _shards() -> int:
-    return client_settings().shards

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from pydantic_settings import (
@@ -15,6 +16,11 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+from cfs.security import Role, credentials_path
+
+if TYPE_CHECKING:
+    from cfs.bus import Bus
 
 FSNAME = "claudefs"
 # Written by `cfs dev up` and `cfs cluster init`; found from the working directory.
@@ -41,7 +47,13 @@ class ClientSettings(BaseSettings):
 
     site: str = "local"
     nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    nats_credentials: Path | None = None
+    nats_credentials: Path | None = Field(
+        default=None, description="one credentials file for every command (overrides the dir)"
+    )
+    credentials_dir: Path | None = Field(
+        default=None,
+        description="per-role credentials written by `cfs cluster init` (admin.nk, client.nk)",
+    )
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
     log_level: str = "INFO"
     op_timeout_s: float = Field(
@@ -50,6 +62,30 @@ class ClientSettings(BaseSettings):
         description="how long a metadata call waits for a shard leader before it fails "
         "with `Leader not available` (covers writer and NATS failover)",
     )
+
+    def credentials_for(self, role: Role) -> Path | None:
+        """The file to connect with as `role`: `nats_credentials` when set, else the
+        role's file in `credentials_dir` when that holds one (else anonymous, which a
+        secured server refuses with a clear authorization error)."""
+        if self.nats_credentials is not None:
+            return self.nats_credentials
+        if self.credentials_dir is not None:
+            path = credentials_path(self.credentials_dir, role)
+            if path.is_file():
+                return path
+        return None
+
+    async def connect(self, role: Role, node: str, **options: Any) -> Bus:
+        """A `Bus` to this cluster with `role`'s credentials (`options`: Bus.connect's)."""
+        from cfs.bus import Bus  # `cfs umount` and `cfs fs --help` stay quick
+
+        return await Bus.connect(
+            self.nats_urls,
+            site=self.site,
+            node=node,
+            credentials=self.credentials_for(role),
+            **options,
+        )
 
     @classmethod
     def settings_customise_sources(

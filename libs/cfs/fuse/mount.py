@@ -29,6 +29,7 @@ from cfs.client.metadata import MetadataClient
 from cfs.fuse.config import FSNAME, client_settings
 from cfs.fuse.operations import ClaudeFsOperations
 from cfs.logs import setup_logging
+from cfs.security import CredentialsError, Role
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
 
@@ -123,8 +124,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
     args = parser.parse_args(argv)
     settings = client_settings(args.cluster, args.site, args.shards)
-    if args.credentials:
-        settings.nats_credentials = args.credentials
     setup_logging(settings.log_level, service="fuse-mount", mountpoint=str(args.mountpoint))
     try:
         asyncio.run(
@@ -134,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 site=settings.site,
                 shard_count=settings.shards,
                 client_id=args.client_id,
-                credentials=settings.nats_credentials,
+                credentials=args.credentials or settings.credentials_for(Role.CLIENT),
                 debug=args.debug_fuse,
             )
         )
-    except (BusError, FsError, OSError, RuntimeError) as exc:
+    except (BusError, CredentialsError, FsError, OSError, RuntimeError) as exc:
         # Cannot mount (cluster unreachable, mount point missing or busy): one line, exit 1.
         log.error("fuse.mount_failed", extra={"error": str(exc)})
         raise SystemExit(1) from None

@@ -31,6 +31,7 @@ from cfs.bus import Bus, BusError
 from cfs.fuse.config import ClientSettings
 from cfs.lease import LeaseError, ShardLease
 from cfs.recovery.streams import RecoveryError, export_streams, import_streams
+from cfs.security import Role
 from cfs.supervisor.devcluster import running_dev_site
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
@@ -61,13 +62,18 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
     started = time.monotonic()
     dest = control.state_dir / "recovery" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     names = site_stream_names(settings.shards)
-    exported = await export_streams(settings.nats_urls, names, dest)
+    credentials = settings.credentials_for(Role.ADMIN)
+    exported = await export_streams(settings.nats_urls, names, dest, credentials=credentials)
     log.warning("quorum.exported", extra={"survivor": survivor, "dir": str(dest)})
     reformed = control.call("reform-nats", node=survivor, timeout=120.0)
     urls = list(reformed["nats_urls"])
-    await import_streams(urls, settings.site, settings.shards, dest, replicas=1)
+    await import_streams(
+        urls, settings.site, settings.shards, dest, replicas=1, credentials=credentials
+    )
     log.warning("quorum.imported", extra={"survivor": survivor, "streams": len(names)})
-    async with await Bus.connect(urls, site=settings.site, node="cfs-admin-recovery") as bus:
+    async with await Bus.connect(
+        urls, site=settings.site, node="cfs-admin-recovery", credentials=credentials
+    ) as bus:
         for shard in shards:
             await _hand_lease(bus, shard, survivor)
     journals = {name: info for name, info in exported.items() if name.startswith("META_")}

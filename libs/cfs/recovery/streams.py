@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 
 from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.bus.provision import ensure_buckets, ensure_streams
+from cfs.security import connect_options
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ async def export_streams(
     dest: Path,
     *,
     timeout: float = 30.0,
+    credentials: Path | None = None,
 ) -> dict[str, ExportedStream]:
     """Read every message of each stream by direct get into `dest`; works without quorum.
 
@@ -154,7 +156,7 @@ async def export_streams(
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    nc = await _connect(urls)
+    nc = await _connect(urls, credentials)
     try:
         reader = _DirectReader(nc)
         await reader.start()
@@ -412,6 +414,7 @@ async def import_streams(
     src: Path,
     *,
     replicas: int = 1,
+    credentials: Path | None = None,
 ) -> ImportReport:
     """Provision the site on a fresh JetStream and publish the export into it, in order.
 
@@ -424,7 +427,7 @@ async def import_streams(
         if entry.found:
             _verify_file(src, entry)
     started = time.monotonic()
-    nc = await _connect(urls)
+    nc = await _connect(urls, credentials)
     streams: dict[str, ImportedStream] = {}
     skipped: dict[str, str] = {}
     try:
@@ -617,12 +620,13 @@ async def scale_streams(
     replicas: int,
     *,
     timeout: float = 120.0,
+    credentials: Path | None = None,
 ) -> dict[str, list[str]]:
     """Set every site stream and bucket to `replicas`; wait until every replica is current.
 
     Returns stream -> its servers (leader first).
     """
-    nc = await _connect(urls)
+    nc = await _connect(urls, credentials)
     deadline = time.monotonic() + timeout
     placed: dict[str, list[str]] = {}
     try:
@@ -682,7 +686,9 @@ async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
 
 
 # -- connection ------------------------------------------------------------------------
-async def _connect(urls: Sequence[str], connect_timeout: float = 3.0) -> NATS:
+async def _connect(
+    urls: Sequence[str], credentials: Path | None, connect_timeout: float = 3.0
+) -> NATS:
     """The first of `urls` that accepts a connection (lost servers refuse at once)."""
 
     async def quiet(exc: Exception) -> None:
@@ -708,6 +714,7 @@ async def _connect(urls: Sequence[str], connect_timeout: float = 3.0) -> NATS:
                 reconnect_time_wait=0.25,
                 error_cb=quiet,
                 pending_size=64 * 1024 * 1024,
+                **connect_options(credentials),
             )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             errors.append(f"{url}: {exc or type(exc).__name__}")

@@ -80,6 +80,7 @@ class DevCluster:
             "nats_urls": [s.url for s in self.site.nats_servers if s.name not in self._retired],
             "shards": self.topology.shards,
             "s3_endpoint": self.s3.endpoint_url if self.s3 else None,
+            "credentials_dir": str(self.site.credentials_dir) if self.site.secure else None,
         }
         _write_json(self.state_dir / CLUSTER_FILE, config)
 

@@ -86,11 +86,14 @@ class NatsServer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         die_with_parent: bool = True,
         system_password: str | None = None,
+        auth_file: Path | None = None,
     ) -> None:
         """Ports left as None are allocated now; files live under `state_dir`.
 
-        `system_password`: configure SYSTEM_USER in the system account (anonymous
-        clients keep using the global account).
+        `system_password`: configure SYSTEM_USER in the system account.
+        `auth_file`: client authorization (`cfs.security`: NKey users and their
+        permissions), copied into the config on every start, so regenerated
+        permissions apply at the next restart. Without it clients connect anonymously.
         """
         self.name = name
         self.state_dir = Path(state_dir)
@@ -104,6 +107,7 @@ class NatsServer:
         self.extra_conf = extra_conf
         self.max_payload = max_payload
         self.system_password = system_password
+        self.auth_file = auth_file
         self.config_path = self.state_dir / "nats.conf"
         self.store_dir = self.state_dir / "store"
         self.process = ManagedProcess(
@@ -177,6 +181,10 @@ class NatsServer:
                 f"password: {_quote(self.system_password)}}}] }}",
                 "}",
             ]
+        if self.auth_file is not None:
+            # Inlined rather than `include`d: nats-server resolves includes relative
+            # to the including file, so an absolute path cannot be included.
+            lines += ["", self.auth_file.read_text()]
         if self.extra_conf:
             lines += ["", self.extra_conf]
         return "\n".join(lines) + "\n"
@@ -285,10 +293,12 @@ class NatsCluster:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         die_with_parent: bool = True,
         names: Sequence[str] | None = None,
+        auth_file: Path | None = None,
     ) -> None:
         """Allocate every port up front: each node's config must list all routes.
 
         `names`: server names (default n1..nN); a site names them after its nodes.
+        `auth_file`: client authorization for every member (see `NatsServer`).
         """
         if size < 1:
             raise ValueError(f"cluster size must be >= 1, got {size}")
@@ -301,6 +311,7 @@ class NatsCluster:
         self._extra_conf = extra_conf
         self._max_payload = max_payload
         self._die_with_parent = die_with_parent
+        self._auth_file = auth_file
         self.system_password: str | None = None
         self._lost: list[NatsServer] = []  # members left behind by `reform`
         self._stale_routes: set[str] = set()  # the reform witness's route
@@ -317,6 +328,7 @@ class NatsCluster:
                 extra_conf=extra_conf,
                 max_payload=max_payload,
                 die_with_parent=die_with_parent,
+                auth_file=auth_file,
             )
             for i in range(size)
         ]
@@ -442,6 +454,7 @@ class NatsCluster:
             max_payload=self._max_payload,
             die_with_parent=self._die_with_parent,
             system_password=password,
+            auth_file=self._auth_file,
         )
         seed.cluster_name = new_name
         seed.routes = [str(witness.route_url)]
@@ -522,6 +535,7 @@ class NatsCluster:
             max_payload=self._max_payload,
             die_with_parent=self._die_with_parent,
             system_password=self.system_password,
+            auth_file=self._auth_file,
         )
         server.start(wait=False)
         members = {s.name for s in self._servers}

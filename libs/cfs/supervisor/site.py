@@ -42,6 +42,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus
+from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.nats import NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
@@ -87,6 +88,7 @@ class LocalSite:
         labels: Mapping[str, Mapping[str, str]] | None = None,
         env: Mapping[str, str] | None = None,
         ec: str = "auto",
+        secure: bool = True,
     ) -> None:
         """Nothing starts here: ports are chosen and process command lines fixed.
 
@@ -94,7 +96,10 @@ class LocalSite:
         default min(3, nodes); fewer than 3 gives one standalone server (a 2-server
         JetStream cluster cannot survive losing one). `labels`: per node, the
         chunk-store's failure-domain labels. `env`: extra variables for every
-        service process (e.g. CFS_RESERVE_BYTES, CFS_LEASE_S).
+        service process (e.g. CFS_RESERVE_BYTES, CFS_LEASE_S). `secure`: NATS
+        requires credentials and every service connects with its role's
+        least-privilege key (`cfs.security`, under `base_dir/credentials`), as
+        `cfs cluster init` sets up a real site; `client()` gets the admin key.
         """
         names = (
             [f"storage-{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
@@ -111,16 +116,23 @@ class LocalSite:
         self.shards = shards
         self.ec = ec
         self.node_names: tuple[str, ...] = tuple(names)
+        self.secure = secure
+        self.credentials_dir = self.base_dir / "credentials"
+        auth_file = self.credentials_dir / AUTH_CONF if secure else None
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
         if count >= 3:
             # Server i runs beside node i, named after it (`raft-status` shows node names).
             server_names = names[:count] + [f"nats-{i}" for i in range(len(names) + 1, count + 1)]
             self.nats = NatsCluster(
-                count, self.base_dir / "nats", name=f"cfs-{site}", names=server_names
+                count,
+                self.base_dir / "nats",
+                name=f"cfs-{site}",
+                names=server_names,
+                auth_file=auth_file,
             )
         else:
-            self.nats = NatsServer.standalone(self.base_dir / "nats")
+            self.nats = NatsServer.standalone(self.base_dir / "nats", auth_file=auth_file)
         self._spawned_ms: dict[str, int] = {}
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
@@ -153,6 +165,11 @@ class LocalSite:
             **self._env,
         }
         for service, module in _SERVICE_MODULES.items():
+            env = dict(common)
+            if (credentials := self.credentials(Role(service))) is not None:
+                env["CFS_NATS_CREDENTIALS"] = str(credentials)
+            if service == "membership":
+                env.update(swim)
             self._procs[node, service] = ManagedProcess(
                 f"{service}-{node}",
                 [
@@ -165,7 +182,7 @@ class LocalSite:
                     str(self.base_dir / "nodes" / node),
                 ],
                 log_path=self.base_dir / "logs" / f"{node}.{service}.log",
-                env={**common, **swim} if service == "membership" else common,
+                env=env,
             )
 
     def add_node(self, node: str, labels: Mapping[str, str] | None = None) -> None:
@@ -198,6 +215,10 @@ class LocalSite:
         """The NATS server that runs beside `node` (named after it), if it has one."""
         self._check_node(node)
         return next((server for server in self.nats_servers if server.name == node), None)
+
+    def credentials(self, role: Role) -> Path | None:
+        """The credentials file of `role` (None on a site without NATS auth)."""
+        return credentials_path(self.credentials_dir, role) if self.secure else None
 
     def data_dir(self, node: str) -> Path:
         self._check_node(node)
@@ -237,6 +258,8 @@ class LocalSite:
         On any failure everything started so far is stopped.
         """
         try:
+            if self.secure:
+                ensure_credentials(self.credentials_dir, self.site, self.shards)
             await asyncio.to_thread(self._start_nats, timeout)
             await self.provision()
             for node in self.node_names:
@@ -270,7 +293,7 @@ class LocalSite:
         )
         replicas = min(3, len(self.nats_servers))
         deadline = time.monotonic() + timeout
-        async with await Bus.connect(self.urls, site=self.site, node="site-init") as bus:
+        async with await self.client("site-init") as bus:
             while True:
                 try:
                     await init_cluster(bus, wanted, replicas=replicas)
@@ -374,9 +397,15 @@ class LocalSite:
             self.nats.stop()
         log_event(log, logging.INFO, "site.stopped", site=self.site)
 
-    async def client(self, name: str | None = None) -> Bus:
-        """A connected `Bus` for this site (close it, or use `async with`)."""
-        return await Bus.connect(self.urls, site=self.site, node=name or f"client-{time.time_ns()}")
+    async def client(self, name: str | None = None, role: Role = Role.ADMIN) -> Bus:
+        """A connected `Bus` for this site with `role`'s credentials (close it, or use
+        `async with`)."""
+        return await Bus.connect(
+            self.urls,
+            site=self.site,
+            node=name or f"client-{time.time_ns()}",
+            credentials=self.credentials(role),
+        )
 
     async def __aenter__(self) -> LocalSite:
         await self.start()

@@ -8,14 +8,15 @@ import hashlib
 import json
 import random
 import sys
+from pathlib import Path
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
 from cfs_contracts.fs.records import ROOT_INO
 
 
-async def main(urls: list[str], site: str, size: int) -> None:
-    bus = await Bus.connect(urls, site=site, node="file-writer")
+async def main(urls: list[str], site: str, size: int, credentials: Path | None) -> None:
+    bus = await Bus.connect(urls, site=site, node="file-writer", credentials=credentials)
     meta = MetadataClient(bus)
     files = FileStore(bus, meta, client_id="file-writer")
     await files.start()
@@ -33,4 +34,5 @@ async def main(urls: list[str], site: str, size: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+    credentials = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    asyncio.run(main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), credentials))

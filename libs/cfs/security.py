@@ -1,0 +1,364 @@
+"""NATS credentials per service with least-privilege subject permissions (DESIGN.md §10).
+
+`cfs cluster init` (and `cfs dev up`) generate one NKey per role. The seed goes into
+a 0600 credentials file for the processes of that role; the server side gets only the
+public keys and each role's permissions, as a config file every nats-server includes
+(`include "nats-auth.conf"`). A chunk-store can then answer fragment requests and
+record its own capacity, but cannot append to a metadata journal, take a writer lease
+or issue an admin command; a client cannot touch the journals at all.
+
+Each role also gets its own inbox prefix (`_INBOX.<role>.`), so one role cannot
+subscribe to the replies another receives.
+
+`permissions` is pure: the table is unit-tested, and the integration suites run every
+service under its own credentials, so a missing permission fails a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TypedDict
+
+import nkeys
+
+from cfs_contracts.streams import (
+    CLUSTER,
+    CMD,
+    DATA,
+    LEASES,
+    NODES,
+    meta_stream,
+    shard_name,
+)
+
+AUTH_CONF = "nats-auth.conf"
+CREDENTIALS_SUFFIX = ".nk"
+_HEADER = "# ClaudeFS NATS credentials"
+
+
+class Role(StrEnum):
+    """Who connects to NATS. Service roles match the service package names."""
+
+    ADMIN = "admin"  # operators (`cfs admin`, `cfs cluster`, `cfs node`) and provisioning
+    CLIENT = "client"  # mounts and `cfs fs`
+    METADATA = "metadata"
+    CHUNKSTORE = "chunkstore"
+    MEMBERSHIP = "membership"
+    REPAIR = "repair"
+
+
+class CredentialsError(Exception):
+    """A credentials file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """What one role may publish and subscribe to; replies to requests it received are
+    always allowed (`allow_responses`)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+    def may_publish(self, subject: str) -> bool:
+        return any(subject_matches(pattern, subject) for pattern in self.publish)
+
+    def may_subscribe(self, subject: str) -> bool:
+        """For a literal subject, or a wildcard one that an allowed pattern covers."""
+        return any(subject_matches(pattern, subject) for pattern in self.subscribe)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, a final `>` one or more. A wildcard in
+    `subject` matches only the same or a wider wildcard in `pattern`."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have):
+            return False
+        if token == "*":
+            if have[i] == ">":
+                return False
+            continue
+        if token != have[i]:
+            return False
+    return len(have) == len(want)
+
+
+class ConnectOptions(TypedDict, total=False):
+    """The nats-py `connect` arguments a credentials file turns into."""
+
+    user_credentials: str
+    nkeys_seed_str: str
+    inbox_prefix: str
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A loaded credentials file: the NKey seed and the inbox prefix of its role."""
+
+    role: str
+    site: str
+    seed: str
+    inbox_prefix: str
+
+
+def inbox_prefix(role: Role) -> str:
+    return f"_INBOX.{role.value}"
+
+
+# -- the permission table (pure) --------------------------------------------------------
+def _read_stream(stream: str) -> list[str]:
+    """JetStream API subjects to look at and consume one stream (no create/delete)."""
+    return [
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",
+        f"$JS.API.CONSUMER.INFO.{stream}.>",
+        f"$JS.API.CONSUMER.DELETE.{stream}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.>",
+        f"$JS.API.DIRECT.GET.{stream}",
+        f"$JS.API.DIRECT.GET.{stream}.>",
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.ACK.{stream}.>",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _read_bucket(bucket: str) -> list[str]:
+    return _read_stream(f"KV_{bucket}")
+
+
+def _write_keys(bucket: str, *patterns: str) -> list[str]:
+    """Put, update, create and delete of keys matching `patterns` (a delete is a put)."""
+    return [f"$KV.{bucket}.{pattern}" for pattern in patterns]
+
+
+def _unique(items: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(items))
+
+
+def permissions(role: Role, site: str, shards: int) -> Permissions:
+    """The subjects `role` needs on `site` with `shards` metadata shards, and no more."""
+    if role is Role.ADMIN:
+        return Permissions(publish=(">",), subscribe=(">",))
+    s = f"cfs.{site}"
+    metas = [meta_stream(shard_name(i)).name for i in range(1, shards + 1)]
+    inbox = f"{inbox_prefix(role)}.>"
+    everyone = ["$JS.API.INFO", f"{s}.dlq.>", f"{s}.alerts.>", *_read_bucket(NODES.bucket)]
+    pub: list[str]
+    sub: list[str]
+    if role is Role.CLIENT:
+        pub = [
+            f"{s}.rpc.meta.*",
+            f"{s}.rpc.chunk.*.*",
+            f"{s}.data.*.damaged",  # a degraded read reports the fragment for repair
+            *_read_bucket(LEASES.bucket),  # which node leads a shard (redirects)
+        ]
+        sub = []
+    elif role is Role.METADATA:
+        pub = [
+            f"{s}.meta.>",
+            f"{s}.rpc.meta.*",  # cross-shard two-phase operations
+            f"{s}.rpc.chunk.*.*",
+            *(api for stream in metas for api in _read_stream(stream)),
+            *(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}" for stream in metas),
+            *_read_bucket(LEASES.bucket),
+            *_write_keys(LEASES.bucket, "meta.*"),
+            *_admin_executor(s, "metadata-raft"),  # its commands: cmd.metadata-raft.*
+        ]
+        sub = [f"{s}.rpc.meta.*"]
+    elif role is Role.CHUNKSTORE:
+        pub = [
+            f"{s}.data.>",
+            *_write_keys(NODES.bucket, "store.*"),
+        ]
+        sub = [f"{s}.rpc.chunk.*.*"]
+    elif role is Role.MEMBERSHIP:
+        pub = [
+            f"{s}.cluster.node.>",
+            *_read_stream(CLUSTER.name),
+            *_read_bucket(LEASES.bucket),  # a drain records the leases it must move
+            *_write_keys(NODES.bucket, "member.*", "admin.*"),
+            *_admin_executor(s, "membership"),
+        ]
+        sub = [f"{s}.rpc.membership.*.view"]
+    elif role is Role.REPAIR:
+        pub = [
+            f"{s}.cluster.>",
+            f"{s}.data.>",
+            f"{s}.rpc.meta.*",
+            f"{s}.rpc.chunk.*.*",
+            *_read_stream(CLUSTER.name),
+            *_read_stream(DATA.name),
+            *_read_bucket(LEASES.bucket),
+            *_write_keys(LEASES.bucket, "service.*"),  # the coordinator lease
+            *_write_keys(NODES.bucket, "repair.*", "admin.*"),
+        ]
+        sub = []
+    else:  # pragma: no cover - every role is handled above
+        raise ValueError(f"no permissions defined for role {role!r}")
+    return Permissions(publish=_unique([*everyone, *pub]), subscribe=_unique([inbox, *sub]))
+
+
+def _admin_executor(s: str, service: str) -> list[str]:
+    """Consume this service's admin commands through its own durable (`cmd-<service>`,
+    cfs.admin.executor), reply, audit; another service's commands stay unreadable."""
+    durable = f"{CMD.name}.cmd-{service}"
+    return [
+        f"$JS.API.STREAM.INFO.{CMD.name}",
+        f"$JS.API.CONSUMER.CREATE.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{durable}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{durable}",
+        f"$JS.API.CONSUMER.INFO.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{durable}",
+        f"$JS.ACK.{durable}.>",
+        f"$JS.API.DIRECT.GET.{CMD.name}.{s}.cmd.reply.>",  # answered already? (redelivery)
+        f"{s}.cmd.reply.>",
+        f"{s}.audit.>",
+    ]
+
+
+def connect_options(credentials: Path | None) -> ConnectOptions:
+    """nats-py connect options for a credentials file: ours (an NKey seed and the role's
+    inbox prefix) or a standard NATS `.creds` file (user JWT + seed)."""
+    if credentials is None:
+        return ConnectOptions()
+    try:
+        head = Path(credentials).read_text()[:64]
+    except OSError as exc:
+        raise CredentialsError(
+            f"cannot read NATS credentials {credentials}: {exc.strerror}"
+        ) from None
+    if "BEGIN NATS USER JWT" in head:
+        return ConnectOptions(user_credentials=str(credentials))
+    loaded = load_credentials(credentials)
+    return ConnectOptions(nkeys_seed_str=loaded.seed, inbox_prefix=loaded.inbox_prefix)
+
+
+# -- files ----------------------------------------------------------------------------
+def credentials_path(directory: Path, role: Role) -> Path:
+    return Path(directory) / f"{role.value}{CREDENTIALS_SUFFIX}"
+
+
+def ensure_credentials(
+    directory: Path, site: str, shards: int, roles: Sequence[Role] = tuple(Role)
+) -> Path:
+    """`ensure_keys`, then `write_auth_conf`; returns the auth config's path."""
+    ensure_keys(directory, site, roles)
+    return write_auth_conf(directory, site, shards, roles)
+
+
+def ensure_keys(directory: Path, site: str, roles: Sequence[Role] = tuple(Role)) -> None:
+    """Create the missing role keys; existing seeds are kept, so services keep working."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for role in roles:
+        path = credentials_path(directory, role)
+        if not path.exists():
+            _write_secret(path, _render_credentials(role, site, _new_user_seed()))
+
+
+def write_auth_conf(
+    directory: Path, site: str, shards: int, roles: Sequence[Role] = tuple(Role)
+) -> Path:
+    """The server side of the keys in `directory` (public keys and permissions)."""
+    users = [
+        (role, public_key(load_credentials(credentials_path(directory, role)).seed))
+        for role in roles
+    ]
+    conf = Path(directory) / AUTH_CONF
+    tmp = conf.with_suffix(".tmp")
+    tmp.write_text(render_auth_conf(users, site, shards))
+    os.replace(tmp, conf)
+    return conf
+
+
+def render_auth_conf(users: Sequence[tuple[Role, str]], site: str, shards: int) -> str:
+    """nats-server `authorization` block: public keys and permissions only, no secret."""
+    lines = [
+        "# Generated by cfs cluster init: one NKey user per role. No secrets in here.",
+        "authorization {",
+        "  users = [",
+    ]
+    for role, key in users:
+        perms = permissions(role, site, shards)
+        lines += [
+            f"    # {role.value}",
+            "    {",
+            f"      nkey: {json.dumps(key)}",
+            "      permissions: {",
+            f"        publish: {{ allow: {json.dumps(list(perms.publish))} }}",
+            f"        subscribe: {{ allow: {json.dumps(list(perms.subscribe))} }}",
+            "        allow_responses: true",
+            "      }",
+            "    }",
+        ]
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def load_credentials(path: Path) -> Credentials:
+    """Read a file written by `ensure_credentials`; one clear error when it is unusable."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CredentialsError(f"cannot read NATS credentials {path}: {exc.strerror}") from None
+    fields: dict[str, str] = {}
+    seed = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            for word in line.lstrip("#").split():
+                key, sep, value = word.partition("=")
+                if sep:
+                    fields[key] = value
+        elif line:
+            seed = line
+    try:
+        nkeys.from_seed(bytearray(seed.encode())).wipe()
+    except Exception:
+        raise CredentialsError(f"{path} holds no valid NATS NKey seed") from None
+    role = fields.get("role", "")
+    return Credentials(
+        role=role,
+        site=fields.get("site", ""),
+        seed=seed,
+        inbox_prefix=fields.get("inbox") or "_INBOX",
+    )
+
+
+def public_key(seed: str) -> str:
+    pair = nkeys.from_seed(bytearray(seed.encode()))
+    try:
+        return str(pair.public_key.decode())
+    finally:
+        pair.wipe()
+
+
+def _new_user_seed() -> str:
+    return str(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode())
+
+
+def _render_credentials(role: Role, site: str, seed: str) -> str:
+    return (
+        f"{_HEADER}: role={role.value} site={site} inbox={inbox_prefix(role)}\n"
+        "# Keep this file secret (mode 0600); the server knows only the public key.\n"
+        f"{seed}\n"
+    )
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Create with mode 0600 from the start: the seed is never world-readable."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

@@ -1,0 +1,221 @@
+"""Per-role NATS credentials are enforced by real nats-server processes.
+
+A site started like `cfs dev up` (`LocalSite`, secure by default) runs every service
+under its own key. Here a client and a chunk-store key try what their role must not
+do, and the server refuses; the operator CLI maps that to exit code 4. Everything
+else in the integration suites runs under the same enforcement, and the autouse
+check in tests/conftest.py fails any test during which a server refused a
+permission, so a service missing one it needs cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from cfs.bus import Bus, BusUnavailable
+from cfs.client import MetadataClient
+from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
+from cfs.supervisor import LocalSite, NatsServer
+from cfs.supervisor.nats import nats_server_binary
+from cfs_contracts.fs.records import ROOT_INO
+
+SITE = "sec"
+CFS = str(Path(sys.executable).parent / "cfs")
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.permission_violations
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
+    async with LocalSite(tmp_path / "site", nodes=1, site=SITE) as running:
+        yield running
+
+
+async def _refused(bus: Bus, action: Callable[[], Awaitable[object]]) -> str:
+    """Run `action`; return the permission error the server sent for it."""
+    before = bus.nc.last_error
+    # A refused request gets no answer; the refusal itself is the -ERR.
+    with contextlib.suppress(TimeoutError, nats.errors.Error):
+        await asyncio.wait_for(action(), 2.0)
+    await bus.nc.flush()
+    for _ in range(40):
+        if bus.nc.last_error is not before:
+            break
+        await asyncio.sleep(0.05)
+    error = str(bus.nc.last_error or "")
+    assert bus.nc.last_error is not before and "permissions violation" in error.lower(), error
+    return error
+
+
+async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
+    with pytest.raises(BusUnavailable, match="Authorization Violation"):
+        await Bus.connect(site.urls, site=SITE, node="anonymous", connect_timeout=3)
+
+    async with await site.client("app", role=Role.CLIENT) as client:
+        meta = MetadataClient(client, deadline_s=10)
+        created = await meta.create(ROOT_INO, "allowed")  # what a client is for
+        assert (await meta.lookup(ROOT_INO, "allowed")).ino == created.ino
+
+        journal = f"cfs.{SITE}.meta.001.forged"
+        error = await _refused(client, lambda: client.js.publish(journal, b"{}"))
+        assert journal in error
+        await _refused(client, lambda: client.nc.publish(f"cfs.{SITE}.cmd.membership.x", b""))
+        await _refused(client, lambda: client.nc.publish("$KV.leases.meta.001", b"stolen"))
+        await _refused(
+            client, lambda: client.nc.request("$JS.API.STREAM.DELETE.META_001", b"", timeout=1)
+        )
+        # Another role's replies (the metadata leader's journal acks) cannot be read.
+        error = await _refused(client, lambda: client.nc.subscribe("_INBOX.metadata.>"))
+        assert "subscription" in error.lower()
+
+    async with await site.client("cs", role=Role.CHUNKSTORE) as chunkstore:
+        await _refused(chunkstore, lambda: chunkstore.nc.publish(journal, b"{}"))
+        await _refused(
+            chunkstore, lambda: chunkstore.nc.publish("$KV.nodes.member.storage-1", b"{}")
+        )
+
+    async with await site.client("check") as admin:
+        info = await admin.js.stream_info("META_001")
+        assert info.state.messages > 0  # the delete was refused
+        async with await site.client("app2", role=Role.CLIENT) as client:
+            meta = MetadataClient(client, deadline_s=10)
+            names = [entry.name async for entry in meta.readdir(ROOT_INO)]
+    assert names == ["allowed"]  # no forged journal entry was applied
+
+
+def _cli(site: LocalSite, credentials: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
+    env.update(CFS_NATS_URLS=json.dumps(site.urls), CFS_SITE=SITE)
+    if credentials is not None:
+        env["CFS_NATS_CREDENTIALS"] = str(credentials)
+    return subprocess.run(
+        [CFS, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+
+
+def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 4, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: permission denied"), result.stderr
+    return lines[0]
+
+
+async def test_admin_commands_need_admin_credentials(site: LocalSite) -> None:
+    client = site.credentials(Role.CLIENT)
+    admin = site.credentials(Role.ADMIN)
+    line = _forbidden(
+        await asyncio.to_thread(_cli, site, client, "admin", "node-drain", "storage-1")
+    )
+    assert f"cfs.{SITE}.cmd" in line
+    _forbidden(await asyncio.to_thread(_cli, site, None, "admin", "status"))
+    assert "Authorization Violation" in _forbidden(
+        await asyncio.to_thread(_cli, site, None, "fs", "ls", "/")
+    )
+    listed = await asyncio.to_thread(_cli, site, client, "fs", "ls", "/")
+    assert listed.returncode == 0, listed.stderr
+    status = await asyncio.to_thread(_cli, site, admin, "admin", "status")
+    assert status.returncode == 0 and "storage-1" in status.stdout, status.stderr
+    unreadable = site.base_dir / "nope.nk"
+    bad = await asyncio.to_thread(_cli, site, unreadable, "admin", "status")
+    assert bad.returncode == 1 and "cannot read NATS credentials" in bad.stderr, bad.stderr
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
+    return subprocess.run(
+        [CFS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def _connects(url: str, credentials: Path | None) -> bool:
+    try:
+        bus = await Bus.connect(url, site=SITE, node="t", credentials=credentials)
+    except BusUnavailable as exc:
+        assert "Authorization Violation" in str(exc), exc
+        return False
+    await bus.close()
+    return True
+
+
+def test_cluster_init_warns_about_an_open_server(tmp_path: Path) -> None:
+    with NatsServer.standalone(tmp_path / "open") as server:
+        result = _run(
+            "cluster", "init", "--cluster", server.url, "--site", SITE,
+            "--bootstrap-node", "n1", "--cluster-name", "c1",
+            "--config-dir", str(tmp_path / "cfg"), "--json",
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["nats_auth_enforced"] is False
+    assert "NATS accepts clients without credentials" in result.stderr
+    config = json.loads((tmp_path / "cfg" / "cluster.json").read_text())
+    assert config["credentials_dir"] == summary["credentials_dir"]
+    for role in Role:
+        path = credentials_path(Path(summary["credentials_dir"]), role)
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> None:
+    """The production order: keys offline, servers started with them, init; then a
+    leaked client key is rotated out."""
+    cfg = tmp_path / "cfg"
+    made = _run("cluster", "credentials", "--site", SITE, "--shards", "2",
+                "--config-dir", str(cfg), "--json")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    credentials = Path(json.loads(made.stdout)["credentials_dir"])
+    server = NatsServer.standalone(tmp_path / "nats", auth_file=credentials / AUTH_CONF)
+    with server:
+        init = _run(
+            "cluster", "init", "--cluster", server.url, "--site", SITE,
+            "--bootstrap-node", "n1", "--cluster-name", "c1", "--shards", "2",
+            "--config-dir", str(cfg), "--json",
+        )  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        assert json.loads(init.stdout)["nats_auth_enforced"] is True
+        assert init.stderr == ""
+
+        client = credentials_path(credentials, Role.CLIENT)
+        leaked = tmp_path / "leaked.nk"
+        leaked.write_text(client.read_text())
+        assert asyncio.run(_connects(server.url, leaked))
+        bad = _run("cluster", "credentials", "--config-dir", str(cfg), "--rotate", "nobody")
+        assert bad.returncode == 2 and "unknown role 'nobody'" in bad.stderr, bad.stderr
+        rotated = _run("cluster", "credentials", "--site", SITE, "--shards", "2",
+                       "--config-dir", str(cfg), "--rotate", "client")  # fmt: skip
+        assert rotated.returncode == 0, rotated.stderr
+        assert client.read_text() != leaked.read_text()
+        server.restart()  # the servers take the new public keys
+        assert not asyncio.run(_connects(server.url, leaked))
+        assert asyncio.run(_connects(server.url, client))
+        assert not asyncio.run(_connects(server.url, None))
+
+
+def test_the_compose_server_config_takes_the_generated_authorization(tmp_path: Path) -> None:
+    """deploy/compose/nats/nats.conf includes the file `cfs cluster credentials` writes."""
+    shutil.copy(ROOT / "deploy" / "compose" / "nats" / "nats.conf", tmp_path / "nats.conf")
+    conf = ensure_credentials(tmp_path / "credentials", SITE, 4)
+    shutil.copy(conf, tmp_path / "auth.conf")
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
+        env={**os.environ, "SERVER_NAME": "nats-1", "CLUSTER_NAME": SITE},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr

@@ -1,0 +1,162 @@
+"""The permission table and credentials files of `cfs.security` (pure; no server)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cfs.security import (
+    AUTH_CONF,
+    CredentialsError,
+    Role,
+    connect_options,
+    credentials_path,
+    ensure_credentials,
+    ensure_keys,
+    inbox_prefix,
+    load_credentials,
+    permissions,
+    public_key,
+    subject_matches,
+)
+
+SITE = "prod"
+SERVICES = [Role.METADATA, Role.CHUNKSTORE, Role.MEMBERSHIP, Role.REPAIR]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "expected"),
+    [
+        ("a.b", "a.b", True),
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a", False),
+        ("a.*.c", "a.x.c", True),
+        ("a.b", "a.c", False),
+        ("a.*", "a.>", False),
+        ("a.>", "a.*", True),
+        (">", "anything.at.all", True),
+    ],
+)
+def test_subject_matches(pattern: str, subject: str, expected: bool) -> None:
+    assert subject_matches(pattern, subject) is expected
+
+
+@given(st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=5))
+def test_a_literal_subject_matches_itself_and_full_wildcard(tokens: list[str]) -> None:
+    subject = ".".join(tokens)
+    assert subject_matches(subject, subject)
+    assert subject_matches(">", subject)
+    assert subject_matches(".".join(["*"] * len(tokens)), subject)
+
+
+def test_admin_may_do_everything_and_only_admin_issues_commands() -> None:
+    admin = permissions(Role.ADMIN, SITE, 2)
+    assert admin.may_publish("$JS.API.STREAM.DELETE.META_001")
+    for role in [Role.CLIENT, *SERVICES]:
+        perms = permissions(role, SITE, 2)
+        assert not perms.may_publish(f"cfs.{SITE}.cmd.metadata.raft-force-leader"), role
+        assert not perms.may_publish(f"cfs.{SITE}.cmd.membership.node-remove"), role
+        for verb in ("CREATE", "UPDATE", "DELETE", "PURGE"):
+            assert not perms.may_publish(f"$JS.API.STREAM.{verb}.META_001"), (role, verb)
+        assert not perms.may_publish("$JS.API.SERVER.REMOVE"), role
+
+
+def test_only_metadata_appends_to_the_journals_and_takes_shard_leases() -> None:
+    journal = f"cfs.{SITE}.meta.001.op"
+    lease = "$KV.leases.meta.001"
+    for role in [Role.CLIENT, Role.CHUNKSTORE, Role.MEMBERSHIP, Role.REPAIR]:
+        perms = permissions(role, SITE, 2)
+        assert not perms.may_publish(journal), role
+        assert not perms.may_publish(lease), role
+    metadata = permissions(Role.METADATA, SITE, 2)
+    assert metadata.may_publish(journal) and metadata.may_publish(lease)
+    assert metadata.may_publish("$JS.API.STREAM.LEADER.STEPDOWN.META_002")
+    assert not metadata.may_publish("$JS.API.STREAM.LEADER.STEPDOWN.META_003")  # no shard 3
+
+
+def test_node_records_are_written_by_their_owners_only() -> None:
+    keys = {"member.n", "store.n", "admin.n", "repair.n", "cluster.config"}
+    allowed = {
+        role: {k for k in keys if permissions(role, SITE, 1).may_publish(f"$KV.nodes.{k}")}
+        for role in Role
+    }
+    assert allowed[Role.CHUNKSTORE] == {"store.n"}
+    assert allowed[Role.MEMBERSHIP] == {"member.n", "admin.n"}
+    assert allowed[Role.REPAIR] == {"repair.n", "admin.n"}
+    assert allowed[Role.METADATA] == set()
+    assert allowed[Role.CLIENT] == set()
+    assert allowed[Role.ADMIN] == keys
+
+
+def test_each_role_reads_only_its_own_inbox_and_serves_only_its_subjects() -> None:
+    for role in [Role.CLIENT, *SERVICES]:
+        perms = permissions(role, SITE, 1)
+        assert perms.may_subscribe(f"{inbox_prefix(role)}.abc")
+        for other in [Role.CLIENT, *SERVICES]:
+            if other is not role:
+                assert not perms.may_subscribe(f"{inbox_prefix(other)}.abc"), (role, other)
+        assert not perms.may_subscribe(f"cfs.{SITE}.meta.001.op"), role  # no journal snooping
+    assert permissions(Role.CHUNKSTORE, SITE, 1).may_subscribe(f"cfs.{SITE}.rpc.chunk.n1.get")
+    assert not permissions(Role.CLIENT, SITE, 1).may_subscribe(f"cfs.{SITE}.rpc.chunk.n1.get")
+    assert not permissions(Role.CHUNKSTORE, SITE, 1).may_subscribe(f"cfs.{SITE}.rpc.meta.001")
+
+
+def test_permissions_are_per_site() -> None:
+    assert not permissions(Role.CLIENT, SITE, 1).may_publish("cfs.other.rpc.meta.001")
+    assert permissions(Role.CLIENT, SITE, 1).may_publish(f"cfs.{SITE}.rpc.meta.001")
+
+
+def test_credentials_files_are_secret_kept_and_loadable(tmp_path: Path) -> None:
+    directory = tmp_path / "creds"
+    conf = ensure_credentials(directory, SITE, 2)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    seeds = {}
+    for role in Role:
+        path = credentials_path(directory, role)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        loaded = load_credentials(path)
+        assert (loaded.role, loaded.site, loaded.inbox_prefix) == (
+            role.value,
+            SITE,
+            inbox_prefix(role),
+        )
+        seeds[role] = loaded.seed
+        assert connect_options(path) == {
+            "nkeys_seed_str": loaded.seed,
+            "inbox_prefix": inbox_prefix(role),
+        }
+    text = conf.read_text()
+    assert conf.name == AUTH_CONF
+    for seed in seeds.values():
+        assert seed not in text  # the server side holds public keys only
+        assert public_key(seed) in text
+    ensure_keys(directory, SITE)  # again: the same keys, services keep working
+    assert {role: load_credentials(credentials_path(directory, role)).seed for role in Role} == (
+        seeds
+    )
+
+
+def test_unusable_credentials_are_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CredentialsError, match="cannot read NATS credentials"):
+        connect_options(tmp_path / "missing.nk")
+    bad = tmp_path / "bad.nk"
+    bad.write_text("# role=client\nnot-a-seed\n")
+    with pytest.raises(CredentialsError, match="no valid NATS NKey seed"):
+        load_credentials(bad)
+    jwt = tmp_path / "user.creds"
+    jwt.write_text("-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n")
+    assert connect_options(jwt) == {"user_credentials": str(jwt)}
+
+
+def test_a_service_reads_only_its_own_admin_commands() -> None:
+    metadata = permissions(Role.METADATA, SITE, 1)
+    assert metadata.may_publish("$JS.API.CONSUMER.MSG.NEXT.CMD.cmd-metadata-raft")
+    assert not metadata.may_publish("$JS.API.CONSUMER.MSG.NEXT.CMD.cmd-membership")
+    assert not metadata.may_publish("$JS.API.CONSUMER.CREATE.CMD.spy")
+    assert permissions(Role.MEMBERSHIP, SITE, 1).may_publish("$JS.ACK.CMD.cmd-membership.1.2.3")
