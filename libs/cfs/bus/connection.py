@@ -128,8 +128,17 @@ class Bus:
             # Before the first connection the caller gets one BusUnavailable instead.
             if len(last_error) < CONNECT_ERRORS_KEPT:
                 last_error.append(exc)
-            if not nc.is_connected and is_permission_error(str(exc)):
+            denied = is_permission_error(str(exc))
+            if denied and not nc.is_connected:
                 refused.set()
+            if denied and nc.is_connected:
+                # A permission this role lacks: the request it was for just times out,
+                # so say so loudly (cfs.security has the table).
+                log.error(
+                    "nats.permission_denied",
+                    extra={"error": _describe(exc), "client": name or node},
+                )
+                return
             level = logging.WARNING if nc.is_connected or nc.is_reconnecting else logging.DEBUG
             log.log(level, "nats.error", extra={"error": _describe(exc), "client": name or node})
 

@@ -19,9 +19,9 @@ app = typer.Typer(
 
 @app.callback()
 def _quiet_logs() -> None:
-    """Commands report failures as one line; library logs only at CFS_LOG_LEVEL (default
-    ERROR), as JSON on stderr. Long-running commands configure their own."""
-    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="cfs")
+    """Commands report failures as one line; library logs (JSON on stderr) only when
+    asked for with CFS_LOG_LEVEL. Long-running commands configure their own."""
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "CRITICAL"), service="cfs")
 
 
 app.add_typer(dev.app, name="dev")
