@@ -21,14 +21,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats.errors
+import nats.js.errors
 import pytest
 
 from cfs.bus import Bus, BusUnavailable
 from cfs.client import MetadataClient
 from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
-from cfs.supervisor import LocalSite, NatsServer
+from cfs.supervisor import LocalSite, ManagedProcess, NatsServer
 from cfs.supervisor.nats import nats_server_binary
+from cfs.supervisor.site import child_pythonpath
+from cfs_contracts.data import store_record_key
 from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.streams import NODES
 
 SITE = "sec"
 CFS = str(Path(sys.executable).parent / "cfs")
@@ -116,6 +120,40 @@ def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: permission denied"), result.stderr
     return lines[0]
+
+
+async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    """A chunk-store started with the client's key (a deployment mistake): the server
+    refuses its subscription and its record, and its log names the refusal."""
+    env = {
+        "CFS_NATS_URLS": json.dumps(site.urls),
+        "CFS_SITE": SITE,
+        "CFS_NATS_CREDENTIALS": str(site.credentials(Role.CLIENT)),
+        "PYTHONPATH": child_pythonpath(),
+    }
+    impostor = ManagedProcess(
+        "impostor",
+        [sys.executable, "-m", "cfs_chunkstore", "--node", "impostor",
+         "--data-dir", str(tmp_path / "impostor")],
+        log_path=tmp_path / "impostor.log",
+        env=env,
+    )  # fmt: skip
+    impostor.start()
+    try:
+        await asyncio.to_thread(
+            impostor.wait_until,
+            lambda: "nats.permission_denied" in impostor.log_tail(200),
+            30,
+            "the refusal in the impostor's log",
+        )
+    finally:
+        impostor.kill9()
+    async with await site.client("check") as admin:
+        kv = await admin.key_value(NODES.bucket)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get(store_record_key("impostor"))
 
 
 async def test_admin_commands_need_admin_credentials(site: LocalSite) -> None:
