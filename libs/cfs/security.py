@@ -2,8 +2,8 @@
 
 `cfs cluster init` (and `cfs dev up`) generate one NKey per role. The seed goes into
 a 0600 credentials file for the processes of that role; the server side gets only the
-public keys and each role's permissions, as a config file every nats-server includes
-(`include "nats-auth.conf"`). A chunk-store can then answer fragment requests and
+public keys and each role's permissions, as an `authorization` block (`nats-auth.conf`)
+that every nats-server config carries. A chunk-store can then answer fragment requests and
 record its own capacity, but cannot append to a metadata journal, take a writer lease
 or issue an admin command; a client cannot touch the journals at all.
 
@@ -44,7 +44,7 @@ _HEADER = "# ClaudeFS NATS credentials"
 
 
 class Role(StrEnum):
-    """Who connects to NATS. Service roles match the service package names."""
+    """Who connects to NATS. Service roles match `LocalSite`'s service names."""
 
     ADMIN = "admin"  # operators (`cfs admin`, `cfs cluster`, `cfs node`) and provisioning
     CLIENT = "client"  # mounts and `cfs fs`
