@@ -220,7 +220,10 @@ def credentials(
         except ValueError:
             known = ", ".join(role.value for role in Role)
             raise CliError(f"unknown role {name!r} (roles: {known})", ExitCode.USAGE) from None
-    directory = settings.credentials_dir or (config_dir or _default_config_dir()) / CREDENTIALS_DIR
+    if config_dir is not None:  # named on the command line: wins over the config file's
+        directory = config_dir / CREDENTIALS_DIR
+    else:
+        directory = settings.credentials_dir or _default_config_dir() / CREDENTIALS_DIR
     for role in roles:
         credentials_path(directory, role).unlink(missing_ok=True)
     conf = ensure_credentials(directory, settings.site, shards or settings.shards)
