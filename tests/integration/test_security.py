@@ -99,20 +99,25 @@ async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
     assert names == ["allowed"]  # no forged journal entry was applied
 
 
-def _cli(site: LocalSite, credentials: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
-    env.update(CFS_NATS_URLS=json.dumps(site.urls), CFS_SITE=SITE)
-    if credentials is not None:
-        env["CFS_NATS_CREDENTIALS"] = str(credentials)
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`cfs ARGS` as a script runs it: no CFS_* from this environment, only `env`."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
     return subprocess.run(
         [CFS, *args],
-        env=env,
+        env={**clean, **env},
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         timeout=60,
         check=False,
     )
+
+
+def _cli(site: LocalSite, credentials: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"CFS_NATS_URLS": json.dumps(site.urls), "CFS_SITE": SITE}
+    if credentials is not None:
+        env["CFS_NATS_CREDENTIALS"] = str(credentials)
+    return _run(*args, **env)
 
 
 def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
@@ -174,13 +179,6 @@ async def test_admin_commands_need_admin_credentials(site: LocalSite) -> None:
     unreadable = site.base_dir / "nope.nk"
     bad = await asyncio.to_thread(_cli, site, unreadable, "admin", "status")
     assert bad.returncode == 1 and "cannot read NATS credentials" in bad.stderr, bad.stderr
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
-    return subprocess.run(
-        [CFS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 async def _connects(url: str, credentials: Path | None) -> bool:

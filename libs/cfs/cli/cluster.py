@@ -73,7 +73,7 @@ def init(
     settings = client_settings(cluster, site)
     directory = config_dir or _default_config_dir()
     # The site's own keys when the config names them (a dev site), else new ones.
-    settings.credentials_dir = settings.credentials_dir or directory / CREDENTIALS_DIR
+    settings.credentials_dir = (settings.credentials_dir or directory / CREDENTIALS_DIR).resolve()
     ensure_keys(settings.credentials_dir, settings.site)
     wanted = new_config(
         name=cluster_name,
@@ -173,7 +173,7 @@ def _write_config(
                 "site": site,
                 "nats_urls": urls,
                 "shards": shards,
-                "credentials_dir": str(Path(credentials).resolve()),
+                "credentials_dir": str(credentials),
             },
             indent=2,
         )
