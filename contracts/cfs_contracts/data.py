@@ -13,6 +13,12 @@ chunk-store over request/reply on `cfs.<site>.rpc.chunk.<node>.<verb>`:
 - `delete`, `verify`: headers `Cfs-Key`; reply `StoreReply`.
 - `list`: body = `ListRequest` JSON; reply `StoreReply` with `fragments`.
 - `stat`: reply `StoreReply` with `status`.
+- `rebuild`: body = `RebuildRequest` JSON. The node re-creates the fragment
+  named by `Cfs-Key` itself: it copies it from `copy_from` when that answers,
+  otherwise reads k fragments of `sources` and decodes, checks the chunk's
+  SHA-256, then stores it as `put` does (`FragmentStored`). Reply `StoreReply`
+  with `fragment`; ENODATA with `readable` when fewer than k fragments could be
+  read (the chunk is lost).
 
 Each chunk-store also keeps `store.<node>` in the `nodes` KV bucket current
 (`StoreRecord`), which is what placement reads until membership (DESIGN.md §6)
@@ -33,8 +39,8 @@ HEADER_CRC = "Cfs-Crc"
 HEADER_ERRNO = "Cfs-Errno"
 HEADER_ERROR = "Cfs-Error-Message"  # same header as a failed `Bus.serve` handler
 
-Verb = Literal["put", "get", "delete", "verify", "list", "stat"]
-VERBS: tuple[Verb, ...] = ("put", "get", "delete", "verify", "list", "stat")
+Verb = Literal["put", "get", "delete", "verify", "list", "stat", "rebuild"]
+VERBS: tuple[Verb, ...] = ("put", "get", "delete", "verify", "list", "stat", "rebuild")
 
 SCHEME_RE = re.compile(r"^(ec(?P<k>[1-9][0-9]?)\+(?P<m>[0-9][0-9]?)|copy(?P<n>[1-9]))$")
 KEY_RE = re.compile(r"^(?P<chunk>[0-9a-f]{64})\.(?P<scheme>[a-z0-9+]+)\.(?P<index>[0-9]{1,3})$")
@@ -104,6 +110,20 @@ class ListRequest(BaseModel):
     chunk_id: str = Field(default="", description="only fragments of this chunk")
 
 
+class RebuildRequest(BaseModel):
+    """Re-create the fragment named by the request's key on the node asked."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sources: dict[int, str] = Field(
+        default_factory=dict, description="fragment index -> node holding it, to decode from"
+    )
+    copy_from: str = Field(default="", description="a node still holding this very fragment")
+    length: int | None = Field(
+        default=None, ge=0, description="the chunk's coded length; None skips the SHA-256 check"
+    )
+
+
 class StoreReply(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -113,6 +133,9 @@ class StoreReply(BaseModel):
     fragments: tuple[FragmentInfo, ...] = ()
     more: bool = False
     status: StoreStatus | None = None
+    readable: int | None = Field(
+        default=None, ge=0, description="rebuild: fragments that could be read, when too few"
+    )
 
 
 class StoreRecord(BaseModel):

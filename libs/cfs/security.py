@@ -28,6 +28,7 @@ from typing import TypedDict
 
 import nkeys
 
+from cfs_contracts.data import VERBS
 from cfs_contracts.streams import (
     CLUSTER,
     CMD,
@@ -159,7 +160,8 @@ def permissions(role: Role, site: str, shards: int) -> Permissions:
     if role is Role.CLIENT:
         pub = [
             f"{s}.rpc.meta.*",
-            f"{s}.rpc.chunk.*.*",
+            # every verb but `rebuild`, which is repair's to ask for
+            *(f"{s}.rpc.chunk.*.{verb}" for verb in VERBS if verb != "rebuild"),
             f"{s}.data.*.damaged",  # a degraded read reports the fragment for repair
             *_read_bucket(LEASES.bucket),  # which node leads a shard (redirects)
         ]
@@ -179,6 +181,7 @@ def permissions(role: Role, site: str, shards: int) -> Permissions:
     elif role is Role.CHUNKSTORE:
         pub = [
             f"{s}.data.>",
+            f"{s}.rpc.chunk.*.get",  # a rebuild reads the surviving fragments itself
             *_write_keys(NODES.bucket, "store.*"),
         ]
         sub = [f"{s}.rpc.chunk.*.*"]

@@ -16,6 +16,12 @@ agreeing, and a crash in between leaves only a fragment nobody wants). A fragmen
 that fails its checksum (or is missing) on `get` or `verify` is answered EIO and
 reported as `FragmentDamaged`.
 
+`rebuild` (from the repair coordinator) re-creates a fragment this node is to
+hold from the fragments that survive on other nodes (`cfs.rebuild`), reading
+them itself, then stores it exactly as `put` does. Rebuilds have their own
+slots (`max_rebuilds`): one that waits on a peer's `get` must never hold up the
+`get`s this node serves to peers rebuilding in turn.
+
 A background `Scrubber` (`scrub.py`) re-reads every fragment at up to
 `scrub_mb_s` MiB/s (0 disables it), resting `scrub_pass_interval_s` between full
 passes, and reports what it finds damaged the same way, with `reported_by="<node>/scrub"`.
@@ -42,6 +48,9 @@ from nats.js.kv import KeyValue
 from pydantic import Field, ValidationError
 
 from cfs.bus import Bus, BusError
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
+from cfs.erasure import Scheme
+from cfs.rebuild import rebuild_fragments
 from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
@@ -61,10 +70,13 @@ from cfs_contracts.data import (
     VERBS,
     FragmentInfo,
     ListRequest,
+    RebuildRequest,
     StoreRecord,
     StoreReply,
     Verb,
     chunk_rpc_subject,
+    fragment_key,
+    parse_fragment_key,
     store_record_key,
 )
 from cfs_contracts.events.data import FragmentDamaged, FragmentDeleted, FragmentStored
@@ -83,6 +95,7 @@ class ChunkStoreSettings(ServiceSettings):
     )
     heartbeat_s: float = Field(default=2.0, gt=0)
     max_inflight: int = Field(default=16, ge=1, description="requests handled concurrently")
+    max_rebuilds: int = Field(default=4, ge=1, description="rebuilds run concurrently")
     scrub_mb_s: float = Field(
         default=20.0, ge=0, description="background scrub read rate, MiB/s; 0 disables it"
     )
@@ -103,6 +116,7 @@ class ChunkStoreService:
         labels: dict[str, str] | None = None,
         heartbeat_s: float = 2.0,
         max_inflight: int = 16,
+        max_rebuilds: int = 4,
         scrub_mb_s: float = 0.0,
         scrub_pass_interval_s: float = 24 * 3600.0,
         scrub_cursor: Path | None = None,
@@ -115,6 +129,8 @@ class ChunkStoreService:
         self.heartbeat_s = heartbeat_s
         self.started_ms = time.time_ns() // 1_000_000
         self._slots = asyncio.Semaphore(max_inflight)
+        self._rebuild_slots = asyncio.Semaphore(max_rebuilds)
+        self._peers = ChunkStoreClient(bus)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -178,18 +194,20 @@ class ChunkStoreService:
 
     # -- requests ------------------------------------------------------------------------
     def _receiver(self, verb: Verb) -> Callable[[Msg], Awaitable[None]]:
+        slots = self._rebuild_slots if verb == "rebuild" else self._slots
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            slots.release()
+
         async def receive(msg: Msg) -> None:
             # Waiting for a slot here holds up this subscription's delivery: backpressure.
-            await self._slots.acquire()
+            await slots.acquire()
             task = asyncio.create_task(self._handle(verb, msg))
             self._tasks.add(task)
-            task.add_done_callback(self._finished)
+            task.add_done_callback(finished)
 
         return receive
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
 
     async def _handle(self, verb: Verb, msg: Msg) -> None:
         if verb == "get":
@@ -211,6 +229,8 @@ class ChunkStoreService:
             return await self._put(msg)
         if verb == "delete":
             return await self._delete(msg)
+        if verb == "rebuild":
+            return await self._rebuild(msg)
         if verb == "verify":
             return StoreReply(fragment=await self._verify(_key(msg)))
         if verb == "list":
@@ -233,7 +253,64 @@ class ChunkStoreService:
             crc = int(crc_text, 16)
         except ValueError:
             raise InvalidKey(f"put of {key}: header {HEADER_CRC} {crc_text!r} is not hex") from None
-        info = await asyncio.to_thread(self.store.put, key, msg.data, crc)
+        return await self._store(key, msg.data, crc)
+
+    async def _rebuild(self, msg: Msg) -> StoreReply:
+        key = _key(msg)
+        try:
+            request = RebuildRequest.model_validate_json(msg.data or b"{}")
+            chunk_id, scheme_name, index = parse_fragment_key(key)
+        except (ValidationError, ValueError) as exc:
+            raise InvalidKey(f"bad rebuild request for {key}: {exc}") from None
+        data = await self._copy(key, request.copy_from) if request.copy_from else None
+        if data is None:
+            scheme = Scheme.parse(scheme_name)
+            mine = [i for i, n in request.sources.items() if n == self.node and i != index]
+            try:
+                made = await rebuild_fragments(
+                    self._peers,
+                    chunk_id,
+                    scheme,
+                    [index],
+                    {i: n for i, n in request.sources.items() if n != self.node},
+                    length=request.length,
+                    have=await self._local_sources(chunk_id, scheme, mine),
+                )
+            except Unrecoverable as exc:
+                return StoreReply(errno=errno.ENODATA, message=str(exc), readable=exc.available)
+            data = made[index]
+        return await self._store(key, data, None)
+
+    async def _local_sources(
+        self, chunk_id: str, scheme: Scheme, indices: list[int]
+    ) -> dict[int, bytes]:
+        """Source fragments this node holds itself, read from disk rather than over NATS
+        (on a site with no more nodes than fragments, every target holds one)."""
+        have: dict[int, bytes] = {}
+        for i in sorted(indices)[: scheme.k]:
+            try:
+                _, have[i] = await asyncio.to_thread(
+                    self.store.get, fragment_key(chunk_id, scheme.name, i)
+                )
+            except FragmentCorrupt as exc:
+                await self._report(exc)
+            except StoreError as exc:
+                log.info("fragment.source_unreadable", extra={"node": self.node, "error": str(exc)})
+        return have
+
+    async def _copy(self, key: str, holder: str) -> bytes | None:
+        """The fragment from the node that still holds it (a drain), or None to decode."""
+        try:
+            return await self._peers.get(holder, key)
+        except FragmentError as exc:
+            log.info(
+                "fragment.copy_failed", extra={"node": self.node, "key": key, "error": str(exc)}
+            )
+            return None
+
+    async def _store(self, key: str, data: bytes, crc: int | None) -> StoreReply:
+        """Durable here, then announced; what `put` and `rebuild` both end with."""
+        info = await asyncio.to_thread(self.store.put, key, data, crc)
         event = self.bus.event(
             FragmentStored(node_id=self.node, key=key, size=info.size, crc32=info.crc32)
         )

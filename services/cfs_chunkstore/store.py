@@ -137,8 +137,11 @@ class FragmentStore(Protocol):
 
     node: str
 
-    def put(self, key: str, data: bytes, crc32: int) -> FragmentInfo:
-        """Store durably (returns after fsync); ChecksumMismatch, StoreFull, InvalidKey."""
+    def put(self, key: str, data: bytes, crc32: int | None) -> FragmentInfo:
+        """Store durably (returns after fsync); ChecksumMismatch, StoreFull, InvalidKey.
+
+        `crc32`: the sender's checksum of `data`; None when the data was made on
+        this node (a rebuild) and there is nothing to check it against."""
         ...
 
     def get(self, key: str) -> tuple[FragmentInfo, bytes]:
@@ -223,10 +226,10 @@ class FileFragmentStore:
         self.close()
 
     # -- writes ------------------------------------------------------------------------
-    def put(self, key: str, data: bytes, crc32: int) -> FragmentInfo:
+    def put(self, key: str, data: bytes, crc32: int | None) -> FragmentInfo:
         chunk = _check_key(key)
         actual = zlib.crc32(data)
-        if actual != crc32:
+        if crc32 is not None and actual != crc32:
             raise ChecksumMismatch(key, crc32, actual)
         self._check_space(len(data))
         directory = self._fragments / chunk[:2]

@@ -53,11 +53,12 @@ from cfs_contracts.members import (
 )
 from cfs_contracts.streams import NODES
 from cfs_repair.plan import Reason, plan_chunk
-from cfs_repair.rebuild import NoTarget, Rebuilder, Unrecoverable, path_of
+from cfs_repair.rebuild import NoTarget, Placed, Rebuilder, Unrecoverable, path_of
 
 log = logging.getLogger(__name__)
 
 PAGE = 32
+COMMIT_CHUNKS = 64  # chunks of one file whose moves share one MoveFragments
 PROGRESS_EVERY_S = 2.0
 DRAIN_LEASE_WAIT_S = 30.0
 
@@ -267,14 +268,24 @@ class RepairCoordinator:
         inodes: tuple[Inode, ...],
         count: Callable[[int, int, int], None],
     ) -> None:
-        """Every chunk of one page of files; `count(fragments, bytes, lost)` as each ends."""
+        """Every chunk of one page of files; `count(fragments, bytes, lost)` as each
+        batch of a file is committed to its chunk map."""
         slots = asyncio.Semaphore(self.settings.parallel_chunks)
 
-        async def one(ino: int, chunk: ChunkRef) -> None:
+        async def chunk(ino: int, ref: ChunkRef) -> tuple[list[Placed], int]:
             async with slots:
-                count(*await self._repair_chunk(node, reason, ino, chunk))
+                return await self._repair_chunk(node, reason, ino, ref)
 
-        await asyncio.gather(*(one(inode.ino, chunk) for inode in inodes for chunk in inode.chunks))
+        async def file(inode: Inode) -> None:
+            for start in range(0, len(inode.chunks), COMMIT_CHUNKS):
+                batch = inode.chunks[start : start + COMMIT_CHUNKS]
+                done = await asyncio.gather(*(chunk(inode.ino, ref) for ref in batch))
+                moved = await self.rebuilder.commit(inode.ino, [p for ps, _ in done for p in ps])
+                if reason is Reason.DRAINING:
+                    await self.rebuilder.release(node, moved)
+                count(len(moved), sum(p.size for p in moved), sum(lost for _, lost in done))
+
+        await asyncio.gather(*(file(inode) for inode in inodes))
 
     async def _report_progress(self, current: Callable[[], RepairJob]) -> None:
         while True:
@@ -286,7 +297,8 @@ class RepairCoordinator:
 
     async def _repair_chunk(
         self, node: str, reason: Reason, ino: int, chunk: ChunkRef
-    ) -> tuple[int, int, int]:
+    ) -> tuple[list[Placed], int]:
+        """The chunk's fragments re-created (not yet in the map), and 1 if it is lost."""
         down = {n for n, m in self.nodes.members.items() if m.state is not Liveness.ALIVE}
         plan = plan_chunk(
             ino,
@@ -297,11 +309,10 @@ class RepairCoordinator:
             copyable=reason is Reason.DRAINING,
         )
         if plan is None:
-            return 0, 0, 0
+            return [], 0
         for attempt in range(3):
             try:
-                fragments, written = await self.rebuilder.rebuild(plan, node)
-                return fragments, written, 0
+                return await self.rebuilder.place(plan, node), 0
             except Unrecoverable as exc:
                 path = await path_of(self.meta, ino)
                 await self._event(
@@ -320,7 +331,7 @@ class RepairCoordinator:
                     "repair.chunk_lost",
                     extra={"ino": ino, "path": path, "chunk": chunk.index, "detail": str(exc)},
                 )
-                return 0, 0, 1
+                return [], 1
             except (NoTarget, FragmentError) as exc:
                 log.warning(
                     "repair.chunk_retry",

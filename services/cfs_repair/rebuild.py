@@ -1,44 +1,54 @@
-"""Carry out chunk plans: read what survives, write the missing fragments, repoint the map.
+"""Carry out chunk plans: have each target rebuild its fragment, then repoint the map.
+
+The coordinator moves no fragment data: it asks each target chunk-store to
+re-create the fragment it is to hold (`rebuild`: the target copies it from a
+draining holder or decodes it from k survivors, checks the chunk's SHA-256,
+stores it durably). That keeps the coordinator off the data path, which on a
+4+2 rebuild carries five times the bytes re-created.
 
 Order matters for durability: the new fragment is durable on its target
-before the chunk map names it (`MoveFragments`, compare-and-set), and a
-draining node's copy is deleted only after that. A crash anywhere leaves at
-worst an unreferenced fragment, never a chunk map that names a missing one.
+before the chunk map names it (`MoveFragments`, compare-and-set per fragment),
+and a draining node's copy is deleted only after that. A crash anywhere leaves
+at worst an unreferenced fragment, never a chunk map that names a missing one.
+Moves are committed per file in batches (`commit`), one journal entry for many
+chunks rather than one each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from cfs.client.chunks import ChunkStoreClient, FragmentError
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
-from cfs.erasure import Scheme, decode, encode_some
+from cfs.erasure import Scheme
 from cfs.ids import new_id
-from cfs_contracts.data import ListRequest, fragment_key, parse_fragment_key
+from cfs_contracts.data import ListRequest, RebuildRequest, parse_fragment_key
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import ROOT_INO, shard_of
-from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.fs.rpc import FragmentMove, FsError
 from cfs_repair.plan import ChunkPlan, TokenBucket
 
 log = logging.getLogger(__name__)
 
-
-class Unrecoverable(Exception):
-    """Fewer than k healthy fragments: the chunk cannot be rebuilt."""
-
-    def __init__(self, available: int, needed: int, detail: str) -> None:
-        super().__init__(f"{available} of {needed} fragments needed are readable ({detail})")
-        self.available = available
-        self.needed = needed
+__all__ = ["NoTarget", "Placed", "Rebuilder", "Unrecoverable", "path_of"]
 
 
 class NoTarget(Exception):
     """No eligible node can take a fragment right now (retry later)."""
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A fragment durable on its new node, not yet named by the chunk map."""
+
+    move: FragmentMove
+    key: str
+    size: int
 
 
 class Rebuilder:
@@ -49,81 +59,79 @@ class Rebuilder:
         self.chunks = chunks
         self.throttle = throttle
 
-    async def rebuild(self, plan: ChunkPlan, leaving: str) -> tuple[int, int]:
-        """(fragments, bytes) written; 0 when the file changed meanwhile (nothing to do)."""
+    async def place(self, plan: ChunkPlan, leaving: str) -> list[Placed]:
+        """Every missing fragment of the plan re-created on its target.
+
+        Targets work in parallel, each reading the sources itself: two fragments
+        lost from one chunk cost two reads of k fragments, the price of keeping
+        fragment data off the coordinator.
+        """
         if len(plan.targets) < len(plan.missing):
             raise NoTarget(f"no eligible node for chunk {plan.ref.chunk_id[:12]}")
-        fragments = await self._missing_fragments(plan, leaving)
-        written = 0
-        for index, node in plan.targets.items():
-            data = fragments[index]
-            await self._pace(len(data))
-            await self.chunks.put(node, plan.key(index), data)
-            written += len(data)
-        moves = tuple(
-            rpc.FragmentMove(
+        request = RebuildRequest(
+            sources={i: plan.ref.fragments[i] for i in plan.sources},
+            copy_from=leaving if plan.copyable else "",
+            length=plan.ref.stored_length,
+        )
+        size = plan.scheme.fragment_size(plan.ref.stored_length)
+
+        async def one(index: int, node: str) -> Placed:
+            await self._pace(size)
+            info = await self.chunks.rebuild(node, plan.key(index), request, plan.scheme.k)
+            move = rpc.FragmentMove(
                 index=plan.ref.index,
                 chunk_id=plan.ref.chunk_id,
                 fragment=index,
                 old_node=leaving,
                 new_node=node,
             )
-            for index, node in plan.targets.items()
-        )
+            return Placed(move, plan.key(index), info.size)
+
+        return list(await asyncio.gather(*(one(i, n) for i, n in plan.targets.items())))
+
+    async def commit(self, ino: int, placed: Sequence[Placed]) -> list[Placed]:
+        """Name the new holders in the chunk map; the ones it now names.
+
+        A move that no longer fits (the file was rewritten or deleted meanwhile)
+        is skipped by the metadata service; its fragment is left for scrub.
+        """
+        if not placed:
+            return []
+        moves = tuple(p.move for p in placed)
         try:
-            await self.meta.call(rpc.MoveFragments(op_id=new_id(), ino=plan.ino, moves=moves))
+            reply = await self.meta.call(rpc.MoveFragments(op_id=new_id(), ino=ino, moves=moves))
         except FsError as exc:
             if exc.errno not in (errno.ESTALE, errno.ENOENT):
                 raise
-            # Rewritten, deleted, or moved by an earlier attempt whose reply was lost.
-            log.info("repair.map_changed", extra={"ino": plan.ino, "error": exc.message})
-            return 0, 0
-        if plan.copyable:
-            for index in plan.missing:
-                try:
-                    await self.chunks.delete(leaving, plan.key(index))
-                except FragmentError as exc:  # garbage for scrub, not a failed move
-                    log.info("repair.old_copy_kept", extra={"key": exc.key, "error": str(exc)})
-        return len(plan.targets), written
+            log.info("repair.map_changed", extra={"ino": ino, "error": exc.message})
+            return []
+        chunks = {c.index: c for c in reply.inode.chunks} if reply.inode else {}
+        named = [
+            p
+            for p in placed
+            if (chunk := chunks.get(p.move.index)) is not None
+            and chunk.chunk_id == p.move.chunk_id
+            and p.move.fragment < len(chunk.fragments)
+            and chunk.fragments[p.move.fragment] == p.move.new_node
+        ]
+        if len(named) < len(placed):
+            log.info("repair.map_changed", extra={"ino": ino, "skipped": len(placed) - len(named)})
+        return named
 
-    async def _missing_fragments(self, plan: ChunkPlan, leaving: str) -> dict[int, bytes]:
-        if plan.copyable:
+    async def release(self, leaving: str, moved: Sequence[Placed]) -> None:
+        """Delete the draining node's copies the chunk map no longer names."""
+        for placed in moved:
             try:
-                return {i: await self.chunks.get(leaving, plan.key(i)) for i in plan.missing}
-            except FragmentError as exc:
-                log.info("repair.copy_failed_decoding", extra={"key": exc.key, "error": str(exc)})
-        holders = {i: plan.ref.fragments[i] for i in plan.sources}
-        got = await self._gather(plan.ref.chunk_id, plan.ref.scheme, plan.scheme, holders)
-        data = await asyncio.to_thread(_decode_verified, plan, got)
-        return await asyncio.to_thread(encode_some, plan.scheme, data, plan.missing)
-
-    async def _gather(
-        self, chunk_id: str, scheme_name: str, scheme: Scheme, holders: dict[int, str]
-    ) -> dict[int, bytes]:
-        """k healthy fragments, data fragments first, asking more holders as some fail."""
-        got: dict[int, bytes] = {}
-        failures: list[str] = []
-        pending = sorted(holders)
-
-        async def one(i: int) -> None:
-            key = fragment_key(chunk_id, scheme_name, i)
-            try:
-                got[i] = await self.chunks.get(holders[i], key)
-            except FragmentError as exc:
-                failures.append(str(exc))
-
-        while len(got) < scheme.k and pending:
-            wanted, pending = pending[: scheme.k - len(got)], pending[scheme.k - len(got) :]
-            await asyncio.gather(*(one(i) for i in wanted))
-        if len(got) < scheme.k:
-            raise Unrecoverable(len(got), scheme.k, "; ".join(failures) or "no other holder")
-        return got
+                await self.chunks.delete(leaving, placed.key)
+            except FragmentError as exc:  # garbage for scrub, not a failed move
+                log.info("repair.old_copy_kept", extra={"key": exc.key, "error": str(exc)})
 
     async def rebuild_in_place(self, node: str, key: str, stores: Sequence[str]) -> int:
         """Re-create one damaged fragment on the node that should hold it; bytes written.
 
         The chunk map is not needed: every store is asked which fragments of the
-        chunk it holds (scrub reports carry no inode).
+        chunk it holds (scrub reports carry no inode, so no length to check the
+        decoded chunk against; each source fragment passes its CRC).
         """
         chunk_id, scheme_name, index = parse_fragment_key(key)
         scheme = Scheme.parse(scheme_name)
@@ -141,28 +149,16 @@ class Rebuilder:
                     holders.setdefault(other, store)
 
         await asyncio.gather(*(ask(store) for store in stores))
-        got = await self._gather(chunk_id, scheme_name, scheme, holders)
-        if scheme.k == 1:
-            data = next(iter(got.values()))
-        else:
-            size = len(next(iter(got.values())))
-            padded = await asyncio.to_thread(decode, scheme, got, size * scheme.k)
-            data = (await asyncio.to_thread(encode_some, scheme, padded, [index]))[index]
-        await self._pace(len(data))
-        await self.chunks.put(node, key, data)
-        return len(data)
+        if len(holders) < scheme.k:
+            raise Unrecoverable(len(holders), scheme.k, "too few holders answered a list")
+        info = await self.chunks.rebuild(node, key, RebuildRequest(sources=holders), scheme.k)
+        await self._pace(info.size)
+        return info.size
 
     async def _pace(self, size: int) -> None:
         delay = self.throttle.delay(size, time.monotonic())
         if delay > 0:
             await asyncio.sleep(delay)
-
-
-def _decode_verified(plan: ChunkPlan, got: dict[int, bytes]) -> bytes:
-    data = decode(plan.scheme, got, plan.ref.stored_length)
-    if hashlib.sha256(data).hexdigest() != plan.ref.chunk_id:
-        raise Unrecoverable(len(got), plan.scheme.k, "decoded chunk fails its SHA-256")
-    return data
 
 
 async def path_of(meta: MetadataClient, ino: int) -> str:

@@ -36,7 +36,7 @@ class RepairSettings(ServiceSettings):
         default=120.0, ge=0, description="how long a DOWN node may come back before repair"
     )
     repair_mb_s: float = Field(default=200.0, ge=0, description="throttle; 0 = unlimited")
-    repair_parallel_chunks: int = Field(default=4, ge=1, le=64)
+    repair_parallel_chunks: int = Field(default=8, ge=1, le=64)
     repair_lease_s: float = 5.0
     repair_renew_s: float = 1.0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from cfs.bus import Bus
+from cfs.erasure import Scheme, encode
 from cfs.supervisor import LocalSite
 from cfs_chunkstore.store import fragment_path, store_root
 from cfs_contracts import REGISTRY, EventPayload
@@ -25,6 +27,7 @@ from cfs_contracts.data import (
     HEADER_ERROR,
     HEADER_KEY,
     ListRequest,
+    RebuildRequest,
     StoreRecord,
     StoreReply,
     Verb,
@@ -289,3 +292,72 @@ async def test_acknowledged_put_survives_kill9(tmp_path: Path) -> None:
         local.stop()
     assert not any(proc.running for proc in local.processes())
     assert not any(server.running for server in local.nats_servers)
+
+
+async def test_rebuild_recreates_a_fragment_from_the_survivors(tmp_path: Path) -> None:
+    """`rebuild`: decoded from k sources (its own read from disk), copied from a draining
+    holder, refused with ENODATA and the count readable when too few survive."""
+    nodes = ["a", "b", "c"]
+    local = LocalSite(tmp_path / "site", nodes, site=SITE, env=FAST)
+    chunk = os.urandom(3 * 1024 * 1024 + 17)
+    chunk_id = hashlib.sha256(chunk).hexdigest()
+    scheme = Scheme.parse("ec2+1")
+    fragments = encode(scheme, chunk)
+
+    def fkey(index: int) -> str:
+        return fragment_key(chunk_id, scheme.name, index)
+
+    async def rebuild(bus: Bus, node: str, index: int, request: RebuildRequest) -> StoreReply:
+        return await control(bus, node, "rebuild", fkey(index), request.model_dump_json().encode())
+
+    try:
+        await local.start()
+        await local.wait_ready()
+        async with await local.client() as bus:
+            for index, node in enumerate(nodes):
+                assert (await put(bus, node, fkey(index), fragments[index])).errno == 0
+            gets: list[str] = []
+
+            async def seen(msg: Msg) -> None:
+                gets.append(msg.subject.split(".")[-2])
+
+            await bus.nc.subscribe(f"cfs.{SITE}.rpc.chunk.*.get", cb=seen)
+            await bus.nc.flush()
+
+            # fragment 1 rebuilt onto a (doubled placement): a reads fragment 0 from its
+            # own disk and only fragment 2 over NATS, from c
+            sources = {0: "a", 2: "c"}
+            reply = await rebuild(bus, "a", 1, RebuildRequest(sources=sources, length=len(chunk)))
+            assert reply.errno == 0, reply.message
+            assert reply.fragment is not None
+            assert reply.fragment.crc32 == zlib.crc32(fragments[1])
+            assert (await call(bus, "a", "get", fkey(1))).data == fragments[1]
+            assert gets.count("c") == 1 and "a" not in gets[:-1], gets
+            stored = [e for e in await data_events(bus) if isinstance(e, FragmentStored)]
+            assert (stored[-1].node_id, stored[-1].key) == ("a", fkey(1))
+
+            # a drain copies from the old holder: no decode, one read of b
+            gets.clear()
+            copy = RebuildRequest(sources=sources, copy_from="b", length=len(chunk))
+            assert (await rebuild(bus, "c", 1, copy)).errno == 0
+            assert gets == ["b"]
+            assert (await call(bus, "c", "get", fkey(1))).data == fragments[1]
+
+            # bytes that pass their CRC but are not this chunk's: the SHA-256 catches them
+            assert (await put(bus, "c", fkey(2), os.urandom(len(fragments[2])))).errno == 0
+            wrong = await rebuild(bus, "b", 1, RebuildRequest(sources=sources, length=len(chunk)))
+            assert wrong.errno == errno.ENODATA
+            assert "fails its SHA-256" in wrong.message
+
+            # too few readable fragments: ENODATA with how many were, nothing stored
+            await control(bus, "c", "delete", fkey(2))
+            lost = await rebuild(bus, "b", 0, RebuildRequest(sources={2: "c"}, length=len(chunk)))
+            assert lost.errno == errno.ENODATA
+            assert lost.readable == 0
+            assert "0 of 2 fragments needed are readable" in lost.message
+            assert "not held by node c" in lost.message
+
+            bad = await control(bus, "b", "rebuild", fkey(0), b"{not json")
+            assert bad.errno == errno.EINVAL
+    finally:
+        local.stop()

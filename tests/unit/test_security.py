@@ -107,6 +107,17 @@ def test_each_role_reads_only_its_own_inbox_and_serves_only_its_subjects() -> No
     assert not permissions(Role.CHUNKSTORE, SITE, 1).may_subscribe(f"cfs.{SITE}.rpc.meta.001")
 
 
+def test_only_repair_asks_for_rebuilds_and_a_store_only_reads_its_peers() -> None:
+    rebuild, get, put = (f"cfs.{SITE}.rpc.chunk.n1.{verb}" for verb in ("rebuild", "get", "put"))
+    assert permissions(Role.REPAIR, SITE, 1).may_publish(rebuild)
+    client = permissions(Role.CLIENT, SITE, 1)
+    assert not client.may_publish(rebuild)
+    assert client.may_publish(get) and client.may_publish(put)
+    store = permissions(Role.CHUNKSTORE, SITE, 1)
+    assert store.may_publish(get)  # a rebuild reads the survivors itself
+    assert not store.may_publish(put) and not store.may_publish(rebuild)
+
+
 def test_permissions_are_per_site() -> None:
     assert not permissions(Role.CLIENT, SITE, 1).may_publish("cfs.other.rpc.meta.001")
     assert permissions(Role.CLIENT, SITE, 1).may_publish(f"cfs.{SITE}.rpc.meta.001")

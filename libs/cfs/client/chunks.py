@@ -20,6 +20,7 @@ from cfs_contracts.data import (
     HEADER_KEY,
     FragmentInfo,
     ListRequest,
+    RebuildRequest,
     StoreReply,
     StoreStatus,
     Verb,
@@ -29,17 +30,37 @@ from cfs_contracts.fs.rpc import FsError
 
 
 class FragmentError(FsError):
-    def __init__(self, node: str, key: str, code: int, message: str, *, unreachable: bool = False):
+    def __init__(
+        self,
+        node: str,
+        key: str,
+        code: int,
+        message: str,
+        *,
+        unreachable: bool = False,
+        readable: int | None = None,
+    ):
         super().__init__(code, f"fragment {key} on {node}: {message}")
         self.node = node
         self.key = key
         self.unreachable = unreachable
+        self.readable = readable  # a failed rebuild: healthy fragments it found
+
+
+class Unrecoverable(Exception):
+    """Fewer than k healthy fragments: the chunk cannot be rebuilt."""
+
+    def __init__(self, available: int, needed: int, detail: str) -> None:
+        super().__init__(f"{available} of {needed} fragments needed are readable ({detail})")
+        self.available = available
+        self.needed = needed
 
 
 class ChunkStoreClient:
-    def __init__(self, bus: Bus, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, bus: Bus, *, timeout_s: float = 10.0, rebuild_timeout_s: float = 60.0):
         self.bus = bus
         self.timeout_s = timeout_s
+        self.rebuild_timeout_s = rebuild_timeout_s
 
     async def put(self, node: str, key: str, data: bytes, crc: int | None = None) -> FragmentInfo:
         """Store durably on `node`; `crc` (CRC-32 of data) if the caller has it already."""
@@ -74,6 +95,28 @@ class ChunkStoreClient:
             raise FragmentError(node, key, errno.EIO, "verify answered without a fragment record")
         return reply.fragment
 
+    async def rebuild(
+        self, node: str, key: str, request: RebuildRequest, needed: int
+    ) -> FragmentInfo:
+        """Have `node` re-create and store fragment `key` itself; `Unrecoverable` when
+        fewer than `needed` (k) fragments could be read."""
+        try:
+            reply = await self._control(
+                node,
+                "rebuild",
+                key,
+                request.model_dump_json().encode(),
+                {HEADER_KEY: key},
+                timeout=self.rebuild_timeout_s,
+            )
+        except FragmentError as exc:
+            if exc.errno == errno.ENODATA:
+                raise Unrecoverable(exc.readable or 0, needed, exc.message) from None
+            raise
+        if reply.fragment is None:
+            raise FragmentError(node, key, errno.EIO, "rebuild answered without a fragment record")
+        return reply.fragment
+
     async def list(self, node: str, request: ListRequest) -> StoreReply:
         return await self._control(node, "list", "", request.model_dump_json().encode(), {})
 
@@ -84,24 +127,37 @@ class ChunkStoreClient:
         return reply.status
 
     async def _control(
-        self, node: str, verb: Verb, key: str, data: bytes, headers: dict[str, str]
+        self,
+        node: str,
+        verb: Verb,
+        key: str,
+        data: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
     ) -> StoreReply:
-        msg = await self._request(node, verb, key, data, headers)
+        msg = await self._request(node, verb, key, data, headers, timeout)
         _raise_for_errno(node, key, msg)
         try:
             reply = StoreReply.model_validate_json(msg.data)
         except ValueError as exc:
             raise FragmentError(node, key, errno.EIO, f"malformed {verb} reply: {exc}") from None
         if reply.errno:
-            raise FragmentError(node, key, reply.errno, reply.message)
+            raise FragmentError(node, key, reply.errno, reply.message, readable=reply.readable)
         return reply
 
     async def _request(
-        self, node: str, verb: Verb, key: str, data: bytes, headers: dict[str, str]
+        self,
+        node: str,
+        verb: Verb,
+        key: str,
+        data: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
     ) -> Msg:
         subject = chunk_rpc_subject(self.bus.site, node, verb)
+        timeout = self.timeout_s if timeout is None else timeout
         try:
-            return await self.bus.request(subject, data, timeout=self.timeout_s, headers=headers)
+            return await self.bus.request(subject, data, timeout=timeout, headers=headers)
         except NoResponders:
             raise FragmentError(
                 node, key or "-", errno.EHOSTDOWN, "chunk-store is not running", unreachable=True
@@ -111,7 +167,7 @@ class ChunkStoreClient:
                 node,
                 key or "-",
                 errno.ETIMEDOUT,
-                f"no answer within {self.timeout_s:.1f}s",
+                f"no answer within {timeout:.1f}s",
                 unreachable=True,
             ) from None
         except BusError as exc:

@@ -1,0 +1,82 @@
+"""Re-create fragments of one chunk from the fragments that survive (DESIGN.md §6).
+
+Shared by the chunk-store (`rebuild` verb: a node rebuilds the fragments it is
+to hold, reading the sources itself, so fragment data never detours through
+the repair coordinator) and by anything else that must regenerate a fragment.
+The decoded chunk is checked against its SHA-256 (the chunk id) whenever its
+length is known, so a fragment that passed its own CRC but holds the wrong
+bytes can never be copied into a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping, Sequence
+
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
+from cfs.erasure import Scheme, decode, encode_some
+from cfs_contracts.data import fragment_key
+
+
+async def gather(
+    chunks: ChunkStoreClient,
+    chunk_id: str,
+    scheme: Scheme,
+    holders: Mapping[int, str],
+    have: Mapping[int, bytes] | None = None,
+) -> dict[int, bytes]:
+    """k healthy fragments (index -> bytes): those in `have` (read locally), then
+    from `holders`, data fragments first, asking more as some fail;
+    `Unrecoverable` when fewer than k answer."""
+    got: dict[int, bytes] = dict(have or {})
+    failures: list[str] = []
+    pending = sorted(i for i in holders if i not in got)
+
+    async def one(i: int) -> None:
+        key = fragment_key(chunk_id, scheme.name, i)
+        try:
+            got[i] = await chunks.get(holders[i], key)
+        except FragmentError as exc:
+            failures.append(str(exc))
+
+    while len(got) < scheme.k and pending:
+        wanted, pending = pending[: scheme.k - len(got)], pending[scheme.k - len(got) :]
+        await asyncio.gather(*(one(i) for i in wanted))
+    if len(got) < scheme.k:
+        raise Unrecoverable(len(got), scheme.k, "; ".join(failures) or "no other holder")
+    return got
+
+
+async def rebuild_fragments(
+    chunks: ChunkStoreClient,
+    chunk_id: str,
+    scheme: Scheme,
+    wanted: Sequence[int],
+    holders: Mapping[int, str],
+    *,
+    length: int | None,
+    have: Mapping[int, bytes] | None = None,
+) -> dict[int, bytes]:
+    """Fragments `wanted` of the chunk, decoded from any k of `have` and `holders`.
+
+    `length`: the chunk's coded length (the chunk map's `stored_length`); None
+    when unknown (a scrub report names no file), which skips the SHA-256 check:
+    the k source fragments have each passed their CRC on the way.
+    """
+    got = await gather(chunks, chunk_id, scheme, holders, have)
+    return await asyncio.to_thread(_decode_and_encode, chunk_id, scheme, got, wanted, length)
+
+
+def _decode_and_encode(
+    chunk_id: str,
+    scheme: Scheme,
+    got: dict[int, bytes],
+    wanted: Sequence[int],
+    length: int | None,
+) -> dict[int, bytes]:
+    size = len(next(iter(got.values())))
+    data = decode(scheme, got, size * scheme.k if length is None else length)
+    if length is not None and hashlib.sha256(data).hexdigest() != chunk_id:
+        raise Unrecoverable(len(got), scheme.k, "decoded chunk fails its SHA-256")
+    return encode_some(scheme, data, wanted)
