@@ -8,25 +8,39 @@ chunk-store nodes killed, and in the same run the raw nats-py request/reply rate
 for 1 MiB payloads to a separate responder process with the same number of
 requests in flight (the transport limit on this machine), with the ratios.
 EC 4+2 sends 1.5 bytes per byte written, so 0.67 x transport is the write ceiling.
+
+The run also measures what the goals can cost at most: the CPU seconds one MiB
+of the raw transport takes (client, responder and nats-server together), and
+in this process the zfec encode, SHA-256 and CRC-32 rates. From those it prints
+the CPU-bound ceiling of each ratio: the work no implementation of this design
+can skip (1.5 MiB through NATS, the encode, the content hash and the CRCs per
+MiB written; 1 MiB through NATS, the hash and the CRCs per MiB read), spread
+over every core at 100 %. A goal above its ceiling cannot be met on this
+machine by any tuning of the code around that work.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
+from cfs.erasure import Scheme, encode
 from cfs.security import Role, connect_options
 from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.site import child_pythonpath
@@ -56,11 +70,63 @@ RESPONDER = textwrap.dedent(
 )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ms_per_mib(work: Callable[[], object], mib: float, rounds: int = 8) -> float:
+    """CPU milliseconds per MiB of `work` (best of `rounds`: the machine is shared)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        work()
+        best = min(best, time.process_time() - start)
+    return best * 1000 / mib
+
+
+def unavoidable_costs(
+    raw_put: float, raw_get: float, raw_put_ms: float, raw_get_ms: float
+) -> dict[str, float]:
+    """CPU ms per MiB written and read that this design cannot skip, and the ceilings:
+    every core busy with nothing else gives cores * 1000 / floor MB/s."""
+    chunk = os.urandom(4 * MiB)
+    scheme = Scheme.parse("ec4+2")
+    encode_ms = ms_per_mib(lambda: encode(scheme, chunk), 4)
+    sha_ms = ms_per_mib(lambda: hashlib.sha256(chunk).digest(), 4)
+    crc_ms = ms_per_mib(lambda: zlib.crc32(chunk), 4)
+    cores = len(os.sched_getaffinity(0))
+    # written: 1.5 MiB of fragments through NATS, coded, hashed, CRC'd by sender and store
+    write_ms = 1.5 * raw_put_ms + encode_ms + sha_ms + 2 * 1.5 * crc_ms
+    # read: 1 MiB through NATS, CRC'd by store and client, the chunk hashed
+    read_ms = raw_get_ms + sha_ms + 2 * crc_ms
+    return {
+        "cores": cores,
+        "raw_put_cpu_ms_per_mib": raw_put_ms,
+        "raw_get_cpu_ms_per_mib": raw_get_ms,
+        "encode_cpu_ms_per_mib": encode_ms,
+        "sha256_cpu_ms_per_mib": sha_ms,
+        "crc32_cpu_ms_per_mib": crc_ms,
+        "write_floor_cpu_ms_per_mib": write_ms,
+        "read_floor_cpu_ms_per_mib": read_ms,
+        "write_ratio_ceiling": cores * 1000 / write_ms / raw_put,
+        "read_ratio_ceiling": cores * 1000 / read_ms / raw_get,
+    }
+
+
 async def raw_transport(
-    url: str, credentials: Path, total_bytes: int, log_dir: Path
-) -> tuple[float, float]:
+    url: str, credentials: Path, total_bytes: int, log_dir: Path, server_pid: int
+) -> tuple[float, float, float, float]:
     """MB/s of 1 MiB requests (put-like) and of 1 MiB replies (get-like), through the
-    same authenticated server the file system uses."""
+    same authenticated server the file system uses, and the CPU ms per MiB each cost
+    (requester, responder and server together)."""
     responder = ManagedProcess(
         "raw-responder",
         [sys.executable, "-c", RESPONDER, url, str(FRAGMENT), str(credentials)],
@@ -76,22 +142,29 @@ async def raw_transport(
         payload = os.urandom(FRAGMENT)
         count = total_bytes // FRAGMENT
 
-        async def run(subject: str, body: bytes) -> float:
+        assert responder.pid is not None
+
+        def cpu() -> float:
+            assert responder.pid is not None
+            return own_cpu_seconds() + cpu_seconds(responder.pid) + cpu_seconds(server_pid)
+
+        async def run(subject: str, body: bytes) -> tuple[float, float]:
             queue = iter(range(count))
 
             async def worker() -> None:
                 for _ in queue:
                     await nc.request(subject, body, timeout=30)
 
-            start = time.perf_counter()
+            start, used = time.perf_counter(), cpu()
             await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-            return count * FRAGMENT / MiB / (time.perf_counter() - start)
+            mib = count * FRAGMENT / MiB
+            return mib / (time.perf_counter() - start), (cpu() - used) * 1000 / mib
 
         await run("raw.put", payload)  # warm up connections and buffers
-        put = await run("raw.put", payload)
-        get = await run("raw.get", b"")
+        put, put_ms = await run("raw.put", payload)
+        get, get_ms = await run("raw.get", b"")
         await nc.close()
-        return put, get
+        return put, get, put_ms, get_ms
     finally:
         responder.stop()
 
@@ -193,7 +266,12 @@ async def run(quick: bool) -> dict[str, float]:
             await site.wait_ready()
             admin = site.credentials(Role.ADMIN)
             assert admin is not None  # a LocalSite is secure by default
-            raw_put, raw_get = await raw_transport(site.urls[0], admin, size, base)
+            server_pid = site.nats_servers[0].pid
+            assert server_pid is not None
+            raw_put, raw_get, put_ms, get_ms = await raw_transport(
+                site.urls[0], admin, size, base, server_pid
+            )
+            costs = unavoidable_costs(raw_put, raw_get, put_ms, get_ms)
             ino, write = await client_write(site, "client.bin", size)
             read = await client_read(site, ino, size)
             fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)
@@ -215,6 +293,7 @@ async def run(quick: bool) -> dict[str, float]:
         "read_ratio": read / raw_get,
         "fuse_write_ratio": fuse_write / write,
         "fuse_read_ratio": fuse_read / read,
+        **costs,
     }
 
 
@@ -243,6 +322,19 @@ def main() -> None:
         f"  ({results['fuse_read_ratio']:.2f} x client; goal >= 0.5)"
     )
     print(f"degraded read (2 nodes down)     {results['degraded_read_mb_s']:8.1f} MB/s")
+    print(
+        f"CPU ms per MiB on {results['cores']:.0f} cores: transport put "
+        f"{results['raw_put_cpu_ms_per_mib']:.2f}, get {results['raw_get_cpu_ms_per_mib']:.2f}; "
+        f"zfec encode {results['encode_cpu_ms_per_mib']:.2f}, SHA-256 "
+        f"{results['sha256_cpu_ms_per_mib']:.2f}, CRC-32 {results['crc32_cpu_ms_per_mib']:.2f}"
+    )
+    for kind, goal in (("write", 0.5), ("read", 0.8)):
+        ceiling = results[f"{kind}_ratio_ceiling"]
+        print(
+            f"{kind} ceiling (work no tuning can skip: "
+            f"{results[f'{kind}_floor_cpu_ms_per_mib']:.2f} ms/MiB)  {ceiling:.2f} x transport"
+            f"; goal {goal} {'reachable' if ceiling >= goal else 'above the ceiling'}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -454,6 +454,7 @@ async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
             labels=settings.labels,
             heartbeat_s=settings.heartbeat_s,
             max_inflight=settings.max_inflight,
+            max_rebuilds=settings.max_rebuilds,
             scrub_mb_s=settings.scrub_mb_s,
             scrub_pass_interval_s=settings.scrub_pass_interval_s,
             scrub_cursor=root / "scrub.json",

@@ -112,6 +112,45 @@ async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) ->
     await _read_back(site, digests)
 
 
+async def test_a_chunk_with_too_few_fragments_left_is_reported_lost_by_path(
+    site: LocalSite,
+) -> None:
+    """Two fragments deleted behind the file system's back, a third node removed: fewer
+    than k=4 survive, so the chunk is named lost (inode and path); the others are rebuilt."""
+    bus = await site.client()
+    meta = MetadataClient(bus)
+    files = FileStore(bus, meta, client_id="writer")
+    await files.start()
+    try:
+        folder = await meta.mkdir(ROOT_INO, "precious")
+        doomed = await meta.create(folder.ino, "ledger.db")
+        await files.write_all(doomed.ino, random.Random(1).randbytes(CS))
+        kept = await meta.create(ROOT_INO, "kept")
+        await files.write_all(kept.ino, random.Random(2).randbytes(CS))
+        chunk = (await meta.getattr(doomed.ino)).chunks[0]
+        victim = chunk.fragments[0]
+        chunks = ChunkStoreClient(bus)
+        for index in (1, 2):
+            key = fragment_key(chunk.chunk_id, chunk.scheme, index)
+            await chunks.delete(chunk.fragments[index], key)
+        site.kill9(victim)
+        lost = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.repair.{victim}.lost", 90))
+        done = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.repair.{victim}.completed", 90))
+        await _set_lifecycle(bus, victim, Lifecycle.REMOVED)
+        report, completed = await lost, await done
+        assert (report["ino"], report["path"]) == (doomed.ino, "/precious/ledger.db")
+        assert (report["chunk_id"], report["available"], report["needed"]) == (
+            chunk.chunk_id,
+            3,
+            4,
+        )
+        assert completed["chunks_lost"] == 1
+        await _check_redundancy(bus, await _inodes(meta, [kept.ino]), victim)
+    finally:
+        await files.close()
+        await bus.close()
+
+
 async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(
     site: LocalSite,
 ) -> None:
