@@ -14,6 +14,7 @@ from pathlib import Path
 from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.client import MetadataClient
 from cfs.lease import ShardLease
+from cfs.service_main import until_jetstream_answers
 from cfs.supervisor import ManagedProcess, NatsCluster
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
@@ -63,8 +64,16 @@ class MetaSite:
     async def provision(self) -> None:
         replicas = min(3, len(self.cluster.servers))
         async with await Bus.connect(self.cluster.urls, site=SITE, node="init") as bus:
-            await ensure_streams(bus.js, site_streams(self.shards), site=SITE, replicas=replicas)
-            await ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+            # A just-started cluster answers JetStream only once it has elected a meta leader.
+            await until_jetstream_answers(
+                "site streams",
+                lambda: ensure_streams(
+                    bus.js, site_streams(self.shards), site=SITE, replicas=replicas
+                ),
+            )
+            await until_jetstream_answers(
+                "site buckets", lambda: ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
+            )
 
     def start_all(self) -> None:
         for proc in self.nodes.values():
