@@ -22,6 +22,7 @@ from pathlib import Path
 
 import nats
 
+from cfs.logs import setup_logging
 from cfs.bus import Bus, ConsumerSpec, Delivery, DurableConsumer, ensure_streams
 from cfs.ids import new_id
 from cfs.supervisor import NatsServer
@@ -151,6 +152,8 @@ async def measure(url: str, n: int, rounds: int) -> dict[str, float]:
 
 
 def main() -> None:
+    # The runs kill nodes and servers on purpose; only errors are worth a line each.
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
     parser = argparse.ArgumentParser(description="bus throughput vs raw nats-py")
     parser.add_argument("--quick", action="store_true", help="fewer events (smoke run)")
     parser.add_argument("--json", type=Path, help="write the figures here")

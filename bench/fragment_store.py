@@ -38,6 +38,7 @@ for sub in ("libs", "contracts", "services"):
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from cfs.logs import setup_logging
 from cfs_chunkstore.store import FileFragmentStore
 
 MiB = 1024 * 1024
@@ -182,6 +183,8 @@ def run(quick: bool, directory: Path | None) -> dict[str, object]:
 
 
 def main() -> None:
+    # The runs kill nodes and servers on purpose; only errors are worth a line each.
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer fragments, one round")
     parser.add_argument("--json", type=Path, help="write the figures here")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from cfs.logs import setup_logging
 from cfs.bus import Bus
 from cfs.client import ChunkStoreClient, FileStore, MetadataClient
 from cfs.lifecycle import set_lifecycle
@@ -175,6 +176,8 @@ async def measure_repair(site: LocalSite, bus: Bus, fragment_mib: int) -> dict[s
 
 
 def main() -> None:
+    # The runs kill nodes and servers on purpose; only errors are worth a line each.
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 kills instead of 6")
     parser.add_argument("--json", type=Path, help="write the figures here")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from cfs.client import MetadataClient
 from cfs.ids import new_id
+from cfs.logs import setup_logging
 from cfs.supervisor import NatsCluster
 from tests.integration.metadata_harness import MetaSite
 
@@ -177,6 +179,8 @@ async def run(quick: bool) -> dict[str, float]:
 
 
 def main() -> None:
+    # The runs kill nodes and servers on purpose; only errors are worth a line each.
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
