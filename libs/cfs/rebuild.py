@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.erasure import Scheme, decode, encode_some
@@ -25,10 +25,11 @@ async def gather(
     scheme: Scheme,
     holders: Mapping[int, str],
     have: Mapping[int, bytes] | None = None,
+    on_error: Callable[[FragmentError], None] | None = None,
 ) -> dict[int, bytes]:
     """k healthy fragments (index -> bytes): those in `have` (read locally), then
-    from `holders`, data fragments first, asking more as some fail;
-    `Unrecoverable` when fewer than k answer."""
+    from `holders`, data fragments first, asking more as some fail (each failure
+    passed to `on_error`); `Unrecoverable` when fewer than k answer."""
     got: dict[int, bytes] = dict(have or {})
     failures: list[str] = []
     pending = sorted(i for i in holders if i not in got)
@@ -39,6 +40,8 @@ async def gather(
             got[i] = await chunks.get(holders[i], key)
         except FragmentError as exc:
             failures.append(str(exc))
+            if on_error is not None:
+                on_error(exc)
 
     while len(got) < scheme.k and pending:
         wanted, pending = pending[: scheme.k - len(got)], pending[scheme.k - len(got) :]

@@ -28,12 +28,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 from cfs.bus import Bus, BusError
-from cfs.client.chunks import ChunkStoreClient, FragmentError
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.erasure import Scheme, choose_scheme, decode, encode
 from cfs.ids import new_id
 from cfs.placement import rank
+from cfs.rebuild import gather
 from cfs_contracts.data import fragment_key
 from cfs_contracts.events.data import FragmentDamaged
 from cfs_contracts.fs import rpc
@@ -218,29 +219,20 @@ class FileStore:
         scheme = Scheme.parse(ref.scheme)
         if len(ref.fragments) != scheme.total:
             raise FsError(errno.EIO, f"inode {ino} chunk {ref.index}: chunk map is malformed")
-        got: dict[int, bytes] = {}
         failures: list[str] = []
 
-        async def one(i: int) -> None:
-            key = fragment_key(ref.chunk_id, scheme.name, i)
-            try:
-                got[i] = await self.chunks.get(ref.fragments[i], key)
-            except FragmentError as exc:
-                failures.append(str(exc))
-                self._report(ino, exc)
+        def failed(exc: FragmentError) -> None:
+            failures.append(str(exc))
+            self._report(ino, exc)
 
-        await asyncio.gather(*(one(i) for i in range(scheme.k)))
-        spare = iter(range(scheme.k, scheme.total))
-        while len(got) < scheme.k:
-            wanted = [i for _, i in zip(range(scheme.k - len(got)), spare, strict=False)]
-            if not wanted:
-                raise FsError(
-                    errno.EIO,
-                    f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: "
-                    f"{len(got)} of the {scheme.k} fragments needed are available "
-                    f"({'; '.join(failures)})",
-                )
-            await asyncio.gather(*(one(i) for i in wanted))
+        holders = dict(enumerate(ref.fragments))
+        try:
+            got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failed)
+        except Unrecoverable as exc:
+            raise FsError(
+                errno.EIO,
+                f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: {exc}",
+            ) from None
         data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
         if failures:
             log.warning(
