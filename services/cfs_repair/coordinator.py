@@ -23,7 +23,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, DurableConsumer, Retry
-from cfs.client.chunks import FragmentError
+from cfs.client.chunks import FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.ids import new_id
@@ -53,7 +53,7 @@ from cfs_contracts.members import (
 )
 from cfs_contracts.streams import NODES
 from cfs_repair.plan import Reason, plan_chunk
-from cfs_repair.rebuild import NoTarget, Placed, Rebuilder, Unrecoverable, path_of
+from cfs_repair.rebuild import NoTarget, Placed, Rebuilder, path_of
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,6 @@ from cfs_repair.plan import ChunkPlan, TokenBucket
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NoTarget", "Placed", "Rebuilder", "Unrecoverable", "path_of"]
-
 
 class NoTarget(Exception):
     """No eligible node can take a fragment right now (retry later)."""

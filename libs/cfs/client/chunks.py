@@ -30,21 +30,11 @@ from cfs_contracts.fs.rpc import FsError
 
 
 class FragmentError(FsError):
-    def __init__(
-        self,
-        node: str,
-        key: str,
-        code: int,
-        message: str,
-        *,
-        unreachable: bool = False,
-        readable: int | None = None,
-    ):
+    def __init__(self, node: str, key: str, code: int, message: str, *, unreachable: bool = False):
         super().__init__(code, f"fragment {key} on {node}: {message}")
         self.node = node
         self.key = key
         self.unreachable = unreachable
-        self.readable = readable  # a failed rebuild: healthy fragments it found
 
 
 class Unrecoverable(Exception):
@@ -100,19 +90,13 @@ class ChunkStoreClient:
     ) -> FragmentInfo:
         """Have `node` re-create and store fragment `key` itself; `Unrecoverable` when
         fewer than `needed` (k) fragments could be read."""
-        try:
-            reply = await self._control(
-                node,
-                "rebuild",
-                key,
-                request.model_dump_json().encode(),
-                {HEADER_KEY: key},
-                timeout=self.rebuild_timeout_s,
-            )
-        except FragmentError as exc:
-            if exc.errno == errno.ENODATA:
-                raise Unrecoverable(exc.readable or 0, needed, exc.message) from None
-            raise
+        body, headers = request.model_dump_json().encode(), {HEADER_KEY: key}
+        msg = await self._request(node, "rebuild", key, body, headers, self.rebuild_timeout_s)
+        reply = _parse_reply(node, "rebuild", key, msg)
+        if reply.errno == errno.ENODATA:
+            raise Unrecoverable(reply.readable or 0, needed, reply.message)
+        if reply.errno:
+            raise FragmentError(node, key, reply.errno, reply.message)
         if reply.fragment is None:
             raise FragmentError(node, key, errno.EIO, "rebuild answered without a fragment record")
         return reply.fragment
@@ -127,22 +111,11 @@ class ChunkStoreClient:
         return reply.status
 
     async def _control(
-        self,
-        node: str,
-        verb: Verb,
-        key: str,
-        data: bytes,
-        headers: dict[str, str],
-        timeout: float | None = None,
+        self, node: str, verb: Verb, key: str, data: bytes, headers: dict[str, str]
     ) -> StoreReply:
-        msg = await self._request(node, verb, key, data, headers, timeout)
-        _raise_for_errno(node, key, msg)
-        try:
-            reply = StoreReply.model_validate_json(msg.data)
-        except ValueError as exc:
-            raise FragmentError(node, key, errno.EIO, f"malformed {verb} reply: {exc}") from None
+        reply = _parse_reply(node, verb, key, await self._request(node, verb, key, data, headers))
         if reply.errno:
-            raise FragmentError(node, key, reply.errno, reply.message, readable=reply.readable)
+            raise FragmentError(node, key, reply.errno, reply.message)
         return reply
 
     async def _request(
@@ -172,6 +145,15 @@ class ChunkStoreClient:
             ) from None
         except BusError as exc:
             raise FragmentError(node, key or "-", errno.EIO, str(exc), unreachable=True) from None
+
+
+def _parse_reply(node: str, verb: Verb, key: str, msg: Msg) -> StoreReply:
+    """The store's `StoreReply`, its errno left to the caller."""
+    _raise_for_errno(node, key, msg)
+    try:
+        return StoreReply.model_validate_json(msg.data)
+    except ValueError as exc:
+        raise FragmentError(node, key, errno.EIO, f"malformed {verb} reply: {exc}") from None
 
 
 def _raise_for_errno(node: str, key: str, msg: Msg) -> None:
