@@ -29,7 +29,6 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 import nats
 
 from cfs.logs import setup_logging
+from cpu_accounting import cpu_seconds, own_cpu_seconds
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
 from cfs.erasure import Scheme, encode
@@ -74,18 +74,6 @@ RESPONDER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def ms_per_mib(work: Callable[[], object], mib: float, rounds: int = 8) -> float:

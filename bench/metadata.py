@@ -29,6 +29,7 @@ from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs.logs import setup_logging
 from cfs.supervisor import NatsCluster
+from cpu_accounting import role_cpu_seconds
 from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
@@ -52,7 +53,10 @@ async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
     return rate
 
 
-async def create_rate(client: MetadataClient, n: int, concurrency: int) -> float:
+async def create_rate(
+    client: MetadataClient, n: int, concurrency: int, roles: dict[str, list[int | None]]
+) -> dict[str, float]:
+    """Creates/s, and the CPU each role spent per create (µs) while they ran."""
     parents = [await client.mkdir(1, f"bench-{new_id()}") for _ in range(concurrency)]
     per = n // concurrency
 
@@ -60,9 +64,30 @@ async def create_rate(client: MetadataClient, n: int, concurrency: int) -> float
         for i in range(per):
             await client.create(parent, f"f{i}")
 
+    cpu_before = role_cpu_seconds(roles)
     start = time.perf_counter()
     await asyncio.gather(*(worker(p.ino) for p in parents))
-    return per * concurrency / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    cpu_after = role_cpu_seconds(roles)
+    done = per * concurrency
+    out = {"creates_per_s": done / elapsed}
+    for role in roles:
+        out[f"create_cpu_us_{role}"] = (cpu_after[role] - cpu_before[role]) / done * 1e6
+    total = sum(out[f"create_cpu_us_{role}"] for role in roles)
+    out["create_cpu_us_total"] = total
+    # What this machine's cores could do at that cost per create, were they never idle.
+    out["creates_per_s_cpu_bound"] = len(os.sched_getaffinity(0)) * 1e6 / total
+    return out
+
+
+def site_roles(site: MetaSite, writer: str) -> dict[str, list[int | None]]:
+    """Processes by role: the shard writer, its followers, the NATS servers, this client."""
+    return {
+        "writer": [site.nodes[writer].pid],
+        "followers": [proc.pid for name, proc in site.nodes.items() if name != writer],
+        "nats": [server.pid for server in site.cluster.servers],
+        "client": [None],
+    }
 
 
 async def stat_rate(client: MetadataClient, n: int, concurrency: int) -> float:
@@ -123,7 +148,8 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
     results["raw_r3_pub_per_s"] = await raw_r3_publish_rate(site.cluster.urls, n)
     bus, client = await site.client(deadline_s=60)
     try:
-        results["creates_per_s"] = await create_rate(client, n, concurrency=64)
+        roles = site_roles(site, await site.writer())
+        results.update(await create_rate(client, n, concurrency=64, roles=roles))
         results["stats_per_s"] = await stat_rate(client, n, concurrency=64)
         p50, p99 = await create_latency(client, 300 if quick else 1000)
         results["create_p50_ms"], results["create_p99_ms"] = p50, p99

@@ -4,12 +4,11 @@ Everything that crosses a process boundary is defined here, so producers and
 consumers of different releases agree on one source of truth.
 """
 
-from cfs_contracts.envelope import HLC, Envelope
+from cfs_contracts.envelope import HLC, Envelope, EventPayload
 from cfs_contracts.registry import (
     REGISTRY,
     ContractError,
     DecodedEvent,
-    EventPayload,
     EventSpec,
     Registry,
     SchemaVersionError,

@@ -15,18 +15,8 @@ from typing import Any
 
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
-from pydantic import BaseModel, create_model
 
-from cfs_contracts import REGISTRY, Envelope, EventSpec, Registry
-
-
-def typed_envelope(spec: EventSpec) -> type[BaseModel]:
-    """The envelope with `payload` narrowed to this event's schema."""
-    fields: dict[str, Any] = {
-        name: (info.annotation, info) for name, info in Envelope.model_fields.items()
-    }
-    fields["payload"] = (spec.model, ...)
-    return create_model(f"{spec.type}Event", __doc__=spec.model.__doc__, **fields)
+from cfs_contracts import REGISTRY, Registry
 
 
 def build(registry: Registry = REGISTRY) -> dict[str, Any]:
@@ -39,7 +29,7 @@ def build(registry: Registry = REGISTRY) -> dict[str, Any]:
             spec.subject_template.replace("{", "<").replace("}", ">"),
             title=f"{spec.type}:v{spec.version}",
             description=f"stream {spec.stream}; schema v{spec.version}.{note}",
-            schema=typed_envelope(spec),
+            schema=spec.typed_envelope(),
         )
     doc = AsyncAPI(
         broker,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 _CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
 
@@ -34,13 +34,24 @@ class HLC(BaseModel):
         return f"{self.wall_ms}.{self.counter}@{self.node}"
 
 
+class EventPayload(BaseModel):
+    """Base of every event payload. Subclasses are registered with `Registry.event`."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    EVENT_TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 0
+
+
 class Envelope(BaseModel):
     """One immutable event as stored in a stream.
 
     `id` is a ULID and doubles as the `Nats-Msg-Id` header, so a retried
-    publish or a redelivery is stored once. `payload` stays a plain dict here:
-    it is validated against the schema of (`type`, `v`) by the registry, after
-    upcasting, so an envelope from an older release still parses.
+    publish or a redelivery is stored once. `payload` is a plain dict when read
+    generically: it is validated against the schema of (`type`, `v`) by the
+    registry, after upcasting, so an envelope from an older release still
+    parses. Envelopes the registry builds or decodes at the current version
+    carry the payload model itself, so it is never converted twice.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -55,7 +66,13 @@ class Envelope(BaseModel):
         default=None, description="id of the command or request this event belongs to"
     )
     causation_id: str | None = Field(default=None, description="id of the event that caused it")
-    payload: dict[str, Any]
+    payload: dict[str, Any] | SerializeAsAny[EventPayload] = Field(union_mode="left_to_right")
+
+    def payload_dict(self) -> dict[str, Any]:
+        """The payload as JSON-ready data, whichever form it is held in."""
+        if isinstance(self.payload, EventPayload):
+            return self.payload.model_dump(mode="json")
+        return self.payload
 
     @field_validator("id", "correlation_id", "causation_id")
     @classmethod

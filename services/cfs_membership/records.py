@@ -13,9 +13,9 @@ incarnation) replaces its final LEFT record.
 
 from __future__ import annotations
 
+from cfs_contracts.envelope import EventPayload
 from cfs_contracts.events.cluster import NodeAlive, NodeDown, NodeJoined, NodeLeft, NodeSuspect
 from cfs_contracts.members import Liveness, MemberRecord
-from cfs_contracts.registry import EventPayload
 from cfs_membership.swim import Changed
 
 LEAVE_REASON = "left gracefully"

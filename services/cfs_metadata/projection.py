@@ -187,7 +187,7 @@ class Projection:
             batch.wb.put(_TERM, _U64.pack(term))
         if batch.inode_delta:
             batch.wb.put(_INODES, _U64.pack(self.inode_count() + batch.inode_delta))
-        self._db.write(batch.wb)
+        self._db.write(batch.finish())
 
     def _prune_replies(self, wb: WriteBatch, below_seq: int) -> None:
         if below_seq <= 0:
@@ -246,7 +246,12 @@ class Projection:
 
 
 class _Batch:
-    """`ShardWriter` into a rocksdict WriteBatch (and an inode count delta)."""
+    """`ShardWriter` into a rocksdict WriteBatch (and an inode count delta).
+
+    Records are sealed once per batch, in `finish`: a group commit of many creates in
+    one directory rewrites that directory's inode once per create, and only the last
+    version is stored.
+    """
 
     def __init__(self, projection: Projection, seq: int) -> None:
         self._projection = projection
@@ -254,29 +259,39 @@ class _Batch:
         self.wb = WriteBatch(raw_mode=True)
         self.inode_delta = 0
         self._seen: dict[int, bool] = {}
+        self._records: dict[bytes, Inode | Dentry | None] = {}
 
     def _exists(self, ino: int) -> bool:
         if ino not in self._seen:
             self._seen[ino] = self._projection.raw_get(_inode_key(ino)) is not None
         return self._seen[ino]
 
+    def finish(self) -> WriteBatch:
+        for key, record in self._records.items():
+            if record is None:
+                self.wb.delete(key)
+            else:
+                self.wb.put(key, seal(record))
+        self._records.clear()
+        return self.wb
+
     def put_inode(self, inode: Inode) -> None:
         if not self._exists(inode.ino):
             self.inode_delta += 1
             self._seen[inode.ino] = True
-        self.wb.put(_inode_key(inode.ino), seal(inode))
+        self._records[_inode_key(inode.ino)] = inode
 
     def del_inode(self, ino: int) -> None:
         if self._exists(ino):
             self.inode_delta -= 1
             self._seen[ino] = False
-        self.wb.delete(_inode_key(ino))
+        self._records[_inode_key(ino)] = None
 
     def put_dentry(self, dentry: Dentry) -> None:
-        self.wb.put(_dentry_key(dentry.parent, dentry.name), seal(dentry))
+        self._records[_dentry_key(dentry.parent, dentry.name)] = dentry
 
     def del_dentry(self, parent: int, name: str) -> None:
-        self.wb.delete(_dentry_key(parent, name))
+        self._records[_dentry_key(parent, name)] = None
 
     def set_next_local(self, value: int) -> None:
         self.wb.put(_LOCAL, _U64.pack(value))

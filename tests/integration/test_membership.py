@@ -14,9 +14,9 @@ from nats.aio.msg import Msg
 from cfs.bus import Bus, BusError
 from cfs.supervisor import LocalSite
 from cfs_contracts import REGISTRY
+from cfs_contracts.envelope import EventPayload
 from cfs_contracts.events.cluster import NodeAlive, NodeDown
 from cfs_contracts.members import Liveness, MemberRecord, member_key
-from cfs_contracts.registry import EventPayload
 from cfs_contracts.streams import CLUSTER, NODES
 from cfs_membership.service import MembershipView, view_subject
 

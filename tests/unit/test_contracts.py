@@ -14,7 +14,7 @@ from cfs_contracts import REGISTRY, Envelope, SchemaVersionError, UnknownEventTy
 from cfs_contracts.asyncapi import build
 from cfs_contracts.envelope import HLC
 from cfs_contracts.events.cluster import NodeJoined, NodeJoinedV1, node_joined_v1_to_v2
-from cfs_contracts.registry import ContractError, MalformedEvent, encode_envelope
+from cfs_contracts.registry import ContractError, MalformedEvent, decode_envelope, encode_envelope
 from cfs_contracts.streams import site_streams
 
 GOLDEN = Path(cfs_contracts.__file__).parent / "golden"
@@ -120,7 +120,25 @@ def test_envelope_round_trip() -> None:
         node="n1",
         hlc=HLC(wall_ms=5, counter=2, node="n1"),
     )
-    assert Envelope.model_validate_json(encode_envelope(env)) == env
+    raw = encode_envelope(env)
+    assert REGISTRY.decode(raw).envelope == env
+    generic = Envelope.model_validate_json(raw)
+    assert generic.payload == env.payload_dict()
+    assert encode_envelope(generic) == raw
+
+
+@pytest.mark.parametrize("path", golden_files(), ids=lambda p: p.stem)
+def test_one_pass_decode_agrees_with_the_generic_path(path: Path) -> None:
+    """Current versions parse straight into their models; the result must not differ."""
+    raw = path.read_bytes()
+    fast = REGISTRY.decode(raw, strict=True)
+    generic = REGISTRY.parse(decode_envelope(raw), strict=True)
+    assert fast.payload == generic.payload
+    assert fast.stored_version == generic.stored_version
+    assert type(fast.envelope) is Envelope
+    assert fast.envelope.model_dump(exclude={"payload"}) == generic.envelope.model_dump(
+        exclude={"payload"}
+    )
 
 
 def test_subject_templates_fill_and_validate() -> None:

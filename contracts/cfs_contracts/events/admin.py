@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.registry import REGISTRY
 
 CommandCode = Literal["ok", "usage", "refused", "failed", "expired"]
 

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import Field
 
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.registry import REGISTRY
 
 _NODE = "cfs.{site}.cluster.node.{node_id}"
 

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.registry import REGISTRY
 
 _DATA = "cfs.{site}.data.{node_id}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cfs_contracts.envelope import EventPayload
 from cfs_contracts.fs.changes import (
     Change,
     DelDentry,
@@ -21,7 +22,7 @@ from cfs_contracts.fs.changes import (
     TxPut,
 )
 from cfs_contracts.fs.rpc import Reply
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.registry import REGISTRY
 
 __all__ = [
     "Change",

@@ -6,7 +6,8 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.registry import REGISTRY
 
 
 class Severity(StrEnum):

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cfs_contracts.registry import REGISTRY, EventPayload
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.registry import REGISTRY
 
 _REPAIR = "cfs.{site}.cluster.repair.{node_id}"
 RepairReason = Literal["down", "removed", "draining"]

@@ -220,8 +220,14 @@ class Bus:
         if subject is None:
             payload = envelope.payload
             for name in spec.placeholders:
-                if name not in keys and name in payload:
-                    keys[name] = str(payload[name])
+                if name in keys:
+                    continue
+                if isinstance(payload, EventPayload):
+                    value = getattr(payload, name, None)
+                else:
+                    value = payload.get(name)
+                if value is not None:
+                    keys[name] = str(value)
             subject = spec.subject(self.site, **keys)
         data = encode_envelope(envelope)
         limit = min(self.nc.max_payload or JOURNAL_MAX_MSG_BYTES, JOURNAL_MAX_MSG_BYTES)
