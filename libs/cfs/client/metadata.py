@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
 
 from cfs.bus import Bus, BusError
 from cfs.ids import new_id
@@ -60,7 +63,7 @@ class MetadataClient:
         a cross-shard transaction) is retried too unless `retry_conflicts` is False.
         """
         if shard is None:
-            shard = getattr(op, "shard", None) or shard_of(_routing_ino(op))
+            shard = _shard_of_op(op)
         name = shard_name(shard)
         subject = meta_rpc_subject(self.bus.site, name)
         data = Request(body=op).model_dump_json().encode()
@@ -200,13 +203,21 @@ class MetadataClient:
             cookie = reply.entries[-1].cookie
 
 
-def _routing_ino(op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp) -> int:
-    """The directory (or inode) whose shard coordinates the operation."""
-    for field in ("new_parent", "parent", "ino"):
-        value = getattr(op, field, None)
-        if isinstance(value, int):
-            return value
-    return 1  # statfs: the root's shard
+def _shard_of_op(op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp) -> int:
+    """The shard that coordinates the operation: named, or that of its directory/inode."""
+    field = _routing_field(type(op))
+    if field is None:
+        return 1  # statfs: the root's shard
+    value = getattr(op, field)
+    return value if field == "shard" else shard_of(value)
+
+
+@functools.cache
+def _routing_field(op_type: type[BaseModel]) -> str | None:
+    """Looked up once per op type: a missing attribute on a pydantic model is costly."""
+    return next(
+        (f for f in ("shard", "new_parent", "parent", "ino") if f in op_type.model_fields), None
+    )
 
 
 def _inode(reply: Reply) -> Inode:
