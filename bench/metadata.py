@@ -6,6 +6,10 @@ Figures: creates/s and stats/s with many concurrent clients, p50/p99 create
 latency at low load, writer-process failover and NATS-server failover seconds
 (median of several kill -9), and, in the same run, the raw rate of fsync'd R3
 JetStream publishes of one event each, pipelined, for the ratio.
+
+Where the create rate comes from, measured in the same run: the CPU each
+process spends per create (writer, followers, NATS servers, client), and the
+rate of the same message flow with no file-system work in it (`flow_ceiling`).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import nats
+from nats.js.api import StorageType, StreamConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,11 +34,59 @@ sys.path.insert(0, str(ROOT))
 from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs.logs import setup_logging
-from cfs.supervisor import NatsCluster
+from cfs.supervisor import ManagedProcess, NatsCluster
 from cpu_accounting import role_cpu_seconds
 from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
+
+# The message flow of a create with no file-system work in it (see `flow_ceiling`).
+FLOW_BYTES = 200  # per op: request, journal record and reply, each
+FLOW_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys, nats
+    async def main():
+        nc = await nats.connect(sys.argv[1].split(","))
+        js = nc.jetstream()
+        record = b"j" * int(sys.argv[2])
+        reply = b"r" * int(sys.argv[2])
+        queue, wake = [], asyncio.Event()
+        async def on_request(msg):
+            queue.append(msg)
+            wake.set()
+        await nc.subscribe("flow.rpc", queue="writer", cb=on_request)
+        last = (await js.stream_info("FLOW")).state.last_seq
+        print("READY", flush=True)
+        while True:
+            await wake.wait()
+            wake.clear()
+            batch = queue[:512]
+            del queue[:512]
+            if queue:
+                wake.set()
+            ack = await js.publish(
+                "flow.journal", record * len(batch),
+                headers={"Nats-Expected-Last-Sequence": str(last)},
+            )
+            last = ack.seq
+            for msg in batch:
+                await nc.publish(msg.reply, reply)
+    asyncio.run(main())
+    """
+)
+FLOW_FOLLOWER = textwrap.dedent(
+    """
+    import asyncio, sys, nats
+    async def main():
+        nc = await nats.connect(sys.argv[1].split(","))
+        js = nc.jetstream()
+        sub = await js.subscribe("flow.journal", stream="FLOW", ordered_consumer=True)
+        print("READY", flush=True)
+        while True:
+            await sub.next_msg(timeout=None)
+    asyncio.run(main())
+    """
+)
 
 
 async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
@@ -51,6 +105,71 @@ async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
     rate = n / (time.perf_counter() - start)
     await nc.close()
     return rate
+
+
+async def flow_ceiling(
+    urls: list[str], n: int, concurrency: int, nats_pids: list[int | None], log_dir: Path
+) -> dict[str, float]:
+    """Creates/s if creating a file cost nothing but its messages.
+
+    The same flow as a create, in plain nats-py, in processes laid out as the real
+    ones: `concurrency` requests in flight from this process to a writer process,
+    which group-commits them into an R3 fsync'd stream with an expected last
+    sequence and then replies to each; two follower processes tail the stream.
+    No parsing, no checks, no records: the most any Python implementation of this
+    design can reach on this machine.
+    """
+    nc = await nats.connect(urls)
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(
+            name="FLOW", subjects=["flow.journal"], num_replicas=3, storage=StorageType.FILE
+        )
+    )
+    procs = [
+        ManagedProcess(
+            name,
+            [sys.executable, "-c", script, ",".join(urls), str(FLOW_BYTES)],
+            log_path=log_dir / f"{name}.log",
+        )
+        for name, script in (
+            ("flow-writer", FLOW_WRITER),
+            ("flow-follower-1", FLOW_FOLLOWER),
+            ("flow-follower-2", FLOW_FOLLOWER),
+        )
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.wait_until(lambda p=proc: "READY" in p.log_tail(5), 30, proc.name)
+        roles: dict[str, list[int | None]] = {
+            "writer": [procs[0].pid],
+            "followers": [proc.pid for proc in procs[1:]],
+            "nats": nats_pids,
+            "client": [None],
+        }
+        request = b"q" * FLOW_BYTES
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                await nc.request("flow.rpc", request, timeout=30)
+
+        cpu_before = role_cpu_seconds(roles)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+        cpu_after = role_cpu_seconds(roles)
+        out = {"flow_ceiling_creates_per_s": n / elapsed}
+        for role in roles:
+            out[f"flow_cpu_us_{role}"] = (cpu_after[role] - cpu_before[role]) / n * 1e6
+        return out
+    finally:
+        for proc in procs:
+            proc.stop()
+        await js.delete_stream("FLOW")
+        await nc.close()
 
 
 async def create_rate(
@@ -146,6 +265,12 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
     kills = 2 if quick else 5
     results: dict[str, float] = {}
     results["raw_r3_pub_per_s"] = await raw_r3_publish_rate(site.cluster.urls, n)
+    nats_pids: list[int | None] = [server.pid for server in site.cluster.servers]
+    results.update(
+        await flow_ceiling(
+            site.cluster.urls, n, concurrency=64, nats_pids=nats_pids, log_dir=site.base
+        )
+    )
     bus, client = await site.client(deadline_s=60)
     try:
         roles = site_roles(site, await site.writer())
@@ -222,6 +347,10 @@ def main() -> None:
     }
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print(
+        f"the message flow alone allows {results['flow_ceiling_creates_per_s']:.0f} creates/s "
+        f"here; at today's CPU per create the cores allow {results['creates_per_s_cpu_bound']:.0f}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
