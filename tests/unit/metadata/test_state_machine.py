@@ -26,7 +26,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from cfs_contracts.events.metadata import JournalEntry
+from cfs.ids import new_id
+from cfs_contracts import REGISTRY
+from cfs_contracts.envelope import HLC
+from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
 from cfs_contracts.fs.records import (
     ROOT_INO,
     SHARD_BITS,
@@ -61,6 +64,7 @@ from cfs_contracts.fs.rpc import (
     Symlink,
     Unlink,
 )
+from cfs_contracts.registry import decode_envelope, encode_envelope
 from cfs_metadata.decide import bootstrap_entry, decide
 from cfs_metadata.reads import read
 from cfs_metadata.state import MemoryShard, Overlay, ShardView, apply_entries
@@ -124,6 +128,24 @@ def replay(entries: list[JournalEntry], into: MemoryShard | None = None) -> Memo
     shard = into if into is not None else MemoryShard(1)
     apply_entries(shard, entries)
     return shard
+
+
+def through_the_journal(entries: list[JournalEntry]) -> list[JournalEntry]:
+    """The entries as a follower reads them: one MetaCommitted event, encoded and decoded.
+
+    Both decoders must agree: the one-pass decode of current versions and the generic
+    path that upcasts older ones.
+    """
+    payload = MetaCommitted(shard="001", term=1, entries=tuple(entries))
+    envelope = REGISTRY.envelope(
+        payload, event_id=new_id(), site="t", node="a", hlc=HLC(wall_ms=1, counter=0, node="a")
+    )
+    raw = encode_envelope(envelope)
+    fast = REGISTRY.decode(raw, strict=True).payload
+    generic = REGISTRY.parse(decode_envelope(raw), strict=True).payload
+    assert fast == generic == payload, "the journal codec changed an entry"
+    assert isinstance(fast, MetaCommitted)
+    return list(fast.entries)
 
 
 def read_outcome(shard: MemoryShard, op: ReadOp) -> Outcome:
@@ -770,6 +792,9 @@ class MetadataMachine(RuleBasedStateMachine):
     def crash_and_replay(self, data: st.DataObject) -> None:
         journal = self.h.journal
         assert_same_shard(replay(journal), self.h.state, "full replay")
+        assert_same_shard(
+            replay(through_the_journal(journal)), self.h.state, "replay of the encoded journal"
+        )
         # a restart resumes after the last applied sequence number: no entry twice
         applied = data.draw(st.integers(0, len(journal)))
         resumed = replay(journal[:applied])
