@@ -24,3 +24,10 @@ def role_cpu_seconds(roles: dict[str, list[int | None]]) -> dict[str, float]:
         role: sum(own_cpu_seconds() if pid is None else cpu_seconds(pid) for pid in pids)
         for role, pids in roles.items()
     }
+
+
+def cpu_us_per_op(
+    before: dict[str, float], after: dict[str, float], ops: int, prefix: str
+) -> dict[str, float]:
+    """Microseconds of CPU each role spent per operation between two snapshots."""
+    return {f"{prefix}_{role}": (after[role] - before[role]) / ops * 1e6 for role in before}

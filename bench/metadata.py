@@ -35,7 +35,7 @@ from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs.logs import setup_logging
 from cfs.supervisor import ManagedProcess, NatsCluster
-from cpu_accounting import role_cpu_seconds
+from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
@@ -161,10 +161,10 @@ async def flow_ceiling(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
         cpu_after = role_cpu_seconds(roles)
-        out = {"flow_ceiling_creates_per_s": n / elapsed}
-        for role in roles:
-            out[f"flow_cpu_us_{role}"] = (cpu_after[role] - cpu_before[role]) / n * 1e6
-        return out
+        return {
+            "flow_ceiling_creates_per_s": n / elapsed,
+            **cpu_us_per_op(cpu_before, cpu_after, n, "flow_cpu_us"),
+        }
     finally:
         for proc in procs:
             proc.stop()
@@ -189,11 +189,9 @@ async def create_rate(
     elapsed = time.perf_counter() - start
     cpu_after = role_cpu_seconds(roles)
     done = per * concurrency
-    out = {"creates_per_s": done / elapsed}
-    for role in roles:
-        out[f"create_cpu_us_{role}"] = (cpu_after[role] - cpu_before[role]) / done * 1e6
-    total = sum(out[f"create_cpu_us_{role}"] for role in roles)
-    out["create_cpu_us_total"] = total
+    per_role = cpu_us_per_op(cpu_before, cpu_after, done, "create_cpu_us")
+    total = sum(per_role.values())
+    out = {"creates_per_s": done / elapsed, **per_role, "create_cpu_us_total": total}
     # What this machine's cores could do at that cost per create, were they never idle.
     out["creates_per_s_cpu_bound"] = len(os.sched_getaffinity(0)) * 1e6 / total
     return out
