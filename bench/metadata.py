@@ -309,6 +309,9 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
     finally:
         await bus.close()
     results["ratio_creates_to_raw_pub"] = results["creates_per_s"] / results["raw_r3_pub_per_s"]
+    results["ratio_creates_to_flow_ceiling"] = (
+        results["creates_per_s"] / results["flow_ceiling_creates_per_s"]
+    )
     return results
 
 
@@ -345,9 +348,12 @@ def main() -> None:
     }
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    flow_us = sum(v for k, v in results.items() if k.startswith("flow_cpu_us_"))
     print(
         f"the message flow alone allows {results['flow_ceiling_creates_per_s']:.0f} creates/s "
-        f"here; at today's CPU per create the cores allow {results['creates_per_s_cpu_bound']:.0f}"
+        f"here ({flow_us:.0f} µs of CPU per create); with the file-system work "
+        f"({results['create_cpu_us_total'] - flow_us:.0f} µs more) the cores allow "
+        f"{results['creates_per_s_cpu_bound']:.0f}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
