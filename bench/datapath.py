@@ -40,17 +40,17 @@ from pathlib import Path
 
 import nats
 
-from cfs.logs import setup_logging
-from cpu_accounting import cpu_seconds, own_cpu_seconds
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
 from cfs.erasure import Scheme, encode
+from cfs.logs import setup_logging
 from cfs.security import Role, connect_options
 from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.site import child_pythonpath
 from cfs_chunkstore.store import FileFragmentStore
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ROOT_INO
+from cpu_accounting import cpu_seconds, own_cpu_seconds
 
 MiB = 1024 * 1024
 FRAGMENT = MiB  # a 4 MiB chunk in 4+2 is four 1 MiB data fragments
