@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from cfs.ratelimit import TokenBucket
 from cfs_chunkstore.store import FragmentCorrupt, FragmentNotFound, FragmentStore, StoreError
 from cfs_contracts.data import FragmentInfo
 from cfs_contracts.events.data import FragmentDamaged
@@ -46,29 +47,6 @@ MIN_REST_S = 0.1  # between passes, even when told 0: an empty store must not sp
 
 Report = Callable[[FragmentDamaged], Awaitable[object]]
 Sleep = Callable[[float], Awaitable[None]]
-
-
-class TokenBucket:
-    """`rate` bytes per second with up to `burst` bytes saved up; starts empty.
-
-    `take(cost, now)` spends `cost` bytes (the balance may go negative) and answers
-    how long to sleep before using them: over any stretch, sleeps plus work add up
-    to at least (bytes taken - burst) / rate.
-    """
-
-    def __init__(self, rate: float, *, burst: float | None = None, now: float = 0.0) -> None:
-        if rate <= 0:
-            raise ValueError(f"token bucket rate must be > 0, got {rate}")
-        self.rate = rate
-        self.burst = rate if burst is None else burst  # one second's worth
-        self.tokens = 0.0
-        self.stamp = now
-
-    def take(self, cost: float, now: float) -> float:
-        elapsed = max(0.0, now - self.stamp)
-        self.stamp = now
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate) - cost
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
 @dataclass(frozen=True)
@@ -175,7 +153,8 @@ class Scrubber:
         self.save_every_s = save_every_s
         self._clock = clock
         self._sleep = sleep
-        self.bucket = TokenBucket(mb_s * MiB, now=clock()) if mb_s > 0 else None
+        # Starts empty: a scrub that starts (or restarts) is paced from its first byte.
+        self.bucket = TokenBucket(mb_s * MiB, full=False, now=clock()) if mb_s > 0 else None
         self.cursor = load_cursor(cursor_path)
         self._reported: set[str] = set()  # keys reported in this pass
         self._saved_at = clock()

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from cfs.erasure import Scheme
 from cfs.placement import Candidate, rank
+from cfs.ratelimit import TokenBucket as TokenBucket  # re-export: service.py builds with it
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ChunkRef
 
@@ -78,22 +79,3 @@ def plan_chunk(
         targets=targets,
         copyable=copyable,
     )
-
-
-class TokenBucket:
-    """Throttle in bytes per second; `delay(n, now)` is how long to wait before sending n."""
-
-    def __init__(self, rate_bytes_s: float, burst_bytes: float | None = None) -> None:
-        self.rate = rate_bytes_s
-        self.burst = burst_bytes if burst_bytes is not None else rate_bytes_s
-        self.tokens = self.burst
-        self.last: float | None = None
-
-    def delay(self, size: int, now: float) -> float:
-        if self.rate <= 0:
-            return 0.0
-        if self.last is not None:
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        self.tokens -= size
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate

@@ -27,11 +27,12 @@ from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.erasure import Scheme
 from cfs.ids import new_id
+from cfs.ratelimit import TokenBucket
 from cfs_contracts.data import ListRequest, RebuildRequest, parse_fragment_key
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import ROOT_INO, shard_of
 from cfs_contracts.fs.rpc import FragmentMove, FsError
-from cfs_repair.plan import ChunkPlan, TokenBucket
+from cfs_repair.plan import ChunkPlan
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Rebuilder:
         return info.size
 
     async def _pace(self, size: int) -> None:
-        delay = self.throttle.delay(size, time.monotonic())
+        delay = self.throttle.take(size, time.monotonic())
         if delay > 0:
             await asyncio.sleep(delay)
 

@@ -17,7 +17,6 @@ from cfs_chunkstore.scrub import (
     Cursor,
     MiB,
     Scrubber,
-    TokenBucket,
     load_cursor,
     save_cursor,
 )
@@ -113,20 +112,6 @@ def scrubber(
         sleep=fake.sleep,
         save_every_s=save_every_s,
     )
-
-
-def test_token_bucket_sleeps_off_its_debt() -> None:
-    bucket = TokenBucket(MiB, now=0.0)  # 1 MiB/s, starts empty, 1 s of burst
-    assert bucket.take(MiB // 2, now=0.0) == pytest.approx(0.5)
-    # slept 0.5 s: the debt is paid, the next half MiB costs another 0.5 s
-    assert bucket.take(MiB // 2, now=0.5) == pytest.approx(0.5)
-    # idle for 10 s: only one second's worth was saved up
-    assert bucket.take(MiB, now=11.0) == 0.0
-    assert bucket.take(MiB, now=11.0) == pytest.approx(1.0)
-    # time spent verifying counts as pacing too
-    assert bucket.take(MiB // 4, now=12.0 + 0.25) == 0.0
-    with pytest.raises(ValueError):
-        TokenBucket(0)
 
 
 async def test_pass_finds_flipped_and_missing_fragments(

@@ -9,7 +9,7 @@ from cfs.placement import Candidate
 from cfs_contracts.fs.records import ChunkRef
 from cfs_contracts.members import Lifecycle, Liveness, MemberRecord, NodeAdmin, RepairJob
 from cfs_repair.coordinator import due
-from cfs_repair.plan import Reason, TokenBucket, plan_chunk
+from cfs_repair.plan import Reason, plan_chunk
 
 NODES = [f"n{i}" for i in range(1, 9)]
 
@@ -93,11 +93,3 @@ def test_removed_and_draining_nodes_are_due_at_once() -> None:
         ("n3", Reason.REMOVED, 5),
         ("n4", Reason.DRAINING, 6),
     ]
-
-
-def test_token_bucket_paces_to_the_rate() -> None:
-    bucket = TokenBucket(rate_bytes_s=1000, burst_bytes=1000)
-    assert bucket.delay(1000, now=0.0) == 0.0
-    assert bucket.delay(500, now=0.0) == 0.5
-    assert bucket.delay(0, now=10.0) == 0.0  # refilled, capped at the burst
-    assert TokenBucket(0).delay(10**9, now=0.0) == 0.0
