@@ -100,20 +100,27 @@ async def retry(
     *,
     extra: Mapping[str, object] | None = None,
     logger: logging.Logger | None = None,
+    failed: BaseException | None = None,
+    started: float | None = None,
 ) -> T:
     """`await call()` until it succeeds, fails for good, or the deadline passes.
 
     The deadline counts from the first attempt: a call that fails slowly (a request
-    timing out) spends the budget too."""
-    started = time.monotonic()
-    try:
-        return await call()
-    except Exception as exc:
-        if not policy.temporary(exc):
-            raise
-        first = exc
+    timing out) spends the budget too. A hot path that made its first attempt inline
+    (not even a coroutine for the retry machinery) passes its error as `failed` and
+    the `time.monotonic()` it `started` at; retrying goes on from there."""
+    if failed is None:
+        started = time.monotonic() if started is None else started
+        try:
+            return await call()
+        except Exception as exc:
+            if not policy.temporary(exc):
+                raise
+            failed = exc
+    elif not policy.temporary(failed):
+        raise failed
     backoff = Backoff(policy, extra=extra, logger=logger, started=started)
-    await backoff.wait(first)
+    await backoff.wait(failed)
     while True:
         try:
             return await call()

@@ -212,3 +212,25 @@ def test_bus_boundary_classification() -> None:
     assert any_bus_error(nats.js.errors.NotFoundError())
     assert any_bus_error(nats.errors.ConnectionClosedError())
     assert not any_bus_error(ValueError())
+
+
+async def test_a_hot_path_hands_over_its_inline_first_failure(clock: FakeClock) -> None:
+    """The caller made attempt 1 itself; retry sleeps first and keeps its deadline."""
+    started = clock.now
+    clock.now += 3.25  # the inline attempt took 3.25 s
+    call = Flaky([BusUnavailable("still")] * 10, clock, cost_s=1.0)
+    policy = RetryPolicy("thing", deadline_s=5.0, first_delay_s=0.5, max_delay_s=0.5)
+    with pytest.raises(BusUnavailable):
+        await retry(call, policy, failed=BusUnavailable("first"), started=started)
+    assert clock.sleeps[0] == 0.5  # no immediate second try
+    assert call.calls == 1  # 3.75-4.75 s; another would start at 5.25 > 5
+
+
+async def test_a_permanent_inline_failure_is_raised_without_a_call(clock: FakeClock) -> None:
+    call = Flaky([], clock)
+    refused = PublishFailed("refused")
+    with pytest.raises(PublishFailed) as raised:
+        await retry(call, RetryPolicy("thing"), failed=refused, started=clock.now)
+    assert raised.value is refused
+    assert call.calls == 0
+    assert clock.sleeps == []
