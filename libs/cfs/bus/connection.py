@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+# A module import: cfs.retry imports cfs.bus.errors, which imports this package first.
+import cfs.retry as retrying
 from cfs.bus.errors import (
     BusError,
     BusUnavailable,
@@ -453,30 +454,46 @@ class Bus:
         """Jittered backoff on temporary errors until a hard deadline (STYLE.md #3);
         a publish the server refused for lack of permission is not retried."""
         budget = timeout or self.publish_timeout
-        deadline = time.monotonic() + budget
-        delay = 0.05
-        tries = 0
-        while True:
+        started = time.monotonic()
+        deadline = started + budget
+        tries = 1
+        try:  # the hot path: one attempt, nothing else
+            return await attempt(max(0.05, min(budget, 2.0)))
+        except BusError as exc:
+            failed = self._unless_refused(exc, subject, what)
+
+        async def again() -> Ack:
+            nonlocal tries
             tries += 1
-            remaining = deadline - time.monotonic()
             try:
-                return await attempt(max(0.05, min(remaining, 2.0)))
+                return await attempt(max(0.05, min(deadline - time.monotonic(), 2.0)))
             except BusError as exc:
-                if exc.temporary and (denied := self._refused(subject)):
-                    raise PublishFailed(f"{what}: {denied}") from None
-                if not exc.temporary or time.monotonic() + delay >= deadline:
-                    if exc.temporary:
-                        raise PublishTimeout(
-                            f"{what}: not acknowledged within {budget:g}s "
-                            f"({tries} attempts; last: {exc})"
-                        ) from None
+                refused = self._unless_refused(exc, subject, what)
+                if refused is exc:
                     raise
-                level = logging.INFO if tries < 3 else logging.WARNING
-                log.log(
-                    level, "publish.retry", extra={"what": what, "try": tries, "error": str(exc)}
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.5)
+                raise refused from None
+
+        try:
+            # Only a failed first attempt gets here, so the policy is built on demand.
+            policy = retrying.RetryPolicy(
+                what, deadline_s=budget, first_delay_s=0.05, max_delay_s=0.5
+            )
+            return await retrying.retry(
+                again, policy, extra={"subject": subject}, failed=failed, started=started
+            )
+        except BusError as exc:
+            if not exc.temporary:
+                raise
+            raise PublishTimeout(
+                f"{what}: not acknowledged within {budget:g}s ({tries} attempts; last: {exc})"
+            ) from None
+
+    def _unless_refused(self, exc: BusError, subject: str, what: str) -> BusError:
+        """`exc`, or PublishFailed when the server refused the publish for lack of a
+        permission: it drops the message, so that looks like a (temporary) timeout."""
+        if exc.temporary and (denied := self._refused(subject)):
+            return PublishFailed(f"{what}: {denied}")
+        return exc
 
 
 def _error_headers(exc: BaseException) -> dict[str, str]:

@@ -22,6 +22,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 
+# A module import: cfs.retry imports cfs.bus.errors, which imports this package first.
+import cfs.retry as retrying
 from cfs.bus.connection import Bus
 from cfs.bus.errors import BusError, ProvisionError
 from cfs.telemetry import context_from_headers, tracer
@@ -127,6 +129,18 @@ class DurableConsumer:
         """Fetch and handle until stopped; survives reconnects and leader changes."""
         await self.ensure()
         sub = await self.bus.js.pull_subscribe_bind(self.spec.durable, stream=self.spec.stream)
+        # Fetching outlives any bus failure (no deadline); quiet while a leader moves.
+        backoff = retrying.Backoff(
+            retrying.RetryPolicy(
+                f"fetch from {self.spec.durable}",
+                temporary=retrying.any_bus_error,
+                deadline_s=None,
+                first_delay_s=0.5,
+                max_delay_s=5.0,
+            ),
+            extra={"stream": self.spec.stream, "consumer": self.spec.durable},
+            logger=log,
+        )
         try:
             while not self._stopping.is_set():
                 try:
@@ -140,15 +154,10 @@ class DurableConsumer:
                 except nats.errors.Error as exc:  # includes JetStream API errors
                     if self._stopping.is_set() or self.bus.nc.is_closed:
                         return
-                    log.warning(
-                        "consumer.fetch_failed",
-                        extra={
-                            "stream": self.spec.stream,
-                            "consumer": self.spec.durable,
-                            "error": str(exc) or type(exc).__name__,
-                        },
-                    )
-                    await asyncio.sleep(0.5)
+                    await backoff.wait(exc)
+                    continue
+                if backoff.attempts:
+                    backoff.reset()
         finally:
             if not self.bus.nc.is_closed:
                 await sub.unsubscribe()

@@ -7,9 +7,7 @@ operator's change.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -25,6 +23,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
+# A module import: cfs.retry imports cfs.bus.errors, which imports this package first.
+import cfs.retry as retrying
 from cfs.bus.errors import ProvisionError
 from cfs_contracts.streams import KVSpec, Retention, StreamSpec
 
@@ -38,17 +38,20 @@ _FORMING_WAIT_S = 20.0
 T = TypeVar("T")
 
 
+def _forming(exc: BaseException) -> bool:
+    return isinstance(exc, nats.js.errors.APIError) and exc.err_code in _FORMING
+
+
 async def _while_forming(what: str, call: Callable[[], Awaitable[T]]) -> T:
     """Retry `call` while the cluster is still placing peers; other errors pass through."""
-    deadline = time.monotonic() + _FORMING_WAIT_S
-    while True:
-        try:
-            return await call()
-        except nats.js.errors.APIError as exc:
-            if exc.err_code not in _FORMING or time.monotonic() > deadline:
-                raise
-            log.info("provision.cluster_forming", extra={"what": what, "error": exc.description})
-            await asyncio.sleep(0.25)
+    policy = retrying.RetryPolicy(
+        f"provision {what}",
+        temporary=_forming,
+        deadline_s=_FORMING_WAIT_S,
+        first_delay_s=0.25,
+        max_delay_s=1.0,
+    )
+    return await retrying.retry(call, policy)
 
 
 class Change(StrEnum):
