@@ -9,11 +9,10 @@ reported as `Leader not available`.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import errno
 import functools
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 
@@ -21,6 +20,7 @@ from pydantic import BaseModel
 
 from cfs.bus import Bus, BusError
 from cfs.ids import new_id
+from cfs.retry import RetryPolicy, retry
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import Inode, Kind, shard_of
 from cfs_contracts.fs.rpc import DirEntry, FsError, Reply, Request
@@ -39,6 +39,17 @@ class LeaderUnavailable(FsError):
         self.shard = shard
 
 
+class _NotServing(Exception):
+    """A reply that asks to be sent again: from a replica that is not (or no longer)
+    the writer, or EAGAIN for records locked by a cross-shard transaction."""
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    # Every bus failure on a request (no responders, no reply, reconnecting) is a
+    # writer that is moving or not elected yet.
+    return isinstance(exc, _NotServing | BusError)
+
+
 class MetadataClient:
     def __init__(
         self, bus: Bus, *, deadline_s: float = 30.0, attempt_timeout_s: float = 0.5
@@ -47,8 +58,23 @@ class MetadataClient:
         then died gets no reply, and a retry (same op id, so never applied twice) finds
         the new writer. Operations normally answer within milliseconds."""
         self.bus = bus
-        self.deadline_s = deadline_s
         self.attempt_timeout_s = attempt_timeout_s
+        self._policy = RetryPolicy(
+            "metadata request",
+            temporary=_worth_retrying,
+            deadline_s=deadline_s,
+            # A new writer is usually serving within a lease time: keep retries frequent.
+            first_delay_s=0.02,
+            max_delay_s=0.1,
+        )
+
+    @property
+    def deadline_s(self) -> float:
+        return self._policy.deadline_s or 0.0
+
+    @deadline_s.setter
+    def deadline_s(self, value: float) -> None:
+        self._policy = dataclasses.replace(self._policy, deadline_s=value)
 
     async def call(
         self,
@@ -68,26 +94,29 @@ class MetadataClient:
         subject = meta_rpc_subject(self.bus.site, name)
         data = Request(body=op).model_dump_json().encode()
         started = time.monotonic()
-        delay = 0.02
-        last = "no attempt"
-        while True:
-            try:
-                msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
-                reply = Reply.model_validate_json(msg.data)
-                retry = reply.not_leader or (retry_conflicts and reply.errno in _RETRY_ERRNOS)
-                if not retry:
-                    if reply.errno:
-                        raise FsError(reply.errno, reply.message)
-                    return reply
-                last = reply.message
-            except BusError as exc:
-                last = str(exc)
-            waited = time.monotonic() - started
-            if waited + delay > self.deadline_s:
-                raise LeaderUnavailable(name, waited, last)
-            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            # A new writer is usually serving within a lease time: keep retries frequent.
-            delay = min(delay * 2, 0.1)
+        try:  # the hot path: one attempt, nothing else
+            return await self._attempt(subject, data, retry_conflicts)
+        except (_NotServing, BusError) as exc:
+            failed = exc
+        try:
+            return await retry(
+                lambda: self._attempt(subject, data, retry_conflicts),
+                self._policy,
+                extra={"shard": name},
+                failed=failed,
+                started=started,
+            )
+        except (_NotServing, BusError) as exc:
+            raise LeaderUnavailable(name, time.monotonic() - started, str(exc)) from None
+
+    async def _attempt(self, subject: str, data: bytes, retry_conflicts: bool) -> Reply:
+        msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
+        reply = Reply.model_validate_json(msg.data)
+        if reply.not_leader or (retry_conflicts and reply.errno in _RETRY_ERRNOS):
+            raise _NotServing(reply.message)
+        if reply.errno:
+            raise FsError(reply.errno, reply.message)
+        return reply
 
     # -- conveniences ----------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> Inode:
