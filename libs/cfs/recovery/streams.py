@@ -49,6 +49,7 @@ from nats.aio.msg import Msg
 
 from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.bus.provision import ensure_buckets, ensure_streams
+from cfs.retry import RetryPolicy, retry
 from cfs.security import connect_options
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
@@ -96,6 +97,14 @@ _EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
 
 class RecoveryError(Exception):
     """An export or import that cannot be trusted; the message says which stream and why."""
+
+
+class _Unanswered(Exception):
+    """No replica answered a direct get (no responders, 408, or no reply): retried."""
+
+
+class _StreamAbsent(Exception):
+    """The stream does not exist on this cluster."""
 
 
 @dataclass(frozen=True)
@@ -242,18 +251,43 @@ async def _export_stream(
     reader: _DirectReader, name: str, dest: Path, timeout: float
 ) -> ExportedStream:
     started = time.monotonic()
-    deadline = started + timeout
     path = dest / f"{name}.jsonl"
     part = dest / f".{name}.jsonl.part"
     digest = hashlib.sha256()
     count = first = last = gaps = size = 0
     seq = 1
     empty = 0  # end-of-batch replies in a row without a message
+
+    async def next_batch() -> tuple[list[Msg], str, str]:
+        msgs, status, description = await reader.batch(
+            name, seq, BATCH_BYTES if not empty else None
+        )
+        if not msgs and status in ("503", "timeout", "408"):
+            if count == 0 and await _stream_absent(reader.nc, name):
+                raise _StreamAbsent(name)
+            raise _Unanswered(description)
+        return msgs, status, description
+
+    # Each batch gets the whole `timeout` to be answered: progress restarts the clock.
+    policy = RetryPolicy(
+        f"export {name}",
+        temporary=lambda exc: isinstance(exc, _Unanswered),
+        deadline_s=timeout,
+        first_delay_s=0.25,
+        max_delay_s=2.0,
+    )
     with part.open("wb") as out:
         while True:
-            msgs, status, description = await reader.batch(
-                name, seq, BATCH_BYTES if not empty else None
-            )
+            try:
+                msgs, status, description = await retry(next_batch, policy, logger=log)
+            except _StreamAbsent:
+                return _missing(part, name, "stream does not exist")
+            except _Unanswered as exc:
+                if count == 0:
+                    return _missing(part, name, f"no replica answered ({exc})")
+                raise RecoveryError(
+                    f"{name}: direct get stopped answering after seq {last}: {exc}"
+                ) from None
             for msg in msgs:
                 record, msg_seq = _record(msg)
                 if count and msg_seq != last + 1:
@@ -268,23 +302,11 @@ async def _export_stream(
             if msgs:
                 seq = last + 1
                 empty = 0
-                deadline = time.monotonic() + timeout
                 if _pending(msgs[-1]) == 0:
                     break
                 continue
             if status == "404":  # nothing at or after seq: the end (or an empty stream)
                 break
-            if status in ("503", "timeout", "408"):
-                if count == 0 and await _stream_absent(reader.nc, name):
-                    return _missing(part, name, "stream does not exist")
-                if time.monotonic() > deadline:
-                    if count == 0:
-                        return _missing(part, name, f"no replica answered ({description})")
-                    raise RecoveryError(
-                        f"{name}: direct get stopped answering after seq {last}: {description}"
-                    )
-                await asyncio.sleep(0.25)
-                continue
             if status == "204" and empty < 2:  # e.g. a message over max_bytes: ask without
                 empty += 1
                 continue
