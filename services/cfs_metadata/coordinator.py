@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -20,6 +21,7 @@ from nats.aio.msg import Msg
 
 from cfs.client import MetadataClient
 from cfs.ids import new_id
+from cfs.retry import RetryPolicy, retry
 from cfs_contracts.fs.rpc import (
     FsError,
     MutationOp,
@@ -55,6 +57,18 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 20
 IN_DOUBT_AFTER_S = 2.0
 DELIVER_BEFORE_REPLY_S = 2.0
+# Delivering a transaction's outcome never gives up (the participant's records stay
+# locked until it hears it); each failure already spent a whole metadata call's
+# deadline, or is an error reply, so every retry is worth a warning.
+_DELIVER_POLICY = RetryPolicy(
+    "tx outcome delivery",
+    temporary=lambda exc: isinstance(exc, FsError),
+    deadline_s=None,
+    first_delay_s=0.5,
+    max_delay_s=5.0,
+    quiet=0,
+    loud_after=0,
+)
 
 
 @dataclass
@@ -211,22 +225,20 @@ class Coordinator:
     async def _deliver(self, tx_id: str, participants: tuple[int, ...], commit: bool) -> None:
         """Tell every participant the outcome (retried), then forget a committed record."""
         for shard in participants:
-            while True:
-                try:
-                    await self.client.call(
-                        TxDecide(op_id=new_id(), tx_id=tx_id, commit=commit), shard=shard
-                    )
-                    break
-                except FsError as exc:
-                    log.warning(
-                        "tx.deliver_retry", extra={"tx": tx_id, "shard": shard, "error": str(exc)}
-                    )
-                    await asyncio.sleep(0.5)
+            await retry(
+                functools.partial(self._tell_outcome, tx_id, shard, commit),
+                _DELIVER_POLICY,
+                extra={"tx": tx_id, "shard": shard},
+                logger=log,
+            )
         crash_point("coordinator_delivered" if commit else "coordinator_aborted")
         if commit:
             forget = Forget(tx_id)
             self.submit(forget)
             await forget.outcome
+
+    async def _tell_outcome(self, tx_id: str, shard: int, commit: bool) -> None:
+        await self.client.call(TxDecide(op_id=new_id(), tx_id=tx_id, commit=commit), shard=shard)
 
     async def _resolve_in_doubt(self) -> None:
         """Participant side: ask coordinators about transactions prepared long ago."""
