@@ -132,3 +132,41 @@ class RepairJob(BaseModel):
     bytes_rebuilt: int = Field(default=0, ge=0)
     chunks_lost: int = Field(default=0, ge=0)
     done_ms: int = Field(default=0, ge=0, description="0 while running")
+
+
+def health_key(node: str, service: str) -> str:
+    return f"health.{node}.{service}"
+
+
+class ComponentState(StrEnum):
+    OK = "ok"
+    DEGRADED = "degraded"
+
+
+class ServiceHealth(BaseModel):
+    """`health.<node>.<service>` in the `nodes` bucket: one service process's own report.
+
+    Written by the service runtime (`cfs.kernel`) when it starts, whenever a component
+    degrades or recovers, and every `heartbeat_s`; `cfs admin status` shows it, so a
+    background task that failed is never silent. A record older than three heartbeats
+    means the process is gone (or cannot reach NATS).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    node: str
+    pid: int = Field(ge=0)
+    started_ms: int = Field(ge=0)
+    updated_ms: int = Field(ge=0)
+    heartbeat_s: float = Field(gt=0, description="the writer's refresh interval")
+    degraded: dict[str, str] = Field(
+        default_factory=dict, description="component -> why it is not working; empty = ok"
+    )
+    singleton: str = Field(
+        default="", description="site-singleton services: holding | standby; '' otherwise"
+    )
+
+    @property
+    def state(self) -> ComponentState:
+        return ComponentState.DEGRADED if self.degraded else ComponentState.OK

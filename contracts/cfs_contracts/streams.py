@@ -128,3 +128,17 @@ def dead_letter_subject(site: str, stream: str, consumer: str) -> str:
 def meta_rpc_subject(site: str, shard: str) -> str:
     """Requests to a shard's current writer (only the lease holder subscribes)."""
     return site_subject(site, "rpc", "meta", shard)
+
+
+def shard_lease_key(shard: str) -> str:
+    """The writer lease of a metadata shard in the `leases` bucket (`meta.001`)."""
+    return f"meta.{shard}"
+
+
+def service_lease_key(service: str) -> str:
+    """The lease of a site-singleton service in the `leases` bucket (`service.repair`)."""
+    return f"service.{service}"
+
+
+SHARD_LEASE_PREFIX = "meta."
+SERVICE_LEASE_PREFIX = "service."

@@ -24,6 +24,8 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cfs.bus import Bus
+from cfs.kernel.runtime import Spawn, unsupervised
+from cfs_contracts.streams import SHARD_LEASE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +211,10 @@ async def _read(kv: KeyValue, key: str, timeout: float) -> tuple[LeaseRecord | N
     return _parse(key, entry.value), entry.revision or 0
 
 
-class ShardLease:
-    """Runs `decide` for one key; `is_holder` is what a writer checks before acting."""
+class Lease:
+    """A fenced lease on one key of the `leases` bucket: a metadata shard's writer
+    (`meta.<shard>`) or a site-singleton service (`service.<name>`). Runs `decide`;
+    `is_holder` is what the owner checks before acting."""
 
     def __init__(
         self,
@@ -226,7 +230,10 @@ class ShardLease:
         acquire_delay: Callable[[], float] = lambda: 0.0,
         on_acquired: OnAcquired | None = None,
         on_lost: OnLost | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
+        """`spawn` starts the lease loop's task: the service runtime's, so a loop that
+        fails stops the service rather than leaving a holder that no longer renews."""
         margin = lease_s / 5 if margin_s is None else margin_s
         if not 0 < renew_s < lease_s - margin:
             raise ValueError(f"renew_s={renew_s} must be under lease_s - margin_s")
@@ -234,6 +241,7 @@ class ShardLease:
         self._snap = Snapshot(node=node, lease_s=lease_s, renew_s=renew_s, margin_s=margin)
         self._eligible, self._on_acquired, self._on_lost = eligible, on_acquired, on_lost
         self._acquire_delay = acquire_delay
+        self._spawn: Spawn = spawn or unsupervised
         self._op_timeout = max(renew_s, 0.5)
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
@@ -272,7 +280,7 @@ class ShardLease:
         if self._task is not None:
             raise RuntimeError(f"lease {self.key!r} already started")
         self._stopping = False
-        self._task = asyncio.create_task(self.run(), name=f"lease {self.key}")
+        self._task = self._spawn(self.run(), f"lease {self.key}")
 
     async def stop(self, release: bool = True) -> None:
         """Stop the loop (re-raising its failure, if any), then release our record."""
@@ -468,7 +476,7 @@ def _now() -> float:
     return time.monotonic()
 
 
-async def leases_held(bus: Bus, node: str, *, prefix: str = "meta.") -> list[str]:
+async def leases_held(bus: Bus, node: str, *, prefix: str = SHARD_LEASE_PREFIX) -> list[str]:
     """Keys of the leases (shard writers by default) that `node` holds right now."""
     kv = await bus.key_value("leases")
     try:
@@ -478,7 +486,7 @@ async def leases_held(bus: Bus, node: str, *, prefix: str = "meta.") -> list[str
     held = []
     for key in sorted(keys):
         if key.startswith(prefix):
-            status = await ShardLease.read_status(bus, key)
+            status = await Lease.read_status(bus, key)
             if status is not None and status.holder == node:
                 held.append(key)
     return held

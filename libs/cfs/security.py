@@ -28,16 +28,10 @@ from typing import TypedDict
 
 import nkeys
 
+from cfs.kernel.spec import Grants, ServiceSpec
 from cfs_contracts.data import VERBS
-from cfs_contracts.streams import (
-    CLUSTER,
-    CMD,
-    DATA,
-    LEASES,
-    NODES,
-    meta_stream,
-    shard_name,
-)
+from cfs_contracts.members import health_key
+from cfs_contracts.streams import CMD, LEASES, NODES, meta_stream, shard_name
 
 AUTH_CONF = "nats-auth.conf"
 CREDENTIALS_SUFFIX = ".nk"
@@ -45,14 +39,18 @@ _HEADER = "# ClaudeFS NATS credentials"
 
 
 class Role(StrEnum):
-    """Who connects to NATS. Service roles match `LocalSite`'s service names."""
+    """The roles that are not services; each service's role comes from its spec
+    (`cfs.kernel`), so `roles()` is the whole list."""
 
     ADMIN = "admin"  # operators (`cfs admin`, `cfs cluster`, `cfs node`) and provisioning
     CLIENT = "client"  # mounts and `cfs fs`
-    METADATA = "metadata"
-    CHUNKSTORE = "chunkstore"
-    MEMBERSHIP = "membership"
-    REPAIR = "repair"
+
+
+def roles() -> list[str]:
+    """Every role a site has keys for: admin, client, then one per service."""
+    from cfs.kernel.registry import service_roles
+
+    return [Role.ADMIN.value, Role.CLIENT.value, *service_roles()]
 
 
 class CredentialsError(Exception):
@@ -111,8 +109,8 @@ class Credentials:
     inbox_prefix: str
 
 
-def inbox_prefix(role: Role) -> str:
-    return f"_INBOX.{role.value}"
+def inbox_prefix(role: str) -> str:
+    return f"_INBOX.{role}"
 
 
 # -- the permission table (pure) --------------------------------------------------------
@@ -147,86 +145,94 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def permissions(role: Role, site: str, shards: int) -> Permissions:
-    """The subjects `role` needs on `site` with `shards` metadata shards, and no more."""
-    if role is Role.ADMIN:
+# What a client may do besides reading the nodes bucket: metadata and chunk requests
+# (every verb but `rebuild`, which is repair's to ask for), damage reports from degraded
+# reads, and the leases (which node leads a shard).
+CLIENT_GRANTS = Grants(
+    publish=(
+        "{s}.rpc.meta.*",
+        *(f"{{s}}.rpc.chunk.*.{verb}" for verb in VERBS if verb != "rebuild"),
+        "{s}.data.*.damaged",
+    ),
+    read_buckets=(LEASES.bucket,),
+)
+
+
+def permissions(role: str, site: str, shards: int) -> Permissions:
+    """The subjects `role` needs on `site` with `shards` metadata shards, and no more:
+    admin may do anything; a service exactly what its spec declares (`spec_subjects`)."""
+    if role == Role.ADMIN:
         return Permissions(publish=(">",), subscribe=(">",))
-    s = f"cfs.{site}"
-    metas = [meta_stream(shard_name(i)).name for i in range(1, shards + 1)]
+    everyone = common_publish(site)
     inbox = f"{inbox_prefix(role)}.>"
-    everyone = ["$JS.API.INFO", f"{s}.dlq.>", f"{s}.alerts.>", *_read_bucket(NODES.bucket)]
-    pub: list[str]
-    sub: list[str]
-    if role is Role.CLIENT:
-        pub = [
-            f"{s}.rpc.meta.*",
-            # every verb but `rebuild`, which is repair's to ask for
-            *(f"{s}.rpc.chunk.*.{verb}" for verb in VERBS if verb != "rebuild"),
-            f"{s}.data.*.damaged",  # a degraded read reports the fragment for repair
-            *_read_bucket(LEASES.bucket),  # which node leads a shard (redirects)
-        ]
-        sub = []
-    elif role is Role.METADATA:
-        pub = [
-            f"{s}.meta.>",
-            f"{s}.rpc.meta.*",  # cross-shard two-phase operations
-            f"{s}.rpc.chunk.*.*",
-            *(api for stream in metas for api in _read_stream(stream)),
-            *(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}" for stream in metas),
-            *_read_bucket(LEASES.bucket),
-            *_write_keys(LEASES.bucket, "meta.*"),
-            *_admin_executor(s, "metadata-raft"),  # its commands: cmd.metadata-raft.*
-        ]
-        sub = [f"{s}.rpc.meta.*"]
-    elif role is Role.CHUNKSTORE:
-        pub = [
-            f"{s}.data.>",
-            f"{s}.rpc.chunk.*.get",  # a rebuild reads the surviving fragments itself
-            *_write_keys(NODES.bucket, "store.*"),
-        ]
-        sub = [f"{s}.rpc.chunk.*.*"]
-    elif role is Role.MEMBERSHIP:
-        pub = [
-            f"{s}.cluster.node.>",
-            *_read_stream(CLUSTER.name),
-            *_read_bucket(LEASES.bucket),  # a drain records the leases it must move
-            *_write_keys(NODES.bucket, "member.*", "admin.*"),
-            *_admin_executor(s, "membership"),
-        ]
-        sub = [f"{s}.rpc.membership.*.view"]
-    elif role is Role.REPAIR:
-        pub = [
-            f"{s}.cluster.>",
-            f"{s}.data.>",
-            f"{s}.rpc.meta.*",
-            f"{s}.rpc.chunk.*.*",
-            *_read_stream(CLUSTER.name),
-            *_read_stream(DATA.name),
-            *_read_bucket(LEASES.bucket),
-            *_write_keys(LEASES.bucket, "service.*"),  # the coordinator lease
-            *_write_keys(NODES.bucket, "repair.*", "admin.*"),
-        ]
-        sub = []
-    else:  # pragma: no cover - every role is handled above
-        raise ValueError(f"no permissions defined for role {role!r}")
+    if role == Role.CLIENT:
+        pub, sub = grant_subjects(CLIENT_GRANTS, site, shards)
+    else:
+        from cfs.kernel.registry import by_role
+
+        spec = by_role(role)
+        if spec is None:
+            raise ValueError(f"no role {role!r}; roles: {', '.join(roles())}")
+        pub, sub = spec_subjects(spec, site, shards)
     return Permissions(publish=_unique([*everyone, *pub]), subscribe=_unique([inbox, *sub]))
 
 
-def _admin_executor(s: str, service: str) -> list[str]:
-    """Consume this service's admin commands through its own durable (`cmd-<service>`,
-    cfs.admin.executor), reply, audit; another service's commands stay unreadable."""
-    durable = f"{CMD.name}.cmd-{service}"
+def common_publish(site: str) -> list[str]:
+    """What every non-admin role may publish: account info, dead letters, alerts, and
+    reading the `nodes` bucket."""
+    s = f"cfs.{site}"
+    return ["$JS.API.INFO", f"{s}.dlq.>", f"{s}.alerts.>", *_read_bucket(NODES.bucket)]
+
+
+def spec_subjects(spec: ServiceSpec, site: str, shards: int) -> tuple[list[str], list[str]]:
+    """(publish, subscribe) subjects of a service: its declared grants, plus what the
+    runtime does for it: its durable consumers, its admin verbs (consume its commands,
+    reply, audit), its site lease and its health record."""
+    pub, sub = grant_subjects(spec.grants, site, shards)
+    for consumer in spec.consumers:
+        pub += _durable(consumer.config.stream, consumer.config.durable)
+    if spec.admin:
+        s = f"cfs.{site}"
+        pub += [
+            *_durable(CMD.name, f"cmd-{spec.name}"),
+            f"$JS.API.DIRECT.GET.{CMD.name}.{s}.cmd.reply.>",  # answered already?
+            f"{s}.cmd.reply.>",
+            f"{s}.audit.>",
+        ]
+    if spec.lease_key is not None:
+        pub += [*_read_bucket(LEASES.bucket), *_write_keys(LEASES.bucket, spec.lease_key)]
+    pub += _write_keys(NODES.bucket, health_key("*", spec.name))
+    return pub, sub
+
+
+def grant_subjects(grants: Grants, site: str, shards: int) -> tuple[list[str], list[str]]:
+    """(publish, subscribe) NATS subjects for declared `grants` on `site`."""
+    s = f"cfs.{site}"
+    metas = [meta_stream(shard_name(i)).name for i in range(1, shards + 1)]
+
+    def streams(names: tuple[str, ...]) -> list[str]:
+        return [m for name in names for m in (metas if name == "META_*" else [name])]
+
+    pub = [subject.format(s=s) for subject in grants.publish]
+    pub += [api for stream in streams(grants.read_streams) for api in _read_stream(stream)]
+    pub += [api for bucket in grants.read_buckets for api in _read_bucket(bucket)]
+    pub += [key for bucket, keys in grants.write_keys.items() for key in _write_keys(bucket, *keys)]
+    pub += [f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}" for stream in streams(grants.stepdown)]
+    return pub, [subject.format(s=s) for subject in grants.serve]
+
+
+def _durable(stream: str, durable: str) -> list[str]:
+    """Consume `stream` through the durable `durable` only (shared by every process of
+    the service); other consumers of the stream stay out of reach."""
+    name = f"{stream}.{durable}"
     return [
-        f"$JS.API.STREAM.INFO.{CMD.name}",
-        f"$JS.API.CONSUMER.CREATE.{durable}",
-        f"$JS.API.CONSUMER.CREATE.{durable}.>",
-        f"$JS.API.CONSUMER.DURABLE.CREATE.{durable}",
-        f"$JS.API.CONSUMER.INFO.{durable}",
-        f"$JS.API.CONSUMER.MSG.NEXT.{durable}",
-        f"$JS.ACK.{durable}.>",
-        f"$JS.API.DIRECT.GET.{CMD.name}.{s}.cmd.reply.>",  # answered already? (redelivery)
-        f"{s}.cmd.reply.>",
-        f"{s}.audit.>",
+        f"$JS.API.STREAM.INFO.{stream}",
+        f"$JS.API.CONSUMER.CREATE.{name}",
+        f"$JS.API.CONSUMER.CREATE.{name}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{name}",
+        f"$JS.API.CONSUMER.INFO.{name}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{name}",
+        f"$JS.ACK.{name}.>",
     ]
 
 
@@ -248,36 +254,37 @@ def connect_options(credentials: Path | None) -> ConnectOptions:
 
 
 # -- files ----------------------------------------------------------------------------
-def credentials_path(directory: Path, role: Role) -> Path:
-    return Path(directory) / f"{role.value}{CREDENTIALS_SUFFIX}"
+def credentials_path(directory: Path, role: str) -> Path:
+    return Path(directory) / f"{role}{CREDENTIALS_SUFFIX}"
 
 
 def ensure_credentials(
-    directory: Path, site: str, shards: int, roles: Sequence[Role] = tuple(Role)
+    directory: Path, site: str, shards: int, only: Sequence[str] | None = None
 ) -> Path:
     """`ensure_keys`, then `write_auth_conf`; returns the auth config's path."""
-    ensure_keys(directory, site, roles)
-    return write_auth_conf(directory, site, shards, roles)
+    ensure_keys(directory, site, only)
+    return write_auth_conf(directory, site, shards, only)
 
 
-def ensure_keys(directory: Path, site: str, roles: Sequence[Role] = tuple(Role)) -> None:
-    """Create the missing role keys; existing seeds are kept, so services keep working."""
+def ensure_keys(directory: Path, site: str, only: Sequence[str] | None = None) -> None:
+    """Create the missing role keys (of every role, or `only` these); existing seeds
+    are kept, so services keep working."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
-    for role in roles:
+    for role in roles() if only is None else only:
         path = credentials_path(directory, role)
         if not path.exists():
             _write_secret(path, _render_credentials(role, site, _new_user_seed()))
 
 
 def write_auth_conf(
-    directory: Path, site: str, shards: int, roles: Sequence[Role] = tuple(Role)
+    directory: Path, site: str, shards: int, only: Sequence[str] | None = None
 ) -> Path:
     """The server side of the keys in `directory` (public keys and permissions)."""
     users = [
         (role, public_key(load_credentials(credentials_path(directory, role)).seed))
-        for role in roles
+        for role in (roles() if only is None else only)
     ]
     conf = Path(directory) / AUTH_CONF
     tmp = conf.with_suffix(".tmp")
@@ -286,7 +293,7 @@ def write_auth_conf(
     return conf
 
 
-def render_auth_conf(users: Sequence[tuple[Role, str]], site: str, shards: int) -> str:
+def render_auth_conf(users: Sequence[tuple[str, str]], site: str, shards: int) -> str:
     """nats-server `authorization` block: public keys and permissions only, no secret."""
     lines = [
         "# Generated by cfs cluster init: one NKey user per role. No secrets in here.",
@@ -296,7 +303,7 @@ def render_auth_conf(users: Sequence[tuple[Role, str]], site: str, shards: int) 
     for role, key in users:
         perms = permissions(role, site, shards)
         lines += [
-            f"    # {role.value}",
+            f"    # {role}",
             "    {",
             f"      nkey: {json.dumps(key)}",
             "      permissions: {",
@@ -352,9 +359,9 @@ def _new_user_seed() -> str:
     return str(nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_USER).decode())
 
 
-def _render_credentials(role: Role, site: str, seed: str) -> str:
+def _render_credentials(role: str, site: str, seed: str) -> str:
     return (
-        f"{_HEADER}: role={role.value} site={site} inbox={inbox_prefix(role)}\n"
+        f"{_HEADER}: role={role} site={site} inbox={inbox_prefix(role)}\n"
         "# Keep this file secret (mode 0600); the server knows only the public key.\n"
         f"{seed}\n"
     )

@@ -1,8 +1,10 @@
 """The one way a service process starts: flags, settings, logging, signals, one-line failures.
 
-Every service's `main(argv)` is `run_service(...)` with its settings class and
-`serve(settings, stop)` coroutine, so `cfs service run NAME` and `python -m`
-behave the same for all of them.
+`run_spec(spec, argv)` is what `cfs service run NAME` and every service's `python -m`
+call: settings from flags, `CFS_*` variables and a file, then the kernel runtime
+(`cfs.kernel.runtime.run`) until SIGTERM/SIGINT. A crashed task, NATS out of reach,
+unusable credentials or one of the spec's `fatal` errors end the process with one log
+line, one stderr line and a non-zero exit, so the supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -12,51 +14,18 @@ import asyncio
 import json
 import logging
 import signal
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import nats.errors
-import nats.js.errors
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cfs.bus import Bus, BusError
+from cfs.kernel.spec import ServiceSpec
 from cfs.logs import setup_logging
 from cfs.security import CredentialsError
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-_NOT_READY = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-)
-
-
-async def until_jetstream_answers(
-    what: str, call: Callable[[], Awaitable[T]], *, wait_s: float = 120.0
-) -> T:
-    """Start-up reads of a restarted node: JetStream answers only once the streams involved
-    have elected leaders again (seconds after servers restart), so retry until `wait_s`."""
-    deadline = time.monotonic() + wait_s
-    delay = 0.25
-    while True:
-        try:
-            return await call()
-        except _NOT_READY as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning(
-                "service.jetstream_not_ready",
-                extra={"what": what, "error": repr(exc), "retry_in_s": delay},
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 class ServiceSettings(BaseSettings):
@@ -69,6 +38,12 @@ class ServiceSettings(BaseSettings):
     nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     nats_credentials: Path | None = None
     log_level: str = "INFO"
+    singleton_lease_s: float | None = Field(
+        default=None, gt=0, description="site-singleton lease time; default: the spec's"
+    )
+    singleton_renew_s: float | None = Field(
+        default=None, gt=0, description="site-singleton renew interval; default: the spec's"
+    )
 
     async def connect(self, service: str) -> Bus:
         return await Bus.connect(
@@ -81,22 +56,13 @@ class ServiceSettings(BaseSettings):
         )
 
 
-S = TypeVar("S", bound=ServiceSettings)
-
-
-def run_service(
-    name: str,
-    description: str,
-    settings_type: type[S],
-    serve: Callable[[S, asyncio.Event], Awaitable[None]],
-    argv: list[str] | None = None,
-    *,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> None:
+def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     """Parse `--node/--data-dir/--config`, build settings (flags over CFS_* env over the
-    file), run `serve` until SIGTERM/SIGINT. NATS unreachable (BusError) and any of
-    `fatal` end the process with one line, not a traceback."""
-    parser = argparse.ArgumentParser(prog=name, description=description)
+    file), run the spec until SIGTERM/SIGINT."""
+    from cfs.kernel.runtime import ServiceCrashed
+
+    settings_type = spec.settings()
+    parser = argparse.ArgumentParser(prog=spec.name, description=spec.description)
     parser.add_argument("--node", help="node id (or CFS_NODE)")
     parser.add_argument("--data-dir", type=Path, help="node data directory (or CFS_DATA_DIR)")
     parser.add_argument("--config", type=Path, help="JSON settings file")
@@ -115,25 +81,30 @@ def run_service(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
             for err in exc.errors(include_input=False)
         )
-        raise SystemExit(f"{name}: bad settings: {problems}") from None
+        raise SystemExit(f"{spec.name}: bad settings: {problems}") from None
     node = settings.node
-    setup_logging(settings.log_level, service=name, node=node)
-    one_line: tuple[type[BaseException], ...] = (BusError, CredentialsError, *fatal)
+    setup_logging(settings.log_level, service=spec.name, node=node)
+    one_line: tuple[type[BaseException], ...] = (
+        BusError,
+        CredentialsError,
+        ServiceCrashed,
+        *spec.fatal,
+    )
     try:
-        asyncio.run(_until_signalled(serve, settings))
+        asyncio.run(_until_signalled(spec, settings))
     except one_line as exc:
-        log.error(f"{name}.failed", extra={"node": node, "error": str(exc)})
-        raise SystemExit(f"{name} {node}: {exc}") from None
+        log.error(f"{spec.name}.failed", extra={"node": node, "error": str(exc)})
+        raise SystemExit(f"{spec.name} {node}: {exc}") from None
 
 
-async def _until_signalled(
-    serve: Callable[[S, asyncio.Event], Awaitable[None]], settings: S
-) -> None:
+async def _until_signalled(spec: ServiceSpec, settings: ServiceSettings) -> None:
+    from cfs.kernel.runtime import run
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
+    await run(spec, settings, stop)
 
 
 def _load_config(path: Path) -> dict[str, Any]:

@@ -30,7 +30,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
+from cfs.kernel.runtime import Spawn, unsupervised
 from cfs.ratelimit import TokenBucket
 from cfs_chunkstore.store import FragmentCorrupt, FragmentNotFound, FragmentStore, StoreError
 from cfs_contracts.data import FragmentInfo
@@ -159,7 +161,7 @@ class Scrubber:
         self._reported: set[str] = set()  # keys reported in this pass
         self._saved_at = clock()
         self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.passes_done = 0
         self.damaged_total = 0
         self.last_pass: PassSummary | None = None
@@ -184,12 +186,14 @@ class Scrubber:
         )
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, spawn: Spawn = unsupervised) -> None:
+        """`spawn`: the service runtime's, with DEGRADE: a scrub that fails leaves the
+        store serving and the service visibly degraded."""
         if not self.enabled:
             log.info("scrub.disabled", extra={"node": self.node})
             return
         if self._task is None:
-            self._task = asyncio.create_task(self.run(), name=f"scrub-{self.node}")
+            self._task = spawn(self.run(), f"scrub-{self.node}")
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Finish the fragment being checked, save the cursor, return."""

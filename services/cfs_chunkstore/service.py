@@ -41,6 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -50,8 +51,16 @@ from pydantic import Field, ValidationError
 from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.erasure import Scheme
+from cfs.kernel.runtime import (
+    Context,
+    OnFailure,
+    Spawn,
+    started,
+    unsupervised,
+    until_jetstream_answers,
+)
 from cfs.rebuild import rebuild_fragments
-from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
+from cfs.service_main import ServiceSettings, run_spec
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
@@ -120,8 +129,13 @@ class ChunkStoreService:
         scrub_mb_s: float = 0.0,
         scrub_pass_interval_s: float = 24 * 3600.0,
         scrub_cursor: Path | None = None,
+        spawn: Spawn = unsupervised,
+        spawn_degradable: Spawn = unsupervised,
     ) -> None:
+        """`spawn` starts the heartbeat (its failure ends the process); the scrub runs
+        under `spawn_degradable` (its failure degrades the service, the store serves on)."""
         self.bus = bus
+        self._spawn, self._spawn_degradable = spawn, spawn_degradable
         self.store = store
         self.kv = kv
         self.node = store.node
@@ -133,7 +147,7 @@ class ChunkStoreService:
         self._peers = ChunkStoreClient(bus)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subs: list[Subscription] = []
-        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[Any] | None = None
         self.scrubber = Scrubber(
             store,
             self._publish_damage,
@@ -149,8 +163,8 @@ class ChunkStoreService:
             self._subs.append(sub)
         # Raises if the bucket is missing (not initialised); waits while it elects.
         await until_jetstream_answers("store record", self.publish_record)
-        self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat-{self.node}")
-        self.scrubber.start()
+        self._heartbeat = self._spawn(self._beat(), f"heartbeat-{self.node}")
+        self.scrubber.start(self._spawn_degradable)
 
     async def stop(self) -> None:
         await self.scrubber.stop()  # first: it reads the store and publishes
@@ -437,52 +451,46 @@ def _error_headers(code: int, message: str) -> dict[str, str]:
     return {HEADER_ERRNO: str(code), HEADER_ERROR: text}
 
 
-async def serve(settings: ChunkStoreSettings, stop: asyncio.Event) -> None:
-    bus = await settings.connect("chunk-store")
-    store: FileFragmentStore | None = None
-    service: ChunkStoreService | None = None
-    try:
-        root = store_root(settings.data_dir)
-        store = await asyncio.to_thread(
-            FileFragmentStore, root, node=settings.node, reserve_bytes=settings.reserve_bytes
-        )
-        kv = await until_jetstream_answers("nodes bucket", lambda: bus.key_value(NODES.bucket))
-        service = ChunkStoreService(
-            bus,
-            store,
-            kv,
-            labels=settings.labels,
-            heartbeat_s=settings.heartbeat_s,
-            max_inflight=settings.max_inflight,
-            max_rebuilds=settings.max_rebuilds,
-            scrub_mb_s=settings.scrub_mb_s,
-            scrub_pass_interval_s=settings.scrub_pass_interval_s,
-            scrub_cursor=root / "scrub.json",
-        )
-        await service.start()
-        status = store.stat()
-        log.info(
-            "chunkstore.started",
-            extra={
-                "node": settings.node,
-                "site": settings.site,
-                "root": str(root),
-                "fragments": status.fragments,
-                "used_bytes": status.used_bytes,
-                "free_bytes": status.free_bytes,
-                "reserve_bytes": store.reserve_bytes,
-                "orphans_removed": store.removed_at_open,
-            },
-        )
-        await stop.wait()
-    finally:
-        if service is not None:
-            await service.stop()
-        await bus.close()
-        if store is not None:
-            store.close()
-        log.info("chunkstore.stopped", extra={"node": settings.node})
+async def start(ctx: Context) -> None:
+    settings: ChunkStoreSettings = ctx.settings
+    root = store_root(settings.data_dir)
+    store = await asyncio.to_thread(
+        FileFragmentStore, root, node=settings.node, reserve_bytes=settings.reserve_bytes
+    )
+    ctx.stack.callback(store.close)
+    kv = await until_jetstream_answers("nodes bucket", lambda: ctx.bus.key_value(NODES.bucket))
+    service = ChunkStoreService(
+        ctx.bus,
+        store,
+        kv,
+        labels=settings.labels,
+        heartbeat_s=settings.heartbeat_s,
+        max_inflight=settings.max_inflight,
+        max_rebuilds=settings.max_rebuilds,
+        scrub_mb_s=settings.scrub_mb_s,
+        scrub_pass_interval_s=settings.scrub_pass_interval_s,
+        scrub_cursor=root / "scrub.json",
+        spawn=ctx.spawner(),
+        spawn_degradable=ctx.spawner(OnFailure.DEGRADE),
+    )
+    await ctx.enter(started(service))
+    status = store.stat()
+    log.info(
+        "chunkstore.started",
+        extra={
+            "node": settings.node,
+            "site": settings.site,
+            "root": str(root),
+            "fragments": status.fragments,
+            "used_bytes": status.used_bytes,
+            "free_bytes": status.free_bytes,
+            "reserve_bytes": store.reserve_bytes,
+            "orphans_removed": store.removed_at_open,
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_service("chunk-store", __doc__.splitlines()[0], ChunkStoreSettings, serve, argv)
+    from cfs_chunkstore.spec import SPEC
+
+    run_spec(SPEC, argv)

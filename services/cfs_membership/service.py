@@ -42,9 +42,9 @@ from pydantic import (
     model_validator,
 )
 
-from cfs.admin.executor import CommandExecutor, membership_handlers
 from cfs.bus import Bus
-from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
+from cfs.kernel.runtime import Context, until_jetstream_answers
+from cfs.service_main import ServiceSettings, run_spec
 from cfs_contracts.members import Liveness, MemberRecord
 from cfs_contracts.streams import NODES, site_subject
 from cfs_membership.codec import Codec, CodecError
@@ -418,34 +418,23 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def serve(settings: MembershipSettings, stop: asyncio.Event) -> None:
-    bus = await settings.connect("membership")
-    service: MembershipService | None = None
-    executor: CommandExecutor | None = None  # executes cmd.membership.* (node-drain, -remove)
-    try:
-        kv = await until_jetstream_answers("nodes bucket", lambda: bus.key_value(NODES.bucket))
-        service = MembershipService(settings, bus, kv)
-        await service.start()
-        executor = CommandExecutor(bus, "membership", membership_handlers(bus))
-        await executor.start()
-        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(service.crashed.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        if service.failure is not None:
-            raise service.failure
-    finally:
-        if executor is not None:
-            await executor.stop()
-        if service is not None:
-            await service.stop(leave=settings.leave_on_terminate)
-        await bus.close()
-        log.info("membership.stopped", extra={"node": settings.node})
+async def start(ctx: Context) -> None:
+    """The SWIM member; a failed protocol task ends the process (`crashed`)."""
+    settings: MembershipSettings = ctx.settings
+    kv = await until_jetstream_answers("nodes bucket", lambda: ctx.bus.key_value(NODES.bucket))
+    service = MembershipService(settings, ctx.bus, kv)
+    await service.start()
+    ctx.on_stop(lambda: service.stop(leave=settings.leave_on_terminate))
+    ctx.spawn(_until_crashed(service), "swim")
+
+
+async def _until_crashed(service: MembershipService) -> None:
+    await service.crashed.wait()
+    if service.failure is not None:
+        raise service.failure
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_service(
-        "membership", __doc__.splitlines()[0], MembershipSettings, serve, argv, fatal=(OSError,)
-    )
+    from cfs_membership.spec import SPEC
+
+    run_spec(SPEC, argv)

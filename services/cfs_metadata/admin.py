@@ -13,9 +13,13 @@ from dataclasses import asdict, dataclass, field
 import nats.errors
 import nats.js.errors
 
-from cfs.bus import Bus, BusUnavailable
-from cfs.lease import LeaseStatus, ShardLease
-from cfs_contracts.streams import meta_stream, shard_name
+from cfs.admin.decide import NodeFacts, Verdict, decide_force_election
+from cfs.admin.snapshot import read_node_facts
+from cfs.bus import Bus, BusError, BusUnavailable
+from cfs.kernel.spec import CommandHandler
+from cfs.lease import Lease, LeaseError, LeaseStatus
+from cfs_contracts.events.admin import AdminCommandIssued
+from cfs_contracts.streams import meta_stream, shard_lease_key, shard_name
 
 ANY_NODE = "*"
 
@@ -44,10 +48,6 @@ class ShardStatus:
         return json.dumps(asdict(self))
 
 
-def lease_key(shard: str) -> str:
-    return f"meta.{shard}"
-
-
 async def shard_status(bus: Bus, shard: str) -> ShardStatus:
     stream = meta_stream(shard).name
     problems: list[str] = []
@@ -72,7 +72,7 @@ async def shard_status(bus: Bus, shard: str) -> ShardStatus:
         problems.append(f"stream {stream}: no Raft leader answered (quorum lost?)")
     lease: LeaseStatus | None = None
     try:
-        lease = await ShardLease.read_status(bus, lease_key(shard))
+        lease = await Lease.read_status(bus, shard_lease_key(shard))
     except (nats.errors.Error, TimeoutError):
         problems.append("lease bucket unreachable")
     if lease is None or not lease.holder:
@@ -105,5 +105,30 @@ async def force_election(bus: Bus, shard: str, target: str | None = None) -> Non
     error = json.loads(msg.data or b"{}").get("error")
     if error:
         raise BusUnavailable(f"stream {stream} leader stepdown refused: {error.get('description')}")
-    admin = ShardLease(bus, lease_key(shard), node="cfs-admin")
+    admin = Lease(bus, shard_lease_key(shard), node="cfs-admin")
     await admin.request_handoff(target or ANY_NODE)
+
+
+def force_election_handler(bus: Bus, shard_count: int) -> CommandHandler:
+    """`cfs admin raft-force-election`: validated by `decide_force_election`, then
+    `force_election`; a refused stepdown or lease handoff is a failed verdict, transport
+    trouble is raised (the executor retries it: the action is idempotent)."""
+    shards = [shard_name(i) for i in range(1, shard_count + 1)]
+
+    async def handle(cmd: AdminCommandIssued) -> Verdict:
+        target = cmd.arguments.get("to") or None
+        facts = await read_node_facts(bus) if target else NodeFacts()
+        verdict = decide_force_election(facts, cmd.target, shards, target)
+        if not verdict.ok:
+            return verdict
+        try:
+            await force_election(bus, cmd.target, target)
+        except BusError as exc:
+            if "stepdown refused" not in str(exc):
+                raise  # transport trouble: retried
+            return Verdict("failed", str(exc))
+        except LeaseError as exc:
+            return Verdict("failed", f"shard {cmd.target}: {exc}")
+        return verdict
+
+    return handle

@@ -1,9 +1,10 @@
-"""Crash points for recovery tests: `kill -9` at exactly the worst moment.
+"""Fault points for recovery tests: `kill -9`, or a bug, at exactly the worst moment.
 
 A test writes a point's name into the file named by `CFS_CRASH_FILE`; the first
 process of the site that reaches that point removes the file and exits at once
-(as `kill -9` would: no cleanup, nothing flushed). Without the variable this
-is a no-op, so production processes never crash here.
+(`crash_point`: as `kill -9` would, no cleanup, nothing flushed) or raises
+`InjectedFault` (`fault_point`: an unexpected exception in a background task).
+Without the variable these are no-ops, so production processes never fail here.
 """
 
 from __future__ import annotations
@@ -15,20 +16,36 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+class InjectedFault(Exception):
+    """The exception `fault_point` raises: a stand-in for any bug."""
+
+
 def crash_point(name: str) -> None:
+    if _triggered(name):
+        log.critical("fault.crash", extra={"point": name})
+        os._exit(137)
+
+
+def fault_point(name: str) -> None:
+    if _triggered(name):
+        log.critical("fault.raise", extra={"point": name})
+        raise InjectedFault(f"fault injected at {name}")
+
+
+def _triggered(name: str) -> bool:
+    """True for exactly one process of the site that reaches the named point."""
     path = os.environ.get("CFS_CRASH_FILE")
     if not path:
-        return
+        return False
     trigger = Path(path)
     try:
         wanted = trigger.read_text().strip()
     except FileNotFoundError:
-        return
+        return False
     if wanted != name:
-        return
+        return False
     try:
         trigger.unlink()
     except FileNotFoundError:
-        return  # another process took this crash
-    log.critical("fault.crash", extra={"point": name})
-    os._exit(137)
+        return False  # another process took it
+    return True

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
 from cfs.ids import new_id
-from cfs.lease import ShardLease
+from cfs.kernel.runtime import Spawn, unsupervised
+from cfs.lease import Lease
 from cfs_contracts import ContractError
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
@@ -42,10 +43,10 @@ from cfs_contracts.fs.rpc import (
     TxOp,
     TxPrepare,
 )
-from cfs_contracts.streams import meta_rpc_subject, shard_name
+from cfs_contracts.streams import meta_rpc_subject, shard_lease_key, shard_name
 from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
-from cfs_metadata.faults import crash_point
+from cfs_metadata.faults import crash_point, fault_point
 from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
@@ -83,10 +84,15 @@ class ShardReplica:
         settings: ReplicaSettings | None = None,
         may_lead: Callable[[], bool] = lambda: True,
         acquire_delay: Callable[[], float] = lambda: 0.0,
+        spawn: Spawn = unsupervised,
     ) -> None:
         """`may_lead`: False while this node is draining (its leases move elsewhere).
-        `acquire_delay`: extra wait before taking a free lease (spreads leases)."""
+        `acquire_delay`: extra wait before taking a free lease (spreads leases).
+        `spawn`: starts the follower, leader and lease tasks; the service runtime's, so
+        an unexpected failure in any of them ends the process (another replica takes
+        the lease within a lease time) instead of leaving a holder that serves nobody."""
         self.bus = bus
+        self._spawn = spawn
         self.shard_index = shard_index
         self.shard = shard_name(shard_index)
         self.projection = projection
@@ -110,9 +116,9 @@ class ShardReplica:
         self._follower: asyncio.Task[None] | None = None
         self._leader: asyncio.Task[None] | None = None
         self._rpc: Subscription | None = None
-        self.lease = ShardLease(
+        self.lease = Lease(
             bus,
-            f"meta.{self.shard}",
+            shard_lease_key(self.shard),
             bus.node,
             lease_s=self.settings.lease_s,
             renew_s=self.settings.renew_s,
@@ -120,6 +126,7 @@ class ShardReplica:
             acquire_delay=acquire_delay,
             on_acquired=self._on_acquired,
             on_lost=self._on_lost,
+            spawn=spawn,
         )
 
     def _may_hold(self, may_lead: Callable[[], bool]) -> bool:
@@ -139,7 +146,7 @@ class ShardReplica:
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
         self.role = Role.FOLLOWER
-        self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.shard}")
+        self._follower = self._spawn(self._follow(), f"follow-{self.shard}")
         await self.lease.start()
 
     async def stop(self) -> None:
@@ -241,7 +248,7 @@ class ShardReplica:
         if self.role is Role.STOPPED:
             return
         await cancel_and_wait(self._leader)
-        self._leader = asyncio.create_task(self._lead(term), name=f"lead-{self.shard}")
+        self._leader = self._spawn(self._lead(term), f"lead-{self.shard}")
 
     async def _on_lost(self, term: int, reason: str) -> None:
         log.warning("leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
@@ -334,7 +341,7 @@ class ShardReplica:
         if self._leader is not None and self._leader is not current:
             await cancel_and_wait(self._leader)
         if self._follower is None or self._follower.done():
-            self._follower = asyncio.create_task(self._follow(), name=f"follow-{self.shard}")
+            self._follower = self._spawn(self._follow(), f"follow-{self.shard}")
 
     async def _stop_serving(self) -> None:
         if self._rpc is not None:
@@ -380,6 +387,7 @@ class ShardReplica:
         carry: list[WorkItem] = []
         while True:
             batch = carry or [await self._queue.get()]
+            fault_point("commit_loop")
             while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
                 batch.append(self._queue.get_nowait())
             committed, carry = await self._decide_and_commit(batch)

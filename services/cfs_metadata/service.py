@@ -9,19 +9,17 @@ file (JSON/TOML via pydantic-settings).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from functools import partial
 from pathlib import Path
 
 from pydantic import Field
 
-from cfs.admin.executor import CommandExecutor, metadata_handlers
 from cfs.client.nodes import NodeView
+from cfs.kernel.runtime import Context, started
 from cfs.placement import Candidate, rank
-from cfs.service_main import ServiceSettings, run_service, until_jetstream_answers
-from cfs_contracts.streams import shard_name
-from cfs_metadata.admin import force_election
+from cfs.service_main import ServiceSettings, run_spec
+from cfs_contracts.streams import shard_lease_key
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
@@ -36,47 +34,31 @@ class MetadataSettings(ServiceSettings):
     max_batch_ops: int = 512
 
 
-async def serve(settings: MetadataSettings, stop: asyncio.Event) -> None:
-    bus = await settings.connect("metadata-raft")
+async def start(ctx: Context) -> None:
+    """A replica of every shard; each stops (releasing its lease) when the service stops."""
+    settings: MetadataSettings = ctx.settings
     replica_settings = ReplicaSettings(
         lease_s=settings.lease_s,
         renew_s=settings.renew_s,
         max_batch_ops=settings.max_batch_ops,
         shard_count=settings.shards,
     )
-    replicas: list[ShardReplica] = []
-    nodes = NodeView(bus)
-    executor: CommandExecutor | None = None
-    try:
-        await until_jetstream_answers("nodes view", nodes.start)
-        for index in range(1, settings.shards + 1):
-            path = settings.data_dir / "metadata" / f"shard-{index:03d}"
-            replica = ShardReplica(
-                bus,
-                index,
-                Projection(path, index),
-                replica_settings,
-                may_lead=lambda: nodes.active(settings.node),
-                acquire_delay=partial(preference_delay, nodes, settings.node, index),
-            )
-            await replica.start()
-            replicas.append(replica)
-        shards = [shard_name(i) for i in range(1, settings.shards + 1)]
-        executor = CommandExecutor(
-            bus, "metadata-raft", metadata_handlers(bus, shards, force_election)
+    nodes = await ctx.nodes()
+    for index in range(1, settings.shards + 1):
+        path = settings.data_dir / "metadata" / f"shard-{index:03d}"
+        projection = Projection(path, index)
+        ctx.stack.callback(projection.close)
+        replica = ShardReplica(
+            ctx.bus,
+            index,
+            projection,
+            replica_settings,
+            may_lead=lambda: nodes.active(settings.node),
+            acquire_delay=partial(preference_delay, nodes, settings.node, index),
+            spawn=ctx.spawner(),
         )
-        await executor.start()  # executes cmd.metadata-raft.* (force-election)
-        log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
-        await stop.wait()
-    finally:
-        if executor is not None:
-            await executor.stop()
-        for replica in reversed(replicas):
-            await replica.stop()
-            replica.projection.close()
-        await nodes.stop()
-        await bus.close()
-        log.info("metadata.stopped", extra={"node": settings.node})
+        await ctx.enter(started(replica))
+    log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
 
 
 LEASE_PREFERENCE_STEP_S = 0.1
@@ -88,9 +70,11 @@ def preference_delay(nodes: NodeView, node: str, shard: int) -> float:
     live = nodes.live_nodes()
     if node not in live:
         live.append(node)
-    order = [c.node for c in rank(f"meta.{shard}", [Candidate(n) for n in live])]
+    order = [c.node for c in rank(shard_lease_key(f"{shard}"), [Candidate(n) for n in live])]
     return order.index(node) * LEASE_PREFERENCE_STEP_S
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_service("metadata-raft", __doc__.splitlines()[0], MetadataSettings, serve, argv)
+    from cfs_metadata.spec import SPEC
+
+    run_spec(SPEC, argv)

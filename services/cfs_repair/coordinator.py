@@ -1,17 +1,18 @@
 """The repair coordinator: one active per site (lease `service.repair`), resumable.
 
-Each cycle takes one snapshot of the nodes KV (member, admin, store and repair
-records), decides which nodes need their fragments re-protected (`due`, pure),
-and works through them one at a time: every shard's files that name the node,
-in inode order, chunk by chunk, persisting the cursor in `repair.<node>` after
-every page so the next holder resumes there. While it holds the lease it also
-consumes `FragmentDamaged` reports and rebuilds those fragments in place.
+The kernel runs `lead` only while this process holds the lease. It watches the nodes
+view (no polling): on every change of a member or lifecycle record, and when a DOWN
+node's grace period ends (`next_check_s`), it decides which nodes need their
+fragments re-protected (`due`, pure) and works through them one at a time: every
+shard's files that name the node, in inode order, chunk by chunk, writing the cursor
+`repair.<node>` after every page with compare-and-set, so the next holder resumes
+exactly there and a deposed holder can never overwrite it. While it holds the lease
+the kernel also feeds it `FragmentDamaged` reports (`on_damage`), rebuilt in place.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import time
@@ -22,13 +23,14 @@ from typing import Any
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, DurableConsumer, Retry
+from cfs.bus import Bus, BusError, Delivery, Retry
 from cfs.client.chunks import FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.ids import new_id
-from cfs.lease import ShardLease, leases_held
-from cfs.service_main import until_jetstream_answers
+from cfs.kernel.runtime import until_jetstream_answers
+from cfs.lease import leases_held
+from cfs.retry import Backoff, RetryPolicy
 from cfs_contracts import DecodedEvent
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.data import FragmentDamaged
@@ -108,6 +110,22 @@ def due(
     return found
 
 
+IDLE_CHECK_S = 60.0  # a safety net: every change of interest wakes the coordinator at once
+
+
+def next_check_s(
+    members: dict[str, MemberRecord], now_ms: int, grace_s: float, idle_s: float = IDLE_CHECK_S
+) -> float:
+    """Seconds until the earliest DOWN (or LEFT) node's grace period ends, at most `idle_s`."""
+    waits = [
+        (record.since_ms + grace_s * 1000 - now_ms) / 1000
+        for record in members.values()
+        if record.state in (Liveness.DOWN, Liveness.LEFT)
+    ]
+    pending = [wait for wait in waits if wait > 0]
+    return min([idle_s, *pending])
+
+
 @dataclass
 class Settings:
     node: str
@@ -117,7 +135,7 @@ class Settings:
 
 
 class LeaseLost(Exception):
-    pass
+    """Another coordinator wrote a repair cursor: this one no longer holds the lease."""
 
 
 class RepairCoordinator:
@@ -128,46 +146,48 @@ class RepairCoordinator:
         meta: MetadataClient,
         nodes: NodeView,
         rebuilder: Rebuilder,
-        lease: ShardLease,
     ) -> None:
         self.bus = bus
         self.settings = settings
         self.meta = meta
         self.nodes = nodes
         self.rebuilder = rebuilder
-        self.lease = lease
         self._kv: KeyValue | None = None
-        self._damage: DurableConsumer | None = None
-        self._damage_task: asyncio.Task[None] | None = None
+        self._revisions: dict[str, int] = {}  # repair.<node> revisions this holder wrote
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def lead(self) -> None:
+        """The singleton's work: decide and repair on every relevant change, until the
+        kernel cancels it (lease lost) or another coordinator's cursor write shows that
+        this one was deposed."""
         self._kv = await until_jetstream_answers(
             "nodes bucket", lambda: self.bus.key_value(NODES.bucket)
         )
-        try:
-            while not stop.is_set():
-                if self.lease.is_holder:
-                    self._start_damage_consumer()
-                    try:
-                        await self.cycle()
-                    except LeaseLost:
-                        log.warning("repair.lease_lost", extra={"node": self.settings.node})
-                    except (FsError, BusError) as exc:
-                        log.warning("repair.cycle_failed", extra={"error": str(exc)})
-                else:
-                    await self._stop_damage_consumer()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-        finally:
-            await self._stop_damage_consumer()
+        self._revisions.clear()
+        retry = Backoff(
+            RetryPolicy("repair cycle", deadline_s=None, first_delay_s=1.0, max_delay_s=30.0),
+            extra={"node": self.settings.node},
+        )
+        while True:
+            seen = self.nodes.version
+            try:
+                wait_s = await self.cycle()
+            except LeaseLost as exc:
+                log.warning("repair.deposed", extra={"node": self.settings.node, "error": str(exc)})
+                return
+            except (FsError, BusError) as exc:
+                await retry.wait(exc)  # logs the failure, louder as it repeats
+                continue
+            retry.reset()
+            await self.nodes.wait_changed(seen, timeout=wait_s, kinds=("member", "admin"))
 
-    async def cycle(self) -> None:
+    async def cycle(self) -> float:
+        """Repair every node that is due now; seconds until the next check is needed."""
         jobs = await self._jobs()
         now_ms = time.time_ns() // 1_000_000
-        for node, reason, trigger in due(
-            dict(self.nodes.members), dict(self.nodes.admin), jobs, now_ms, self.settings.grace_s
-        ):
+        members, admin = dict(self.nodes.members), dict(self.nodes.admin)
+        for node, reason, trigger in due(members, admin, jobs, now_ms, self.settings.grace_s):
             await self.repair_node(node, reason, trigger, jobs.get(node))
+        return next_check_s(members, time.time_ns() // 1_000_000, self.settings.grace_s)
 
     # -- one node ------------------------------------------------------------------------
     async def repair_node(
@@ -200,7 +220,6 @@ class RepairCoordinator:
             for shard in range(job.shard, self.settings.shards + 1):
                 after = job.after_ino if shard == job.shard else 0
                 while True:
-                    self._check_lease()
                     reply = await self.meta.call(
                         rpc.ScanChunks(shard=shard, after_ino=after, node=node, limit=PAGE)
                     )
@@ -220,7 +239,6 @@ class RepairCoordinator:
 
                     await self._repair_files(node, reason, reply.inodes, count)
                     job = job.model_copy(update={"shard": shard, "after_ino": reply.cursor})
-                    self._check_lease()
                     await self._save(job)
                     if not reply.cursor:
                         break
@@ -383,28 +401,8 @@ class RepairCoordinator:
         )
 
     # -- damaged fragments ---------------------------------------------------------------
-    def _start_damage_consumer(self) -> None:
-        if self._damage_task is not None:
-            return
-        spec = ConsumerSpec(
-            stream="DATA",
-            durable="repair-damaged",
-            filter_subject=f"cfs.{self.bus.site}.data.*.damaged",
-            batch=16,
-            ack_wait_s=60.0,
-            max_deliver=10,
-            retry_delay_s=5.0,
-        )
-        self._damage = DurableConsumer(self.bus, spec, self._on_damage)
-        self._damage_task = asyncio.create_task(self._damage.run())
-
-    async def _stop_damage_consumer(self) -> None:
-        if self._damage is not None and self._damage_task is not None:
-            self._damage.stop()
-            await asyncio.gather(self._damage_task, return_exceptions=True)
-        self._damage, self._damage_task = None, None
-
-    async def _on_damage(self, event: DecodedEvent, delivery: Delivery) -> None:
+    async def on_damage(self, event: DecodedEvent, delivery: Delivery) -> None:
+        """The `repair-damaged` consumer's handler (the kernel runs it while leading)."""
         report = event.payload
         if not isinstance(report, FragmentDamaged) or report.reason == "unreachable":
             return  # an unreachable node is membership's and the node jobs' business
@@ -426,25 +424,35 @@ class RepairCoordinator:
         )
 
     # -- plumbing ------------------------------------------------------------------------
-    def _check_lease(self) -> None:
-        if not self.lease.is_holder:
-            raise LeaseLost()
-
     async def _jobs(self) -> dict[str, RepairJob]:
+        """Every node's job record, and its revision for the next compare-and-set."""
         assert self._kv is not None
         jobs: dict[str, RepairJob] = {}
         for node in set(self.nodes.members) | set(self.nodes.admin):
             try:
                 entry = await self._kv.get(repair_key(node))
             except nats.js.errors.KeyNotFoundError:
+                self._revisions[node] = 0
                 continue
+            self._revisions[node] = entry.revision or 0
             if entry.value:
                 jobs[node] = RepairJob.model_validate_json(entry.value)
         return jobs
 
     async def _save(self, job: RepairJob) -> None:
+        """Compare-and-set on the revision this holder last read or wrote: a write by
+        any other coordinator in between means this one was deposed (LeaseLost)."""
         assert self._kv is not None
-        await self._kv.put(repair_key(job.node), job.model_dump_json().encode())
+        key, data = repair_key(job.node), job.model_dump_json().encode()
+        revision = self._revisions.get(job.node, 0)
+        try:
+            if revision:
+                revision = await self._kv.update(key, data, last=revision)
+            else:
+                revision = await self._kv.create(key, data)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise LeaseLost(f"{key} changed under this coordinator") from None
+        self._revisions[job.node] = revision
 
     async def _event(self, payload: Any) -> None:
         await self.bus.publish(self.bus.event(payload), timeout=10.0)

@@ -16,7 +16,6 @@ from enum import StrEnum
 
 from cfs.erasure import Scheme
 from cfs.placement import Candidate, rank
-from cfs.ratelimit import TokenBucket as TokenBucket  # re-export: service.py builds with it
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ChunkRef
 

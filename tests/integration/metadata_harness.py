@@ -13,8 +13,8 @@ from pathlib import Path
 
 from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.client import MetadataClient
-from cfs.lease import ShardLease
-from cfs.service_main import until_jetstream_answers
+from cfs.kernel.runtime import until_jetstream_answers
+from cfs.lease import Lease
 from cfs.supervisor import ManagedProcess, NatsCluster
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
@@ -102,7 +102,7 @@ class MetaSite:
 
     async def writer(self, shard: str = "001") -> str:
         async with await Bus.connect(self.cluster.urls, site=SITE, node="probe") as bus:
-            status = await ShardLease.read_status(bus, f"meta.{shard}")
+            status = await Lease.read_status(bus, f"meta.{shard}")
         if status is None or not status.holder:
             raise AssertionError(f"shard {shard} has no writer")
         return status.holder

@@ -110,7 +110,7 @@ def test_cluster_commands_bad_input(env: dict[str, str]) -> None:
 def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Path) -> None:
     env = site
     status = json.loads(_cfs(env, "dev", "status", "--json").stdout)
-    assert status["nodes"]["solo"]["services"]["metadata"]["running"]
+    assert status["nodes"]["solo"]["services"]["metadata-raft"]["running"]
     _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
     _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
 

@@ -14,7 +14,7 @@ import nats.js.errors
 import pytest
 
 from cfs.bus import Bus, ensure_buckets
-from cfs.lease import LeaseRecord, ShardLease
+from cfs.lease import Lease, LeaseRecord
 from cfs.supervisor import NatsServer
 from cfs_contracts.streams import LEASES
 
@@ -46,9 +46,9 @@ class Events:
         self.seen.append(("lost", term, reason))
 
 
-def make(bus: Bus, node: str, events: Events | None = None) -> ShardLease:
+def make(bus: Bus, node: str, events: Events | None = None) -> Lease:
     events = events or Events()
-    return ShardLease(
+    return Lease(
         bus,
         KEY,
         node,
@@ -69,7 +69,7 @@ async def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> flo
     return time.monotonic() - start
 
 
-async def never_both(a: ShardLease, b: ShardLease, seconds: float) -> None:
+async def never_both(a: Lease, b: Lease, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         assert not (a.is_holder and b.is_holder), "two holders"
@@ -230,17 +230,17 @@ async def test_force_acquire_bumps_the_term_and_deposes_the_holder(
 
 
 async def test_read_status_shows_holder_term_and_age(buses: tuple[Bus, Bus]) -> None:
-    assert await ShardLease.read_status(buses[1], KEY) is None
+    assert await Lease.read_status(buses[1], KEY) is None
     a = make(buses[0], "a")
     await a.start()
     try:
         await wait_until(lambda: a.is_holder, 5, "a to acquire")
         await asyncio.sleep(RENEW_S)
-        status = await ShardLease.read_status(buses[1], KEY)
+        status = await Lease.read_status(buses[1], KEY)
         assert status is not None
         assert (status.holder, status.term, status.lease_s) == ("a", 1, LEASE_S)
         assert 0 <= status.age_s < 2 * RENEW_S and status.revision >= 1
     finally:
         await a.stop()
-    released = await ShardLease.read_status(buses[1], KEY)
+    released = await Lease.read_status(buses[1], KEY)
     assert released is not None and (released.holder, released.term) == ("", 1)

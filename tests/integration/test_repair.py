@@ -17,7 +17,7 @@ import pytest
 
 from cfs.bus import Bus
 from cfs.client import ChunkStoreClient, FileStore, MetadataClient
-from cfs.lease import ShardLease
+from cfs.lease import Lease
 from cfs.lifecycle import set_lifecycle
 from cfs.supervisor import LocalSite
 from cfs_contracts.data import ListRequest, fragment_key
@@ -156,7 +156,7 @@ async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(
 ) -> None:
     digests = await _write_files(site)
     async with await site.client() as bus:
-        lease = await ShardLease.read_status(bus, "meta.001")
+        lease = await Lease.read_status(bus, "meta.001")
         assert lease is not None and lease.holder
         victim = lease.holder  # the shard writer: its lease must move too
         drained = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.node.{victim}.drained", 90))
@@ -164,7 +164,7 @@ async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(
         event = await drained
         assert int(str(event["fragments_moved"])) >= len(SIZES)
         assert event["leases_moved"] == 1
-        after = await ShardLease.read_status(bus, "meta.001")
+        after = await Lease.read_status(bus, "meta.001")
         assert after is not None and after.holder not in ("", victim)
         meta = MetadataClient(bus)
         inodes = await _inodes(meta, list(digests))
@@ -190,7 +190,7 @@ async def test_a_coordinator_killed_mid_repair_is_resumed_without_double_rebuild
             )
             await _set_lifecycle(bus, "storage-5", Lifecycle.REMOVED)
             await progress
-            status = await ShardLease.read_status(bus, "service.repair")
+            status = await Lease.read_status(bus, "service.repair")
             assert status is not None and status.holder
             first = status.holder
             site.repair(first).kill9()

@@ -84,7 +84,7 @@ async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
         error = await _refused(client, lambda: client.nc.subscribe("_INBOX.metadata.>"))
         assert "subscription" in error.lower()
 
-    async with await site.client("cs", role=Role.CHUNKSTORE) as chunkstore:
+    async with await site.client("cs", role="chunkstore") as chunkstore:
         await _refused(chunkstore, lambda: chunkstore.nc.publish(journal, b"{}"))
         await _refused(
             chunkstore, lambda: chunkstore.nc.publish("$KV.nodes.member.storage-1", b"{}")

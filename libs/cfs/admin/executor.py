@@ -17,7 +17,6 @@ returns at once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,11 +24,9 @@ from dataclasses import dataclass
 import nats.errors
 import nats.js.errors
 
-from cfs.admin.decide import NodeFacts, Verdict, decide_drain, decide_force_election, decide_remove
-from cfs.admin.snapshot import SnapshotUnavailable, now_ms, read_node_facts
-from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, DurableConsumer, Retry
-from cfs.lease import LeaseError
-from cfs.lifecycle import set_lifecycle
+from cfs.admin.decide import Verdict
+from cfs.admin.snapshot import SnapshotUnavailable, now_ms
+from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, Retry
 from cfs_contracts import REGISTRY, DecodedEvent
 from cfs_contracts.events.admin import AdminCommandCompleted, AdminCommandIssued
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -53,14 +50,16 @@ def command_subject(site: str, service: str, verb: str) -> str:
 
 @dataclass
 class CommandExecutor:
-    """The thin runner: consume, skip what is done, decide and act, audit, reply."""
+    """The thin runner: skip what is done, decide and act, audit, reply. The service
+    runtime (`cfs.kernel`) consumes `consumer_spec` with `handle`."""
 
     bus: Bus
     service: str
     handlers: Mapping[str, CommandHandler]
 
-    def __post_init__(self) -> None:
-        spec = ConsumerSpec(
+    @property
+    def consumer_spec(self) -> ConsumerSpec:
+        return ConsumerSpec(
             stream=CMD.name,
             durable=f"cmd-{self.service}",
             filter_subject=f"cfs.{self.bus.site}.cmd.{self.service}.>",
@@ -69,55 +68,8 @@ class CommandExecutor:
             retry_delay_s=1.0,
             batch=8,
         )
-        self._consumer = DurableConsumer(self.bus, spec, self._handle)
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Consume in the background. Never fails the service: right after a restart
-        JetStream may still be electing, so the consumer is made again until it works."""
-        self._task = asyncio.create_task(self._serve(), name=f"cmd-{self.service}")
-        self._task.add_done_callback(self._ended)
-        log.info("admin.executor_started", extra={"service": self.service, "node": self.bus.node})
-
-    async def _serve(self) -> None:
-        delay = RETRY_MIN_S
-        while True:
-            try:
-                await self._consumer.run()
-                return
-            except (BusError, nats.errors.Error, TimeoutError) as exc:
-                if self._consumer.stopped:
-                    return
-                log.warning(
-                    "admin.executor_retry",
-                    extra={"service": self.service, "error": str(exc), "retry_in_s": delay},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-
-    async def stop(self) -> None:
-        self._consumer.stop()
-        task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=3.0)
-            except TimeoutError:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        """Admin commands stop being executed here: say so loudly, never silently."""
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error(
-                "admin.executor_failed",
-                extra={"service": self.service, "node": self.bus.node, "error": repr(exc)},
-            )
-
-    @property
-    def task(self) -> asyncio.Task[None] | None:
-        return self._task
-
-    async def _handle(self, event: DecodedEvent, delivery: Delivery) -> None:
+    async def handle(self, event: DecodedEvent, delivery: Delivery) -> None:
         cmd = event.payload
         if not isinstance(cmd, AdminCommandIssued):
             return  # replies and future command kinds are not ours
@@ -177,59 +129,3 @@ class CommandExecutor:
 
 
 _TRANSPORT = (nats.errors.Error, TimeoutError)
-
-
-# -- the commands each service executes ---------------------------------------------------
-def membership_handlers(bus: Bus) -> dict[str, CommandHandler]:
-    """node-drain and node-remove: the operator's intent as `admin.<node>`."""
-
-    async def lifecycle_change(cmd: AdminCommandIssued, decide: Callable[..., Verdict]) -> Verdict:
-        verdict = decide(await read_node_facts(bus), cmd.target)
-        if verdict.ok and verdict.lifecycle is not None:
-            await set_lifecycle(
-                bus,
-                cmd.target,
-                verdict.lifecycle,
-                requested_by=cmd.actor,
-                reason=f"{cmd.verb} command {cmd.command_id}",
-            )
-        return verdict
-
-    async def drain(cmd: AdminCommandIssued) -> Verdict:
-        return await lifecycle_change(cmd, decide_drain)
-
-    async def remove(cmd: AdminCommandIssued) -> Verdict:
-        return await lifecycle_change(cmd, decide_remove)
-
-    return {"node-drain": drain, "node-remove": remove}
-
-
-ForceElection = Callable[[Bus, str, str | None], Awaitable[None]]
-
-
-def metadata_handlers(
-    bus: Bus, shards: list[str], force: ForceElection
-) -> dict[str, CommandHandler]:
-    """force-election: stream leader stepdown plus writer lease handoff (`force`, i.e.
-    `cfs_metadata.admin.force_election`, passed in so libs do not import services)."""
-
-    async def force_election(cmd: AdminCommandIssued) -> Verdict:
-        target = cmd.arguments.get("to") or None
-        facts = await read_node_facts(bus) if target else None
-        verdict = decide_force_election(facts or _NO_FACTS, cmd.target, shards, target)
-        if not verdict.ok:
-            return verdict
-        try:
-            await force(bus, cmd.target, target)
-        except BusError as exc:
-            if "stepdown refused" not in str(exc):
-                raise  # transport trouble: retried
-            return Verdict("failed", str(exc))
-        except LeaseError as exc:
-            return Verdict("failed", f"shard {cmd.target}: {exc}")
-        return verdict
-
-    return {"force-election": force_election}
-
-
-_NO_FACTS = NodeFacts()

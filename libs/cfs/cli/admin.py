@@ -42,7 +42,7 @@ from cfs.bus import Bus, BusError
 from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.fuse.config import ClientSettings, client_settings
-from cfs.lease import ShardLease
+from cfs.lease import Lease
 from cfs.recovery.quorum import recover_quorum
 from cfs.recovery.streams import RecoveryError
 from cfs.security import Role
@@ -572,7 +572,7 @@ async def _force_leader(
     without = [v.shard for v in views if not v.has_quorum]
     lines: list[str] = []
     for name in with_quorum:
-        await ShardLease(bus, f"meta.{name}", node="cfs-admin").request_handoff(leader)
+        await Lease(bus, f"meta.{name}", node="cfs-admin").request_handoff(leader)
 
         async def taken(name: str = name) -> bool:
             return (await shard_view(bus, name)).writer == leader

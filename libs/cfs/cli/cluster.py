@@ -19,7 +19,14 @@ from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
 from cfs.fuse.config import client_settings
-from cfs.security import Role, credentials_path, ensure_credentials, ensure_keys, write_auth_conf
+from cfs.security import (
+    Role,
+    credentials_path,
+    ensure_credentials,
+    ensure_keys,
+    write_auth_conf,
+)
+from cfs.security import roles as all_roles
 
 app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
 
@@ -213,13 +220,12 @@ def credentials(
     reload the servers (`nats-server --signal reload`) and restart that role's
     processes with the new file."""
     settings = client_settings(None, site)
-    roles: list[Role] = []
+    known = all_roles()
+    roles: list[str] = []
     for name in rotate or []:
-        try:
-            roles.append(Role(name))
-        except ValueError:
-            known = ", ".join(role.value for role in Role)
-            raise CliError(f"unknown role {name!r} (roles: {known})", ExitCode.USAGE) from None
+        if name not in known:
+            raise CliError(f"unknown role {name!r} (roles: {', '.join(known)})", ExitCode.USAGE)
+        roles.append(name)
     if config_dir is not None:  # named on the command line: wins over the config file's
         directory = config_dir / CREDENTIALS_DIR
     else:
@@ -230,8 +236,8 @@ def credentials(
     summary = {
         "credentials_dir": str(directory),
         "nats_auth_conf": str(conf),
-        "roles": [role.value for role in Role],
-        "rotated": [role.value for role in roles],
+        "roles": known,
+        "rotated": roles,
     }
     if as_json:
         typer.echo(json.dumps(summary))

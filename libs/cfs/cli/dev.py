@@ -206,12 +206,13 @@ def _print_status(status: dict[str, Any]) -> None:
     table = Table(title=f"ClaudeFS dev site {status['site']}", show_header=True)
     table.add_column("node")
     table.add_column("nats")
-    for service in ("metadata", "chunkstore", "membership", "repair"):
+    services = sorted({name for info in status["nodes"].values() for name in info["services"]})
+    for service in services:
         table.add_column(service)
     for node, info in status["nodes"].items():
         nats = info.get("nats")
         cells = ["-" if nats is None else _mark(nats["running"])]
-        for service in ("metadata", "chunkstore", "membership", "repair"):
+        for service in services:
             proc = info["services"].get(service, {})
             cells.append(_mark(bool(proc.get("running")), proc.get("pid")))
         table.add_row(node, *cells)

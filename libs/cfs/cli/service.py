@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Run ClaudeFS services (what systemd, Nomad or `cfs dev` start).")
+from cfs.kernel.registry import UnknownService, by_name, specs
 
-# Service name (as in DESIGN.md) -> module with `main(argv)`. Imported by name so that
-# the CLI does not load every service's dependencies.
-SERVICES = {
-    "metadata-raft": "cfs_metadata.service",
-    "chunk-store": "cfs_chunkstore.service",
-    "repair": "cfs_repair.service",
-    "membership": "cfs_membership.service",
-}
+app = typer.Typer(help="Run ClaudeFS services (what systemd, Nomad or `cfs dev` start).")
 
 
 @app.command("run")
 def run(
-    name: Annotated[str, typer.Argument(help=f"one of: {', '.join(SERVICES)}")],
+    name: Annotated[str, typer.Argument(help="a service name (`cfs service list`)")],
     node: Annotated[str, typer.Option(help="this node's id, e.g. storage-1")],
     config: Annotated[Path | None, typer.Option(help="JSON settings file")] = None,
     data_dir: Annotated[
@@ -30,18 +22,22 @@ def run(
     ] = None,
 ) -> None:
     """Run a service until SIGTERM/SIGINT; settings from flags, CFS_* env, config file."""
-    module_name = SERVICES.get(name)
-    if module_name is None:
-        typer.echo(f"error: unknown service {name!r}; known: {', '.join(SERVICES)}", err=True)
-        raise typer.Exit(2)
+    from cfs.service_main import run_spec
+
+    try:
+        spec = by_name(name)
+    except UnknownService as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     argv = ["--node", node] + (["--config", str(config)] if config else [])
     if data_dir is not None:
         argv += ["--data-dir", str(data_dir)]
-    importlib.import_module(module_name).main(argv)
+    run_spec(spec, argv)
 
 
 @app.command("list")
 def list_services() -> None:
-    """List the services this release can run."""
-    for name in SERVICES:
-        typer.echo(name)
+    """List the services this release can run: name, role, site singleton or not."""
+    for spec in specs():
+        kind = "site singleton" if spec.singleton is not None else "per node"
+        typer.echo(f"{spec.name}\t{spec.role}\t{kind}")

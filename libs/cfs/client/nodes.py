@@ -56,6 +56,8 @@ class NodeView:
         self.admin: dict[str, NodeAdmin] = {}
         self.cluster: dict[str, ClusterConfig] = {}
         self._avoid_until: dict[str, float] = {}
+        self.versions: dict[str, int] = dict.fromkeys(_TABLES, 0)  # changes seen, per kind
+        self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
@@ -89,11 +91,33 @@ class NodeView:
             table: dict[str, Any] = getattr(self, attribute)
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 table.pop(node, None)
-                continue
-            try:
-                table[node] = model.model_validate_json(entry.value)
-            except ValidationError as exc:
-                log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+            else:
+                try:
+                    table[node] = model.model_validate_json(entry.value)
+                except ValidationError as exc:
+                    log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+                    continue
+            self.versions[kind] += 1
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    @property
+    def version(self) -> dict[str, int]:
+        """A snapshot of the change counters, for `wait_changed`."""
+        return dict(self.versions)
+
+    async def wait_changed(
+        self, seen: dict[str, int], *, timeout: float, kinds: tuple[str, ...] = tuple(_TABLES)
+    ) -> bool:
+        """Until a record of one of `kinds` changed since `seen` (True) or `timeout`
+        seconds passed (False): a watch, not a poll."""
+        try:
+            async with asyncio.timeout(timeout):
+                while all(self.versions[k] == seen.get(k, 0) for k in kinds):
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def ec_default(self) -> str:

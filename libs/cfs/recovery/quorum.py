@@ -29,7 +29,7 @@ import nats.errors
 
 from cfs.bus import Bus, BusError
 from cfs.fuse.config import ClientSettings
-from cfs.lease import LeaseError, ShardLease
+from cfs.lease import Lease, LeaseError
 from cfs.recovery.streams import RecoveryError, export_streams, import_streams
 from cfs.security import Role
 from cfs.supervisor.devcluster import running_dev_site
@@ -87,10 +87,10 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
 
 async def _hand_lease(bus: Bus, shard: str, survivor: str) -> None:
     """The copied lease still names a dead holder: the survivor takes it at once."""
-    lease = ShardLease(bus, f"meta.{shard}", node="cfs-admin")
+    lease = Lease(bus, f"meta.{shard}", node="cfs-admin")
     deadline = time.monotonic() + LEASE_TIMEOUT_S
     while True:
-        status = await ShardLease.read_status(bus, f"meta.{shard}")
+        status = await Lease.read_status(bus, f"meta.{shard}")
         if status is not None and status.holder == survivor:
             return
         try:

@@ -104,9 +104,8 @@ class DevCluster:
             server = self.site.nats_server_of(node)
             nodes[node] = {
                 "services": {
-                    proc.name.split("-", 1)[0]: {"running": proc.running, "pid": proc.pid}
-                    for proc in self.site.processes()
-                    if proc.name.endswith(f"-{node}")
+                    name: {"running": proc.running, "pid": proc.pid}
+                    for name, proc in self.site.node_processes(node).items()
                 },
                 "nats": None
                 if server is None

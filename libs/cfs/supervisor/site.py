@@ -42,6 +42,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus
+from cfs.kernel import registry
 from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.nats import NatsCluster, NatsServer
@@ -53,25 +54,14 @@ from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
 
-# Packages the service processes import; their roots go on the children's PYTHONPATH,
-# so a source tree works without installing.
-_PACKAGES = (
-    "cfs",
-    "cfs_contracts",
-    "cfs_metadata",
-    "cfs_chunkstore",
-    "cfs_repair",
-    "cfs_membership",
-)
 _NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RECORD_MAX_AGE_MS = 10_000
-_SERVICE_MODULES = {
-    "metadata": "cfs_metadata",
-    "chunkstore": "cfs_chunkstore",
-    "repair": "cfs_repair",
-    "membership": "cfs_membership",
-}
-NODE_SERVICES = tuple(_SERVICE_MODULES)
+
+
+def node_services() -> tuple[str, ...]:
+    """The services every node runs (all of them today: site singletons run on every
+    node too, one active by lease): from the service specs, never listed by hand."""
+    return tuple(registry.service_names())
 
 
 class LocalSite:
@@ -164,24 +154,24 @@ class LocalSite:
             "CFS_NETEM_FILE": str(self.netem_file),
             **self._env,
         }
-        for service, module in _SERVICE_MODULES.items():
+        for spec in registry.specs():
             env = dict(common)
-            if (credentials := self.credentials(Role(service))) is not None:
+            if (credentials := self.credentials(spec.role)) is not None:
                 env["CFS_NATS_CREDENTIALS"] = str(credentials)
-            if service == "membership":
+            if spec.name == "membership":
                 env.update(swim)
-            self._procs[node, service] = ManagedProcess(
-                f"{service}-{node}",
+            self._procs[node, spec.name] = ManagedProcess(
+                f"{spec.name}@{node}",
                 [
                     sys.executable,
                     "-m",
-                    module,
+                    spec.package,
                     "--node",
                     node,
                     "--data-dir",
                     str(self.base_dir / "nodes" / node),
                 ],
-                log_path=self.base_dir / "logs" / f"{node}.{service}.log",
+                log_path=self.base_dir / "logs" / f"{node}.{spec.name}.log",
                 env=env,
             )
 
@@ -216,7 +206,7 @@ class LocalSite:
         self._check_node(node)
         return next((server for server in self.nats_servers if server.name == node), None)
 
-    def credentials(self, role: Role) -> Path | None:
+    def credentials(self, role: str) -> Path | None:
         """The credentials file of `role` (None on a site without NATS auth)."""
         return credentials_path(self.credentials_dir, role) if self.secure else None
 
@@ -224,21 +214,30 @@ class LocalSite:
         self._check_node(node)
         return self.base_dir / "nodes" / node
 
-    def metadata(self, node: str) -> ManagedProcess:
+    def service(self, node: str, name: str) -> ManagedProcess:
+        """The process of service `name` (as `cfs service list` names it) on `node`."""
         self._check_node(node)
-        return self._procs[node, "metadata"]
+        try:
+            return self._procs[node, name]
+        except KeyError:
+            raise registry.UnknownService(name) from None
+
+    def metadata(self, node: str) -> ManagedProcess:
+        return self.service(node, "metadata-raft")
 
     def chunkstore(self, node: str) -> ManagedProcess:
-        self._check_node(node)
-        return self._procs[node, "chunkstore"]
+        return self.service(node, "chunk-store")
 
     def repair(self, node: str) -> ManagedProcess:
-        self._check_node(node)
-        return self._procs[node, "repair"]
+        return self.service(node, "repair")
 
     def membership(self, node: str) -> ManagedProcess:
+        return self.service(node, "membership")
+
+    def node_processes(self, node: str) -> dict[str, ManagedProcess]:
+        """Service name -> process, for one node."""
         self._check_node(node)
-        return self._procs[node, "membership"]
+        return {name: proc for (n, name), proc in self._procs.items() if n == node}
 
     @property
     def netem_file(self) -> Path:
@@ -366,22 +365,21 @@ class LocalSite:
         """Start this node's services that are not running (what systemd would do)."""
         self._check_node(node)
         self._spawned_ms[node] = time.time_ns() // 1_000_000
-        for service in NODE_SERVICES:
-            proc = self._procs[node, service]
+        for proc in self.node_processes(node).values():
             if not proc.running:
                 proc.start()
 
     def stop_node(self, node: str, timeout: float = 15.0) -> None:
         """SIGTERM this node's services (clean shutdown)."""
         self._check_node(node)
-        for service in NODE_SERVICES:
-            self._procs[node, service].stop(timeout)
+        for proc in self.node_processes(node).values():
+            proc.stop(timeout)
 
     def kill9(self, node: str) -> None:
         """SIGKILL this node's services: a crashed node (its NATS server is separate)."""
         self._check_node(node)
-        for service in NODE_SERVICES:
-            self._procs[node, service].kill9()
+        for proc in self.node_processes(node).values():
+            proc.kill9()
 
     def stop(self) -> None:
         """Stop every service process (in parallel), then NATS; never leaves a process."""
@@ -397,7 +395,7 @@ class LocalSite:
             self.nats.stop()
         log_event(log, logging.INFO, "site.stopped", site=self.site)
 
-    async def client(self, name: str | None = None, role: Role = Role.ADMIN) -> Bus:
+    async def client(self, name: str | None = None, role: str = Role.ADMIN) -> Bus:
         """A connected `Bus` for this site with `role`'s credentials (close it, or use
         `async with`)."""
         return await Bus.connect(
@@ -459,7 +457,7 @@ def _free_udp_port(host: str = "127.0.0.1") -> int:
 def child_pythonpath() -> str:
     """The import roots of our packages, then whatever PYTHONPATH we were given."""
     roots: list[str] = []
-    for package in _PACKAGES:
+    for package in ("cfs", "cfs_contracts", *registry.packages()):
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             continue

@@ -12,14 +12,14 @@ import asyncio
 import sys
 
 from cfs.bus import Bus
-from cfs.lease import ShardLease
+from cfs.lease import Lease
 from cfs.logs import setup_logging
 
 
 async def main(url: str, key: str, node: str, lease_s: float, renew_s: float) -> None:
     setup_logging("INFO", service="lease-holder", node=node)  # JSON lines on stderr
     bus = await Bus.connect(url, site="t", node=node)
-    lease: ShardLease
+    lease: Lease
 
     async def acquired(term: int) -> None:
         print(f"HOLDING {term} {lease.revision}", flush=True)
@@ -27,7 +27,7 @@ async def main(url: str, key: str, node: str, lease_s: float, renew_s: float) ->
     async def lost(term: int, reason: str) -> None:
         print(f"LOST {term} {reason}", flush=True)
 
-    lease = ShardLease(
+    lease = Lease(
         bus, key, node, lease_s=lease_s, renew_s=renew_s, on_acquired=acquired, on_lost=lost
     )
     await lease.run()

@@ -1,0 +1,264 @@
+"""The service kernel on real processes: a failing background task never goes unnoticed,
+a killed singleton holder is replaced within a lease time and its work resumed, and
+every service's NATS permissions are exactly what its spec declares."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats.js.errors
+import pytest
+
+from cfs.bus import Bus, ensure_buckets, ensure_streams
+from cfs.kernel import registry
+from cfs.lease import Lease
+from cfs.security import (
+    Role,
+    common_publish,
+    permissions,
+    render_auth_conf,
+    roles,
+    spec_subjects,
+    subject_matches,
+)
+from cfs.supervisor import ManagedProcess, NatsCluster, NatsServer
+from cfs_contracts.members import ServiceHealth, health_key
+from cfs_contracts.streams import CLUSTER, SITE_BUCKETS, service_lease_key
+from tests.integration.metadata_harness import MetaSite
+from tests.integration.procs.counter_service import CURSOR
+from tests.integration.test_metadata import _run_load_through, _verify_replicas
+
+ROOT = Path(__file__).resolve().parents[2]
+SITE = "t"
+LEASE_S, RENEW_S = 2.0, 0.4  # the counter spec's
+
+
+# -- a metadata writer's commit loop fails ------------------------------------------------
+@pytest.fixture
+async def meta(tmp_path: Path, nats_cluster3: NatsCluster) -> AsyncIterator[MetaSite]:
+    site = MetaSite(tmp_path / "meta", nats_cluster3)
+    await site.provision()
+    site.start_all()
+    try:
+        await site.wait_ready()
+        yield site
+    finally:
+        site.stop_all()
+
+
+async def test_a_commit_loop_failure_ends_the_writer_and_another_replica_serves(
+    meta: MetaSite,
+) -> None:
+    writer = await meta.writer()
+
+    async def fault() -> None:
+        meta.crash_file.write_text("commit_loop")  # the writer's next batch raises
+
+    _loads, resumed = await _run_load_through(meta, fault)
+    print(f"writes resumed {resumed:.2f}s after the commit loop failed")
+    crashed = meta.nodes[writer]
+    assert crashed.wait(timeout=10) == 1, "the process exits with an error, not silently"
+    assert "service.task_crashed" in crashed.log_tail(200), crashed.log_tail(20)
+    assert "InjectedFault" in crashed.log_tail(200)
+    assert await meta.writer() != writer
+    # One lease (0.8 s) for the lease to lapse, plus the new writer's catch-up and fence
+    # and the client's retry backoff.
+    assert resumed < 0.8 + 2.0, f"writes resumed only after {resumed:.2f}s"
+    assert meta.restart_dead() == [writer]  # what systemd or Nomad does
+    await meta.wait_ready()
+    await _verify_replicas(meta)  # nothing acknowledged lost; every replica = the journal
+
+
+# -- a site singleton's holder is killed ----------------------------------------------------
+@pytest.fixture
+def counters(tmp_path: Path, nats_server: NatsServer) -> Iterator[dict[str, ManagedProcess]]:
+    procs = {
+        node: ManagedProcess(
+            f"counter@{node}",
+            [sys.executable, "-m", "tests.integration.procs.counter_service"],
+            log_path=tmp_path / f"{node}.log",
+            env={
+                "CFS_NODE": node,
+                "CFS_SITE": SITE,
+                "CFS_NATS_URLS": json.dumps([nats_server.url]),
+                "CFS_FAIL_FILE": str(tmp_path / "fail-now"),
+                "PYTHONPATH": str(ROOT),
+            },
+            cwd=ROOT,
+        )
+        for node in ("n1", "n2", "n3")
+    }
+    try:
+        yield procs
+    finally:
+        _stop(procs)
+
+
+def _stop(procs: dict[str, ManagedProcess]) -> None:
+    """Before reading what they counted: the stream ends only when counting does."""
+    for proc in procs.values():
+        if proc.running:
+            proc.stop(timeout=10)
+
+
+async def _provision(url: str) -> Bus:
+    bus = await Bus.connect([url], site=SITE, node="test")
+    await ensure_streams(bus.js, [CLUSTER], site=SITE, replicas=1)
+    await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
+    return bus
+
+
+async def _cursor(bus: Bus) -> int:
+    kv = await bus.key_value("nodes")
+    try:
+        return int(json.loads((await kv.get(CURSOR)).value or b"{}")["next"])
+    except nats.js.errors.KeyNotFoundError:
+        return 1
+
+
+async def _until(what: str, check, timeout: float = 30.0) -> float:
+    """Seconds until `await check()` is true; fails after `timeout`."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def _holder(bus: Bus) -> str:
+    status = await Lease.read_status(bus, service_lease_key("counter"))
+    return status.holder if status is not None else ""
+
+
+async def _items(bus: Bus) -> list[tuple[int, str]]:
+    """Every counted item as (n, node), in stream order."""
+    found = []
+    sub = await bus.js.subscribe(f"cfs.{SITE}.cluster.counter", ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except TimeoutError:
+                return found
+            body = json.loads(msg.data)
+            found.append((body["n"], body["by"]))
+    finally:
+        await sub.unsubscribe()
+
+
+async def _health(bus: Bus, node: str) -> ServiceHealth | None:
+    kv = await bus.key_value("nodes")
+    try:
+        entry = await kv.get(health_key(node, "counter"))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return ServiceHealth.model_validate_json(entry.value or b"")
+
+
+async def test_a_killed_singleton_holder_is_replaced_within_lease_plus_renew_and_resumed(
+    nats_server: NatsServer, counters: dict[str, ManagedProcess]
+) -> None:
+    async with await _provision(nats_server.url) as bus:
+        for proc in counters.values():
+            proc.start()
+        await _until("counting", lambda: _bigger(bus, 20))
+        holder = await _holder(bus)
+        health = {node: await _health(bus, node) for node in counters}
+        assert [h.singleton for h in health.values() if h].count("holding") == 1, health
+        assert health[holder] is not None and health[holder].singleton == "holding"
+
+        counters[holder].kill9()
+        killed_at = await _cursor(bus)
+        took = await _until("a new holder", lambda: _other_holder(bus, holder))
+        print(f"singleton taken over {took:.2f}s after the holder's kill -9")
+        assert took <= LEASE_S + RENEW_S + 0.5, f"hand-over took {took:.2f}s"
+        await _until("counting again", lambda: _bigger(bus, killed_at + 20))
+        _stop(counters)
+        items = await _items(bus)
+    numbers = [n for n, _ in items]
+    assert numbers == list(range(1, len(numbers) + 1)), "every item exactly once, in order"
+    by = [node for _, node in items]
+    assert holder in by and len(set(by)) >= 2
+
+
+async def _bigger(bus: Bus, n: int) -> bool:
+    return await _cursor(bus) > n
+
+
+async def _other_holder(bus: Bus, old: str) -> bool:
+    return (await _holder(bus)) not in ("", old)
+
+
+async def test_failing_singleton_work_ends_the_process_and_the_work_moves(
+    tmp_path: Path, nats_server: NatsServer, counters: dict[str, ManagedProcess]
+) -> None:
+    async with await _provision(nats_server.url) as bus:
+        for proc in counters.values():
+            proc.start()
+        await _until("counting", lambda: _bigger(bus, 10))
+        holder = await _holder(bus)
+        (tmp_path / "fail-now").write_text("")  # the holder's next step raises
+        assert counters[holder].wait(timeout=10) == 1
+        log = counters[holder].log_tail(100)
+        assert "service.task_crashed" in log and "injected failure" in log, log
+        failed_at = await _cursor(bus)
+        await _until("counting again", lambda: _bigger(bus, failed_at + 10))
+        assert await _holder(bus) != holder
+        _stop(counters)
+        items = await _items(bus)
+    numbers = [n for n, _ in items]
+    assert numbers == list(range(1, len(numbers) + 1))
+
+
+# -- declarations and what is derived from them ---------------------------------------------
+def test_every_service_package_is_announced_and_every_list_is_derived() -> None:
+    specs = registry.specs()
+    packages = sorted(p.name for p in (ROOT / "services").iterdir() if (p / "spec.py").exists())
+    assert sorted(s.package for s in specs) == packages, "a services/ package has no entry point"
+    assert roles() == [Role.ADMIN, Role.CLIENT, *(s.role for s in specs)]
+    from typer.testing import CliRunner
+
+    from cfs.cli.main import app
+
+    listed = CliRunner().invoke(app, ["service", "list"]).output.split("\n")
+    assert [line.split("\t")[0] for line in listed if line] == [s.name for s in specs]
+    from cfs.supervisor.site import LocalSite
+
+    site = LocalSite(ROOT / ".never-started", nodes=1)
+    assert sorted(site.node_processes("storage-1")) == sorted(s.name for s in specs)
+
+
+def test_deployment_files_name_only_known_services() -> None:
+    known = set(registry.service_names())
+    for path in [*(ROOT / "deploy").rglob("*.yaml"), *(ROOT / "deploy").rglob("*.hcl")]:
+        named = set(re.findall(r"service\W+run\W+([a-z][a-z0-9-]*)", path.read_text()))
+        assert named <= known, f"{path} runs unknown services {named - known}"
+
+
+@pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
+def test_a_services_permissions_are_exactly_its_declared_subjects(spec) -> None:
+    shards = 3
+    conf = render_auth_conf([(spec.role, "UKEY")], SITE, shards)
+    allowed = json.loads(re.search(r"publish: \{ allow: (\[.*\]) \}", conf).group(1))
+    subscribe = json.loads(re.search(r"subscribe: \{ allow: (\[.*\]) \}", conf).group(1))
+    declared_pub, declared_sub = spec_subjects(spec, SITE, shards)
+    everyone = set(common_publish(SITE))
+    assert set(allowed) == everyone | set(declared_pub), "nothing more, nothing less"
+    assert set(subscribe) == {f"_INBOX.{spec.role}.>", *declared_sub}
+    mine = permissions(spec.role, SITE, shards)
+    for other in registry.specs():
+        theirs, _ = spec_subjects(other, SITE, shards)
+        for subject in set(theirs) - set(declared_pub) - everyone:
+            concrete = subject.replace("*", "x").replace(">", "x")
+            if not any(_covers(pattern, concrete) for pattern in declared_pub):
+                assert not mine.may_publish(concrete), f"{spec.role} may publish {concrete}"
+
+
+def _covers(pattern: str, subject: str) -> bool:
+    return subject_matches(pattern, subject)
