@@ -38,6 +38,7 @@ from cfs.supervisor import ManagedProcess, NatsCluster
 from cfs.supervisor.site import child_pythonpath
 from cfs_contracts.events.metadata import MetaCommitted
 from cfs_metadata.check import check_tree
+from cfs_metadata.journal import Journal
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import SITE, MetaSite, replay_journal
 
@@ -58,6 +59,8 @@ class Mounted:
     def __init__(self, base: Path, path: Path) -> None:
         self.base = base
         self.path = path
+        self._replayed = MemoryShard(1)  # every shard's journal, applied so far
+        self._positions: dict[int, int] = {}
         self.cluster = NatsCluster(1, base / "nats")
         self.site = MetaSite(base / "meta", self.cluster, nodes=("m1",), shards=SHARDS)
         env = {"CFS_SITE": SITE, "PYTHONPATH": child_pythonpath()}
@@ -130,6 +133,24 @@ class Mounted:
         merged.txs.clear()
         return merged
 
+    def check(self) -> list[str]:
+        """The checker after one test (STYLE.md #9): the journals' new entries replayed
+        into the view kept since the module started, then the whole tree checked."""
+        asyncio.run(self._catch_up())
+        self._replayed.txs.clear()
+        return check_tree(self._replayed, self._replayed.inodes)
+
+    async def _catch_up(self) -> None:
+        async with await Bus.connect(self.cluster.urls, site=SITE, node="checker") as bus:
+            for shard in range(1, SHARDS + 1):
+                journal = Journal(bus, shard)
+                last = await journal.last_seq()
+                start = self._positions.get(shard, 0) + 1
+                async for record in journal.read_range(start, last):
+                    if isinstance(record.event.payload, MetaCommitted):
+                        apply_entries(self._replayed, record.event.payload.entries)
+                self._positions[shard] = last
+
 
 async def _wait_for_stores(urls: list[str], count: int, timeout: float = 30.0) -> None:
     """Chunk-stores announce themselves in the nodes KV once they serve every verb."""
@@ -168,12 +189,14 @@ def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
 
 
 @pytest.fixture
-def d(mounted: Mounted, request: pytest.FixtureRequest) -> Path:
-    """A fresh directory on the mount for one test."""
+def d(mounted: Mounted, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory on the mount for one test; the namespace checker runs after it."""
     name: str = request.node.name
     path = mounted.path / name.replace("[", "-").replace("]", "")
     path.mkdir()
-    return path
+    yield path
+    problems = mounted.check()
+    assert problems == [], f"namespace inconsistent after {name}: {problems[:5]}"
 
 
 def _errno(fn, *args, **kwargs) -> int:

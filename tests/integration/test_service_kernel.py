@@ -262,3 +262,41 @@ def test_a_services_permissions_are_exactly_its_declared_subjects(spec) -> None:
 
 def _covers(pattern: str, subject: str) -> bool:
     return subject_matches(pattern, subject)
+
+
+# -- a degradable task fails: the service goes on, visibly ----------------------------------
+async def test_a_failed_degradable_task_shows_in_admin_status(nats_server: NatsServer) -> None:
+    from cfs.admin.report import service_lines
+    from cfs.admin.snapshot import read_node_facts
+    from cfs.kernel.runtime import Context, OnFailure, run
+    from cfs.kernel.spec import ServiceSpec
+    from cfs.service_main import ServiceSettings
+
+    async def broken_scrub() -> None:
+        raise OSError("disk read failed")
+
+    async def start(ctx: Context) -> None:
+        ctx.spawn(broken_scrub(), "scrub", on_failure=OnFailure.DEGRADE)
+
+    spec = ServiceSpec(
+        name="toy",
+        role="toy",
+        package="tests",
+        description="a service whose scrub fails",
+        settings=lambda: ServiceSettings,
+        start=start,
+    )
+    settings = ServiceSettings(node="n1", site=SITE, nats_urls=[nats_server.url])
+    stop = asyncio.Event()
+    async with await _provision(nats_server.url) as bus:
+        service = asyncio.create_task(run(spec, settings, stop))
+
+        async def degraded() -> bool:
+            assert not service.done(), service
+            lines = service_lines(await read_node_facts(bus))
+            return any("DEGRADED (scrub: OSError: disk read failed)" in line for line in lines)
+
+        await _until("the degraded service in status", degraded, timeout=15)
+        stop.set()
+        await asyncio.wait_for(service, 10)  # stops cleanly: degraded is not crashed
+        assert (await read_node_facts(bus)).health == (), "a clean stop removes the record"

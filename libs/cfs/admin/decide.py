@@ -8,48 +8,14 @@ answers from the same rules. A refusal is one line an operator can act on.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from cfs_contracts.data import StoreRecord
+from cfs.liveness import NodeFacts as NodeFacts  # the vocabulary these rules speak
 from cfs_contracts.events.admin import CommandCode
-from cfs_contracts.members import Lifecycle, Liveness, MemberRecord, NodeAdmin
+from cfs_contracts.members import Lifecycle
 
-# A chunk-store refreshes `store.<node>` every few seconds; older means not running.
-STORE_FRESH_MS = 10_000
 SHARD_RE = re.compile(r"^[0-9]{1,3}$")
 ALL_SHARDS = "*"
-
-
-@dataclass(frozen=True)
-class NodeFacts:
-    """What the nodes KV says about every node, read at `now_ms`."""
-
-    members: Mapping[str, MemberRecord] = field(default_factory=dict)
-    admin: Mapping[str, NodeAdmin] = field(default_factory=dict)
-    stores: Mapping[str, StoreRecord] = field(default_factory=dict)
-    now_ms: int = 0
-
-    def known(self) -> list[str]:
-        """Every node the site has a record of (member, lifecycle or store)."""
-        return sorted(set(self.members) | set(self.admin) | set(self.stores))
-
-    def liveness(self, node: str) -> Liveness | None:
-        """SWIM's verdict; without membership, a fresh store record counts as alive."""
-        member = self.members.get(node)
-        if member is not None:
-            return member.state
-        store = self.stores.get(node)
-        if store is not None and self.now_ms - store.updated_ms < STORE_FRESH_MS:
-            return Liveness.ALIVE
-        return None
-
-    def lifecycle(self, node: str) -> Lifecycle:
-        record = self.admin.get(node)
-        return record.lifecycle if record is not None else Lifecycle.ACTIVE
-
-    def is_live(self, node: str) -> bool:
-        return self.liveness(node) in (Liveness.ALIVE, Liveness.SUSPECT)
 
 
 @dataclass(frozen=True)
@@ -155,5 +121,5 @@ def merge_views(kv: NodeFacts, views: NodeFacts) -> tuple[NodeFacts, list[str]]:
         if recorded is None or recorded.state is not seen.state:
             members[node] = seen
             corrected.append(node)
-    merged = NodeFacts(members=members, admin=kv.admin, stores=kv.stores, now_ms=kv.now_ms)
+    merged = replace(kv, members=members)
     return merged, sorted(corrected)

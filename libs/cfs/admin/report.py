@@ -69,6 +69,42 @@ def node_line(facts: NodeFacts, node: str) -> str:
     return ", ".join([head, *extras])
 
 
+def service_lines(facts: NodeFacts) -> list[str]:
+    """What an operator must see about service processes: each degraded one with why,
+    each live node's service that stopped reporting, and who runs each site singleton."""
+    lines: list[str] = []
+    singletons: dict[str, dict[str, list[str]]] = {}
+    for record in sorted(facts.health, key=lambda r: (r.service, r.node)):
+        where = f'Service {record.service} on "{record.node}"'
+        if not facts.reporting(record):
+            if facts.is_live(record.node):
+                silent = age((facts.now_ms - record.updated_ms) / 1000)
+                lines.append(f"{where} is NOT REPORTING (last report {silent} ago)")
+            continue
+        if record.degraded:
+            why = "; ".join(f"{part}: {reason}" for part, reason in record.degraded.items())
+            lines.append(f"{where} is DEGRADED ({why})")
+        if record.singleton:
+            singletons.setdefault(record.service, {}).setdefault(record.singleton, []).append(
+                record.node
+            )
+    for service, states in sorted(singletons.items()):
+        holding = ", ".join(states.get("holding", [])) or "nobody"
+        standby = ", ".join(states.get("standby", [])) or "none"
+        lines.append(f"Site service {service}: active on {holding} (standby: {standby})")
+    return lines
+
+
+def service_json(facts: NodeFacts) -> list[dict[str, Any]]:
+    return [
+        {
+            **record.model_dump(),
+            "state": record.state.value if facts.reporting(record) else "not_reporting",
+        }
+        for record in sorted(facts.health, key=lambda r: (r.service, r.node))
+    ]
+
+
 def node_json(facts: NodeFacts, node: str) -> dict[str, Any]:
     state = facts.liveness(node)
     member = facts.members.get(node)

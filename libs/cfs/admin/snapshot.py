@@ -24,7 +24,7 @@ from cfs.admin.report import Replica, ShardView
 from cfs.bus import Bus, BusError
 from cfs.lease import LeaseRecord
 from cfs_contracts.data import StoreRecord
-from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin
+from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin, ServiceHealth
 from cfs_contracts.streams import LEASES, NODES, meta_stream, site_subject
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ def now_ms() -> int:
 async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     """Every `member.*`, `admin.*` and `store.*` record; SnapshotUnavailable on timeout."""
     tables: dict[str, dict[str, Any]] = {kind: {} for kind in _MODELS}
+    health: list[ServiceHealth] = []
     try:
         async with asyncio.timeout(timeout):
             kv = await bus.key_value(NODES.bucket)
             for key in await _keys(bus, NODES.bucket):
                 kind, _, node = key.partition(".")
-                if kind not in _MODELS:
+                if kind not in _MODELS and kind != "health":
                     continue  # repair jobs and future record kinds
                 try:
                     entry = await kv.get(key)
@@ -63,13 +64,20 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
                 if not entry.value:
                     continue
                 try:
-                    tables[kind][node] = _MODELS[kind].model_validate_json(entry.value)
+                    if kind == "health":
+                        health.append(ServiceHealth.model_validate_json(entry.value))
+                    else:
+                        tables[kind][node] = _MODELS[kind].model_validate_json(entry.value)
                 except ValidationError as exc:
                     log.warning("admin.bad_record", extra={"key": key, "error": str(exc)})
     except TRANSPORT_ERRORS as exc:
         raise SnapshotUnavailable(f"nodes KV unreadable: {_why(exc)}") from None
     return NodeFacts(
-        members=tables["member"], admin=tables["admin"], stores=tables["store"], now_ms=now_ms()
+        members=tables["member"],
+        admin=tables["admin"],
+        stores=tables["store"],
+        now_ms=now_ms(),
+        health=tuple(health),
     )
 
 

@@ -29,7 +29,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cfs.admin.client import CommandTimeout, actor, issue, node_events, poll_until
 from cfs.admin.decide import NodeFacts, merge_views, parse_shard
-from cfs.admin.report import ShardView, debug_lines, node_json, node_line, shard_line, stream_line
+from cfs.admin.report import (
+    ShardView,
+    debug_lines,
+    node_json,
+    node_line,
+    service_json,
+    service_lines,
+    shard_line,
+    stream_line,
+)
 from cfs.admin.snapshot import (
     SnapshotUnavailable,
     connected_server_name,
@@ -196,10 +205,11 @@ def status(
         document = {
             "source": source,
             "nodes": [node_json(facts, n) for n in nodes],
+            "services": service_json(facts),
             "shards": [v.to_dict() for v in shard_views],
             "notes": notes,
         }
-        lines = [node_line(facts, n) for n in nodes] + [summary]
+        lines = [node_line(facts, n) for n in nodes] + service_lines(facts) + [summary]
         lines += [shard_line(v) for v in shard_views] + [f"Note: {n}" for n in notes]
         _emit(as_json, document, lines)
 

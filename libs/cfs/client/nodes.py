@@ -22,9 +22,10 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from cfs.bus import Bus
+from cfs.liveness import NodeFacts
 from cfs.placement import Candidate
 from cfs_contracts.data import StoreRecord
-from cfs_contracts.members import ClusterConfig, Lifecycle, Liveness, MemberRecord, NodeAdmin
+from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
@@ -125,45 +126,33 @@ class NodeView:
         config = self.cluster.get("config")
         return config.ec if config is not None else "auto"
 
-    def usable(self, node: str) -> bool:
-        """Alive (or not tracked by membership) and active (or never administered)."""
-        member = self.members.get(node)
-        admin = self.admin.get(node)
-        return (member is None or member.state is Liveness.ALIVE) and (
-            admin is None or admin.lifecycle is Lifecycle.ACTIVE
+    def facts(self) -> NodeFacts:
+        """The view now, in the vocabulary every reader shares (`cfs.liveness`)."""
+        return NodeFacts(
+            members=self.members,
+            admin=self.admin,
+            stores=self.records,
+            now_ms=int(time.time() * 1000),
+            store_fresh_ms=int(self.stale_after_s * 1000),
         )
+
+    def usable(self, node: str) -> bool:
+        return self.facts().usable(node)
 
     def live_nodes(self) -> list[str]:
-        """Nodes alive by membership or, where membership has no record, by a fresh
-        chunk-store record; sorted."""
-        now_ms = time.time() * 1000
-        fresh = {
-            n
-            for n, rec in self.records.items()
-            if now_ms - rec.updated_ms < self.stale_after_s * 1000
-        }
-        alive = {n for n, m in self.members.items() if m.state is Liveness.ALIVE}
-        return sorted(alive | {n for n in fresh if n not in self.members})
+        return self.facts().live_nodes()
 
     def active(self, node: str) -> bool:
-        """Not draining, drained or removed (liveness aside)."""
-        admin = self.admin.get(node)
-        return admin is None or admin.lifecycle is Lifecycle.ACTIVE
+        return self.facts().active(node)
 
     def in_service(self, node: str) -> bool:
-        """Alive and not drained or removed: may still run site services (a draining
-        node keeps coordinating until its fragments are gone)."""
-        member = self.members.get(node)
-        admin = self.admin.get(node)
-        return (member is None or member.state in (Liveness.ALIVE, Liveness.SUSPECT)) and (
-            admin is None or admin.lifecycle in (Lifecycle.ACTIVE, Lifecycle.DRAINING)
-        )
+        return self.facts().in_service(node)
 
     def avoid(self, node: str) -> None:
         self._avoid_until[node] = time.monotonic() + self.avoid_for_s
 
     def eligible(self, needed_bytes: int) -> list[Candidate]:
-        now_ms = time.time() * 1000
+        facts = self.facts()
         mono = time.monotonic()
         return [
             Candidate(
@@ -174,8 +163,8 @@ class NodeView:
             )
             for rec in self.records.values()
             if not rec.draining
-            and self.usable(rec.node)
-            and now_ms - rec.updated_ms < self.stale_after_s * 1000
+            and facts.usable(rec.node)
+            and facts.store_fresh(rec.node)
             and rec.free_bytes >= needed_bytes
             and self._avoid_until.get(rec.node, 0.0) < mono
         ]

@@ -39,6 +39,8 @@ from cfs.supervisor.topology import Topology
 
 log = logging.getLogger(__name__)
 
+RESTART_CHECK_S = 1.0
+
 CLUSTER_FILE = "cluster.json"
 STATE_FILE = "dev.json"
 CONTROL_SOCKET = "control.sock"
@@ -247,7 +249,7 @@ class DevCluster:
                 await on_ready(self)
             self.write_state("ready")
             log_event(log, logging.INFO, "dev.ready", site=self.topology.site, urls=self.site.urls)
-            await self._stop.wait()
+            await self._restart_exited_until_stopped()
         except BaseException as exc:
             self.write_state(f"failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             raise
@@ -264,6 +266,16 @@ class DevCluster:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
         self.write_state("stopped")  # not reached after a failure: that state stays
+
+    async def _restart_exited_until_stopped(self) -> None:
+        """The restart policy a real deployment has (Nomad, systemd): a service that
+        crashed (the kernel ends a process whose critical task failed) is started again.
+        Processes stopped or killed through `cfs dev` stay as they are."""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), RESTART_CHECK_S)
+            if not self._stop.is_set():
+                await asyncio.to_thread(self.site.restart_exited)
 
     def _stop_all(self) -> None:
         try:

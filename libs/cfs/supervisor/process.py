@@ -33,6 +33,7 @@ _TAIL_BYTES = 64 * 1024
 
 _registry_lock = threading.Lock()
 _registry: set[ManagedProcess] = set()
+_created: list[ManagedProcess] = []  # every instance, alive or not: their logs outlive them
 _spawner: ThreadPoolExecutor | None = None
 
 
@@ -118,7 +119,10 @@ class ManagedProcess:
         self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
+        self._wanted = False  # started and not stopped or killed on purpose since
         self._lock = threading.RLock()
+        with _registry_lock:
+            _created.append(self)
 
     def __repr__(self) -> str:
         state = "running" if self.running else f"exited rc={self.returncode}"
@@ -144,6 +148,12 @@ class ManagedProcess:
             _unregister(self)
             return False
         return True
+
+    @property
+    def exited_unasked(self) -> bool:
+        """It ended by itself (a crash, a fatal error), not by `stop` or `kill9`: what a
+        supervisor with a restart policy restarts."""
+        return self._wanted and self._proc is not None and self._proc.poll() is not None
 
     @property
     def paused(self) -> bool:
@@ -183,6 +193,7 @@ class ManagedProcess:
                     raise SupervisorError(f"cannot start {self.name}: {exc}") from exc
             self._proc = proc
             self._paused = False
+            self._wanted = True
             _register(self)
             log_event(
                 log,
@@ -196,6 +207,7 @@ class ManagedProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the process group, SIGKILL it after `timeout` s; return the exit status."""
         with self._lock:
+            self._wanted = False
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 _unregister(self)
@@ -222,6 +234,7 @@ class ManagedProcess:
     def kill9(self) -> int | None:
         """SIGKILL the process group and reap the child: a simulated crash."""
         with self._lock:
+            self._wanted = False
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 _unregister(self)
@@ -337,6 +350,13 @@ def live_processes() -> list[ManagedProcess]:
     with _registry_lock:
         candidates = list(_registry)
     return [proc for proc in candidates if proc.running]
+
+
+def all_processes() -> list[ManagedProcess]:
+    """Every ManagedProcess created in this interpreter, running, exited or never started
+    (tests read the `log_path` of each for warnings)."""
+    with _registry_lock:
+        return list(_created)
 
 
 def kill_all() -> list[ManagedProcess]:

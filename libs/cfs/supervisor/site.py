@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _RECORD_MAX_AGE_MS = 10_000
+_MAX_RESTART_DELAY_S = 60.0
 
 
 def node_services() -> tuple[str, ...]:
@@ -124,6 +125,7 @@ class LocalSite:
         else:
             self.nats = NatsServer.standalone(self.base_dir / "nats", auth_file=auth_file)
         self._spawned_ms: dict[str, int] = {}
+        self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
         # SWIM: a UDP port per node, every other node as a seed, one token per site.
@@ -368,6 +370,27 @@ class LocalSite:
         for proc in self.node_processes(node).values():
             if not proc.running:
                 proc.start()
+
+    def restart_exited(self, now: float | None = None) -> list[str]:
+        """Restart every service process that exited by itself (the restart policy of
+        systemd, Nomad or compose): a crashed service comes back, with a delay that
+        doubles (1 s up to 60 s) while it keeps crashing. Returns the restarted names."""
+        now = time.monotonic() if now is None else now
+        restarted = []
+        for proc in self._procs.values():
+            if not proc.exited_unasked:
+                continue
+            last, delay = self._restarts.get(proc.name, (0.0, 0.0))
+            if now - last < delay:
+                continue
+            rc = proc.returncode
+            proc.start()
+            ran_long = now - last > 2 * _MAX_RESTART_DELAY_S
+            delay = 1.0 if ran_long else min(max(1.0, delay * 2), _MAX_RESTART_DELAY_S)
+            self._restarts[proc.name] = (now, delay)
+            log_event(log, logging.WARNING, "site.restarted", proc=proc.name, rc=rc, delay=delay)
+            restarted.append(proc.name)
+        return restarted
 
     def stop_node(self, node: str, timeout: float = 15.0) -> None:
         """SIGTERM this node's services (clean shutdown)."""
