@@ -251,7 +251,9 @@ class ShardReplica:
         self._leader = self._spawn(self._lead(term), f"lead-{self.shard}")
 
     async def _on_lost(self, term: int, reason: str) -> None:
-        log.warning("leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
+        # Losing the lease is news, except when this replica is stopping and lets it go.
+        level = logging.INFO if self.role is Role.STOPPED else logging.WARNING
+        log.log(level, "leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
         await self._step_down(reason)
 
     async def _lead(self, term: int) -> None:

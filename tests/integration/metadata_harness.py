@@ -3,29 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cfs.bus import Bus, ensure_buckets, ensure_streams
+from cfs.bus import Bus
 from cfs.client import MetadataClient
-from cfs.kernel.runtime import until_jetstream_answers
 from cfs.lease import Lease
 from cfs.supervisor import ManagedProcess, NatsCluster
+from cfs.supervisor.site import LocalSite
 from cfs_contracts.fs.rpc import FsError
-from cfs_contracts.streams import SITE_BUCKETS, site_streams
+from cfs_contracts.streams import shard_lease_key
 from cfs_metadata.journal import Journal
 from cfs_metadata.projection import Projection
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = "t"
 
 
 class MetaSite:
+    """A metadata-only `LocalSite` (the one site family of the tests) on a NATS cluster
+    the test started: a metadata-raft process per node, no auth, a crash file for
+    `cfs_metadata.faults`, short leases."""
+
     def __init__(
         self,
         base: Path,
@@ -38,50 +38,32 @@ class MetaSite:
         self.base = base
         self.cluster = cluster
         self.shards = shards
-        self.nodes: dict[str, ManagedProcess] = {}
-        pythonpath = os.pathsep.join(
-            [str(ROOT / "libs"), str(ROOT / "contracts"), str(ROOT / "services"), *sys.path]
-        )
-        for node in nodes:
-            env = {
-                "CFS_NODE": node,
-                "CFS_SITE": SITE,
-                "CFS_NATS_URLS": json.dumps(cluster.urls),
-                "CFS_DATA_DIR": str(base / node),
-                "CFS_SHARDS": str(shards),
+        self.local = LocalSite(
+            base,
+            nodes,
+            shards=shards,
+            site=SITE,
+            secure=False,
+            services=("metadata-raft",),
+            nats=cluster,
+            env={
                 "CFS_LEASE_S": str(lease_s),
                 "CFS_RENEW_S": str(renew_s),
-                "PYTHONPATH": pythonpath,
                 "CFS_CRASH_FILE": str(base / "crash-at"),
-            }
-            self.nodes[node] = ManagedProcess(
-                f"metadata-{node}",
-                [sys.executable, "-m", "cfs_metadata"],
-                log_path=base / f"{node}.log",
-                env=env,
-            )
+            },
+        )
+        self.nodes: dict[str, ManagedProcess] = {n: self.local.metadata(n) for n in nodes}
 
     async def provision(self) -> None:
-        replicas = min(3, len(self.cluster.servers))
-        async with await Bus.connect(self.cluster.urls, site=SITE, node="init") as bus:
-            # A just-started cluster answers JetStream only once it has elected a meta leader.
-            await until_jetstream_answers(
-                "site streams",
-                lambda: ensure_streams(
-                    bus.js, site_streams(self.shards), site=SITE, replicas=replicas
-                ),
-            )
-            await until_jetstream_answers(
-                "site buckets", lambda: ensure_buckets(bus.js, SITE_BUCKETS, replicas=replicas)
-            )
+        await self.local.provision()
 
     def start_all(self) -> None:
-        for proc in self.nodes.values():
-            proc.start()
+        for node in self.nodes:
+            self.local.start_node(node)
 
     @property
     def crash_file(self) -> Path:
-        """Write a crash point's name here (services/cfs_metadata/faults.py)."""
+        """Write a fault point's name here (services/cfs_metadata/faults.py)."""
         return self.base / "crash-at"
 
     def restart_dead(self) -> list[str]:
@@ -92,30 +74,25 @@ class MetaSite:
         return restarted
 
     def stop_all(self) -> None:
-        for proc in self.nodes.values():
-            if proc.running:
-                proc.stop(timeout=15)
+        self.local.stop()
 
     async def client(self, deadline_s: float = 30.0) -> tuple[Bus, MetadataClient]:
-        bus = await Bus.connect(self.cluster.urls, site=SITE, node=f"client-{time.time_ns()}")
+        bus = await self.local.client(f"client-{time.time_ns()}")
         return bus, MetadataClient(bus, deadline_s=deadline_s)
 
     async def writer(self, shard: str = "001") -> str:
-        async with await Bus.connect(self.cluster.urls, site=SITE, node="probe") as bus:
-            status = await Lease.read_status(bus, f"meta.{shard}")
+        async with await self.local.client("probe") as bus:
+            status = await Lease.read_status(bus, shard_lease_key(shard))
         if status is None or not status.holder:
             raise AssertionError(f"shard {shard} has no writer")
         return status.holder
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        bus, client = await self.client(deadline_s=timeout)
-        try:
-            await client.getattr(1)
-        finally:
-            await bus.close()
+        await self.local.wait_ready(timeout)
 
     def projection(self, node: str, shard: int = 1) -> Projection:
-        return Projection(self.base / node / "metadata" / f"shard-{shard:03d}", shard)
+        path = self.local.data_dir(node) / "metadata" / f"shard-{shard:03d}"
+        return Projection(path, shard)
 
     def logs(self) -> str:
         return "\n".join(f"--- {n}\n{p.log_tail(30)}" for n, p in self.nodes.items())
@@ -168,9 +145,10 @@ class Workload:
         self.ack_times.append(time.monotonic())
 
 
-async def replay_journal(site: MetaSite, shard: int = 1) -> list[tuple[int, object]]:
+async def replay_journal(site: MetaSite | LocalSite, shard: int = 1) -> list[tuple[int, object]]:
     """Every (sequence, payload) of a shard's journal, read back from the stream."""
-    async with await Bus.connect(site.cluster.urls, site=SITE, node="replay") as bus:
+    local = site.local if isinstance(site, MetaSite) else site
+    async with await local.client("replay") as bus:
         journal = Journal(bus, shard)
         last = await journal.last_seq()
         return [(r.seq, r.event.payload) async for r in journal.read_range(1, last)]

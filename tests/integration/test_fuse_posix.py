@@ -20,7 +20,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,18 +28,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from cfs.bus import Bus
 from cfs.cli.main import app
-from cfs.client.nodes import NodeView
 from cfs.fuse.attrs import ENTRY_TIMEOUT_S
 from cfs.fuse.config import is_fuse_mount
-from cfs.supervisor import ManagedProcess, NatsCluster
-from cfs.supervisor.site import child_pythonpath
+from cfs.supervisor.site import LocalSite, child_pythonpath
 from cfs_contracts.events.metadata import MetaCommitted
 from cfs_metadata.check import check_tree
 from cfs_metadata.journal import Journal
 from cfs_metadata.state import MemoryShard, apply_entries
-from tests.integration.metadata_harness import SITE, MetaSite, replay_journal
+from tests.integration.metadata_harness import SITE, replay_journal
 
 SHARDS = 2
 STORE_NODES = ("s1", "s2", "s3")
@@ -61,53 +57,27 @@ class Mounted:
         self.path = path
         self._replayed = MemoryShard(1)  # every shard's journal, applied so far
         self._positions: dict[int, int] = {}
-        self.cluster = NatsCluster(1, base / "nats")
-        self.site = MetaSite(base / "meta", self.cluster, nodes=("m1",), shards=SHARDS)
-        env = {"CFS_SITE": SITE, "PYTHONPATH": child_pythonpath()}
-        self.stores = [
-            ManagedProcess(
-                f"chunk-store-{node}",
-                [sys.executable, "-m", "cfs_chunkstore"],
-                log_path=base / f"{node}.log",
-                env={
-                    **env,
-                    "CFS_NODE": node,
-                    "CFS_DATA_DIR": str(base / node),
-                    "CFS_NATS_URLS": json.dumps(self.cluster.urls),
-                    "CFS_RESERVE_BYTES": str(16 * MiB),
-                    "CFS_HEARTBEAT_S": "0.5",
-                },
-            )
-            for node in STORE_NODES
-        ]
-        self.mount = ManagedProcess(
-            "fuse-mount",
-            [
-                sys.executable,
-                "-m",
-                "cfs.fuse",
-                str(path),
-                "--cluster",
-                ",".join(self.cluster.urls),
-                "--site",
-                SITE,
-                "--shards",
-                str(SHARDS),
-            ],
-            log_path=base / "mount.log",
-            env=env,
+        # One site family (LocalSite): a metadata writer on m1, a chunk-store on each s*.
+        self.site = LocalSite(
+            base,
+            ("m1", *STORE_NODES),
+            shards=SHARDS,
+            site=SITE,
+            servers=1,
+            secure=False,
+            services={"m1": ("metadata-raft",), **dict.fromkeys(STORE_NODES, ("chunk-store",))},
+            env={"CFS_RESERVE_BYTES": str(16 * MiB), "CFS_HEARTBEAT_S": "0.5"},
         )
+        self.mount = self.site.mount_process(path, log_path=base / "mount.log")
 
     def start(self) -> None:
-        self.cluster.start()
-        asyncio.run(self.site.provision())
-        self.site.start_all()
-        for store in self.stores:
-            store.start()
-        asyncio.run(self.site.wait_ready())
-        asyncio.run(_wait_for_stores(self.cluster.urls, len(self.stores)))
+        asyncio.run(self._start())
         self.mount.start()
         self.mount.wait_until(lambda: is_fuse_mount(self.path), 30, "the FUSE mount")
+
+    async def _start(self) -> None:
+        await self.site.start()
+        await self.site.wait_ready()
 
     def stop(self) -> None:
         try:
@@ -118,10 +88,7 @@ class Mounted:
                 subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
             if is_fuse_mount(self.path):
                 subprocess.run(["umount", "-l", str(self.path)], check=False)
-            for store in self.stores:
-                store.stop()
-            self.site.stop_all()
-            self.cluster.stop()
+            self.site.stop()
 
     def namespace(self) -> MemoryShard:
         """Every shard's journal replayed into one view (inode numbers are unique)."""
@@ -141,7 +108,7 @@ class Mounted:
         return check_tree(self._replayed, self._replayed.inodes)
 
     async def _catch_up(self) -> None:
-        async with await Bus.connect(self.cluster.urls, site=SITE, node="checker") as bus:
+        async with await self.site.client("checker") as bus:
             for shard in range(1, SHARDS + 1):
                 journal = Journal(bus, shard)
                 last = await journal.last_seq()
@@ -150,20 +117,6 @@ class Mounted:
                     if isinstance(record.event.payload, MetaCommitted):
                         apply_entries(self._replayed, record.event.payload.entries)
                 self._positions[shard] = last
-
-
-async def _wait_for_stores(urls: list[str], count: int, timeout: float = 30.0) -> None:
-    """Chunk-stores announce themselves in the nodes KV once they serve every verb."""
-    async with await Bus.connect(urls, site=SITE, node="probe") as bus:
-        view = NodeView(bus)
-        await view.start()
-        try:
-            deadline = time.monotonic() + timeout
-            while len(view.eligible(0)) < count:
-                assert time.monotonic() < deadline, f"only {len(view.eligible(0))} chunk-stores"
-                await asyncio.sleep(0.1)
-        finally:
-            await view.stop()
 
 
 @pytest.fixture(scope="module")
@@ -718,7 +671,7 @@ def test_two_descriptors_see_each_others_writes(d: Path) -> None:
 # -- the CLI against the same site ----------------------------------------------------------
 def cfs(mounted: Mounted, *args: str) -> Result:
     runner = CliRunner()
-    cluster = ["--cluster", ",".join(mounted.cluster.urls), "--site", SITE]
+    cluster = ["--cluster", ",".join(mounted.site.urls), "--site", SITE]
     argv = [args[0], *cluster, *args[1:]] if args[0] == "fs" else list(args)
     return runner.invoke(app, argv, catch_exceptions=False)
 
@@ -776,7 +729,7 @@ def test_cli_mount_in_the_background_then_umount(
             "mount",
             str(second),
             "--cluster",
-            ",".join(mounted.cluster.urls),
+            ",".join(mounted.site.urls),
             "--site",
             SITE,
             "--shards",
@@ -792,7 +745,7 @@ def test_cli_mount_in_the_background_then_umount(
         with open(second / "seen-by-both", "ab") as f:
             f.write(b" across mounts")
         assert (mounted.path / "seen-by-both").read_bytes() == b"close-to-open across mounts"
-        again = cfs(mounted, "mount", str(second), "--cluster", ",".join(mounted.cluster.urls))
+        again = cfs(mounted, "mount", str(second), "--cluster", ",".join(mounted.site.urls))
         assert (again.exit_code, again.stderr) == (1, f"cfs: {second}: already mounted\n")
         assert cfs(mounted, "umount", str(second)).exit_code == 0
         assert not is_fuse_mount(second)

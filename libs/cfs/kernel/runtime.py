@@ -197,8 +197,17 @@ class Context:
         *,
         on_failure: OnFailure = OnFailure.CRASH,
     ) -> asyncio.Task[Any]:
-        """A background task in the service's task group (see the module docstring)."""
-        task = self._tasks.create_task(self._watch(coro, name, on_failure), name=name)
+        """A background task in the service's task group (see the module docstring).
+
+        Once the service is shutting down (stopped, or a task crashed) nothing new
+        starts: the caller, itself being torn down, gets CancelledError."""
+        try:
+            task = self._tasks.create_task(self._watch(coro, name, on_failure), name=name)
+        except RuntimeError:  # "TaskGroup ... is shutting down"
+            coro.close()
+            raise asyncio.CancelledError(
+                f"{self.spec.name} is stopping; {name} not started"
+            ) from None
         self._spawned.add(task)
         task.add_done_callback(self._spawned.discard)
         return task

@@ -80,6 +80,8 @@ class LocalSite:
         env: Mapping[str, str] | None = None,
         ec: str = "auto",
         secure: bool = True,
+        services: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+        nats: NatsCluster | NatsServer | None = None,
     ) -> None:
         """Nothing starts here: ports are chosen and process command lines fixed.
 
@@ -91,6 +93,10 @@ class LocalSite:
         requires credentials and every service connects with its role's
         least-privilege key (`cfs.security`, under `base_dir/credentials`), as
         `cfs cluster init` sets up a real site; `client()` gets the admin key.
+        `services`: which services run (names as `cfs service list`; per node as a
+        mapping), default every one on every node; a test of one service runs only it.
+        `nats`: a NATS server or cluster the caller started (and stops); by default the
+        site has its own.
         """
         names = (
             [f"storage-{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
@@ -112,7 +118,10 @@ class LocalSite:
         auth_file = self.credentials_dir / AUTH_CONF if secure else None
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
-        if count >= 3:
+        self._owns_nats = nats is None
+        if nats is not None:
+            self.nats = nats
+        elif count >= 3:
             # Server i runs beside node i, named after it (`raft-status` shows node names).
             server_names = names[:count] + [f"nats-{i}" for i in range(len(names) + 1, count + 1)]
             self.nats = NatsCluster(
@@ -128,6 +137,15 @@ class LocalSite:
         self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
+        known = registry.service_names()
+        chosen = services if services is not None else known
+        self._services: dict[str, tuple[str, ...]] = {
+            node: tuple(chosen.get(node, ()) if isinstance(chosen, Mapping) else chosen)
+            for node in names
+        }
+        for wanted in self._services.values():
+            if unknown := set(wanted) - set(known):
+                raise ValueError(f"unknown services {sorted(unknown)}; known: {known}")
         # SWIM: a UDP port per node, every other node as a seed, one token per site.
         self._swim_ports = {node: _free_udp_port() for node in names}
         self._cluster_token = secrets.token_hex(16)
@@ -157,6 +175,8 @@ class LocalSite:
             **self._env,
         }
         for spec in registry.specs():
+            if spec.name not in self._services.setdefault(node, tuple(registry.service_names())):
+                continue
             env = dict(common)
             if (credentials := self.credentials(spec.role)) is not None:
                 env["CFS_NATS_CREDENTIALS"] = str(credentials)
@@ -271,6 +291,8 @@ class LocalSite:
         log_event(log, logging.INFO, "site.started", site=self.site, nodes=len(self.node_names))
 
     def _start_nats(self, timeout: float) -> None:
+        if not self._owns_nats:
+            return
         if isinstance(self.nats, NatsCluster):
             self.nats.start(timeout)
         else:
@@ -311,7 +333,7 @@ class LocalSite:
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until metadata answers getattr(1), every chunk-store has published a fresh
         `StoreRecord` and every membership process has recorded its node ALIVE since it
-        was (re)started; fails fast if a service process exits."""
+        was (re)started (of the services that run); fails fast if a process exits."""
         from cfs.client import MetadataClient  # the client is not needed to supervise
 
         deadline = time.monotonic() + timeout
@@ -321,7 +343,7 @@ class LocalSite:
             while True:
                 self._check_alive()
                 waiting = [node for node in self.node_names if not await self._fresh(kv, node)]
-                if not waiting:
+                if not waiting and self._runs("metadata-raft"):
                     try:
                         await client.getattr(1)
                         break
@@ -335,7 +357,13 @@ class LocalSite:
                 await asyncio.sleep(0.1)
         log_event(log, logging.INFO, "site.ready", site=self.site)
 
+    def _runs(self, service: str, node: str | None = None) -> bool:
+        nodes = self.node_names if node is None else (node,)
+        return any(service in self._services.get(n, ()) for n in nodes)
+
     async def _fresh(self, kv: KeyValue, node: str) -> bool:
+        if not self._runs("chunk-store", node):
+            return not self._runs("membership", node) or await self._member_alive(kv, node)
         try:
             entry = await kv.get(store_record_key(node))
         except Exception:  # not written yet (KeyNotFoundError) or NATS hiccup
@@ -347,7 +375,7 @@ class LocalSite:
         return (
             record.started_ms >= self._spawned_ms.get(node, 0)
             and now_ms - record.updated_ms < _RECORD_MAX_AGE_MS
-            and await self._member_alive(kv, node)
+            and (not self._runs("membership", node) or await self._member_alive(kv, node))
         )
 
     async def _member_alive(self, kv: KeyValue, node: str) -> bool:
@@ -415,8 +443,23 @@ class LocalSite:
             for proc in self._procs.values():  # whatever survived an exception above
                 if proc.running:
                     proc.kill9()
-            self.nats.stop()
+            if self._owns_nats:
+                self.nats.stop()
         log_event(log, logging.INFO, "site.stopped", site=self.site)
+
+    def mount_process(self, mountpoint: Path, log_path: Path | None = None) -> ManagedProcess:
+        """A FUSE mount of this site as its own process (`python -m cfs.fuse`, in the
+        foreground, client credentials); start it and wait for `is_fuse_mount`."""
+        argv = [sys.executable, "-m", "cfs.fuse", str(mountpoint), "--cluster"]
+        argv += [",".join(self.urls), "--site", self.site, "--shards", str(self.shards)]
+        if (credentials := self.credentials(Role.CLIENT)) is not None:
+            argv += ["--credentials", str(credentials)]
+        return ManagedProcess(
+            f"mount@{mountpoint.name}",
+            argv,
+            log_path=log_path or self.base_dir / "logs" / "mount.log",
+            env={"PYTHONPATH": child_pythonpath(), **self._env},
+        )
 
     async def client(self, name: str | None = None, role: str = Role.ADMIN) -> Bus:
         """A connected `Bus` for this site with `role`'s credentials (close it, or use
