@@ -61,6 +61,7 @@ asyncapi: setup
 
 bench: setup
 	$(BIN)/python bench/bus.py --json bench/results/bus.json
+	$(BIN)/python bench/consumer.py --json bench/results/consumer.json
 	$(BIN)/python bench/metadata.py --json bench/results/metadata.json
 	$(BIN)/python bench/fragment_store.py --json bench/results/fragment_store.json
 	$(BIN)/python bench/datapath.py --json bench/results/datapath.json

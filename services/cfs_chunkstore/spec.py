@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from cfs.kernel.spec import Grants, ServiceSpec
+from cfs.kernel.spec import Grants, ServiceSpec, deferred, imported
 from cfs_contracts.streams import NODES
-
-if TYPE_CHECKING:
-    from cfs.kernel.runtime import Context
-    from cfs.service_main import ServiceSettings
-
-
-def _settings() -> type[ServiceSettings]:
-    from cfs_chunkstore.service import ChunkStoreSettings
-
-    return ChunkStoreSettings
-
-
-async def _start(ctx: Context) -> None:
-    from cfs_chunkstore.service import start
-
-    await start(ctx)
-
 
 SPEC = ServiceSpec(
     name="chunk-store",
     role="chunkstore",
     package="cfs_chunkstore",
     description="The chunk-store service: this node's fragments, served over NATS.",
-    settings=_settings,
+    settings=imported("cfs_chunkstore.service:ChunkStoreSettings"),
     grants=Grants(
         publish=(
             "{s}.data.>",  # FragmentStored/Deleted/Damaged
@@ -38,5 +19,5 @@ SPEC = ServiceSpec(
         serve=("{s}.rpc.chunk.*.*",),
         write_keys={NODES.bucket: ("store.*",)},
     ),
-    start=_start,
+    start=deferred("cfs_chunkstore.service:start"),
 )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from cfs.admin.decide import NodeFacts, Verdict, decide_drain, decide_remove
 from cfs.admin.snapshot import read_node_facts
 from cfs.bus import Bus
+from cfs.kernel.runtime import Context
 from cfs.kernel.spec import CommandHandler
 from cfs.lifecycle import set_lifecycle
 from cfs_contracts.events.admin import AdminCommandIssued
@@ -32,9 +33,9 @@ def lifecycle_handler(bus: Bus, decide: Decide) -> CommandHandler:
     return handle
 
 
-def drain_handler(bus: Bus) -> CommandHandler:
-    return lifecycle_handler(bus, decide_drain)
+def drain_verb(ctx: Context) -> CommandHandler:
+    return lifecycle_handler(ctx.bus, decide_drain)
 
 
-def remove_handler(bus: Bus) -> CommandHandler:
-    return lifecycle_handler(bus, decide_remove)
+def remove_verb(ctx: Context) -> CommandHandler:
+    return lifecycle_handler(ctx.bus, decide_remove)

@@ -16,6 +16,7 @@ import nats.js.errors
 from cfs.admin.decide import NodeFacts, Verdict, decide_force_election
 from cfs.admin.snapshot import read_node_facts
 from cfs.bus import Bus, BusError, BusUnavailable
+from cfs.kernel.runtime import Context
 from cfs.kernel.spec import CommandHandler
 from cfs.lease import Lease, LeaseError, LeaseStatus
 from cfs_contracts.events.admin import AdminCommandIssued
@@ -107,6 +108,10 @@ async def force_election(bus: Bus, shard: str, target: str | None = None) -> Non
         raise BusUnavailable(f"stream {stream} leader stepdown refused: {error.get('description')}")
     admin = Lease(bus, shard_lease_key(shard), node="cfs-admin")
     await admin.request_handoff(target or ANY_NODE)
+
+
+def force_election_verb(ctx: Context) -> CommandHandler:
+    return force_election_handler(ctx.bus, ctx.settings.shards)
 
 
 def force_election_handler(bus: Bus, shard_count: int) -> CommandHandler:

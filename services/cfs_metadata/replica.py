@@ -251,9 +251,9 @@ class ShardReplica:
         self._leader = self._spawn(self._lead(term), f"lead-{self.shard}")
 
     async def _on_lost(self, term: int, reason: str) -> None:
-        # Losing the lease is news, except when this replica is stopping and lets it go.
-        level = logging.INFO if self.role is Role.STOPPED else logging.WARNING
-        log.log(level, "leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
+        # INFO: the lease loop has logged why (a WARNING when it had to step down, INFO
+        # for a release it chose: stopping, draining, a requested handoff).
+        log.info("leader.lost", extra={"shard": self.shard, "term": term, "reason": reason})
         await self._step_down(reason)
 
     async def _lead(self, term: int) -> None:

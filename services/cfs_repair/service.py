@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from cfs.bus.consumer import Handler
 from cfs.client.chunks import ChunkStoreClient
 from cfs.client.metadata import MetadataClient
 from cfs.kernel.runtime import Context
@@ -49,6 +50,17 @@ async def start(ctx: Context) -> RepairCoordinator:
         await ctx.nodes(),
         rebuilder,
     )
+
+
+async def lead(ctx: Context) -> None:
+    """The singleton's work: the kernel runs it while this process holds the lease."""
+    coordinator: RepairCoordinator = ctx.service
+    await coordinator.lead()
+
+
+def damage_handler(ctx: Context) -> Handler:
+    coordinator: RepairCoordinator = ctx.service
+    return coordinator.on_damage
 
 
 def main(argv: list[str] | None = None) -> None:

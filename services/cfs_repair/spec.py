@@ -2,38 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from cfs.bus.consumer import ConsumerSpec
-from cfs.kernel.spec import Consumer, Grants, ServiceSpec, Singleton
+from cfs.kernel.spec import Consumer, Grants, ServiceSpec, Singleton, deferred, imported
 from cfs_contracts.streams import CLUSTER, DATA, NODES
-
-if TYPE_CHECKING:
-    from cfs.bus.consumer import Handler
-    from cfs.kernel.runtime import Context
-    from cfs.service_main import ServiceSettings
-
-
-def _settings() -> type[ServiceSettings]:
-    from cfs_repair.service import RepairSettings
-
-    return RepairSettings
-
-
-async def _start(ctx: Context) -> object:
-    from cfs_repair.service import start
-
-    return await start(ctx)
-
-
-async def _lead(ctx: Context) -> None:
-    await ctx.service.lead()
-
-
-def _on_damage(ctx: Context) -> Handler:
-    handler: Handler = ctx.service.on_damage
-    return handler
-
 
 SPEC = ServiceSpec(
     name="repair",
@@ -41,7 +12,7 @@ SPEC = ServiceSpec(
     package="cfs_repair",
     description="The repair service: re-protects the fragments of lost, removed and "
     "draining nodes (one active coordinator per site).",
-    settings=_settings,
+    settings=imported("cfs_repair.service:RepairSettings"),
     grants=Grants(
         publish=(
             "{s}.cluster.>",  # RepairStarted/Progress/Completed, ChunkLost, NodeDrained
@@ -63,10 +34,10 @@ SPEC = ServiceSpec(
                 max_deliver=10,
                 retry_delay_s=5.0,
             ),
-            _on_damage,
+            deferred("cfs_repair.service:damage_handler"),
             singleton=True,
         ),
     ),
-    singleton=Singleton(_lead, lease_s=5.0, renew_s=1.0),
-    start=_start,
+    singleton=Singleton(deferred("cfs_repair.service:lead"), lease_s=5.0, renew_s=1.0),
+    start=deferred("cfs_repair.service:start"),
 )

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nats.js.kv import KeyValue
 
@@ -36,6 +36,10 @@ from cfs.kernel.spec import ServiceSpec, Singleton
 from cfs.retry import Backoff, RetryPolicy, any_bus_error, is_temporary, retry
 from cfs_contracts.members import ServiceHealth, health_key
 from cfs_contracts.streams import NODES
+
+if TYPE_CHECKING:
+    from cfs.client.nodes import NodeView
+    from cfs.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +156,13 @@ class Health:
     async def remove(self) -> None:
         """A clean stop: the record goes (a stale one means a crash)."""
         if self._kv is not None:
-            with contextlib.suppress(Exception):
+            try:
                 async with asyncio.timeout(2.0):
                     await self._kv.delete(self.key)
+            except Exception as exc:
+                if not any_bus_error(exc):
+                    raise
+                log.info("health.remove_failed", extra={"error": repr(exc)})
 
     async def _write(self) -> None:
         assert self._kv is not None
@@ -177,11 +185,11 @@ class Context:
         self.site: str = bus.site
         self.stack = AsyncExitStack()
         self.health = Health(bus, spec.name)
-        self.lease: Any = None  # cfs.lease.Lease while the service has a singleton
+        self.lease: Lease | None = None  # while the service has a site-singleton lease
         self.service: Any = None  # what `spec.start` returned: the singleton's work uses it
         self._tasks = tasks
         self._spawned: set[asyncio.Task[Any]] = set()
-        self._nodes: Any = None
+        self._nodes: NodeView | None = None
 
     async def enter(self, component: AbstractAsyncContextManager[T]) -> T:
         """Start a component now; it stops when the service stops, in reverse order."""
@@ -231,7 +239,7 @@ class Context:
         """`spawn` as a plain function, for components that start tasks of their own."""
         return lambda coro, name: self.spawn(coro, name, on_failure=on_failure)
 
-    async def nodes(self) -> Any:
+    async def nodes(self) -> NodeView:
         """The site's live nodes view (`cfs.client.nodes.NodeView`), started once."""
         if self._nodes is None:
             from cfs.client.nodes import NodeView
@@ -352,11 +360,11 @@ async def _start_singleton(ctx: Context) -> None:
     singleton = spec.singleton
     assert singleton is not None and spec.lease_key is not None
     nodes = await ctx.nodes()
-    eligible = (
-        (lambda: singleton.eligible(ctx))
-        if singleton.eligible is not None
-        else (lambda: nodes.in_service(ctx.node))
-    )
+    rule = singleton.eligible
+
+    def eligible() -> bool:
+        return rule(ctx) if rule is not None else nodes.in_service(ctx.node)
+
     running: list[asyncio.Task[Any]] = []
     consumers: list[DurableConsumer] = []
 

@@ -13,9 +13,10 @@ the `start` function when the process runs, so the CLI can list every service ch
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cfs.admin.decide import Verdict
@@ -25,6 +26,22 @@ if TYPE_CHECKING:
     from cfs_contracts.events.admin import AdminCommandIssued
 
 CommandHandler = Callable[["AdminCommandIssued"], Awaitable["Verdict"]]
+
+
+def imported(target: str) -> Callable[[], Any]:
+    """`module:name` as a function that imports it when first called: a spec names its
+    service's settings class without importing the service (cheap `cfs service list`)."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ValueError(f"{target!r} is not module:name")
+    return lambda: getattr(importlib.import_module(module), name)
+
+
+def deferred(target: str) -> Callable[..., Any]:
+    """`module:function` as a function that imports it on first call and forwards its
+    arguments: a spec's start, work and handler factories."""
+    resolve = imported(target)
+    return lambda *args, **kwargs: resolve()(*args, **kwargs)
 
 
 @dataclass(frozen=True)
