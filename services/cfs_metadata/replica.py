@@ -167,11 +167,11 @@ class ShardReplica:
                     last = await asyncio.wait_for(self.journal.last_seq(), 1.0)
                     await self._check_position(last)
                     if last <= self.projection.applied_seq:
-                        self._caught_up = True
+                        self._mark_caught_up()
                 async for record in self.journal.tail(self.projection.applied_seq + 1):
                     self._apply_record(record)
                     if record.pending == 0:
-                        self._caught_up = True
+                        self._mark_caught_up()
             except BusError as exc:
                 log.warning("follower.retry", extra={"shard": self.shard, "error": str(exc)})
                 await asyncio.sleep(0.5)
@@ -186,6 +186,15 @@ class ShardReplica:
                     },
                 )
                 await asyncio.sleep(5.0)
+
+    def _mark_caught_up(self) -> None:
+        """The follower reached the journal's end: it may take the lease from now on."""
+        if not self._caught_up:
+            self._caught_up = True
+            log.info(
+                "follower.caught_up",
+                extra={"shard": self.shard, "seq": self.projection.applied_seq},
+            )
 
     async def _check_position(self, last: int) -> None:
         """Rebuild the projection if the journal no longer holds what it applied.

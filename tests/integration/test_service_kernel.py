@@ -79,14 +79,21 @@ async def test_a_commit_loop_failure_ends_the_writer_and_another_replica_serves(
     # releases it at once), plus the new writer's catch-up and fence and the client's
     # retry backoff.
     assert resumed < 0.8 + 1.0, f"writes resumed only after {resumed:.2f}s"
+    restarted_at = crashed.log_path.stat().st_size
     assert meta.restart_dead() == [writer]  # what systemd or Nomad does
     await meta.wait_ready()
-    await asyncio.sleep(2.0)  # let the restarted replica catch up before stopping
+    await _until("the restarted replica caught up", lambda: _caught_up(crashed, restarted_at))
     await _verify_replicas(meta)  # nothing acknowledged lost; every replica = the journal
 
 
 async def _exited(proc: ManagedProcess) -> bool:
     return not proc.running
+
+
+async def _caught_up(proc: ManagedProcess, offset: int) -> bool:
+    with proc.log_path.open("rb") as log:
+        log.seek(offset)
+        return b"follower.caught_up" in log.read()
 
 
 # -- a site singleton's holder is killed ----------------------------------------------------
