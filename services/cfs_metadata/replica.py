@@ -28,6 +28,7 @@ from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs.kernel.runtime import Spawn, unsupervised
 from cfs.lease import Lease
+from cfs.retry import Backoff, RetryPolicy
 from cfs_contracts import ContractError
 from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
 from cfs_contracts.events.ops import CorruptionDetected
@@ -159,6 +160,10 @@ class ShardReplica:
     # -- follower --------------------------------------------------------------------
     async def _follow(self) -> None:
         """Tail the journal from the projection's position; flag when caught up."""
+        backoff = Backoff(
+            RetryPolicy(f"journal tail of shard {self.shard}", deadline_s=None, max_delay_s=2.0),
+            extra={"shard": self.shard},
+        )
         while True:
             try:
                 # Tail at once: stream info may time out for seconds while JetStream
@@ -170,11 +175,11 @@ class ShardReplica:
                         self._mark_caught_up()
                 async for record in self.journal.tail(self.projection.applied_seq + 1):
                     self._apply_record(record)
+                    backoff.reset()
                     if record.pending == 0:
                         self._mark_caught_up()
             except BusError as exc:
-                log.warning("follower.retry", extra={"shard": self.shard, "error": str(exc)})
-                await asyncio.sleep(0.5)
+                await backoff.wait(exc)
             except ContractError as exc:
                 # A journal message this release cannot read: never skip it silently.
                 log.error(
@@ -295,6 +300,10 @@ class ShardReplica:
         for a few seconds: keep trying as long as the lease is ours.
         """
         fence = LeaderFenced(shard=self.shard, term=term, leader=self.bus.node)
+        backoff = Backoff(
+            RetryPolicy(f"fence of shard {self.shard}", deadline_s=None, max_delay_s=1.0),
+            extra={"shard": self.shard, "term": term},
+        )
         while True:
             try:
                 return await self._fence_once(fence)
@@ -303,8 +312,7 @@ class ShardReplica:
             except BusError as exc:
                 if not self.lease.is_holder:
                     raise
-                log.info("leader.fence_retry", extra={"shard": self.shard, "error": str(exc)})
-                await asyncio.sleep(0.2)
+                await backoff.wait(exc)
 
     async def _fence_once(self, fence: LeaderFenced) -> int:
         term = fence.term
