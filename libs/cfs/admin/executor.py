@@ -18,7 +18,7 @@ returns at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import nats.errors
@@ -27,6 +27,7 @@ import nats.js.errors
 from cfs.admin.decide import Verdict
 from cfs.admin.snapshot import SnapshotUnavailable, now_ms
 from cfs.bus import Bus, BusError, ConsumerSpec, Delivery, Retry
+from cfs.kernel.spec import CommandHandler
 from cfs_contracts import REGISTRY, DecodedEvent
 from cfs_contracts.events.admin import AdminCommandCompleted, AdminCommandIssued
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -34,10 +35,7 @@ from cfs_contracts.streams import CMD
 
 log = logging.getLogger(__name__)
 
-CommandHandler = Callable[[AdminCommandIssued], Awaitable[Verdict]]
 MAX_DELIVER = 4
-RETRY_MIN_S = 0.5
-RETRY_MAX_S = 10.0
 
 
 def reply_subject(site: str, command_id: str) -> str:
