@@ -59,12 +59,6 @@ _RECORD_MAX_AGE_MS = 10_000
 _MAX_RESTART_DELAY_S = 60.0
 
 
-def node_services() -> tuple[str, ...]:
-    """The services every node runs (all of them today: site singletons run on every
-    node too, one active by lease): from the service specs, never listed by hand."""
-    return tuple(registry.service_names())
-
-
 class LocalSite:
     """NATS (a 3+ server cluster, or one server) plus metadata-raft and chunk-store per node."""
 
@@ -175,6 +169,7 @@ class LocalSite:
             **self._env,
         }
         for spec in registry.specs():
+            # A node added later (`add_node`) runs every service, as a new machine would.
             if spec.name not in self._services.setdefault(node, tuple(registry.service_names())):
                 continue
             env = dict(common)
