@@ -6,13 +6,18 @@ fixtures are plain sync fixtures usable from async tests.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cfs.supervisor import NatsCluster, NatsServer, S3Server, kill_all, live_processes
+from cfs.supervisor.process import all_processes
 
 # Contracts parse strictly under test (unknown payload fields fail), leniently in production.
 os.environ["CFS_STRICT_CONTRACTS"] = "1"
@@ -80,6 +85,147 @@ def _no_permission_violations(
     found = _nats_logs.new_violations()
     if request.node.get_closest_marker("permission_violations") is None:
         assert not found, "NATS refused a permission:\n" + "\n".join(found[:20])
+
+
+# Lines that are part of normal operation on a loaded 2-core machine and say nothing
+# about a bug, as (event pattern, why in one line); every test accepts them. Empty for
+# now: each warning the integration and scenario tests produced was either provoked by
+# the test (declared there) or a bug. Keep it short: unexpected warnings fail the test.
+NORMAL_LOGS: tuple[tuple[str, str], ...] = ()
+
+_LOUD = frozenset({"warning", "error", "critical"})
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One JSON log line of a service process at WARNING or above."""
+
+    path: str
+    entry: dict[str, Any]
+
+    @property
+    def event(self) -> str:
+        return str(self.entry.get("event", ""))
+
+    def matches(self, pattern: str) -> bool:
+        """`pattern` against the event, or its first word (`event k=v` texts)."""
+        return fnmatch(self.event, pattern) or fnmatch(self.event.split(" ", 1)[0], pattern)
+
+    def describe(self, base: Path) -> str:
+        path = os.path.relpath(self.path, base) if self.path.startswith(str(base)) else self.path
+        skip = {"ts", "level", "event", "logger", "exc"}
+        fields = [f"logger={self.entry.get('logger')}"]
+        fields += [f"{k}={v}"[:120] for k, v in self.entry.items() if k not in skip][:6]
+        if self.entry.get("exc"):
+            fields.append(f"exc={str(self.entry['exc']).strip().splitlines()[-1][:160]}")
+        return f"{path}: {self.entry.get('level')} {self.event[:160]} {' '.join(fields)}"
+
+
+class ServiceLogWatch:
+    """New WARNING, ERROR and CRITICAL lines in the JSON logs of service processes.
+
+    The logs are those of every ManagedProcess this interpreter created, plus every
+    `*.log` under the session's temp dir (services a `cfs dev` child started, the
+    mount of `cfs mount --log`). Lines that are not JSON (nats-server, moto,
+    tracebacks) are skipped; only bytes appended since the last call are read."""
+
+    _SKIP = ("store", "nodes", "s3", "credentials", "recovery", "mnt", "jetstream")
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._offsets: dict[str, int] = {}
+
+    def new_lines(self) -> list[LogLine]:
+        found: list[LogLine] = []
+        for path in sorted(self._paths()):
+            found += self._read(path)
+        return found
+
+    def _paths(self) -> set[str]:
+        paths = {str(proc.log_path) for proc in all_processes()}
+        for root, dirs, files in os.walk(self.base):
+            dirs[:] = [d for d in dirs if not d.startswith(self._SKIP)]
+            paths.update(os.path.join(root, name) for name in files if name.endswith(".log"))
+        return paths
+
+    def _read(self, path: str) -> list[LogLine]:
+        offset = self._offsets.get(path, 0)
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < offset:  # a new log in the same place
+                    offset = 0
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offsets[path] = offset + len(complete)
+        found: list[LogLine] = []
+        for line in complete.splitlines():
+            if not line.startswith(b"{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill -9
+                continue
+            if isinstance(entry, dict) and str(entry.get("level", "")).lower() in _LOUD:
+                found.append(LogLine(path, entry))
+        return found
+
+
+def _unexpected_logs_message(lines: list[LogLine], base: Path) -> str:
+    """The first line of each unexpected event (with its count), and how to declare them."""
+    first: dict[str, LogLine] = {}
+    count: dict[str, int] = {}
+    for line in lines:
+        event = line.event.split(" ", 1)[0]
+        first.setdefault(event, line)
+        count[event] = count.get(event, 0) + 1
+    shown = [f"  {count[e]}x {line.describe(base)}" for e, line in list(first.items())[:15]]
+    return (
+        f"{len(lines)} unexpected WARNING/ERROR/CRITICAL log line(s) from service processes; "
+        f"the first of each event:\n" + "\n".join(shown) + "\n"
+        "Provoked on purpose (a kill -9, a partition, a full disk...)? Declare it on the "
+        "test, or on all tests of its module with `pytestmark = ...`:\n"
+        f"  @pytest.mark.expected_logs({', '.join(json.dumps(e) for e in sorted(first))})\n"
+        "Otherwise it is a bug in the service: fix the service, not the test."
+    )
+
+
+_SERVICE_LOGS = pytest.StashKey[ServiceLogWatch]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _service_log_watch(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    request.config.stash[_SERVICE_LOGS] = ServiceLogWatch(tmp_path_factory.getbasetemp())
+
+
+# Hooks rather than a fixture, so that what module-scoped fixtures log while they start
+# and stop counts for the first and the last test of their module.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    watch = item.config.stash.get(_SERVICE_LOGS, None)
+    if watch is not None:
+        watch.new_lines()  # whatever earlier tests left is theirs
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Fail a test during which a service logged a WARNING or worse that neither the
+    test (`@pytest.mark.expected_logs(...)`) nor NORMAL_LOGS declares."""
+    result = yield
+    watch = item.config.stash.get(_SERVICE_LOGS, None)
+    if watch is None:
+        return result
+    expected = [pattern for mark in item.iter_markers("expected_logs") for pattern in mark.args]
+    expected += [pattern for pattern, _why in NORMAL_LOGS]
+    unexpected = [line for line in watch.new_lines() if not any(line.matches(p) for p in expected)]
+    if unexpected:
+        pytest.fail(_unexpected_logs_message(unexpected, watch.base), pytrace=False)
+    return result
 
 
 @pytest.fixture

@@ -218,6 +218,22 @@ def test_every_action_is_in_the_audit_stream(site: LocalSite) -> None:
     assert [r.outcome for r in forced] == ["requested", "succeeded"]  # the unconfirmed one: none
 
 
+# Two of three nodes and their NATS servers killed -9: what the survivor logs without a
+# JetStream quorum, until the module's site stops after this, its last test.
+@pytest.mark.expected_logs(
+    "nats.disconnected",
+    "nats.error",
+    "lease.*",
+    "leader.lost",
+    "follower.retry",
+    "retry.waiting",
+    "member.down",
+    "member.write_retry",
+    "membership.leave_unrecorded",
+    "service.degraded",
+    "health.write_failed",
+    "store.heartbeat_failed",
+)
 def test_status_without_jetstream_quorum_asks_the_surviving_member(site: LocalSite) -> None:
     for node in ("storage-1", "storage-2"):
         site.kill9(node)

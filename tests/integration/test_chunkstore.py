@@ -169,6 +169,7 @@ async def test_put_get_list_verify_stat_delete(site: LocalSite) -> None:
         assert time.time() * 1000 - record.updated_ms < 5000
 
 
+@pytest.mark.expected_logs("fragment.damaged")
 async def test_corrupt_fragment_is_eio_and_reported(site: LocalSite) -> None:
     async with await site.client() as bus:
         data = os.urandom(64 * 1024)
@@ -196,6 +197,7 @@ async def test_corrupt_fragment_is_eio_and_reported(site: LocalSite) -> None:
         assert "failed its checksum" in damaged[0].detail
 
 
+@pytest.mark.expected_logs("fragment.damaged", "repair.fragment_unrecoverable")
 async def test_scrub_reports_a_flipped_byte_without_any_read(tmp_path: Path) -> None:
     scrub = {**FAST, "CFS_SCRUB_MB_S": "50", "CFS_SCRUB_PASS_INTERVAL_S": "0.2"}
     local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=scrub)

@@ -50,6 +50,7 @@ def _blob(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
+@pytest.mark.expected_logs("member.down")
 async def test_files_of_every_size_round_trip_and_survive_two_lost_nodes(
     site: LocalSite,
 ) -> None:
@@ -89,6 +90,7 @@ async def test_files_of_every_size_round_trip_and_survive_two_lost_nodes(
         await bus.close()
 
 
+@pytest.mark.expected_logs("fragment.damaged")
 async def test_corrupt_fragment_is_detected_reported_and_read_around(site: LocalSite) -> None:
     bus, meta, files = await _files(site)
     try:
@@ -161,6 +163,7 @@ async def test_partial_writes_truncate_sparse_and_concurrent_readers(site: Local
         await bus.close()
 
 
+@pytest.mark.expected_logs("member.down")
 async def test_fsynced_file_survives_kill9_of_client_and_one_chunkstore(
     site: LocalSite, tmp_path: Path
 ) -> None:

@@ -70,6 +70,7 @@ async def cluster_events(bus: Bus) -> list[EventPayload]:
     return found
 
 
+@pytest.mark.expected_logs("member.down")
 async def test_kill9_is_detected_by_every_member_and_a_restart_is_alive_again(
     site: LocalSite,
 ) -> None:

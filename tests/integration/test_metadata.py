@@ -104,6 +104,15 @@ async def test_kill9_of_the_writer_process_loses_no_acknowledged_operation(
     await _verify_replicas(site)
 
 
+@pytest.mark.expected_logs(
+    "nats.disconnected",
+    "nats.error",
+    "lease.*",
+    "leader.lost",
+    "leader.append_retry",
+    "follower.retry",
+    "retry.*",
+)
 async def test_kill9_of_the_nats_server_leading_the_shard_stream(site: MetaSite) -> None:
     async def kill_stream_leader() -> None:
         bus, _ = await site.client()
@@ -127,6 +136,7 @@ async def test_kill9_of_the_nats_server_leading_the_shard_stream(site: MetaSite)
     await _verify_replicas(site)
 
 
+@pytest.mark.expected_logs("lease.lost", "leader.lost")
 async def test_a_paused_then_resumed_writer_cannot_append(site: MetaSite) -> None:
     writer = await site.writer()
     bus, client = await site.client(deadline_s=60)

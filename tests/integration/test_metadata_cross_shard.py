@@ -92,6 +92,7 @@ CRASH_POINTS = [
 ]
 
 
+@pytest.mark.expected_logs("fault.crash", "retry.waiting")
 @pytest.mark.parametrize("point", CRASH_POINTS)
 async def test_crash_at_every_step_of_a_cross_shard_rename(site: MetaSite, point: str) -> None:
     """kill -9 (os._exit) at each step: afterwards the file is in the old place or the new

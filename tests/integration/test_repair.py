@@ -98,6 +98,7 @@ async def _read_back(site: LocalSite, digests: dict[int, str]) -> None:
         await bus.close()
 
 
+@pytest.mark.expected_logs("member.down", "retry.waiting", "lease.watch_failed", "nats.error")
 async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) -> None:
     digests = await _write_files(site)
     site.kill9("storage-3")
@@ -112,6 +113,7 @@ async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) ->
     await _read_back(site, digests)
 
 
+@pytest.mark.expected_logs("member.down", "repair.chunk_lost")
 async def test_a_chunk_with_too_few_fragments_left_is_reported_lost_by_path(
     site: LocalSite,
 ) -> None:
@@ -178,6 +180,7 @@ async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(
     await _read_back(site, digests)
 
 
+@pytest.mark.expected_logs("member.down")
 async def test_a_coordinator_killed_mid_repair_is_resumed_without_double_rebuilds(
     tmp_path: Path,
 ) -> None:

@@ -127,6 +127,7 @@ def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.expected_logs("nats.permission_denied")
 async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
     site: LocalSite, tmp_path: Path
 ) -> None:

@@ -29,6 +29,25 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse"), reason="scenarios need a FUSE mount (/dev/fuse missing)"
 )
 
+# What the survivors and the mount log while a node's services and NATS server are
+# killed -9 and JetStream re-elects: every scenario provokes this on purpose.
+NODE_LOSS_LOGS = (
+    "nats.disconnected",  # clients of the killed server
+    "nats.error",
+    "lease.*",  # renewals, reads and watches time out; a holder on a lost quorum lapses
+    "leader.lost",
+    "follower.retry",
+    "retry.waiting",  # requests and publishes while a stream or shard has no leader
+    "member.down",
+    "member.write_retry",
+    "service.degraded",
+    "health.write_failed",
+    "store.heartbeat_failed",
+    "data.degraded_read",  # reads around the lost node's fragments
+    "data.put_failed",
+    "data.recode",
+)
+
 
 class DevSite:
     """One `cfs dev` site under `tmp_path` and at most one mount of it."""

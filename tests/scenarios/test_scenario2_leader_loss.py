@@ -15,7 +15,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.scenarios.conftest import DevSite, report, sha256_of, wait_for, write_file
+import pytest
+
+from tests.scenarios.conftest import (
+    NODE_LOSS_LOGS,
+    DevSite,
+    report,
+    sha256_of,
+    wait_for,
+    write_file,
+)
+
+pytestmark = pytest.mark.expected_logs(*NODE_LOSS_LOGS)
 
 
 class Writer(threading.Thread):
