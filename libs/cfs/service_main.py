@@ -61,6 +61,12 @@ def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     file), run the spec until SIGTERM/SIGINT."""
     from cfs.kernel.runtime import ServiceCrashed
 
+    spec.load()  # every import now, none while the service runs
+    import cfs.admin.executor
+    import cfs.client.nodes
+    import cfs.kernel.runtime
+    import cfs.lease  # noqa: F401 - the runtime's own, for the same reason
+
     settings_type = spec.settings()
     parser = argparse.ArgumentParser(prog=spec.name, description=spec.description)
     parser.add_argument("--node", help="node id (or CFS_NODE)")

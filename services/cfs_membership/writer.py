@@ -4,8 +4,10 @@ The protocol loop only queues (`submit` never blocks); one task reads the
 queue in order, merges each proposal with the stored `member.<node>` record
 (`records.merge`), writes with compare-and-set on the revision it read, and
 publishes the event only when its own write went in, so concurrent observers
-produce one record and one event. NATS trouble is retried with backoff, never
-dropped: the queue simply waits.
+produce one record and one event. Nothing is dropped: NATS trouble and lost
+compare-and-set races are retried with backoff (`cfs.retry`), and the event of a
+write that went in is published again, under the same id (deduplicated), until the
+stream has it; the queue simply waits.
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError
+from cfs.retry import Backoff, RetryPolicy, retry
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_membership.records import event_for, merge
 
 log = logging.getLogger(__name__)
 
 _TRANSPORT = (nats.errors.Error, TimeoutError, OSError)
-_CAS_ATTEMPTS = 20
-_BACKOFF_MAX_S = 2.0
+# A lost race means another member wrote: re-read and merge at once, then spread out.
+_CONTENDED = RetryPolicy("member record", deadline_s=None, first_delay_s=0.01, max_delay_s=0.5)
+
+
+class RaceLost(Exception):
+    """Another member wrote the record between our read and our write."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"member.{node} changed between read and write")
 
 
 @dataclass(frozen=True)
@@ -85,44 +95,43 @@ class RecordWriter:
                 self._queue.task_done()
 
     async def _write(self, proposal: Proposal) -> None:
-        delay = 0.1
+        ids = {"node_id": proposal.record.node, "state": proposal.record.state.value}
+        unreachable = Backoff(
+            RetryPolicy("member record", deadline_s=None, max_delay_s=2.0), extra=ids
+        )
+        contended = Backoff(_CONTENDED, extra=ids)
         while True:
             try:
-                await self._write_once(proposal)
-                return
+                written = await self._write_once(proposal)
             except _TRANSPORT as exc:
-                log.warning(
-                    "member.write_retry",
-                    extra={
-                        "node_id": proposal.record.node,
-                        "state": proposal.record.state.value,
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "retry_in_s": delay,
-                    },
-                )
-                await asyncio.sleep(delay)
-                delay = min(_BACKOFF_MAX_S, delay * 2)
+                await unreachable.wait(exc)
+                continue
+            if written:
+                return
+            await contended.wait(RaceLost(proposal.record.node))
 
-    async def _write_once(self, proposal: Proposal) -> None:
+    async def _write_once(self, proposal: Proposal) -> bool:
+        """Merge with the stored record and write it; False when another member wrote
+        first (read again and merge with what it wrote)."""
         key = member_key(proposal.record.node)
-        for _ in range(_CAS_ATTEMPTS):
-            stored, revision = await self.read(proposal.record.node)
-            record = merge(stored, proposal.record, own=proposal.own)
-            if record is None:
-                return  # someone already recorded this (or something newer)
-            data = record.model_dump_json().encode()
-            try:
-                async with asyncio.timeout(self.op_timeout):
-                    if revision == 0:
-                        await self.kv.create(key, data)
-                    else:
-                        await self.kv.update(key, data, last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another member wrote first: merge with what it wrote
-            self.written += 1
-            await self._announce(stored, record)
-            return
-        log.warning("member.write_contended", extra={"node_id": proposal.record.node})
+        stored, revision = await self.read(proposal.record.node)
+        record = merge(stored, proposal.record, own=proposal.own)
+        if record is None:
+            return True  # someone already recorded this (or something newer)
+        data = record.model_dump_json().encode()
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                if revision == 0:
+                    await self.kv.create(key, data)
+                else:
+                    await self.kv.update(key, data, last=revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            # KeyNotFoundError: nats-py's `create` lost a race with a delete or a create
+            # and re-read in between; either way another writer moved the key.
+            return False
+        self.written += 1
+        await self._announce(stored, record)
+        return True
 
     async def _announce(self, stored: MemberRecord | None, record: MemberRecord) -> None:
         payload = event_for(stored, record)
@@ -139,9 +148,10 @@ class RecordWriter:
         event = self.bus.event(payload)
         extra["event_id"] = event.id
         extra["event_type"] = event.type
-        try:
-            await self.bus.publish(event)
-        except BusError as exc:
+        policy = RetryPolicy(f"publish {event.type}", deadline_s=None, max_delay_s=2.0)
+        try:  # the same event id every time: the stream keeps one copy
+            await retry(lambda: self.bus.publish(event), policy, extra=extra)
+        except BusError as exc:  # refused for good (a permission): nothing to wait for
             log.error("member.event_failed", extra={**extra, "error": str(exc)})
             return
         self.events += 1

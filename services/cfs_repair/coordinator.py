@@ -30,7 +30,7 @@ from cfs.client.nodes import NodeView
 from cfs.ids import new_id
 from cfs.kernel.runtime import until_jetstream_answers
 from cfs.lease import leases_held
-from cfs.retry import Backoff, RetryPolicy
+from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts import DecodedEvent
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.data import FragmentDamaged
@@ -174,7 +174,9 @@ class RepairCoordinator:
             except LeaseLost as exc:
                 log.warning("repair.deposed", extra={"node": self.settings.node, "error": str(exc)})
                 return
-            except (FsError, BusError) as exc:
+            except Exception as exc:
+                if not (isinstance(exc, FsError) or any_bus_error(exc)):
+                    raise  # a bug: the kernel ends the process, another node leads
                 await retry.wait(exc)  # logs the failure, louder as it repeats
                 continue
             retry.reset()

@@ -70,7 +70,8 @@ async def cluster_events(bus: Bus) -> list[EventPayload]:
     return found
 
 
-@pytest.mark.expected_logs("member.down")
+# A node's restart on a loaded machine: its first watches and requests may time out.
+@pytest.mark.expected_logs("member.down", "lease.watch_failed", "nats.error")
 async def test_kill9_is_detected_by_every_member_and_a_restart_is_alive_again(
     site: LocalSite,
 ) -> None:

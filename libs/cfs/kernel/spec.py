@@ -28,20 +28,42 @@ if TYPE_CHECKING:
 CommandHandler = Callable[["AdminCommandIssued"], Awaitable["Verdict"]]
 
 
+class Deferred:
+    """`module:name`, imported when first used (or when `load` is called): a spec names
+    its service's settings, start and handlers without importing the service, so `cfs
+    service list` and the permission table stay cheap. The runtime loads every one
+    before the service starts: an import must never stall a running event loop (a SWIM
+    member that imports for 100 ms misses its probes)."""
+
+    def __init__(self, target: str, *, call: bool) -> None:
+        module, _, name = target.partition(":")
+        if not module or not name:
+            raise ValueError(f"{target!r} is not module:name")
+        self.target, self._module, self._name, self._call = target, module, name, call
+        self._found: Any = None
+
+    def load(self) -> Any:
+        if self._found is None:
+            self._found = getattr(importlib.import_module(self._module), self._name)
+        return self._found
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        found = self.load()
+        return found(*args, **kwargs) if self._call else found
+
+    def __repr__(self) -> str:
+        return f"<{self.target}>"
+
+
 def imported(target: str) -> Callable[[], Any]:
-    """`module:name` as a function that imports it when first called: a spec names its
-    service's settings class without importing the service (cheap `cfs service list`)."""
-    module, _, name = target.partition(":")
-    if not module or not name:
-        raise ValueError(f"{target!r} is not module:name")
-    return lambda: getattr(importlib.import_module(module), name)
+    """`module:name` as a function that returns it (a settings class)."""
+    return Deferred(target, call=False)
 
 
 def deferred(target: str) -> Callable[..., Any]:
-    """`module:function` as a function that imports it on first call and forwards its
-    arguments: a spec's start, work and handler factories."""
-    resolve = imported(target)
-    return lambda *args, **kwargs: resolve()(*args, **kwargs)
+    """`module:function` as a function that forwards its arguments to it (a start, a
+    singleton's work, a handler factory)."""
+    return Deferred(target, call=True)
 
 
 @dataclass(frozen=True)
@@ -129,6 +151,17 @@ class ServiceSpec:
     # Exceptions that end the process with one line instead of a traceback (bad config,
     # a port in use): the operator must act, a restart would not help.
     fatal: tuple[type[BaseException], ...] = ()
+
+    def load(self) -> None:
+        """Import everything the spec names, before the service's event loop runs."""
+        named: list[object] = [self.settings, self.start]
+        named += [consumer.handler for consumer in self.consumers]
+        named += [verb.handler for verb in self.admin.values()]
+        if self.singleton is not None:
+            named += [self.singleton.work, self.singleton.eligible]
+        for item in named:
+            if isinstance(item, Deferred):
+                item.load()
 
     @property
     def lease_key(self) -> str | None:
