@@ -24,6 +24,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cfs.bus import Bus
+from cfs.bus.kv import bucket_keys
 from cfs.kernel.runtime import Spawn, unsupervised
 from cfs_contracts.streams import SHARD_LEASE_PREFIX
 
@@ -248,6 +249,7 @@ class Lease:
         self._watch: KeyValue.KeyWatcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._reconnects = -1
+        self._watch_failures = 0  # in a row
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._last_held: int | None = None
@@ -439,8 +441,12 @@ class Lease:
             async with asyncio.timeout(self._op_timeout):
                 self._watch = await (await self._kv_()).watch(self.key)
         except _TRANSPORT as exc:  # a get per tick until the watch is back
-            log.warning("lease.watch_failed", extra=self._extra(self.record, repr(exc)))
+            self._watch_failures += 1
+            # Once is a loaded server; repeatedly means this lease runs on reads alone.
+            level = logging.INFO if self._watch_failures < 3 else logging.WARNING
+            log.log(level, "lease.watch_failed", extra=self._extra(self.record, repr(exc)))
             return
+        self._watch_failures = 0
         self._reconnects = reconnects
         self._watch_task = asyncio.create_task(self._follow(self._watch))
 
@@ -478,15 +484,9 @@ def _now() -> float:
 
 async def leases_held(bus: Bus, node: str, *, prefix: str = SHARD_LEASE_PREFIX) -> list[str]:
     """Keys of the leases (shard writers by default) that `node` holds right now."""
-    kv = await bus.key_value("leases")
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     held = []
-    for key in sorted(keys):
-        if key.startswith(prefix):
-            status = await Lease.read_status(bus, key)
-            if status is not None and status.holder == node:
-                held.append(key)
+    for key in await bucket_keys(bus, "leases", prefix):
+        status = await Lease.read_status(bus, key)
+        if status is not None and status.holder == node:
+            held.append(key)
     return held

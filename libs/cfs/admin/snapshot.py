@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from cfs.admin.decide import NodeFacts
 from cfs.admin.report import Replica, ShardView
 from cfs.bus import Bus, BusError
+from cfs.bus.kv import bucket_keys
 from cfs.lease import LeaseRecord
 from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin, ServiceHealth
@@ -53,7 +54,7 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     try:
         async with asyncio.timeout(timeout):
             kv = await bus.key_value(NODES.bucket)
-            for key in await _keys(bus, NODES.bucket):
+            for key in await bucket_keys(bus, NODES.bucket):
                 kind, _, node = key.partition(".")
                 if kind not in _MODELS and kind != "health":
                     continue  # repair jobs and future record kinds
@@ -79,14 +80,6 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
         now_ms=now_ms(),
         health=tuple(health),
     )
-
-
-async def _keys(bus: Bus, bucket: str) -> list[str]:
-    """Keys from the bucket stream's subject counts: one API call, unlike `kv.keys()`
-    (whose watcher can report "no keys" when its messages race its consumer info)."""
-    prefix = f"$KV.{bucket}."
-    info = await bus.js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
-    return sorted(s.removeprefix(prefix) for s in (info.state.subjects or {}))
 
 
 async def discover_shards(bus: Bus, fallback: int, timeout: float = 2.0) -> list[str]:

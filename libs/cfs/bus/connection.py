@@ -140,7 +140,11 @@ class Bus:
                     extra={"error": _describe(exc), "client": name or node},
                 )
                 return
-            level = logging.WARNING if nc.is_connected or nc.is_reconnecting else logging.DEBUG
+            # A timeout nats-py reports on its own (a ping or flush on a loaded machine)
+            # is news only if it turns into a disconnect, which is logged as such.
+            quiet = isinstance(exc, TimeoutError | nats.errors.TimeoutError)
+            loud = (nc.is_connected or nc.is_reconnecting) and not quiet
+            level = logging.WARNING if loud else logging.INFO if quiet else logging.DEBUG
             log.log(level, "nats.error", extra={"error": _describe(exc), "client": name or node})
 
         async def on_disconnect() -> None:
