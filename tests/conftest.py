@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -94,6 +95,7 @@ def _no_permission_violations(
 NORMAL_LOGS: tuple[tuple[str, str], ...] = ()
 
 _LOUD = frozenset({"warning", "error", "critical"})
+_LOUD_MARK = re.compile(rb'"level": ?"(?:warning|error|critical)"', re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,9 @@ class ServiceLogWatch:
         self._offsets[path] = offset + len(complete)
         found: list[LogLine] = []
         for line in complete.splitlines():
-            if not line.startswith(b"{"):
+            # Most lines are INFO or DEBUG: look before parsing (cfs.logs writes the level
+            # as `"level": "warning"`, etc.).
+            if not line.startswith(b"{") or _LOUD_MARK.search(line) is None:
                 continue
             try:
                 entry = json.loads(line)
