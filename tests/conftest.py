@@ -33,6 +33,23 @@ def _no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"supervised processes still alive at session end: {leaked}"
 
 
+def appended_lines(path: str, offsets: dict[str, int]) -> bytes:
+    """The complete lines appended to `path` since the offset kept in `offsets` (which
+    moves past them); a file that shrank is a new log and is read from its start."""
+    offset = offsets.get(path, 0)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < offset:
+                offset = 0
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return b""
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    offsets[path] = offset + len(complete)
+    return complete
+
+
 class NatsLogWatch:
     """New `... Violation` lines in every nats-server log under a directory.
 
@@ -55,17 +72,7 @@ class NatsLogWatch:
         return found
 
     def _read(self, path: str) -> list[str]:
-        offset = self._offsets.get(path, 0)
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < offset:  # a new log in the same place
-                    offset = 0
-                f.seek(offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offsets[path] = offset + len(complete)
+        complete = appended_lines(path, self._offsets)
         lines = complete.decode(errors="replace").splitlines()
         return [f"{path}: {line}" for line in lines if "Violation" in line]
 
@@ -151,17 +158,7 @@ class ServiceLogWatch:
         return paths
 
     def _read(self, path: str) -> list[LogLine]:
-        offset = self._offsets.get(path, 0)
-        try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < offset:  # a new log in the same place
-                    offset = 0
-                f.seek(offset)
-                chunk = f.read()
-        except OSError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self._offsets[path] = offset + len(complete)
+        complete = appended_lines(path, self._offsets)
         found: list[LogLine] = []
         for line in complete.splitlines():
             # Most lines are INFO or DEBUG: look before parsing (cfs.logs writes the level
