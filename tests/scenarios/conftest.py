@@ -46,6 +46,7 @@ NODE_LOSS_LOGS = (
     "data.degraded_read",  # reads around the lost node's fragments
     "data.put_failed",
     "data.recode",
+    "fragment.event_failed",  # a put whose DATA event timed out with the lost server: EIO
     "leader.append_retry",  # the killed node's NATS server led a journal: appends wait
     "retry.gave_up",  # ... for longer than one publish deadline, and are tried again
 )
