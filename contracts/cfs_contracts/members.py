@@ -57,6 +57,12 @@ class ClusterConfig(BaseModel):
     created_ms: int
     created_by: str
 
+    @property
+    def cluster_id(self) -> str:
+        """Unique per `cfs cluster init`: a cluster re-made with the same name after a
+        total loss has another id, so its journal archive never mixes with the old one."""
+        return f"{self.name}.{self.site}.{self.created_ms}"
+
 
 def member_key(node: str) -> str:
     return f"member.{node}"

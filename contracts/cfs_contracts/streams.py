@@ -130,6 +130,11 @@ def meta_rpc_subject(site: str, shard: str) -> str:
     return site_subject(site, "rpc", "meta", shard)
 
 
+def meta_admin_subject(site: str, shard: str) -> str:
+    """Backup and restore steps to a shard's writer (admin and backup roles only)."""
+    return site_subject(site, "rpc", "metaadmin", shard)
+
+
 def shard_lease_key(shard: str) -> str:
     """The writer lease of a metadata shard in the `leases` bucket (`meta.001`)."""
     return f"meta.{shard}"

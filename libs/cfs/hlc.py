@@ -7,6 +7,7 @@ after its cause. Last-writer-wins merges across sites compare these stamps.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from cfs_contracts.envelope import HLC
 
 WallClock = Callable[[], int]
+
+log = logging.getLogger(__name__)
 
 
 def system_wall_ms() -> int:
@@ -80,3 +83,12 @@ class HybridClock:
     @property
     def last(self) -> HLC:
         return self._last
+
+
+def observe(clock: HybridClock, stamp: HLC) -> None:
+    """Receive rule for a stamp that came with a message. One too far ahead is logged
+    and ignored: refusing the message would turn a bad clock into an outage."""
+    try:
+        clock.update(stamp)
+    except ClockSkewError as exc:
+        log.warning("hlc.skew", extra={"error": str(exc)})

@@ -14,7 +14,16 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cfs.bus import Ack, Bus, BusUnavailable
 from cfs_contracts import DecodedEvent, Envelope
+from cfs_contracts.events.metadata import (
+    LeaderFenced,
+    MetaCommitted,
+    MetaReplayed,
+    ShardImageChunk,
+    ShardOpened,
+    ShardRestored,
+)
 from cfs_contracts.streams import meta_stream, shard_name
+from cfs_metadata.projection import Projection
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +128,48 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def apply_record(projection: Projection, record: JournalRecord) -> None:
+    """The one rule for applying a journal message to a projection: replicas and the
+    backup service's snapshot projections both use it, so a snapshot is exactly the
+    state a replica would hold at that sequence."""
+    payload = record.event.payload
+    msg_id = record.event.envelope.id
+    extra = {"shard": projection.shard, "seq": record.seq}
+    if isinstance(payload, LeaderFenced):
+        projection.apply(record.seq, term=payload.term, msg_id=msg_id)
+    elif isinstance(payload, MetaCommitted):
+        projection.apply(record.seq, payload.entries, msg_id=msg_id)
+    elif isinstance(payload, ShardRestored):
+        projection.begin_install(record.seq, payload)
+        log.info("restore.begin", extra={**extra, "snapshot": payload.lineage.snapshot_id})
+    elif isinstance(payload, ShardImageChunk):
+        if projection.install_chunk(record.seq, payload):
+            log.info(
+                "restore.installed",
+                extra={
+                    **extra,
+                    "snapshot": payload.snapshot_id,
+                    "inodes": projection.inode_count(),
+                },
+            )
+    elif isinstance(payload, MetaReplayed):
+        lineage = projection.lineage
+        if lineage is None:
+            raise ValueError(
+                f"shard {projection.shard} seq {record.seq}: replayed entries "
+                "on a shard that was never restored"
+            )
+        replayed = lineage.model_copy(
+            update={"seq": payload.source_last, "hlc": payload.source_hlc}
+        )
+        projection.apply(record.seq, payload.entries, msg_id=msg_id, lineage=replayed)
+    elif isinstance(payload, ShardOpened):
+        lineage = projection.lineage
+        opened = lineage.model_copy(update={"held": False}) if lineage else None
+        projection.apply(record.seq, msg_id=msg_id, lineage=opened)
+        log.info("restore.opened", extra={**extra, "reason": payload.reason})
+    else:
+        projection.apply(record.seq, msg_id=msg_id)  # foreign event: keep position
+        log.warning("journal.unexpected_event", extra={**extra, "type": record.event.envelope.type})

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar, cast
 
-from rocksdict import Options, Rdict, WriteBatch
+from pydantic import BaseModel
+from rocksdict import Checkpoint, Options, Rdict, WriteBatch
 
-from cfs_contracts.events.metadata import JournalEntry
+from cfs.backup.image import decode_pairs, iter_pairs
+from cfs_contracts.events.metadata import JournalEntry, Lineage, ShardImageChunk, ShardRestored
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode, name_cookie
 from cfs_contracts.fs.rpc import Reply
@@ -33,7 +35,13 @@ _APPLIED_ID = b"m:applied_id"  # Nats-Msg-Id (envelope id) of the message at m:a
 _TERM = b"m:term"
 _LOCAL = b"m:local"
 _INODES = b"m:inodes"
+_LINEAGE = b"m:lineage"  # a restored shard: where its state came from (JSON Lineage)
+_INSTALL = b"m:install"  # a restore in progress (JSON _Install)
 _TX = b"t"
+# What a snapshot image holds: the records, open transactions and the counters.
+# Not replies (retries are answered by the cluster that saw them), not positions.
+_IMAGE_PREFIXES = (_INODE, _DENTRY, _TX)
+_IMAGE_KEYS = (_LOCAL, _INODES)
 
 T = TypeVar("T")
 CorruptionHandler = Callable[[CorruptRecord], None]
@@ -66,10 +74,15 @@ class Projection:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.shard = shard
         self.path = path
+        self._recover_swap(path)
         self._db = Rdict(str(path), options=Options(raw_mode=True))
+        self._side: Rdict | None = None
         self._on_corruption = on_corruption
 
     def close(self) -> None:
+        if self._side is not None:
+            self._side.close()
+            self._side = None
         self._db.close()
 
     # -- ShardView -------------------------------------------------------------------
@@ -167,6 +180,7 @@ class Projection:
         entries: Iterable[JournalEntry] = (),
         term: int | None = None,
         msg_id: str | None = None,
+        lineage: Lineage | None = None,
     ) -> None:
         """Apply one journal message (its entries, or a fence) atomically with its sequence.
 
@@ -185,6 +199,8 @@ class Projection:
             batch.wb.delete(_APPLIED_ID)
         if term is not None:
             batch.wb.put(_TERM, _U64.pack(term))
+        if lineage is not None:
+            batch.wb.put(_LINEAGE, lineage.model_dump_json().encode())
         if batch.inode_delta:
             batch.wb.put(_INODES, _U64.pack(self.inode_count() + batch.inode_delta))
         self._db.write(batch.finish())
@@ -200,12 +216,168 @@ class Projection:
             wb.delete(key)
             wb.delete(_REPLY + key[9:])
 
+    @property
+    def lineage(self) -> Lineage | None:
+        raw = self._db.get(_LINEAGE)
+        return Lineage.model_validate_json(raw) if raw is not None else None
+
+    @property
+    def held(self) -> bool:
+        """Restored and waiting for replay-journal: mutations are refused."""
+        lineage = self.lineage
+        return lineage is not None and lineage.held
+
+    # -- snapshot images and restore -------------------------------------------------
+    def image_pairs(self) -> Iterator[tuple[bytes, bytes]]:
+        """The state a snapshot keeps, as stored (sealed records, checked on every read
+        after a restore)."""
+        db = self._db
+        for prefix in _IMAGE_PREFIXES:
+            for item_key, item_value in db.items(from_key=prefix):
+                key = cast(bytes, item_key)
+                if not key.startswith(prefix):
+                    break
+                yield key, cast(bytes, item_value)
+        for key in _IMAGE_KEYS:
+            value = db.get(key)
+            if value is not None:
+                yield key, cast(bytes, value)
+
+    def load_image(self, data: bytes, batch_pairs: int = 10_000) -> None:
+        """Bulk-load an image into an empty projection (verification, tests)."""
+        batch = WriteBatch(raw_mode=True)
+        for count, (key, value) in enumerate(iter_pairs(data), start=1):
+            batch.put(key, value)
+            if count % batch_pairs == 0:
+                self._db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        self._db.write(batch)
+
+    def checkpoint(self, path: Path) -> None:
+        """A consistent copy of this moment at `path` (hard links: instant); applies may
+        continue meanwhile. Open it with `Projection(path, shard)` to read the image.
+        (rocksdict's Snapshot iterators do not honour the snapshot, so a copy it is.)"""
+        Checkpoint(self._db).create_checkpoint(str(path))
+
+    @property
+    def installing(self) -> _Install | None:
+        raw = self._db.get(_INSTALL)
+        return _Install.model_validate_json(raw) if raw is not None else None
+
+    def begin_install(self, seq: int, restored: ShardRestored) -> None:
+        """A restore starts: its image is collected beside the live state until complete."""
+        self._check_next(seq)
+        self._drop_side()
+        self._side = Rdict(str(self._side_path), options=Options(raw_mode=True))
+        install = _Install(
+            snapshot_id=restored.lineage.snapshot_id,
+            chunks=restored.chunks,
+            records=restored.records,
+            lineage=restored.lineage,
+        )
+        self._write_position(seq, install)
+
+    def install_chunk(self, seq: int, chunk: ShardImageChunk) -> bool:
+        """Add one chunk; True when it completed the image and the state was replaced.
+
+        A chunk of another (abandoned) restore only advances the position.
+        """
+        self._check_next(seq)
+        install = self.installing
+        if install is None or chunk.snapshot_id != install.snapshot_id:
+            self._write_position(seq, install)
+            return False
+        if chunk.index != install.next_chunk:
+            raise ValueError(
+                f"restore {install.snapshot_id}: chunk {chunk.index} at seq {seq}, "
+                f"expected chunk {install.next_chunk}"
+            )
+        side = self._open_side()
+        batch = WriteBatch(raw_mode=True)
+        pairs = 0
+        for key, value in decode_pairs(chunk.data_b64):
+            batch.put(key, value)
+            pairs += 1
+        side.write(batch)
+        install = install.model_copy(
+            update={"next_chunk": install.next_chunk + 1, "received": install.received + pairs}
+        )
+        if install.next_chunk < install.chunks:
+            self._write_position(seq, install)
+            return False
+        if install.received != install.records:
+            raise ValueError(
+                f"restore {install.snapshot_id}: image holds {install.received} records, "
+                f"its header said {install.records}"
+            )
+        self._swap_in(seq, install)
+        return True
+
+    def _swap_in(self, seq: int, install: _Install) -> None:
+        """Make the collected image the live state: position, term and lineage with it."""
+        side = self._open_side()
+        done = WriteBatch(raw_mode=True)
+        done.put(_APPLIED, _U64.pack(seq))
+        done.put(_TERM, _U64.pack(self.term))
+        done.put(_LINEAGE, install.lineage.model_dump_json().encode())
+        side.write(done)
+        side.close()
+        self._side = None
+        self._db.close()
+        old = self.path.with_name(self.path.name + ".old")
+        self.path.rename(old)
+        self._side_path.rename(self.path)
+        self._db = Rdict(str(self.path), options=Options(raw_mode=True))
+        Rdict.destroy(str(old), Options(raw_mode=True))
+
+    def _write_position(self, seq: int, install: _Install | None) -> None:
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_APPLIED, _U64.pack(seq))
+        batch.delete(_APPLIED_ID)
+        if install is None:
+            batch.delete(_INSTALL)
+        else:
+            batch.put(_INSTALL, install.model_dump_json().encode())
+        self._db.write(batch)
+
+    def _check_next(self, seq: int) -> None:
+        if seq <= self.applied_seq:
+            raise ValueError(f"sequence {seq} already applied (at {self.applied_seq})")
+
+    @property
+    def _side_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".restoring")
+
+    def _open_side(self) -> Rdict:
+        if self._side is None:
+            self._side = Rdict(str(self._side_path), options=Options(raw_mode=True))
+        return self._side
+
+    def _drop_side(self) -> None:
+        if self._side is not None:
+            self._side.close()
+            self._side = None
+        if self._side_path.exists():
+            Rdict.destroy(str(self._side_path), Options(raw_mode=True))
+
+    @staticmethod
+    def _recover_swap(path: Path) -> None:
+        """Finish or undo a swap a crash interrupted (see `_swap_in`)."""
+        old = path.with_name(path.name + ".old")
+        if not old.exists():
+            return
+        if path.exists():  # the image is live: the old state is garbage
+            Rdict.destroy(str(old), Options(raw_mode=True))
+        else:  # crashed between the renames: the old state is still the truth
+            old.rename(path)
+
     def reset(self) -> None:
         """Wipe everything (records, replies, position): the next apply is seq 1 again.
 
         For a projection that is ahead of, or differs from, its journal: the journal
         is the truth and the projection is rebuilt from it.
         """
+        self._drop_side()
         self._db.close()
         Rdict.destroy(str(self.path), Options(raw_mode=True))
         self._db = Rdict(str(self.path), options=Options(raw_mode=True))
@@ -243,6 +415,17 @@ class Projection:
             if self._on_corruption is not None:
                 self._on_corruption(exc)
             raise
+
+
+class _Install(BaseModel):
+    """Progress of a restore whose image chunks are arriving through the journal."""
+
+    snapshot_id: str
+    chunks: int
+    records: int
+    lineage: Lineage
+    next_chunk: int = 0
+    received: int = 0
 
 
 class _Batch:

@@ -25,12 +25,20 @@ from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
+from cfs.hlc import observe
 from cfs.ids import new_id
 from cfs.kernel.runtime import Spawn, unsupervised
 from cfs.lease import Lease
 from cfs.retry import Backoff, RetryPolicy
-from cfs_contracts import ContractError
-from cfs_contracts.events.metadata import JournalEntry, LeaderFenced, MetaCommitted
+from cfs_contracts import ContractError, DecodedEvent
+from cfs_contracts.envelope import HLC, EventPayload
+from cfs_contracts.events.metadata import (
+    JournalEntry,
+    LeaderFenced,
+    MetaCommitted,
+    ShardImageChunk,
+    ShardRestored,
+)
 from cfs_contracts.events.ops import CorruptionDetected
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import (
@@ -44,17 +52,24 @@ from cfs_contracts.fs.rpc import (
     TxOp,
     TxPrepare,
 )
-from cfs_contracts.streams import meta_rpc_subject, shard_lease_key, shard_name
+from cfs_contracts.fs.shard_admin import ShardAdminReply, ShardAdminRequest
+from cfs_contracts.streams import (
+    meta_admin_subject,
+    meta_rpc_subject,
+    shard_lease_key,
+    shard_name,
+)
 from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
 from cfs_metadata.faults import crash_point, fault_point
-from cfs_metadata.journal import Journal, JournalRecord, cancel_and_wait
+from cfs_metadata.journal import Journal, JournalRecord, apply_record, cancel_and_wait
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
+from cfs_metadata.shard_admin import ShardState, decide_admin
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
-from cfs_metadata.work import ClientOp, Diverted, LockedView, ShardTxOp, WorkItem
+from cfs_metadata.work import AdminStep, ClientOp, Diverted, LockedView, ShardTxOp, WorkItem
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +119,7 @@ class ShardReplica:
         self._caught_up = False
         self._release_first = False  # stepped down still holding the lease (see _may_hold)
         self._locked: set[str] = set()  # keys held by prepared transactions (leader only)
-        self._queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        self._queue: asyncio.Queue[WorkItem | AdminStep] = asyncio.Queue()
         self.placement = placement(self.settings.shard_count)
         self.coordinator = Coordinator(
             shard_index,
@@ -117,6 +132,7 @@ class ShardReplica:
         self._follower: asyncio.Task[None] | None = None
         self._leader: asyncio.Task[None] | None = None
         self._rpc: Subscription | None = None
+        self._admin_rpc: Subscription | None = None
         self.lease = Lease(
             bus,
             shard_lease_key(self.shard),
@@ -243,19 +259,15 @@ class ShardReplica:
     def _apply_record(self, record: JournalRecord) -> None:
         if record.seq <= self.projection.applied_seq:
             return  # already applied (we wrote it as leader, or a redelivery)
-        payload = record.event.payload
-        msg_id = record.event.envelope.id
-        if isinstance(payload, LeaderFenced):
-            self.projection.apply(record.seq, term=payload.term, msg_id=msg_id)
-            self.term = payload.term
-        elif isinstance(payload, MetaCommitted):
-            self.projection.apply(record.seq, payload.entries, msg_id=msg_id)
-        else:
-            self.projection.apply(record.seq, msg_id=msg_id)  # foreign event: keep position
-            log.warning(
-                "journal.unexpected_event",
-                extra={"shard": self.shard, "seq": record.seq, "type": record.event.envelope.type},
-            )
+        self._observe(record.event.envelope.hlc)
+        apply_record(self.projection, record)
+        self.term = self.projection.term
+
+    def _observe(self, stamp: HLC | None) -> None:
+        """Keep this node's clock past every stamp it has seen: a writer's next message
+        is then stamped after everything that caused it (snapshot cuts rely on it)."""
+        if stamp is not None:
+            observe(self.bus.clock, stamp)
 
     # -- leadership ------------------------------------------------------------------
     async def _on_acquired(self, term: int) -> None:
@@ -287,9 +299,13 @@ class ShardReplica:
             return  # stepped down; the next writer creates the root
         self._locked = locked_keys(self.projection.txs())
         self.role = Role.LEADER
-        self.coordinator.recover()
+        if not self.projection.held:  # a held shard waits for its replay first
+            self.coordinator.recover()
         self._rpc = await self.bus.nc.subscribe(
             meta_rpc_subject(self.bus.site, self.shard), queue="leader", cb=self._on_request
+        )
+        self._admin_rpc = await self.bus.nc.subscribe(
+            meta_admin_subject(self.bus.site, self.shard), queue="leader", cb=self._on_admin
         )
         await self._commit_loop()
 
@@ -363,18 +379,22 @@ class ShardReplica:
             self._follower = self._spawn(self._follow(), f"follow-{self.shard}")
 
     async def _stop_serving(self) -> None:
-        if self._rpc is not None:
-            sub, self._rpc = self._rpc, None
-            if not self.bus.nc.is_closed:
+        for sub in (self._rpc, self._admin_rpc):
+            if sub is not None and not self.bus.nc.is_closed:
                 await sub.unsubscribe()
+        self._rpc = self._admin_rpc = None
         await self.coordinator.stop()
         while not self._queue.empty():
-            await self._queue.get_nowait().finish(_not_leader(self.shard))
+            item = self._queue.get_nowait()
+            if isinstance(item, AdminStep):
+                await item.finish(_admin_not_leader(self.shard))
+            else:
+                await item.finish(_not_leader(self.shard))
 
     # -- serving ---------------------------------------------------------------------
     async def _on_request(self, msg: Msg) -> None:
         try:
-            op = Request.model_validate_json(msg.data).body
+            request = Request.model_validate_json(msg.data)
         except ValidationError as exc:
             err = exc.errors()[0]
             await self._respond(
@@ -384,6 +404,8 @@ class ShardReplica:
         if self.role is not Role.LEADER or not self.lease.is_holder:
             await self._respond(msg, _not_leader(self.shard))
             return
+        self._observe(request.hlc)
+        op = request.body
         if isinstance(op, MutationOp):
             self._queue.put_nowait(ClientOp(op, msg, self._respond))
             return
@@ -404,15 +426,30 @@ class ShardReplica:
     async def _commit_loop(self) -> None:
         """Group commit: everything that queued up while the last append was in flight."""
         carry: list[WorkItem] = []
+        step: AdminStep | None = None
         while True:
-            batch = carry or [await self._queue.get()]
+            if step is not None:
+                if not await self._admin_step(step):
+                    return
+                step = None
+            first = carry[0] if carry else await self._queue.get()
+            if isinstance(first, AdminStep):
+                step = first
+                continue
+            batch = carry or [first]
             fault_point("commit_loop")
             while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
-                batch.append(self._queue.get_nowait())
+                item = self._queue.get_nowait()
+                if isinstance(item, AdminStep):  # ordered after this batch, alone
+                    step = item
+                    break
+                batch.append(item)
             committed, carry = await self._decide_and_commit(batch)
             if not committed:
                 for item in carry:
                     await item.finish(_not_leader(self.shard))
+                if step is not None:
+                    await step.finish(_admin_not_leader(self.shard))
                 return
 
     async def _decide_and_commit(self, batch: list[WorkItem]) -> tuple[bool, list[WorkItem]]:
@@ -421,6 +458,7 @@ class ShardReplica:
         Returns (committed, items left for the next batch because this one is full).
         """
         overlay = Overlay(self.projection)
+        held = _held_reply(self.projection)
         locked = set(self._locked)
         now = time.time_ns()
         entries: list[JournalEntry] = []
@@ -431,6 +469,9 @@ class ShardReplica:
             if size >= self.settings.max_batch_bytes:
                 carry = batch[index:]
                 break
+            if held and isinstance(item, ClientOp | ShardTxOp):
+                answered.append((item, held))
+                continue
             try:
                 decision = item.decide(overlay, now, locked, self.placement)
             except Diverted:
@@ -461,17 +502,21 @@ class ShardReplica:
         return committed, carry
 
     async def _commit(self, entries: list[JournalEntry]) -> bool:
-        """Append one batch; True once it is durable in the journal and applied.
+        """Append one batch; True once it is durable in the journal and applied."""
+        payload = MetaCommitted(shard=self.shard, term=self.term, entries=tuple(entries))
+        return await self._append(payload) is not None
+
+    async def _append(self, payload: EventPayload) -> int | None:
+        """Append one message and apply it; its sequence, or None when deposed.
 
         The same envelope (same id) is retried while the lease is ours, so an
         append whose ack was lost during a journal leader election is stored once.
         """
-        payload = MetaCommitted(shard=self.shard, term=self.term, entries=tuple(entries))
         envelope = self.bus.event(payload)
         while True:
             if not self.lease.is_holder:
                 await self._step_down("lease expired before the append was acknowledged")
-                return False
+                return None
             try:
                 ack = await self.journal.append(
                     envelope, self.projection.applied_seq, self.settings.append_timeout_s
@@ -479,12 +524,64 @@ class ShardReplica:
                 break
             except SequenceConflict as exc:
                 await self._step_down(f"deposed: {exc}")
-                return False
+                return None
             except BusError as exc:
                 # Outcome unknown: never answer without the ack; retry the same event.
                 log.warning("leader.append_retry", extra={"shard": self.shard, "error": str(exc)})
-        self.projection.apply(ack.seq, entries, msg_id=envelope.id)
+        decoded = DecodedEvent(envelope=envelope, payload=payload, stored_version=envelope.v)
+        self._apply_record(JournalRecord(ack.seq, decoded))
+        return ack.seq
+
+    # -- backup and restore steps (DESIGN.md §9) ---------------------------------------
+    async def _on_admin(self, msg: Msg) -> None:
+        try:
+            request = ShardAdminRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            reply = ShardAdminReply(errno=errno.EINVAL, message=f"bad request: {err['msg']}")
+            await self._respond_admin(msg, reply)
+            return
+        if self.role is not Role.LEADER or not self.lease.is_holder:
+            await self._respond_admin(msg, _admin_not_leader(self.shard))
+            return
+        self._observe(request.hlc)
+        cut = getattr(request.body, "cut", None)
+        self._observe(cut)  # a snapshot marker is stamped after its cut
+        self._queue.put_nowait(AdminStep(request.body, msg, self._respond_admin))
+
+    async def _admin_step(self, step: AdminStep) -> bool:
+        """One backup/restore step, alone in the commit loop; False when deposed."""
+        installing = self.projection.installing
+        state = ShardState(
+            shard=self.shard,
+            term=self.term,
+            applied_seq=self.projection.applied_seq,
+            lineage=self.projection.lineage,
+            installing=installing.snapshot_id if installing else None,
+            next_chunk=installing.next_chunk if installing else 0,
+        )
+        decision = decide_admin(state, step.op)
+        reply = decision.reply
+        if decision.event is not None and not reply.errno:
+            was_held = self.projection.held
+            seq = await self._append(decision.event)
+            if seq is None:
+                await step.finish(_admin_not_leader(self.shard))
+                return False
+            reply = reply.model_copy(
+                update={"seq": seq, "applied_seq": seq, "lineage": self.projection.lineage}
+            )
+            if was_held and not self.projection.held:
+                self.coordinator.recover()
+        if isinstance(decision.event, ShardRestored | ShardImageChunk):
+            self._locked = locked_keys(self.projection.txs())
+        await step.finish(reply)
         return True
+
+    async def _respond_admin(self, msg: Msg, reply: ShardAdminReply) -> None:
+        if msg.reply:
+            stamped = reply.model_copy(update={"hlc": self.bus.clock.now()})
+            await self.bus.nc.publish(msg.reply, stamped.model_dump_json().encode())
 
     async def _corruption(self, exc: CorruptRecord) -> Reply:
         log.error("metadata.corruption", extra={"shard": self.shard, "error": str(exc)})
@@ -503,7 +600,8 @@ class ShardReplica:
 
     async def _respond(self, msg: Msg, reply: Reply) -> None:
         if msg.reply:
-            await self.bus.nc.publish(msg.reply, reply.model_dump_json().encode())
+            stamped = reply.model_copy(update={"hlc": self.bus.clock.now()})
+            await self.bus.nc.publish(msg.reply, stamped.model_dump_json().encode())
 
 
 # A sealed inode is ~400 bytes of JSON; estimating avoids serializing every entry twice.
@@ -519,6 +617,22 @@ def _participant_crash_points(answered: list[tuple[WorkItem, Reply]]) -> None:
                 crash_point("participant_prepared")
             elif isinstance(item.op, TxDecide):
                 crash_point("participant_decided")
+
+
+def _admin_not_leader(shard: str) -> ShardAdminReply:
+    return ShardAdminReply(not_leader=True, message=f"not the writer of shard {shard}")
+
+
+def _held_reply(projection: Projection) -> Reply | None:
+    lineage = projection.lineage
+    if lineage is None or not lineage.held:
+        return None
+    return Reply(
+        errno=errno.EROFS,
+        message=f"shard {projection.shard:03d} was restored from snapshot "
+        f"{lineage.snapshot_id} and is read-only until `cfs admin replay-journal` "
+        "finishes (or `cfs admin replay-journal --none`)",
+    )
 
 
 def _not_leader(shard: str) -> Reply:

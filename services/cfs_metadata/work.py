@@ -20,7 +20,9 @@ from cfs_contracts.events.metadata import JournalEntry, TxClear
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode
 from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, TxOp, TxStatus
+from cfs_contracts.fs.shard_admin import ShardAdminReply
 from cfs_metadata.decide import Decision, Placement, decide
+from cfs_metadata.shard_admin import AdminOp
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import (
     NeedRemote,
@@ -199,6 +201,18 @@ class Forget(_Awaited):
         return JournalEntry(
             op_id=new_id(), op="tx_forget", changes=tuple(decision.changes), reply=decision.reply
         )
+
+
+@dataclass
+class AdminStep:
+    """A backup or restore step (`cfs_contracts.fs.shard_admin`); runs alone in the loop."""
+
+    op: AdminOp
+    msg: Msg
+    respond: Callable[[Msg, ShardAdminReply], Awaitable[None]]
+
+    async def finish(self, reply: ShardAdminReply) -> None:
+        await self.respond(self.msg, reply)
 
 
 WorkItem = ClientOp | ShardTxOp | CoordinatorCommit | Internal | Forget

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cfs_contracts.envelope import HLC
 from cfs_contracts.fs.changes import BaseChange
 from cfs_contracts.fs.records import ChunkRef, Dentry, Inode, Kind
 
@@ -311,6 +312,9 @@ class Request(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     body: AnyOp
+    hlc: HLC | None = Field(
+        default=None, description="sender's clock: the receiver stamps its effects after it"
+    )
 
 
 # -- replies ------------------------------------------------------------------------
@@ -343,6 +347,9 @@ class Reply(BaseModel):
     inodes: tuple[Inode, ...] = ()
     cursor: int = Field(default=0, description="scan_chunks: continue after this inode; 0 = done")
     not_leader: bool = Field(default=False, description="ask again: the writer is changing")
+    hlc: HLC | None = Field(
+        default=None, description="writer's clock when answering (causality for snapshot cuts)"
+    )
 
     @classmethod
     def error(cls, exc: FsError) -> Reply:

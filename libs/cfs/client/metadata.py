@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel
 
 from cfs.bus import Bus, BusError
+from cfs.hlc import observe
 from cfs.ids import new_id
 from cfs.retry import RetryPolicy, retry
 from cfs_contracts.fs import rpc
@@ -92,7 +93,7 @@ class MetadataClient:
             shard = _shard_of_op(op)
         name = shard_name(shard)
         subject = meta_rpc_subject(self.bus.site, name)
-        data = Request(body=op).model_dump_json().encode()
+        data = Request(body=op, hlc=self.bus.clock.now()).model_dump_json().encode()
         started = time.monotonic()
         try:  # the hot path: one attempt, nothing else
             return await self._attempt(subject, data, retry_conflicts)
@@ -112,6 +113,8 @@ class MetadataClient:
     async def _attempt(self, subject: str, data: bytes, retry_conflicts: bool) -> Reply:
         msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
         reply = Reply.model_validate_json(msg.data)
+        if reply.hlc is not None:
+            observe(self.bus.clock, reply.hlc)
         if reply.not_leader or (retry_conflicts and reply.errno in _RETRY_ERRNOS):
             raise _NotServing(reply.message)
         if reply.errno:

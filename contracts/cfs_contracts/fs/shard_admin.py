@@ -1,0 +1,101 @@
+"""Shard admin RPC: backup and restore steps sent to a shard's writer.
+
+These travel on their own subject (`cfs.<site>.rpc.metaadmin.<shard>`), which only
+the admin and backup roles may publish to: a client can never restore or replay.
+Each step goes through the writer's group-commit loop, so it is ordered with
+every other append of the shard.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cfs_contracts.envelope import HLC
+from cfs_contracts.events.metadata import JournalEntry, Lineage
+
+
+class _AdminOp(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MarkCut(_AdminOp):
+    """Journal a snapshot marker stamped after `cut`: every later message is past the cut."""
+
+    op: Literal["mark_cut"] = "mark_cut"
+    snapshot_id: str
+    cut: HLC
+
+
+class ShardPosition(_AdminOp):
+    """Applied sequence, last stamp and lineage of the writer's projection."""
+
+    op: Literal["position"] = "position"
+
+
+class RestoreBegin(_AdminOp):
+    op: Literal["restore_begin"] = "restore_begin"
+    lineage: Lineage
+    chunks: int = Field(ge=1)
+    records: int = Field(ge=0)
+    sha256: str
+
+
+class RestoreChunk(_AdminOp):
+    op: Literal["restore_chunk"] = "restore_chunk"
+    snapshot_id: str
+    index: int = Field(ge=0)
+    data_b64: str
+
+
+class ReplayedMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq: int = Field(ge=1)
+    hlc: HLC
+    entries: tuple[JournalEntry, ...]
+
+
+class ReplayBatch(_AdminOp):
+    """Source journal messages `first..last` (in order, gaps only where the source
+    message held no entries), applied on top of the restored state."""
+
+    op: Literal["replay"] = "replay"
+    cluster_id: str
+    first: int = Field(ge=1)
+    last: int = Field(ge=1)
+    messages: tuple[ReplayedMessage, ...]
+
+
+class OpenShard(_AdminOp):
+    op: Literal["open"] = "open"
+    reason: str
+
+
+AnyShardAdminOp = Annotated[
+    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard,
+    Field(discriminator="op"),
+]
+
+
+class ShardAdminRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    body: AnyShardAdminOp
+    hlc: HLC | None = None
+
+
+class ShardAdminReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    errno: int = 0
+    message: str = ""
+    not_leader: bool = False
+    seq: int = Field(default=0, description="journal sequence of the step's message")
+    applied_seq: int = 0
+    last_hlc: HLC | None = None
+    lineage: Lineage | None = None
+    installing: str | None = Field(default=None, description="snapshot id being installed")
+    next_chunk: int = Field(default=0, description="restore: the chunk index the writer expects")
+    hlc: HLC | None = None

@@ -1,0 +1,1 @@
+"""The backup service (DESIGN.md §9): consistent metadata snapshots; one active per site."""

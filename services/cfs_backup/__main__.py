@@ -1,0 +1,3 @@
+from cfs_backup.service import main
+
+main()

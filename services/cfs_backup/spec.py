@@ -1,0 +1,27 @@
+"""backup as the kernel runs it: a process per node, one active per site (lease)."""
+
+from __future__ import annotations
+
+from cfs.kernel.spec import Grants, ServiceSpec, Singleton, deferred, imported
+from cfs_contracts.streams import LEASES, NODES
+
+SPEC = ServiceSpec(
+    name="backup",
+    role="backup",
+    package="cfs_backup",
+    description="The backup service: consistent metadata snapshots across all shards "
+    "(one active per site).",
+    settings=imported("cfs_backup.service:BackupSettings"),
+    grants=Grants(
+        publish=(
+            "{s}.rpc.metaadmin.*",  # snapshot markers on each shard's journal
+            "{s}.backup.>",  # snapshot progress
+        ),
+        serve=("{s}.rpc.backup.*",),
+        read_streams=("META_*",),
+        read_buckets=(NODES.bucket, LEASES.bucket),
+        write_keys={NODES.bucket: ("backup.*",)},
+    ),
+    singleton=Singleton(deferred("cfs_backup.service:lead"), lease_s=5.0, renew_s=1.0),
+    start=deferred("cfs_backup.service:start"),
+)

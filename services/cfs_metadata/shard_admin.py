@@ -1,0 +1,169 @@
+"""Backup and restore steps on a shard writer: one pure decide per step.
+
+`decide_admin` looks at the writer's position and returns the journal event to
+append (if any) and the reply; the replica appends and applies it like any other
+message, so followers and a replica rebuilt later see exactly the same steps.
+Every step is idempotent: a retried chunk, a replay batch already applied or an
+open of an open shard answer with where the shard is and change nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from cfs_contracts.envelope import EventPayload
+from cfs_contracts.events.metadata import (
+    JournalEntry,
+    Lineage,
+    MetaCommitted,
+    MetaReplayed,
+    ShardImageChunk,
+    ShardOpened,
+    ShardRestored,
+)
+from cfs_contracts.fs.rpc import Reply
+from cfs_contracts.fs.shard_admin import (
+    MarkCut,
+    OpenShard,
+    ReplayBatch,
+    RestoreBegin,
+    RestoreChunk,
+    ShardAdminReply,
+    ShardPosition,
+)
+
+SNAPSHOT_CUT_OP = "snapshot_cut"
+AdminOp = MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard
+
+
+@dataclass(frozen=True)
+class ShardState:
+    shard: str
+    term: int
+    applied_seq: int
+    lineage: Lineage | None
+    installing: str | None  # snapshot id of a restore in progress
+    next_chunk: int
+
+
+@dataclass(frozen=True)
+class AdminDecision:
+    event: EventPayload | None  # to append; None: answer at once
+    reply: ShardAdminReply
+
+
+def decide_admin(state: ShardState, op: AdminOp) -> AdminDecision:
+    here = ShardAdminReply(
+        applied_seq=state.applied_seq,
+        lineage=state.lineage,
+        installing=state.installing,
+        next_chunk=state.next_chunk,
+    )
+    if isinstance(op, ShardPosition):
+        return AdminDecision(None, here)
+    if isinstance(op, MarkCut):
+        entry = JournalEntry(op_id=op.snapshot_id, op=SNAPSHOT_CUT_OP, changes=(), reply=Reply())
+        return AdminDecision(
+            MetaCommitted(shard=state.shard, term=state.term, entries=(entry,)), here
+        )
+    if isinstance(op, RestoreBegin):
+        if op.lineage.shard != state.shard:
+            return _refuse(
+                here, errno.EINVAL, f"image of shard {op.lineage.shard} sent to shard {state.shard}"
+            )
+        if state.installing == op.lineage.snapshot_id and state.next_chunk > 0:
+            return AdminDecision(None, here)  # a retried begin: continue where it is
+        restored = ShardRestored(
+            shard=state.shard,
+            term=state.term,
+            lineage=op.lineage,
+            chunks=op.chunks,
+            records=op.records,
+            sha256=op.sha256,
+        )
+        return AdminDecision(
+            restored,
+            here.model_copy(update={"installing": op.lineage.snapshot_id, "next_chunk": 0}),
+        )
+    if isinstance(op, RestoreChunk):
+        if state.installing != op.snapshot_id:
+            done = state.lineage is not None and state.lineage.snapshot_id == op.snapshot_id
+            if done:
+                return AdminDecision(None, here)  # the last chunk's retry: installed
+            return _refuse(
+                here,
+                errno.EINVAL,
+                f"no restore of {op.snapshot_id} in progress on shard {state.shard}",
+            )
+        if op.index < state.next_chunk:
+            return AdminDecision(None, here)
+        if op.index > state.next_chunk:
+            return _refuse(
+                here,
+                errno.EINVAL,
+                f"chunk {op.index} sent, shard {state.shard} expects chunk {state.next_chunk}",
+            )
+        chunk = ShardImageChunk(
+            shard=state.shard,
+            term=state.term,
+            snapshot_id=op.snapshot_id,
+            index=op.index,
+            data_b64=op.data_b64,
+        )
+        return AdminDecision(chunk, here.model_copy(update={"next_chunk": op.index + 1}))
+    if isinstance(op, ReplayBatch):
+        return _decide_replay(state, op, here)
+    assert isinstance(op, OpenShard)
+    if state.lineage is None or not state.lineage.held:
+        return AdminDecision(None, here)
+    return AdminDecision(ShardOpened(shard=state.shard, term=state.term, reason=op.reason), here)
+
+
+def _decide_replay(state: ShardState, op: ReplayBatch, here: ShardAdminReply) -> AdminDecision:
+    lineage = state.lineage
+    if lineage is None:
+        return _refuse(
+            here,
+            errno.EINVAL,
+            f"shard {state.shard} was not restored from a "
+            "snapshot: there is nothing to replay onto",
+        )
+    if op.cluster_id != lineage.cluster_id:
+        return _refuse(
+            here,
+            errno.EINVAL,
+            f"journal of cluster {op.cluster_id} sent, shard "
+            f"{state.shard} was restored from {lineage.cluster_id}",
+        )
+    if op.last <= lineage.seq:
+        return AdminDecision(None, here)  # applied already: replaying twice changes nothing
+    if not lineage.held:
+        return _refuse(
+            here,
+            errno.EROFS,
+            f"shard {state.shard} accepts writes since its "
+            "restore: replaying older journal entries would overwrite them",
+        )
+    if op.first != lineage.seq + 1:
+        return _refuse(
+            here,
+            errno.EINVAL,
+            f"replay from source seq {op.first}, shard "
+            f"{state.shard} holds up to {lineage.seq}: entries would be skipped",
+        )
+    if not op.messages:
+        return _refuse(here, errno.EINVAL, "empty replay batch")
+    replayed = MetaReplayed(
+        shard=state.shard,
+        term=state.term,
+        source_first=op.first,
+        source_last=op.last,
+        source_hlc=op.messages[-1].hlc,
+        entries=tuple(e for m in op.messages for e in m.entries),
+    )
+    return AdminDecision(replayed, here)
+
+
+def _refuse(here: ShardAdminReply, code: int, message: str) -> AdminDecision:
+    return AdminDecision(None, here.model_copy(update={"errno": code, "message": message}))
