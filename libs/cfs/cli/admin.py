@@ -1,6 +1,6 @@
 """`cfs admin`: node states, both Raft layers, forced elections, drain and remove.
 
-Reads (status, raft-status, raft-debug) go straight to the nodes and leases KV
+Reads (status, raft-status, raft-debug, export-config) go straight to the nodes and leases KV
 and the journal streams, with short deadlines: with JetStream quorum lost,
 `status` falls back to the membership processes' SWIM views over core NATS.
 Changes (node-drain, node-remove, raft-force-election) are command events on the
@@ -21,8 +21,10 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import nats.js.errors
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -50,8 +52,11 @@ from cfs.admin.snapshot import (
 from cfs.bus import Bus, BusError
 from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cluster import read_config
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.lease import Lease
+from cfs.objstore import S3Settings, S3Url, is_s3_url, open_store, s3_settings
+from cfs.objstore.base import write_file_atomically
 from cfs.recovery.quorum import recover_quorum
 from cfs.recovery.streams import RecoveryError
 from cfs.security import Role
@@ -59,7 +64,14 @@ from cfs_contracts.events.admin import AdminCommandCompleted
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.ops import AdminActionRecorded
 from cfs_contracts.events.repair import ChunkLost, RepairCompleted, RepairProgress
-from cfs_contracts.members import Lifecycle, NodeAdmin, RepairJob, admin_key, repair_key
+from cfs_contracts.members import (
+    ClusterConfig,
+    Lifecycle,
+    NodeAdmin,
+    RepairJob,
+    admin_key,
+    repair_key,
+)
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
@@ -214,6 +226,106 @@ def status(
         _emit(as_json, document, lines)
 
     _session(settings, work)
+
+
+# -- export-config ------------------------------------------------------------------------
+@app.command("export-config")
+@one_line_errors
+def export_config(
+    ctx: typer.Context,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="a file, or s3://bucket/key (a URL ending in / gets a dated name); "
+            "default: stdout",
+        ),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option("--s3-endpoint", help="S3 endpoint URL (or CFS_S3_ENDPOINT_URL)"),
+    ] = None,
+    s3_credentials: Annotated[
+        Path | None,
+        typer.Option(
+            "--s3-credentials",
+            help="AWS credentials file for S3 (or CFS_S3_CREDENTIALS_FILE)",
+        ),
+    ] = None,
+    cluster: ClusterOpt = None,
+    site: SiteOpt = None,
+    shards: ShardsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The cluster config, members and settings as JSON, without secrets."""
+    from importlib.metadata import version
+
+    from cfs.admin.export import export_document, settings_defaults
+    from cfs.kernel import registry
+
+    settings = _settings(ctx, cluster, site, shards)
+    s3 = s3_settings(s3_endpoint, s3_credentials)
+    target = _s3_target(output, settings.site) if output and is_s3_url(output) else None
+
+    async def work(bus: Bus) -> tuple[ClusterConfig | None, NodeFacts]:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S * 2):
+                config = await read_config(bus)
+        except nats.js.errors.BucketNotFoundError:
+            raise CliError(f"site {settings.site} is not initialized (cfs cluster init)") from None
+        return config, await read_node_facts(bus, timeout=3.0)
+
+    config, facts = _session(settings, work)
+    document = export_document(
+        config=config,
+        facts=facts,
+        client=settings,
+        s3=s3,
+        services={spec.name: settings_defaults(spec.settings()) for spec in registry.specs()},
+        version=version("claudefs"),
+        now_ms=time.time_ns() // 1_000_000,
+    )
+    text = json.dumps(document, indent=2) + "\n"
+    if output is None or output == "-":
+        typer.echo(text, nl=False)
+        return
+    if target is not None:
+        root, key = target
+        asyncio.run(_put_export(root, key, text.encode(), s3, settings.site))
+        where = str(root.child(key))
+    else:
+        path = Path(output)
+        try:
+            write_file_atomically(path, text.encode())
+        except OSError as exc:
+            raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
+        where = str(path)
+    size = len(text.encode())
+    _emit(
+        as_json,
+        {"output": where, "bytes": size},
+        [f"exported the configuration of site {settings.site} to {where} ({size} bytes)"],
+    )
+
+
+def _s3_target(output: str, site: str) -> tuple[S3Url, str]:
+    """(bucket root, object key) of an s3:// --output; a bucket or a URL ending in /
+    gets a name of its own, so repeated exports never overwrite each other."""
+    try:
+        url = S3Url.parse(output)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
+    key = url.prefix
+    if not key or output.rstrip().endswith("/"):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        key = url.key(f"cfs-config-{site}-{stamp}.json")
+    return S3Url(url.bucket), key
+
+
+async def _put_export(root: S3Url, key: str, data: bytes, s3: S3Settings, site: str) -> None:
+    async with open_store(root, s3) as store:
+        await store.put(key, data, metadata={"cfs-format": "config-export", "cfs-site": site})
 
 
 # -- raft-status / raft-debug -------------------------------------------------------------

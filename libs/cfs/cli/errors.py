@@ -10,6 +10,7 @@ from typing import NoReturn, ParamSpec, TypeVar
 
 from cfs.bus.errors import BusError, BusUnavailable, is_permission_error
 from cfs.fuse.config import ConfigError
+from cfs.objstore.errors import ObjectStoreDenied, ObjectStoreError, ObjectStoreUnavailable
 from cfs.recovery.streams import RecoveryError
 from cfs.security import CredentialsError
 from cfs.supervisor import SupervisorError
@@ -51,6 +52,12 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             if is_permission_error(str(exc)):
                 _fail(f"error: permission denied: {exc}", ExitCode.FORBIDDEN)
             if isinstance(exc, BusUnavailable):
+                _fail(f"error: {exc}", ExitCode.UNREACHABLE)
+            _fail(f"error: {exc}", ExitCode.FAILED)
+        except ObjectStoreError as exc:
+            if isinstance(exc, ObjectStoreDenied):
+                _fail(f"error: {exc}", ExitCode.FORBIDDEN)
+            if isinstance(exc, ObjectStoreUnavailable):
                 _fail(f"error: {exc}", ExitCode.UNREACHABLE)
             _fail(f"error: {exc}", ExitCode.FAILED)
         except (

@@ -8,8 +8,11 @@ die with it: PR_SET_PDEATHSIG), so nothing outlives it, and `kill -9` of a node
 stays a real `kill -9` of real processes.
 
 Files under the state directory:
-- `cluster.json`: what clients need (site, nats_urls, shards, s3_endpoint); the `cfs`
-  commands find it as `./.cfs-dev/cluster.json` or through `CFS_CONFIG`.
+- `cluster.json`: what clients need (site, nats_urls, shards, s3_endpoint, s3_region,
+  s3_credentials_file); the `cfs` commands find it as `./.cfs-dev/cluster.json` or
+  through `CFS_CONFIG`. Services get the S3 settings as `CFS_S3_*` variables.
+- `credentials/s3.ini`: the S3 server's keys (AWS credentials-file format, 0600); only
+  its name is in cluster.json.
 - `dev.json`: the daemon's pid, state (`starting`, `ready`, `failed: ...`, `stopped`).
 - `devd.log`, `logs/<node>.<service>.log`, `nats/<server>/`, `nodes/<node>/`, `s3/`.
 """
@@ -45,6 +48,7 @@ CLUSTER_FILE = "cluster.json"
 STATE_FILE = "dev.json"
 CONTROL_SOCKET = "control.sock"
 LOG_FILE = "devd.log"
+S3_CREDENTIALS_FILE = "s3.ini"
 FULL_NATS = 3
 
 Hook = Callable[["DevCluster"], Awaitable[None]]
@@ -56,6 +60,9 @@ class DevCluster:
     def __init__(self, state_dir: Path, topology: Topology) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.topology = topology
+        self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
+        self.s3_credentials = self.state_dir / "credentials" / S3_CREDENTIALS_FILE
+        s3_env = self.s3.settings_env(self.s3_credentials) if self.s3 is not None else {}
         self.site = LocalSite(
             self.state_dir,
             topology.node_names,
@@ -63,10 +70,9 @@ class DevCluster:
             shards=topology.shards,
             site=topology.site,
             labels={node.name: node.labels for node in topology.nodes},
-            env=topology.env,
+            env={**s3_env, **topology.env},
             ec=topology.ec,
         )
-        self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
         self._stop = asyncio.Event()
         self._retired: set[str] = set()
 
@@ -82,6 +88,8 @@ class DevCluster:
             "nats_urls": [s.url for s in self.site.nats_servers if s.name not in self._retired],
             "shards": self.topology.shards,
             "s3_endpoint": self.s3.endpoint_url if self.s3 else None,
+            "s3_region": self.s3.REGION if self.s3 else None,
+            "s3_credentials_file": str(self.s3_credentials) if self.s3 else None,
             "credentials_dir": str(self.site.credentials_dir) if self.site.secure else None,
         }
         _write_json(self.state_dir / CLUSTER_FILE, config)
@@ -241,6 +249,7 @@ class DevCluster:
                 self.socket_path.unlink()
             server = await asyncio.start_unix_server(self._client, path=str(self.socket_path))
             if self.s3 is not None:
+                await asyncio.to_thread(self.s3.write_credentials, self.s3_credentials)
                 await asyncio.to_thread(self.s3.start)
             await self.site.start()
             await self.site.wait_ready(ready_timeout)

@@ -80,6 +80,21 @@ class S3Server:
             "region_name": self.REGION,
         }
 
+    def write_credentials(self, path: Path) -> Path:
+        """Moto's fake keys as a credentials file (mode 0600), what services and `cfs`
+        commands name in `CFS_S3_CREDENTIALS_FILE` or cluster.json's `s3_credentials_file`."""
+        from cfs.objstore.settings import write_credentials_file
+
+        return write_credentials_file(path, self.ACCESS_KEY_ID, self.SECRET_ACCESS_KEY)
+
+    def settings_env(self, credentials_file: Path) -> dict[str, str]:
+        """The `CFS_S3_*` variables that point a process's `S3Settings` at this server."""
+        return {
+            "CFS_S3_ENDPOINT_URL": self.endpoint_url,
+            "CFS_S3_REGION": self.REGION,
+            "CFS_S3_CREDENTIALS_FILE": str(credentials_file),
+        }
+
     @property
     def log_path(self) -> Path:
         return self.process.log_path
