@@ -14,6 +14,8 @@ from cfs_contracts.streams import site_subject
 SNAPSHOT_FORMAT = 1
 BACKUP_STATUS_KEY = "backup.status"
 FETCH_BYTES = 512 * 1024
+SCHEDULE_KEY = "backup.schedule"
+SNAPSHOT_PREFIX = "metadata-"
 
 
 class ShardCut(BaseModel):
@@ -70,7 +72,8 @@ class ArchiveStream(BaseModel):
     stream: str
     archived_seq: int = 0
     journal_seq: int = 0
-    lag_s: float = 0.0
+    lag_s: float = Field(default=0.0, description="age of the oldest message not yet in S3")
+    error: str | None = Field(default=None, description="why the last upload failed")
 
 
 class BackupStatus(BaseModel):
@@ -93,11 +96,29 @@ class BackupStatus(BaseModel):
 # -- requests to the active backup service (core NATS request/reply) -------------------
 class SnapshotRequest(BaseModel):
     snapshot_id: str = Field(min_length=1)
+    destination: str | None = Field(default=None, description="s3://bucket/prefix to upload to")
+    keep: int | None = Field(default=None, ge=1, description="retention: newest N at destination")
+    max_age_s: float | None = Field(default=None, gt=0, description="retention: by age")
+
+
+class SnapshotSchedule(BaseModel):
+    """`backup.schedule` in the nodes KV: set by `snapshot-metadata --interval`."""
+
+    interval_s: float = Field(gt=0)
+    destination: str
+    keep: int | None = Field(default=None, ge=1)
+    max_age_s: float | None = Field(default=None, gt=0)
+
+    def describe(self) -> str:
+        keep = f", keep {self.keep}" if self.keep else ""
+        age = f", max age {self.max_age_s / 86400:g}d" if self.max_age_s else ""
+        return f"every {self.interval_s:g}s to {self.destination}{keep}{age}"
 
 
 class SnapshotReply(BaseModel):
     ok: bool
     message: str = ""
+    url: str | None = Field(default=None, description="where it was uploaded, if anywhere")
     manifest: SnapshotManifest | None = None
     bytes: int = 0
     sha256: str = ""

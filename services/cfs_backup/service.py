@@ -26,15 +26,20 @@ from pydantic import Field
 
 from cfs.backup.image import encode_pairs
 from cfs.backup.snapshot_file import kv_parquet, read_snapshot, write_snapshot
-from cfs.bus import Bus
+from cfs.bus import Bus, BusError
 from cfs.client.shard_admin import shard_admin
 from cfs.cluster import read_config
+from cfs.ids import new_id
 from cfs.kernel.runtime import Context
+from cfs.objstore import ObjectStore, ObjectStoreError, S3Settings, open_store
 from cfs.service_main import ServiceSettings, run_spec
+from cfs_backup.archive import Archiver, ArchiveSettings
 from cfs_backup.cut import advance_to_cut
 from cfs_contracts.backup import (
     BACKUP_STATUS_KEY,
+    SCHEDULE_KEY,
     SNAPSHOT_FORMAT,
+    SNAPSHOT_PREFIX,
     BackupStatus,
     FetchRequest,
     KvDump,
@@ -42,12 +47,14 @@ from cfs_contracts.backup import (
     SnapshotManifest,
     SnapshotReply,
     SnapshotRequest,
+    SnapshotSchedule,
     fetch_subject,
     progress_subject,
     snapshot_subject,
 )
 from cfs_contracts.fs.shard_admin import MarkCut
-from cfs_contracts.streams import LEASES, NODES, shard_name
+from cfs_contracts.members import ClusterConfig
+from cfs_contracts.streams import AUDIT, LEASES, NODES, meta_stream, shard_name
 from cfs_metadata.journal import Journal
 from cfs_metadata.projection import Projection
 
@@ -58,6 +65,40 @@ class BackupSettings(ServiceSettings):
     data_dir: Path = Path("/var/lib/claudefs")
     shards: int = Field(default=1, ge=1, le=999)
     keep_local: int = Field(default=3, ge=1, description="snapshot files kept for fetching")
+    archive_url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix for the continuous journal archive (off when unset); "
+        "this cluster's segments go under <prefix>/<cluster id>/",
+    )
+    archive_segment_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    archive_segment_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="a segment is shipped at most this long after its first message",
+    )
+    archive_clock_offset_ms: int = Field(
+        default=1000, ge=0, description="clock offset plus delivery delay between nodes allowed for"
+    )
+    status_s: float = Field(default=1.0, gt=0, description="how often the status record is written")
+
+
+SCHEDULE_POLL_S = 5.0
+
+
+def snapshot_name(manifest: SnapshotManifest) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(manifest.created_ms / 1000))
+    return f"{SNAPSHOT_PREFIX}{stamp}-{manifest.snapshot_id}.tar.gz"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def _config(bus: Bus) -> ClusterConfig:
+    config = await read_config(bus)
+    if config is None:
+        raise RuntimeError("the cluster is not initialized (`cfs cluster init`)")
+    return config
 
 
 class Backup:
@@ -67,6 +108,100 @@ class Backup:
         self.root = settings.data_dir / "backup"
         self.out = self.root / "snapshots"
         self._lock = asyncio.Lock()
+        self._archiver: Archiver | None = None
+        self._archive_root: str | None = None
+        self._last: SnapshotManifest | None = None
+        self._last_url: str | None = None
+        self._schedule: SnapshotSchedule | None = None
+        self._error: str | None = None
+
+    async def archiver(self) -> Archiver | None:
+        """The journal archive, when `archive_url` is set (needs the cluster's id)."""
+        url = self.settings.archive_url
+        if not url:
+            return None
+        config = await _config(self.bus)
+        streams = [
+            (meta_stream(shard_name(i)).name, f"cfs.{self.bus.site}.meta.{shard_name(i)}.>")
+            for i in range(1, config.shards + 1)
+        ]
+        streams.append((AUDIT.name, f"cfs.{self.bus.site}.audit.>"))
+        self._archive_root = f"{url.rstrip('/')}/{config.cluster_id}"
+        self._archiver = Archiver(
+            self.bus,
+            open_store(url, S3Settings()),
+            config.cluster_id,
+            streams,
+            ArchiveSettings(
+                segment_bytes=self.settings.archive_segment_bytes,
+                segment_s=self.settings.archive_segment_s,
+                clock_offset_ms=self.settings.archive_clock_offset_ms,
+            ),
+        )
+        return self._archiver
+
+    async def status_loop(self) -> None:
+        kv = await self.bus.key_value(NODES.bucket)
+        while True:
+            try:
+                await kv.put(BACKUP_STATUS_KEY, self.status().model_dump_json().encode())
+            except (nats.errors.Error, TimeoutError, BusError) as exc:
+                log.info("backup.status_unsaved", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.status_s)
+
+    def status(self) -> BackupStatus:
+        last = self._last
+        return BackupStatus(
+            node=self.bus.node,
+            updated_ms=time.time_ns() // 1_000_000,
+            last_snapshot_id=last.snapshot_id if last else None,
+            last_snapshot_ms=last.created_ms if last else None,
+            last_snapshot_url=self._last_url,
+            last_snapshot_inodes=last.inodes if last else 0,
+            schedule=self._schedule.describe() if self._schedule else None,
+            archive_url=self._archive_root,
+            archive=self._archiver.figures() if self._archiver else (),
+            last_error=self._error,
+        )
+
+    async def schedule_loop(self) -> None:
+        """Scheduled snapshots (`snapshot-metadata --interval`): due when the newest
+        snapshot at the destination is older than the interval (so a failover neither
+        skips nor repeats one)."""
+        kv = await self.bus.key_value(NODES.bucket)
+        while True:
+            try:
+                entry = await kv.get(SCHEDULE_KEY)
+                self._schedule = (
+                    SnapshotSchedule.model_validate_json(entry.value) if entry.value else None
+                )
+            except nats.js.errors.KeyNotFoundError:
+                self._schedule = None
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("backup.schedule_unread", extra={"error": str(exc)})
+            schedule = self._schedule
+            if schedule is not None:
+                newest = await self._newest_at(schedule.destination)
+                age_s = (time.time_ns() // 1_000_000 - newest) / 1000 if newest else None
+                if age_s is None or age_s >= schedule.interval_s:
+                    await self.snapshot(
+                        SnapshotRequest(
+                            snapshot_id=new_id(),
+                            destination=schedule.destination,
+                            keep=schedule.keep,
+                            max_age_s=schedule.max_age_s,
+                        )
+                    )
+            await asyncio.sleep(SCHEDULE_POLL_S)
+
+    async def _newest_at(self, destination: str) -> int | None:
+        try:
+            async with open_store(destination, S3Settings()) as store:
+                stamps = [i.last_modified_ms async for i in store.list(SNAPSHOT_PREFIX)]
+        except ObjectStoreError as exc:
+            self._error = str(exc)
+            return None
+        return max(stamps) if stamps else None
 
     def _shadow(self, index: int) -> Projection:
         return Projection(self.root / "shadow" / f"shard-{index:03d}", index)
@@ -81,30 +216,39 @@ class Backup:
                     "snapshot.failed", extra={"snapshot": request.snapshot_id, "error": str(exc)}
                 )
                 return SnapshotReply(ok=False, message=f"snapshot failed: {exc}")
-            data = path.read_bytes()
+            size = path.stat().st_size
+            digest = await asyncio.to_thread(_sha256, path)
             seconds = time.monotonic() - started
             log.info(
                 "snapshot.written",
                 extra={
                     "snapshot": manifest.snapshot_id,
                     "inodes": manifest.inodes,
-                    "bytes": len(data),
+                    "bytes": size,
                     "seconds": round(seconds, 3),
                 },
             )
-            await self._record(manifest)
+            self._last = manifest
+            url = None
+            if request.destination:
+                try:
+                    url = await self._upload(path, digest, manifest, request)
+                except ObjectStoreError as exc:
+                    self._error = f"snapshot {manifest.snapshot_id} not uploaded: {exc}"
+                    return SnapshotReply(ok=False, message=self._error, manifest=manifest)
+            self._last_url = url
+            self._error = None
             return SnapshotReply(
+                url=url,
                 ok=True,
                 manifest=manifest,
-                bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
+                bytes=size,
+                sha256=digest,
                 seconds=seconds,
             )
 
     async def _snapshot(self, snapshot_id: str) -> tuple[SnapshotManifest, Path]:
-        config = await read_config(self.bus)
-        if config is None:
-            raise RuntimeError("the cluster is not initialized (`cfs cluster init`)")
+        config = await _config(self.bus)
         cut = self.bus.clock.now()
         await self._progress(snapshot_id, "marking", 0, config.shards)
         markers = await asyncio.gather(
@@ -150,6 +294,7 @@ class Backup:
             cut=cut,
             shards=tuple(cuts),
             kv=kv_dumps,
+            archive_url=self._archive_root,
             release=version("claudefs"),
         )
         self.out.mkdir(parents=True, exist_ok=True)
@@ -211,16 +356,48 @@ class Backup:
         body = f'{{"phase": "{phase}", "done": {done}, "total": {total}}}'.encode()
         await self.bus.nc.publish(progress_subject(self.bus.site, snapshot_id), body)
 
-    async def _record(self, manifest: SnapshotManifest) -> None:
-        status = BackupStatus(
-            node=self.bus.node,
-            updated_ms=time.time_ns() // 1_000_000,
-            last_snapshot_id=manifest.snapshot_id,
-            last_snapshot_ms=manifest.created_ms,
-            last_snapshot_inodes=manifest.inodes,
+    async def _upload(
+        self, path: Path, sha256: str, manifest: SnapshotManifest, request: SnapshotRequest
+    ) -> str:
+        """Upload (server-side encrypted), read back and check, then enforce retention."""
+        assert request.destination is not None
+        name = snapshot_name(manifest)
+        async with open_store(request.destination, S3Settings()) as store:
+            await store.ensure_bucket()
+            await store.put_file(
+                name,
+                path,
+                metadata={
+                    "snapshot-id": manifest.snapshot_id,
+                    "cluster": manifest.cluster_id,
+                    "sha256": sha256,
+                },
+            )
+            check = self.root / "verify-upload.tar.gz"
+            try:
+                await store.get_file(name, check)
+                if await asyncio.to_thread(_sha256, check) != sha256:
+                    raise RuntimeError(f"{request.destination}/{name} differs after upload")
+            finally:
+                check.unlink(missing_ok=True)
+            await self._retain(store, request)
+        return f"{request.destination.rstrip('/')}/{name}"
+
+    async def _retain(self, store: ObjectStore, request: SnapshotRequest) -> None:
+        infos = sorted(
+            [i async for i in store.list(SNAPSHOT_PREFIX)], key=lambda i: i.key, reverse=True
         )
-        kv = await self.bus.key_value(NODES.bucket)
-        await kv.put(BACKUP_STATUS_KEY, status.model_dump_json().encode())
+        now_ms = time.time_ns() // 1_000_000
+        for index, info in enumerate(infos):
+            too_many = request.keep is not None and index >= request.keep
+            too_old = (
+                request.max_age_s is not None
+                and index > 0  # never the newest: a backup must remain
+                and now_ms - info.last_modified_ms > request.max_age_s * 1000
+            )
+            if too_many or too_old:
+                await store.delete(info.key)
+                log.info("snapshot.expired", extra={"key": info.key})
 
     async def fetch(self, request: FetchRequest) -> bytes:
         path = self.out / f"{request.snapshot_id}.tar.gz"
@@ -234,7 +411,8 @@ async def start(ctx: Context) -> Backup:
 
 
 async def lead(ctx: Context) -> None:
-    """The active instance: answer snapshot and fetch requests until the lease is lost."""
+    """The active instance: the archive, the schedule, the status record, and snapshot
+    and fetch requests, until the lease is lost (then all of it is cancelled)."""
     backup: Backup = ctx.service
 
     async def on_snapshot(msg: Msg) -> bytes:
@@ -249,7 +427,12 @@ async def lead(ctx: Context) -> None:
         await ctx.bus.serve(fetch_subject(ctx.bus.site), on_fetch),
     ]
     try:
-        await asyncio.Event().wait()
+        async with asyncio.TaskGroup() as tasks:
+            archiver = await backup.archiver()
+            if archiver is not None:
+                tasks.create_task(archiver.run(), name="archive")
+            tasks.create_task(backup.schedule_loop(), name="snapshot schedule")
+            tasks.create_task(backup.status_loop(), name="backup status")
     finally:
         for sub in subs:
             if not ctx.bus.nc.is_closed:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cfs.kernel.spec import Grants, ServiceSpec, Singleton, deferred, imported
-from cfs_contracts.streams import LEASES, NODES
+from cfs_contracts.streams import AUDIT, LEASES, NODES
 
 SPEC = ServiceSpec(
     name="backup",
@@ -18,7 +18,7 @@ SPEC = ServiceSpec(
             "{s}.backup.>",  # snapshot progress
         ),
         serve=("{s}.rpc.backup.*",),
-        read_streams=("META_*",),
+        read_streams=("META_*", AUDIT.name),
         read_buckets=(NODES.bucket, LEASES.bucket),
         write_keys={NODES.bucket: ("backup.*",)},
     ),

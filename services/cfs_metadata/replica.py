@@ -556,6 +556,7 @@ class ShardReplica:
             shard=self.shard,
             term=self.term,
             applied_seq=self.projection.applied_seq,
+            inodes=self.projection.inode_count(),
             lineage=self.projection.lineage,
             installing=installing.snapshot_id if installing else None,
             next_chunk=installing.next_chunk if installing else 0,
@@ -569,7 +570,12 @@ class ShardReplica:
                 await step.finish(_admin_not_leader(self.shard))
                 return False
             reply = reply.model_copy(
-                update={"seq": seq, "applied_seq": seq, "lineage": self.projection.lineage}
+                update={
+                    "seq": seq,
+                    "applied_seq": seq,
+                    "inodes": self.projection.inode_count(),
+                    "lineage": self.projection.lineage,
+                }
             )
             if was_held and not self.projection.held:
                 self.coordinator.recover()

@@ -42,6 +42,7 @@ class ShardState:
     shard: str
     term: int
     applied_seq: int
+    inodes: int
     lineage: Lineage | None
     installing: str | None  # snapshot id of a restore in progress
     next_chunk: int
@@ -56,6 +57,7 @@ class AdminDecision:
 def decide_admin(state: ShardState, op: AdminOp) -> AdminDecision:
     here = ShardAdminReply(
         applied_seq=state.applied_seq,
+        inodes=state.inodes,
         lineage=state.lineage,
         installing=state.installing,
         next_chunk=state.next_chunk,

@@ -94,6 +94,7 @@ class ShardAdminReply(BaseModel):
     not_leader: bool = False
     seq: int = Field(default=0, description="journal sequence of the step's message")
     applied_seq: int = 0
+    inodes: int = 0
     last_hlc: HLC | None = None
     lineage: Lineage | None = None
     installing: str | None = Field(default=None, description="snapshot id being installed")

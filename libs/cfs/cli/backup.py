@@ -8,17 +8,31 @@ cluster changes, so a corrupt one is refused with its reason.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import sys
+import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from nats.aio.msg import Msg
 from rich.progress import Progress
 
 from cfs.backup.image import split_chunks
+from cfs.backup.replay import (
+    ReplayError,
+    ShardReplay,
+    archive_complete_through,
+    archive_source,
+    live_source,
+    replay_shard,
+    until_ms,
+)
 from cfs.backup.snapshot_file import Snapshot, SnapshotInvalid, read_snapshot
 from cfs.bus import Bus, BusError, NoResponders
 from cfs.cli.admin import JsonOpt, _session, _settings, app
@@ -26,116 +40,258 @@ from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.client.shard_admin import ShardAdminRefused, shard_admin
 from cfs.cluster import read_config
 from cfs.ids import new_id
+from cfs.objstore import S3Url, is_s3_url, open_store, s3_settings
 from cfs_contracts.backup import (
     FETCH_BYTES,
+    SCHEDULE_KEY,
     FetchRequest,
     SnapshotReply,
     SnapshotRequest,
+    SnapshotSchedule,
     fetch_subject,
+    progress_subject,
     snapshot_subject,
 )
 from cfs_contracts.events.metadata import Lineage
 from cfs_contracts.fs.shard_admin import OpenShard, RestoreBegin, RestoreChunk, ShardPosition
+from cfs_contracts.streams import NODES, meta_stream, shard_name
 
 SNAPSHOT_TIMEOUT_S = 600.0
 
 OutputOpt = Annotated[
-    Path | None,
-    typer.Option("--output", help="write the snapshot here (default: metadata-<time>.tar.gz)"),
+    str | None,
+    typer.Option(
+        "--output",
+        help="PATH or s3://bucket/key.tar.gz (default: ./metadata-<time>.tar.gz)",
+    ),
 ]
+DestinationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--destination",
+        help="s3://bucket/prefix: the backup service uploads metadata-<time>-<id>.tar.gz there",
+    ),
+]
+IntervalOpt = Annotated[
+    str | None,
+    typer.Option("--interval", help="take one every INTERVAL (30m, 1h, 1d) to --destination"),
+]
+KeepOpt = Annotated[
+    int | None, typer.Option("--keep", min=1, help="retention: keep the newest N at --destination")
+]
+MaxAgeOpt = Annotated[
+    str | None, typer.Option("--max-age", help="retention: delete older than this (30d)")
+]
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """`90s`, `30m`, `1h`, `30d`, `2w` (a bare number is seconds)."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:]) if value else None
+    number = value[:-1] if unit else value
+    try:
+        seconds = float(number) * (unit or 1.0)
+    except ValueError:
+        raise CliError(
+            f"{option} {text!r}: expected a duration like 30m, 1h, 30d", ExitCode.USAGE
+        ) from None
+    if seconds <= 0:
+        raise CliError(f"{option} {text!r}: must be more than 0", ExitCode.USAGE)
+    return seconds
+
+
+def _s3_url(text: str, option: str) -> S3Url:
+    try:
+        return S3Url.parse(text)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}", ExitCode.USAGE) from None
 
 
 @app.command("snapshot-metadata")
 @one_line_errors
 def snapshot_metadata(
-    ctx: typer.Context, output: OutputOpt = None, as_json: JsonOpt = False
+    ctx: typer.Context,
+    output: OutputOpt = None,
+    destination: DestinationOpt = None,
+    interval: IntervalOpt = None,
+    keep: KeepOpt = None,
+    max_age: MaxAgeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """A consistent snapshot of all metadata shards, written as one verified tar.gz."""
+    """A consistent snapshot of all metadata shards as one verified tar.gz (writes go on).
+
+    With --interval the backup service takes them on that schedule to --destination,
+    enforcing --keep/--max-age; every snapshot is read back and checked after writing.
+    """
+    if (interval or keep or max_age) and not destination:
+        raise CliError("--interval, --keep and --max-age need --destination s3://…", ExitCode.USAGE)
+    if destination and output:
+        raise CliError("give --output or --destination, not both", ExitCode.USAGE)
+    if destination:
+        _s3_url(destination, "--destination")
+    max_age_s = parse_duration(max_age, "--max-age") if max_age else None
     settings = _settings(ctx, None, None, None)
-    path = output or Path(time.strftime("metadata-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime()))
+    if interval:
+        schedule = SnapshotSchedule(
+            interval_s=parse_duration(interval, "--interval"),
+            destination=destination or "",
+            keep=keep,
+            max_age_s=max_age_s,
+        )
+
+        async def set_schedule(bus: Bus) -> None:
+            kv = await bus.key_value(NODES.bucket)
+            await kv.put(SCHEDULE_KEY, schedule.model_dump_json().encode())
+
+        _session(settings, set_schedule)
+        typer.echo(
+            f"Scheduled metadata snapshots {schedule.describe()} (the first one now if "
+            "none is there yet); `cfs admin status` shows the backup age."
+        )
+        return
+    to_s3 = output is not None and is_s3_url(output)
+    if to_s3:
+        _s3_url(output or "", "--output")
+    local = Path(
+        output
+        if output and not to_s3
+        else time.strftime("metadata-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime())
+    )
+    if to_s3:
+        local = Path(tempfile.mkdtemp(prefix="cfs-snapshot-")) / local.name
+    request = SnapshotRequest(
+        snapshot_id=new_id(), destination=destination, keep=keep, max_age_s=max_age_s
+    )
 
     async def work(bus: Bus) -> SnapshotReply:
-        request = SnapshotRequest(snapshot_id=new_id())
-        try:
+        reply = await _take(bus, request)
+        if destination is None:
+            await _fetch(bus, request.snapshot_id, reply, local)
+            if to_s3:
+                url = _s3_url(output or "", "--output")
+                store = open_store(S3Url(url.bucket), s3_settings())
+                async with store:
+                    await store.ensure_bucket()
+                    await store.put_file(url.prefix, local)
+                reply = reply.model_copy(update={"url": str(url)})
+        return reply
+
+    reply = _session(settings, work)
+    manifest = reply.manifest
+    assert manifest is not None
+    where = reply.url or str(local)
+    if as_json:
+        document = {
+            "path": where,
+            "bytes": reply.bytes,
+            "sha256": reply.sha256,
+            "seconds": round(reply.seconds, 3),
+            "manifest": manifest.model_dump(mode="json"),
+        }
+        typer.echo(json.dumps(document))
+        return
+    typer.echo(
+        f"Snapshot {manifest.snapshot_id} written to {where}: {manifest.inodes} inodes in "
+        f"{manifest.shard_count} shards, {reply.bytes} bytes, verified ({reply.seconds:.1f} s)"
+    )
+    for cut in manifest.shards:
+        typer.echo(f"  shard {cut.shard}: seq {cut.seq}, {cut.inodes} inodes")
+
+
+async def _take(bus: Bus, request: SnapshotRequest) -> SnapshotReply:
+    """Ask the active backup service for a snapshot, with a progress bar on a terminal."""
+    progress = Progress(transient=True, disable=not sys.stderr.isatty())
+    task = progress.add_task("snapshot", total=None)
+
+    async def on_progress(msg: Msg) -> None:
+        update = json.loads(msg.data)
+        progress.update(
+            task,
+            description=f"snapshot: {update['phase']}",
+            completed=update["done"],
+            total=update["total"],
+        )
+
+    sub = await bus.nc.subscribe(progress_subject(bus.site, request.snapshot_id), cb=on_progress)
+    try:
+        with progress:
             msg = await bus.request(
                 snapshot_subject(bus.site),
                 request.model_dump_json().encode(),
                 timeout=SNAPSHOT_TIMEOUT_S,
             )
-        except NoResponders:
-            raise CliError(
-                "no backup service is active in this site (is `backup` running?)"
-            ) from None
-        reply = SnapshotReply.model_validate_json(msg.data)
-        if not reply.ok or reply.manifest is None:
-            raise CliError(reply.message or "the backup service reported a failure")
-        tmp = path.with_name(path.name + ".partial")
-        digest = hashlib.sha256()
-        with tmp.open("wb") as out:
-            offset = 0
-            while offset < reply.bytes:
-                piece = await bus.request(
-                    fetch_subject(bus.site),
-                    FetchRequest(snapshot_id=request.snapshot_id, offset=offset, length=FETCH_BYTES)
-                    .model_dump_json()
-                    .encode(),
-                    timeout=30.0,
-                )
-                if not piece.data:
-                    raise CliError(f"the backup service lost snapshot {request.snapshot_id}")
-                out.write(piece.data)
-                digest.update(piece.data)
-                offset += len(piece.data)
-        if digest.hexdigest() != reply.sha256:
-            tmp.unlink(missing_ok=True)
-            raise CliError("the snapshot changed in transit (checksum mismatch); run it again")
-        read_snapshot(tmp)  # verified again where it landed
-        tmp.replace(path)
-        return reply
+    except NoResponders:
+        raise CliError("no backup service is active in this site (is `backup` running?)") from None
+    finally:
+        await sub.unsubscribe()
+    reply = SnapshotReply.model_validate_json(msg.data)
+    if not reply.ok or reply.manifest is None:
+        raise CliError(reply.message or "the backup service reported a failure")
+    return reply
 
-    try:
-        reply = _session(settings, work)
-    except SnapshotInvalid as exc:
-        raise CliError(str(exc)) from None
-    manifest = reply.manifest
-    assert manifest is not None
-    if as_json:
-        typer.echo(
-            json.dumps(
-                {
-                    "path": str(path),
-                    "bytes": reply.bytes,
-                    "sha256": reply.sha256,
-                    "seconds": round(reply.seconds, 3),
-                    "manifest": manifest.model_dump(mode="json"),
-                }
+
+async def _fetch(bus: Bus, snapshot_id: str, reply: SnapshotReply, path: Path) -> None:
+    """Copy the service's file here in pieces; checked end to end, then renamed."""
+    tmp = path.with_name(path.name + ".partial")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as out:
+        offset = 0
+        while offset < reply.bytes:
+            request = FetchRequest(snapshot_id=snapshot_id, offset=offset, length=FETCH_BYTES)
+            piece = await bus.request(
+                fetch_subject(bus.site), request.model_dump_json().encode(), timeout=30.0
             )
-        )
-        return
-    typer.echo(
-        f"Snapshot {manifest.snapshot_id} written to {path}: {manifest.inodes} inodes in "
-        f"{manifest.shard_count} shards, {reply.bytes} bytes, verified "
-        f"({reply.seconds:.1f} s)"
-    )
-    for cut in manifest.shards:
-        typer.echo(f"  shard {cut.shard}: seq {cut.seq}, {cut.inodes} inodes")
+            if not piece.data:
+                raise CliError(f"the backup service lost snapshot {snapshot_id}; run it again")
+            out.write(piece.data)
+            digest.update(piece.data)
+            offset += len(piece.data)
+    if digest.hexdigest() != reply.sha256:
+        tmp.unlink(missing_ok=True)
+        raise CliError("the snapshot changed in transit (checksum mismatch); run it again")
+    try:
+        read_snapshot(tmp)  # verified again where it landed
+    except SnapshotInvalid as exc:
+        tmp.unlink(missing_ok=True)
+        raise CliError(str(exc)) from None
+    tmp.replace(path)
+
+
+def _load(source: str) -> Snapshot:
+    """A snapshot from a path or s3://bucket/key, checked completely (or refused)."""
+    if is_s3_url(source):
+        url = _s3_url(source, "--from-snapshot")
+        local = Path(tempfile.mkdtemp(prefix="cfs-restore-")) / "snapshot.tar.gz"
+
+        async def download() -> None:
+            async with open_store(S3Url(url.bucket), s3_settings()) as store:
+                await store.get_file(url.prefix, local)
+
+        asyncio.run(download())
+        path = local
+    else:
+        path = Path(source)
+    try:
+        return read_snapshot(path)
+    except SnapshotInvalid as exc:
+        raise CliError(f"refusing the snapshot: {exc}") from None
 
 
 @app.command("restore-metadata")
 @one_line_errors
 def restore_metadata(
     ctx: typer.Context,
-    from_snapshot: Annotated[Path, typer.Option("--from-snapshot", help="snapshot tar.gz")],
+    from_snapshot: Annotated[
+        str, typer.Option("--from-snapshot", help="snapshot tar.gz: PATH or s3://bucket/key")
+    ],
     force: Annotated[
         bool, typer.Option("--force", help="replace a cluster that holds data (after a snapshot)")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore every shard from a snapshot; shards stay read-only until replay-journal."""
-    try:
-        snapshot = read_snapshot(from_snapshot)
-    except SnapshotInvalid as exc:
-        raise CliError(f"refusing the snapshot: {exc}") from None
+    snapshot = _load(from_snapshot)
     settings = _settings(ctx, None, None, None)
     started = time.monotonic()
 
@@ -178,7 +334,8 @@ async def _restore(bus: Bus, snapshot: Snapshot, force: bool) -> list[str]:
             f"{manifest.shard_count}`"
         )
     positions = {i: await _position(bus, i) for i in range(1, config.shards + 1)}
-    holds_data = any(p.lineage is not None or p.applied_seq > 3 for p in positions.values())
+    # A fresh cluster holds the root directory (shard 001) and nothing else.
+    holds_data = any(p.lineage is not None or p.inodes > 1 for p in positions.values())
     if holds_data and not force:
         raise CliError(
             "this cluster holds metadata; restoring would replace it. Take a snapshot "
@@ -248,29 +405,162 @@ async def _step(bus: Bus, shard: int, op):  # type: ignore[no-untyped-def]
 @one_line_errors
 def replay_journal(
     ctx: typer.Context,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="TIMESTAMP (ISO 8601 or epoch s): must not be after the cut"),
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="TIMESTAMP: point-in-time restore (inclusive)")
+    ] = None,
+    archive: Annotated[
+        str | None,
+        typer.Option("--archive", help="s3://… archive root, if not the one the snapshot names"),
+    ] = None,
     none: Annotated[
-        bool, typer.Option("--none", help="replay nothing: open restored shards as they are")
+        bool, typer.Option("--none", help="replay nothing: open the restored shards as they are")
     ] = False,
+    keep_read_only: Annotated[
+        bool, typer.Option("--keep-read-only", help="do not open the shards afterwards")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Apply journal entries after a restored snapshot's cut, then open the shards."""
-    if not none:
-        raise CliError(
-            "replay from the journal archive is not available yet; `--none` opens the "
-            "restored shards as they are",
-            ExitCode.USAGE,
-        )
+    """Apply the journal after a restored snapshot's cut (live journal or S3 archive),
+    the same point in time on every shard, then open the shards for writes."""
+    from_ms = parse_timestamp(from_, "--from") if from_ else None
+    to_ms = parse_timestamp(to, "--to") if to else None
+    if none and (from_ or to or archive):
+        raise CliError("--none replays nothing: it takes no --from/--to/--archive", ExitCode.USAGE)
     settings = _settings(ctx, None, None, None)
+    started = time.monotonic()
 
-    async def work(bus: Bus) -> list[str]:
+    async def work(bus: Bus) -> dict[str, Any]:
         config = await read_config(bus)
         if config is None:
             raise CliError("this cluster is not initialized")
-        lines = []
-        for index in range(1, config.shards + 1):
-            reply = await _step(bus, index, OpenShard(reason="replay-journal --none"))
-            state = "opened" if reply.seq else "already open"
-            lines.append(f"  shard {index:03d}: {state}")
-        return lines
+        shards = range(1, config.shards + 1)
+        positions = {i: await _step(bus, i, ShardPosition()) for i in shards}
+        results: list[ShardReplay] = []
+        through: int | None = None
+        if not none:
+            lineages = {i: p.lineage for i, p in positions.items()}
+            missing = [shard_name(i) for i, lin in lineages.items() if lin is None]
+            if missing:
+                raise CliError(
+                    f"shards {', '.join(missing)} were not restored from a snapshot: "
+                    "run `cfs admin restore-metadata` first"
+                )
+            restored = {i: lin for i, lin in lineages.items() if lin is not None}
+            cut_ms = min((lin.hlc.wall_ms for lin in restored.values() if lin.hlc), default=0)
+            if from_ms is not None and cut_ms and from_ms > cut_ms:
+                raise CliError(
+                    f"--from {_iso(from_ms)} is after the restored cut ({_iso(cut_ms)}): "
+                    "the journal between them would be skipped"
+                )
+            results, through = await _replay_all(bus, config.cluster_id, restored, to_ms, archive)
+        if not keep_read_only:
+            for i in shards:
+                await _step(bus, i, OpenShard(reason="replay-journal finished"))
+        return {"shards": results, "through_ms": through}
 
-    for line in _session(settings, work):
-        typer.echo(line)
+    done = _session(settings, work)
+    seconds = time.monotonic() - started
+    results: list[ShardReplay] = done["shards"]
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "seconds": round(seconds, 3),
+                    "through_ms": done["through_ms"],
+                    "open": not keep_read_only,
+                    "shards": [
+                        {
+                            "shard": r.shard,
+                            "messages": r.messages,
+                            "first": r.first,
+                            "last": r.last,
+                            "last_ms": r.last_hlc.wall_ms if r.last_hlc else None,
+                            "stopped": r.stopped,
+                        }
+                        for r in results
+                    ],
+                }
+            )
+        )
+        return
+    for r in results:
+        upto = f", last change {_iso(r.last_hlc.wall_ms)}" if r.last_hlc else ""
+        typer.echo(f"  shard {r.shard}: replayed {r.messages} messages{upto}")
+        if r.stopped:
+            typer.echo(f"    stopped: {r.stopped}")
+    state = "read-only (--keep-read-only)" if keep_read_only else "open for writes"
+    typer.echo(f"Journal replay finished in {seconds:.1f} s; shards are {state}.")
+
+
+async def _replay_all(
+    bus: Bus,
+    cluster_id: str,
+    restored: dict[int, Lineage],
+    to_ms: int | None,
+    archive: str | None,
+) -> tuple[list[ShardReplay], int | None]:
+    """One point in time for every shard: --to, and (from an archive) the moment up to
+    which every shard's archive is complete, whichever is earlier."""
+    sources = {lin.cluster_id for lin in restored.values()}
+    if len(sources) != 1:
+        raise CliError(f"shards were restored from different clusters: {sorted(sources)}")
+    source_cluster = sources.pop()
+    lineage = next(iter(restored.values()))
+    root = archive.rstrip("/") + f"/{source_cluster}" if archive else lineage.archive_url
+    use_live = archive is None and source_cluster == cluster_id
+    if not use_live and not root:
+        raise CliError(
+            f"the snapshot's cluster {source_cluster} had no journal archive: give "
+            "--archive s3://… or use --none"
+        )
+    store = None if use_live else open_store(root or "", s3_settings())
+    try:
+        until_stamp = until_ms(to_ms) if to_ms is not None else None
+        through = None
+        if store is not None:
+            streams = [meta_stream(lin.shard).name for lin in restored.values()]
+            through = await archive_complete_through(store, streams)
+            if not through:
+                raise CliError(f"{root}: no archive progress record: nothing can be replayed")
+            if to_ms is None or through < to_ms:
+                until_stamp = until_ms(through)
+        results = []
+        for index, lin in sorted(restored.items()):
+            if store is None:
+                source = live_source(bus, index, lin.seq + 1)
+            else:
+                source = archive_source(store, meta_stream(lin.shard).name, lin.seq + 1)
+            try:
+                results.append(await replay_shard(bus, index, lin, source, until_stamp))
+            except (ReplayError, ShardAdminRefused) as exc:
+                raise CliError(str(exc)) from None
+        return results, through
+    finally:
+        if store is not None:
+            await store.close()
+
+
+def parse_timestamp(text: str, option: str) -> int:
+    """ISO 8601 (`2026-12-03T01:20:00Z`, naive = UTC) or epoch seconds, as wall ms."""
+    try:
+        return int(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(
+            f"{option} {text!r}: expected ISO 8601 (2026-12-03T01:20:00Z) or epoch seconds",
+            ExitCode.USAGE,
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def _iso(wall_ms: int) -> str:
+    return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="milliseconds")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -117,6 +118,10 @@ def is_temporary(exc: BaseException) -> bool:
     return aiohttp is not None and isinstance(exc, aiohttp.ClientError)
 
 
+def _import_aioboto3() -> tuple[Any, Any]:
+    return importlib.import_module("aioboto3"), importlib.import_module("aiobotocore.config")
+
+
 class S3ObjectStore:
     """An `ObjectStore` rooted at `url` on the S3 endpoint of `settings`.
 
@@ -153,8 +158,11 @@ class S3ObjectStore:
         return self._client
 
     async def _open(self) -> Any:
-        import aioboto3  # 0.6 s to import: only processes that use S3 pay for it
-        from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+        # 0.6-3 s to import (more on a loaded machine): only processes that use S3 pay,
+        # and off the event loop, so a lease or a heartbeat in the same process never
+        # waits behind it.
+        aioboto3, config_module = await asyncio.to_thread(_import_aioboto3)
+        AioConfig = config_module.AioConfig
 
         settings = self.settings
         credentials: dict[str, str] = {}

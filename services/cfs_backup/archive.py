@@ -1,0 +1,264 @@
+"""Continuous journal archive: every shard journal and AUDIT shipped to S3 in segments.
+
+One task per stream tails it with an ordered consumer from where the archive ends
+(listed from the bucket, so a new holder after a kill -9 continues exactly after
+the last segment it finds), buffers messages and PUTs a segment when it is big or
+old enough (`segments.py`). While S3 is unreachable the buffer stops growing at its
+cut size, reading pauses, and the lag figure grows from the oldest unshipped
+message: the outage shows. `progress.json` tells a replay how far every stream is
+known to be complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from cfs.backup.segments import (
+    PROGRESS,
+    ArchiveProgress,
+    Message,
+    SegmentBuffer,
+    StreamProgress,
+    encode_segment,
+    parse_segment_key,
+    segment_key,
+)
+from cfs.bus import Bus
+from cfs.objstore import ObjectStore, ObjectStoreError
+from cfs.retry import Backoff, RetryPolicy
+from cfs_contracts.backup import ArchiveStream
+from cfs_contracts.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+WallMs = Callable[[], int]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class ArchiveSettings:
+    segment_bytes: int = 4 * 1024 * 1024
+    segment_s: float = 1.0
+    clock_offset_ms: int = 1000  # delivery delay plus clock offset a "complete" claim allows
+    progress_s: float = 1.0
+
+
+@dataclass
+class _StreamState:
+    name: str
+    subject: str
+    archived_seq: int = 0
+    last_hlc_wall: int = 0
+    last: StreamProgress | None = None
+    journal_seq: int = 0  # highest sequence seen in the stream
+    caught_up_ms: int = 0  # wall ms when nothing was waiting to be archived
+    oldest_unshipped_ms: int | None = None
+    error: str | None = None
+    buffer: SegmentBuffer = field(default_factory=lambda: SegmentBuffer(0, 0.0))
+
+
+class Archiver:
+    def __init__(
+        self,
+        bus: Bus,
+        store: ObjectStore,
+        cluster_id: str,
+        streams: list[tuple[str, str]],
+        settings: ArchiveSettings | None = None,
+        wall_ms: WallMs = _wall_ms,
+    ) -> None:
+        """`streams`: (stream name, subject filter) pairs. Keys in `store` are relative
+        to the archive root; this cluster's segments live under `cluster_id/`."""
+        self.bus = bus
+        self.store = store
+        self.cluster_id = cluster_id
+        self.settings = settings or ArchiveSettings()
+        self._wall_ms = wall_ms
+        self.states = {
+            name: _StreamState(
+                name,
+                subject,
+                buffer=SegmentBuffer(self.settings.segment_bytes, self.settings.segment_s),
+            )
+            for name, subject in streams
+        }
+
+    # -- figures ---------------------------------------------------------------------
+    def lag_s(self, name: str) -> float:
+        """Age of the oldest message not yet in S3 (0 when everything is)."""
+        state = self.states[name]
+        if state.oldest_unshipped_ms is None:
+            return 0.0
+        return max(0.0, (self._wall_ms() - state.oldest_unshipped_ms) / 1000)
+
+    def figures(self) -> tuple[ArchiveStream, ...]:
+        return tuple(
+            ArchiveStream(
+                stream=s.name,
+                archived_seq=s.archived_seq,
+                journal_seq=max(s.journal_seq, s.archived_seq),
+                lag_s=round(self.lag_s(s.name), 3),
+                error=s.error,
+            )
+            for s in self.states.values()
+        )
+
+    def progress(self) -> ArchiveProgress:
+        streams = []
+        for s in self.states.values():
+            if s.oldest_unshipped_ms is None and s.caught_up_ms:
+                through = s.caught_up_ms - self.settings.clock_offset_ms
+            else:
+                through = s.last_hlc_wall
+            streams.append(
+                StreamProgress(
+                    stream=s.name,
+                    archived_seq=s.archived_seq,
+                    last_hlc=s.last.last_hlc if s.last else None,
+                    complete_through_ms=max(0, through),
+                )
+            )
+        return ArchiveProgress(
+            cluster_id=self.cluster_id, updated_ms=self._wall_ms(), streams=tuple(streams)
+        )
+
+    # -- running ---------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self.store.ensure_bucket()
+            async with asyncio.TaskGroup() as tasks:
+                for state in self.states.values():
+                    tasks.create_task(self._stream(state), name=f"archive {state.name}")
+                tasks.create_task(self._publish_progress(), name="archive progress")
+        finally:
+            await self.store.close()
+
+    async def resume_position(self, name: str) -> int:
+        """The highest sequence already archived for `name` (0: none)."""
+        last = 0
+        async for info in self.store.list(f"{self.cluster_id}/{name}/"):
+            parsed = parse_segment_key(info.key)
+            if parsed is not None:
+                last = max(last, parsed[1])
+        return last
+
+    async def _stream(self, state: _StreamState) -> None:
+        state.archived_seq = await self.resume_position(state.name)
+        state.journal_seq = state.archived_seq
+        log.info("archive.resume", extra={"stream": state.name, "after_seq": state.archived_seq})
+        while True:
+            try:
+                await self._tail(state)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.info("archive.tail_restart", extra={"stream": state.name, "error": str(exc)})
+                await asyncio.sleep(1.0)
+
+    async def _tail(self, state: _StreamState) -> None:
+        start = state.archived_seq + len(state.buffer.messages) + 1
+        sub = await self.bus.js.subscribe(
+            state.subject,
+            stream=state.name,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+            ),
+        )
+        pending = -1
+        try:
+            while True:
+                now = time.monotonic()
+                if state.buffer.due(now) or (
+                    state.buffer.messages
+                    and pending == 0
+                    and now - state.buffer.opened_at >= self.settings.segment_s
+                ):
+                    await self._ship(state)
+                if not state.buffer.messages and pending == 0:
+                    state.caught_up_ms = self._wall_ms()
+                wait = self.settings.segment_s / 4
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    if pending < 0:
+                        pending = 0 if await self._at_end(state) else -1
+                    continue
+                seq = msg.metadata.sequence.stream
+                pending = msg.metadata.num_pending
+                hlc = Envelope.model_validate_json(msg.data).hlc
+                state.buffer.add(Message(seq, hlc, msg.data), time.monotonic())
+                state.journal_seq = max(state.journal_seq, seq + pending)
+                if state.oldest_unshipped_ms is None:
+                    state.oldest_unshipped_ms = hlc.wall_ms
+        finally:
+            if not self.bus.nc.is_closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    async def _at_end(self, state: _StreamState) -> bool:
+        info = await self.bus.js.stream_info(state.name)
+        state.journal_seq = max(state.journal_seq, int(info.state.last_seq))
+        return int(info.state.last_seq) <= state.archived_seq + len(state.buffer.messages)
+
+    async def _ship(self, state: _StreamState) -> None:
+        """PUT the buffer as one segment, retrying until S3 takes it (lag shows meanwhile)."""
+        messages = state.buffer.take()
+        blob, manifest = encode_segment(state.name, messages)
+        key = f"{self.cluster_id}/{segment_key(state.name, manifest.first, manifest.last)}"
+        backoff = Backoff(
+            RetryPolicy(f"archive of {state.name}", deadline_s=None, max_delay_s=5.0),
+            extra={"stream": state.name},
+            logger=log,
+        )
+        while True:
+            try:
+                await self.store.put(
+                    key,
+                    blob,
+                    metadata={
+                        "first": str(manifest.first),
+                        "last": str(manifest.last),
+                        "count": str(manifest.count),
+                        "sha256": manifest.sha256,
+                    },
+                )
+                break
+            except ObjectStoreError as exc:
+                state.error = str(exc)
+                await backoff.wait(exc)
+        state.error = None
+        state.archived_seq = manifest.last
+        state.last_hlc_wall = manifest.last_hlc.wall_ms
+        state.last = StreamProgress(
+            stream=state.name, archived_seq=manifest.last, last_hlc=manifest.last_hlc
+        )
+        state.oldest_unshipped_ms = None
+        log.debug(
+            "archive.segment",
+            extra={
+                "stream": state.name,
+                "first": manifest.first,
+                "last": manifest.last,
+                "bytes": len(blob),
+            },
+        )
+
+    async def _publish_progress(self) -> None:
+        key = f"{self.cluster_id}/{PROGRESS}"
+        while True:
+            await asyncio.sleep(self.settings.progress_s)
+            try:
+                await self.store.put(key, self.progress().model_dump_json().encode())
+            except ObjectStoreError as exc:
+                log.info("archive.progress_unsaved", extra={"error": str(exc)})
