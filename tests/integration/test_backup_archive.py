@@ -126,6 +126,9 @@ def test_total_loss_restore_from_s3_snapshot_and_archive(
         lost_at = time.time()
         assert status.archive_url and status.archive_url.startswith(ARCHIVE)
         assert status.last_snapshot_url == url
+        shown = ok(lost, env, "status")
+        assert "Backup: last metadata snapshot" in shown and url in shown, shown
+        assert "Backup: journal archive lag" in shown, shown
     finally:
         lost.kill9("storage-1")  # the whole cluster is lost: nothing shuts down cleanly
         lost.stop()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfs.admin.decide import NodeFacts
+from cfs_contracts.backup import BackupStatus
 from cfs_contracts.members import Lifecycle, Liveness
 
 _SHOWN = {
@@ -238,4 +239,41 @@ def debug_lines(view: ShardView) -> list[str]:
         )
     lines.append("  problems:" + ("" if view.problems else " none"))
     lines.extend(f"    - {p}" for p in view.problems)
+    return lines
+
+
+BACKUP_STALE_S = 10.0
+
+
+def backup_lines(status: BackupStatus | None, now_ms: int) -> list[str]:
+    """Backup age and archive lag (DESIGN.md §10), or why they are unknown."""
+    if status is None:
+        return ["Backup: no status (no backup service has reported)"]
+    silent = (now_ms - status.updated_ms) / 1000
+    if silent > BACKUP_STALE_S:
+        return [f"Backup: NOT REPORTING (last report {age(silent)} ago from {status.node})"]
+    lines = []
+    if status.last_snapshot_ms:
+        where = f" at {status.last_snapshot_url}" if status.last_snapshot_url else ""
+        lines.append(
+            f"Backup: last metadata snapshot {age((now_ms - status.last_snapshot_ms) / 1000)} "
+            f"ago{where} ({status.last_snapshot_inodes} inodes)"
+        )
+    else:
+        lines.append("Backup: no metadata snapshot taken yet")
+    if status.schedule:
+        lines.append(f"Backup: scheduled {status.schedule}")
+    if status.archive_url:
+        worst = max((a.lag_s for a in status.archive), default=0.0)
+        failing = [a for a in status.archive if a.error]
+        state = "DEGRADED, " if failing else ""
+        lines.append(f"Backup: journal archive {state}lag {worst:.1f} s to {status.archive_url}")
+        lines += [f"  {a.stream}: {a.error}" for a in failing]
+    else:
+        lines.append(
+            "Backup: journal archive OFF (no archive_url): RPO after total loss is "
+            "the last snapshot's age"
+        )
+    if status.last_error:
+        lines.append(f"Backup: last error: {status.last_error}")
     return lines

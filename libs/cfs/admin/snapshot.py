@@ -24,6 +24,7 @@ from cfs.admin.report import Replica, ShardView
 from cfs.bus import Bus, BusError
 from cfs.bus.kv import bucket_keys
 from cfs.lease import LeaseRecord
+from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin, ServiceHealth
 from cfs_contracts.streams import LEASES, NODES, meta_stream, site_subject
@@ -45,6 +46,23 @@ class SnapshotUnavailable(Exception):
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def read_backup_status(bus: Bus, timeout: float = 2.0) -> BackupStatus | None:
+    """The active backup service's last report; None when there is none or it is unreadable."""
+    try:
+        async with asyncio.timeout(timeout):
+            kv = await bus.key_value(NODES.bucket)
+            entry = await kv.get(BACKUP_STATUS_KEY)
+    except (*TRANSPORT_ERRORS, nats.js.errors.KeyNotFoundError):
+        return None
+    if not entry.value:
+        return None
+    try:
+        return BackupStatus.model_validate_json(entry.value)
+    except ValidationError as exc:
+        log.warning("admin.bad_record", extra={"key": BACKUP_STATUS_KEY, "error": str(exc)})
+        return None
 
 
 async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:

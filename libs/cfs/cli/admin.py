@@ -33,6 +33,7 @@ from cfs.admin.client import CommandTimeout, actor, issue, node_events, poll_unt
 from cfs.admin.decide import NodeFacts, merge_views, parse_shard
 from cfs.admin.report import (
     ShardView,
+    backup_lines,
     debug_lines,
     node_json,
     node_line,
@@ -46,6 +47,7 @@ from cfs.admin.snapshot import (
     connected_server_name,
     discover_shards,
     facts_from_membership,
+    read_backup_status,
     read_node_facts,
     shard_view,
 )
@@ -208,7 +210,10 @@ def status(
         else:
             raise found
         budget = 2.5 if source == "nodes KV" else 1.5
-        shard_views = await asyncio.gather(*(shard_view(bus, s, timeout=budget) for s in names))
+        shard_views, backup = await asyncio.gather(
+            asyncio.gather(*(shard_view(bus, s, timeout=budget) for s in names)),
+            read_backup_status(bus, timeout=budget),
+        )
         nodes = facts.known()
         led = [v for v in shard_views if v.writer]
         summary = f"Shards: {len(shard_views)}, {len(led)} with a writer"
@@ -219,9 +224,11 @@ def status(
             "nodes": [node_json(facts, n) for n in nodes],
             "services": service_json(facts),
             "shards": [v.to_dict() for v in shard_views],
+            "backup": backup.model_dump(mode="json") if backup else None,
             "notes": notes,
         }
         lines = [node_line(facts, n) for n in nodes] + service_lines(facts) + [summary]
+        lines += backup_lines(backup, facts.now_ms) if source == "nodes KV" else []
         lines += [shard_line(v) for v in shard_views] + [f"Note: {n}" for n in notes]
         _emit(as_json, document, lines)
 

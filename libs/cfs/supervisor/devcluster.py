@@ -54,6 +54,9 @@ FULL_NATS = 3
 Hook = Callable[["DevCluster"], Awaitable[None]]
 
 
+DEV_ARCHIVE_URL = "s3://cfs-dev-backups/archive"
+
+
 class DevCluster:
     """A `LocalSite` plus an S3 server, with the operations `cfs dev` offers."""
 
@@ -63,6 +66,8 @@ class DevCluster:
         self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
         self.s3_credentials = self.state_dir / "credentials" / S3_CREDENTIALS_FILE
         s3_env = self.s3.settings_env(self.s3_credentials) if self.s3 is not None else {}
+        if self.s3 is not None:  # with an S3 server, journals are archived (DESIGN.md §9)
+            s3_env["CFS_ARCHIVE_URL"] = DEV_ARCHIVE_URL
         self.site = LocalSite(
             self.state_dir,
             topology.node_names,
