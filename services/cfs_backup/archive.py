@@ -32,6 +32,7 @@ from cfs.backup.segments import (
     segment_key,
 )
 from cfs.bus import Bus
+from cfs.faults import crash_point
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs.retry import Backoff, RetryPolicy
 from cfs_contracts.backup import ArchiveStream
@@ -237,6 +238,7 @@ class Archiver:
             except ObjectStoreError as exc:
                 state.error = str(exc)
                 await backoff.wait(exc)
+        crash_point("backup.segment_uploaded")  # in S3, not yet recorded anywhere else
         state.error = None
         state.archived_seq = manifest.last
         state.last_hlc_wall = manifest.last_hlc.wall_ms

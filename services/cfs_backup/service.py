@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -29,6 +30,7 @@ from cfs.backup.snapshot_file import kv_parquet, read_snapshot, write_snapshot
 from cfs.bus import Bus, BusError
 from cfs.client.shard_admin import shard_admin
 from cfs.cluster import read_config
+from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.kernel.runtime import Context
 from cfs.objstore import ObjectStore, ObjectStoreError, S3Settings, open_store
@@ -83,6 +85,7 @@ class BackupSettings(ServiceSettings):
 
 
 SCHEDULE_POLL_S = 5.0
+PROGRESS_EVERY_S = 1.0
 
 
 def snapshot_name(manifest: SnapshotManifest) -> str:
@@ -114,6 +117,7 @@ class Backup:
         self._last_url: str | None = None
         self._schedule: SnapshotSchedule | None = None
         self._error: str | None = None
+        self._phase: dict[str, object] = {}
 
     async def archiver(self) -> Archiver | None:
         """The journal archive, when `archive_url` is set (needs the cluster's id)."""
@@ -207,45 +211,44 @@ class Backup:
         return Projection(self.root / "shadow" / f"shard-{index:03d}", index)
 
     async def snapshot(self, request: SnapshotRequest) -> SnapshotReply:
+        """One snapshot at a time; any failure is the reply (and the status), never silence."""
         async with self._lock:
-            started = time.monotonic()
+            self._phase = {"phase": "starting", "done": 0, "total": 1}
+            reporter = asyncio.create_task(self._keep_reporting(request.snapshot_id))
             try:
-                manifest, path = await self._snapshot(request.snapshot_id)
-            except Exception as exc:
+                reply = await self._take(request)
+            except Exception as exc:  # reported to the requester and in `cfs admin status`
                 log.warning(
                     "snapshot.failed", extra={"snapshot": request.snapshot_id, "error": str(exc)}
                 )
-                return SnapshotReply(ok=False, message=f"snapshot failed: {exc}")
-            size = path.stat().st_size
-            digest = await asyncio.to_thread(_sha256, path)
-            seconds = time.monotonic() - started
-            log.info(
-                "snapshot.written",
-                extra={
-                    "snapshot": manifest.snapshot_id,
-                    "inodes": manifest.inodes,
-                    "bytes": size,
-                    "seconds": round(seconds, 3),
-                },
-            )
-            self._last = manifest
-            url = None
-            if request.destination:
-                try:
-                    url = await self._upload(path, digest, manifest, request)
-                except ObjectStoreError as exc:
-                    self._error = f"snapshot {manifest.snapshot_id} not uploaded: {exc}"
-                    return SnapshotReply(ok=False, message=self._error, manifest=manifest)
-            self._last_url = url
+                self._error = f"snapshot {request.snapshot_id} failed: {exc}"
+                return SnapshotReply(ok=False, message=self._error)
+            finally:
+                reporter.cancel()
             self._error = None
-            return SnapshotReply(
-                url=url,
-                ok=True,
-                manifest=manifest,
-                bytes=size,
-                sha256=digest,
-                seconds=seconds,
-            )
+            return reply
+
+    async def _take(self, request: SnapshotRequest) -> SnapshotReply:
+        started = time.monotonic()
+        manifest, path = await self._snapshot(request.snapshot_id)
+        size = path.stat().st_size
+        digest = await asyncio.to_thread(_sha256, path)
+        seconds = time.monotonic() - started
+        log.info(
+            "snapshot.written",
+            extra={
+                "snapshot": manifest.snapshot_id,
+                "inodes": manifest.inodes,
+                "bytes": size,
+                "seconds": round(seconds, 3),
+            },
+        )
+        self._last = manifest
+        url = await self._upload(path, digest, manifest, request) if request.destination else None
+        self._last_url = url
+        return SnapshotReply(
+            url=url, ok=True, manifest=manifest, bytes=size, sha256=digest, seconds=seconds
+        )
 
     async def _snapshot(self, snapshot_id: str) -> tuple[SnapshotManifest, Path]:
         config = await _config(self.bus)
@@ -299,6 +302,7 @@ class Backup:
         )
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"{snapshot_id}.tar.gz"
+        crash_point("backup.snapshot_cut")  # markers journaled, nothing written yet
         final = await asyncio.to_thread(write_snapshot, path, manifest, images, kv_files)
         await self._progress(snapshot_id, "verifying", 0, 1)
         await asyncio.to_thread(self._verify, path, final)
@@ -353,8 +357,18 @@ class Backup:
         return tuple(dumps), files
 
     async def _progress(self, snapshot_id: str, phase: str, done: int, total: int) -> None:
-        body = f'{{"phase": "{phase}", "done": {done}, "total": {total}}}'.encode()
+        self._phase = {"phase": phase, "done": done, "total": total}
+        await self._report(snapshot_id)
+
+    async def _report(self, snapshot_id: str) -> None:
+        body = json.dumps(self._phase).encode()
         await self.bus.nc.publish(progress_subject(self.bus.site, snapshot_id), body)
+
+    async def _keep_reporting(self, snapshot_id: str) -> None:
+        """The requester's sign of life: the phase again every second (see `_take`)."""
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            await self._report(snapshot_id)
 
     async def _upload(
         self, path: Path, sha256: str, manifest: SnapshotManifest, request: SnapshotRequest

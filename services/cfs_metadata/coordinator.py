@@ -20,6 +20,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from cfs.client import MetadataClient
+from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.retry import RetryPolicy, retry
 from cfs_contracts.fs.rpc import (
@@ -33,7 +34,6 @@ from cfs_contracts.fs.rpc import (
     TxStatus,
 )
 from cfs_metadata.decide import Decision, Placement, decide
-from cfs_metadata.faults import crash_point
 from cfs_metadata.projection import Projection
 from cfs_metadata.txn import (
     NeedRemote,

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from rocksdict import Checkpoint, Options, Rdict, WriteBatch
 
 from cfs.backup.image import decode_pairs, iter_pairs
+from cfs.faults import crash_point
 from cfs_contracts.events.metadata import JournalEntry, Lineage, ShardImageChunk, ShardRestored
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode, name_cookie
@@ -326,6 +327,7 @@ class Projection:
         self._db.close()
         old = self.path.with_name(self.path.name + ".old")
         self.path.rename(old)
+        crash_point("restore.swap")  # the worst moment: neither state is at `path`
         self._side_path.rename(self.path)
         self._db = Rdict(str(self.path), options=Options(raw_mode=True))
         Rdict.destroy(str(old), Options(raw_mode=True))

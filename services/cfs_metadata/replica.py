@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
+from cfs.faults import crash_point, fault_point
 from cfs.hlc import observe
 from cfs.ids import new_id
 from cfs.kernel.runtime import Spawn, unsupervised
@@ -61,7 +62,6 @@ from cfs_contracts.streams import (
 )
 from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
-from cfs_metadata.faults import crash_point, fault_point
 from cfs_metadata.journal import Journal, JournalRecord, apply_record, cancel_and_wait
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan

@@ -24,7 +24,7 @@ SITE = "t"
 class MetaSite:
     """A metadata-only `LocalSite` (the one site family of the tests) on a NATS cluster
     the test started: a metadata-raft process per node, no auth, a crash file for
-    `cfs_metadata.faults`, short leases."""
+    `cfs.faults`, short leases."""
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, dic
         server.stop()
 
 
-def ok(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
+def admin(site: LocalSite, s3_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`cfs admin ARGS` as an operator runs it, with the S3 settings configured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
     env.update(
@@ -52,7 +52,7 @@ def ok(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
         CFS_SITE=site.site,
         CFS_NATS_CREDENTIALS=str(site.credentials(Role.ADMIN)),
     )
-    done = subprocess.run(
+    return subprocess.run(
         [CFS, "admin", *args],
         capture_output=True,
         text=True,
@@ -61,6 +61,10 @@ def ok(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
         timeout=120,
         check=False,
     )
+
+
+def ok(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
+    done = admin(site, s3_env, *args)
     assert done.returncode == 0, (args, done.stdout, done.stderr)
     return done.stdout
 

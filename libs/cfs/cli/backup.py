@@ -56,7 +56,8 @@ from cfs_contracts.events.metadata import Lineage
 from cfs_contracts.fs.shard_admin import OpenShard, RestoreBegin, RestoreChunk, ShardPosition
 from cfs_contracts.streams import NODES, meta_stream, shard_name
 
-SNAPSHOT_TIMEOUT_S = 600.0
+SNAPSHOT_TIMEOUT_S = 3600.0
+PROGRESS_STALL_S = 10.0  # the service reports every second while it works
 
 OutputOpt = Annotated[
     str | None,
@@ -200,11 +201,19 @@ def snapshot_metadata(
 
 
 async def _take(bus: Bus, request: SnapshotRequest) -> SnapshotReply:
-    """Ask the active backup service for a snapshot, with a progress bar on a terminal."""
+    """Ask the active backup service for a snapshot, with a progress bar on a terminal.
+
+    The service reports progress at least every second while it works; silence for
+    PROGRESS_STALL_S means it is gone (killed, or its lease moved), and the command
+    says so at once instead of waiting out the whole snapshot timeout.
+    """
     progress = Progress(transient=True, disable=not sys.stderr.isatty())
     task = progress.add_task("snapshot", total=None)
+    heard = time.monotonic()
 
     async def on_progress(msg: Msg) -> None:
+        nonlocal heard
+        heard = time.monotonic()
         update = json.loads(msg.data)
         progress.update(
             task,
@@ -214,13 +223,25 @@ async def _take(bus: Bus, request: SnapshotRequest) -> SnapshotReply:
         )
 
     sub = await bus.nc.subscribe(progress_subject(bus.site, request.snapshot_id), cb=on_progress)
+    asked = asyncio.ensure_future(
+        bus.request(
+            snapshot_subject(bus.site),
+            request.model_dump_json().encode(),
+            timeout=SNAPSHOT_TIMEOUT_S,
+        )
+    )
     try:
         with progress:
-            msg = await bus.request(
-                snapshot_subject(bus.site),
-                request.model_dump_json().encode(),
-                timeout=SNAPSHOT_TIMEOUT_S,
-            )
+            while not asked.done():
+                await asyncio.wait({asked}, timeout=1.0)
+                if not asked.done() and time.monotonic() - heard > PROGRESS_STALL_S:
+                    asked.cancel()
+                    raise CliError(
+                        f"the backup service stopped reporting during snapshot "
+                        f"{request.snapshot_id} (killed, or its lease moved): nothing was "
+                        "written here; run the command again"
+                    )
+            msg = asked.result()
     except NoResponders:
         raise CliError("no backup service is active in this site (is `backup` running?)") from None
     finally:

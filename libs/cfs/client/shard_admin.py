@@ -32,8 +32,8 @@ async def shard_admin(
     shard: int,
     op: AnyShardAdminOp,
     *,
-    deadline_s: float = 30.0,
-    attempt_timeout_s: float = 30.0,
+    deadline_s: float = 60.0,
+    attempt_timeout_s: float = 10.0,
 ) -> ShardAdminReply:
     name = shard_name(shard)
     subject = meta_admin_subject(bus.site, name)
