@@ -33,7 +33,7 @@ from cfs.cluster import read_config
 from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.kernel.runtime import Context
-from cfs.objstore import ObjectStore, ObjectStoreError, S3Settings, open_store
+from cfs.objstore import ObjectStore, ObjectStoreError, ServiceS3Settings, open_store
 from cfs.service_main import ServiceSettings, run_spec
 from cfs_backup.archive import Archiver, ArchiveSettings
 from cfs_backup.cut import advance_to_cut
@@ -111,6 +111,7 @@ class Backup:
         self.root = settings.data_dir / "backup"
         self.out = self.root / "snapshots"
         self._lock = asyncio.Lock()
+        self.s3 = ServiceS3Settings()
         self._archiver: Archiver | None = None
         self._archive_root: str | None = None
         self._last: SnapshotManifest | None = None
@@ -133,7 +134,7 @@ class Backup:
         self._archive_root = f"{url.rstrip('/')}/{config.cluster_id}"
         self._archiver = Archiver(
             self.bus,
-            open_store(url, S3Settings()),
+            open_store(url, self.s3),
             config.cluster_id,
             streams,
             ArchiveSettings(
@@ -200,7 +201,7 @@ class Backup:
 
     async def _newest_at(self, destination: str) -> int | None:
         try:
-            async with open_store(destination, S3Settings()) as store:
+            async with open_store(destination, self.s3) as store:
                 stamps = [i.last_modified_ms async for i in store.list(SNAPSHOT_PREFIX)]
         except ObjectStoreError as exc:
             self._error = str(exc)
@@ -376,7 +377,7 @@ class Backup:
         """Upload (server-side encrypted), read back and check, then enforce retention."""
         assert request.destination is not None
         name = snapshot_name(manifest)
-        async with open_store(request.destination, S3Settings()) as store:
+        async with open_store(request.destination, self.s3) as store:
             await store.ensure_bucket()
             await store.put_file(
                 name,

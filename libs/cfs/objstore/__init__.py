@@ -28,6 +28,7 @@ from cfs.objstore.s3 import S3ObjectStore, is_temporary
 from cfs.objstore.settings import (
     S3Credentials,
     S3Settings,
+    ServiceS3Settings,
     load_credentials,
     s3_settings,
     write_credentials_file,
@@ -59,6 +60,7 @@ __all__ = [
     "S3ObjectStore",
     "S3Settings",
     "S3Url",
+    "ServiceS3Settings",
     "is_s3_url",
     "is_temporary",
     "load_credentials",

@@ -114,6 +114,23 @@ class S3Settings(BaseSettings):
         return (init_settings, env_settings, ClusterFileSource(settings_cls, path))
 
 
+class ServiceS3Settings(S3Settings):
+    """A service process's S3 settings: its environment (`CFS_S3_*`) only. The
+    operator's cluster file (`CFS_CONFIG`) describes how a client finds the cluster;
+    a service inheriting that variable must neither read nor depend on the file."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+
 class ClusterFileSource(PydanticBaseSettingsSource):
     """The `s3_*` keys of the cluster config file; a relative credentials file is
     taken relative to the config file's directory."""
