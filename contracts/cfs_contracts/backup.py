@@ -119,6 +119,7 @@ class SnapshotReply(BaseModel):
     ok: bool
     message: str = ""
     url: str | None = Field(default=None, description="where it was uploaded, if anywhere")
+    node: str = Field(default="", description="the backup process holding the file")
     manifest: SnapshotManifest | None = None
     bytes: int = 0
     sha256: str = ""
@@ -135,8 +136,10 @@ def snapshot_subject(site: str) -> str:
     return site_subject(site, "rpc", "backup", "snapshot")
 
 
-def fetch_subject(site: str) -> str:
-    return site_subject(site, "rpc", "backup", "fetch")
+def fetch_subject(site: str, node: str) -> str:
+    """Served by every backup process for the files on its own disk: the lease may move
+    between a snapshot and its download."""
+    return site_subject(site, "rpc", "backup", "fetch", node)
 
 
 def progress_subject(site: str, snapshot_id: str) -> str:

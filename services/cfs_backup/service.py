@@ -248,19 +248,27 @@ class Backup:
         url = await self._upload(path, digest, manifest, request) if request.destination else None
         self._last_url = url
         return SnapshotReply(
-            url=url, ok=True, manifest=manifest, bytes=size, sha256=digest, seconds=seconds
+            url=url,
+            node=self.bus.node,
+            ok=True,
+            manifest=manifest,
+            bytes=size,
+            sha256=digest,
+            seconds=seconds,
         )
 
     async def _snapshot(self, snapshot_id: str) -> tuple[SnapshotManifest, Path]:
         config = await _config(self.bus)
         cut = self.bus.clock.now()
         await self._progress(snapshot_id, "marking", 0, config.shards)
-        markers = await asyncio.gather(
-            *(
-                shard_admin(self.bus, index, MarkCut(snapshot_id=snapshot_id, cut=cut))
+        async with asyncio.TaskGroup() as marking:
+            asked = [
+                marking.create_task(
+                    shard_admin(self.bus, index, MarkCut(snapshot_id=snapshot_id, cut=cut))
+                )
                 for index in range(1, config.shards + 1)
-            )
-        )
+            ]
+        markers = [task.result() for task in asked]
         cuts: list[ShardCut] = []
         images: dict[str, bytes] = {}
         for index, marker in enumerate(markers, start=1):
@@ -415,32 +423,38 @@ class Backup:
                 log.info("snapshot.expired", extra={"key": info.key})
 
     async def fetch(self, request: FetchRequest) -> bytes:
+        """A piece of a snapshot file on this node; empty when it is not here (any more)."""
         path = self.out / f"{request.snapshot_id}.tar.gz"
+        if not path.is_file():
+            return b""
         with path.open("rb") as handle:
             handle.seek(request.offset)
             return handle.read(request.length)
 
 
 async def start(ctx: Context) -> Backup:
-    return Backup(ctx.bus, ctx.settings)
+    """Every process serves downloads of the snapshot files on its disk (the active one
+    writes them, but may lose the lease before the requester has fetched its file)."""
+    backup = Backup(ctx.bus, ctx.settings)
+
+    async def on_fetch(msg: Msg) -> bytes:
+        return await backup.fetch(FetchRequest.model_validate_json(msg.data))
+
+    sub = await ctx.bus.serve(fetch_subject(ctx.bus.site, ctx.bus.node), on_fetch)
+    ctx.on_stop(sub.unsubscribe)
+    return backup
 
 
 async def lead(ctx: Context) -> None:
-    """The active instance: the archive, the schedule, the status record, and snapshot
-    and fetch requests, until the lease is lost (then all of it is cancelled)."""
+    """The active instance: the archive, the schedule, the status record and snapshot
+    requests, until the lease is lost (then all of it is cancelled)."""
     backup: Backup = ctx.service
 
     async def on_snapshot(msg: Msg) -> bytes:
         reply = await backup.snapshot(SnapshotRequest.model_validate_json(msg.data))
         return reply.model_dump_json().encode()
 
-    async def on_fetch(msg: Msg) -> bytes:
-        return await backup.fetch(FetchRequest.model_validate_json(msg.data))
-
-    subs = [
-        await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot),
-        await ctx.bus.serve(fetch_subject(ctx.bus.site), on_fetch),
-    ]
+    subs = [await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot)]
     try:
         async with asyncio.TaskGroup() as tasks:
             archiver = await backup.archiver()

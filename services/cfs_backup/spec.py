@@ -17,7 +17,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.metaadmin.*",  # snapshot markers on each shard's journal
             "{s}.backup.>",  # snapshot progress
         ),
-        serve=("{s}.rpc.backup.*",),
+        serve=("{s}.rpc.backup.*", "{s}.rpc.backup.fetch.*"),
         read_streams=("META_*", AUDIT.name),
         read_buckets=(NODES.bucket, LEASES.bucket),
         write_keys={NODES.bucket: ("backup.*",)},

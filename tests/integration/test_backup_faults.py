@@ -1,5 +1,7 @@
 """kill -9 of backup and restore at the worst moments, with real processes.
 
+The tests share one site and run in file order.
+
 A fault point (`cfs.faults`) ends the first process that reaches it as `kill -9`
 would. After each crash the result is either complete and verified or absent and
 reported, never half-written, and the next run (or the restarted process) finishes.
@@ -36,11 +38,16 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         server.stop()
 
 
-@pytest.fixture
-def site(s3: dict[str, str], tmp_path: Path) -> Iterator[tuple[LocalSite, Path]]:
-    crash = tmp_path / "crash"
+@pytest.fixture(scope="module")
+def site(
+    s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LocalSite, Path]]:
+    """One site for the module (its start dominates): each test arms one fault point
+    and leaves the site whole (crashed processes restarted) for the next."""
+    base = tmp_path_factory.mktemp("faults")
+    crash = base / "crash"
     running = LocalSite(
-        tmp_path / "site",
+        base / "site",
         nodes=3,
         shards=2,
         site="flt",

@@ -261,7 +261,9 @@ async def _fetch(bus: Bus, snapshot_id: str, reply: SnapshotReply, path: Path) -
         while offset < reply.bytes:
             request = FetchRequest(snapshot_id=snapshot_id, offset=offset, length=FETCH_BYTES)
             piece = await bus.request(
-                fetch_subject(bus.site), request.model_dump_json().encode(), timeout=30.0
+                fetch_subject(bus.site, reply.node),
+                request.model_dump_json().encode(),
+                timeout=30.0,
             )
             if not piece.data:
                 raise CliError(f"the backup service lost snapshot {snapshot_id}; run it again")
