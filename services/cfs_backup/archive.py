@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -53,6 +53,9 @@ class ArchiveSettings:
     segment_s: float = 1.0
     clock_offset_ms: int = 1000  # delivery delay plus clock offset a "complete" claim allows
     progress_s: float = 1.0
+    # Per stream: archived segments older than this are deleted (guide: audit logs 3 years).
+    retention_s: Mapping[str, float] = field(default_factory=dict)
+    expire_every_s: float = 3600.0
 
 
 @dataclass
@@ -142,6 +145,8 @@ class Archiver:
                 for state in self.states.values():
                     tasks.create_task(self._stream(state), name=f"archive {state.name}")
                 tasks.create_task(self._publish_progress(), name="archive progress")
+                if self.settings.retention_s:
+                    tasks.create_task(self._expire_loop(), name="archive retention")
         finally:
             await self.store.close()
 
@@ -255,6 +260,36 @@ class Archiver:
                 "bytes": len(blob),
             },
         )
+
+    async def expire(self) -> int:
+        """Delete segments past their stream's retention; returns how many went.
+
+        Only whole segments whose newest message is older than the retention, and never
+        the newest segment of a stream (the resume point after a restart)."""
+        deleted = 0
+        now = self._wall_ms()
+        for stream, keep_s in self.settings.retention_s.items():
+            infos = [i async for i in self.store.list(f"{self.cluster_id}/{stream}/")]
+            ranged = sorted(
+                (parsed, info)
+                for info in infos
+                if (parsed := parse_segment_key(info.key)) is not None
+            )
+            for _, info in ranged[:-1]:
+                if now - info.last_modified_ms > keep_s * 1000:
+                    await self.store.delete(info.key)
+                    deleted += 1
+            if deleted:
+                log.info("archive.expired", extra={"stream": stream, "segments": deleted})
+        return deleted
+
+    async def _expire_loop(self) -> None:
+        while True:
+            try:
+                await self.expire()
+            except ObjectStoreError as exc:
+                log.info("archive.expire_failed", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.expire_every_s)
 
     async def _publish_progress(self) -> None:
         key = f"{self.cluster_id}/{PROGRESS}"

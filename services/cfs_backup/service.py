@@ -82,6 +82,11 @@ class BackupSettings(ServiceSettings):
         default=1000, ge=0, description="clock offset plus delivery delay between nodes allowed for"
     )
     status_s: float = Field(default=1.0, gt=0, description="how often the status record is written")
+    audit_retention_days: float = Field(
+        default=3 * 365.0,
+        gt=0,
+        description="archived AUDIT segments kept this long (guide: 3 years)",
+    )
 
 
 SCHEDULE_POLL_S = 5.0
@@ -141,6 +146,7 @@ class Backup:
                 segment_bytes=self.settings.archive_segment_bytes,
                 segment_s=self.settings.archive_segment_s,
                 clock_offset_ms=self.settings.archive_clock_offset_ms,
+                retention_s={AUDIT.name: self.settings.audit_retention_days * 86400.0},
             ),
         )
         return self._archiver

@@ -12,6 +12,7 @@ refused with the reason (the guide's "corrupt snapshot!" case).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -100,6 +101,9 @@ def read_snapshot(path: Path) -> Snapshot:
     """Every check, then the contents; SnapshotInvalid with the reason otherwise."""
     files: dict[str, bytes] = {}
     try:
+        with gzip.open(path) as whole:  # to the end: tar stops before the gzip trailer
+            while whole.read(1 << 20):
+                pass
         with tarfile.open(path, mode="r:gz") as tar:
             for member in tar:
                 if not member.isfile():
