@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from cfs.security import Role
 from cfs.supervisor import LocalSite
 from cfs_contracts import REGISTRY
 from cfs_contracts.events.ops import AdminActionRecorded
@@ -43,13 +42,10 @@ def cfs(
     site: LocalSite | None, *args: str, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """Run `cfs admin ARGS` with stdin not a terminal, as a script would."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
     if site is not None:
-        env.update(
-            CFS_NATS_URLS=json.dumps(site.urls),
-            CFS_SITE=site.site,
-            CFS_NATS_CREDENTIALS=str(site.credentials(Role.ADMIN)),
-        )
+        env = site.cli_env()
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
     return subprocess.run(
         [CFS, "admin", *args],
         capture_output=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from cfs.security import Role
 from cfs.supervisor import LocalSite, S3Server
 from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.streams import NODES
@@ -45,13 +43,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, dic
 
 def admin(site: LocalSite, s3_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """`cfs admin ARGS` as an operator runs it, with the S3 settings configured."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
-    env.update(
-        s3_env,
-        CFS_NATS_URLS=json.dumps(site.urls),
-        CFS_SITE=site.site,
-        CFS_NATS_CREDENTIALS=str(site.credentials(Role.ADMIN)),
-    )
+    env = site.cli_env(**s3_env)
     return subprocess.run(
         [CFS, "admin", *args],
         capture_output=True,

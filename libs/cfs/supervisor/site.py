@@ -456,6 +456,18 @@ class LocalSite:
             env={"PYTHONPATH": child_pythonpath(), **self._env},
         )
 
+    def cli_env(self, role: str = Role.ADMIN, **extra: str) -> dict[str, str]:
+        """The environment to run the `cfs` console script against this site as `role`:
+        this process's, less any `CFS_*` (the caller's own cluster), plus `extra`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
+        env.update(
+            CFS_NATS_URLS=json.dumps(self.urls),
+            CFS_SITE=self.site,
+            CFS_NATS_CREDENTIALS=str(self.credentials(role)),
+        )
+        env.update(extra)
+        return env
+
     async def client(self, name: str | None = None, role: str = Role.ADMIN) -> Bus:
         """A connected `Bus` for this site with `role`'s credentials (close it, or use
         `async with`)."""
