@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from cfs.backup.snapshot_file import read_snapshot
 from cfs.client.metadata import MetadataClient
 from cfs.supervisor import LocalSite
 from cfs_contracts.fs.records import ROOT_INO, Kind
@@ -95,8 +96,19 @@ def test_snapshot_while_writing_then_restore_gives_exactly_the_cut(
     refused = cfs(site, "restore-metadata", "--from-snapshot", str(snapshot))
     assert refused.returncode == 1 and "holds metadata" in refused.stderr
 
-    restored = ok(site, "restore-metadata", "--from-snapshot", str(snapshot), "--force")
-    assert "read-only until" in restored
+    before_restore = tmp_path / "pre-restore.tar.gz"
+    restored = ok(
+        site,
+        "restore-metadata",
+        "--from-snapshot",
+        str(snapshot),
+        "--force",
+        "--pre-restore-output",
+        str(before_restore),
+    )
+    assert "read-only until" in restored and "saved first" in restored
+    saved = read_snapshot(before_restore)  # the replaced state, verified
+    assert saved.manifest.inodes >= sum(s["inodes"] for s in at_snapshot) + len(after)
     names = asyncio.run(_names(site))
     assert before <= names
     assert not (after & names), "files created after the snapshot survived its restore"

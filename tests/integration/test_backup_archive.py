@@ -50,6 +50,7 @@ def admin(site: LocalSite, s3_env: dict[str, str], *args: str) -> subprocess.Com
         text=True,
         stdin=subprocess.DEVNULL,
         env=env,
+        cwd=site.base_dir,
         timeout=120,
         check=False,
     )

@@ -309,17 +309,33 @@ def restore_metadata(
         str, typer.Option("--from-snapshot", help="snapshot tar.gz: PATH or s3://bucket/key")
     ],
     force: Annotated[
-        bool, typer.Option("--force", help="replace a cluster that holds data (after a snapshot)")
+        bool,
+        typer.Option("--force", help="replace a cluster that holds data (a snapshot of it first)"),
     ] = False,
+    pre_restore_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--pre-restore-output",
+            help="with --force: where the snapshot of the replaced state goes "
+            "(default ./metadata-pre-restore-<time>.tar.gz)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Restore every shard from a snapshot; shards stay read-only until replay-journal."""
+    """Restore every shard from a snapshot; shards stay read-only until replay-journal.
+
+    A cluster that holds metadata is replaced only with --force, and only after a
+    snapshot of what it holds has been written and verified (guide: restore procedure).
+    """
     snapshot = _load(from_snapshot)
     settings = _settings(ctx, None, None, None)
+    before = pre_restore_output or Path(
+        time.strftime("metadata-pre-restore-%Y%m%dT%H%M%SZ.tar.gz", time.gmtime())
+    )
     started = time.monotonic()
 
     async def work(bus: Bus) -> list[str]:
-        return await _restore(bus, snapshot, force)
+        return await _restore(bus, snapshot, force, before)
 
     lines = _session(settings, work)
     seconds = time.monotonic() - started
@@ -345,7 +361,7 @@ def restore_metadata(
     )
 
 
-async def _restore(bus: Bus, snapshot: Snapshot, force: bool) -> list[str]:
+async def _restore(bus: Bus, snapshot: Snapshot, force: bool, before: Path) -> list[str]:
     manifest = snapshot.manifest
     config = await read_config(bus)
     if config is None:
@@ -370,6 +386,11 @@ async def _restore(bus: Bus, snapshot: Snapshot, force: bool) -> list[str]:
             f"{config.cluster_id}: restore it into a fresh cluster (`cfs cluster init`)"
         )
     lines = []
+    if holds_data:
+        request = SnapshotRequest(snapshot_id=new_id())
+        reply = await _take(bus, request)
+        await _fetch(bus, request.snapshot_id, reply, before)
+        lines.append(f"  the replaced state was saved first: {before} (verified)")
     with Progress(transient=True) as progress:
         for cut in manifest.shards:
             image = snapshot.images[cut.shard]
