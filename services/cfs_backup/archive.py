@@ -81,10 +81,15 @@ class Archiver:
         streams: list[tuple[str, str]],
         settings: ArchiveSettings | None = None,
         wall_ms: WallMs = _wall_ms,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         """`streams`: (stream name, subject filter) pairs. Keys in `store` are relative
-        to the archive root; this cluster's segments live under `cluster_id/`."""
+        to the archive root; this cluster's segments live under `cluster_id/`.
+        `active`: whether this process still holds the backup lease, checked before
+        every upload so a deposed holder does not write a segment the next one also
+        writes (the remaining window is one PUT; replay reads each sequence once)."""
         self.bus = bus
+        self._active = active
         self.store = store
         self.cluster_id = cluster_id
         self.settings = settings or ArchiveSettings()
@@ -228,6 +233,8 @@ class Archiver:
             logger=log,
         )
         while True:
+            if not self._active():  # deposed: never upload; the kernel is cancelling us
+                await asyncio.Event().wait()
             try:
                 await self.store.put(
                     key,

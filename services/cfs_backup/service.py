@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class Backup:
         self._error: str | None = None
         self._phase: dict[str, object] = {}
 
-    async def archiver(self) -> Archiver | None:
+    async def archiver(self, active: Callable[[], bool] = lambda: True) -> Archiver | None:
         """The journal archive, when `archive_url` is set (needs the cluster's id)."""
         url = self.settings.archive_url
         if not url:
@@ -148,6 +149,7 @@ class Backup:
                 clock_offset_ms=self.settings.archive_clock_offset_ms,
                 retention_s={AUDIT.name: self.settings.audit_retention_days * 86400.0},
             ),
+            active=active,
         )
         return self._archiver
 
@@ -463,7 +465,8 @@ async def lead(ctx: Context) -> None:
     subs = [await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot)]
     try:
         async with asyncio.TaskGroup() as tasks:
-            archiver = await backup.archiver()
+            lease = ctx.lease
+            archiver = await backup.archiver(lambda: lease is not None and lease.is_holder)
             if archiver is not None:
                 tasks.create_task(archiver.run(), name="archive")
             tasks.create_task(backup.schedule_loop(), name="snapshot schedule")
