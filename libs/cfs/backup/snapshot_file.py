@@ -25,19 +25,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cfs.backup.image import ImageFormatError, iter_pairs
-from cfs_contracts.backup import SNAPSHOT_FORMAT, ShardCut, SnapshotManifest
+from cfs_contracts.backup import SNAPSHOT_FORMAT, SnapshotManifest
 
 MANIFEST = "manifest.json"
 
 
 class SnapshotInvalid(Exception):
     """The file is not a usable snapshot; the message says why."""
-
-
-@dataclass(frozen=True)
-class ShardImage:
-    cut: ShardCut
-    data: bytes
 
 
 @dataclass(frozen=True)
@@ -180,9 +174,3 @@ def kv_parquet(rows: list[dict[str, object]]) -> bytes:
     out = io.BytesIO()
     pq.write_table(table, out)
     return out.getvalue()
-
-
-def kv_rows(data: bytes) -> list[dict[str, object]]:
-    import pyarrow.parquet as pq
-
-    return list(pq.read_table(io.BytesIO(data)).to_pylist())
