@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cfs.bus import Bus
 from cfs.bus.kv import bucket_keys
-from cfs.kernel.runtime import Spawn, unsupervised
+from cfs.kernel.runtime import Spawn, cancel_and_wait, unsupervised
 from cfs_contracts.streams import SHARD_LEASE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -292,11 +292,10 @@ class Lease:
             # lands as a reply arrives; the flag ends the loop at its next wake-up anyway.
             self._stopping = True
             self._wake.set()
-            task.cancel()
-            await asyncio.wait([task])
+            await cancel_and_wait(task)
         s, rec = self._snap, self._snap.record
         if release and rec and rec.holder == self.node and rec.term == self._last_held:
-            await self._write(s, Action.RELEASE, "stopping")
+            await self._release(s)
         failure = None if task is None or task.cancelled() else task.exception()
         if failure is not None:
             raise failure
@@ -377,8 +376,19 @@ class Lease:
             if d.action in (Action.ACQUIRE, Action.RENEW, Action.RELEASE):
                 await self._write(s, d.action, d.reason)
 
-    async def _write(self, s: Snapshot, action: Action, reason: str) -> bool:
-        """CAS-write `proposal(s, action)`; False on a lost race or a transport failure."""
+    async def _release(self, s: Snapshot) -> None:
+        """On stop: hand the lease back so a successor need not wait it out. Without NATS
+        that cannot be done; the record lapses `lease_s` after our last renewal anyway."""
+        if not self._bus.nc.is_connected:
+            log.info("lease.release_skipped", extra=self._extra(s.record, "NATS unreachable"))
+            return
+        await self._write(s, Action.RELEASE, "stopping", failed_level=logging.INFO)
+
+    async def _write(
+        self, s: Snapshot, action: Action, reason: str, *, failed_level: int | None = None
+    ) -> bool:
+        """CAS-write `proposal(s, action)`; False on a lost race or a transport failure
+        (logged at `failed_level`: by default INFO for an acquisition, else WARNING)."""
         kv = await self._kv_()
         record = proposal(s, action, _wall_ms())
         data, sent_at = record.model_dump_json().encode(), _now()
@@ -393,7 +403,7 @@ class Lease:
             await self._refresh()
             return False
         except _TRANSPORT as exc:
-            level = logging.INFO if action is Action.ACQUIRE else logging.WARNING
+            level = failed_level or (logging.INFO if action is Action.ACQUIRE else logging.WARNING)
             why = f"{action} failed: {type(exc).__name__} {exc}".strip()
             log.log(level, "lease.write_failed", extra=self._extra(s.record, why))
             return False
@@ -461,9 +471,7 @@ class Lease:
 
     async def _stop_watch(self) -> None:
         watcher, task, self._watch, self._watch_task = self._watch, self._watch_task, None, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+        await cancel_and_wait(task)
         if watcher is not None:
             with contextlib.suppress(*_TRANSPORT):
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ from cfs.logs import setup_logging
 from cfs.security import CredentialsError
 
 log = logging.getLogger(__name__)
+
+# SIGTERM to exit: components stop in reverse order, each within a bounded time even
+# with NATS out of reach (a lease release or health record removal is then given up).
+# A stop still running after this is a bug; the process exits before the usual 10 s
+# of a supervisor (docker, the test harness) would have it killed without a word.
+STOP_DEADLINE_S = 8.0
 
 
 class ServiceSettings(BaseSettings):
@@ -108,9 +115,39 @@ async def _until_signalled(spec: ServiceSpec, settings: ServiceSettings) -> None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        if not stop.is_set():
+            stop.set()
+            loop.call_later(STOP_DEADLINE_S, _stop_overdue, spec.name, settings.node)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     await run(spec, settings, stop)
+
+
+def _stop_overdue(service: str, node: str) -> None:
+    """A stop takes a second or two, NATS reachable or not; one that hangs is a bug (this
+    line names where each task waits), and the process must end all the same rather
+    than wait for its supervisor's SIGKILL."""
+    waiting = sorted(_where(task) for task in asyncio.all_tasks())
+    log.error(
+        "service.stop_overdue",
+        extra={"service": service, "node": node, "after_s": STOP_DEADLINE_S, "tasks": waiting},
+    )
+    os._exit(1)
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """A task's name and the innermost line it waits at."""
+    where = ""
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            where = f" at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return f"{task.get_name()}{where}"
 
 
 def _load_config(path: Path) -> dict[str, Any]:

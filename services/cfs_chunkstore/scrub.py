@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from cfs.kernel.runtime import Spawn, unsupervised
+from cfs.kernel.runtime import Spawn, cancel_and_wait, unsupervised
 from cfs.ratelimit import TokenBucket
 from cfs_chunkstore.store import FragmentCorrupt, FragmentNotFound, FragmentStore, StoreError
 from cfs_contracts.data import FragmentInfo
@@ -202,9 +202,7 @@ class Scrubber:
         if task is not None:
             done, _ = await asyncio.wait({task}, timeout=timeout)
             if not done:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
             elif not task.cancelled() and task.exception() is not None:
                 error = str(task.exception())
                 log.error("scrub.crashed", extra={"node": self.node, "error": error})

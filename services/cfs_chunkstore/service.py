@@ -55,6 +55,7 @@ from cfs.kernel.runtime import (
     Context,
     OnFailure,
     Spawn,
+    cancel_and_wait,
     started,
     unsupervised,
     until_jetstream_answers,
@@ -174,10 +175,7 @@ class ChunkStoreService:
         self._subs.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=10.0)
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        await cancel_and_wait(self._heartbeat)
 
     # -- the node record ---------------------------------------------------------------
     async def publish_record(self) -> StoreRecord:

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from cfs.client import MetadataClient
 from cfs.faults import crash_point
 from cfs.ids import new_id
+from cfs.kernel.runtime import cancel_and_wait
 from cfs.retry import RetryPolicy, retry
 from cfs_contracts.fs.rpc import (
     FsError,
@@ -115,9 +116,7 @@ class Coordinator:
         self._spawn(self._resolve_in_doubt())
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(task) for task in list(self._tasks)))
         self._tasks.clear()
         self._ops.clear()
         self.in_flight.clear()

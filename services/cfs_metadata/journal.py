@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,6 +12,10 @@ import nats.js.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from cfs.bus import Ack, Bus, BusUnavailable
+
+# The replica's: it cancels again a task whose cancellation Python 3.11's wait_for (in
+# nats-py) swallowed, so a journal tail cannot outlive its replica's stop.
+from cfs.kernel.runtime import cancel_and_wait as cancel_and_wait
 from cfs_contracts import DecodedEvent, Envelope
 from cfs_contracts.events.metadata import (
     LeaderFenced,
@@ -120,14 +123,6 @@ class Journal:
         return await self.bus.publish(
             envelope, subject=self.subject, expected_last_seq=expected_last_seq, timeout=timeout
         )
-
-
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    if task is None or task.done():
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def apply_record(projection: Projection, record: JournalRecord) -> None:

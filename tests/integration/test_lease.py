@@ -133,6 +133,29 @@ async def test_graceful_release_hands_over_at_once_with_the_next_term(
         await b.stop()
 
 
+async def test_a_holder_stopped_while_nats_is_gone_gives_the_release_up_at_once(
+    buses: tuple[Bus, Bus], nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No release without NATS: the record lapses by itself; the stop says so and returns."""
+    events = Events()
+    a = make(buses[0], "a", events)
+    await a.start()
+    try:
+        await wait_until(lambda: a.is_holder, 5, "a to acquire")
+        nats_server.kill9()
+        await wait_until(lambda: not buses[0].nc.is_connected, 5, "a to see NATS gone")
+        start = time.monotonic()
+        with caplog.at_level("INFO", logger="cfs.lease"):
+            await a.stop(release=True)
+        took = time.monotonic() - start
+    finally:
+        await a.stop()
+    assert took < 1.0, f"stop took {took:.2f}s"
+    assert events.seen[-1][:2] == ("lost", 1)
+    skipped = [r for r in caplog.records if r.getMessage() == "lease.release_skipped"]
+    assert len(skipped) == 1 and skipped[0].levelname == "INFO"
+
+
 async def test_a_killed_holder_is_replaced_after_about_a_lease_time(
     nats_server: NatsServer, buses: tuple[Bus, Bus]
 ) -> None:

@@ -47,6 +47,7 @@ T = TypeVar("T")
 
 HEARTBEAT_S = 5.0
 STARTUP_WAIT_S = 120.0  # JetStream may still be electing right after servers restart
+CANCEL_AGAIN_S = 0.5  # see cancel_and_wait
 
 
 class OnFailure(StrEnum):
@@ -154,8 +155,11 @@ class Health:
                 log.log(level, "health.write_failed", extra={"error": repr(exc), "n": failures})
 
     async def remove(self) -> None:
-        """A clean stop: the record goes (a stale one means a crash)."""
-        if self._kv is not None:
+        """A clean stop: the record goes (a stale one means a crash). Without NATS it
+        stays, and its age tells readers the process is gone."""
+        if self._kv is not None and not self.bus.nc.is_connected:
+            log.info("health.remove_skipped", extra={"reason": "NATS unreachable"})
+        elif self._kv is not None:
             try:
                 async with asyncio.timeout(2.0):
                     await self._kv.delete(self.key)
@@ -259,7 +263,7 @@ class Context:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(3.0):
                     await asyncio.wait([task])
-            await _cancel(task)
+            await cancel_and_wait(task)
 
         self.on_stop(stop)
         return consumer
@@ -291,10 +295,9 @@ class Context:
 
         return consumer, self.spawn(sessions(), component)
 
-    def cancel_remaining(self) -> None:
+    async def cancel_remaining(self) -> None:
         """After the components stopped: whatever task is still running is cancelled."""
-        for task in list(self._spawned):
-            task.cancel()
+        await asyncio.gather(*(cancel_and_wait(task) for task in list(self._spawned)))
 
 
 async def until_jetstream_answers(
@@ -318,9 +321,10 @@ async def run(spec: ServiceSpec, settings: Any, stop: asyncio.Event) -> None:
                     await _start(ctx)
                     log.info("service.started", extra={"service": spec.name, "node": ctx.node})
                     await stopped
+                    log.info("service.stopping", extra={"service": spec.name, "node": ctx.node})
             finally:
                 stopped.cancel()
-                ctx.cancel_remaining()
+                await ctx.cancel_remaining()
     except BaseExceptionGroup as group:
         crashed = group.subgroup(ServiceCrashed)
         if crashed is not None:
@@ -336,7 +340,7 @@ async def _start(ctx: Context) -> None:
     await ctx.health.start()
     ctx.on_stop(ctx.health.remove)
     beat = ctx.spawn(ctx.health.run(), "health")
-    ctx.on_stop(lambda: _cancel(beat))
+    ctx.on_stop(lambda: cancel_and_wait(beat))
     if spec.start is not None:
         ctx.service = await spec.start(ctx)
     for consumer in spec.consumers:
@@ -387,10 +391,8 @@ async def _start_singleton(ctx: Context) -> None:
         tasks = list(running)
         running.clear()
         consumers.clear()
-        for task in tasks:
-            task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
             log.info(
                 "singleton.stopped", extra={"service": spec.name, "term": term, "reason": reason}
             )
@@ -417,9 +419,24 @@ async def _work(ctx: Context, singleton: Singleton, term: int) -> None:
     log.info("singleton.work_finished", extra={"service": ctx.spec.name, "term": term})
 
 
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    await asyncio.wait([task])
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel `task` and return once it has ended; its failure is for whoever supervises it.
+
+    Python 3.11's `asyncio.wait_for`, which nats-py awaits in every request and `next_msg`,
+    drops a cancellation that lands just as its result arrives: the task goes on as if it
+    had never been cancelled (a journal tail then tails forever, and its service ignores
+    SIGTERM until it is killed). So a task still running `CANCEL_AGAIN_S` after a cancel
+    is cancelled again. Our caller's own cancellation is never swallowed here.
+    """
+    if task is None:
+        return
+    again = False
+    while not task.done():
+        if again:
+            log.info("task.cancelled_again", extra={"task": task.get_name()})
+        task.cancel()
+        await asyncio.wait([task], timeout=CANCEL_AGAIN_S)
+        again = True
 
 
 def _first(group: BaseExceptionGroup[ServiceCrashed]) -> ServiceCrashed:
