@@ -66,8 +66,9 @@ class ServiceSettings(BaseSettings):
 def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
     """Parse `--node/--data-dir/--config`, build settings (flags over CFS_* env over the
     file), run the spec until SIGTERM/SIGINT."""
-    from cfs.kernel.runtime import ServiceCrashed
+    from cfs.kernel.runtime import ServiceCrashed, use_cancellable_wait_for
 
+    use_cancellable_wait_for()  # a cancelled task must not go on (SIGTERM is a cancel)
     spec.load()  # every import now, none while the service runs
     import cfs.admin.executor
     import cfs.client.nodes

@@ -189,8 +189,12 @@ class Bus:
             ) from None
         return cls(nc, site=site, node=node, registry=registry, publish_timeout=publish_timeout)
 
-    async def close(self) -> None:
-        await _quiet_close(self.nc)
+    async def close(self, *, drain: bool = True) -> None:
+        """Drain (our subscriptions' queued messages are handled, then pending publishes
+        flushed) and close. `drain=False` for a process whose components have all
+        stopped: nothing queued is wanted any more, and a subscription left with a
+        blocked callback would hold the drain for its whole timeout."""
+        await _quiet_close(self.nc, drain=drain)
 
     async def __aenter__(self) -> Bus:
         return self
@@ -567,11 +571,12 @@ def _describe(exc: BaseException) -> str:
     return text.removeprefix("nats: ")
 
 
-async def _quiet_close(nc: NATS) -> None:
+async def _quiet_close(nc: NATS, *, drain: bool = True) -> None:
     if nc.is_closed:
         return
     try:
-        await asyncio.wait_for(nc.drain() if nc.is_connected else nc.close(), timeout=5)
+        closing = nc.drain() if drain and nc.is_connected else nc.close()
+        await asyncio.wait_for(closing, timeout=5)
     except (TimeoutError, nats.errors.Error, OSError):
         await nc.close()
 

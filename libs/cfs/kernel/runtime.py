@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -331,7 +332,7 @@ async def run(spec: ServiceSpec, settings: Any, stop: asyncio.Event) -> None:
             raise _first(crashed) from None
         raise
     finally:
-        await bus.close()
+        await bus.close(drain=False)  # every component has stopped: nothing to drain
         log.info("service.stopped", extra={"service": spec.name, "node": bus.node})
 
 
@@ -437,6 +438,33 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         task.cancel()
         await asyncio.wait([task], timeout=CANCEL_AGAIN_S)
         again = True
+
+
+async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """`asyncio.wait_for` as Python 3.12 has it: `asyncio.timeout` around the await.
+
+    Python 3.11's returns a result that arrives just as its caller is cancelled, and the
+    cancellation is lost (python/cpython#86296, fixed in 3.12 by this implementation).
+    nats-py awaits `asyncio.wait_for` in every request, flush, fetch and `next_msg`, so
+    a service task could miss the cancel that stops it; `use_cancellable_wait_for`
+    puts this one in its place in every service process."""
+    if timeout is not None and timeout <= 0:  # 3.12: the awaitable is not even started
+        future = asyncio.ensure_future(awaitable)
+        if not future.done():
+            future.cancel()
+            await asyncio.wait([future])
+        try:
+            return future.result()
+        except asyncio.CancelledError as exc:
+            raise TimeoutError from exc
+    async with asyncio.timeout(timeout):
+        return await awaitable
+
+
+def use_cancellable_wait_for() -> None:
+    """For this process, `asyncio.wait_for` is `wait_for` above (before Python 3.12)."""
+    if sys.version_info < (3, 12):
+        asyncio.wait_for = wait_for  # type: ignore[assignment]
 
 
 def _first(group: BaseExceptionGroup[ServiceCrashed]) -> ServiceCrashed:

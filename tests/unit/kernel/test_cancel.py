@@ -1,14 +1,17 @@
-"""cancel_and_wait: a task that loses its cancellation still ends; ours is never lost."""
+"""Cancellation in services: a task that lost its cancel still ends (`cancel_and_wait`), and
+no cancel is lost in the first place (`wait_for`, as Python 3.12 has it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from cfs.kernel.runtime import CANCEL_AGAIN_S, cancel_and_wait
+from cfs.kernel.runtime import CANCEL_AGAIN_S, cancel_and_wait, wait_for
 
 
 async def _swallows_one_cancel(ended: asyncio.Event) -> None:
@@ -51,3 +54,40 @@ async def test_the_callers_own_cancellation_is_not_swallowed() -> None:
         await caller
     await cancel_and_wait(slow)
     assert ended.is_set()
+
+
+async def _cancelled_as_the_result_arrives(
+    wait_for: Callable[[Awaitable[int], float | None], Awaitable[int]],
+) -> asyncio.Task[int]:
+    """A task waiting in `wait_for` is cancelled in the same loop step as its result is
+    set, as when a nats-py reply lands while a service stops."""
+    result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def waiting() -> int:
+        return await wait_for(result, 10.0)
+
+    task = asyncio.create_task(waiting())
+    await asyncio.sleep(0)
+    result.set_result(1)
+    task.cancel()
+    await asyncio.wait([task])
+    return task
+
+
+async def test_the_cancellable_wait_for_never_loses_a_cancellation() -> None:
+    task = await _cancelled_as_the_result_arrives(wait_for)
+    assert task.cancelled()
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="fixed in Python 3.12")
+async def test_python_3_11_wait_for_loses_it_which_is_why_services_replace_it() -> None:
+    task = await _cancelled_as_the_result_arrives(asyncio.wait_for)
+    assert not task.cancelled() and task.result() == 1
+
+
+async def test_the_cancellable_wait_for_times_out_like_the_standard_one() -> None:
+    with pytest.raises(TimeoutError):
+        await wait_for(asyncio.sleep(10), 0.01)
+    with pytest.raises(TimeoutError):
+        await wait_for(asyncio.sleep(10), 0)
+    assert await wait_for(asyncio.sleep(0, "done"), None) == "done"
