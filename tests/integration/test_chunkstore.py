@@ -42,6 +42,8 @@ SITE = "t"
 NODE = "a"
 CHUNK = "c0" * 32
 FAST = {"CFS_HEARTBEAT_S": "0.3"}
+# What these tests exercise; membership, repair and backup would only add processes.
+SERVICES = ("metadata-raft", "chunk-store")
 
 
 def key(index: int) -> str:
@@ -51,7 +53,7 @@ def key(index: int) -> str:
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
     """One node (metadata-raft + chunk-store) on one nats-server."""
-    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=FAST)
+    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=FAST, services=SERVICES)
     try:
         await local.start()
         await local.wait_ready()
@@ -197,10 +199,10 @@ async def test_corrupt_fragment_is_eio_and_reported(site: LocalSite) -> None:
         assert "failed its checksum" in damaged[0].detail
 
 
-@pytest.mark.expected_logs("fragment.damaged", "repair.fragment_unrecoverable")
+@pytest.mark.expected_logs("fragment.damaged")
 async def test_scrub_reports_a_flipped_byte_without_any_read(tmp_path: Path) -> None:
     scrub = {**FAST, "CFS_SCRUB_MB_S": "50", "CFS_SCRUB_PASS_INTERVAL_S": "0.2"}
-    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=scrub)
+    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=scrub, services=SERVICES)
     try:
         await local.start()
         await local.wait_ready()
@@ -238,7 +240,7 @@ async def test_scrub_reports_a_flipped_byte_without_any_read(tmp_path: Path) -> 
 
 async def test_full_disk_is_enospc(tmp_path: Path) -> None:
     reserve = {**FAST, "CFS_RESERVE_BYTES": str(10**18)}
-    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=reserve)
+    local = LocalSite(tmp_path / "site", [NODE], site=SITE, env=reserve, services=SERVICES)
     try:
         await local.start()
         await local.wait_ready()
@@ -260,7 +262,7 @@ async def test_full_disk_is_enospc(tmp_path: Path) -> None:
 async def test_acknowledged_put_survives_kill9(tmp_path: Path) -> None:
     """A three-node site on a 3-server NATS cluster; one chunk-store is killed after a put."""
     labels = {f"storage-{i}": {"rack": f"r{i}"} for i in range(1, 4)}
-    local = LocalSite(tmp_path / "site", site=SITE, labels=labels, env=FAST)
+    local = LocalSite(tmp_path / "site", site=SITE, labels=labels, env=FAST, services=SERVICES)
     assert len(local.nats_servers) == 3
     try:
         await local.start()
@@ -300,7 +302,7 @@ async def test_rebuild_recreates_a_fragment_from_the_survivors(tmp_path: Path) -
     """`rebuild`: decoded from k sources (its own read from disk), copied from a draining
     holder, refused with ENODATA and the count readable when too few survive."""
     nodes = ["a", "b", "c"]
-    local = LocalSite(tmp_path / "site", nodes, site=SITE, env=FAST)
+    local = LocalSite(tmp_path / "site", nodes, site=SITE, env=FAST, services=SERVICES)
     chunk = os.urandom(3 * 1024 * 1024 + 17)
     chunk_id = hashlib.sha256(chunk).hexdigest()
     scheme = Scheme.parse("ec2+1")

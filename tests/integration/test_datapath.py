@@ -10,7 +10,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,10 +32,31 @@ SIZES = [0, 1, CS - 1, CS, CS + 1, 2 * CS + 12345]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The data path's services, and membership, whose verdict steers writes off lost nodes;
+# repair and backup would only add processes to start.
+SERVICES = ("metadata-raft", "chunk-store", "membership")
+
+
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
-    async with LocalSite(tmp_path / "site", nodes=6, servers=1, site="t") as running:
+    """A site of its own, for a test that kills or corrupts."""
+    local = LocalSite(tmp_path / "site", nodes=6, servers=1, site="t", services=SERVICES)
+    async with local as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
+    """One site for the tests that only write and read their own files (the last ones
+    of the module, so it never runs beside another test's site)."""
+    base = tmp_path_factory.mktemp("datapath") / "site"
+    running = LocalSite(base, nodes=6, servers=1, site="t", services=SERVICES)
+    try:
+        asyncio.run(running.start())
+        asyncio.run(running.wait_ready())
+        yield running
+    finally:
+        running.stop()
 
 
 async def _files(site: LocalSite) -> tuple[Bus, MetadataClient, FileStore]:
@@ -114,50 +135,6 @@ async def test_corrupt_fragment_is_detected_reported_and_read_around(site: Local
         assert any(
             r["key"] == key and r["node_id"] == victim and r["reason"] == "corrupt" for r in damaged
         ), damaged
-    finally:
-        await files.close()
-        await bus.close()
-
-
-async def test_partial_writes_truncate_sparse_and_concurrent_readers(site: LocalSite) -> None:
-    bus, meta, files = await _files(site)
-    try:
-        inode = await meta.create(ROOT_INO, "edit")
-        model = bytearray(_blob(2 * CS + 100, 1))
-        handle = await files.open(inode.ino)
-        await handle.write(0, bytes(model))
-        await handle.flush()
-        # overwrite across a chunk boundary, append, then a sparse write far away
-        patch = _blob(5000, 2)
-        await handle.write(CS - 2500, patch)
-        model[CS - 2500 : CS + 2500] = patch
-        await handle.write(len(model), b"tail")
-        model += b"tail"
-        assert await handle.read(CS - 3000, 6000) == bytes(model[CS - 3000 : CS + 3000])
-        await handle.write(5 * CS + 10, b"far")
-        model += bytes(5 * CS + 10 - len(model)) + b"far"
-        await files.release(handle)
-        assert (await meta.getattr(inode.ino)).size == len(model)
-        assert await files.read_all(inode.ino) == bytes(model)
-        # truncate into the middle of a chunk, grow again: the cut bytes read as zeros
-        handle = await files.open(inode.ino)
-        await handle.truncate(CS + 10)
-        await handle.truncate(2 * CS)
-        del model[CS + 10 :]
-        model += bytes(2 * CS - len(model))
-        await files.release(handle)
-        # several readers of the same file at once, from a fresh client
-        other_bus, _, other = await _files(site)
-        try:
-            reads = await asyncio.gather(*(other.read_all(inode.ino) for _ in range(4)))
-            assert all(r == bytes(model) for r in reads)
-        finally:
-            await other.close()
-            await other_bus.close()
-        # the inode is a file; a directory is refused with EISDIR
-        with pytest.raises(FsError) as err:
-            await files.open(ROOT_INO)
-        assert err.value.errno == 21
     finally:
         await files.close()
         await bus.close()
@@ -256,32 +233,81 @@ def _unmount(proc: ManagedProcess, mountpoint: Path) -> None:
     assert not is_fuse_mount(mountpoint)
 
 
+async def test_partial_writes_truncate_sparse_and_concurrent_readers(
+    shared_site: LocalSite,
+) -> None:
+    bus, meta, files = await _files(shared_site)
+    try:
+        inode = await meta.create(ROOT_INO, "edit")
+        model = bytearray(_blob(2 * CS + 100, 1))
+        handle = await files.open(inode.ino)
+        await handle.write(0, bytes(model))
+        await handle.flush()
+        # overwrite across a chunk boundary, append, then a sparse write far away
+        patch = _blob(5000, 2)
+        await handle.write(CS - 2500, patch)
+        model[CS - 2500 : CS + 2500] = patch
+        await handle.write(len(model), b"tail")
+        model += b"tail"
+        assert await handle.read(CS - 3000, 6000) == bytes(model[CS - 3000 : CS + 3000])
+        await handle.write(5 * CS + 10, b"far")
+        model += bytes(5 * CS + 10 - len(model)) + b"far"
+        await files.release(handle)
+        assert (await meta.getattr(inode.ino)).size == len(model)
+        assert await files.read_all(inode.ino) == bytes(model)
+        # truncate into the middle of a chunk, grow again: the cut bytes read as zeros
+        handle = await files.open(inode.ino)
+        await handle.truncate(CS + 10)
+        await handle.truncate(2 * CS)
+        del model[CS + 10 :]
+        model += bytes(2 * CS - len(model))
+        await files.release(handle)
+        # several readers of the same file at once, from a fresh client
+        other_bus, _, other = await _files(shared_site)
+        try:
+            reads = await asyncio.gather(*(other.read_all(inode.ino) for _ in range(4)))
+            assert all(r == bytes(model) for r in reads)
+        finally:
+            await other.close()
+            await other_bus.close()
+        # the inode is a file; a directory is refused with EISDIR
+        with pytest.raises(FsError) as err:
+            await files.open(ROOT_INO)
+        assert err.value.errno == 21
+    finally:
+        await files.close()
+        await bus.close()
+
+
 async def test_files_through_the_mount_survive_unmount_and_remount(
-    site: LocalSite, tmp_path: Path
+    shared_site: LocalSite, tmp_path: Path
 ) -> None:
     """0 B, 1 B, chunk-1, chunk, chunk+1 and 100 MiB through a real FUSE mount."""
     mnt = tmp_path / "mnt"
+    folder = "through-the-mount"  # the shared site's root holds other tests' files
     sizes = [0, 1, CS - 1, CS, CS + 1, 100 * 1024 * 1024]
     digests: dict[str, str] = {}
-    mount = _mount(site, mnt, tmp_path / "mount-1.log")
+    mount = _mount(shared_site, mnt, tmp_path / "mount-1.log")
     try:
+        (mnt / folder).mkdir()
         for seed, size in enumerate(sizes):
             data = _blob(size, 100 + seed)
             name = f"size-{size}"
-            with open(mnt / name, "wb") as out:
+            with open(mnt / folder / name, "wb") as out:
                 for offset in range(0, size, 1 << 20):
                     out.write(data[offset : offset + (1 << 20)])
                 os.fsync(out.fileno())
             digests[name] = hashlib.sha256(data).hexdigest()
         for name, digest in digests.items():
-            assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest
+            assert hashlib.sha256((mnt / folder / name).read_bytes()).hexdigest() == digest
     finally:
         await asyncio.to_thread(_unmount, mount, mnt)
-    mount = _mount(site, mnt, tmp_path / "mount-2.log")
+    mount = _mount(shared_site, mnt, tmp_path / "mount-2.log")
     try:
-        assert sorted(os.listdir(mnt)) == sorted(digests)
+        assert folder in os.listdir(mnt)
+        assert sorted(os.listdir(mnt / folder)) == sorted(digests)
         for name, digest in digests.items():
-            assert (mnt / name).stat().st_size == int(name.split("-")[1])
-            assert hashlib.sha256((mnt / name).read_bytes()).hexdigest() == digest
+            assert (mnt / folder / name).stat().st_size == int(name.split("-")[1])
+            assert hashlib.sha256((mnt / folder / name).read_bytes()).hexdigest() == digest
     finally:
         await asyncio.to_thread(_unmount, mount, mnt)

@@ -99,8 +99,15 @@ async def test_kill9_of_the_writer_process_loses_no_acknowledged_operation(
         f"\nwriter kill -9: writes resumed after {resumed:.2f}s "
         f"({sum(len(w.ack_times) for w in loads)} ops acked)"
     )
-    site.nodes[writer].start()
-    await asyncio.sleep(2.0)  # let the restarted replica catch up before stopping
+    restarted = site.nodes[writer]
+    restarted.start()
+
+    def caught_up() -> bool:  # since this start: the log holds every run's lines
+        this_run = restarted.log_tail(200).rsplit("--- cfs.supervisor: start", 1)[-1]
+        return '"follower.caught_up"' in this_run
+
+    # _verify_replicas expects every replica current with the journal
+    await asyncio.to_thread(restarted.wait_until, caught_up, 60, "the restarted replica")
     await _verify_replicas(site)
 
 

@@ -30,8 +30,13 @@ CS = DEFAULT_CHUNK_SIZE
 SIZES = [1, CS - 1, CS + 1, 2 * CS + 99, 5000, 3 * CS]
 
 
+# Repair and what it works with; a backup service would only add processes to start.
+SERVICES = ("metadata-raft", "chunk-store", "membership", "repair")
+
+
 def _site(base: Path, **env: str) -> LocalSite:
-    return LocalSite(base, nodes=6, servers=1, site="t", env={"CFS_REPAIR_GRACE_S": "3600", **env})
+    env = {"CFS_REPAIR_GRACE_S": "3600", **env}
+    return LocalSite(base, nodes=6, servers=1, site="t", env=env, services=SERVICES)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats.errors
@@ -41,10 +41,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.permission_violations
 
 
-@pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
-    async with LocalSite(tmp_path / "site", nodes=1, site=SITE) as running:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
+    """One site for the module: its tests only try what must be refused, and read."""
+    running = LocalSite(tmp_path_factory.mktemp("security") / "site", nodes=1, site=SITE)
+    try:
+        asyncio.run(running.start())
+        asyncio.run(running.wait_ready())
         yield running
+    finally:
+        running.stop()
 
 
 async def _refused(bus: Bus, action: Callable[[], Awaitable[object]]) -> str:

@@ -75,13 +75,14 @@ def test_raft_leader_loss(dev_site_factory: Callable[..., DevSite]) -> None:
         wait_for("writes under way", lambda: len(writer.acked) >= 20, timeout=60)
         killed_at = time.monotonic()
         site.ok("dev", "kill", leader)
-        elected = wait_for(
-            "a new shard leader",
-            lambda: site.shard_leader() not in (None, leader),
-            timeout=60,
-            every=0.1,
-        )
-        new_leader = site.shard_leader()
+        new_leader: str | None = None
+
+        def elected_other() -> bool:
+            nonlocal new_leader
+            new_leader = site.shard_leader()
+            return new_leader not in (None, leader)
+
+        elected = wait_for("a new shard leader", elected_other, timeout=60, every=0.1)
         wait_for(
             "writes after the failover",
             lambda: any(t > killed_at + elected for t in writer.ack_times),

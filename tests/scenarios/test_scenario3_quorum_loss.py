@@ -89,8 +89,7 @@ def test_quorum_loss_options_1_and_2(dev_site_factory: Callable[..., DevSite]) -
 
     # -- option 2: storage-1 and storage-2 are destroyed ------------------------------------
     names = [f"/ns-{i}" for i in range(10)]
-    for name in names:
-        site.ok("fs", "mkdir", name)
+    site.ok("fs", "mkdir", *names)  # ten namespace operations, acknowledged together
     wait_for("journal replicas current", lambda: _journal_current(site), timeout=30)
     site.ok("dev", "kill", "storage-1")
     site.ok("dev", "kill", "storage-2")
