@@ -68,6 +68,19 @@ def _encode_name(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
+def key_record(key: bytes) -> tuple[str, int, str]:
+    """What a stored key holds (the checker names records by it): `("inode", ino, "")`,
+    `("dentry", parent, name)`, `("tx", 0, tx_id)`, else `("meta", 0, key)`."""
+    if key.startswith(_INODE) and len(key) == 9:
+        return "inode", int(_U64.unpack(key[1:9])[0]), ""
+    if key.startswith(_DENTRY) and len(key) >= 17:
+        name = key[17:].decode("utf-8", "surrogateescape")
+        return "dentry", int(_U64.unpack(key[1:9])[0]), name
+    if key.startswith(_TX):
+        return "tx", 0, key[1:].decode("utf-8", "replace")
+    return "meta", 0, key.decode("utf-8", "replace")
+
+
 class Projection:
     """rocksdict-backed `ShardView`; `apply()` is the only way state changes."""
 

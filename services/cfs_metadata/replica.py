@@ -53,7 +53,7 @@ from cfs_contracts.fs.rpc import (
     TxOp,
     TxPrepare,
 )
-from cfs_contracts.fs.shard_admin import ShardAdminReply, ShardAdminRequest
+from cfs_contracts.fs.shard_admin import RepairRecords, ShardAdminReply, ShardAdminRequest
 from cfs_contracts.streams import (
     meta_admin_subject,
     meta_rpc_subject,
@@ -66,7 +66,7 @@ from cfs_metadata.journal import Journal, JournalRecord, apply_record, cancel_an
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
-from cfs_metadata.shard_admin import ShardState, decide_admin
+from cfs_metadata.shard_admin import ShardState, decide_admin, decide_repair
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
 from cfs_metadata.work import AdminStep, ClientOp, Diverted, LockedView, ShardTxOp, WorkItem
@@ -172,6 +172,39 @@ class ShardReplica:
         await self._stop_serving()
         await cancel_and_wait(self._leader)
         await cancel_and_wait(self._follower)
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up
+
+    async def rebuild(self, reason: str) -> None:
+        """Wipe the projection and replay the shard from its journal, the truth, while
+        the process runs (`cfs admin metadata-repair`: records damaged or different on
+        this replica). A writer steps down first; as it is not caught up, its lease is
+        released and a healthy replica takes it. Leading is possible again once the
+        replay has reached the journal's end."""
+        if self.role is Role.STOPPED:
+            return
+        log.info(
+            "projection.rebuild",
+            extra={
+                "shard": self.shard,
+                "role": self.role.value,
+                "applied_seq": self.projection.applied_seq,
+                "reason": reason,
+            },
+        )
+        await self._step_down(f"rebuild: {reason}")
+        follower = self._follower
+        while follower is not None and not follower.done():
+            # Again if needed: a cancel landing as a reply arrives can be swallowed by
+            # Python 3.11's wait_for (inside nats-py), and the tail would go on applying.
+            follower.cancel()
+            await asyncio.wait([follower], timeout=1.0)
+        self._caught_up = False
+        self.projection.reset()
+        self.term = 0
+        self._follower = self._spawn(self._follow(), f"follow-{self.shard}")
 
     # -- follower --------------------------------------------------------------------
     async def _follow(self) -> None:
@@ -561,7 +594,10 @@ class ShardReplica:
             installing=installing.snapshot_id if installing else None,
             next_chunk=installing.next_chunk if installing else 0,
         )
-        decision = decide_admin(state, step.op)
+        if isinstance(step.op, RepairRecords):
+            decision = decide_repair(state, self.projection, self._locked, step.op)
+        else:
+            decision = decide_admin(state, step.op)
         reply = decision.reply
         if decision.event is not None and not reply.errno:
             was_held = self.projection.held

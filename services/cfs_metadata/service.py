@@ -1,4 +1,5 @@
-"""The metadata-raft service process: one replica of every shard on this node.
+"""The metadata-raft service process: one replica of every shard on this node, and
+the node's replica checks (`cfs.<site>.rpc.metacheck.<node>`, `check_server.py`).
 
     cfs service run metadata-raft --node storage-1 [--config FILE]
     python -m cfs_metadata --node storage-1
@@ -20,6 +21,7 @@ from cfs.kernel.runtime import Context, started
 from cfs.placement import Candidate, rank
 from cfs.service_main import ServiceSettings, run_spec
 from cfs_contracts.streams import shard_lease_key
+from cfs_metadata.check_server import ReplicaChecks
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ReplicaSettings, ShardReplica
 
@@ -44,6 +46,7 @@ async def start(ctx: Context) -> None:
         shard_count=settings.shards,
     )
     nodes = await ctx.nodes()
+    replicas: dict[int, ShardReplica] = {}
     for index in range(1, settings.shards + 1):
         path = settings.data_dir / "metadata" / f"shard-{index:03d}"
         projection = Projection(path, index)
@@ -58,6 +61,9 @@ async def start(ctx: Context) -> None:
             spawn=ctx.spawner(),
         )
         await ctx.enter(started(replica))
+        replicas[index] = replica
+    checks = ReplicaChecks(ctx.bus, replicas, settings.data_dir / "metadata" / "check")
+    await ctx.enter(started(checks))
     log.info("metadata.started", extra={"node": settings.node, "shards": settings.shards})
 
 

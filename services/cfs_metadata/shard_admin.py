@@ -1,10 +1,12 @@
-"""Backup and restore steps on a shard writer: one pure decide per step.
+"""Backup, restore and repair steps on a shard writer: one pure decide per step.
 
 `decide_admin` looks at the writer's position and returns the journal event to
 append (if any) and the reply; the replica appends and applies it like any other
 message, so followers and a replica rebuilt later see exactly the same steps.
 Every step is idempotent: a retried chunk, a replay batch already applied or an
 open of an open shard answer with where the shard is and change nothing.
+A repair (`decide_repair`) also reads the records it changes: it applies only if
+they are still what the checker saw, and its id makes a retry a no-op.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from cfs_contracts.events.metadata import (
     Lineage,
     MetaCommitted,
     MetaReplayed,
+    SetNextLocal,
     ShardImageChunk,
     ShardOpened,
     ShardRestored,
@@ -26,15 +29,21 @@ from cfs_contracts.fs.rpc import Reply
 from cfs_contracts.fs.shard_admin import (
     MarkCut,
     OpenShard,
+    RepairRecords,
     ReplayBatch,
     RestoreBegin,
     RestoreChunk,
     ShardAdminReply,
     ShardPosition,
 )
+from cfs_metadata.state import ShardView
+from cfs_metadata.txn import change_locks, key_shard, read_records
 
 SNAPSHOT_CUT_OP = "snapshot_cut"
-AdminOp = MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard
+REPAIR_OP_PREFIX = "repair."
+AdminOp = (
+    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard | RepairRecords
+)
 
 
 @dataclass(frozen=True)
@@ -55,13 +64,9 @@ class AdminDecision:
 
 
 def decide_admin(state: ShardState, op: AdminOp) -> AdminDecision:
-    here = ShardAdminReply(
-        applied_seq=state.applied_seq,
-        inodes=state.inodes,
-        lineage=state.lineage,
-        installing=state.installing,
-        next_chunk=state.next_chunk,
-    )
+    here = _here(state)
+    if isinstance(op, RepairRecords):
+        raise TypeError("a repair reads the shard: decide it with decide_repair")
     if isinstance(op, ShardPosition):
         return AdminDecision(None, here)
     if isinstance(op, MarkCut):
@@ -169,3 +174,60 @@ def _decide_replay(state: ShardState, op: ReplayBatch, here: ShardAdminReply) ->
 
 def _refuse(here: ShardAdminReply, code: int, message: str) -> AdminDecision:
     return AdminDecision(None, here.model_copy(update={"errno": code, "message": message}))
+
+
+def _here(state: ShardState) -> ShardAdminReply:
+    return ShardAdminReply(
+        applied_seq=state.applied_seq,
+        inodes=state.inodes,
+        lineage=state.lineage,
+        installing=state.installing,
+        next_chunk=state.next_chunk,
+    )
+
+
+def decide_repair(
+    state: ShardState, view: ShardView, locked: set[str], op: RepairRecords
+) -> AdminDecision:
+    """Journal a repair if the records it was computed from have not changed since.
+
+    Changes to other shards' records are refused (each shard repairs its own); a
+    `SetNextLocal` only ever raises the counter (numbers handed out meanwhile stay
+    taken), so it is dropped when the shard is already past it.
+    """
+    here = _here(state)
+    if view.op_reply(op.repair_id) is not None:
+        return AdminDecision(None, here.model_copy(update={"message": "applied already"}))
+    if state.lineage is not None and state.lineage.held:
+        return _refuse(here, errno.EROFS, f"shard {state.shard} is held for replay-journal")
+    index = int(state.shard)
+    keys = change_locks(op.changes) | {r.key for r in op.expected}
+    foreign = sorted(k for k in keys if key_shard(k) != index)
+    if foreign:
+        return _refuse(
+            here, errno.EINVAL, f"repair of shard {state.shard} touches {', '.join(foreign[:3])}"
+        )
+    if busy := sorted(keys & locked):
+        return _refuse(
+            here,
+            errno.EAGAIN,
+            f"{', '.join(busy[:3])} locked by a cross-shard transaction; run the repair again",
+        )
+    current = {r.key: r for r in read_records(view, sorted(r.key for r in op.expected))}
+    for record in op.expected:
+        if current[record.key] != record:
+            return _refuse(
+                here,
+                errno.ESTALE,
+                f"{record.key} changed since the check; run the check and repair again",
+            )
+    changes = tuple(
+        c for c in op.changes if not isinstance(c, SetNextLocal) or c.value > view.next_local()
+    )
+    entry = JournalEntry(
+        op_id=op.repair_id,
+        op=REPAIR_OP_PREFIX + op.problem,
+        changes=changes,
+        reply=Reply(message=op.finding[:1024]),
+    )
+    return AdminDecision(MetaCommitted(shard=state.shard, term=state.term, entries=(entry,)), here)

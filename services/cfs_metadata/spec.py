@@ -17,7 +17,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.meta.*",  # cross-shard two-phase operations
             "{s}.rpc.chunk.*.*",  # fragments of deleted files
         ),
-        serve=("{s}.rpc.meta.*", "{s}.rpc.metaadmin.*"),
+        serve=("{s}.rpc.meta.*", "{s}.rpc.metaadmin.*", "{s}.rpc.metacheck.*"),
         read_streams=("META_*",),
         read_buckets=(LEASES.bucket,),
         write_keys={LEASES.bucket: ("meta.*",)},

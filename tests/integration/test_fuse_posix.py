@@ -34,6 +34,7 @@ from cfs.fuse.config import is_fuse_mount
 from cfs.supervisor.site import LocalSite, child_pythonpath
 from cfs_contracts.events.metadata import MetaCommitted
 from cfs_metadata.check import check_tree
+from cfs_metadata.fsck import CheckReport, MetadataChecker
 from cfs_metadata.journal import Journal
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import SITE, replay_journal
@@ -107,6 +108,14 @@ class Mounted:
         self._replayed.txs.clear()
         return check_tree(self._replayed, self._replayed.inodes)
 
+    async def full_check(self) -> CheckReport:
+        """`cfs admin metadata-consistency-check`, in process."""
+        async with (
+            await self.site.client("checker") as bus,
+            MetadataChecker(bus, range(1, SHARDS + 1)) as checker,
+        ):
+            return await checker.run()
+
     async def _catch_up(self) -> None:
         async with await self.site.client("checker") as bus:
             for shard in range(1, SHARDS + 1):
@@ -136,6 +145,9 @@ def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
         assert "fuse.unexpected_error" not in log, fs.mount.log_tail(60)
         merged = fs.namespace()
         assert check_tree(merged, merged.inodes) == []
+        report = asyncio.run(fs.full_check())  # the shipped checker: replicas, fragments too
+        assert report.exit_code == 0, [f.line for f in report.findings] + report.unchecked
+        print(f"\nmetadata-consistency-check: {report.to_dict()['stats']}")
     finally:
         fs.stop()
         mountpoint.rmdir()

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cfs_contracts.envelope import HLC
 from cfs_contracts.events.metadata import JournalEntry, Lineage
+from cfs_contracts.fs.changes import BaseChange
+from cfs_contracts.fs.rpc import RemoteRecord
 
 
 class _AdminOp(BaseModel):
@@ -73,8 +75,21 @@ class OpenShard(_AdminOp):
     reason: str
 
 
+class RepairRecords(_AdminOp):
+    """`cfs admin metadata-repair`: journal `changes` if every record in `expected` is
+    still what the checker saw (else ESTALE, nothing changes). `repair_id` is the
+    entry's op id: a retried repair is answered from the journal, applied once."""
+
+    op: Literal["repair"] = "repair"
+    repair_id: str
+    problem: str = Field(description="what it fixes: nlink, parent, orphan, dangling, ...")
+    finding: str = Field(description="the checker's line for it")
+    expected: tuple[RemoteRecord, ...] = ()
+    changes: tuple[BaseChange, ...] = ()
+
+
 AnyShardAdminOp = Annotated[
-    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard,
+    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard | RepairRecords,
     Field(discriminator="op"),
 ]
 
