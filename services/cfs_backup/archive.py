@@ -34,7 +34,7 @@ from cfs.backup.segments import (
 from cfs.bus import Bus
 from cfs.faults import crash_point
 from cfs.objstore import ObjectStore, ObjectStoreError
-from cfs.retry import Backoff, RetryPolicy
+from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts.backup import ArchiveStream
 from cfs_contracts.envelope import Envelope
 
@@ -168,14 +168,20 @@ class Archiver:
         state.archived_seq = await self.resume_position(state.name)
         state.journal_seq = state.archived_seq
         log.info("archive.resume", extra={"stream": state.name, "after_seq": state.archived_seq})
-        while True:
+        backoff = Backoff(
+            RetryPolicy(f"journal tail of {state.name}", temporary=any_bus_error, deadline_s=None),
+            extra={"stream": state.name},
+            logger=log,
+        )
+        while True:  # a tail ends only with an error: the next starts where it stopped
             try:
-                await self._tail(state)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.info("archive.tail_restart", extra={"stream": state.name, "error": str(exc)})
-                await asyncio.sleep(1.0)
+                await self._tail(state, backoff)
+            except Exception as exc:
+                if not any_bus_error(exc):
+                    raise
+                await backoff.wait(exc)
 
-    async def _tail(self, state: _StreamState) -> None:
+    async def _tail(self, state: _StreamState, backoff: Backoff) -> None:
         start = state.archived_seq + len(state.buffer.messages) + 1
         sub = await self.bus.js.subscribe(
             state.subject,
@@ -205,6 +211,7 @@ class Archiver:
                     if pending < 0:
                         pending = 0 if await self._at_end(state) else -1
                     continue
+                backoff.reset()
                 seq = msg.metadata.sequence.stream
                 pending = msg.metadata.num_pending
                 hlc = Envelope.model_validate_json(msg.data).hlc

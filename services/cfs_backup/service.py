@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 from pydantic import Field
 
 from cfs.backup.image import encode_pairs
@@ -33,7 +34,7 @@ from cfs.client.shard_admin import shard_admin
 from cfs.cluster import read_config
 from cfs.faults import crash_point
 from cfs.ids import new_id
-from cfs.kernel.runtime import Context
+from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.objstore import ObjectStore, ObjectStoreError, ServiceS3Settings, open_store
 from cfs.service_main import ServiceSettings, run_spec
 from cfs_backup.archive import Archiver, ArchiveSettings
@@ -153,8 +154,14 @@ class Backup:
         )
         return self._archiver
 
+    async def _nodes_bucket(self) -> KeyValue:
+        """Right after a failover the bucket's stream may still be electing a leader."""
+        return await until_jetstream_answers(
+            f"{NODES.bucket} bucket", lambda: self.bus.key_value(NODES.bucket)
+        )
+
     async def status_loop(self) -> None:
-        kv = await self.bus.key_value(NODES.bucket)
+        kv = await self._nodes_bucket()
         while True:
             try:
                 await kv.put(BACKUP_STATUS_KEY, self.status().model_dump_json().encode())
@@ -181,7 +188,7 @@ class Backup:
         """Scheduled snapshots (`snapshot-metadata --interval`): due when the newest
         snapshot at the destination is older than the interval (so a failover neither
         skips nor repeats one)."""
-        kv = await self.bus.key_value(NODES.bucket)
+        kv = await self._nodes_bucket()
         while True:
             try:
                 entry = await kv.get(SCHEDULE_KEY)
