@@ -335,11 +335,12 @@ async def test_a_running_writer_rebuilds_when_its_journal_was_reseeded_shorter(
         await client.mkdir(1, "lost")
         ahead = replica.projection.applied_seq
 
+        # From here: under load the writer may notice the re-seed during the import.
+        caplog.set_level(logging.WARNING, logger="cfs_metadata.replica")
         server.stop()  # what `NatsCluster.reform` does to the survivor, then the import
         server.store_dir.rename(tmp_path / "store.lost")
         server.start()
         await import_streams([server.url], SITE, 1, tmp_path / "export")
-        caplog.set_level(logging.WARNING, logger="cfs_metadata.replica")
         await client.mkdir(1, "after")  # retried by the client until the writer is back
         rebuilt = [r for r in caplog.records if r.getMessage() == "projection.rebuilt"]
         assert [r.applied_seq for r in rebuilt] == [ahead]  # type: ignore[attr-defined]
