@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cfs.admin.client import actor
-from cfs.bus import Bus, BusError, NoResponders
+from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs_contracts.backup import GcReport, GcRequest, gc_subject
@@ -38,6 +38,9 @@ def gc(
         bool, typer.Option("--dry-run", help="list what would be deleted, delete nothing")
     ] = False,
     as_json: JsonOpt = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the run's report")
+    ] = GC_TIMEOUT_S,
 ) -> None:
     """Delete fragments no file, retained snapshot or restorable point in time needs.
 
@@ -49,10 +52,16 @@ def gc(
     async def work(bus: Bus) -> GcReport:
         body = GcRequest(dry_run=dry_run).model_dump_json().encode()
         try:
-            msg = await bus.request(gc_subject(bus.site), body, timeout=GC_TIMEOUT_S)
+            msg = await bus.request(gc_subject(bus.site), body, timeout=timeout)
         except NoResponders:
             raise CliError(
                 "no active backup service answers (is `backup` running?)", ExitCode.UNREACHABLE
+            ) from None
+        except RequestTimeout:
+            raise CliError(
+                f"no report within {timeout:g} s: the backup service may have stopped "
+                "mid-run (a rerun continues where it left off)",
+                ExitCode.UNREACHABLE,
             ) from None
         report = GcReport.model_validate_json(msg.data)
         if not dry_run:
