@@ -154,33 +154,40 @@ class Collector:
             )
             try:
                 keep, retained = await self.mark()
-                tally = await self.sweep(keep, dry_run)
             except _BLOCKING as exc:
                 report = GcReport(
                     **base, ok=False, message=f"blocked, nothing deleted: {exc}", seconds=0.0
                 )
                 log.warning("gc.blocked", extra={"run": run_id, "error": str(exc)})
-            else:
-                report = _report(base, keep, retained, tally, time.monotonic() - clock)
-                log.info(
-                    "gc.run",
-                    extra={
-                        "run": run_id,
-                        "dry_run": dry_run,
-                        "keep_chunks": report.keep_chunks,
-                        "protected_snapshot": report.protected_snapshot,
-                        "fragments": report.fragments,
-                        "kept_referenced": report.kept_referenced,
-                        "kept_young": report.kept_young,
-                        "deleted": report.deleted,
-                        "deleted_bytes": report.deleted_bytes,
-                        "already_gone": report.already_gone,
-                        "stored_again": report.stored_again,
-                        "failed": report.failed,
-                        "unreachable": list(report.unreachable),
-                        "seconds": round(report.seconds, 3),
-                    },
-                )
+                await self._save(report)
+                return report
+            tally = _Tally()
+            try:
+                await self.sweep(keep, dry_run, tally)
+            except _BLOCKING as exc:  # what went is in the report; a rerun continues
+                tally.failed += 1
+                tally.errors.insert(0, f"sweep stopped: {exc}")
+                log.warning("gc.sweep_stopped", extra={"run": run_id, "error": str(exc)})
+            report = _report(base, keep, retained, tally, time.monotonic() - clock)
+            log.info(
+                "gc.run",
+                extra={
+                    "run": run_id,
+                    "dry_run": dry_run,
+                    "keep_chunks": report.keep_chunks,
+                    "protected_snapshot": report.protected_snapshot,
+                    "fragments": report.fragments,
+                    "kept_referenced": report.kept_referenced,
+                    "kept_young": report.kept_young,
+                    "deleted": report.deleted,
+                    "deleted_bytes": report.deleted_bytes,
+                    "already_gone": report.already_gone,
+                    "stored_again": report.stored_again,
+                    "failed": report.failed,
+                    "unreachable": list(report.unreachable),
+                    "seconds": round(report.seconds, 3),
+                },
+            )
             await self._save(report)
             return report
 
@@ -291,13 +298,11 @@ class Collector:
         return found
 
     # -- sweep -------------------------------------------------------------------------
-    async def sweep(self, keep: KeepSet, dry_run: bool) -> _Tally:
-        tally = _Tally()
+    async def sweep(self, keep: KeepSet, dry_run: bool, tally: _Tally) -> None:
         for key in sorted(await bucket_keys(self.bus, NODES.bucket, STORE_PREFIX)):
             node = key[len(STORE_PREFIX) :]
             tally.nodes.append(node)
             await self._sweep_node(node, keep, dry_run, tally)
-        return tally
 
     async def _sweep_node(self, node: str, keep: KeepSet, dry_run: bool, tally: _Tally) -> None:
         after = ""

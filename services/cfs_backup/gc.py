@@ -20,6 +20,8 @@ after the mark is not in the keep set, but its fragments were then stored less t
 that stores a chunk again (the same content written anew) refreshes its stored time;
 the sweep deletes conditionally on the stored time it listed (chunk-store `delete`
 with `Cfs-Stored-Ms`), so such a fragment is never removed from under the new commit.
+Stored times are each chunk-store's wall clock, the mark the collector's: the grace
+must also cover the clock offset between nodes (an hour by default dwarfs NTP's).
 
 Keep sets are chunk ids, not fragment keys: a fragment of a referenced chunk under
 another scheme or on a node the chunk map no longer names is kept (repair's business).
