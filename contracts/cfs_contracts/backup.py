@@ -144,3 +144,60 @@ def fetch_subject(site: str, node: str) -> str:
 
 def progress_subject(site: str, snapshot_id: str) -> str:
     return site_subject(site, "backup", "progress", snapshot_id)
+
+
+# -- fragment garbage collection (`cfs admin gc`, run by the active backup service) -----
+GC_REPORT_KEY = "backup.gc"  # the last run's GcReport in the nodes KV
+GC_DESTINATIONS_KEY = "backup.destinations"  # JSON list: where snapshots were uploaded
+
+
+class GcRequest(BaseModel):
+    dry_run: bool = Field(default=False, description="decide and report, delete nothing")
+
+
+class GcDeletion(BaseModel):
+    """One fragment deleted (or, in a dry run, that would be)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    key: str
+    size: int = Field(ge=0, description="bytes")
+    age_s: float = Field(ge=0, description="since it was stored, at the mark")
+
+
+class GcReport(BaseModel):
+    """One collection: what protected what, and what went (`backup.gc` in the nodes KV)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    node: str = Field(description="the backup process that ran it")
+    dry_run: bool
+    ok: bool = Field(description="False: blocked (nothing deleted) or some deletes failed")
+    message: str = Field(default="", description="why it was blocked, or what failed")
+    started_ms: int
+    marked_ms: int = Field(default=0, description="wall ms the keep set was taken at")
+    seconds: float = 0.0
+    grace_s: float = Field(ge=0)
+    protected_snapshot: str | None = Field(
+        default=None, description="URL of the oldest retained snapshot (its chunks are kept)"
+    )
+    keep_chunks: int = Field(default=0, ge=0, description="chunk ids in the keep set")
+    nodes: tuple[str, ...] = Field(default=(), description="chunk-stores listed")
+    unreachable: tuple[str, ...] = Field(default=(), description="skipped: they did not answer")
+    fragments: int = Field(default=0, ge=0, description="fragments listed")
+    kept_referenced: int = Field(default=0, ge=0)
+    kept_young: int = Field(default=0, ge=0, description="unreferenced but within the grace")
+    deleted: int = Field(default=0, ge=0, description="deleted (dry run: would be)")
+    deleted_bytes: int = Field(default=0, ge=0)
+    already_gone: int = Field(default=0, ge=0, description="deleted before we got to them")
+    stored_again: int = Field(default=0, ge=0, description="re-stored since listed: kept")
+    failed: int = Field(default=0, ge=0, description="deletes that failed (retried next run)")
+    deletions: tuple[GcDeletion, ...] = Field(
+        default=(), description="the first 1000 deletions, for the operator"
+    )
+
+
+def gc_subject(site: str) -> str:
+    return site_subject(site, "rpc", "backup", "gc")

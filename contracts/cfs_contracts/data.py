@@ -10,7 +10,10 @@ chunk-store over request/reply on `cfs.<site>.rpc.chunk.<node>.<verb>`:
 - `get`: headers `Cfs-Key`; reply body = fragment bytes with headers `Cfs-Crc`,
   or an empty body with `Cfs-Errno` and `Cfs-Error-Message` (ENOENT: not held; EIO:
   failed its checksum, already reported as `FragmentDamaged`).
-- `delete`, `verify`: headers `Cfs-Key`; reply `StoreReply`.
+- `delete`, `verify`: headers `Cfs-Key`; reply `StoreReply`. A `delete` may carry
+  `Cfs-Stored-Ms` (decimal): remove only the fragment stored at exactly that time,
+  else ESTALE and nothing changes (garbage collection: a client that stored the
+  same chunk again since the collector listed it wins). Older stores ignore it.
 - `list`: body = `ListRequest` JSON; reply `StoreReply` with `fragments`.
 - `stat`: reply `StoreReply` with `status`.
 - `rebuild`: body = `RebuildRequest` JSON. The node re-creates the fragment
@@ -38,6 +41,7 @@ HEADER_KEY = "Cfs-Key"
 HEADER_CRC = "Cfs-Crc"
 HEADER_ERRNO = "Cfs-Errno"
 HEADER_ERROR = "Cfs-Error-Message"  # same header as a failed `Bus.serve` handler
+HEADER_STORED_MS = "Cfs-Stored-Ms"  # delete: only if the fragment's stored_ms is this
 
 Verb = Literal["put", "get", "delete", "verify", "list", "stat", "rebuild"]
 VERBS: tuple[Verb, ...] = ("put", "get", "delete", "verify", "list", "stat", "rebuild")

@@ -38,14 +38,17 @@ from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.objstore import ObjectStore, ObjectStoreError, ServiceS3Settings, open_store
 from cfs.service_main import ServiceSettings, run_spec
 from cfs_backup.archive import Archiver, ArchiveSettings
+from cfs_backup.collector import Collector
 from cfs_backup.cut import advance_to_cut
 from cfs_contracts.backup import (
     BACKUP_STATUS_KEY,
+    GC_DESTINATIONS_KEY,
     SCHEDULE_KEY,
     SNAPSHOT_FORMAT,
     SNAPSHOT_PREFIX,
     BackupStatus,
     FetchRequest,
+    GcRequest,
     KvDump,
     ShardCut,
     SnapshotManifest,
@@ -53,6 +56,7 @@ from cfs_contracts.backup import (
     SnapshotRequest,
     SnapshotSchedule,
     fetch_subject,
+    gc_subject,
     progress_subject,
     snapshot_subject,
 )
@@ -88,6 +92,22 @@ class BackupSettings(ServiceSettings):
         default=3 * 365.0,
         gt=0,
         description="archived AUDIT segments kept this long (guide: 3 years)",
+    )
+    gc_interval_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="fragment garbage collection every this long; 0: only `cfs admin gc`",
+    )
+    gc_grace_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="fragments stored less than this long before a collection are never "
+        "deleted (writes in flight; snapshots this service cannot see)",
+    )
+    gc_snapshot_urls: list[str] = Field(
+        default_factory=list,
+        description="more s3://bucket/prefix destinations whose metadata-*.tar.gz snapshots "
+        "garbage collection must keep restorable",
     )
 
 
@@ -126,6 +146,28 @@ class Backup:
         self._schedule: SnapshotSchedule | None = None
         self._error: str | None = None
         self._phase: dict[str, object] = {}
+        self.collector: Collector | None = None
+
+    def gc(self, active: Callable[[], bool]) -> Collector:
+        """The fragment collector of the active instance (`collector.py`)."""
+        self.collector = Collector(
+            self.bus,
+            self.root,
+            grace_s=self.settings.gc_grace_s,
+            snapshot_urls=self.settings.gc_snapshot_urls,
+            s3=self.s3,
+            active=active,
+        )
+        return self.collector
+
+    async def gc_loop(self, collector: Collector) -> None:
+        """Periodic collections; a blocked or failed one is in its report, and retried."""
+        interval = self.settings.gc_interval_s
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            await collector.run()
 
     async def archiver(self, active: Callable[[], bool] = lambda: True) -> Archiver | None:
         """The journal archive, when `archive_url` is set (needs the cluster's id)."""
@@ -419,7 +461,24 @@ class Backup:
             finally:
                 check.unlink(missing_ok=True)
             await self._retain(store, request)
+        await self._remember(request.destination)
         return f"{request.destination.rstrip('/')}/{name}"
+
+    async def _remember(self, destination: str) -> None:
+        """Fragment GC keeps the oldest snapshot at every destination used (a failed
+        write here is logged: the schedule's destination is read from the KV anyway)."""
+        kv = await self.bus.key_value(NODES.bucket)
+        try:
+            try:
+                entry = await kv.get(GC_DESTINATIONS_KEY)
+                known = [str(u) for u in json.loads(entry.value or b"[]")]
+            except nats.js.errors.KeyNotFoundError:
+                known = []
+            url = destination.rstrip("/")
+            if url not in known:
+                await kv.put(GC_DESTINATIONS_KEY, json.dumps([*known, url]).encode())
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("snapshot.destination_unrecorded", extra={"error": str(exc)})
 
     async def _retain(self, store: ObjectStore, request: SnapshotRequest) -> None:
         infos = sorted(
@@ -469,13 +528,23 @@ async def lead(ctx: Context) -> None:
         reply = await backup.snapshot(SnapshotRequest.model_validate_json(msg.data))
         return reply.model_dump_json().encode()
 
-    subs = [await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot)]
+    lease = ctx.lease
+    collector = backup.gc(lambda: lease is not None and lease.is_holder)
+
+    async def on_gc(msg: Msg) -> bytes:
+        report = await collector.run(GcRequest.model_validate_json(msg.data or b"{}").dry_run)
+        return report.model_dump_json().encode()
+
+    subs = [
+        await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot),
+        await ctx.bus.serve(gc_subject(ctx.bus.site), on_gc),
+    ]
     try:
         async with asyncio.TaskGroup() as tasks:
-            lease = ctx.lease
             archiver = await backup.archiver(lambda: lease is not None and lease.is_holder)
             if archiver is not None:
                 tasks.create_task(archiver.run(), name="archive")
+            tasks.create_task(backup.gc_loop(collector), name="fragment gc")
             tasks.create_task(backup.schedule_loop(), name="snapshot schedule")
             tasks.create_task(backup.status_loop(), name="backup status")
     finally:

@@ -9,13 +9,15 @@ SPEC = ServiceSpec(
     name="backup",
     role="backup",
     package="cfs_backup",
-    description="The backup service: consistent metadata snapshots across all shards "
-    "(one active per site).",
+    description="The backup service: consistent metadata snapshots across all shards, the "
+    "journal archive and fragment garbage collection (one active per site).",
     settings=imported("cfs_backup.service:BackupSettings"),
     grants=Grants(
         publish=(
             "{s}.rpc.metaadmin.*",  # snapshot markers on each shard's journal
             "{s}.backup.>",  # snapshot progress
+            "{s}.rpc.chunk.*.list",  # fragment GC: what each chunk-store holds
+            "{s}.rpc.chunk.*.delete",  # fragment GC: conditional deletes, nothing else
         ),
         serve=("{s}.rpc.backup.*", "{s}.rpc.backup.fetch.*"),
         read_streams=("META_*", AUDIT.name),

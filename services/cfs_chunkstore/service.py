@@ -65,6 +65,7 @@ from cfs.service_main import ServiceSettings, run_spec
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
+    FragmentChanged,
     FragmentCorrupt,
     FragmentNotFound,
     FragmentStore,
@@ -77,6 +78,7 @@ from cfs_contracts.data import (
     HEADER_ERRNO,
     HEADER_ERROR,
     HEADER_KEY,
+    HEADER_STORED_MS,
     VERBS,
     FragmentInfo,
     ListRequest,
@@ -352,8 +354,12 @@ class ChunkStoreService:
 
     async def _delete(self, msg: Msg) -> StoreReply:
         key = _key(msg)
-        if await asyncio.to_thread(self.store.info, key) is None:
+        stored_ms = _stored_ms(msg)
+        held = await asyncio.to_thread(self.store.info, key)
+        if held is None:
             raise FragmentNotFound(self.node, key)
+        if stored_ms is not None and held.stored_ms != stored_ms:
+            raise FragmentChanged(self.node, key, stored_ms, held.stored_ms)
         event = self.bus.event(FragmentDeleted(node_id=self.node, key=key))
         try:
             await self.bus.publish(event)
@@ -363,7 +369,21 @@ class ChunkStoreService:
                 message=f"fragment {key} not deleted from node {self.node}: its FragmentDeleted "
                 f"event was not published ({exc}); retry the delete",
             )
-        info = await asyncio.to_thread(self.store.delete, key)
+        try:
+            info = await asyncio.to_thread(self.store.delete, key, stored_ms)
+        except FragmentChanged:
+            # Stored again between the check and the delete: announce it again, so the
+            # DATA stream does not end on the FragmentDeleted published above.
+            again = await asyncio.to_thread(self.store.info, key)
+            if again is not None:
+                await self.bus.publish(
+                    self.bus.event(
+                        FragmentStored(
+                            node_id=self.node, key=key, size=again.size, crc32=again.crc32
+                        )
+                    )
+                )
+            raise
         log.info(
             "fragment.deleted",
             extra={"node": self.node, "key": key, "size": info.size, "event_id": event.id},
@@ -442,6 +462,16 @@ def _key(msg: Msg) -> str:
     if not key:
         raise InvalidKey(f"request on {msg.subject} has no {HEADER_KEY} header")
     return key
+
+
+def _stored_ms(msg: Msg) -> int | None:
+    text = (msg.headers or {}).get(HEADER_STORED_MS)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidKey(f"header {HEADER_STORED_MS} {text!r} is not a number") from None
 
 
 def _error_headers(code: int, message: str) -> dict[str, str]:

@@ -108,6 +108,20 @@ class ChecksumMismatch(StoreError):
         )
 
 
+class FragmentChanged(StoreError):
+    """A conditional delete found the fragment stored again since the caller looked (a
+    client's put of the same chunk): nothing deleted. ESTALE, as for a stale handle."""
+
+    errno = errno.ESTALE
+
+    def __init__(self, node: str, key: str, expected_ms: int, actual_ms: int) -> None:
+        super().__init__(
+            f"fragment {key} on node {node} was stored again at {actual_ms} "
+            f"(the delete was for the one stored at {expected_ms}); not deleted"
+        )
+        self.key = key
+
+
 class FragmentCorrupt(StoreError):
     """A held fragment is missing or fails its checksum (repair must rebuild it)."""
 
@@ -152,8 +166,9 @@ class FragmentStore(Protocol):
         """Read and check without returning the bytes; same errors as `get`."""
         ...
 
-    def delete(self, key: str) -> FragmentInfo:
-        """Remove durably; FragmentNotFound if not held."""
+    def delete(self, key: str, stored_ms: int | None = None) -> FragmentInfo:
+        """Remove durably; FragmentNotFound if not held. `stored_ms`: only the fragment
+        stored at exactly that time (FragmentChanged if it was stored again since)."""
         ...
 
     def info(self, key: str) -> FragmentInfo | None:
@@ -261,12 +276,14 @@ class FileFragmentStore:
             self._used, self._count = used, count
         return info
 
-    def delete(self, key: str) -> FragmentInfo:
+    def delete(self, key: str, stored_ms: int | None = None) -> FragmentInfo:
         chunk = _check_key(key)
-        with self._lock:
+        with self._lock:  # the same lock as `put`: the condition holds until the unlink
             old = self._entry(key)
             if old is None:
                 raise FragmentNotFound(self.node, key)
+            if stored_ms is not None and old.stored_ms != stored_ms:
+                raise FragmentChanged(self.node, key, stored_ms, old.stored_ms)
             used = max(0, self._used - old.size)
             count = max(0, self._count - 1)
             batch = WriteBatch(raw_mode=True)

@@ -12,6 +12,7 @@ import pytest
 from cfs_chunkstore.store import (
     ChecksumMismatch,
     FileFragmentStore,
+    FragmentChanged,
     FragmentCorrupt,
     FragmentNotFound,
     InvalidKey,
@@ -227,3 +228,17 @@ def test_open_removes_orphans_and_temporaries(tmp_path: Path) -> None:
 def test_second_open_of_same_root_fails(store: FileFragmentStore) -> None:
     with pytest.raises(Exception, match=r"(?i)lock"):
         FileFragmentStore(store.root, node="n1")
+
+
+def test_conditional_delete_spares_a_fragment_stored_again(store: FileFragmentStore) -> None:
+    """GC deletes on the stored time it listed: a client's put of the same chunk since
+    then (a new file with the same content) wins, and nothing changes."""
+    put(store, key(0), b"abc")
+    held = store.info(key(0))
+    assert held is not None
+    with pytest.raises(FragmentChanged) as refused:
+        store.delete(key(0), stored_ms=held.stored_ms - 1)  # listed before the last put
+    assert refused.value.errno == errno.ESTALE
+    assert store.contains(key(0)) and store.stat().fragments == 1
+    assert store.delete(key(0), stored_ms=held.stored_ms).size == 3
+    assert not store.contains(key(0))

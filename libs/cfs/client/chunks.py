@@ -18,6 +18,7 @@ from cfs_contracts.data import (
     HEADER_ERRNO,
     HEADER_ERROR,
     HEADER_KEY,
+    HEADER_STORED_MS,
     FragmentInfo,
     ListRequest,
     RebuildRequest,
@@ -76,8 +77,16 @@ class ChunkStoreClient:
             )
         return bytes(msg.data)
 
-    async def delete(self, node: str, key: str) -> None:
-        await self._control(node, "delete", key, b"", {HEADER_KEY: key})
+    async def delete(self, node: str, key: str, *, stored_ms: int | None = None) -> FragmentInfo:
+        """Remove `key` from `node`; the fragment removed. `stored_ms`: only the one stored
+        at that time (FragmentError ESTALE if it was stored again since; ENOENT if gone)."""
+        headers = {HEADER_KEY: key}
+        if stored_ms is not None:
+            headers[HEADER_STORED_MS] = str(stored_ms)
+        reply = await self._control(node, "delete", key, b"", headers)
+        if reply.fragment is None:
+            raise FragmentError(node, key, errno.EIO, "delete answered without a fragment record")
+        return reply.fragment
 
     async def verify(self, node: str, key: str) -> FragmentInfo:
         reply = await self._control(node, "verify", key, b"", {HEADER_KEY: key})
