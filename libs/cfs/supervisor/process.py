@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cfs.supervisor.errors import SupervisorError
+from cfs.supervisor.forkserver import ForkedChild, ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,19 @@ class ManagedProcess:
         inherit_env: bool = True,
         cwd: Path | None = None,
         die_with_parent: bool = True,
+        forkserver: ForkServer | None = None,
     ) -> None:
         """`env` is laid over `os.environ` unless `inherit_env` is False.
 
         Output (stdout and stderr) is appended to `log_path`, so restarts keep history.
         Pass `die_with_parent=False` for daemons that must outlive the supervisor.
+        With a `forkserver`, `argv` is `python -m PACKAGE ARGS...` and the child is
+        forked from it (the same process, started without importing anything).
         """
         if not argv:
             raise ValueError("argv must not be empty")
+        if forkserver is not None and (list(argv[:2]) != [sys.executable, "-m"] or len(argv) < 3):
+            raise ValueError(f"a forked child runs `python -m PACKAGE ...`, not {argv}")
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
@@ -117,7 +123,8 @@ class ManagedProcess:
         self.inherit_env = inherit_env
         self.cwd = cwd
         self.die_with_parent = die_with_parent
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.forkserver = forkserver
+        self._proc: subprocess.Popen[bytes] | ForkedChild | None = None
         self._paused = False
         self._wanted = False  # started and not stopped or killed on purpose since
         self._lock = threading.RLock()
@@ -188,7 +195,16 @@ class ManagedProcess:
                     )
 
                 try:
-                    proc = _spawn(popen)
+                    if self.forkserver is not None:
+                        proc: subprocess.Popen[bytes] | ForkedChild = self.forkserver.spawn(
+                            self.argv[2],
+                            self.argv[3:],
+                            env=env,
+                            cwd=self.cwd,
+                            log_path=self.log_path,
+                        )
+                    else:
+                        proc = _spawn(popen)
                 except OSError as exc:
                     raise SupervisorError(f"cannot start {self.name}: {exc}") from exc
             self._proc = proc
@@ -323,7 +339,7 @@ class ManagedProcess:
         if self._proc is not None:
             _killpg(self._proc.pid, sig)
 
-    def _finish(self, proc: subprocess.Popen[bytes]) -> None:
+    def _finish(self, proc: subprocess.Popen[bytes] | ForkedChild) -> None:
         """After the leader is reaped, kill any leftovers in its group and forget it."""
         _killpg(proc.pid, signal.SIGKILL)
         self._paused = False

@@ -45,6 +45,7 @@ from cfs.bus import Bus
 from cfs.kernel import registry
 from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
 from cfs.supervisor.errors import SupervisorError
+from cfs.supervisor.forkserver import ForkServer
 from cfs.supervisor.nats import NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
@@ -140,6 +141,16 @@ class LocalSite:
         for wanted in self._services.values():
             if unknown := set(wanted) - set(known):
                 raise ValueError(f"unknown services {sorted(unknown)}; known: {known}")
+        # Service processes fork from one that imported them (CFS_FORK_SERVICES=0: exec each).
+        self._forkserver = (
+            ForkServer(
+                self.base_dir / "logs" / "forkserver.log",
+                env={**os.environ, "PYTHONPATH": child_pythonpath()},
+                label=str(self.base_dir),
+            )
+            if os.environ.get("CFS_FORK_SERVICES", "1") != "0"
+            else None
+        )
         # SWIM: a UDP port per node, every other node as a seed, one token per site.
         self._swim_ports = {node: _free_udp_port() for node in names}
         self._cluster_token = secrets.token_hex(16)
@@ -190,6 +201,7 @@ class LocalSite:
                 ],
                 log_path=self.base_dir / "logs" / f"{node}.{spec.name}.log",
                 env=env,
+                forkserver=self._forkserver,
             )
 
     def add_node(self, node: str, labels: Mapping[str, str] | None = None) -> None:
@@ -438,6 +450,8 @@ class LocalSite:
             for proc in self._procs.values():  # whatever survived an exception above
                 if proc.running:
                     proc.kill9()
+            if self._forkserver is not None:
+                self._forkserver.stop()
             if self._owns_nats:
                 self.nats.stop()
         log_event(log, logging.INFO, "site.stopped", site=self.site)
