@@ -22,13 +22,17 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from cfs.bus import Bus
+from cfs.kernel.runtime import cancel_and_wait
 from cfs.liveness import NodeFacts
 from cfs.placement import Candidate
+from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
+
+RECONNECT_CHECK_S = 0.5  # how soon a reconnect restarts the watch
 
 
 _TABLES: dict[str, tuple[str, type[Any]]] = {
@@ -64,32 +68,68 @@ class NodeView:
         self._watcher: KeyValue.KeyWatcher | None = None
 
     async def start(self, timeout: float = 10.0) -> None:
-        kv = await self.bus.key_value(NODES.bucket)
-        self._watcher = await kv.watch(">")
-        self._task = asyncio.create_task(self._follow(self._watcher))
+        self._task = asyncio.create_task(self._watch_loop())
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             log.warning("nodes.initial_view_slow", extra={"timeout_s": timeout})
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(nats.errors.Error):  # connection already closed
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
+        await self._stop_watch()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    async def _watch_loop(self) -> None:
+        """One watch per connection. After a reconnect the bucket may be another copy
+        (a quorum-loss re-seed imports the survivor's): an ordered consumer resumed
+        past its end would deliver nothing until new records outnumber the lost ones,
+        so the watch starts over and the view is rebuilt from every current value."""
+        backoff = Backoff(RetryPolicy("nodes watch", temporary=any_bus_error, deadline_s=None))
+        while True:
+            reconnects = self.bus.nc.stats["reconnects"]
+            try:
+                kv = await self.bus.key_value(NODES.bucket)
+                self._watcher = await kv.watch(">")
+            except Exception as exc:
+                if not any_bus_error(exc):
+                    raise
+                await backoff.wait(exc)
+                continue
+            backoff.reset()
+            follow = asyncio.create_task(self._follow(self._watcher))
+            while not follow.done() and self.bus.nc.stats["reconnects"] == reconnects:
+                await asyncio.wait([follow], timeout=RECONNECT_CHECK_S)
+            if follow.done() and not follow.cancelled() and follow.exception() is not None:
+                log.info("nodes.watch_restart", extra={"error": repr(follow.exception())})
+            await cancel_and_wait(follow)
+            await self._stop_watch()
+
+    async def _stop_watch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):  # connection gone
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Apply the watch's entries; the initial values go to fresh tables, swapped in
+        at once when complete (records deleted while no watch ran disappear too)."""
+        fresh: dict[str, dict[str, Any]] | None = {kind: {} for kind in _TABLES}
         async for entry in watcher:
             if entry is None:  # initial values delivered
+                if fresh is not None:
+                    for kind, (attribute, _) in _TABLES.items():
+                        setattr(self, attribute, fresh[kind])
+                        self.versions[kind] += 1
+                    fresh = None
+                    self._notify()
                 self._ready.set()
                 continue
             kind, _, node = entry.key.partition(".")
             if kind not in _TABLES:
                 continue  # e.g. repair job records
             attribute, model = _TABLES[kind]
-            table: dict[str, Any] = getattr(self, attribute)
+            table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 table.pop(node, None)
             else:
@@ -98,9 +138,13 @@ class NodeView:
                 except ValidationError as exc:
                     log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
                     continue
-            self.versions[kind] += 1
-            self._changed.set()
-            self._changed = asyncio.Event()
+            if fresh is None:
+                self.versions[kind] += 1
+                self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     @property
     def version(self) -> dict[str, int]:
