@@ -13,7 +13,6 @@ import asyncio
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,6 @@ from tests.integration.test_backup import _create, _names
 
 ARCHIVE = "s3://cfs-backups/archive"
 SNAPSHOTS = "s3://cfs-backups/metadata"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, dict[str, str]]]:
-    base = tmp_path_factory.mktemp("archive-s3")
-    server = S3Server(base / "s3")
-    server.start()
-    try:
-        env = server.settings_env(server.write_credentials(base / "s3.ini"))
-        yield server, env
-    finally:
-        server.stop()
 
 
 def admin(site: LocalSite, s3_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -101,9 +88,9 @@ async def _archived(site: LocalSite, timeout: float = 30.0) -> BackupStatus:
 
 
 def test_total_loss_restore_from_s3_snapshot_and_archive(
-    s3: tuple[S3Server, dict[str, str]], tmp_path: Path
+    s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
-    _, env = s3
+    env = s3_env
     lost = _site(tmp_path / "lost", env, "arc")
     asyncio.run(lost.start())
     try:
@@ -157,9 +144,9 @@ def test_total_loss_restore_from_s3_snapshot_and_archive(
 
 @pytest.mark.expected_logs("retry.*", "backoff.*", "objstore.*")
 def test_s3_outage_shows_in_archive_lag_and_catches_up(
-    s3: tuple[S3Server, dict[str, str]], tmp_path: Path
+    s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
-    server, env = s3
+    server, env = s3_server, s3_env
     site = _site(tmp_path / "outage", env, "out")
     asyncio.run(site.start())
     try:

@@ -19,7 +19,7 @@ import pytest
 
 from cfs.backup.segments import parse_segment_key
 from cfs.objstore import open_store, s3_settings
-from cfs.supervisor import LocalSite, S3Server
+from cfs.supervisor import LocalSite
 from tests.integration.test_backup import _create, _names
 from tests.integration.test_backup_archive import ARCHIVE, admin, ok
 from tests.integration.test_backup_archive import _archived as archived
@@ -28,19 +28,8 @@ CRASHES = "site.restarted", "fault.crash", "lease.*", "singleton.*", "retry.*", 
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    base = tmp_path_factory.mktemp("faults-s3")
-    server = S3Server(base / "s3")
-    server.start()
-    try:
-        yield server.settings_env(server.write_credentials(base / "s3.ini"))
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def site(
-    s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalSite, Path]]:
     """One site for the module (its start dominates): each test arms one fault point
     and leaves the site whole (crashed processes restarted) for the next."""
@@ -52,7 +41,7 @@ def site(
         shards=2,
         site="flt",
         env={
-            **s3,
+            **s3_env,
             "CFS_ARCHIVE_URL": ARCHIVE,
             "CFS_ARCHIVE_SEGMENT_S": "0.3",
             "CFS_CRASH_FILE": str(crash),
@@ -79,31 +68,31 @@ def _until(what: str, check: object, site: LocalSite, timeout: float = 60.0) -> 
 
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_during_a_snapshot_leaves_nothing_then_the_next_succeeds(
-    site: tuple[LocalSite, Path], s3: dict[str, str], tmp_path: Path
+    site: tuple[LocalSite, Path], s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     running, crash = site
     asyncio.run(_create(running, "snap", 5))
     output = tmp_path / "metadata.tar.gz"
     crash.write_text("backup.snapshot_cut")
-    failed = admin(running, s3, "snapshot-metadata", "--output", str(output))
+    failed = admin(running, s3_env, "snapshot-metadata", "--output", str(output))
     assert failed.returncode != 0
     assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
     assert not crash.exists(), "the fault point was not reached"
     assert not output.exists() and not list(tmp_path.glob("*.partial"))
 
     def snapshot_taken() -> bool:
-        return admin(running, s3, "snapshot-metadata", "--output", str(output)).returncode == 0
+        return admin(running, s3_env, "snapshot-metadata", "--output", str(output)).returncode == 0
 
     _until("a snapshot by the standby backup service", snapshot_taken, running)
     names = asyncio.run(_names(running))
-    ok(running, s3, "restore-metadata", "--from-snapshot", str(output), "--force")
-    ok(running, s3, "replay-journal", "--none")
+    ok(running, s3_env, "restore-metadata", "--from-snapshot", str(output), "--force")
+    ok(running, s3_env, "replay-journal", "--none")
     assert asyncio.run(_names(running)) == names
 
 
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_after_a_segment_upload_resumes_without_gap_or_duplicate(
-    site: tuple[LocalSite, Path], s3: dict[str, str]
+    site: tuple[LocalSite, Path], s3_env: dict[str, str]
 ) -> None:
     running, crash = site
     crash.write_text("backup.segment_uploaded")
@@ -117,7 +106,8 @@ def test_backup_killed_after_a_segment_upload_resumes_without_gap_or_duplicate(
     async def segments() -> dict[str, list[tuple[int, int]]]:
         found: dict[str, list[tuple[int, int]]] = {}
         async with open_store(
-            ARCHIVE, s3_settings(s3["CFS_S3_ENDPOINT_URL"], Path(s3["CFS_S3_CREDENTIALS_FILE"]))
+            ARCHIVE,
+            s3_settings(s3_env["CFS_S3_ENDPOINT_URL"], Path(s3_env["CFS_S3_CREDENTIALS_FILE"])),
         ) as store:
             async for info in store.list(""):
                 parsed = parse_segment_key(info.key)
@@ -136,16 +126,16 @@ def test_backup_killed_after_a_segment_upload_resumes_without_gap_or_duplicate(
 
 @pytest.mark.expected_logs(*CRASHES, "projection.*", "follower.*", "restore.*")
 def test_a_replica_killed_while_swapping_in_a_restore_finishes_it_after_restart(
-    site: tuple[LocalSite, Path], s3: dict[str, str], tmp_path: Path
+    site: tuple[LocalSite, Path], s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     running, crash = site
     asyncio.run(_create(running, "kept", 5))
     output = tmp_path / "metadata.tar.gz"
-    ok(running, s3, "snapshot-metadata", "--output", str(output))
+    ok(running, s3_env, "snapshot-metadata", "--output", str(output))
     names = asyncio.run(_names(running))
     asyncio.run(_create(running, "dropped", 3))
     crash.write_text("restore.swap")
-    ok(running, s3, "restore-metadata", "--from-snapshot", str(output), "--force")
+    ok(running, s3_env, "restore-metadata", "--from-snapshot", str(output), "--force")
     assert not crash.exists(), "the fault point was not reached"
     processes = [p for n in running.node_names for p in running.node_processes(n).values()]
     crashed = [p for p in processes if p.exited_unasked]
@@ -158,5 +148,5 @@ def test_a_replica_killed_while_swapping_in_a_restore_finishes_it_after_restart(
         return log.count('"restore.installed"', restart) >= 2  # both shards
 
     _until("the restarted replica installs the image", installed_after_restart, running)
-    ok(running, s3, "replay-journal", "--none")
+    ok(running, s3_env, "replay-journal", "--none")
     assert asyncio.run(_names(running)) == names

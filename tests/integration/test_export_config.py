@@ -28,16 +28,6 @@ SEED = re.compile(r"S[UA][A-Z2-7]{50,}")
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("export-s3") / "s3")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
     running = LocalSite(
         tmp_path_factory.mktemp("export") / "site",
@@ -56,11 +46,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
 
 
 @pytest.fixture(scope="module")
-def workdir(site: LocalSite, s3: S3Server) -> Path:
+def workdir(site: LocalSite, s3_server: S3Server) -> Path:
     """A directory with `.cfs-dev/cluster.json` as `cfs dev up` writes it: the commands
     run there find NATS, the admin key and S3 (endpoint and credentials file) from it."""
     state = site.base_dir / ".cfs-dev"
-    credentials = s3.write_credentials(state / "credentials" / "s3.ini")
+    credentials = s3_server.write_credentials(state / "credentials" / "s3.ini")
     (state / CLUSTER_FILE).write_text(
         json.dumps(
             {
@@ -68,8 +58,8 @@ def workdir(site: LocalSite, s3: S3Server) -> Path:
                 "nats_urls": site.urls,
                 "shards": 1,
                 "credentials_dir": str(site.credentials_dir),
-                "s3_endpoint": s3.endpoint_url,
-                "s3_region": s3.REGION,
+                "s3_endpoint": s3_server.endpoint_url,
+                "s3_region": s3_server.REGION,
                 "s3_credentials_file": str(credentials),
             }
         )
@@ -132,20 +122,20 @@ def test_export_to_stdout_has_the_config_and_no_secret(workdir: Path, site: Loca
     assert s3["credentials"] == "file"
 
 
-def test_export_to_s3(workdir: Path, site: LocalSite, s3: S3Server) -> None:
+def test_export_to_s3(workdir: Path, site: LocalSite, s3_server: S3Server) -> None:
     missing = cfs(workdir, "export-config", "--output", "s3://cfs-no-such-bucket/x.json")
     assert missing.returncode == 1
     assert missing.stderr.strip() == (
         "error: PUT s3://cfs-no-such-bucket/x.json: bucket 'cfs-no-such-bucket' does not "
-        f"exist at {s3.endpoint_url}"
+        f"exist at {s3_server.endpoint_url}"
     )
     bad = cfs(workdir, "export-config", "--output", "s3://Bad_Bucket/x")
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: bad S3 URL 's3://Bad_Bucket/x'")
 
     settings = S3Settings(
-        endpoint_url=s3.endpoint_url,
-        credentials_file=s3.write_credentials(workdir / "reader.ini"),
+        endpoint_url=s3_server.endpoint_url,
+        credentials_file=s3_server.write_credentials(workdir / "reader.ini"),
     )
 
     async def read_back() -> tuple[list[str], bytes, str | None]:

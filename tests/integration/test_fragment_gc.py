@@ -19,7 +19,7 @@ import pytest
 
 from cfs.client import FileStore, MetadataClient
 from cfs.client.chunks import ChunkStoreClient
-from cfs.supervisor import LocalSite, S3Server
+from cfs.supervisor import LocalSite
 from cfs_contracts.data import ListRequest
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
@@ -33,19 +33,8 @@ CRASHES = ("fault.crash", "lease.*", "singleton.*", "site.restarted")
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    base = tmp_path_factory.mktemp("gc-s3")
-    server = S3Server(base / "s3")
-    server.start()
-    try:
-        yield server.settings_env(server.write_credentials(base / "s3.ini"))
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def site(
-    s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[LocalSite, Path]]:
     base = tmp_path_factory.mktemp("gc")
     crash = base / "crash"
@@ -57,7 +46,7 @@ def site(
         site="gcs",
         services=SERVICES,
         env={
-            **s3,
+            **s3_env,
             "CFS_GC_GRACE_S": str(GRACE_S),
             "CFS_GC_INTERVAL_S": "0",
             "CFS_CRASH_FILE": str(crash),
@@ -134,13 +123,13 @@ def held(site: LocalSite) -> set[str]:
     return asyncio.run(_held(site))
 
 
-def gc(site: LocalSite, s3: dict[str, str], *args: str) -> dict[str, Any]:
-    report: dict[str, Any] = json.loads(ok(site, s3, "gc", "--json", *args))
+def gc(site: LocalSite, s3_env: dict[str, str], *args: str) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(ok(site, s3_env, "gc", "--json", *args))
     return report
 
 
 def test_deleted_and_overwritten_files_lose_their_fragments_after_the_grace(
-    site: tuple[LocalSite, Path], s3: dict[str, str]
+    site: tuple[LocalSite, Path], s3_env: dict[str, str]
 ) -> None:
     running, _ = site
     first = asyncio.run(
@@ -152,52 +141,70 @@ def test_deleted_and_overwritten_files_lose_their_fragments_after_the_grace(
     live = first["kept"] | second["rewritten"]
     assert garbage <= held(running) and not garbage & live
 
-    young = gc(running, s3)  # within the grace: an in-flight write looks just like this
+    young = gc(running, s3_env)  # within the grace: an in-flight write looks just like this
     assert young["ok"] and young["deleted"] == 0 and young["kept_young"] >= 3 * len(garbage)
     assert young["protected_snapshot"] is None
     time.sleep(GRACE_S + 0.5)
 
-    dry = gc(running, s3, "--dry-run")
+    dry = gc(running, s3_env, "--dry-run")
     assert dry["dry_run"] and dry["deleted"] == 3 * len(garbage)  # ec2+1: 3 per chunk
     assert {d["key"].split(".")[0] for d in dry["deletions"]} == garbage
     assert garbage <= held(running), "a dry run deleted something"
 
-    done = gc(running, s3)
+    done = gc(running, s3_env)
     assert done["ok"] and done["deleted"] == 3 * len(garbage), done
     assert done["deleted_bytes"] == sum(d["size"] for d in done["deletions"]) > 0
     assert not garbage & held(running) and live <= held(running)
     assert asyncio.run(_read(running, "kept")) == _blob(1)
     assert asyncio.run(_read(running, "rewritten")) == _blob(4)
-    assert gc(running, s3)["deleted"] == 0  # nothing left to collect
+    assert gc(running, s3_env)["deleted"] == 0  # nothing left to collect
 
 
 @pytest.mark.expected_logs("restore.*", "replay.*")
 def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
-    site: tuple[LocalSite, Path], s3: dict[str, str]
+    site: tuple[LocalSite, Path], s3_env: dict[str, str]
 ) -> None:
     running, _ = site
     named = asyncio.run(_write(running, {"in-snapshot": _blob(5)}))["in-snapshot"]
     taken = json.loads(
-        ok(running, s3, "snapshot-metadata", "--destination", SNAPSHOTS, "--keep", "1", "--json")
+        ok(
+            running,
+            s3_env,
+            "snapshot-metadata",
+            "--destination",
+            SNAPSHOTS,
+            "--keep",
+            "1",
+            "--json",
+        )
     )
     asyncio.run(_unlink(running, "in-snapshot"))
     time.sleep(GRACE_S + 0.5)
 
-    report = gc(running, s3)
+    report = gc(running, s3_env)
     assert report["ok"] and report["protected_snapshot"] == taken["path"], report
     assert named <= held(running), "a chunk of the retained snapshot was collected"
 
-    ok(running, s3, "restore-metadata", "--from-snapshot", taken["path"], "--force")
-    ok(running, s3, "replay-journal", "--none")
+    ok(running, s3_env, "restore-metadata", "--from-snapshot", taken["path"], "--force")
+    ok(running, s3_env, "replay-journal", "--none")
     assert asyncio.run(_read(running, "in-snapshot")) == _blob(5)
 
     # Gone again, and the snapshot naming it expires (keep 1): now it is collected.
     asyncio.run(_unlink(running, "in-snapshot"))
     newer = json.loads(
-        ok(running, s3, "snapshot-metadata", "--destination", SNAPSHOTS, "--keep", "1", "--json")
+        ok(
+            running,
+            s3_env,
+            "snapshot-metadata",
+            "--destination",
+            SNAPSHOTS,
+            "--keep",
+            "1",
+            "--json",
+        )
     )
     time.sleep(GRACE_S + 0.5)
-    report = gc(running, s3)
+    report = gc(running, s3_env)
     assert report["protected_snapshot"] == newer["path"] != taken["path"]
     assert report["ok"] and report["deleted"] >= 3 * len(named), report
     assert not named & held(running)
@@ -205,7 +212,7 @@ def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
 
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_mid_sweep_then_a_rerun_finishes(
-    site: tuple[LocalSite, Path], s3: dict[str, str]
+    site: tuple[LocalSite, Path], s3_env: dict[str, str]
 ) -> None:
     running, crash = site
     named = asyncio.run(_write(running, {f"doomed{i}": _blob(10 + i) for i in range(4)}))
@@ -214,12 +221,12 @@ def test_backup_killed_mid_sweep_then_a_rerun_finishes(
     time.sleep(GRACE_S + 0.5)
     # Written and deleted after the retained snapshot's cut: a point-in-time restore
     # can stop while they existed, so they stay until that snapshot expires.
-    window = gc(running, s3)
+    window = gc(running, s3_env)
     assert window["ok"] and garbage <= held(running), window
-    ok(running, s3, "snapshot-metadata", "--destination", SNAPSHOTS, "--keep", "1")
+    ok(running, s3_env, "snapshot-metadata", "--destination", SNAPSHOTS, "--keep", "1")
 
     crash.write_text("backup.gc_deleted")
-    failed = admin(running, s3, "gc", "--timeout", "5")
+    failed = admin(running, s3_env, "gc", "--timeout", "5")
     assert failed.returncode != 0 and not crash.exists(), failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
     left = garbage & held(running)
@@ -228,7 +235,7 @@ def test_backup_killed_mid_sweep_then_a_rerun_finishes(
     deadline = time.monotonic() + 60
     while True:  # as an init system would: restart it; a standby may take over first
         running.restart_exited()
-        again = admin(running, s3, "gc", "--json", "--timeout", "20")
+        again = admin(running, s3_env, "gc", "--json", "--timeout", "20")
         if again.returncode == 0:
             break
         assert time.monotonic() < deadline, again.stderr

@@ -16,7 +16,7 @@ import os
 import re
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import boto3
@@ -42,21 +42,11 @@ _buckets = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    server = S3Server(tmp_path_factory.mktemp("objstore") / "s3")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def settings(s3: S3Server) -> S3Settings:
-    credentials = s3.write_credentials(s3.state_dir / "credentials.ini")
+def settings(s3_server: S3Server) -> S3Settings:
+    credentials = s3_server.write_credentials(s3_server.state_dir / "credentials.ini")
     return S3Settings(
-        endpoint_url=s3.endpoint_url,
-        region=s3.REGION,
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.REGION,
         credentials_file=credentials,
         deadline_s=10.0,
         multipart_threshold_bytes=5 * MiB,
@@ -69,15 +59,15 @@ def new_bucket() -> str:
     return f"cfs-t{next(_buckets)}-{os.getpid()}"
 
 
-def raw(s3: S3Server) -> object:
+def raw(s3_server: S3Server) -> object:
     """boto3 as a second opinion on what the server stored."""
-    return boto3.client("s3", **s3.client_kwargs)
+    return boto3.client("s3", **s3_server.client_kwargs)
 
 
-def requests_for(s3: S3Server, needle: str) -> int:
+def requests_for(s3_server: S3Server, needle: str) -> int:
     """How many requests moto logged whose request line contains `needle`."""
     time.sleep(0.2)  # moto writes its access log line after the answer
-    return sum(needle in line for line in s3.log_path.read_text().splitlines())
+    return sum(needle in line for line in s3_server.log_path.read_text().splitlines())
 
 
 @pytest.fixture
@@ -188,7 +178,7 @@ async def _drain(items: AsyncIterator[object]) -> None:
 
 # -- what only a real server shows ---------------------------------------------------------------
 async def test_every_put_is_encrypted_and_big_files_go_multipart(
-    s3_store: S3ObjectStore, s3: S3Server, tmp_path: Path
+    s3_store: S3ObjectStore, s3_server: S3Server, tmp_path: Path
 ) -> None:
     small, big = tmp_path / "small", tmp_path / "big"
     small.write_bytes(b"x" * 1000)
@@ -196,7 +186,7 @@ async def test_every_put_is_encrypted_and_big_files_go_multipart(
     await s3_store.put("bytes", b"payload")
     await s3_store.put_file("small", small)
     await s3_store.put_file("big", big)
-    client = raw(s3)
+    client = raw(s3_server)
     for key in ("bytes", "small", "big"):
         head = client.head_object(Bucket=s3_store.url.bucket, Key=f"site-a/{key}")  # type: ignore[attr-defined]
         assert head["ServerSideEncryption"] == "AES256", key
@@ -208,9 +198,11 @@ async def test_every_put_is_encrypted_and_big_files_go_multipart(
     assert target.read_bytes() == big.read_bytes()
 
 
-async def test_prefix_is_prepended_and_stripped(s3_store: S3ObjectStore, s3: S3Server) -> None:
+async def test_prefix_is_prepended_and_stripped(
+    s3_store: S3ObjectStore, s3_server: S3Server
+) -> None:
     await s3_store.put("a/b", b"1")
-    listed = raw(s3).list_objects_v2(Bucket=s3_store.url.bucket)  # type: ignore[attr-defined]
+    listed = raw(s3_server).list_objects_v2(Bucket=s3_store.url.bucket)  # type: ignore[attr-defined]
     assert [o["Key"] for o in listed["Contents"]] == ["site-a/a/b"]
     assert [i.key async for i in s3_store.list()] == ["a/b"]
     async with S3ObjectStore(s3_store.url.child("a"), s3_store.settings) as below:
@@ -236,18 +228,18 @@ async def test_a_cancelled_download_leaves_no_half_file(
     assert os.listdir(tmp_path) == ["blob"]
 
 
-async def test_no_retry_on_404(s3_store: S3ObjectStore, s3: S3Server) -> None:
+async def test_no_retry_on_404(s3_store: S3ObjectStore, s3_server: S3Server) -> None:
     started = time.monotonic()
     with pytest.raises(ObjectNotFound):
         await s3_store.get("missing-once")
     assert time.monotonic() - started < 1.0
-    assert requests_for(s3, f"GET /{s3_store.url.bucket}/site-a/missing-once ") == 1
+    assert requests_for(s3_server, f"GET /{s3_store.url.bucket}/site-a/missing-once ") == 1
 
 
-def _moto_auth(s3: S3Server, after: str) -> None:
+def _moto_auth(s3_server: S3Server, after: str) -> None:
     """Make moto check credentials (IAM) from now on ("0"), or stop checking ("inf")."""
     request = urllib.request.Request(
-        f"{s3.endpoint_url}/moto-api/reset-auth",
+        f"{s3_server.endpoint_url}/moto-api/reset-auth",
         data=after.encode(),
         headers={"Content-Type": "text/plain"},  # a form body would hide it from moto
         method="POST",
@@ -257,9 +249,9 @@ def _moto_auth(s3: S3Server, after: str) -> None:
 
 
 async def test_denials_are_one_line_and_never_retried(
-    s3_store: S3ObjectStore, s3: S3Server, tmp_path: Path
+    s3_store: S3ObjectStore, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    iam = boto3.client("iam", **s3.client_kwargs)
+    iam = boto3.client("iam", **s3_server.client_kwargs)
     iam.create_user(UserName="no-rights")
     key = iam.create_access_key(UserName="no-rights")["AccessKey"]
     secret = key["SecretAccessKey"]
@@ -268,7 +260,7 @@ async def test_denials_are_one_line_and_never_retried(
         "SignatureDoesNotMatch": (key["AccessKeyId"], "wrong-secret-0123456789"),
         "AccessDenied": (key["AccessKeyId"], secret),
     }
-    _moto_auth(s3, "0")
+    _moto_auth(s3_server, "0")
     try:
         for code, (key_id, key_secret) in cases.items():
             credentials = write_credentials_file(tmp_path / f"{code}.ini", key_id, key_secret)
@@ -280,12 +272,12 @@ async def test_denials_are_one_line_and_never_retried(
                 assert time.monotonic() - started < 1.0
             message = str(err.value)
             assert message.startswith(f"PUT s3://{s3_store.url.bucket}/site-a/denied-{code}: ")
-            assert f"access denied by {s3.endpoint_url} ({code}" in message
+            assert f"access denied by {s3_server.endpoint_url} ({code}" in message
             assert str(credentials) in message
             assert key_secret not in message and "\n" not in message
-            assert requests_for(s3, f"PUT /{s3_store.url.bucket}/site-a/denied-{code} ") == 1
+            assert requests_for(s3_server, f"PUT /{s3_store.url.bucket}/site-a/denied-{code} ") == 1
     finally:
-        _moto_auth(s3, "inf")
+        _moto_auth(s3_server, "inf")
     await s3_store.put("after-denials", b"ok")
 
 
@@ -307,7 +299,7 @@ async def test_nothing_listening_fails_within_the_deadline(settings: S3Settings)
 
 
 async def test_outage_fails_within_the_deadline_then_heals(
-    s3_store: S3ObjectStore, s3: S3Server
+    s3_store: S3ObjectStore, s3_server: S3Server
 ) -> None:
     """Last: the server is paused (a stall), then stopped (refused), then restarted empty.
     A store with a 1 s deadline fails each time within it, with one clear error."""
@@ -317,22 +309,22 @@ async def test_outage_fails_within_the_deadline_then_heals(
     )
     async with S3ObjectStore(s3_store.url, quick) as store:
         assert await store.get("before") == b"1"
-        s3.pause()
+        s3_server.pause()
         try:
             started = time.monotonic()
             with pytest.raises(ObjectStoreUnavailable, match="unavailable; gave up after"):
                 await store.get("before")
             assert time.monotonic() - started < 2.5
         finally:
-            s3.resume()
+            s3_server.resume()
         assert await store.get("before") == b"1"  # the same client, after the stall
-        s3.stop()
+        s3_server.stop()
         started = time.monotonic()
         with pytest.raises(ObjectStoreUnavailable) as err:
             await store.put("during", b"2")
         assert time.monotonic() - started < 2.5
         assert err.value.attempts >= 2
-        s3.start()
+        s3_server.start()
     # The store opened before the outage (its client kept all along) works again; moto
     # keeps nothing across a restart, so the bucket is made anew.
     await s3_store.ensure_bucket()
