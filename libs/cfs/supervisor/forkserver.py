@@ -2,8 +2,8 @@
 
 A service process spends over a second of CPU importing pydantic, nats-py, rocksdict,
 OpenTelemetry and its contracts before it does anything; a 6-node site starts 24 of
-them, and a test suite hundreds. The fork server (`python -m cfs.supervisor.forkserver`,
-one per `LocalSite`) imports every registered service once, then forks a child per
+them, and a test suite hundreds. The fork server (`serve()` in an interpreter of its
+own, one per `LocalSite`) imports every registered service once, then forks a child per
 request; the child is what `python -m <package>` would be (its own session, argv,
 environment, working directory and log file, a fresh random seed) but starts in
 milliseconds. Children are real processes: `kill -9`, SIGSTOP and SIGTERM reach them
@@ -32,6 +32,7 @@ from typing import Any
 
 from cfs.supervisor.errors import SupervisorError
 
+_SERVE = "from cfs.supervisor.forkserver import serve; serve()"
 _START_TIMEOUT_S = 60.0
 _REPLY_TIMEOUT_S = 30.0
 
@@ -83,7 +84,8 @@ class ForkServer:
 
             def popen() -> subprocess.Popen[bytes]:
                 return subprocess.Popen(
-                    [sys.executable, "-m", "cfs.supervisor.forkserver", self.label],
+                    # -c, not -m: run as __main__, this module would be imported twice
+                    [sys.executable, "-c", _SERVE, self.label],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=logf,
@@ -249,7 +251,8 @@ def _child(request: dict[str, Any], parent: int, wakeup: tuple[int, int]) -> Non
         os._exit(code)
 
 
-def _serve() -> None:
+def serve() -> None:
+    """The fork server's main loop: requests on stdin, replies and exits on stdout."""
     out = sys.stdout.fileno()
 
     def say(message: dict[str, Any]) -> None:
@@ -296,7 +299,3 @@ def _serve() -> None:
             if pid == 0:
                 _child(request, me, (reader, writer))
             say({"id": request["id"], "pid": pid})
-
-
-if __name__ == "__main__":
-    _serve()
