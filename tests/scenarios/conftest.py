@@ -82,10 +82,12 @@ class DevSite:
     def cfs(
         self, *args: str, timeout: float = 180.0, **env: str
     ) -> subprocess.CompletedProcess[str]:
-        """Run `cfs ARGS` as an operator would; never raises on a non-zero exit."""
+        """Run `cfs ARGS` as an operator would (in the test's directory: what a command
+        writes to `.` stays there); never raises on a non-zero exit."""
         return subprocess.run(
             [sys.executable, "-m", "cfs.cli", *args],
             env={**self.env, **env},
+            cwd=self.tmp,
             capture_output=True,
             text=True,
             timeout=timeout,
