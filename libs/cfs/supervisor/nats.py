@@ -592,6 +592,9 @@ class NatsCluster:
         self.stop()
 
 
+_NOT_A_MEMBER = 10044  # JetStream's "server is not a member of the cluster"
+
+
 def _remove_meta_peer(server: NatsServer, peer: str, password: str, timeout: float) -> None:
     """`$JS.API.SERVER.REMOVE` for `peer` as SYSTEM_USER, retried until the leader agrees."""
     deadline = time.monotonic() + timeout
@@ -607,6 +610,8 @@ def _remove_meta_peer(server: NatsServer, peer: str, password: str, timeout: flo
         else:
             if reply.get("success"):
                 return
+            if last and (reply.get("error") or {}).get("err_code") == _NOT_A_MEMBER:
+                return  # an earlier attempt that went unanswered (timed out) removed it
             last = str(reply.get("error"))
         if time.monotonic() > deadline:
             raise SupervisorError(f"{server.name}: cannot remove meta peer {peer}: {last}")
