@@ -34,6 +34,8 @@ from cfs_contracts.members import health_key
 from cfs_contracts.streams import CMD, LEASES, NODES, meta_stream, shard_name
 
 AUTH_CONF = "nats-auth.conf"
+# What a re-seeded server admits until its import is complete (the admin only).
+RECOVERY_AUTH_CONF = "nats-auth-recovery.conf"
 CREDENTIALS_SUFFIX = ".nk"
 _HEADER = "# ClaudeFS NATS credentials"
 
@@ -279,14 +281,18 @@ def ensure_keys(directory: Path, site: str, only: Sequence[str] | None = None) -
 
 
 def write_auth_conf(
-    directory: Path, site: str, shards: int, only: Sequence[str] | None = None
+    directory: Path,
+    site: str,
+    shards: int,
+    only: Sequence[str] | None = None,
+    name: str = AUTH_CONF,
 ) -> Path:
     """The server side of the keys in `directory` (public keys and permissions)."""
     users = [
         (role, public_key(load_credentials(credentials_path(directory, role)).seed))
         for role in (roles() if only is None else only)
     ]
-    conf = Path(directory) / AUTH_CONF
+    conf = Path(directory) / name
     tmp = conf.with_suffix(".tmp")
     tmp.write_text(render_auth_conf(users, site, shards))
     os.replace(tmp, conf)

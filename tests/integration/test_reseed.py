@@ -27,6 +27,8 @@ from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.bus.pipeline import AckPipeline
 from cfs.client import MetadataClient
 from cfs.recovery.streams import export_streams, import_streams, scale_streams
+from cfs.security import Role as SecurityRole
+from cfs.security import credentials_path, ensure_credentials
 from cfs.supervisor import NatsCluster, NatsServer
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 from cfs_metadata.projection import Projection
@@ -36,6 +38,20 @@ SITE = "t"
 SHARDS = 2
 JOURNALS = {"META_001": 3000, "META_002": 1500}
 NAMES = [s.name for s in site_streams(SHARDS)] + [f"KV_{b.bucket}" for b in SITE_BUCKETS]
+
+
+async def _reseed_closed(server: NatsServer, tmp_path: Path) -> None:
+    """The re-seed as quorum recovery runs it: the server restarts on an empty store
+    admitting the recovery's admin only, the export goes in, then every client is
+    admitted again (the replicas reconnect to a complete journal)."""
+    server.stop()
+    server.store_dir.rename(tmp_path / "store.lost")
+    creds = tmp_path / "creds"
+    server.admission = ensure_credentials(creds, SITE, 1, only=[SecurityRole.ADMIN])
+    server.start()
+    admin = credentials_path(creds, SecurityRole.ADMIN)
+    await import_streams([server.url], SITE, 1, tmp_path / "export", credentials=admin)
+    await asyncio.to_thread(server.open_to_clients)
 
 
 def _journal_subject(stream: str) -> str:
@@ -335,12 +351,9 @@ async def test_a_running_writer_rebuilds_when_its_journal_was_reseeded_shorter(
         await client.mkdir(1, "lost")
         ahead = replica.projection.applied_seq
 
-        # From here: under load the writer may notice the re-seed during the import.
+        # The writer notices the re-seed when it is admitted again, after the import.
         caplog.set_level(logging.WARNING, logger="cfs_metadata.replica")
-        server.stop()  # what `NatsCluster.reform` does to the survivor, then the import
-        server.store_dir.rename(tmp_path / "store.lost")
-        server.start()
-        await import_streams([server.url], SITE, 1, tmp_path / "export")
+        await _reseed_closed(server, tmp_path)  # what `cfs admin raft-force-leader` does
         await client.mkdir(1, "after")  # retried by the client until the writer is back
         rebuilt = [r for r in caplog.records if r.getMessage() == "projection.rebuilt"]
         assert [r.applied_seq for r in rebuilt] == [ahead]  # type: ignore[attr-defined]
@@ -385,10 +398,7 @@ async def test_a_running_follower_rebuilds_before_it_leads_a_reseeded_journal(
         while b.projection.applied_seq < ahead:  # the follower applied it too
             await asyncio.sleep(0.02)
 
-        server.stop()
-        server.store_dir.rename(tmp_path / "store.lost")
-        server.start()
-        await import_streams([server.url], SITE, 1, tmp_path / "export")
+        await _reseed_closed(server, tmp_path)  # what `cfs admin raft-force-leader` does
         caplog.set_level(logging.INFO, logger="cfs_metadata.replica")
         await a.stop()  # releases the lease: the follower takes over
         a.projection.close()

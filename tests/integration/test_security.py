@@ -26,7 +26,14 @@ import pytest
 
 from cfs.bus import Bus, BusUnavailable
 from cfs.client import MetadataClient
-from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
+from cfs.security import (
+    AUTH_CONF,
+    RECOVERY_AUTH_CONF,
+    Role,
+    credentials_path,
+    ensure_credentials,
+    write_auth_conf,
+)
 from cfs.supervisor import LocalSite, ManagedProcess, NatsServer
 from cfs.supervisor.nats import nats_server_binary
 from cfs.supervisor.site import child_pythonpath
@@ -248,6 +255,25 @@ def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> 
         server.restart()  # the servers take the new public keys
         assert not asyncio.run(_connects(server.url, leaked))
         assert asyncio.run(_connects(server.url, client))
+        assert not asyncio.run(_connects(server.url, None))
+
+
+def test_a_reseeded_server_admits_the_admin_only_until_opened(tmp_path: Path) -> None:
+    """Quorum recovery's admission: while the import runs, no service key connects
+    (none can write into a half-imported stream); opening needs no restart."""
+    credentials = tmp_path / "credentials"
+    auth = ensure_credentials(credentials, SITE, 1)
+    admission = write_auth_conf(credentials, SITE, 1, only=[Role.ADMIN], name=RECOVERY_AUTH_CONF)
+    server = NatsServer.standalone(tmp_path / "nats", auth_file=auth)
+    server.admission = admission
+    service = credentials_path(credentials, "metadata")
+    with server:
+        assert asyncio.run(_connects(server.url, credentials_path(credentials, Role.ADMIN)))
+        assert not asyncio.run(_connects(server.url, service))
+        pid = server.pid
+        server.open_to_clients()
+        assert server.pid == pid and server.admission is None
+        assert asyncio.run(_connects(server.url, service))
         assert not asyncio.run(_connects(server.url, None))
 
 

@@ -28,9 +28,10 @@ from tests.scenarios.conftest import (
 
 pytestmark = pytest.mark.expected_logs(
     *NODE_LOSS_LOGS,
-    # Option 2 re-seeds the journal from the survivor while its replica runs: a writer
-    # that fences against the journal mid-import finds it shorter than what it applied,
-    # steps down and rebuilds from it (the designed answer to a re-seed, logged loud).
+    # Option 2 re-seeds the journal from the survivor's server copy: a replica that had
+    # applied more (from a stream leader the survivor's server lagged) finds it shorter
+    # when it is admitted after the import, steps down and rebuilds from it (the
+    # designed answer to a re-seed, logged loud).
     "leader.fence_failed",
     "projection.rebuilt",
 )

@@ -8,10 +8,14 @@ APIs only:
    `leases` and `nodes` buckets) from the survivor's copy by direct get, which
    the survivor still answers without a quorum, into a recovery directory;
 2. reform the survivor's NATS server as the seed of a fresh cluster: its old
-   store is moved aside (never deleted), the server restarts empty on its port;
+   store is moved aside (never deleted), the server restarts empty on its port,
+   admitting the recovery's admin user only;
 3. import the export in order, so every journal keeps its sequence numbers and
    every event its id (the metadata projections on the survivor stay valid; one
    that applied more than the survivor held rebuilds itself from the journal);
+   only then does the server admit the site's services again: none of them ever
+   sees a half-imported stream (a lease written into an empty `KV_leases` would
+   make the import refuse the bucket; a writer would lead a partial journal);
 4. hand every shard's writer lease to the survivor and wait until it writes.
 
 Operations that a quorum acknowledged but the survivor never received are lost:
@@ -67,10 +71,17 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
     log.warning("quorum.exported", extra={"survivor": survivor, "dir": str(dest)})
     reformed = control.call("reform-nats", node=survivor, timeout=120.0)
     urls = list(reformed["nats_urls"])
-    await import_streams(
-        urls, settings.site, settings.shards, dest, replicas=1, credentials=credentials
-    )
+    try:
+        await import_streams(
+            urls, settings.site, settings.shards, dest, replicas=1, credentials=credentials
+        )
+    except RecoveryError as exc:
+        raise QuorumRecoveryError(
+            f"{exc}; the re-seeded server still admits the admin only (services stay "
+            f"out); the export is intact in {dest}, the old store in {reformed['old_store']}"
+        ) from exc
     log.warning("quorum.imported", extra={"survivor": survivor, "streams": len(names)})
+    control.call("open-nats", timeout=60.0)
     async with await Bus.connect(
         urls, site=settings.site, node="cfs-admin-recovery", credentials=credentials
     ) as bus:

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cfs.security import RECOVERY_AUTH_CONF, Role, write_auth_conf
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.nats import NatsCluster
 from cfs.supervisor.process import log_event
@@ -173,7 +174,16 @@ class DevCluster:
             for node in self.site.node_names
             if (server := self.site.nats_server_of(node)) is not None and not server.running
         ]
-        old_store = self.site.nats.reform(survivor)
+        admission = None
+        if self.site.secure:  # the recovery's admin only, until `open-nats`
+            admission = write_auth_conf(
+                self.site.credentials_dir,
+                self.site.site,
+                self.site.shards,
+                only=[Role.ADMIN],
+                name=RECOVERY_AUTH_CONF,
+            )
+        old_store = self.site.nats.reform(survivor, admission=admission)
         for node in lost:
             self.site.kill9(node)  # whatever of it still ran must not rejoin
         self._retired.update(lost)
@@ -184,6 +194,13 @@ class DevCluster:
             "old_store": str(old_store),
             "retired": lost,
         }
+
+    def open_nats(self) -> dict[str, Any]:
+        """End a reform's admission: the site's services may connect again."""
+        if isinstance(self.site.nats, NatsCluster):
+            self.site.nats.open_to_clients()
+        log_event(log, logging.WARNING, "dev.nats_opened")
+        return {"nats_urls": [s.url for s in self.site.nats_servers if s.running]}
 
     def add_node(self, node: str, labels: dict[str, str]) -> dict[str, Any]:
         """`cfs node add`: a new node's services, and a NATS server beside it while the
@@ -227,6 +244,8 @@ class DevCluster:
             return self.status()["nodes"][node]
         if op == "reform-nats":
             return self.reform_nats(str(node))
+        if op == "open-nats":
+            return self.open_nats()
         if op == "add-node":
             return self.add_node(str(node), dict(request.get("labels") or {}))
         if op == "down":

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -108,6 +109,9 @@ class NatsServer:
         self.max_payload = max_payload
         self.system_password = system_password
         self.auth_file = auth_file
+        # While set, replaces `auth_file`: a re-seeded server admits only the recovery
+        # (no service may write into it before the import is complete).
+        self.admission: Path | None = None
         self.config_path = self.state_dir / "nats.conf"
         self.store_dir = self.state_dir / "store"
         self.process = ManagedProcess(
@@ -181,10 +185,11 @@ class NatsServer:
                 f"password: {_quote(self.system_password)}}}] }}",
                 "}",
             ]
-        if self.auth_file is not None:
+        auth_file = self.admission if self.admission is not None else self.auth_file
+        if auth_file is not None:
             # Inlined rather than `include`d: nats-server resolves includes relative
             # to the including file, so an absolute path cannot be included.
-            lines += ["", self.auth_file.read_text()]
+            lines += ["", auth_file.read_text()]
         if self.extra_conf:
             lines += ["", self.extra_conf]
         return "\n".join(lines) + "\n"
@@ -209,6 +214,32 @@ class NatsServer:
         )
         if wait:
             self._wait_or_kill(timeout)
+
+    def open_to_clients(self, timeout: float = 30.0) -> None:
+        """End the `admission`: reload with the usual authorization, no restart."""
+        self.admission = None
+        self.reload(timeout)
+
+    def reload(self, timeout: float = 30.0) -> None:
+        """Rewrite the config and have the running server load it (SIGHUP); returns
+        once /varz shows the new load time. Authorization changes apply to clients
+        already connected (nats-server closes those no longer allowed)."""
+        before = self._config_load_time()
+        self.config_path.write_text(self.render_config())
+        self.process.send_signal(signal.SIGHUP)
+        self.process.wait_until(
+            lambda: self._config_load_time() not in (before, None),
+            timeout,
+            f"{self.name} to reload {self.config_path}",
+        )
+        log_event(log, logging.INFO, "nats.reloaded", server=self.name, pid=self.pid)
+
+    def _config_load_time(self) -> str | None:
+        status, body = http_get(f"{self.monitor_url}/varz")
+        if status != 200:
+            return None
+        loaded = json.loads(body).get("config_load_time")
+        return str(loaded) if loaded else None
 
     def restart(self, wait: bool = True, timeout: float = 30.0) -> None:
         """Stop if running, then start again with the same ports, name and store."""
@@ -397,12 +428,20 @@ class NatsCluster:
         """Former members that `reform` left behind (not part of the current cluster)."""
         return list(self._lost)
 
-    def reform(self, survivor: str, timeout: float = 60.0) -> Path:
+    def reform(
+        self, survivor: str, timeout: float = 60.0, *, admission: Path | None = None
+    ) -> Path:
         """Make `survivor` the seed of a new JetStream cluster on a fresh store (quorum loss).
 
         Returns the old store, moved to `<state_dir>/store.lost-<UTC stamp>` (never
         deleted). Read the survivor's streams (`cfs.recovery.export_streams`) before
         calling this; import them afterwards. Every other member must be down.
+
+        `admission`: an authorization file the seed uses instead of the site's until
+        `open_to_clients` (the recovery's own user only). The survivor's services
+        reconnect the moment the seed listens; admitted, they would write into the
+        fresh streams before the import (a lease into `KV_leases`, which the import
+        then refuses) or lead a journal only half imported.
 
         What nats-server 2.14 needs (observed, see tests/integration/test_reseed.py):
         - A fresh clustered server cannot be a JetStream cluster on its own: it
@@ -457,6 +496,7 @@ class NatsCluster:
             auth_file=self._auth_file,
         )
         seed.cluster_name = new_name
+        seed.admission = admission
         seed.routes = [str(witness.route_url)]
         seed.system_password = password
         started = time.monotonic()
@@ -504,6 +544,12 @@ class NatsCluster:
         )
         return lost_store
 
+    def open_to_clients(self, timeout: float = 30.0) -> None:
+        """End a `reform`'s admission on every member that has one."""
+        for server in self._servers:
+            if server.admission is not None:
+                server.open_to_clients(timeout)
+
     def add_server(self, name: str, timeout: float = 60.0) -> NatsServer:
         """Start a new member (fresh store, new ports) and wait until it joined the meta group.
 
@@ -518,6 +564,8 @@ class NatsCluster:
         """
         if any(s.name == name for s in self._servers):
             raise SupervisorError(f"cluster {self.name} already has a server {name!r}")
+        if any(s.admission is not None for s in self._servers):
+            raise SupervisorError(f"cluster {self.name} is still closed to clients (reform)")
         running = [s for s in self._servers if s.running]
         if not running or running[0].cluster_name is None:
             raise SupervisorError(

@@ -261,6 +261,12 @@ class ManagedProcess:
             log_event(log, logging.INFO, "process.killed", proc=self.name, pid=proc.pid, rc=rc)
             return rc
 
+    def send_signal(self, sig: signal.Signals) -> None:
+        """Deliver `sig` to the process group (e.g. SIGHUP: reload a config)."""
+        with self._lock:
+            self._require_running(f"signal {sig.name} to")
+            self._signal(sig)
+
     def pause(self) -> None:
         """SIGSTOP the process group: it keeps its sockets but answers nothing."""
         with self._lock:
