@@ -90,6 +90,11 @@ class BackupStatus(BaseModel):
     schedule: str | None = Field(default=None, description="e.g. 'every 1h to s3://…, keep 7'")
     archive_url: str | None = None
     archive: tuple[ArchiveStream, ...] = ()
+    shadow_seqs: dict[str, int] = Field(
+        default_factory=dict,
+        description="shard -> journal sequence the service's own projection has applied "
+        "(followed between snapshots, so a snapshot has only its last moments to apply)",
+    )
     last_error: str | None = None
 
 

@@ -40,6 +40,7 @@ from cfs.service_main import ServiceSettings, run_spec
 from cfs_backup.archive import Archiver, ArchiveSettings
 from cfs_backup.collector import Collector
 from cfs_backup.cut import advance_to_cut
+from cfs_backup.shadow import Shadows
 from cfs_contracts.backup import (
     BACKUP_STATUS_KEY,
     GC_DESTINATIONS_KEY,
@@ -63,8 +64,8 @@ from cfs_contracts.backup import (
 from cfs_contracts.fs.shard_admin import MarkCut
 from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import AUDIT, LEASES, NODES, meta_stream, shard_name
-from cfs_metadata.journal import Journal
 from cfs_metadata.projection import Projection
+from cfs_metadata.records import CorruptRecord
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,23 @@ class Backup:
         self._error: str | None = None
         self._phase: dict[str, object] = {}
         self.collector: Collector | None = None
+        # Opened by the first `lead`, kept open across lease changes (followed only
+        # while leading), closed when the process stops.
+        self.shadows: Shadows | None = None
+
+    async def open_shadows(self) -> Shadows:
+        config = await _config(self.bus)
+        if self.shadows is None or len(self.shadows.by_index) != config.shards:
+            await self.close_shadows()
+            self.shadows = Shadows(self.bus, self.root, config.shards)
+        return self.shadows
+
+    async def close_shadows(self) -> None:
+        """A shadow a snapshot still moves is left to the process's exit (its writes
+        are in RocksDB's log; the next start replays them)."""
+        if self.shadows is not None:
+            self.shadows.close()
+            self.shadows = None
 
     def gc(self, active: Callable[[], bool]) -> Collector:
         """The fragment collector of the active instance (`collector.py`)."""
@@ -223,6 +241,7 @@ class Backup:
             schedule=self._schedule.describe() if self._schedule else None,
             archive_url=self._archive_root,
             archive=self._archiver.figures() if self._archiver else (),
+            shadow_seqs=self.shadows.positions() if self.shadows else {},
             last_error=self._error,
         )
 
@@ -264,9 +283,6 @@ class Backup:
             self._error = str(exc)
             return None
         return max(stamps) if stamps else None
-
-    def _shadow(self, index: int) -> Projection:
-        return Projection(self.root / "shadow" / f"shard-{index:03d}", index)
 
     async def snapshot(self, request: SnapshotRequest) -> SnapshotReply:
         """One snapshot at a time; any failure is the reply (and the status), never silence."""
@@ -316,28 +332,32 @@ class Backup:
 
     async def _snapshot(self, snapshot_id: str) -> tuple[SnapshotManifest, Path]:
         config = await _config(self.bus)
-        cut = self.bus.clock.now()
-        await self._progress(snapshot_id, "marking", 0, config.shards)
-        async with asyncio.TaskGroup() as marking:
-            asked = [
-                marking.create_task(
-                    shard_admin(self.bus, index, MarkCut(snapshot_id=snapshot_id, cut=cut))
-                )
-                for index in range(1, config.shards + 1)
-            ]
-        markers = [task.result() for task in asked]
+        if self.shadows is None or len(self.shadows.by_index) != config.shards:
+            raise RuntimeError("this backup instance is not leading (yet): retry")
         cuts: list[ShardCut] = []
         images: dict[str, bytes] = {}
-        for index, marker in enumerate(markers, start=1):
-            shard = shard_name(index)
-            projection = self._shadow(index)
-            try:
-                stamp = await advance_to_cut(Journal(self.bus, index), projection, cut, marker.seq)
+        async with self.shadows.held() as shadows:  # from before the stamp (shadow.py)
+            cut = self.bus.clock.now()
+            await self._progress(snapshot_id, "marking", 0, config.shards)
+            async with asyncio.TaskGroup() as marking:
+                asked = [
+                    marking.create_task(
+                        shard_admin(
+                            self.bus, shadow.index, MarkCut(snapshot_id=snapshot_id, cut=cut)
+                        )
+                    )
+                    for shadow in shadows
+                ]
+            for shadow, task in zip(shadows, asked, strict=True):
+                marker = task.result()
+                await shadow.check_position()
+                projection = shadow.projection
+                stamp = await advance_to_cut(shadow.journal, projection, cut, marker.seq)
                 pairs = list(projection.image_pairs())
-                images[shard] = await asyncio.to_thread(encode_pairs, pairs)
+                images[shard_name(shadow.index)] = await asyncio.to_thread(encode_pairs, pairs)
                 cuts.append(
                     ShardCut(
-                        shard=shard,
+                        shard=shard_name(shadow.index),
                         seq=projection.applied_seq,
                         hlc=stamp,
                         marker_seq=marker.seq,
@@ -348,9 +368,7 @@ class Backup:
                         sha256="",
                     )
                 )
-            finally:
-                projection.close()
-            await self._progress(snapshot_id, "shards", index, config.shards)
+                await self._progress(snapshot_id, "shards", shadow.index, config.shards)
         kv_dumps, kv_files = await self._dump_kv()
         manifest = SnapshotManifest(
             format=SNAPSHOT_FORMAT,
@@ -376,8 +394,10 @@ class Backup:
         return final, path
 
     def _verify(self, path: Path, manifest: SnapshotManifest) -> None:
-        """Read it back as a restore would, and load every image into a scratch projection
-        (every record's seal checked): a snapshot that cannot restore is never reported."""
+        """Read it back as a restore would (every file's SHA-256), load every image into
+        a scratch projection and check every record's seal there: a snapshot that
+        cannot restore is never reported. (Records are not parsed again: they were
+        parsed when applied, and the seals prove these are those bytes.)"""
         snapshot = read_snapshot(path)
         if snapshot.manifest != manifest:
             raise RuntimeError(f"{path}: manifest read back differs from the one written")
@@ -387,10 +407,13 @@ class Backup:
             projection = Projection(scratch / cut.shard, int(cut.shard))
             try:
                 projection.load_image(snapshot.images[cut.shard])
-                loaded = projection.to_memory()
-                if len(loaded.inodes) != cut.inodes:
+                try:
+                    inodes = projection.check_seals()
+                except CorruptRecord as exc:
+                    raise RuntimeError(f"{path}: shard {cut.shard}: {exc}") from None
+                if inodes != cut.inodes:
                     raise RuntimeError(
-                        f"{path}: shard {cut.shard} loads {len(loaded.inodes)} inodes, "
+                        f"{path}: shard {cut.shard} loads {inodes} inodes, "
                         f"the cut holds {cut.inodes}"
                     )
             finally:
@@ -516,6 +539,7 @@ async def start(ctx: Context) -> Backup:
 
     sub = await ctx.bus.serve(fetch_subject(ctx.bus.site, ctx.bus.node), on_fetch)
     ctx.on_stop(sub.unsubscribe)
+    ctx.on_stop(backup.close_shadows)
     return backup
 
 
@@ -535,12 +559,14 @@ async def lead(ctx: Context) -> None:
         report = await collector.run(GcRequest.model_validate_json(msg.data or b"{}").dry_run)
         return report.model_dump_json().encode()
 
+    shadows = await backup.open_shadows()
     subs = [
         await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot),
         await ctx.bus.serve(gc_subject(ctx.bus.site), on_gc),
     ]
     try:
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(shadows.follow(), name="shadows")
             archiver = await backup.archiver(lambda: lease is not None and lease.is_holder)
             if archiver is not None:
                 tasks.create_task(archiver.run(), name="archive")

@@ -125,6 +125,26 @@ class Journal:
         )
 
 
+async def position_mismatch(journal: Journal, projection: Projection, last: int) -> str:
+    """Why the journal (ending at `last`) does not continue the projection, or "".
+
+    After a quorum-loss re-seed the journal is the survivor's copy: it may end before
+    the projection's sequence, or hold another message at that sequence. The journal
+    is the truth: a projection it does not continue is wiped and replayed."""
+    applied = projection.applied_seq
+    if applied == 0:
+        return ""
+    if last < applied:
+        return "journal ends before the applied sequence"
+    recorded = projection.applied_id
+    if recorded is None:  # applied by a release that did not record ids
+        return ""
+    found = (await journal.get(applied)).event.envelope.id
+    if found != recorded:
+        return f"message {applied} is {found}, the projection applied {recorded}"
+    return ""
+
+
 def apply_record(projection: Projection, record: JournalRecord) -> None:
     """The one rule for applying a journal message to a projection: replicas and the
     backup service's snapshot projections both use it, so a snapshot is exactly the

@@ -43,15 +43,25 @@ def unseal_dentry(raw: bytes, parent: int, name: str) -> Dentry:
     return _unseal(raw, Dentry, f"Dentry {parent}/{name}")
 
 
-def _unseal(raw: bytes, model: type[M], what: str) -> M:
+def seal_holds(raw: bytes) -> bool:
+    return len(raw) >= 4 and zlib.crc32(raw[4:]) == int.from_bytes(raw[:4])
+
+
+def check_seal(raw: bytes, what: str) -> tuple[int, bytes]:
+    """The checksum and body of a stored record whose checksum holds; else CorruptRecord."""
     if len(raw) < 4:
         raise CorruptRecord(what, 0, 0, f"record truncated to {len(raw)} bytes")
     expected, body = int.from_bytes(raw[:4]), raw[4:]
     actual = zlib.crc32(body)
     if actual != expected:
         raise CorruptRecord(what, expected, actual)
+    return expected, body
+
+
+def _unseal(raw: bytes, model: type[M], what: str) -> M:
+    checksum, body = check_seal(raw, what)
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
         detail = f"does not parse: {exc.errors()[0]['msg']}"
-        raise CorruptRecord(what, expected, actual, detail) from None
+        raise CorruptRecord(what, checksum, checksum, detail) from None

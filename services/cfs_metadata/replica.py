@@ -62,7 +62,13 @@ from cfs_contracts.streams import (
 )
 from cfs_metadata.coordinator import Coordinator
 from cfs_metadata.decide import bootstrap_entry
-from cfs_metadata.journal import Journal, JournalRecord, apply_record, cancel_and_wait
+from cfs_metadata.journal import (
+    Journal,
+    JournalRecord,
+    apply_record,
+    cancel_and_wait,
+    position_mismatch,
+)
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
@@ -258,7 +264,7 @@ class ShardReplica:
         messages this replica applied), or hold another message at that sequence
         (new appends after the re-seed). The journal is the truth: wipe and replay.
         """
-        reason = await self._position_mismatch(last)
+        reason = await position_mismatch(self.journal, self.projection, last)
         if not reason:
             return
         log.warning(
@@ -273,21 +279,6 @@ class ShardReplica:
         self._caught_up = False
         self.projection.reset()
         self.term = 0
-
-    async def _position_mismatch(self, last: int) -> str:
-        """Why the journal (ending at `last`) does not continue the projection, or ""."""
-        applied = self.projection.applied_seq
-        if applied == 0:
-            return ""
-        if last < applied:
-            return "journal ends before the applied sequence"
-        recorded = self.projection.applied_id
-        if recorded is None:  # applied by a release that did not record ids
-            return ""
-        found = (await self.journal.get(applied)).event.envelope.id
-        if found != recorded:
-            return f"message {applied} is {found}, the projection applied {recorded}"
-        return ""
 
     def _apply_record(self, record: JournalRecord) -> None:
         if record.seq <= self.projection.applied_seq:
@@ -367,7 +358,7 @@ class ShardReplica:
         term = fence.term
         while True:
             last = await self.journal.last_seq()
-            mismatch = await self._position_mismatch(last)
+            mismatch = await position_mismatch(self.journal, self.projection, last)
             if mismatch:  # a re-seeded journal: step down, the follower rebuilds
                 raise SequenceConflict(
                     self.journal.stream,

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,10 @@ import pytest
 from cfs.backup.snapshot_file import read_snapshot
 from cfs.client.metadata import MetadataClient
 from cfs.supervisor import LocalSite
+from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.fs.records import ROOT_INO, Kind
 from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.streams import NODES
 from tests.integration.test_admin_cli import cfs, ok
 
 SITE = "bak"
@@ -70,10 +73,44 @@ async def _create(site: LocalSite, prefix: str, count: int) -> set[str]:
         return made
 
 
+async def _shadows_follow(site: LocalSite, timeout: float = 30.0) -> dict[str, int]:
+    """Wait until the backup's own projections have applied every journal to its end,
+    with no snapshot asked for; returns the positions."""
+    async with await site.client() as bus:
+        lasts = {
+            shard: int((await bus.js.stream_info(f"META_{shard}")).state.last_seq)
+            for shard in ("001", "002")
+        }
+        kv = await bus.js.key_value(NODES.bucket)
+        deadline = time.monotonic() + timeout
+        while True:
+            entry = await kv.get(BACKUP_STATUS_KEY)
+            status = BackupStatus.model_validate_json(entry.value or b"")
+            if all(status.shadow_seqs.get(s, 0) >= last for s, last in lasts.items()):
+                return status.shadow_seqs
+            assert time.monotonic() < deadline, (status.shadow_seqs, lasts)
+            await asyncio.sleep(0.2)
+
+
+def test_the_backup_projections_follow_the_journals_between_snapshots(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    """A snapshot applies only what came since the last status: the rest was applied
+    as it was journaled (from empty, a large tree's journal takes minutes)."""
+    asyncio.run(_create(site, "followed", 20))
+    positions = asyncio.run(_shadows_follow(site))
+    assert set(positions) == {"001", "002"}
+    out = ok(site, "snapshot-metadata", "--output", str(tmp_path / "f.tar.gz"), "--json")
+    shards = json.loads(out)["manifest"]["shards"]
+    for cut in shards:  # the marker and what little came after the status
+        assert cut["seq"] >= positions[cut["shard"]]
+
+
 def test_snapshot_while_writing_then_restore_gives_exactly_the_cut(
     site: LocalSite, tmp_path: Path
 ) -> None:
-    before = asyncio.run(_create(site, "before", 10))
+    existing = asyncio.run(_names(site))  # other tests' files (a shared site)
+    before = existing | asyncio.run(_create(site, "before", 10))
     snapshot = tmp_path / "metadata.tar.gz"
 
     async def snapshot_during_writes() -> tuple[set[str], str]:
