@@ -45,6 +45,8 @@ from cfs_contracts.backup import (
     FETCH_BYTES,
     SCHEDULE_KEY,
     FetchRequest,
+    ShardCut,
+    SnapshotManifest,
     SnapshotReply,
     SnapshotRequest,
     SnapshotSchedule,
@@ -392,44 +394,57 @@ async def _restore(bus: Bus, snapshot: Snapshot, force: bool, before: Path) -> l
         await _fetch(bus, request.snapshot_id, reply, before)
         lines.append(f"  the replaced state was saved first: {before} (verified)")
     with Progress(transient=True) as progress:
-        for cut in manifest.shards:
-            image = snapshot.images[cut.shard]
-            chunks = split_chunks(image)
-            task = progress.add_task(f"shard {cut.shard}", total=len(chunks))
-            lineage = Lineage(
-                cluster_id=manifest.cluster_id,
-                shard=cut.shard,
-                seq=cut.seq,
-                hlc=cut.hlc,
-                snapshot_id=manifest.snapshot_id,
-                archive_url=manifest.archive_url,
-            )
-            index = int(cut.shard)
-            reply = await _step(
-                bus,
-                index,
-                RestoreBegin(
-                    lineage=lineage,
-                    chunks=len(chunks),
-                    records=cut.records,
-                    sha256=hashlib.sha256(image).hexdigest(),
-                ),
-            )
-            at = reply.next_chunk
-            while at < len(chunks):
-                reply = await _step(
-                    bus,
-                    index,
-                    RestoreChunk(
-                        snapshot_id=manifest.snapshot_id,
-                        index=at,
-                        data_b64=base64.b64encode(chunks[at]).decode(),
-                    ),
+        # Shards install side by side: each is its own writer's journal and replicas.
+        async with asyncio.TaskGroup() as shards:
+            for cut in manifest.shards:
+                shards.create_task(
+                    _install(bus, manifest, cut, snapshot.images[cut.shard], progress)
                 )
-                at = reply.next_chunk if reply.installing else len(chunks)
-                progress.update(task, completed=at)
-            lines.append(f"  shard {cut.shard}: {cut.inodes} inodes (source seq {cut.seq})")
+    lines += [
+        f"  shard {cut.shard}: {cut.inodes} inodes (source seq {cut.seq})"
+        for cut in manifest.shards
+    ]
     return lines
+
+
+async def _install(
+    bus: Bus, manifest: SnapshotManifest, cut: ShardCut, image: bytes, progress: Progress
+) -> None:
+    """One shard's image through its writer, chunk by chunk (each one journaled)."""
+    chunks = split_chunks(image)
+    task = progress.add_task(f"shard {cut.shard}", total=len(chunks))
+    lineage = Lineage(
+        cluster_id=manifest.cluster_id,
+        shard=cut.shard,
+        seq=cut.seq,
+        hlc=cut.hlc,
+        snapshot_id=manifest.snapshot_id,
+        archive_url=manifest.archive_url,
+    )
+    index = int(cut.shard)
+    reply = await _step(
+        bus,
+        index,
+        RestoreBegin(
+            lineage=lineage,
+            chunks=len(chunks),
+            records=cut.records,
+            sha256=hashlib.sha256(image).hexdigest(),
+        ),
+    )
+    at = reply.next_chunk
+    while at < len(chunks):
+        reply = await _step(
+            bus,
+            index,
+            RestoreChunk(
+                snapshot_id=manifest.snapshot_id,
+                index=at,
+                data_b64=base64.b64encode(chunks[at]).decode(),
+            ),
+        )
+        at = reply.next_chunk if reply.installing else len(chunks)
+        progress.update(task, completed=at)
 
 
 async def _position(bus: Bus, shard: int):  # type: ignore[no-untyped-def]
