@@ -4,8 +4,8 @@ The active backup service runs it (it knows the snapshot destinations and their
 retention, and reads every journal already), every `gc_interval_s` and on request
 (`cfs admin gc [--dry-run]`, `rpc.backup.gc`). The decision is `gc.decide`; here:
 
-Mark, at wall time M: each shard's journal end; a projection per shard of the live
-metadata advanced to it (kept between runs under `<data>/backup/gc/`); the oldest
+Mark, at wall time M: each shard's journal end; the service's projection of each
+shard (`shadow.py`, the snapshots' own) brought to it and held while read; the oldest
 retained snapshot (the newest-first retention at the schedule's destination, the
 destinations snapshots were uploaded to, and `gc_snapshot_urls`), its image's chunks
 (cached per snapshot id) and every journal message after its cut. Anything that
@@ -29,7 +29,6 @@ import asyncio
 import errno
 import json
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from cfs.ids import new_id
 from cfs.objstore import ObjectStoreError, ServiceS3Settings, open_store
 from cfs_backup.gc import Candidate, Judgement, KeepSet, Verdict, chunks_of_image, decide
 from cfs_backup.gc import chunks_of_payload as message_chunks
+from cfs_backup.shadow import ClockBehind, Shadows
 from cfs_contracts.backup import (
     GC_DESTINATIONS_KEY,
     GC_REPORT_KEY,
@@ -60,8 +60,7 @@ from cfs_contracts.backup import (
 )
 from cfs_contracts.data import ListRequest
 from cfs_contracts.streams import NODES
-from cfs_metadata.journal import Journal, JournalRecord, apply_record
-from cfs_metadata.projection import Projection
+from cfs_metadata.journal import Journal, JournalRecord
 from cfs_metadata.records import CorruptRecord
 
 log = logging.getLogger(__name__)
@@ -78,6 +77,7 @@ class GcBlocked(Exception):
 
 _BLOCKING = (
     GcBlocked,
+    ClockBehind,
     BusError,
     ObjectStoreError,
     SnapshotInvalid,
@@ -121,6 +121,7 @@ class Collector:
         self,
         bus: Bus,
         root: Path,
+        shadows: Shadows,
         *,
         grace_s: float,
         snapshot_urls: Iterable[str] = (),
@@ -128,11 +129,13 @@ class Collector:
         active: Callable[[], bool] = lambda: True,
         wall_ms: Callable[[], int] = _wall_ms,
     ) -> None:
-        """`root`: this service's directory for the live projections and caches.
+        """`root`: this service's directory for caches; `shadows`: its projections of
+        the live metadata (`shadow.py`).
         `active`: whether this process still holds the backup lease (checked before
         every delete; a deposed collector stops deleting)."""
         self.bus = bus
         self.root = root
+        self.shadows = shadows
         self.grace_ms = int(grace_s * 1000)
         self.snapshot_urls = tuple(snapshot_urls)
         self.s3 = s3 or ServiceS3Settings()
@@ -200,7 +203,8 @@ class Collector:
         ends = {i: await Journal(self.bus, i).last_seq() for i in range(1, config.shards + 1)}
         chunks: set[str] = set()
         for index, end in ends.items():
-            chunks.update(await self._live(index, end))
+            live, ends[index] = await self._live(index, end)
+            chunks.update(live)
         retained = await self.oldest_retained()
         if retained is not None:
             snapshot = await self._fetch(retained)
@@ -218,20 +222,18 @@ class Collector:
                     chunks.update(message_chunks(record.event.payload))
         return KeepSet(frozenset(chunks), marked_ms), retained
 
-    async def _live(self, index: int, end: int) -> set[str]:
-        """Chunks of shard `index`'s state at journal `end` (projection kept between runs)."""
-        path = self.root / "gc" / "live" / f"shard-{index:03d}"
-        projection = Projection(path, index)
-        try:
-            if projection.applied_seq > end:  # the journal was re-seeded shorter: rebuild
-                projection.close()
-                shutil.rmtree(path, ignore_errors=True)
-                projection = Projection(path, index)
-            async for record in _read(Journal(self.bus, index), projection.applied_seq + 1, end):
-                apply_record(projection, record)
-            return await asyncio.to_thread(lambda: set(chunks_of_image(projection.image_pairs())))
-        finally:
-            projection.close()
+    async def _live(self, index: int, end: int) -> tuple[set[str], int]:
+        """Chunks of shard `index`'s state at journal `end` or later (the service's
+        shadow of it, which follows the journal: brought to `end` if behind and held
+        while its chunks are read), and the sequence that state is at."""
+        shadow = self.shadows.by_index.get(index)
+        if shadow is None:
+            raise GcBlocked(f"no projection of shard {index:03d} here (shards changed?)")
+        async with shadow.lock:
+            await shadow.catch_up(end)
+            pairs = shadow.projection.image_pairs()
+            chunks = await asyncio.to_thread(lambda: set(chunks_of_image(pairs)))
+            return chunks, shadow.projection.applied_seq
 
     async def destinations(self) -> list[str]:
         """Where retained snapshots are: the schedule's destination, every destination

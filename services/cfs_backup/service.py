@@ -166,11 +166,12 @@ class Backup:
             self.shadows.close()
             self.shadows = None
 
-    def gc(self, active: Callable[[], bool]) -> Collector:
+    def gc(self, shadows: Shadows, active: Callable[[], bool]) -> Collector:
         """The fragment collector of the active instance (`collector.py`)."""
         self.collector = Collector(
             self.bus,
             self.root,
+            shadows,
             grace_s=self.settings.gc_grace_s,
             snapshot_urls=self.settings.gc_snapshot_urls,
             s3=self.s3,
@@ -553,13 +554,13 @@ async def lead(ctx: Context) -> None:
         return reply.model_dump_json().encode()
 
     lease = ctx.lease
-    collector = backup.gc(lambda: lease is not None and lease.is_holder)
+    shadows = await backup.open_shadows()
+    collector = backup.gc(shadows, lambda: lease is not None and lease.is_holder)
 
     async def on_gc(msg: Msg) -> bytes:
         report = await collector.run(GcRequest.model_validate_json(msg.data or b"{}").dry_run)
         return report.model_dump_json().encode()
 
-    shadows = await backup.open_shadows()
     subs = [
         await ctx.bus.serve(snapshot_subject(ctx.bus.site), on_snapshot),
         await ctx.bus.serve(gc_subject(ctx.bus.site), on_gc),

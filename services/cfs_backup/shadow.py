@@ -26,12 +26,16 @@ from cfs.hlc import observe
 from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_backup.cut import before
 from cfs_contracts.streams import shard_name
-from cfs_metadata.journal import Journal, apply_record, position_mismatch
+from cfs_metadata.journal import Journal, JournalRecord, apply_record, position_mismatch
 from cfs_metadata.projection import Projection
 
 log = logging.getLogger(__name__)
 
 SKEW_WAIT_S = 1.0
+
+
+class ClockBehind(Exception):
+    """A journal message is stamped further ahead of this node's clock than it accepts."""
 
 
 class Shadow:
@@ -96,14 +100,35 @@ class Shadow:
             start = self.projection.applied_seq + 1
         async for record in self.journal.tail(start):
             backoff.reset()
-            stamp = record.event.envelope.hlc
-            observe(self.bus.clock, stamp)
-            while not before(stamp, self.bus.clock.last):  # too far ahead (`hlc.skew`)
-                await asyncio.sleep(SKEW_WAIT_S)
-                observe(self.bus.clock, stamp)
+            while True:
+                if self._admitted(record):
+                    break
+                await asyncio.sleep(SKEW_WAIT_S)  # stamped too far ahead (`hlc.skew`)
             async with self.lock:
                 if record.seq > self.projection.applied_seq:  # else a snapshot applied it
                     apply_record(self.projection, record)
+
+    async def catch_up(self, end: int) -> None:
+        """Apply the journal through `end` now, by the same rule; the caller holds
+        `lock` (fragment GC: the live metadata at its mark)."""
+        await self.check_position()
+        if self.projection.applied_seq >= end:
+            return
+        async for record in self.journal.tail(self.projection.applied_seq + 1):
+            if not self._admitted(record):
+                raise ClockBehind(
+                    f"shard {self.index:03d}: message {record.seq} is stamped "
+                    f"{record.event.envelope.hlc}, ahead of this node's clock"
+                )
+            apply_record(self.projection, record)
+            if record.seq >= end:
+                return
+
+    def _admitted(self, record: JournalRecord) -> bool:
+        """Observe the record's stamp; True when this node's clock is past it."""
+        stamp = record.event.envelope.hlc
+        observe(self.bus.clock, stamp)
+        return before(stamp, self.bus.clock.last)
 
 
 class Shadows:
