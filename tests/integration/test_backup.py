@@ -20,12 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from cfs.backup.image import split_chunks
 from cfs.backup.snapshot_file import read_snapshot
+from cfs.bus import Bus
+from cfs.cli import backup as cli_backup
 from cfs.client.metadata import MetadataClient
+from cfs.client.shard_admin import ShardAdminRefused, shard_admin
 from cfs.supervisor import LocalSite
 from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.fs.records import ROOT_INO, Kind
 from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.fs.shard_admin import AnyShardAdminOp, RestoreChunk, ShardAdminReply
 from cfs_contracts.streams import NODES
 from tests.integration.test_admin_cli import cfs, ok
 
@@ -166,6 +171,44 @@ def test_snapshot_while_writing_then_restore_gives_exactly_the_cut(
     opened = ok(site, "replay-journal", "--none")
     assert "open for writes" in opened
     assert asyncio.run(_create(site, "reopened", 1)) <= asyncio.run(_names(site))
+
+
+def test_a_restore_sent_in_many_chunks_overtaking_each_other_is_exact(
+    site: LocalSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image goes to each writer with several chunks in flight; one that overtakes
+    another (here: chunk 1 held back) is refused with the writer's position and sent
+    again from there. The restored tree is exactly the snapshot's."""
+    asyncio.run(_create(site, "chunked", 40))
+    path = tmp_path / "chunked.tar.gz"
+    ok(site, "snapshot-metadata", "--output", str(path))
+    expected = asyncio.run(_names(site))
+    asyncio.run(_create(site, "not-in-it", 2))
+    snapshot = read_snapshot(path)
+    monkeypatch.setattr(cli_backup, "split_chunks", lambda data: split_chunks(data, 2048))
+    held_back: set[int] = set()
+    overtaken: list[int] = []
+
+    async def slow_first_chunk_1(bus: Bus, shard: int, op: AnyShardAdminOp) -> ShardAdminReply:
+        if isinstance(op, RestoreChunk) and op.index == 1 and shard not in held_back:
+            held_back.add(shard)
+            await asyncio.sleep(0.5)  # chunk 2 reaches the writer first
+        try:
+            return await shard_admin(bus, shard, op)
+        except ShardAdminRefused as exc:
+            overtaken.append(shard)
+            raise exc
+
+    monkeypatch.setattr(cli_backup, "shard_admin", slow_first_chunk_1)
+
+    async def restore() -> None:
+        async with await site.client() as bus:
+            await cli_backup._restore(bus, snapshot, True, tmp_path / "pre.tar.gz")
+
+    asyncio.run(restore())
+    assert sorted(overtaken) == [1, 2], overtaken  # each shard resynchronized once
+    ok(site, "replay-journal", "--none")
+    assert asyncio.run(_names(site)) == expected
 
 
 def _rewrite(source: Path, target: Path, edit: str) -> None:

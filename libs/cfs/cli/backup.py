@@ -55,7 +55,13 @@ from cfs_contracts.backup import (
     snapshot_subject,
 )
 from cfs_contracts.events.metadata import Lineage
-from cfs_contracts.fs.shard_admin import OpenShard, RestoreBegin, RestoreChunk, ShardPosition
+from cfs_contracts.fs.shard_admin import (
+    OpenShard,
+    RestoreBegin,
+    RestoreChunk,
+    ShardAdminReply,
+    ShardPosition,
+)
 from cfs_contracts.streams import NODES, meta_stream, shard_name
 
 SNAPSHOT_TIMEOUT_S = 3600.0
@@ -413,6 +419,9 @@ async def _restore(
     return lines, pre_restore_s
 
 
+CHUNKS_IN_FLIGHT = 3
+
+
 async def _install(
     bus: Bus, manifest: SnapshotManifest, cut: ShardCut, image: bytes, progress: Progress
 ) -> None:
@@ -439,17 +448,32 @@ async def _install(
         ),
     )
     at = reply.next_chunk
+
+    async def send(chunk: int) -> ShardAdminReply:
+        data = base64.b64encode(chunks[chunk]).decode()
+        op = RestoreChunk(snapshot_id=manifest.snapshot_id, index=chunk, data_b64=data)
+        return await shard_admin(bus, index, op)
+
+    # A few chunks in flight: the writer takes them in order, and while it journals
+    # one the next is already on its way. One that overtook another (a retry) is
+    # refused with the position the writer expects; the next round starts there.
     while at < len(chunks):
-        reply = await _step(
-            bus,
-            index,
-            RestoreChunk(
-                snapshot_id=manifest.snapshot_id,
-                index=at,
-                data_b64=base64.b64encode(chunks[at]).decode(),
-            ),
-        )
-        at = reply.next_chunk if reply.installing else len(chunks)
+        window = range(at, min(at + CHUNKS_IN_FLIGHT, len(chunks)))
+        answers = await asyncio.gather(*(send(i) for i in window), return_exceptions=True)
+        positions = []
+        for answer in answers:
+            if (
+                isinstance(answer, ShardAdminRefused)
+                and answer.reply.installing == manifest.snapshot_id
+            ):
+                positions.append(answer.reply.next_chunk)  # out of order: resume there
+            elif isinstance(answer, BaseException):
+                raise CliError(f"shard {index:03d}: {answer}") from None
+            else:
+                positions.append(answer.next_chunk if answer.installing else len(chunks))
+        if max(positions) <= at:
+            raise CliError(f"shard {index:03d}: the writer takes no chunk after {at}")
+        at = max(positions)
         progress.update(task, completed=at)
 
 
