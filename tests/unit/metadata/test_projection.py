@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import cfs_metadata.projection as projection_module
+from cfs.backup.image import encode_pairs
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_metadata.decide import bootstrap_entry, decide
@@ -104,3 +105,24 @@ def test_a_flipped_byte_is_reported_with_both_checksums(tmp_path: Path) -> None:
         projection.inode(ROOT_INO)
     assert len(seen) == 1
     projection.close()
+
+
+def test_a_loaded_image_has_every_seal_checked_and_its_inodes_counted(tmp_path: Path) -> None:
+    """The snapshot verify's trial load: seals checked without parsing, inodes counted;
+    one flipped byte in any record names it."""
+    source = Projection(tmp_path / "source", 1)
+    for seq, entries in enumerate(_journal(), start=1):
+        source.apply(seq, entries)
+    image = encode_pairs(source.image_pairs())
+    loaded = Projection(tmp_path / "loaded", 1)
+    loaded.load_image(image)
+    assert loaded.check_seals() == source.inode_count() == len(source.to_memory().inodes)
+
+    dentry_key = next(k for k, _ in source.image_pairs() if k.startswith(b"d"))
+    raw = bytearray(loaded.raw_get(dentry_key) or b"")
+    raw[-2] ^= 0x01
+    loaded.raw_put(dentry_key, bytes(raw))
+    with pytest.raises(CorruptRecord, match=r"^Dentry 1/\S+ checksum mismatch"):
+        loaded.check_seals()
+    source.close()
+    loaded.close()
