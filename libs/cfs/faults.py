@@ -20,6 +20,14 @@ class InjectedFault(Exception):
     """The exception `fault_point` raises: a stand-in for any bug."""
 
 
+_service = ""  # this process's service (`scope`): `point@service` triggers only there
+
+
+def scope(service: str) -> None:
+    global _service
+    _service = service
+
+
 def crash_point(name: str) -> None:
     if _triggered(name):
         log.critical("fault.crash", extra={"point": name})
@@ -39,10 +47,10 @@ def _triggered(name: str) -> bool:
         return False
     trigger = Path(path)
     try:
-        wanted = trigger.read_text().strip()
+        wanted, _, only = trigger.read_text().strip().partition("@")
     except FileNotFoundError:
         return False
-    if wanted != name:
+    if wanted != name or (only and only != _service):
         return False
     try:
         trigger.unlink()

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cfs import faults
 from cfs.bus import Bus, BusError
 from cfs.kernel.spec import ServiceSpec
 from cfs.logs import setup_logging
@@ -98,6 +99,7 @@ def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
         raise SystemExit(f"{spec.name}: bad settings: {problems}") from None
     node = settings.node
     setup_logging(settings.log_level, service=spec.name, node=node)
+    faults.scope(spec.name)
     one_line: tuple[type[BaseException], ...] = (
         BusError,
         CredentialsError,

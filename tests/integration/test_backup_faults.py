@@ -125,11 +125,6 @@ def test_backup_killed_after_a_segment_upload_resumes_without_gap_or_duplicate(
 
 
 @pytest.mark.expected_logs(*CRASHES, "projection.*", "follower.*", "restore.*")
-@pytest.mark.skip(
-    reason="racy since the backup's shadows apply restores live: the backup process can "
-    "reach the shared `restore.swap` crash point before the replica; needs crash points "
-    "scoped to a service (next session)"
-)
 def test_a_replica_killed_while_swapping_in_a_restore_finishes_it_after_restart(
     site: tuple[LocalSite, Path], s3_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -139,7 +134,7 @@ def test_a_replica_killed_while_swapping_in_a_restore_finishes_it_after_restart(
     ok(running, s3_env, "snapshot-metadata", "--output", str(output))
     names = asyncio.run(_names(running))
     asyncio.run(_create(running, "dropped", 3))
-    crash.write_text("restore.swap")
+    crash.write_text("restore.swap@metadata-raft")  # not the backup's shadow
     ok(running, s3_env, "restore-metadata", "--from-snapshot", str(output), "--force")
     assert not crash.exists(), "the fault point was not reached"
     processes = [p for n in running.node_names for p in running.node_processes(n).values()]
