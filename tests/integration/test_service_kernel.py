@@ -324,3 +324,62 @@ async def test_a_failed_degradable_task_shows_in_admin_status(nats_server: NatsS
         stop.set()
         await asyncio.wait_for(service, 10)  # stops cleanly: degraded is not crashed
         assert (await read_node_facts(bus)).health == (), "a clean stop removes the record"
+
+
+# -- singleton work that loses the bus is started again, not crashed ------------------------
+@pytest.mark.expected_logs("service.degraded", "retry.*")
+async def test_singleton_work_failing_on_the_bus_restarts_visibly_and_recovers(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node loss times out a request of the site singleton (CI saw the backup service
+    crash on one in scenario 2); the work is started again, degraded meanwhile."""
+    from cfs.admin.report import service_lines
+    from cfs.admin.snapshot import read_node_facts
+    from cfs.kernel import runtime
+    from cfs.kernel.runtime import Context, run
+    from cfs.kernel.spec import ServiceSpec, Singleton
+    from cfs.service_main import ServiceSettings
+
+    monkeypatch.setattr(runtime, "WORK_STABLE_S", 1.5)
+    attempts: list[float] = []
+
+    async def work(ctx: Context) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            async with asyncio.TaskGroup() as tasks:  # fails as a group, as `lead` does
+                tasks.create_task(asyncio.sleep(3600))
+                raise nats.errors.TimeoutError
+        await asyncio.sleep(3600)
+
+    async def start(ctx: Context) -> None:
+        return None
+
+    spec = ServiceSpec(
+        name="toy",
+        role="toy",
+        package="tests",
+        description="a singleton whose first request times out",
+        settings=lambda: ServiceSettings,
+        start=start,
+        singleton=Singleton(work=work, eligible=lambda ctx: True),
+    )
+    settings = ServiceSettings(node="n1", site=SITE, nats_urls=[nats_server.url])
+    stop = asyncio.Event()
+    async with await _provision(nats_server.url) as bus:
+        service = asyncio.create_task(run(spec, settings, stop))
+
+        async def lines() -> list[str]:
+            assert not service.done(), service
+            return service_lines(await read_node_facts(bus))
+
+        async def degraded() -> bool:
+            return any("restarting after TimeoutError" in line for line in await lines())
+
+        async def recovered() -> bool:
+            return len(attempts) == 2 and not any("DEGRADED" in x for x in await lines())
+
+        await _until("the restarting work in status", degraded, timeout=15)
+        await _until("the work healthy again", recovered, timeout=15)
+        assert len(attempts) == 2, "started once more, not in a loop"
+        stop.set()
+        await asyncio.wait_for(service, 10)

@@ -415,9 +415,44 @@ async def _start_singleton(ctx: Context) -> None:
     ctx.on_stop(lease.stop)
 
 
+WORK_STABLE_S = 10.0  # singleton work that ran this long after a restart is healthy again
+
+
 async def _work(ctx: Context, singleton: Singleton, term: int) -> None:
-    await singleton.work(ctx)
+    """The singleton's work for one term. A bus failure (a server lost with its node, a
+    stream still electing) starts it again after a backoff, the service degraded
+    meanwhile, as a consumer's session is; any other failure crashes the process."""
+    component = f"{ctx.spec.name} term {term}"
+    policy = RetryPolicy(component, temporary=only_bus_errors, deadline_s=None)
+    backoff = Backoff(policy, extra={"service": ctx.spec.name, "term": term})
+    loop = asyncio.get_running_loop()
+    while True:
+        healthy = loop.call_later(WORK_STABLE_S, ctx.health.recover, component)
+        try:
+            await singleton.work(ctx)
+            break
+        except Exception as exc:
+            if not only_bus_errors(exc):
+                raise
+            ctx.health.degrade(component, f"restarting after {_describe_group(exc)}")
+            await backoff.wait(exc)
+        finally:
+            healthy.cancel()
+    ctx.health.recover(component)
     log.info("singleton.work_finished", extra={"service": ctx.spec.name, "term": term})
+
+
+def only_bus_errors(exc: BaseException) -> bool:
+    """`any_bus_error`, through task groups: a group fails for the bus if all of it did."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_bus_errors(inner) for inner in exc.exceptions)
+    return any_bus_error(exc)
+
+
+def _describe_group(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
