@@ -77,8 +77,7 @@ DATA = StreamSpec("DATA", ("cfs.{site}.data.>",), "fragment stored/deleted event
 TIER = StreamSpec(
     "TIER",
     ("cfs.{site}.tier.>",),
-    "S3 upload work queue",
-    retention=Retention.WORK_QUEUE,
+    "S3 flush queue: chunks on flash not yet in S3 (purged below the oldest one pending)",
     deny_purge=False,
     deny_delete=False,
 )
@@ -113,7 +112,8 @@ SITE_STREAMS: tuple[StreamSpec, ...] = (
 
 LEASES = KVSpec("leases", "writer leases per metadata shard and singleton service", history=1)
 NODES = KVSpec("nodes", "membership view: state, incarnation, labels, capacity", history=5)
-SITE_BUCKETS: tuple[KVSpec, ...] = (LEASES, NODES)
+TIER_INDEX = KVSpec("tier", "s3 tier: the blob of each chunk in S3, and each blob's record")
+SITE_BUCKETS: tuple[KVSpec, ...] = (LEASES, NODES, TIER_INDEX)
 
 
 def site_streams(shard_count: int) -> list[StreamSpec]:

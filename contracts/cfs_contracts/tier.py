@@ -8,6 +8,8 @@ number in its footer.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import BaseModel, ConfigDict, Field
 
 BLOB_FORMAT = 1
@@ -31,3 +33,152 @@ class BlobIndex(BaseModel):
     blob_id: str = Field(min_length=1)
     format: int = BLOB_FORMAT
     entries: tuple[BlobEntry, ...]
+
+
+# -- where each chunk is, in the `tier` bucket -------------------------------------------
+TIER_CONFIG_KEY = "tier.config"  # in the `nodes` bucket: the mode, set by the operator
+TIER_STATE_KEY = "tier.state"  # in the `nodes` bucket: the tierer's figures, for everyone
+BLOB_KEY_PREFIX = "blobs/"
+
+
+def chunk_location_key(chunk_id: str) -> str:
+    return f"chunk.{chunk_id}"
+
+
+def blob_record_key(blob_id: str) -> str:
+    return f"blob.{blob_id}"
+
+
+def blob_object_key(blob_id: str) -> str:
+    """The blob's key under the tier URL's prefix."""
+    return f"{BLOB_KEY_PREFIX}{blob_id}"
+
+
+class ChunkLocation(BaseModel):
+    """`chunk.<id>` in the `tier` bucket: the chunk is in S3, in this blob."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blob_id: str
+    offset: int = Field(ge=0)
+    length: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class BlobRecord(BaseModel):
+    """`blob.<id>` in the `tier` bucket, written after the PUT and before any chunk
+    points at the blob: a blob in the bucket without one is an orphan (a PUT whose
+    writer died), safe to delete."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blob_id: str
+    url: str = Field(description="s3://bucket/prefix it was written under")
+    bytes: int = Field(ge=0)
+    chunks: int = Field(ge=0)
+    created_ms: int
+
+
+class TierMode(StrEnum):
+    OFF = "off"  # data on flash only
+    CACHE = "cache"  # every write on flash and, flushed after its acknowledgement, in S3
+    TIERED = "tiered"  # as cache; cold data evicted from flash, recalled on read
+
+
+class TierConfig(BaseModel):
+    """`tier.config` in the `nodes` bucket (`cfs admin tier-config`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: TierMode = TierMode.OFF
+    url: str | None = Field(default=None, description="s3://bucket/prefix of the data tier")
+    high: float = Field(default=0.80, gt=0, le=1, description="write-through from this fill")
+    critical: float = Field(default=0.95, gt=0, le=1, description="critical alert")
+    full: float = Field(default=1.0, gt=0, le=1, description="ENOSPC from this fill")
+    resume_margin: float = Field(default=0.05, ge=0, lt=1)
+    flash_bytes: int = Field(
+        default=0, ge=0, description="per node flash for unflushed data; 0: the store's capacity"
+    )
+    write_through_wait_s: float = Field(
+        default=60.0, gt=0, description="how long a write-through write waits for S3 (then EIO)"
+    )
+    blob_target_bytes: int = Field(default=BLOB_TARGET_BYTES, ge=1)
+    flush_after_s: float = Field(
+        default=2.0, gt=0, description="a blob is sealed once its oldest chunk waited this long"
+    )
+    updated_ms: int = 0
+    updated_by: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode is not TierMode.OFF and self.url is not None
+
+
+class WritePolicy(StrEnum):
+    ACK_ON_FLASH = "ack_on_flash"  # NORMAL
+    ACK_AFTER_S3 = "ack_after_s3"  # WRITE_THROUGH, CRITICAL
+    REFUSE = "refuse"  # FULL: ENOSPC
+
+
+class S3Health(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None
+    reachable: bool
+    last_ok_ms: int | None = Field(default=None, description="last successful write")
+    error: str | None = None
+    error_class: str | None = Field(default=None, description="auth, network, service, bucket")
+    failing_since_ms: int | None = None
+
+
+class NodeFlash(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    node: str
+    level: str = Field(description="NORMAL, WRITE_THROUGH, CRITICAL, FULL")
+    fill: float = Field(ge=0)
+    unflushed_bytes: int = Field(ge=0)
+    capacity_bytes: int = Field(ge=0)
+
+
+class TierState(BaseModel):
+    """`tier.state` in the `nodes` bucket, written by the active tierer every second:
+    clients follow `level` (write-through, ENOSPC); `s3-health` and `s3-queue-status`
+    print the rest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    holder: str
+    updated_ms: int
+    mode: TierMode
+    level: str = Field(description="the worst node's level: it rules every write")
+    policy: WritePolicy = Field(description="what a write must do at this level")
+    nodes: tuple[NodeFlash, ...] = ()
+    queue_entries: int = Field(ge=0)
+    queue_bytes: int = Field(ge=0)
+    oldest_queued_ms: int | None = None
+    drain_entries_per_s: float = Field(default=0.0, ge=0)
+    drain_bytes_per_s: float = Field(default=0.0, ge=0)
+    flushed_chunks: int = Field(default=0, ge=0, description="by this holder")
+    flushed_bytes: int = Field(default=0, ge=0, description="by this holder")
+    blobs_written: int = Field(default=0, ge=0, description="by this holder")
+    s3: S3Health
+
+
+class FlushRequest(BaseModel):
+    """Write-through: the client waits until these chunks are in S3."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class FlushReply(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    flushed: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def tier_flush_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.flush"

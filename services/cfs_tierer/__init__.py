@@ -1,1 +1,1 @@
-"""s3-tierer: the object-store tier of DESIGN.md §7 (issue 15, in progress)."""
+"""s3-tierer: the object-store tier of DESIGN.md §7 (issue 15)."""

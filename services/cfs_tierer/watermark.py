@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from cfs_contracts.tier import WritePolicy
+
 
 class Level(IntEnum):
     """Ordered by severity: comparisons mean 'at least as bad as'."""
@@ -32,12 +34,6 @@ class Level(IntEnum):
     WRITE_THROUGH = 1
     CRITICAL = 2
     FULL = 3
-
-
-class WritePolicy(IntEnum):
-    ACK_ON_FLASH = 0
-    ACK_AFTER_S3 = 1
-    REFUSE = 2  # ENOSPC
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Client data path: file contents as erasure-coded chunks on chunk-store nodes (DESIGN.md §5).
 
 Write: bytes collect in per-chunk buffers (bounded); a chunk that fills up is
-coded and stored in the background; `flush` stores the rest and then commits
+coded and stored in the background (and queued for S3 when a data tier is
+configured, `cfs.client.tier`); `flush` stores the rest and then commits
 the chunk map to the metadata shard. A write is durable, and may be
 acknowledged to an application's fsync/close, only after both.
 
@@ -31,6 +32,7 @@ from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
+from cfs.client.tier import TierGate
 from cfs.erasure import Scheme, choose_scheme, decode, encode
 from cfs.ids import new_id
 from cfs.placement import rank
@@ -66,6 +68,7 @@ class FileStore:
         self.readahead_chunks = readahead_chunks
         self.chunks = ChunkStoreClient(bus, timeout_s=fragment_timeout_s)
         self.nodes = NodeView(bus)
+        self.tier = TierGate(bus, self.nodes)
         self._cache = _ChunkCache(cache_bytes)
         self._fetching: dict[str, asyncio.Future[bytes]] = {}
         self._storing = asyncio.Semaphore(parallel_chunks)
@@ -136,6 +139,7 @@ class FileStore:
         six nodes becomes 2+1 on five), so losing a node never stops writes.
         """
         async with self._storing:
+            self.tier.check_room()
             chunk_id = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
             while True:
                 candidates = self.nodes.eligible(len(data))
@@ -157,13 +161,15 @@ class FileStore:
                         raise FsError(exc.errno, exc.message) from None
                     log.warning("data.recode", extra={"ino": ino, "chunk": chunk_id})
                     continue  # fewer nodes now: choose the scheme again
-                return ChunkRef(
+                ref = ChunkRef(
                     index=index,
                     chunk_id=chunk_id,
                     length=len(data),
                     scheme=scheme.name,
                     fragments=tuple(placed),
                 )
+                await self.tier.queued(ref, ino)
+                return ref
 
     async def _put_fragment(
         self,

@@ -29,18 +29,25 @@ from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
+from cfs_contracts.tier import TierConfig, TierMode, TierState
 
 log = logging.getLogger(__name__)
 
 RECONNECT_CHECK_S = 0.5  # how soon a reconnect restarts the watch
 
 
-_TABLES: dict[str, tuple[str, type[Any]]] = {
+_TABLES: dict[str, tuple[str, type[Any] | dict[str, type[Any]]]] = {
     "store": ("records", StoreRecord),
     "member": ("members", MemberRecord),
     "admin": ("admin", NodeAdmin),
     "cluster": ("cluster", ClusterConfig),  # one key: cluster.config
+    "tier": ("tier", {"config": TierConfig, "state": TierState}),  # tier.config, tier.state
 }
+
+
+def _model(kind: str, name: str) -> type[Any] | None:
+    model = _TABLES[kind][1]
+    return model.get(name) if isinstance(model, dict) else model
 
 
 class NodeView:
@@ -60,6 +67,7 @@ class NodeView:
         self.members: dict[str, MemberRecord] = {}
         self.admin: dict[str, NodeAdmin] = {}
         self.cluster: dict[str, ClusterConfig] = {}
+        self.tier: dict[str, Any] = {}  # "config": TierConfig, "state": TierState
         self._avoid_until: dict[str, float] = {}
         self.versions: dict[str, int] = dict.fromkeys(_TABLES, 0)  # changes seen, per kind
         self._changed = asyncio.Event()
@@ -126,9 +134,9 @@ class NodeView:
                 self._ready.set()
                 continue
             kind, _, node = entry.key.partition(".")
-            if kind not in _TABLES:
+            if kind not in _TABLES or (model := _model(kind, node)) is None:
                 continue  # e.g. repair job records
-            attribute, model = _TABLES[kind]
+            attribute = _TABLES[kind][0]
             table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 table.pop(node, None)
@@ -169,6 +177,17 @@ class NodeView:
         """The erasure code `cfs cluster init` chose (auto when not initialized so)."""
         config = self.cluster.get("config")
         return config.ec if config is not None else "auto"
+
+    @property
+    def tier_config(self) -> TierConfig | None:
+        """The data tier, when one is configured (`cfs admin tier-config`)."""
+        config = self.tier.get("config")
+        return config if isinstance(config, TierConfig) and config.enabled else None
+
+    @property
+    def tier_state(self) -> TierState | None:
+        state = self.tier.get("state")
+        return state if isinstance(state, TierState) and state.mode is not TierMode.OFF else None
 
     def facts(self) -> NodeFacts:
         """The view now, in the vocabulary every reader shares (`cfs.liveness`)."""

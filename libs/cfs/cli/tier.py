@@ -1,0 +1,272 @@
+"""The data tier's commands (guide scenario 7, DESIGN.md §7):
+
+    cfs admin tier-config [--mode cache|tiered|off] [--url s3://bucket/prefix] ...
+    cfs admin s3-health                 reachable or not, last successful write, error class
+    cfs admin s3-queue-status [--watch] entries, bytes, oldest, drain rate, watermark
+
+Both reports read `tier.state`, which the active s3-tierer rewrites every second; a
+state older than a few seconds is reported as such (the tierer is not running).
+Exit codes: 0 healthy, 1 S3 unreachable or flash above the high watermark, 3 no tierer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated
+
+import nats.js.errors
+import typer
+
+from cfs.admin.client import actor
+from cfs.bus import Bus, BusError
+from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
+from cfs_contracts.events.ops import AdminActionRecorded
+from cfs_contracts.streams import NODES
+from cfs_contracts.tier import TIER_CONFIG_KEY, TIER_STATE_KEY, TierConfig, TierMode, TierState
+
+STALE_AFTER_S = 10.0
+
+
+def _size(count: float) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    seconds = max(0.0, (now_ms - ms) / 1000)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+async def _read(bus: Bus, key: str) -> bytes | None:
+    kv = await bus.key_value(NODES.bucket)
+    try:
+        entry = await kv.get(key)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return entry.value or None
+
+
+async def read_tier(bus: Bus) -> tuple[TierConfig | None, TierState | None]:
+    config, state = await _read(bus, TIER_CONFIG_KEY), await _read(bus, TIER_STATE_KEY)
+    return (
+        TierConfig.model_validate_json(config) if config else None,
+        TierState.model_validate_json(state) if state else None,
+    )
+
+
+def _require(config: TierConfig | None, state: TierState | None) -> TierState:
+    if config is None or not config.enabled:
+        raise CliError(
+            "no data tier is configured (cfs admin tier-config --mode cache --url s3://…)",
+            ExitCode.FAILED,
+        )
+    if state is None or time.time() * 1000 - state.updated_ms > STALE_AFTER_S * 1000:
+        seen = "never" if state is None else _age(state.updated_ms, int(time.time() * 1000))
+        raise CliError(
+            f"no active s3-tierer reports (last report: {seen}); is `s3-tierer` running?",
+            ExitCode.UNREACHABLE,
+        )
+    return state
+
+
+@app.command("tier-config")
+@one_line_errors
+def tier_config(
+    ctx: typer.Context,
+    mode: Annotated[TierMode | None, typer.Option("--mode", help="off, cache or tiered")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="s3://bucket/prefix")] = None,
+    flash_bytes: Annotated[
+        int | None,
+        typer.Option("--flash-bytes", min=0, help="per-node flash for unflushed data (0: all)"),
+    ] = None,
+    high: Annotated[float | None, typer.Option("--high", help="write-through from")] = None,
+    critical: Annotated[float | None, typer.Option("--critical", help="alert from")] = None,
+    full: Annotated[float | None, typer.Option("--full", help="ENOSPC from")] = None,
+    flush_after_s: Annotated[
+        float | None, typer.Option("--flush-after", help="seconds a chunk waits for its blob")
+    ] = None,
+    write_through_wait_s: Annotated[
+        float | None, typer.Option("--write-through-wait", help="seconds, then EIO")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show or change the data tier (mode, bucket, watermarks); without options, show it.
+
+    The bucket is checked (and created when missing) before the change is recorded."""
+    settings = _settings(ctx, None, None, None)
+    changes = {
+        name: value
+        for name, value in {
+            "mode": mode,
+            "url": url,
+            "flash_bytes": flash_bytes,
+            "high": high,
+            "critical": critical,
+            "full": full,
+            "flush_after_s": flush_after_s,
+            "write_through_wait_s": write_through_wait_s,
+        }.items()
+        if value is not None
+    }
+    if url is not None:
+        try:
+            S3Url.parse(url)
+        except ValueError as exc:
+            raise CliError(f"--url: {exc}", ExitCode.USAGE) from None
+
+    async def work(bus: Bus) -> TierConfig:
+        current, _ = await read_tier(bus)
+        if not changes:
+            return current or TierConfig()
+        data = {**(current or TierConfig()).model_dump(), **changes}
+        data.update(updated_ms=int(time.time() * 1000), updated_by=actor())
+        try:
+            wanted = TierConfig.model_validate(data)
+        except ValueError as exc:
+            raise CliError(f"refused: {exc}", ExitCode.USAGE) from None
+        if wanted.mode is not TierMode.OFF and wanted.url is None:
+            raise CliError("--mode cache|tiered needs --url s3://bucket/prefix", ExitCode.USAGE)
+        if wanted.url is not None and wanted.url != (current.url if current else None):
+            try:
+                async with open_store(wanted.url, s3_settings()) as store:
+                    await store.ensure_bucket()
+            except ObjectStoreError as exc:
+                raise CliError(f"refused: {exc}", ExitCode.FAILED) from None
+        kv = await bus.key_value(NODES.bucket)
+        await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
+        record = AdminActionRecorded(
+            actor=actor(),
+            command="tier-config",
+            arguments={k: str(v) for k, v in changes.items()},
+            outcome="succeeded",
+        )
+        try:
+            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
+        except BusError as exc:
+            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        return wanted
+
+    config = _session(settings, work)
+    if as_json:
+        typer.echo(config.model_dump_json(indent=2))
+        return
+    typer.echo(
+        f"Data tier: {config.mode.value}"
+        + (f", {config.url}" if config.url else "")
+        + f"; write-through at {config.high:.0%}, critical at {config.critical:.0%}, "
+        f"ENOSPC at {config.full:.0%} of "
+        + (_size(config.flash_bytes) if config.flash_bytes else "each store's capacity")
+        + f"; blobs sealed after {config.flush_after_s:g} s"
+    )
+
+
+@app.command("s3-health")
+@one_line_errors
+def s3_health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Is S3 reachable for the data tier; when did a write last succeed; what fails."""
+    settings = _settings(ctx, None, None, None)
+    config, state = _session(settings, read_tier)
+    state = _require(config, state)
+    s3 = state.s3
+    if as_json:
+        typer.echo(s3.model_dump_json(indent=2))
+    else:
+        now = int(time.time() * 1000)
+        where = s3.url or "?"
+        if s3.reachable:
+            typer.echo(f"S3 reachable ({where}), last successful write {_age(s3.last_ok_ms, now)}")
+        else:
+            typer.echo(
+                f"S3 unreachable ({where}), last successful write {_age(s3.last_ok_ms, now)}; "
+                f"failing since {_age(s3.failing_since_ms, now)}"
+            )
+            typer.echo(f"  error class: {s3.error_class} ({_hint(s3.error_class)})")
+            typer.echo(f"  last error: {s3.error}")
+    if not s3.reachable:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+def _hint(error_class: str | None) -> str:
+    return {
+        "auth": "credentials or bucket policy: check the keys the services use",
+        "bucket": "the bucket does not exist at this endpoint: fix --url or create it",
+        "network": "no connection or no answer: check the endpoint and the network path",
+        "service": "S3 answers with errors (5xx): the service itself is failing",
+    }.get(error_class or "", "unknown")
+
+
+def describe_queue(state: TierState, now_ms: int) -> list[str]:
+    oldest = (
+        "none"
+        if state.oldest_queued_ms is None
+        else f"{max(0.0, (now_ms - state.oldest_queued_ms) / 1000):.1f} s old"
+    )
+    lines = [
+        f"Queue depth: {state.queue_entries} entries ({_size(state.queue_bytes)}), "
+        f"oldest {oldest}; flushing at {state.drain_entries_per_s * 60:.0f}/min "
+        f"({_size(state.drain_bytes_per_s)}/s)",
+        f"Watermark: {state.level} (writes {_policy_words(state)}); "
+        f"S3 {'reachable' if state.s3.reachable else 'UNREACHABLE'}",
+    ]
+    for node in state.nodes:
+        lines.append(
+            f"  {node.node}: {node.level}, flash {node.fill:.1%} unflushed "
+            f"({_size(node.unflushed_bytes)} of {_size(node.capacity_bytes)})"
+        )
+    lines.append(
+        f"Flushed by {state.holder}: {state.flushed_chunks} chunks "
+        f"({_size(state.flushed_bytes)}) in {state.blobs_written} blobs"
+    )
+    return lines
+
+
+def _policy_words(state: TierState) -> str:
+    return {
+        "ack_on_flash": "acknowledged on flash",
+        "ack_after_s3": "acknowledged after their S3 PUT (write-through)",
+        "refuse": "refused with ENOSPC",
+    }[state.policy.value]
+
+
+@app.command("s3-queue-status")
+@one_line_errors
+def s3_queue_status(
+    ctx: typer.Context,
+    watch: Annotated[bool, typer.Option("--watch", help="print again every --interval")] = False,
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="seconds")] = 2.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The S3 flush queue: entries, bytes, oldest entry, drain rate, watermark state."""
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> TierState:
+        while True:
+            config, state = await read_tier(bus)
+            current = _require(config, state)
+            if as_json:
+                typer.echo(json.dumps(current.model_dump(mode="json")))
+            else:
+                for line in describe_queue(current, int(time.time() * 1000)):
+                    typer.echo(line)
+            if not watch:
+                return current
+            typer.echo("")
+            await asyncio.sleep(interval)
+
+    state = _session(settings, work)
+    if state.level != "NORMAL" or not state.s3.reachable:
+        raise typer.Exit(ExitCode.FAILED)

@@ -1,0 +1,99 @@
+"""What a write owes the data tier (DESIGN.md §7, guide scenario 7).
+
+With a tier configured (`cfs admin tier-config`), every chunk stored on flash is queued
+for S3 (a `ChunkQueued` event on the TIER stream) before the chunk map that refers to
+it is committed, so no acknowledged write is forgotten by the flush. Then the
+tierer's published policy rules:
+
+    ack_on_flash   nothing more: the flush is in the background
+    ack_after_s3   wait until the tierer has the chunk in S3 (write-through), bounded
+    refuse         ENOSPC before anything is stored: flash is full of unflushed data
+
+The policy comes with the tierer's state in the `nodes` bucket, which every client
+watches already; without a state yet (no tierer has run) writes are acknowledged on
+flash and queued.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
+from cfs.client.nodes import NodeView
+from cfs_contracts.events.tier import ChunkQueued
+from cfs_contracts.fs.records import ChunkRef
+from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.tier import FlushReply, FlushRequest, TierState, WritePolicy, tier_flush_subject
+
+log = logging.getLogger(__name__)
+
+
+class TierGate:
+    def __init__(self, bus: Bus, nodes: NodeView) -> None:
+        self.bus = bus
+        self.nodes = nodes
+
+    def _policy(self) -> tuple[WritePolicy, TierState | None]:
+        state = self.nodes.tier_state
+        if self.nodes.tier_config is None or state is None:
+            return WritePolicy.ACK_ON_FLASH, state
+        return state.policy, state
+
+    def check_room(self) -> None:
+        """ENOSPC while the tier is FULL: flash holds all the unflushed data it may."""
+        policy, state = self._policy()
+        if policy is WritePolicy.REFUSE and state is not None:
+            raise FsError(
+                errno.ENOSPC,
+                f"flash is full of data not yet in S3 ({_s3_words(state)}); "
+                "writes resume as the flush queue drains",
+            )
+
+    async def queued(self, ref: ChunkRef, ino: int) -> None:
+        """Queue a stored chunk for S3; under write-through, return once it is there."""
+        config = self.nodes.tier_config
+        if config is None:
+            return
+        event = ChunkQueued(
+            chunk_id=ref.chunk_id,
+            length=ref.length,
+            scheme=ref.scheme,
+            fragments=ref.fragments,
+            ino=ino,
+        )
+        try:
+            await self.bus.publish(self.bus.event(event))
+        except BusError as exc:
+            raise FsError(
+                errno.EIO, f"chunk {ref.chunk_id[:12]} not queued for S3: {exc}"
+            ) from None
+        policy, state = self._policy()
+        if policy is WritePolicy.ACK_ON_FLASH:
+            return
+        await self._through(ref.chunk_id, config.write_through_wait_s, state)
+
+    async def _through(self, chunk_id: str, wait_s: float, state: TierState | None) -> None:
+        request = FlushRequest(chunk_ids=(chunk_id,)).model_dump_json().encode()
+        why = f"write-through (flash above the high watermark; {_s3_words(state)})"
+        try:
+            msg = await self.bus.request(tier_flush_subject(self.bus.site), request, timeout=wait_s)
+        except NoResponders:
+            raise FsError(errno.EIO, f"{why}: no s3-tierer is running") from None
+        except RequestTimeout:
+            raise FsError(
+                errno.EIO, f"{why}: chunk {chunk_id[:12]} not in S3 within {wait_s:g}s"
+            ) from None
+        except BusError as exc:
+            raise FsError(errno.EIO, f"{why}: {exc}") from None
+        reply = FlushReply.model_validate_json(msg.data)
+        if reply.error is not None or chunk_id not in reply.flushed:
+            raise FsError(errno.EIO, f"{why}: {reply.error or 'chunk not flushed'}")
+
+
+def _s3_words(state: TierState | None) -> str:
+    if state is None:
+        return "S3 state unknown"
+    if state.s3.reachable:
+        return "S3 reachable, flush behind"
+    return f"S3 unreachable: {state.s3.error or 'no answer'}"

@@ -1,0 +1,3 @@
+from cfs_tierer.service import main
+
+main()

@@ -1,0 +1,589 @@
+"""s3-tierer: flushes flash to S3 and rules writes by the flash watermark (DESIGN.md §7).
+
+One active instance per site (lease). While it leads:
+
+    TIER stream ──follow──► FlushQueue ──take──► read k fragments, decode, check SHA-256
+                               │                        │
+                               │                 BlobBuilder ─► PUT blobs/<id> (SSE)
+                               │                        │
+                               │        blob.<id>, then chunk.<id> in the `tier` bucket
+                               ▼                        │
+            flash fill per node ◄── done ◄──────────────┘  (then the stream is purged
+                   │                                        below the oldest pending)
+        watermark machine ─► tier.state (policy) + WatermarkChanged (+ alert)
+
+A chunk already in the `tier` bucket is never uploaded again, so a message delivered
+twice (a kill -9 between the PUT and the purge) costs a lookup. A PUT whose writer died
+before `blob.<id>` was written leaves an orphan blob no chunk points to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import time
+
+import nats.errors
+import nats.js.errors
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.kv import KeyValue
+from pydantic import Field
+
+from cfs.bus import Bus, BusError
+from cfs.client.chunks import ChunkStoreClient, Unrecoverable
+from cfs.client.nodes import NodeView
+from cfs.erasure import Scheme, decode
+from cfs.ids import new_id
+from cfs.kernel.runtime import Context, until_jetstream_answers
+from cfs.objstore import (
+    NoSuchBucket,
+    ObjectStore,
+    ObjectStoreDenied,
+    ObjectStoreError,
+    ObjectStoreUnavailable,
+    ServiceS3Settings,
+    open_store,
+)
+from cfs.rebuild import gather
+from cfs.retry import Backoff, RetryPolicy
+from cfs.service_main import ServiceSettings, run_spec
+from cfs_contracts.events.ops import AlertRaised, Severity
+from cfs_contracts.events.tier import ChunkQueued, WatermarkChanged
+from cfs_contracts.streams import NODES, TIER, TIER_INDEX
+from cfs_contracts.tier import (
+    TIER_STATE_KEY,
+    BlobRecord,
+    ChunkLocation,
+    FlushReply,
+    FlushRequest,
+    NodeFlash,
+    S3Health,
+    TierConfig,
+    TierMode,
+    TierState,
+    blob_object_key,
+    blob_record_key,
+    chunk_location_key,
+    tier_flush_subject,
+)
+from cfs_tierer.blob import BlobBuilder
+from cfs_tierer.queue import FlushQueue, Pending
+from cfs_tierer.watermark import Level, Reading, Thresholds, policy, settle, worst
+
+log = logging.getLogger(__name__)
+
+DRAIN_WINDOW_S = 30.0  # the drain rate is measured over this long
+
+
+class TierSettings(ServiceSettings):
+    status_s: float = Field(default=1.0, gt=0, description="watermark and tier.state period")
+    s3_deadline_s: float = Field(
+        default=10.0, gt=0, description="one S3 call's retry budget before it counts as failed"
+    )
+    probe_s: float = Field(default=5.0, gt=0, description="S3 health probe while idle")
+    read_concurrency: int = Field(default=8, ge=1, description="chunks read from flash at once")
+
+
+class Tierer:
+    """What outlives a lease: the settings and the S3 store per URL."""
+
+    def __init__(self, bus: Bus, settings: TierSettings) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.s3 = ServiceS3Settings()
+        self._stores: dict[str, ObjectStore] = {}
+
+    def store(self, url: str) -> ObjectStore:
+        if url not in self._stores:
+            policy = RetryPolicy(f"s3 tier {url}", deadline_s=self.settings.s3_deadline_s)
+            self._stores[url] = open_store(url, self.s3, policy=policy)
+        return self._stores[url]
+
+    async def close(self) -> None:
+        for store in self._stores.values():
+            await store.close()
+        self._stores.clear()
+
+
+def classify(exc: BaseException) -> str:
+    """The error class `s3-health` names: what the operator should look at."""
+    if isinstance(exc, ObjectStoreDenied):
+        return "auth"
+    if isinstance(exc, NoSuchBucket):
+        return "bucket"
+    if isinstance(exc, ObjectStoreUnavailable) and not isinstance(exc.__cause__, ClientError):
+        return "network"
+    return "service"
+
+
+class Health:
+    def __init__(self) -> None:
+        self.reachable = True
+        self.last_ok_ms: int | None = None
+        self.error: str | None = None
+        self.error_class: str | None = None
+        self.failing_since_ms: int | None = None
+
+    def ok(self) -> None:
+        if not self.reachable:
+            log.info("tier.s3_back", extra={"down_ms": _now_ms() - (self.failing_since_ms or 0)})
+        self.reachable, self.error, self.error_class, self.failing_since_ms = True, None, None, None
+        self.last_ok_ms = _now_ms()
+
+    def failed(self, exc: BaseException) -> None:
+        kind = classify(exc)
+        if self.reachable or kind != self.error_class:
+            log.error("tier.s3_failing", extra={"error_class": kind, "error": str(exc)})
+        if self.reachable:
+            self.failing_since_ms = _now_ms()
+        self.reachable, self.error, self.error_class = False, str(exc), kind
+
+    def record(self, url: str | None) -> S3Health:
+        return S3Health(
+            url=url,
+            reachable=self.reachable,
+            last_ok_ms=self.last_ok_ms,
+            error=self.error,
+            error_class=self.error_class,
+            failing_since_ms=self.failing_since_ms,
+        )
+
+
+class Term:
+    """One lease term of the active tierer: the queue read from the stream, the uploads,
+    the watermark levels. Rebuilt from the stream by every new holder."""
+
+    def __init__(self, tierer: Tierer, bus: Bus, nodes: NodeView, index: KeyValue) -> None:
+        self.tierer = tierer
+        self.bus = bus
+        self.nodes = nodes
+        self.index = index
+        self.settings = tierer.settings
+        self.queue = FlushQueue()
+        self.health = Health()
+        self.chunks = ChunkStoreClient(bus)
+        self.levels: dict[str, Level] = {}
+        self.level = Level.NORMAL
+        self.waiters: dict[str, list[asyncio.Future[None]]] = collections.defaultdict(list)
+        self.urgent: list[str] = []
+        self._wake = asyncio.Event()
+        self._caught_up = asyncio.Event()
+        self._flushed_recently: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._drained: collections.deque[tuple[float, int, int]] = collections.deque()
+        self.flushed_chunks = 0
+        self.flushed_bytes = 0
+        self.blobs = 0
+        self._purged_below = 0
+
+    # -- config ------------------------------------------------------------------------
+    def config(self) -> TierConfig | None:
+        return self.nodes.tier_config
+
+    # -- the queue -----------------------------------------------------------------------
+    async def follow(self) -> None:
+        """Every queued chunk, from the stream's first message on (the purged ones are
+        in S3), then new ones as they come."""
+        info = await self.bus.js.stream_info(TIER.name)
+        end = int(info.state.last_seq)
+        if info.state.messages == 0:
+            self._caught_up.set()
+        sub = await self.bus.js.subscribe(
+            f"cfs.{self.bus.site}.tier.chunk",
+            stream=TIER.name,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        try:
+            async for msg in sub.messages:
+                seq = msg.metadata.sequence.stream
+                event = self.bus.registry.decode(msg.data)
+                if isinstance(event.payload, ChunkQueued):
+                    stamp = int(msg.metadata.timestamp.timestamp() * 1000)
+                    if self.queue.apply(seq, event.payload, stamp):
+                        self._wake.set()
+                if seq >= end:
+                    self._caught_up.set()
+        finally:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await sub.unsubscribe()
+
+    async def on_flush(self, msg: Msg) -> bytes:
+        """Write-through: answer once every asked chunk is in S3 (the client's request
+        timeout bounds the wait)."""
+        request = FlushRequest.model_validate_json(msg.data)
+        futures = []
+        for chunk_id in request.chunk_ids:
+            if chunk_id in self._flushed_recently:
+                continue
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters[chunk_id].append(future)
+            futures.append(future)
+            self.urgent.append(chunk_id)
+        self._wake.set()
+        if futures:
+            await asyncio.gather(*futures)
+        return FlushReply(flushed=request.chunk_ids).model_dump_json().encode()
+
+    # -- flushing ------------------------------------------------------------------------
+    async def flush_loop(self) -> None:
+        await self._caught_up.wait()
+        while True:
+            config = self.config()
+            batch = self._due(config) if config is not None else []
+            if not batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._next_due_s(config)):
+                        await self._wake.wait()
+                await self._maybe_probe(config)
+                continue
+            assert config is not None and config.url is not None
+            await self._flush(config, config.url, batch)
+
+    def _due(self, config: TierConfig) -> list[Pending]:
+        """The next blob's chunks when a blob is due: full, old enough, or asked for."""
+        queue = self.queue
+        if not queue.pending:
+            return []
+        urgent = [c for c in self.urgent if c in queue.pending]
+        oldest = queue.oldest_ms() or 0
+        old = _now_ms() - oldest >= config.flush_after_s * 1000
+        if not (urgent or old or queue.bytes >= config.blob_target_bytes):
+            return []
+        batch = queue.take(config.blob_target_bytes, first=urgent)
+        taken = {p.chunk.chunk_id for p in batch}
+        self.urgent = [c for c in urgent if c not in taken]
+        return batch
+
+    def _next_due_s(self, config: TierConfig | None) -> float:
+        if config is None or not self.queue.pending:
+            return self.settings.probe_s
+        age_s = (_now_ms() - (self.queue.oldest_ms() or 0)) / 1000
+        return max(0.05, min(self.settings.probe_s, config.flush_after_s - age_s))
+
+    async def _maybe_probe(self, config: TierConfig | None) -> None:
+        """While idle, one cheap call tells whether S3 still answers (s3-health)."""
+        if config is None or config.url is None:
+            return
+        last = self.health.last_ok_ms or 0
+        if self.health.reachable and _now_ms() - last < self.settings.probe_s * 1000:
+            return
+        try:
+            await self.tierer.store(config.url).head(blob_object_key("probe"))
+        except ObjectStoreError as exc:
+            self.health.failed(exc)
+        else:
+            self.health.ok()
+
+    async def _flush(self, config: TierConfig, url: str, batch: list[Pending]) -> None:
+        """One blob: the chunks not in S3 yet, read from flash, PUT, then indexed."""
+        todo = [p for p in batch if not await self._in_index(p.chunk.chunk_id)]
+        for entry in batch:
+            if entry not in todo:
+                self._done(entry.chunk.chunk_id, 0)
+        if todo:
+            builder = BlobBuilder(new_id())
+            read = await self._read_all(todo)
+            for entry in todo:
+                data = read.get(entry.chunk.chunk_id)
+                if data is not None:
+                    builder.add(entry.chunk.chunk_id, data)
+            if len(builder):
+                await self._upload(url, builder)
+            for entry in todo:
+                if entry.chunk.chunk_id not in read:
+                    self._done(entry.chunk.chunk_id, 0)  # unreadable: logged, not flushable
+        await self._purge()
+
+    async def _in_index(self, chunk_id: str) -> bool:
+        if chunk_id in self._flushed_recently:
+            return True
+        try:
+            await self.index.get(chunk_location_key(chunk_id))
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return True
+
+    async def _read_all(self, todo: list[Pending]) -> dict[str, bytes]:
+        limit = asyncio.Semaphore(self.settings.read_concurrency)
+        found: dict[str, bytes] = {}
+
+        async def one(entry: Pending) -> None:
+            async with limit:
+                data = await self._read(entry.chunk)
+            if data is not None:
+                found[entry.chunk.chunk_id] = data
+
+        await asyncio.gather(*(one(entry) for entry in todo))
+        return found
+
+    async def _read(self, chunk: ChunkQueued) -> bytes | None:
+        """The chunk from flash, checked against its id; None (logged) when it cannot be
+        read: a chunk whose write failed and whose fragments were collected since."""
+        scheme = Scheme.parse(chunk.scheme)
+        holders = dict(enumerate(chunk.fragments))
+        try:
+            got = await gather(self.chunks, chunk.chunk_id, scheme, holders)
+        except Unrecoverable as exc:
+            log.warning(
+                "tier.chunk_unreadable",
+                extra={"chunk": chunk.chunk_id, "ino": chunk.ino, "error": str(exc)},
+            )
+            return None
+        data = await asyncio.to_thread(decode, scheme, got, chunk.length)
+        if _sha256(data) != chunk.chunk_id:
+            log.error("tier.chunk_mismatch", extra={"chunk": chunk.chunk_id, "ino": chunk.ino})
+            return None
+        return data
+
+    async def _upload(self, url: str, builder: BlobBuilder) -> None:
+        """PUT until it succeeds (S3 may be down for hours: the queue holds), then the
+        blob's record, then each chunk's location."""
+        blob, index = await asyncio.to_thread(builder.seal)
+        store = self.tierer.store(url)
+        backoff = Backoff(
+            RetryPolicy(
+                "tier blob upload",
+                temporary=lambda _: True,
+                deadline_s=None,
+                first_delay_s=0.5,
+                max_delay_s=5.0,
+            ),
+            extra={"blob": builder.blob_id},
+        )
+        while True:
+            try:
+                await store.put(blob_object_key(builder.blob_id), blob)
+                break
+            except ObjectStoreError as exc:
+                self.health.failed(exc)
+                await backoff.wait(exc)
+        self.health.ok()
+        record = BlobRecord(
+            blob_id=builder.blob_id,
+            url=url,
+            bytes=len(blob),
+            chunks=len(index.entries),
+            created_ms=_now_ms(),
+        )
+        await self.index.put(blob_record_key(builder.blob_id), record.model_dump_json().encode())
+        await asyncio.gather(
+            *(
+                self.index.put(
+                    chunk_location_key(entry.chunk_id),
+                    ChunkLocation(
+                        blob_id=builder.blob_id,
+                        offset=entry.offset,
+                        length=entry.length,
+                        sha256=entry.sha256,
+                    )
+                    .model_dump_json()
+                    .encode(),
+                )
+                for entry in index.entries
+            )
+        )
+        for entry in index.entries:
+            self._done(entry.chunk_id, entry.length)
+        self.blobs += 1
+        log.info(
+            "tier.blob_written",
+            extra={"blob": builder.blob_id, "chunks": len(index.entries), "bytes": len(blob)},
+        )
+
+    def _done(self, chunk_id: str, uploaded: int) -> None:
+        entry = self.queue.done(chunk_id)
+        self._flushed_recently[chunk_id] = None
+        while len(self._flushed_recently) > 100_000:
+            self._flushed_recently.popitem(last=False)
+        if entry is not None:
+            self._drained.append((time.monotonic(), 1, entry.chunk.length))
+        if uploaded:
+            self.flushed_chunks += 1
+            self.flushed_bytes += uploaded
+        for future in self.waiters.pop(chunk_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    async def _purge(self) -> None:
+        below = self.queue.purge_below()
+        if below <= self._purged_below + 1 and self._purged_below:
+            return
+        try:
+            await self.bus.js.purge_stream(TIER.name, seq=below)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("tier.purge_deferred", extra={"below": below, "error": str(exc)})
+            return
+        self._purged_below = below
+
+    # -- the watermark ---------------------------------------------------------------------
+    async def status_loop(self) -> None:
+        """Every `status_s`: each node's reading through the watermark machine, the
+        transitions as events, and `tier.state` for clients and commands."""
+        kv = await self.bus.key_value(NODES.bucket)
+        while True:
+            config = self.config()
+            if config is not None and self._caught_up.is_set():
+                await self._settle(config)
+                state = self.state(config)
+                try:
+                    await kv.put(TIER_STATE_KEY, state.model_dump_json().encode())
+                except (nats.errors.Error, TimeoutError, BusError) as exc:
+                    log.info("tier.state_unsaved", extra={"error": str(exc)})
+            await asyncio.sleep(self.settings.status_s)
+
+    def readings(self, config: TierConfig) -> list[Reading]:
+        nodes = set(self.nodes.records) | set(self.queue.unflushed)
+        readings = []
+        for node in sorted(nodes):
+            record = self.nodes.records.get(node)
+            capacity = config.flash_bytes or (record.capacity_bytes if record else 0)
+            readings.append(
+                Reading(
+                    node=node,
+                    capacity_bytes=capacity,
+                    unflushed_bytes=self.queue.unflushed.get(node, 0),
+                    queue_entries=len(self.queue.pending),
+                    s3_reachable=self.health.reachable,
+                )
+            )
+        return readings
+
+    async def _settle(self, config: TierConfig) -> None:
+        thresholds = Thresholds(
+            high=config.high,
+            critical=config.critical,
+            full=config.full,
+            resume_margin=config.resume_margin,
+        )
+        for reading in self.readings(config):
+            level = self.levels.get(reading.node, Level.NORMAL)
+            for step in settle(level, reading, thresholds):
+                log.log(
+                    logging.WARNING if step.after > step.before else logging.INFO,
+                    "tier.watermark",
+                    extra={"node": step.node, "reason": step.reason},
+                )
+                await self._announce(step.node, step.before, step.after, step.fill, step.reason)
+                if step.alert is not None:
+                    await self._alert(step.node, step.alert)
+                level = step.after
+            self.levels[reading.node] = level
+        self.level = worst(self.levels.values())
+
+    async def _announce(
+        self, node: str, before: Level, after: Level, fill: float, why: str
+    ) -> None:
+        event = WatermarkChanged(
+            node_id=node, before=before.name, after=after.name, fill=round(fill, 4), reason=why
+        )
+        try:
+            await self.bus.publish(self.bus.event(event), timeout=5.0)
+        except BusError as exc:
+            log.warning("tier.event_unsent", extra={"node": node, "error": str(exc)})
+
+    async def _alert(self, node: str, summary: str) -> None:
+        alert = AlertRaised(
+            rule="flash_critical",
+            severity=Severity.CRITICAL,
+            summary=summary,
+            dedupe_key=f"tier.flash.{node}",
+        )
+        log.critical("tier.alert", extra={"node": node, "summary": summary})
+        try:
+            await self.bus.publish(self.bus.event(alert), timeout=5.0)
+        except BusError as exc:
+            log.warning("tier.event_unsent", extra={"node": node, "error": str(exc)})
+
+    def state(self, config: TierConfig) -> TierState:
+        now = time.monotonic()
+        while self._drained and now - self._drained[0][0] > DRAIN_WINDOW_S:
+            self._drained.popleft()
+        span = min(DRAIN_WINDOW_S, max(1.0, now - (self._drained[0][0] if self._drained else now)))
+        readings = {r.node: r for r in self.readings(config)}
+        return TierState(
+            holder=self.bus.node,
+            updated_ms=_now_ms(),
+            mode=config.mode,
+            level=self.level.name,
+            policy=policy(self.level),
+            nodes=tuple(
+                NodeFlash(
+                    node=node,
+                    level=self.levels.get(node, Level.NORMAL).name,
+                    fill=round(reading.fill, 4),
+                    unflushed_bytes=reading.unflushed_bytes,
+                    capacity_bytes=reading.capacity_bytes,
+                )
+                for node, reading in readings.items()
+            ),
+            queue_entries=len(self.queue.pending),
+            queue_bytes=self.queue.bytes,
+            oldest_queued_ms=self.queue.oldest_ms(),
+            drain_entries_per_s=round(sum(n for _, n, _ in self._drained) / span, 2),
+            drain_bytes_per_s=round(sum(b for _, _, b in self._drained) / span, 1),
+            flushed_chunks=self.flushed_chunks,
+            flushed_bytes=self.flushed_bytes,
+            blobs_written=self.blobs,
+            s3=self.health.record(config.url),
+        )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def start(ctx: Context) -> Tierer:
+    tierer = Tierer(ctx.bus, ctx.settings)
+    ctx.on_stop(tierer.close)
+    return tierer
+
+
+async def lead(ctx: Context) -> None:
+    """The active instance: follow the queue, flush it, rule the watermark."""
+    tierer: Tierer = ctx.service
+    nodes = await ctx.nodes()
+    index = await until_jetstream_answers(
+        f"{TIER_INDEX.bucket} bucket", lambda: ctx.bus.key_value(TIER_INDEX.bucket)
+    )
+    term = Term(tierer, ctx.bus, nodes, index)
+    await _check_store(term)
+    sub = await ctx.bus.serve(tier_flush_subject(ctx.bus.site), term.on_flush)
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(term.follow(), name="tier queue")
+            tasks.create_task(term.flush_loop(), name="tier flush")
+            tasks.create_task(term.status_loop(), name="tier status")
+    finally:
+        if not ctx.bus.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await sub.unsubscribe()
+
+
+async def _check_store(term: Term) -> None:
+    """A wrong bucket, bad keys or an unreachable endpoint: one clear line at start-up
+    (and in `s3-health`); the service runs on, queueing, until S3 can be used."""
+    config = term.config()
+    if config is None or config.url is None or config.mode is TierMode.OFF:
+        return
+    try:
+        await term.tierer.store(config.url).head(blob_object_key("probe"))
+    except ObjectStoreError as exc:
+        term.health.failed(exc)
+    else:
+        term.health.ok()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cfs_tierer.spec import SPEC
+
+    run_spec(SPEC, argv)

@@ -1,0 +1,290 @@
+"""The s3-tierer with real processes (issue 15): a 3-node site whose services reach a
+real S3 server (moto) through the fault proxy, a client with the mount's credentials.
+
+The tests share one site and run in file order: cache mode first (every acknowledged
+file's chunks end up in blobs, byte for byte), then an S3 outage with a small flash
+quota (the watermark climbs NORMAL -> WRITE_THROUGH -> CRITICAL -> FULL, writes are
+acknowledged while flash allows and refused with ENOSPC at FULL, then S3 returns and
+the queue drains by itself back to NORMAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats.js.errors
+import pytest
+
+from cfs.bus import Bus
+from cfs.client import FileStore, MetadataClient
+from cfs.objstore import S3ObjectStore, S3Settings, S3Url
+from cfs.security import Role
+from cfs.supervisor import LocalSite, S3Server
+from cfs.supervisor.s3proxy import S3FaultProxy
+from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.streams import NODES, TIER_INDEX
+from cfs_contracts.tier import (
+    TIER_STATE_KEY,
+    ChunkLocation,
+    TierState,
+    blob_object_key,
+    chunk_location_key,
+)
+from tests.integration.test_admin_cli import CFS, cfs
+
+SERVICES = ("metadata-raft", "chunk-store", "s3-tierer")
+BUCKET = "cfs-tier"
+URL = f"s3://{BUCKET}/data"
+KiB = 1024
+pytestmark = pytest.mark.expected_logs(
+    "tier.s3_failing", "tier.watermark", "tier.alert", "retry.*", "data.put_failed"
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3FaultProxy]:
+    with S3FaultProxy(tmp_path_factory.mktemp("tierproxy"), s3_server.endpoint_url) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def s3_direct(s3_server: S3Server, s3_env: dict[str, str]) -> S3Settings:
+    """The S3 server itself (not through the proxy): what is really in the bucket."""
+    return S3Settings(
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.REGION,
+        credentials_file=Path(s3_env["CFS_S3_CREDENTIALS_FILE"]),
+    )
+
+
+@pytest.fixture(scope="module")
+def site(
+    s3_env: dict[str, str], proxy: S3FaultProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalSite]:
+    running = LocalSite(
+        tmp_path_factory.mktemp("tier") / "site",
+        nodes=3,
+        servers=1,
+        site="tier",
+        services=SERVICES,
+        env={
+            **s3_env,
+            "CFS_S3_ENDPOINT_URL": proxy.endpoint_url,
+            "CFS_STATUS_S": "0.2",
+            "CFS_S3_DEADLINE_S": "1.0",
+            "CFS_PROBE_S": "0.5",
+        },
+    )
+    try:
+        asyncio.run(running.start())
+        asyncio.run(running.wait_ready())
+        yield running
+    finally:
+        running.stop()
+
+
+def _tier_config(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
+    env = site.cli_env(**s3_env)
+    done = subprocess.run(
+        [CFS, "admin", "tier-config", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=site.base_dir,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    return done.stdout
+
+
+async def _state(bus: Bus) -> TierState | None:
+    kv = await bus.key_value(NODES.bucket)
+    try:
+        entry = await kv.get(TIER_STATE_KEY)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return TierState.model_validate_json(entry.value or b"")
+
+
+async def _until_state(bus: Bus, what: str, check: Any, timeout: float = 60.0) -> TierState:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = await _state(bus)
+        if state is not None and check(state):
+            return state
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}: {state}")
+
+
+class Client:
+    """The mount's role: FileStore over a CLIENT-credentialed connection."""
+
+    def __init__(self, site: LocalSite) -> None:
+        self.site = site
+
+    async def __aenter__(self) -> Client:
+        self.bus = await self.site.client(role=Role.CLIENT)
+        self.meta = MetadataClient(self.bus, deadline_s=30)
+        self.files = FileStore(self.bus, self.meta, client_id=self.bus.node)
+        await self.files.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.files.close()
+        await self.bus.close()
+
+    async def write(self, name: str, data: bytes) -> list[str]:
+        """Create and write a file; its chunk ids once acknowledged (flushed)."""
+        ino = (await self.meta.create(ROOT_INO, name)).ino
+        inode = await self.files.write_all(ino, data)
+        return [c.chunk_id for c in inode.chunks]
+
+
+async def _in_s3(site: LocalSite, s3: S3Settings, chunk_ids: list[str]) -> bytes:
+    """The chunks as the bucket holds them, each checked against its SHA-256."""
+    parts = []
+    async with await site.client() as bus:
+        index = await bus.key_value(TIER_INDEX.bucket)
+        async with S3ObjectStore(S3Url(BUCKET, "data"), s3) as store:
+            blobs: dict[str, bytes] = {}
+            for chunk_id in chunk_ids:
+                location = ChunkLocation.model_validate_json(
+                    (await index.get(chunk_location_key(chunk_id))).value or b""
+                )
+                if location.blob_id not in blobs:
+                    blobs[location.blob_id] = await store.get(blob_object_key(location.blob_id))
+                data = blobs[location.blob_id][location.offset : location.offset + location.length]
+                assert hashlib.sha256(data).hexdigest() == chunk_id == location.sha256
+                parts.append(data)
+    return b"".join(parts)
+
+
+def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
+    site: LocalSite, s3_env: dict[str, str], s3_direct: S3Settings
+) -> None:
+    out = _tier_config(site, s3_env, "--mode", "cache", "--url", URL, "--flush-after", "0.3")
+    assert "Data tier: cache, s3://cfs-tier/data" in out, out
+    rng = random.Random(15)
+    files = {
+        f"cached-{i}": rng.randbytes(rng.choice([10, 70 * KiB, 5 * 1024 * KiB])) for i in range(8)
+    }
+
+    async def go() -> None:
+        async with Client(site) as client:
+            chunks = {name: await client.write(name, data) for name, data in files.items()}
+            state = await _until_state(
+                client.bus,
+                "the queue flushed",
+                lambda s: s.queue_entries == 0 and s.flushed_chunks > 0 and s.s3.reachable,
+            )
+            assert state.level == "NORMAL" and state.policy.value == "ack_on_flash"
+        for name, data in files.items():
+            assert await _in_s3(site, s3_direct, chunks[name]) == data, name
+
+    asyncio.run(go())
+    status = cfs(site, "s3-queue-status")
+    assert status.returncode == 0, (status.stdout, status.stderr)
+    assert "Queue depth: 0 entries" in status.stdout and "Watermark: NORMAL" in status.stdout
+    health = cfs(site, "s3-health")
+    assert health.returncode == 0 and "S3 reachable (s3://cfs-tier/data)" in health.stdout
+
+
+def test_an_s3_outage_climbs_the_watermark_in_order_then_drains_by_itself(
+    site: LocalSite, s3_env: dict[str, str], s3_direct: S3Settings, proxy: S3FaultProxy
+) -> None:
+    # 256 KiB files in ec2+1: 128 KiB per node each; 4 MiB of flash per node for
+    # unflushed data: write-through from file 26, critical from 31, full at 32.
+    _tier_config(site, s3_env, "--flash-bytes", str(4096 * KiB), "--write-through-wait", "1.5")
+    rng = random.Random(7)
+    acked: dict[str, tuple[bytes, list[str]]] = {}
+    outcomes: list[tuple[str, str]] = []  # (level when written, "ok" | errno name)
+
+    async def go() -> None:
+        async with Client(site) as client:
+            await _until_state(client.bus, "a healthy tier", lambda s: s.s3.reachable)
+            proxy.set_fault("status", status=503)
+            await _until_state(client.bus, "S3 seen failing", lambda s: not s.s3.reachable)
+            for i in range(60):
+                state = await _state(client.bus)
+                name, data = f"outage-{i}", rng.randbytes(256 * KiB)
+                try:
+                    acked[name] = (data, await client.write(name, data))
+                    outcomes.append((state.level if state else "?", "ok"))
+                except FsError as exc:
+                    outcomes.append((state.level if state else "?", errno.errorcode[exc.errno]))
+                    if exc.errno == errno.ENOSPC:
+                        break
+                await asyncio.sleep(0.25)  # the tierer's reading follows (0.2 s)
+            full = await _state(client.bus)
+            assert full is not None and full.level == "FULL", (full, outcomes)
+            assert full.policy.value == "refuse"
+            assert outcomes[-1][1] == "ENOSPC", outcomes
+            status = cfs(site, "s3-queue-status")
+            assert status.returncode == 1 and "Watermark: FULL" in status.stdout, status.stdout
+            health = cfs(site, "s3-health")
+            assert health.returncode == 1 and "S3 unreachable" in health.stdout, health.stdout
+            assert "error class: service" in health.stdout, health.stdout
+
+            proxy.set_fault("pass")
+            returned = time.monotonic()
+            drained = await _until_state(
+                client.bus, "the queue drained", lambda s: s.queue_entries == 0, timeout=90
+            )
+            await _until_state(client.bus, "NORMAL again", lambda s: s.level == "NORMAL")
+            assert drained.s3.reachable
+            print(
+                f"\n[tier outage] acknowledged_on_flash={[r for _, r in outcomes].count('ok')} "
+                f"refused={len(outcomes) - [r for _, r in outcomes].count('ok')} "
+                f"queued_at_full={full.queue_entries} ({full.queue_bytes} B) "
+                f"drained_to_normal_s={time.monotonic() - returned:.2f}"
+            )
+            name, data = "after-outage", rng.randbytes(256 * KiB)
+            acked[name] = (data, await client.write(name, data))
+            await _until_state(client.bus, "flushed again", lambda s: s.queue_entries == 0)
+
+    asyncio.run(go())
+    written = [result for _, result in outcomes]
+    assert written[:20] == ["ok"] * 20, outcomes  # acknowledged on flash while it allows
+    levels = [level for level, _ in outcomes]
+    assert "WRITE_THROUGH" in levels and "CRITICAL" in levels, outcomes
+    transitions = asyncio.run(_watermark_events(site))
+    ups = [(t["before"], t["after"]) for t in transitions if t["after"] != "NORMAL"]
+    for step in (("NORMAL", "WRITE_THROUGH"), ("WRITE_THROUGH", "CRITICAL"), ("CRITICAL", "FULL")):
+        assert step in ups, transitions
+    assert transitions[-1]["after"] == "NORMAL", transitions
+    for name, (data, chunk_ids) in acked.items():
+        assert asyncio.run(_in_s3(site, s3_direct, chunk_ids)) == data, name
+
+
+async def _watermark_events(site: LocalSite) -> list[dict[str, Any]]:
+    """Every WatermarkChanged on CLUSTER, in order (one node's is enough: ec2+1 on three
+    nodes puts a fragment of every chunk on each)."""
+    found: list[dict[str, Any]] = []
+    async with await site.client() as bus:
+        sub = await bus.js.subscribe(
+            f"cfs.{site.site}.cluster.tier.watermark", ordered_consumer=True
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=1.0)
+                except TimeoutError:
+                    break
+                payload = json.loads(msg.data)["payload"]
+                if payload["node_id"] == "storage-1":
+                    found.append(payload)
+        finally:
+            await sub.unsubscribe()
+    return found
