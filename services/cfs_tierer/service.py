@@ -38,6 +38,7 @@ from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, Unrecoverable
 from cfs.client.nodes import NodeView
 from cfs.erasure import Scheme, decode
+from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.objstore import (
@@ -364,6 +365,7 @@ class Term:
                 self.health.failed(exc)
                 await backoff.wait(exc)
         self.health.ok()
+        crash_point("tier.blob_put")  # in S3, nowhere else: an orphan, re-uploaded
         record = BlobRecord(
             blob_id=builder.blob_id,
             url=url,
@@ -388,6 +390,7 @@ class Term:
                 for entry in index.entries
             )
         )
+        crash_point("tier.blob_indexed")  # indexed, still queued: found in the index
         for entry in index.entries:
             self._done(entry.chunk_id, entry.length)
         self.blobs += 1

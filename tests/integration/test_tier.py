@@ -47,8 +47,9 @@ BUCKET = "cfs-tier"
 URL = f"s3://{BUCKET}/data"
 KiB = 1024
 pytestmark = pytest.mark.expected_logs(
-    "tier.s3_failing", "tier.watermark", "tier.alert", "retry.*", "data.put_failed"
-)
+    "tier.s3_failing", "tier.watermark", "tier.alert", "retry.*", "data.put_failed",
+    "fault.crash", "site.restarted", "lease.*", "singleton.*", "service.*",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,10 @@ def s3_direct(s3_server: S3Server, s3_env: dict[str, str]) -> S3Settings:
     )
 
 
+def CRASH_FILE(factory: pytest.TempPathFactory) -> Path:
+    return factory.getbasetemp() / "tier-crash"
+
+
 @pytest.fixture(scope="module")
 def site(
     s3_env: dict[str, str], proxy: S3FaultProxy, tmp_path_factory: pytest.TempPathFactory
@@ -83,11 +88,14 @@ def site(
             "CFS_STATUS_S": "0.2",
             "CFS_S3_DEADLINE_S": "1.0",
             "CFS_PROBE_S": "0.5",
+            "CFS_CRASH_FILE": str(CRASH_FILE(tmp_path_factory)),
         },
     )
     try:
         asyncio.run(running.start())
         asyncio.run(running.wait_ready())
+        out = _tier_config(running, s3_env, "--mode", "cache", "--url", URL, "--flush-after", "0.3")
+        assert "Data tier: cache, s3://cfs-tier/data" in out, out
         yield running
     finally:
         running.stop()
@@ -174,8 +182,6 @@ async def _in_s3(site: LocalSite, s3: S3Settings, chunk_ids: list[str]) -> bytes
 def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
     site: LocalSite, s3_env: dict[str, str], s3_direct: S3Settings
 ) -> None:
-    out = _tier_config(site, s3_env, "--mode", "cache", "--url", URL, "--flush-after", "0.3")
-    assert "Data tier: cache, s3://cfs-tier/data" in out, out
     rng = random.Random(15)
     files = {
         f"cached-{i}": rng.randbytes(rng.choice([10, 70 * KiB, 5 * 1024 * KiB])) for i in range(8)
@@ -288,3 +294,71 @@ async def _watermark_events(site: LocalSite) -> list[dict[str, Any]]:
         finally:
             await sub.unsubscribe()
     return found
+
+
+async def _blobs(site: LocalSite, s3: S3Settings) -> tuple[set[str], set[str], set[str]]:
+    """(blobs in the bucket, blobs with a record, blobs some chunk points at)."""
+    async with await site.client() as bus:
+        index = await bus.key_value(TIER_INDEX.bucket)
+        recorded: set[str] = set()
+        pointed: set[str] = set()
+        try:
+            keys = await index.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            value = (await index.get(key)).value or b""
+            if key.startswith("blob."):
+                recorded.add(key.removeprefix("blob."))
+            elif key.startswith("chunk."):
+                pointed.add(ChunkLocation.model_validate_json(value).blob_id)
+    async with S3ObjectStore(S3Url(BUCKET, "data"), s3) as store:
+        stored = {info.key.removeprefix("blobs/") async for info in store.list("blobs/")}
+    return stored, recorded, pointed
+
+
+@pytest.mark.parametrize("point", ["tier.blob_put", "tier.blob_indexed"])
+def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
+    site: LocalSite,
+    s3_direct: S3Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+    point: str,
+) -> None:
+    """kill -9 right after the PUT (the blob is in S3, nothing points at it) or right
+    after indexing (the queue still holds its chunks): the next holder reads the queue
+    again; the first case re-uploads into a new blob and leaves one orphan, the second
+    finds every chunk in the index and uploads nothing twice."""
+    stored_before, recorded_before, _ = asyncio.run(_blobs(site, s3_direct))
+    CRASH_FILE(tmp_path_factory).write_text(f"{point}@s3-tierer")
+    rng = random.Random(point)
+    files = {f"{point}-{i}": rng.randbytes(300 * KiB) for i in range(4)}
+
+    async def go() -> dict[str, list[str]]:
+        async with Client(site) as client:
+            chunks = {name: await client.write(name, data) for name, data in files.items()}
+        async with await site.client() as admin:  # a client may not read the index
+            index = await admin.key_value(TIER_INDEX.bucket)
+            deadline = time.monotonic() + 90
+            for chunk_id in {c for ids in chunks.values() for c in ids}:
+                while True:
+                    try:
+                        await index.get(chunk_location_key(chunk_id))
+                        break
+                    except nats.js.errors.KeyNotFoundError:
+                        assert time.monotonic() < deadline, f"chunk {chunk_id} never flushed"
+                        await asyncio.sleep(0.2)
+            return chunks
+
+    chunks = asyncio.run(go())
+    assert not CRASH_FILE(tmp_path_factory).exists(), "the crash point was never reached"
+    for name, data in files.items():
+        assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == data, name
+    stored, recorded, pointed = asyncio.run(_blobs(site, s3_direct))
+    new_stored, new_recorded = stored - stored_before, recorded - recorded_before
+    assert pointed <= recorded <= stored, "every chunk points at a recorded blob"
+    if point == "tier.blob_put":
+        assert len(new_stored - new_recorded) == 1, "the dead holder's PUT: one orphan"
+    else:
+        assert new_stored == new_recorded, "nothing uploaded twice"
+    print(f"\n[tier kill -9 at {point}] new blobs {len(new_stored)}, orphans "
+          f"{len(new_stored - new_recorded)}")  # fmt: skip
