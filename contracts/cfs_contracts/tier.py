@@ -91,7 +91,10 @@ class TierConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     mode: TierMode = TierMode.OFF
-    url: str | None = Field(default=None, description="s3://bucket/prefix of the data tier")
+    url: str | None = Field(default=None, description="s3://bucket/prefix new blobs go to")
+    previous_url: str | None = Field(
+        default=None, description="before the last `s3-failover`: where blobs are copied from"
+    )
     high: float = Field(default=0.80, gt=0, le=1, description="write-through from this fill")
     critical: float = Field(default=0.95, gt=0, le=1, description="critical alert")
     full: float = Field(default=1.0, gt=0, le=1, description="ENOSPC from this fill")
@@ -163,6 +166,12 @@ class TierState(BaseModel):
     flushed_bytes: int = Field(default=0, ge=0, description="by this holder")
     blobs_written: int = Field(default=0, ge=0, description="by this holder")
     s3: S3Health
+    stray_blobs: int = Field(
+        default=0, ge=0, description="blobs not yet copied to `url` after a failover"
+    )
+    stray_bytes: int = Field(default=0, ge=0)
+    copied_blobs: int = Field(default=0, ge=0, description="by this holder")
+    copy_error: str | None = None
 
 
 class FlushRequest(BaseModel):

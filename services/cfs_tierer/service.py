@@ -88,6 +88,9 @@ class TierSettings(ServiceSettings):
     )
     probe_s: float = Field(default=5.0, gt=0, description="S3 health probe while idle")
     read_concurrency: int = Field(default=8, ge=1, description="chunks read from flash at once")
+    copy_retry_s: float = Field(
+        default=5.0, gt=0, description="failover copy: how often blobs elsewhere are looked for"
+    )
 
 
 class Tierer:
@@ -180,6 +183,11 @@ class Term:
         self.flushed_bytes = 0
         self.blobs = 0
         self._purged_below = 0
+        self.stray_blobs = 0
+        self.stray_bytes = 0
+        self.copied_blobs = 0
+        self.copy_error: str | None = None
+        self._clean_url: str | None = None  # every recorded blob is under this URL
 
     # -- config ------------------------------------------------------------------------
     def config(self) -> TierConfig | None:
@@ -344,9 +352,9 @@ class Term:
 
     async def _upload(self, url: str, builder: BlobBuilder) -> None:
         """PUT until it succeeds (S3 may be down for hours: the queue holds), then the
-        blob's record, then each chunk's location."""
+        blob's record, then each chunk's location. Each attempt goes to the tier's URL
+        of the moment: after an `s3-failover` the waiting blob goes to the new bucket."""
         blob, index = await asyncio.to_thread(builder.seal)
-        store = self.tierer.store(url)
         backoff = Backoff(
             RetryPolicy(
                 "tier blob upload",
@@ -358,8 +366,10 @@ class Term:
             extra={"blob": builder.blob_id},
         )
         while True:
+            config = self.config()
+            url = config.url if config is not None and config.url is not None else url
             try:
-                await store.put(blob_object_key(builder.blob_id), blob)
+                await self.tierer.store(url).put(blob_object_key(builder.blob_id), blob)
                 break
             except ObjectStoreError as exc:
                 self.health.failed(exc)
@@ -374,6 +384,8 @@ class Term:
             created_ms=_now_ms(),
         )
         await self.index.put(blob_record_key(builder.blob_id), record.model_dump_json().encode())
+        if url != self._clean_url:
+            self._clean_url = None  # written under the URL of before a failover: copy it
         await asyncio.gather(
             *(
                 self.index.put(
@@ -423,6 +435,63 @@ class Term:
             log.info("tier.purge_deferred", extra={"below": below, "error": str(exc)})
             return
         self._purged_below = below
+
+    # -- failover copy ---------------------------------------------------------------------
+    async def copy_loop(self) -> None:
+        """After `s3-failover` (or `--back`): every blob recorded under another URL is
+        copied to the current one (unless it is there already), then its record moved,
+        so the current bucket alone holds every chunk again. A source that fails is
+        tried again every `copy_retry_s`; new blobs never wait for this."""
+        while True:
+            config = self.config()
+            if config is not None and config.url is not None and config.url != self._clean_url:
+                await self._copy_strays(config.url)
+            await asyncio.sleep(self.settings.copy_retry_s)
+
+    async def _copy_strays(self, url: str) -> None:
+        strays = [r for r in await self._blob_records() if r.url != url]
+        self.stray_blobs, self.stray_bytes = len(strays), sum(r.bytes for r in strays)
+        target = self.tierer.store(url)
+        for record in strays:
+            config = self.config()
+            if config is None or config.url != url:
+                return  # failed over again: the next round copies toward the new URL
+            key = blob_object_key(record.blob_id)
+            try:
+                there = await target.head(key)
+                if there is None or there.size != record.bytes:
+                    data = await self.tierer.store(record.url).get(key)
+                    await target.put(key, data)
+            except ObjectStoreError as exc:
+                if self.copy_error != str(exc):
+                    log.warning(
+                        "tier.copy_failed", extra={"blob": record.blob_id, "error": str(exc)}
+                    )
+                self.copy_error = str(exc)
+                return
+            moved = record.model_copy(update={"url": url})
+            await self.index.put(blob_record_key(record.blob_id), moved.model_dump_json().encode())
+            self.copied_blobs += 1
+            self.stray_blobs -= 1
+            self.stray_bytes -= record.bytes
+        if strays:
+            log.info("tier.copy_done", extra={"url": url, "blobs": len(strays)})
+        self.copy_error = None
+        self._clean_url = url  # new blobs go to `url`: none can stray until it changes
+
+    async def _blob_records(self) -> list[BlobRecord]:
+        records = []
+        watcher = await self.index.watch(blob_record_key("*"), ignore_deletes=True)
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                if entry.value:
+                    records.append(BlobRecord.model_validate_json(entry.value))
+        finally:
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        return records
 
     # -- the watermark ---------------------------------------------------------------------
     async def status_loop(self) -> None:
@@ -534,6 +603,10 @@ class Term:
             flushed_bytes=self.flushed_bytes,
             blobs_written=self.blobs,
             s3=self.health.record(config.url),
+            stray_blobs=max(0, self.stray_blobs),
+            stray_bytes=max(0, self.stray_bytes),
+            copied_blobs=self.copied_blobs,
+            copy_error=self.copy_error,
         )
 
 
@@ -566,6 +639,7 @@ async def lead(ctx: Context) -> None:
             tasks.create_task(term.follow(), name="tier queue")
             tasks.create_task(term.flush_loop(), name="tier flush")
             tasks.create_task(term.status_loop(), name="tier status")
+            tasks.create_task(term.copy_loop(), name="tier failover copy")
     finally:
         if not ctx.bus.nc.is_closed:
             with contextlib.suppress(nats.errors.Error, TimeoutError):

@@ -74,6 +74,13 @@ async def test_faults_come_out_as_the_error_classes_services_branch_on(
         assert await store.get("a") == data
         assert time.monotonic() - started >= 0.5
 
+        proxy.set_fault("status", status=500, buckets=(store.url.bucket,))
+        async with _store(s3_server, proxy) as other:  # another bucket, same server
+            await other.ensure_bucket()
+            await other.put("c", b"elsewhere")
+            with pytest.raises(ObjectStoreUnavailable):
+                await store.put("c", b"here")
+
         proxy.set_fault("pass")
         await store.put("b", b"after")
         assert await store.get("b") == b"after"

@@ -55,7 +55,15 @@ NODE_LOSS_LOGS = (
 class DevSite:
     """One `cfs dev` site under `tmp_path` and at most one mount of it."""
 
-    def __init__(self, tmp_path: Path, nodes: int = 3, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        nodes: int = 3,
+        env: dict[str, str] | None = None,
+        *,
+        s3_port: int | None = None,
+    ) -> None:
+        """`s3_port`: run the site's S3 server (moto) on this port; default: no S3."""
         self.tmp = tmp_path
         self.state = tmp_path / "state"
         self.topology = tmp_path / "topology.yaml"
@@ -64,7 +72,8 @@ class DevSite:
                 {
                     "site": "local",
                     "shards": 1,
-                    "s3": False,
+                    "s3": s3_port is not None,
+                    "s3_port": s3_port,
                     "nodes": [{"name": f"storage-{i}"} for i in range(1, nodes + 1)],
                     "env": env or {},
                 }
@@ -145,8 +154,10 @@ class DevSite:
 def dev_site_factory(tmp_path: Path) -> Iterator[Callable[..., DevSite]]:
     sites: list[DevSite] = []
 
-    def make(nodes: int = 3, env: dict[str, str] | None = None) -> DevSite:
-        site = DevSite(tmp_path, nodes, env)
+    def make(
+        nodes: int = 3, env: dict[str, str] | None = None, s3_port: int | None = None
+    ) -> DevSite:
+        site = DevSite(tmp_path, nodes, env, s3_port=s3_port)
         sites.append(site)
         site.up()
         site.mount()

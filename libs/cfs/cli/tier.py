@@ -3,6 +3,7 @@
     cfs admin tier-config [--mode cache|tiered|off] [--url s3://bucket/prefix] ...
     cfs admin s3-health                 reachable or not, last successful write, error class
     cfs admin s3-queue-status [--watch] entries, bytes, oldest, drain rate, watermark
+    cfs admin s3-failover --target s3://backup-bucket | --back
 
 Both reports read `tier.state`, which the active s3-tierer rewrites every second; a
 state older than a few seconds is reported as such (the tierer is not running).
@@ -174,6 +175,77 @@ def tier_config(
     )
 
 
+@app.command("s3-failover")
+@one_line_errors
+def s3_failover(
+    ctx: typer.Context,
+    target: Annotated[
+        str | None, typer.Option("--target", help="s3://bucket/prefix new data goes to")
+    ] = None,
+    back: Annotated[
+        bool, typer.Option("--back", help="return to the bucket of before the last failover")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Switch the data tier to another bucket: new blobs go there at once; blobs only in
+    the old one are copied over in the background (`s3-queue-status` shows progress).
+    The target bucket is on the same endpoint; it is checked (created if missing)."""
+    if (target is None) == (not back):
+        raise CliError("give either --target s3://bucket/prefix or --back", ExitCode.USAGE)
+    if target is not None:
+        try:
+            S3Url.parse(target)
+        except ValueError as exc:
+            raise CliError(f"--target: {exc}", ExitCode.USAGE) from None
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> TierConfig:
+        current, _ = await read_tier(bus)
+        if current is None or not current.enabled or current.url is None:
+            raise CliError("no data tier is configured: nothing to fail over", ExitCode.FAILED)
+        if back and current.previous_url is None:
+            raise CliError("no failover to go back from", ExitCode.FAILED)
+        new_url = current.previous_url if back else target
+        assert new_url is not None
+        if new_url == current.url:
+            raise CliError(f"the data tier already writes to {new_url}", ExitCode.FAILED)
+        try:
+            async with open_store(new_url, s3_settings()) as store:
+                await store.ensure_bucket()
+        except ObjectStoreError as exc:
+            raise CliError(f"refused: {exc}", ExitCode.FAILED) from None
+        wanted = current.model_copy(
+            update={
+                "url": new_url,
+                "previous_url": current.url,
+                "updated_ms": int(time.time() * 1000),
+                "updated_by": actor(),
+            }
+        )
+        kv = await bus.key_value(NODES.bucket)
+        await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
+        record = AdminActionRecorded(
+            actor=actor(),
+            command="s3-failover",
+            arguments={"from": current.url, "to": new_url, "back": str(back)},
+            outcome="succeeded",
+        )
+        try:
+            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
+        except BusError as exc:
+            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        return wanted
+
+    config = _session(settings, work)
+    if as_json:
+        typer.echo(config.model_dump_json(indent=2))
+        return
+    typer.echo(
+        f"Data tier now writes to {config.url}; blobs only in {config.previous_url} are "
+        "copied over in the background (cfs admin s3-queue-status shows progress)"
+    )
+
+
 @app.command("s3-health")
 @one_line_errors
 def s3_health(ctx: typer.Context, as_json: JsonOpt = False) -> None:
@@ -226,6 +298,12 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
         lines.append(
             f"  {node.node}: {node.level}, flash {node.fill:.1%} unflushed "
             f"({_size(node.unflushed_bytes)} of {_size(node.capacity_bytes)})"
+        )
+    if state.stray_blobs or state.copy_error:
+        lines.append(
+            f"Failover copy to {state.s3.url}: {state.stray_blobs} blobs "
+            f"({_size(state.stray_bytes)}) still to copy, {state.copied_blobs} copied"
+            + (f"; waiting: {state.copy_error}" if state.copy_error else "")
         )
     lines.append(
         f"Flushed by {state.holder}: {state.flushed_chunks} chunks "

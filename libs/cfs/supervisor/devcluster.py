@@ -64,7 +64,7 @@ class DevCluster:
     def __init__(self, state_dir: Path, topology: Topology) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.topology = topology
-        self.s3 = S3Server(self.state_dir / "s3") if topology.s3 else None
+        self.s3 = S3Server(self.state_dir / "s3", port=topology.s3_port) if topology.s3 else None
         self.s3_credentials = self.state_dir / "credentials" / S3_CREDENTIALS_FILE
         s3_env = self.s3.settings_env(self.s3_credentials) if self.s3 is not None else {}
         if self.s3 is not None:  # with an S3 server, journals are archived (DESIGN.md §9)

@@ -54,9 +54,15 @@ class Fault:
     delay_s: float = 0.0  # slow: before forwarding
     status: int = 503  # status: the answer
     methods: list[str] = field(default_factory=list)  # empty: every method
+    buckets: list[str] = field(default_factory=list)  # empty: every bucket (path style)
 
-    def applies(self, method: str) -> bool:
-        return self.mode != "pass" and (not self.methods or method in self.methods)
+    def applies(self, method: str, path: str = "/") -> bool:
+        bucket = path.lstrip("/").split("/", 1)[0]
+        return (
+            self.mode != "pass"
+            and (not self.methods or method in self.methods)
+            and (not self.buckets or bucket in self.buckets)
+        )
 
     @classmethod
     def parse(cls, query: dict[str, str]) -> Fault:
@@ -67,7 +73,8 @@ class Fault:
         if status not in _S3_CODES:
             raise ValueError(f"status {status}: one of {sorted(_S3_CODES)}")
         methods = [m for m in query.get("methods", "").upper().split(",") if m]
-        return cls(mode, float(query.get("delay_s", "0")), status, methods)
+        buckets = [b for b in query.get("buckets", "").split(",") if b]
+        return cls(mode, float(query.get("delay_s", "0")), status, methods, buckets)
 
 
 def _error_body(status: int) -> bytes:
@@ -97,7 +104,8 @@ async def serve(port: int, upstream: str) -> None:
 
     async def forward(request: web.Request) -> web.StreamResponse:
         current = fault
-        if current.applies(request.method):
+        hit = current.applies(request.method, request.path)
+        if hit:
             if current.mode == "slow":
                 await asyncio.sleep(current.delay_s)
             elif current.mode == "status":
@@ -121,7 +129,7 @@ async def serve(port: int, upstream: str) -> None:
                 if name.lower() not in _HOP_BY_HOP:
                     reply.headers.add(name, value)
             await reply.prepare(request)
-            if current.applies(request.method) and current.mode == "cut" and body:
+            if hit and current.mode == "cut" and body:
                 await reply.write(body[: len(body) // 2])
                 if request.transport is not None:
                     request.transport.abort()  # mid-body, as a dropped connection
@@ -195,10 +203,18 @@ class S3FaultProxy:
         delay_s: float = 0.0,
         status: int = 503,
         methods: tuple[str, ...] = (),
+        buckets: tuple[str, ...] = (),
     ) -> None:
-        """`pass`, `slow` (delay_s), `status` (403/500/503) or `cut`, for `methods`."""
+        """`pass`, `slow` (delay_s), `status` (403/500/503) or `cut`, for `methods` on
+        `buckets` (each default: all)."""
         query = urlencode(
-            {"mode": mode, "delay_s": delay_s, "status": status, "methods": ",".join(methods)}
+            {
+                "mode": mode,
+                "delay_s": delay_s,
+                "status": status,
+                "methods": ",".join(methods),
+                "buckets": ",".join(buckets),
+            }
         )
         code, body = http_get(f"{self.endpoint_url}{CONTROL_PATH}?{query}")
         if code != 200:

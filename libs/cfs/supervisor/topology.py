@@ -39,6 +39,9 @@ class Topology(BaseModel):
     )
     ec: str = Field(default="auto", description="erasure code for new chunks (cluster init)")
     s3: bool = Field(default=True, description="run an S3 server (moto) for tiering/backups")
+    s3_port: int | None = Field(
+        default=None, ge=1, le=65535, description="the S3 server's port (default: a free one)"
+    )
     nodes: list[NodeSpec] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
 
