@@ -22,28 +22,25 @@ Figures, in the order they are taken:
 - `write_mb_s_tier_off`: client write throughput, `FileStore.write_all` of 8 MiB
   files, 4 in parallel (256 MiB in all; 96 MiB with --quick), no data tier
   configured (a CLIENT-role connection, as the mount has).
-- `write_mb_s_cache`: the same with a fresh set of files after
-  `cfs admin tier-config --mode cache --url s3://... --flush-after 0.5`, while the
-  tierer flushes behind the writes. `cache_vs_off` = the ratio; goal >= 0.9.
-  `cache_flushed_after_write_s`: from the last acknowledged write until the queue
-  is empty (every chunk of these files in S3).
-- `flush_mb_s`: the queue's drain rate. The tier is moved to a bucket of its own
-  (`tier-config --url`), which is then deleted behind the tierer's back: every
-  PUT fails (NoSuchBucket) and the tierer retries, as in any outage. 192 MiB
-  (128 MiB with --quick) of new files are written meanwhile (acknowledged on
-  flash: no flash quota, the default `flash_bytes` 0 is each store's whole
-  capacity; their rate is `write_mb_s_s3_down`); once they are all queued the
-  bucket is created again and the clock runs until `tier.state.queue_entries`
-  is 0. `flush_mb_s` is the MB queued over the seconds from S3's return to the
-  last blob written (the tierer's own log timestamps); it includes the time the
-  tierer takes to notice S3 is back (its upload retry backs off up to 5 s, x1.5
-  jitter): `flush_resume_s`, S3's return to the first blob written (that blob's
-  chunks were read before S3 came back). `flush_steady_mb_s` leaves that out: the
-  blobs after the first, over the time from the first blob written to the last
-  (each blob: its chunks read from the chunk-stores, k fragments each, decoded and
-  SHA-256 checked, packed, PUT, indexed). `flush_vs_raw_put` = flush_mb_s /
-  raw_put_mb_s and `flush_steady_vs_raw_put` = flush_steady_mb_s / raw_put_mb_s;
-  goal >= 0.8.
+- `flush_mb_s`: the queue's drain rate. `cfs admin tier-config --mode cache --url
+  s3://... --flush-after 0.5` (the command creates the bucket), once for the whole
+  run: a URL changed later has the tierer copy every blob to the new bucket in the
+  background, which would run during the figures. The bucket, still empty, is then
+  deleted behind the tierer's back: every PUT fails (NoSuchBucket) and the tierer
+  retries, as in any outage. 192 MiB (128 MiB with --quick) of new files are
+  written meanwhile (acknowledged on flash: no flash quota, the default
+  `flash_bytes` 0 is each store's whole capacity; their rate is
+  `write_mb_s_s3_down`); once they are all queued the bucket is created again and
+  the clock runs until `tier.state.queue_entries` is 0. `flush_mb_s` is the MB
+  queued over the seconds from S3's return to the last blob written (the tierer's
+  own log timestamps); it includes the time the tierer takes to notice S3 is back
+  (its upload retry backs off up to 5 s, x1.5 jitter): `flush_resume_s`, S3's
+  return to the first blob written (that blob's chunks were read before S3 came
+  back). `flush_steady_mb_s` leaves that out: the blobs after the first, over the
+  time from the first blob written to the last (each blob: its chunks read from
+  the chunk-stores, k fragments each, decoded and SHA-256 checked, packed, PUT,
+  indexed). `flush_vs_raw_put` = flush_mb_s / raw_put_mb_s and
+  `flush_steady_vs_raw_put` = flush_steady_mb_s / raw_put_mb_s; goal >= 0.8.
   Where the time goes: the CPU seconds of the tierer, chunk-store, metadata, NATS
   and moto processes over the drain (`flush_cpu_s_*`, per MiB, and
   `flush_cpu_cores_busy`, all of them over the wall time); then the flush's steps
@@ -51,6 +48,10 @@ Figures, in the order they are taken:
   flash as the tierer reads them (`flash_read_mb_s`) and packed into a blob
   (`blob_pack_mb_s`). The tierer does one blob after another, each step after the
   previous: `flush_serial_model_mb_s` is what read + pack + raw PUT add up to.
+- `write_mb_s_cache`: as `write_mb_s_tier_off` with a fresh set of files in cache
+  mode, while the tierer flushes behind the writes. `cache_vs_off` = the ratio;
+  goal >= 0.9. `cache_flushed_after_write_s`: from the last acknowledged write
+  until the queue is empty (every chunk of these files in S3).
 - `recall_mb_s`, `restore_data_mb_s`: null; tiered mode's recall and the data
   restore from the bucket are not built yet (see `notes`).
 
@@ -102,8 +103,6 @@ NODES_N = 3
 SERVICES = ("metadata-raft", "chunk-store", "s3-tierer")
 BUCKET = "cfs-bench-tier"
 URL = f"s3://{BUCKET}/data"
-FLUSH_BUCKET = "cfs-bench-flush"  # deleted to take S3 away from the tierer, then back
-FLUSH_URL = f"s3://{FLUSH_BUCKET}/data"
 RAW_BUCKET = "cfs-bench-raw"
 MiB = 1024 * 1024
 OBJECT = BLOB_TARGET_BYTES  # 64 MiB: the baseline's objects are the tierer's blobs
@@ -369,17 +368,25 @@ def log_lines(site: LocalSite) -> list[str]:
     return lines[:20]
 
 
-async def cache_phase(
-    site: LocalSite, env: dict[str, str], total: int, notes: list[str]
-) -> dict[str, Any]:
-    """tier-config --mode cache, then a fresh set of files, then the queue emptied."""
+async def configure_cache(site: LocalSite, env: dict[str, str]) -> None:
+    """tier-config --mode cache (the command creates the bucket), once for the run: a
+    URL changed later would have the tierer copy every blob to the new one."""
     out = await asyncio.to_thread(
         tier_config, site, env, "--mode", "cache", "--url", URL, "--flush-after", str(FLUSH_AFTER_S)
     )
     print(f"  {out.strip().splitlines()[0] if out.strip() else 'tier configured'}", flush=True)
     async with await site.client("bench-tier") as bus:
-        await until_state(bus, "the tierer in cache mode", lambda s: s.mode == "cache")
-        before = await until_state(bus, "S3 reachable", lambda s: s.s3.reachable)
+        await until_state(
+            bus, "the tierer in cache mode", lambda s: s.mode == "cache" and s.s3.reachable
+        )
+
+
+async def cache_phase(site: LocalSite, total: int, notes: list[str]) -> dict[str, Any]:
+    """A fresh set of files in cache mode, then the queue emptied."""
+    async with await site.client("bench-tier") as bus:
+        before = await until_state(
+            bus, "S3 reachable, an empty queue", lambda s: s.s3.reachable and s.queue_entries == 0
+        )
         wrote, _ = await write_files(site, "cache", total, tiered=True)
         done = time.perf_counter()
         after = await until_state(
@@ -446,19 +453,19 @@ async def flash_read(site: LocalSite, refs: list[ChunkRef]) -> dict[str, float]:
 
 
 async def flush_phase(
-    site: LocalSite, env: dict[str, str], s3: S3Server, total: int, notes: list[str]
+    site: LocalSite, s3: S3Server, total: int, notes: list[str]
 ) -> dict[str, Any]:
-    """S3 taken away (the tier's bucket deleted), files written (queued, acknowledged on
-    flash), the bucket back: the drain."""
+    """S3 taken away (the tier's bucket, still empty, deleted), files written (queued,
+    acknowledged on flash), the bucket back: the drain."""
     results: dict[str, Any] = {}
-    await asyncio.to_thread(tier_config, site, env, "--url", FLUSH_URL)  # creates the bucket
     async with await site.client("bench-flush") as bus:
-        await until_state(
-            bus,
-            "the new bucket, an empty queue",
-            lambda s: s.s3.url == FLUSH_URL and s.queue_entries == 0 and s.s3.reachable,
+        empty = await until_state(
+            bus, "an empty queue", lambda s: s.queue_entries == 0 and s.s3.reachable
         )
-        await bucket(s3, FLUSH_BUCKET, create=False)
+        if empty.blobs_written:
+            raise RuntimeError("the tier's bucket must be empty before the flush figure")
+        await bucket(s3, BUCKET, create=False)
+        await until_state(bus, "S3 seen failing", lambda s: not s.s3.reachable, timeout=60)
         wrote, refs = await write_files(site, "flush", total, tiered=True)
         results["write_mb_s_s3_down"] = wrote["mb_s"]
         print(f"  wrote {wrote['mb']:.0f} MiB with S3 down: {wrote['mb_s']:.1f} MB/s", flush=True)
@@ -479,7 +486,7 @@ async def flush_phase(
         cpu_before = cpu(pids)
         back = time.time()
         start = time.perf_counter()
-        await bucket(s3, FLUSH_BUCKET, create=True)
+        await bucket(s3, BUCKET, create=True)
         emptied = await until_state(
             bus, "the queue drained", lambda s: s.queue_entries == 0, timeout=DRAIN_TIMEOUT_S
         )
@@ -537,7 +544,7 @@ def keep_logs(base: Path) -> None:
     print(f"logs kept in {kept}", file=sys.stderr, flush=True)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, keep: bool = False) -> dict[str, Any]:
     objects = 3 if quick else 8
     write_total = (96 if quick else 256) * MiB
     flush_total = (128 if quick else 192) * MiB
@@ -594,15 +601,8 @@ def run(quick: bool) -> dict[str, Any]:
             results["write_mb_tier_off"] = off["mb"]
             results["write_mb_s_tier_off"] = off["mb_s"]
             print(f"write, tier off: {off['mb_s']:.1f} MB/s ({off['mb']:.0f} MiB)", flush=True)
-            results.update(asyncio.run(cache_phase(site, env, write_total, notes)))
-            results["cache_vs_off"] = results["write_mb_s_cache"] / off["mb_s"]
-            print(
-                f"write, cache mode: {results['write_mb_s_cache']:.1f} MB/s "
-                f"({results['cache_vs_off']:.2f} x off; goal >= {GOAL_CACHE_VS_OFF}); "
-                f"in S3 {results['cache_flushed_after_write_s']:.1f} s after the last write",
-                flush=True,
-            )
-            results.update(asyncio.run(flush_phase(site, env, s3, flush_total, notes)))
+            asyncio.run(configure_cache(site, env))
+            results.update(asyncio.run(flush_phase(site, s3, flush_total, notes)))
             results["flush_vs_raw_put"] = results["flush_mb_s"] / results["raw_put_mb_s"]
             steady = results.get("flush_steady_mb_s")
             results["flush_steady_vs_raw_put"] = (
@@ -621,9 +621,18 @@ def run(quick: bool) -> dict[str, Any]:
                 f", then {fmt(steady, 'MB/s')}",
                 flush=True,
             )
+            results.update(asyncio.run(cache_phase(site, write_total, notes)))
+            results["cache_vs_off"] = results["write_mb_s_cache"] / off["mb_s"]
+            print(
+                f"write, cache mode: {results['write_mb_s_cache']:.1f} MB/s "
+                f"({results['cache_vs_off']:.2f} x off; goal >= {GOAL_CACHE_VS_OFF}); "
+                f"in S3 {results['cache_flushed_after_write_s']:.1f} s after the last write",
+                flush=True,
+            )
             results["queue_status"] = queue_status(site)
             if errors := log_lines(site):
                 results["service_errors"] = errors
+            if errors or keep:
                 keep_logs(base)
         except BaseException:
             keep_logs(base)
@@ -661,8 +670,11 @@ def main() -> None:
         "--quick", action="store_true", help="3 objects, 96 MiB of writes, 128 MiB flushed"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="copy the site's logs aside (else on errors)"
+    )
     args = parser.parse_args()
-    results = run(args.quick)
+    results = run(args.quick, args.keep_logs)
     for key, value in results.items():
         if isinstance(value, bool) or key == "notes":
             continue

@@ -191,3 +191,59 @@ class FlushReply(BaseModel):
 
 def tier_flush_subject(site: str) -> str:
     return f"cfs.{site}.rpc.tier.flush"
+
+
+class ChunkPlacement(BaseModel):
+    """A chunk as its chunk map records it: enough to put its fragments back."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    length: int = Field(ge=0)
+    scheme: str
+    fragments: tuple[str, ...] = Field(min_length=1)
+
+
+class RecallRequest(BaseModel):
+    """Bring chunks back from S3 onto their chunk-stores (a read that found fewer than
+    k fragments; `restore-data --from-s3`). Fragments that verify are left alone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunks: tuple[ChunkPlacement, ...] = Field(min_length=1)
+
+
+class RecallReply(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    restored_fragments: int = Field(default=0, ge=0)
+    present_fragments: int = Field(default=0, ge=0)
+    restored_bytes: int = Field(default=0, ge=0, description="chunk bytes read from S3")
+    failed: tuple[str, ...] = Field(default=(), description="'<chunk id>: <why>' each")
+
+
+class ReindexRequest(BaseModel):
+    """Rebuild the `tier` bucket's index from the blobs under `url` (after total loss:
+    the bucket alone is enough)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+
+
+class ReindexReply(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blobs: int = Field(ge=0, description="blobs found under the URL")
+    blobs_indexed: int = Field(ge=0, description="of them, not in the index before")
+    chunks_indexed: int = Field(ge=0)
+    damaged: tuple[str, ...] = Field(default=(), description="'<blob>: <why>' (scanned)")
+    seconds: float = Field(ge=0)
+
+
+def tier_recall_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.recall"
+
+
+def tier_reindex_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.reindex"

@@ -157,6 +157,7 @@ CLIENT_GRANTS = Grants(
         "{s}.data.*.damaged",
         "{s}.tier.chunk",  # a stored chunk queued for S3
         "{s}.rpc.tier.flush",  # write-through: wait for S3
+        "{s}.rpc.tier.recall",  # a chunk with fewer than k fragments on flash: from S3
     ),
     read_buckets=(LEASES.bucket,),
 )

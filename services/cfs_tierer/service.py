@@ -63,6 +63,8 @@ from cfs_contracts.tier import (
     FlushReply,
     FlushRequest,
     NodeFlash,
+    RecallRequest,
+    ReindexRequest,
     S3Health,
     TierConfig,
     TierMode,
@@ -71,9 +73,12 @@ from cfs_contracts.tier import (
     blob_record_key,
     chunk_location_key,
     tier_flush_subject,
+    tier_recall_subject,
+    tier_reindex_subject,
 )
 from cfs_tierer.blob import BlobBuilder
 from cfs_tierer.queue import FlushQueue, Pending
+from cfs_tierer.recall import Recaller, reindex
 from cfs_tierer.watermark import Level, Reading, Thresholds, policy, settle, worst
 
 log = logging.getLogger(__name__)
@@ -171,6 +176,7 @@ class Term:
         self.queue = FlushQueue()
         self.health = Health()
         self.chunks = ChunkStoreClient(bus)
+        self.recaller = Recaller(index, self.chunks, tierer.store)
         self.levels: dict[str, Level] = {}
         self.level = Level.NORMAL
         self.waiters: dict[str, list[asyncio.Future[None]]] = collections.defaultdict(list)
@@ -237,6 +243,22 @@ class Term:
         if futures:
             await asyncio.gather(*futures)
         return FlushReply(flushed=request.chunk_ids).model_dump_json().encode()
+
+    async def on_recall(self, msg: Msg) -> bytes:
+        request = RecallRequest.model_validate_json(msg.data)
+        reply = await self.recaller.recall(request.chunks)
+        if reply.restored_fragments:
+            log.info(
+                "tier.recalled",
+                extra={"fragments": reply.restored_fragments, "bytes": reply.restored_bytes},
+            )
+        return reply.model_dump_json().encode()
+
+    async def on_reindex(self, msg: Msg) -> bytes:
+        request = ReindexRequest.model_validate_json(msg.data)
+        reply = await reindex(self.index, self.tierer.store(request.url), request.url)
+        log.info("tier.reindexed", extra=reply.model_dump())
+        return reply.model_dump_json().encode()
 
     # -- flushing ------------------------------------------------------------------------
     async def flush_loop(self) -> None:
@@ -633,7 +655,12 @@ async def lead(ctx: Context) -> None:
     )
     term = Term(tierer, ctx.bus, nodes, index)
     await _check_store(term)
-    sub = await ctx.bus.serve(tier_flush_subject(ctx.bus.site), term.on_flush)
+    site = ctx.bus.site
+    subs = [
+        await ctx.bus.serve(tier_flush_subject(site), term.on_flush),
+        await ctx.bus.serve(tier_recall_subject(site), term.on_recall),
+        await ctx.bus.serve(tier_reindex_subject(site), term.on_reindex),
+    ]
     try:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(term.follow(), name="tier queue")
@@ -642,8 +669,9 @@ async def lead(ctx: Context) -> None:
             tasks.create_task(term.copy_loop(), name="tier failover copy")
     finally:
         if not ctx.bus.nc.is_closed:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await sub.unsubscribe()
+            for sub in subs:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await sub.unsubscribe()
 
 
 async def _check_store(term: Term) -> None:

@@ -16,10 +16,12 @@ SPEC = ServiceSpec(
     grants=Grants(
         publish=(
             "{s}.rpc.chunk.*.get",  # a queued chunk's fragments, read from flash
+            "{s}.rpc.chunk.*.verify",  # recall: which fragments are still there
+            "{s}.rpc.chunk.*.put",  # recall: the missing ones, stored again
             "{s}.cluster.tier.watermark",  # WatermarkChanged
             f"$JS.API.STREAM.PURGE.{TIER.name}",  # the queue below the oldest pending
         ),
-        serve=("{s}.rpc.tier.flush",),
+        serve=("{s}.rpc.tier.flush", "{s}.rpc.tier.recall", "{s}.rpc.tier.reindex"),
         read_streams=(TIER.name,),
         read_buckets=(NODES.bucket, TIER_INDEX.bucket),
         write_keys={NODES.bucket: ("tier.state",), TIER_INDEX.bucket: ("chunk.*", "blob.*")},

@@ -115,6 +115,16 @@ async def test_put_get_head_delete(store: ObjectStore) -> None:
     assert (err.value.bucket, err.value.key) == (store.url.bucket, "site-a/journal/001/seg-1")
 
 
+async def test_ranged_gets_read_a_part_or_the_tail(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 40
+    await store.put("blob", data)
+    assert await store.get_range("blob", 100, 50) == data[100:150]
+    assert await store.get_range("blob", 10_000, 500) == data[10_000:]  # short at the end
+    assert await store.get_range("blob", -46, 0) == data[-46:]  # the tail
+    with pytest.raises(ObjectNotFound):
+        await store.get_range("absent", 0, 10)
+
+
 async def test_list_pages_through_every_key_in_order(store: ObjectStore) -> None:
     keys = [f"seg/{i:03d}" for i in range(31)] + ["seg/é", "seg/z", "snap/1", "segment"]
     await asyncio.gather(*(store.put(key, key.encode()) for key in reversed(keys)))

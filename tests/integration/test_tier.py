@@ -26,11 +26,13 @@ import pytest
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
+from cfs.client.chunks import ChunkStoreClient
 from cfs.objstore import S3ObjectStore, S3Settings, S3Url
 from cfs.security import Role
 from cfs.supervisor import LocalSite, S3Server
 from cfs.supervisor.s3proxy import S3FaultProxy
-from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.data import fragment_key
+from cfs_contracts.fs.records import ROOT_INO, ChunkRef
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import NODES, TIER_INDEX
 from cfs_contracts.tier import (
@@ -49,6 +51,7 @@ KiB = 1024
 pytestmark = pytest.mark.expected_logs(
     "tier.s3_failing", "tier.watermark", "tier.alert", "retry.*", "data.put_failed",
     "fault.crash", "site.restarted", "lease.*", "singleton.*", "service.*",
+    "data.degraded_read", "fragment.*",
 )  # fmt: skip
 
 
@@ -362,3 +365,70 @@ def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
         assert new_stored == new_recorded, "nothing uploaded twice"
     print(f"\n[tier kill -9 at {point}] new blobs {len(new_stored)}, orphans "
           f"{len(new_stored - new_recorded)}")  # fmt: skip
+
+
+def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(
+    site: LocalSite, s3_env: dict[str, str]
+) -> None:
+    """Every fragment of some files deleted from flash and the tier index wiped (all a
+    total loss leaves is the bucket): a read recalls its chunks from S3 by itself once
+    the index is back, and `restore-data --from-s3` puts all the rest back."""
+    rng = random.Random(8)
+    files = {
+        f"lost-{i}": rng.randbytes(rng.choice([3000, 600 * KiB, 4500 * KiB])) for i in range(6)
+    }
+
+    async def write_and_lose() -> dict[str, list[ChunkRef]]:
+        async with Client(site) as client:
+            refs = {}
+            for name, data in files.items():
+                ino = (await client.meta.create(ROOT_INO, name)).ino
+                refs[name] = list((await client.files.write_all(ino, data)).chunks)
+        async with await site.client() as admin:
+            index = await admin.key_value(TIER_INDEX.bucket)
+            chunks = ChunkStoreClient(admin)
+            every = [ref for refs_ in refs.values() for ref in refs_]
+            for ref in every:  # flushed, then lost from flash
+                while True:
+                    try:
+                        await index.get(chunk_location_key(ref.chunk_id))
+                        break
+                    except nats.js.errors.KeyNotFoundError:
+                        await asyncio.sleep(0.2)
+            for ref in every:
+                for i, node in enumerate(ref.fragments):
+                    await chunks.delete(node, fragment_key(ref.chunk_id, ref.scheme, i))
+            for key in await index.keys():  # the index too: only the bucket is left
+                await index.delete(key)
+        return refs
+
+    refs = asyncio.run(write_and_lose())
+    result = cfs(site, "restore-data", "--from-s3", "--json", timeout=300)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    summary = json.loads(result.stdout)
+    lost = sum(len(r) for r in refs.values())
+    assert summary["failed"] == [] and summary["reindex"]["blobs"] > 0, summary
+    assert summary["restored_fragments"] >= lost * 3, summary  # every fragment of ec2+1
+    again = cfs(site, "restore-data", "--from-s3", "--json", timeout=300)
+    assert json.loads(again.stdout)["restored_fragments"] == 0, again.stdout  # resumes
+
+    async def read_back(names: list[str]) -> dict[str, bytes]:
+        async with Client(site) as client:
+            return {n: await client.files.read_all((await client.meta.lookup(ROOT_INO, n)).ino)
+                    for n in names}  # fmt: skip
+
+    assert asyncio.run(read_back(list(files))) == files
+
+    # A read alone: the fragments of one file lost again, read through a fresh client.
+    async def lose_one(name: str) -> None:
+        async with await site.client() as admin:
+            chunks = ChunkStoreClient(admin)
+            for ref in refs[name]:
+                for i, node in enumerate(ref.fragments):
+                    await chunks.delete(node, fragment_key(ref.chunk_id, ref.scheme, i))
+
+    biggest = max(files, key=lambda n: len(files[n]))
+    asyncio.run(lose_one(biggest))
+    assert asyncio.run(read_back([biggest])) == {biggest: files[biggest]}
+    print(f"\n[tier restore-data] {summary['chunks']} chunks, {summary['restored_bytes']} B "
+          f"in {summary['seconds']} s")  # fmt: skip

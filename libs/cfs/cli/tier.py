@@ -4,6 +4,7 @@
     cfs admin s3-health                 reachable or not, last successful write, error class
     cfs admin s3-queue-status [--watch] entries, bytes, oldest, drain rate, watermark
     cfs admin s3-failover --target s3://backup-bucket | --back
+    cfs admin restore-data --from-s3 [--url s3://bucket/prefix]
 
 Both reports read `tier.state`, which the active s3-tierer rewrites every second; a
 state older than a few seconds is reported as such (the tierer is not running).
@@ -15,19 +16,37 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 import nats.js.errors
 import typer
+from nats.aio.msg import Msg
+from pydantic import BaseModel
 
 from cfs.admin.client import actor
-from cfs.bus import Bus, BusError
+from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.client.metadata import MetadataClient
 from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
 from cfs_contracts.events.ops import AdminActionRecorded
+from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.streams import NODES
-from cfs_contracts.tier import TIER_CONFIG_KEY, TIER_STATE_KEY, TierConfig, TierMode, TierState
+from cfs_contracts.tier import (
+    TIER_CONFIG_KEY,
+    TIER_STATE_KEY,
+    ChunkPlacement,
+    RecallReply,
+    RecallRequest,
+    ReindexReply,
+    ReindexRequest,
+    TierConfig,
+    TierMode,
+    TierState,
+    tier_recall_subject,
+    tier_reindex_subject,
+)
 
 STALE_AFTER_S = 10.0
 
@@ -348,3 +367,148 @@ def s3_queue_status(
     state = _session(settings, work)
     if state.level != "NORMAL" or not state.s3.reachable:
         raise typer.Exit(ExitCode.FAILED)
+
+
+RECALL_BATCH = 32
+REINDEX_TIMEOUT_S = 3600.0
+RECALL_TIMEOUT_S = 600.0
+
+
+async def _files(meta: MetadataClient) -> AsyncIterator[Inode]:
+    """Every regular file of the tree once (hard links: once per inode)."""
+    seen: set[int] = set()
+    directories = [ROOT_INO]
+    while directories:
+        parent = directories.pop()
+        async for entry in meta.readdir(parent):
+            if entry.name in (".", "..") or entry.ino in seen:
+                continue
+            seen.add(entry.ino)
+            if entry.kind is Kind.DIR:
+                directories.append(entry.ino)
+            elif entry.kind is Kind.FILE:
+                yield await meta.getattr(entry.ino)
+
+
+@app.command("restore-data")
+@one_line_errors
+def restore_data(
+    ctx: typer.Context,
+    from_s3: Annotated[
+        bool, typer.Option("--from-s3", help="bring every file's data back from the S3 tier")
+    ] = False,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="s3://bucket/prefix (default: the configured data tier)"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put every chunk the metadata tree references back onto the chunk-stores from S3.
+
+    First the tier's index is rebuilt from the bucket (after a total loss it is all
+    there is), then each file's chunks are recalled: fragments that verify on their
+    node are left alone, so running it again after an interruption resumes."""
+    if not from_s3:
+        raise CliError("restore-data needs --from-s3 (the only source)", ExitCode.USAGE)
+    if url is not None:
+        try:
+            S3Url.parse(url)
+        except ValueError as exc:
+            raise CliError(f"--url: {exc}", ExitCode.USAGE) from None
+    settings = _settings(ctx, None, None, None)
+    started = time.monotonic()
+
+    async def work(bus: Bus) -> dict[str, object]:
+        config, _ = await read_tier(bus)
+        source = url or (config.url if config is not None else None)
+        if source is None:
+            raise CliError("no data tier is configured: give --url s3://bucket/prefix")
+        if config is None or not config.enabled:
+            kv = await bus.key_value(NODES.bucket)
+            wanted = (config or TierConfig()).model_copy(
+                update={"mode": TierMode.CACHE, "url": source, "updated_by": actor(),
+                        "updated_ms": int(time.time() * 1000)}
+            )  # fmt: skip
+            await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
+            typer.echo(f"Data tier set to cache mode on {source}", err=True)
+        reindexed = ReindexReply.model_validate_json(
+            (await _ask(bus, tier_reindex_subject(bus.site), ReindexRequest(url=source),
+                        REINDEX_TIMEOUT_S)).data
+        )  # fmt: skip
+        typer.echo(
+            f"Index from {source}: {reindexed.blobs} blobs ({reindexed.blobs_indexed} new), "
+            f"{reindexed.chunks_indexed} chunk locations added in {reindexed.seconds:.1f} s"
+            + (f"; damaged: {len(reindexed.damaged)}" if reindexed.damaged else ""),
+            err=True,
+        )
+        totals = {"files": 0, "chunks": 0, "restored_fragments": 0, "present_fragments": 0,
+                  "restored_bytes": 0}  # fmt: skip
+        failed: list[str] = []
+        batch: list[ChunkPlacement] = []
+        last_print = time.monotonic()
+
+        async def send() -> None:
+            reply = RecallReply.model_validate_json(
+                (await _ask(bus, tier_recall_subject(bus.site), RecallRequest(chunks=tuple(batch)),
+                            RECALL_TIMEOUT_S)).data
+            )  # fmt: skip
+            totals["restored_fragments"] += reply.restored_fragments
+            totals["present_fragments"] += reply.present_fragments
+            totals["restored_bytes"] += reply.restored_bytes
+            failed.extend(reply.failed)
+            batch.clear()
+
+        meta = MetadataClient(bus)
+        async for inode in _files(meta):
+            totals["files"] += 1
+            for ref in inode.chunks:
+                totals["chunks"] += 1
+                batch.append(
+                    ChunkPlacement(chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme,
+                                   fragments=ref.fragments)
+                )  # fmt: skip
+                if len(batch) >= RECALL_BATCH:
+                    await send()
+            if not as_json and time.monotonic() - last_print > 2.0:
+                last_print = time.monotonic()
+                typer.echo(
+                    f"  {totals['files']} files, {totals['chunks']} chunks checked, "
+                    f"{_size(totals['restored_bytes'])} restored",
+                    err=True,
+                )
+        if batch:
+            await send()
+        return {**totals, "failed": failed, "seconds": round(time.monotonic() - started, 3),
+                "url": source, "reindex": reindexed.model_dump()}  # fmt: skip
+
+    result = _session(settings, work)
+    failed = result["failed"]
+    assert isinstance(failed, list)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(
+            f"restore-data: {result['files']} files, {result['chunks']} chunks: "
+            f"{result['restored_fragments']} fragments restored "
+            f"({_size(float(str(result['restored_bytes'])))} from S3), "
+            f"{result['present_fragments']} already on flash, {len(failed)} failed, "
+            f"in {result['seconds']} s"
+        )
+        for line in failed[:20]:
+            typer.echo(f"  failed: {line}")
+    if failed:
+        raise typer.Exit(ExitCode.FAILED)
+
+
+async def _ask(bus: Bus, subject: str, request: BaseModel, timeout: float) -> Msg:
+    try:
+        return await bus.request(subject, request.model_dump_json().encode(), timeout=timeout)
+    except NoResponders:
+        raise CliError(
+            "no active s3-tierer answers (is `s3-tierer` running?)", ExitCode.UNREACHABLE
+        ) from None
+    except RequestTimeout:
+        raise CliError(
+            f"no answer from the s3-tierer within {timeout:g} s (a rerun resumes)",
+            ExitCode.UNREACHABLE,
+        ) from None

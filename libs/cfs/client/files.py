@@ -235,10 +235,7 @@ class FileStore:
         try:
             got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failed)
         except Unrecoverable as exc:
-            raise FsError(
-                errno.EIO,
-                f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: {exc}",
-            ) from None
+            got = await self._recalled(ino, ref, scheme, holders, exc)
         data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
         if failures:
             log.warning(
@@ -247,6 +244,25 @@ class FileStore:
             )
         self._cache.put(ref.chunk_id, data)
         return data
+
+    async def _recalled(
+        self, ino: int, ref: ChunkRef, scheme: Scheme, holders: dict[int, str], exc: Exception
+    ) -> dict[int, bytes]:
+        """Fewer than k fragments on flash (evicted, or lost with every node): the data
+        tier puts the chunk back from S3 and it is read again; EIO says why not."""
+        why = None
+        if self.nodes.tier_config is not None:
+            why = await self.tier.recall(ref, ino)
+            if why is None:
+                try:
+                    return await gather(self.chunks, ref.chunk_id, scheme, holders)
+                except Unrecoverable as again:
+                    exc, why = again, "recalled, still unreadable"
+        raise FsError(
+            errno.EIO,
+            f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: {exc}"
+            + (f"; from S3: {why}" if why else ""),
+        ) from None
 
     def _report(self, ino: int, exc: FragmentError) -> None:
         """Tell repair about a fragment we had to read around (once a minute per key)."""

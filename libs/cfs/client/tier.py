@@ -9,6 +9,10 @@ tierer's published policy rules:
     ack_after_s3   wait until the tierer has the chunk in S3 (write-through), bounded
     refuse         ENOSPC before anything is stored: flash is full of unflushed data
 
+A read that finds fewer than k fragments of a chunk on flash (evicted in tiered mode,
+or lost with every node after a total loss in cache mode) has the tierer put it back
+from S3 (`recall`) and reads again.
+
 The policy comes with the tierer's state in the `nodes` bucket, which every client
 watches already; without a state yet (no tierer has run) writes are acknowledged on
 flash and queued.
@@ -24,9 +28,21 @@ from cfs.client.nodes import NodeView
 from cfs_contracts.events.tier import ChunkQueued
 from cfs_contracts.fs.records import ChunkRef
 from cfs_contracts.fs.rpc import FsError
-from cfs_contracts.tier import FlushReply, FlushRequest, TierState, WritePolicy, tier_flush_subject
+from cfs_contracts.tier import (
+    ChunkPlacement,
+    FlushReply,
+    FlushRequest,
+    RecallReply,
+    RecallRequest,
+    TierState,
+    WritePolicy,
+    tier_flush_subject,
+    tier_recall_subject,
+)
 
 log = logging.getLogger(__name__)
+
+RECALL_TIMEOUT_S = 120.0  # one chunk from S3 back onto its nodes: a ranged GET and k puts
 
 
 class TierGate:
@@ -89,6 +105,30 @@ class TierGate:
         reply = FlushReply.model_validate_json(msg.data)
         if reply.error is not None or chunk_id not in reply.flushed:
             raise FsError(errno.EIO, f"{why}: {reply.error or 'chunk not flushed'}")
+
+    async def recall(self, ref: ChunkRef, ino: int) -> str | None:
+        """Have the tierer put a chunk with fewer than k fragments on flash back from
+        S3; None when it did, else why not (for the read's EIO)."""
+        placement = ChunkPlacement(
+            chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme, fragments=ref.fragments
+        )
+        request = RecallRequest(chunks=(placement,)).model_dump_json().encode()
+        try:
+            msg = await self.bus.request(
+                tier_recall_subject(self.bus.site), request, timeout=RECALL_TIMEOUT_S
+            )
+        except NoResponders:
+            return "no s3-tierer is running"
+        except BusError as exc:
+            return str(exc)
+        reply = RecallReply.model_validate_json(msg.data)
+        if reply.failed:
+            return "; ".join(reply.failed)
+        log.info(
+            "data.recalled",
+            extra={"ino": ino, "chunk": ref.chunk_id, "fragments": reply.restored_fragments},
+        )
+        return None
 
 
 def _s3_words(state: TierState | None) -> str:

@@ -59,6 +59,11 @@ class ObjectStore(Protocol):
         """The object's content; ObjectNotFound if absent."""
         ...
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from `start` (fewer at its end); ObjectNotFound
+        if absent. Negative `start`: the last -start bytes (`length` ignored)."""
+        ...
+
     async def get_file(self, key: str, path: Path) -> None:
         """Download to `path` through a temporary file renamed at the end, so `path`
         is either the whole object or untouched."""

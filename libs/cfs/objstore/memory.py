@@ -76,6 +76,10 @@ class MemoryObjectStore:
     async def get(self, key: str) -> bytes:
         return self._get("GET", key).data
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        data = self._get("GET", key).data
+        return data[start:] if start < 0 else data[start : start + length]
+
     async def get_file(self, key: str, path: Path) -> None:
         data = self._get("GET", key).data
         await asyncio.to_thread(_write_atomically, Path(path), data)
@@ -223,6 +227,10 @@ class FaultyObjectStore:
     async def get(self, key: str) -> bytes:
         self._enter("get", key)
         return await self.inner.get(key)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        self._enter("get_range", key)
+        return await self.inner.get_range(key, start, length)
 
     async def get_file(self, key: str, path: Path) -> None:
         self._enter("get_file", key)

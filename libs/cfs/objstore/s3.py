@@ -278,6 +278,19 @@ class S3ObjectStore:
 
         return await self._call("GET", full, call)
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        full = self._key(key)
+        wanted = f"bytes={start}" if start < 0 else f"bytes={start}-{start + max(length, 1) - 1}"
+
+        async def call(s3: Any) -> bytes:
+            response = await s3.get_object(Bucket=self.url.bucket, Key=full, Range=wanted)
+            body = response["Body"]
+            async with body:
+                data: bytes = await body.read()
+            return data if start < 0 or length > 0 else b""
+
+        return await self._call("GET", full, call)
+
     async def get_file(self, key: str, path: Path) -> None:
         full = self._key(key)
         path = Path(path)
