@@ -21,7 +21,8 @@ Figures, in the order they are taken:
   and of the client for the raw PUTs say what S3's side costs on this machine.
 - `write_mb_s_tier_off`: client write throughput, `FileStore.write_all` of 8 MiB
   files, 4 in parallel (256 MiB a round; 96 MiB with --quick) through a
-  CLIENT-role connection, as the mount has, with no data tier configured.
+  CLIENT-role connection, as the mount has, with no data tier configured (after
+  64 MiB written untimed: a fresh site's first writes pay for its warming up).
 - `flush_mb_s`: the queue's drain rate. `cfs admin tier-config --mode cache --url
   s3://... --flush-after 0.5` (the command creates the bucket), once for the whole
   run: a URL changed later has the tierer copy every blob to the new bucket in the
@@ -117,6 +118,7 @@ MiB = 1024 * 1024
 OBJECT = BLOB_TARGET_BYTES  # 64 MiB: the baseline's objects are the tierer's blobs
 FILE = 8 * MiB
 WRITERS = 4  # files written at once
+WARMUP_FILES = 8  # written first, untimed
 FLUSH_AFTER_S = 0.5  # tier-config --flush-after: a blob is sealed this soon
 STATUS_S = 0.2  # the tierer's tier.state period (CFS_STATUS_S)
 PROBE_S = 0.5  # its S3 probe while idle (CFS_PROBE_S): S3 seen failing soon
@@ -625,6 +627,8 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             )
             asyncio.run(start_site(site))
             pids = roles(site, s3)
+            # untimed: the first writes on a fresh site pay for its warming up
+            asyncio.run(write_files(site, "warmup", WARMUP_FILES * FILE, tiered=False))
             off = asyncio.run(measured_write(site, pids, "off0", write_total))
             print(f"write, tier off: {off['mb_s']:.1f} MB/s ({off['mb']:.0f} MiB)", flush=True)
             asyncio.run(configure_cache(site, env))

@@ -159,6 +159,9 @@ class TierState(BaseModel):
     nodes: tuple[NodeFlash, ...] = ()
     queue_entries: int = Field(ge=0)
     queue_bytes: int = Field(ge=0)
+    flushed_below_seq: int = Field(
+        default=0, ge=0, description="every TIER message below this is in S3 (a flush barrier)"
+    )
     oldest_queued_ms: int | None = None
     drain_entries_per_s: float = Field(default=0.0, ge=0)
     drain_bytes_per_s: float = Field(default=0.0, ge=0)
@@ -247,3 +250,32 @@ def tier_recall_subject(site: str) -> str:
 
 def tier_reindex_subject(site: str) -> str:
     return f"cfs.{site}.rpc.tier.reindex"
+
+
+TIER_SNAPSHOT_FORMAT = 1
+
+
+class TierSnapshotBlob(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blob_id: str
+    url: str
+    bytes: int = Field(ge=0)
+    chunks: int = Field(ge=0)
+
+
+class TierSnapshot(BaseModel):
+    """`s3-snapshot`: the data tier at one point, to pair with a metadata snapshot taken
+    just before it. Every chunk queued before the point is in one of these blobs; each
+    blob's footer indexes its chunks, so the list is enough to rebuild the index."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: int = TIER_SNAPSHOT_FORMAT
+    snapshot_id: str
+    created_ms: int
+    tier_url: str
+    queue_seq: int = Field(ge=0, description="TIER messages up to this are in the blobs")
+    blobs: tuple[TierSnapshotBlob, ...]
+    bytes: int = Field(ge=0)
+    chunks: int = Field(ge=0)

@@ -37,6 +37,7 @@ from pydantic import Field
 from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, Unrecoverable
 from cfs.client.nodes import NodeView
+from cfs.client.tier import read_blob_records
 from cfs.erasure import Scheme, decode
 from cfs.faults import crash_point
 from cfs.ids import new_id
@@ -471,7 +472,7 @@ class Term:
             await asyncio.sleep(self.settings.copy_retry_s)
 
     async def _copy_strays(self, url: str) -> None:
-        strays = [r for r in await self._blob_records() if r.url != url]
+        strays = [r for r in await read_blob_records(self.index) if r.url != url]
         self.stray_blobs, self.stray_bytes = len(strays), sum(r.bytes for r in strays)
         target = self.tierer.store(url)
         for record in strays:
@@ -500,20 +501,6 @@ class Term:
             log.info("tier.copy_done", extra={"url": url, "blobs": len(strays)})
         self.copy_error = None
         self._clean_url = url  # new blobs go to `url`: none can stray until it changes
-
-    async def _blob_records(self) -> list[BlobRecord]:
-        records = []
-        watcher = await self.index.watch(blob_record_key("*"), ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                if entry.value:
-                    records.append(BlobRecord.model_validate_json(entry.value))
-        finally:
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        return records
 
     # -- the watermark ---------------------------------------------------------------------
     async def status_loop(self) -> None:
@@ -618,6 +605,7 @@ class Term:
             ),
             queue_entries=len(self.queue.pending),
             queue_bytes=self.queue.bytes,
+            flushed_below_seq=self.queue.purge_below(),
             oldest_queued_ms=self.queue.oldest_ms(),
             drain_entries_per_s=round(sum(n for _, n, _ in self._drained) / span, 2),
             drain_bytes_per_s=round(sum(b for _, _, b in self._drained) / span, 1),

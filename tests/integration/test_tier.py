@@ -38,10 +38,12 @@ from cfs_contracts.streams import NODES, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_STATE_KEY,
     ChunkLocation,
+    TierSnapshot,
     TierState,
     blob_object_key,
     chunk_location_key,
 )
+from cfs_tierer.blob import read_index
 from tests.integration.test_admin_cli import CFS, cfs
 
 SERVICES = ("metadata-raft", "chunk-store", "s3-tierer")
@@ -105,9 +107,14 @@ def site(
 
 
 def _tier_config(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
+    return _admin_s3(site, s3_env, "tier-config", *args)
+
+
+def _admin_s3(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
+    """`cfs admin ARGS` with the S3 server's settings, as the operator's cluster file has."""
     env = site.cli_env(**s3_env)
     done = subprocess.run(
-        [CFS, "admin", "tier-config", *args],
+        [CFS, "admin", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -163,6 +170,23 @@ class Client:
         return [c.chunk_id for c in inode.chunks]
 
 
+async def _snapshot_covers(
+    site: LocalSite, s3: S3Settings, path: str, chunks: dict[str, list[str]]
+) -> None:
+    """The manifest names blobs whose footers index every chunk written before it."""
+    url = S3Url.parse(path.rsplit("/", 1)[0])
+    async with S3ObjectStore(url, s3) as store:
+        snapshot = TierSnapshot.model_validate_json(await store.get(path.rsplit("/", 1)[1]))
+    async with S3ObjectStore(S3Url(BUCKET, "data"), s3) as tier:
+        found = set()
+        for blob in snapshot.blobs:
+            data = await tier.get(blob_object_key(blob.blob_id))
+            found |= {e.chunk_id for e in read_index(data, blob.blob_id).entries}
+    wanted = {c for ids in chunks.values() for c in ids}
+    assert wanted <= found, wanted - found
+    assert snapshot.chunks == sum(b.chunks for b in snapshot.blobs) >= len(wanted)
+
+
 async def _in_s3(site: LocalSite, s3: S3Settings, chunk_ids: list[str]) -> bytes:
     """The chunks as the bucket holds them, each checked against its SHA-256."""
     parts = []
@@ -190,9 +214,11 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
         f"cached-{i}": rng.randbytes(rng.choice([10, 70 * KiB, 5 * 1024 * KiB])) for i in range(8)
     }
 
+    chunks: dict[str, list[str]] = {}
+
     async def go() -> None:
         async with Client(site) as client:
-            chunks = {name: await client.write(name, data) for name, data in files.items()}
+            chunks.update({name: await client.write(name, data) for name, data in files.items()})
             state = await _until_state(
                 client.bus,
                 "the queue flushed",
@@ -203,6 +229,11 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
             assert await _in_s3(site, s3_direct, chunks[name]) == data, name
 
     asyncio.run(go())
+    snapshot = json.loads(
+        _admin_s3(site, s3_env, "s3-snapshot", "--output", "s3://cfs-tier-drill/data", "--json")
+    )
+    assert snapshot["path"].startswith("s3://cfs-tier-drill/data/tier-snapshot-"), snapshot
+    asyncio.run(_snapshot_covers(site, s3_direct, snapshot["path"], chunks))
     status = cfs(site, "s3-queue-status")
     assert status.returncode == 0, (status.stdout, status.stderr)
     assert "Queue depth: 0 entries" in status.stdout and "Watermark: NORMAL" in status.stdout

@@ -15,19 +15,11 @@ from cfs.admin.client import actor
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cli.units import size
 from cfs_contracts.backup import GcReport, GcRequest, gc_subject
 from cfs_contracts.events.ops import AdminActionRecorded
 
 GC_TIMEOUT_S = 3600.0
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @app.command("gc")
@@ -95,7 +87,7 @@ def describe(report: GcReport) -> list[str]:
     verb = "would be deleted" if report.dry_run else "deleted"
     lines = [
         f"Fragment GC {report.run_id}{' (dry run)' if report.dry_run else ''}: "
-        f"{report.deleted} fragments ({_size(report.deleted_bytes)}) {verb} of "
+        f"{report.deleted} fragments ({size(report.deleted_bytes)}) {verb} of "
         f"{report.fragments} on {len(report.nodes)} nodes in {report.seconds:.1f} s",
         f"  kept: {report.kept_referenced} referenced, {report.kept_young} younger than "
         f"{report.grace_s:g} s; keep set {report.keep_chunks} chunks (live metadata"

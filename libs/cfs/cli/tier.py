@@ -5,6 +5,7 @@
     cfs admin s3-queue-status [--watch] entries, bytes, oldest, drain rate, watermark
     cfs admin s3-failover --target s3://backup-bucket | --back
     cfs admin restore-data --from-s3 [--url s3://bucket/prefix]
+    cfs admin s3-snapshot --output s3://bucket/prefix
 
 Both reports read `tier.state`, which the active s3-tierer rewrites every second; a
 state older than a few seconds is reported as such (the tierer is not running).
@@ -28,11 +29,14 @@ from cfs.admin.client import actor
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cli.units import size
 from cfs.client.metadata import MetadataClient
+from cfs.client.tier import read_blob_records
+from cfs.ids import new_id
 from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
 from cfs_contracts.events.ops import AdminActionRecorded
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_CONFIG_KEY,
     TIER_STATE_KEY,
@@ -43,21 +47,14 @@ from cfs_contracts.tier import (
     ReindexRequest,
     TierConfig,
     TierMode,
+    TierSnapshot,
+    TierSnapshotBlob,
     TierState,
     tier_recall_subject,
     tier_reindex_subject,
 )
 
 STALE_AFTER_S = 10.0
-
-
-def _size(count: float) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _age(ms: int | None, now_ms: int) -> str:
@@ -158,6 +155,13 @@ def tier_config(
             wanted = TierConfig.model_validate(data)
         except ValueError as exc:
             raise CliError(f"refused: {exc}", ExitCode.USAGE) from None
+        if wanted.mode is TierMode.TIERED:
+            raise CliError(
+                "tiered mode (cold data evicted from flash, recalled on read) is not in this "
+                "release yet: use --mode cache (S3 holds a copy of everything; reads of "
+                "chunks lost from flash are recalled from S3 already)",
+                ExitCode.USAGE,
+            )
         if wanted.mode is not TierMode.OFF and wanted.url is None:
             raise CliError("--mode cache|tiered needs --url s3://bucket/prefix", ExitCode.USAGE)
         if wanted.url is not None and wanted.url != (current.url if current else None):
@@ -189,7 +193,7 @@ def tier_config(
         + (f", {config.url}" if config.url else "")
         + f"; write-through at {config.high:.0%}, critical at {config.critical:.0%}, "
         f"ENOSPC at {config.full:.0%} of "
-        + (_size(config.flash_bytes) if config.flash_bytes else "each store's capacity")
+        + (size(config.flash_bytes) if config.flash_bytes else "each store's capacity")
         + f"; blobs sealed after {config.flush_after_s:g} s"
     )
 
@@ -307,26 +311,26 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
         else f"{max(0.0, (now_ms - state.oldest_queued_ms) / 1000):.1f} s old"
     )
     lines = [
-        f"Queue depth: {state.queue_entries} entries ({_size(state.queue_bytes)}), "
+        f"Queue depth: {state.queue_entries} entries ({size(state.queue_bytes)}), "
         f"oldest {oldest}; flushing at {state.drain_entries_per_s * 60:.0f}/min "
-        f"({_size(state.drain_bytes_per_s)}/s)",
+        f"({size(state.drain_bytes_per_s)}/s)",
         f"Watermark: {state.level} (writes {_policy_words(state)}); "
         f"S3 {'reachable' if state.s3.reachable else 'UNREACHABLE'}",
     ]
     for node in state.nodes:
         lines.append(
             f"  {node.node}: {node.level}, flash {node.fill:.1%} unflushed "
-            f"({_size(node.unflushed_bytes)} of {_size(node.capacity_bytes)})"
+            f"({size(node.unflushed_bytes)} of {size(node.capacity_bytes)})"
         )
     if state.stray_blobs or state.copy_error:
         lines.append(
             f"Failover copy to {state.s3.url}: {state.stray_blobs} blobs "
-            f"({_size(state.stray_bytes)}) still to copy, {state.copied_blobs} copied"
+            f"({size(state.stray_bytes)}) still to copy, {state.copied_blobs} copied"
             + (f"; waiting: {state.copy_error}" if state.copy_error else "")
         )
     lines.append(
         f"Flushed by {state.holder}: {state.flushed_chunks} chunks "
-        f"({_size(state.flushed_bytes)}) in {state.blobs_written} blobs"
+        f"({size(state.flushed_bytes)}) in {state.blobs_written} blobs"
     )
     return lines
 
@@ -473,7 +477,7 @@ def restore_data(
                 last_print = time.monotonic()
                 typer.echo(
                     f"  {totals['files']} files, {totals['chunks']} chunks checked, "
-                    f"{_size(totals['restored_bytes'])} restored",
+                    f"{size(totals['restored_bytes'])} restored",
                     err=True,
                 )
         if batch:
@@ -490,7 +494,7 @@ def restore_data(
         typer.echo(
             f"restore-data: {result['files']} files, {result['chunks']} chunks: "
             f"{result['restored_fragments']} fragments restored "
-            f"({_size(float(str(result['restored_bytes'])))} from S3), "
+            f"({size(float(str(result['restored_bytes'])))} from S3), "
             f"{result['present_fragments']} already on flash, {len(failed)} failed, "
             f"in {result['seconds']} s"
         )
@@ -512,3 +516,85 @@ async def _ask(bus: Bus, subject: str, request: BaseModel, timeout: float) -> Ms
             f"no answer from the s3-tierer within {timeout:g} s (a rerun resumes)",
             ExitCode.UNREACHABLE,
         ) from None
+
+
+@app.command("s3-snapshot")
+@one_line_errors
+def s3_snapshot(
+    ctx: typer.Context,
+    output: Annotated[str, typer.Option("--output", help="s3://bucket/prefix for the manifest")],
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the flush")
+    ] = 600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """A consistent point of the data tier, to pair with a metadata snapshot taken just
+    before: waits until every chunk queued so far is in S3, then writes the list of
+    blobs that hold them (each blob's footer indexes its chunks) as a manifest."""
+    try:
+        S3Url.parse(output)
+    except ValueError as exc:
+        raise CliError(f"--output: {exc}", ExitCode.USAGE) from None
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> tuple[TierSnapshot, str]:
+        config, state = await read_tier(bus)
+        _require(config, state)
+        assert config is not None and config.url is not None
+        point = int((await bus.js.stream_info(TIER.name)).state.last_seq)
+        deadline = time.monotonic() + timeout
+        while True:
+            _, state = await read_tier(bus)
+            current = _require(config, state)
+            if current.flushed_below_seq > point:
+                break
+            if time.monotonic() > deadline:
+                raise CliError(
+                    f"the flush did not reach the snapshot's point within {timeout:g} s: "
+                    f"{current.queue_entries} chunks still queued "
+                    f"(S3 {'reachable' if current.s3.reachable else 'unreachable'})",
+                    ExitCode.FAILED,
+                )
+            await asyncio.sleep(0.5)
+        index = await bus.key_value(TIER_INDEX.bucket)
+        records = sorted(await read_blob_records(index), key=lambda r: r.blob_id)
+        now = int(time.time() * 1000)
+        snapshot = TierSnapshot(
+            snapshot_id=f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now / 1000))}-{new_id()}",
+            created_ms=now,
+            tier_url=config.url,
+            queue_seq=point,
+            blobs=tuple(
+                TierSnapshotBlob(blob_id=r.blob_id, url=r.url, bytes=r.bytes, chunks=r.chunks)
+                for r in records
+            ),
+            bytes=sum(r.bytes for r in records),
+            chunks=sum(r.chunks for r in records),
+        )
+        key = f"tier-snapshot-{snapshot.snapshot_id}.json"
+        try:
+            async with open_store(output, s3_settings()) as store:
+                await store.ensure_bucket()
+                await store.put(key, snapshot.model_dump_json(indent=1).encode())
+        except ObjectStoreError as exc:
+            raise CliError(f"snapshot not written: {exc}", ExitCode.FAILED) from None
+        where = f"{output.rstrip('/')}/{key}"
+        record = AdminActionRecorded(
+            actor=actor(), command="s3-snapshot", arguments={"output": where}, outcome="succeeded"
+        )
+        try:
+            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
+        except BusError as exc:
+            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        return snapshot, where
+
+    snapshot, where = _session(settings, work)
+    if as_json:
+        typer.echo(
+            json.dumps({"path": where, **snapshot.model_dump(mode="json", exclude={"blobs"})})
+        )
+        return
+    typer.echo(
+        f"Data tier snapshot {where}: {len(snapshot.blobs)} blobs ({size(snapshot.bytes)}), "
+        f"{snapshot.chunks} chunks; every chunk queued before it is included"
+    )

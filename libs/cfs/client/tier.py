@@ -20,8 +20,12 @@ flash and queued.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+
+import nats.errors
+from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.client.nodes import NodeView
@@ -29,6 +33,7 @@ from cfs_contracts.events.tier import ChunkQueued
 from cfs_contracts.fs.records import ChunkRef
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.tier import (
+    BlobRecord,
     ChunkPlacement,
     FlushReply,
     FlushRequest,
@@ -36,6 +41,7 @@ from cfs_contracts.tier import (
     RecallRequest,
     TierState,
     WritePolicy,
+    blob_record_key,
     tier_flush_subject,
     tier_recall_subject,
 )
@@ -137,3 +143,20 @@ def _s3_words(state: TierState | None) -> str:
     if state.s3.reachable:
         return "S3 reachable, flush behind"
     return f"S3 unreachable: {state.s3.error or 'no answer'}"
+
+
+async def read_blob_records(index: KeyValue) -> list[BlobRecord]:
+    """Every blob's record in the `tier` bucket (a watch of `blob.*` only: the chunk
+    locations, many more, are not read)."""
+    records = []
+    watcher = await index.watch(blob_record_key("*"), ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value:
+                records.append(BlobRecord.model_validate_json(entry.value))
+    finally:
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    return records
