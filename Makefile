@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python bench/fragment_store.py --json bench/results/fragment_store.json
 	$(BIN)/python bench/datapath.py --json bench/results/datapath.json
 	$(BIN)/python bench/backup.py --json bench/results/backup.json
+	$(BIN)/python bench/tier.py --json bench/results/tier.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -62,8 +62,19 @@ Figures, in the order they are taken:
   MiB written, the cache rounds' until their files are in S3. `cache_vs_off_cpu`,
   off's over cache's, is what `cache_vs_off` would be if the cores were the only
   limit: on a shared 2-core machine the wall-time ratio follows the load.
-- `recall_mb_s`, `restore_data_mb_s`: null; tiered mode's recall and the data
-  restore from the bucket are not built yet (see `notes`).
+- `recall_mb_s`: the data back from S3 on read. The files written with the tier
+  off are unlinked (they are in no bucket), then every chunk-store is stopped, its
+  fragments deleted and started again: the rest of the data is in S3 only, as
+  after tiered mode evicted it (eviction itself is not built) or after losing
+  every node's flash. 128 MiB (64 MiB with --quick) of the flush figure's files
+  are read whole, 1 MiB at a time, 4 at once, through a fresh CLIENT-role
+  FileStore: each chunk read finds fewer than k fragments and has the tierer
+  recall it (ranged GET, checked, fragments put back) before it is read.
+- `restore_data_mb_s`: `cfs admin restore-data --from-s3 --json` on the rest
+  (the tier index rebuilt from the bucket, every chunk not on flash recalled), MB
+  restored over the seconds the command reports (`restore_data_command_s`: its
+  wall time). Both over `raw_get_mb_s` for information (`*_vs_raw_get`). A figure
+  that cannot be taken is null, with the reason in `notes`.
 
 Machine facts are recorded with the figures: cores, load average at the start and
 the end (other work on the machine slows everything; CPU seconds do not follow
@@ -129,7 +140,6 @@ DRAIN_TIMEOUT_S = 600.0
 GOAL_CACHE_VS_OFF = 0.9
 GOAL_FLUSH_VS_RAW = 0.8
 EXPECTED_ERROR = '"tier.s3_failing"'  # the flush figure blocks S3 on purpose
-NOT_BUILT = "tiered mode recall / restore-data not built yet"
 
 
 # -- the baseline: 64 MiB objects straight to moto ---------------------------------------
@@ -562,6 +572,102 @@ async def flush_phase(
     return results
 
 
+# -- data back from S3 -----------------------------------------------------------------
+def names(prefix: str, total: int) -> list[str]:
+    """The files `write_files(site, prefix, total, ...)` created."""
+    return [f"{prefix}-{i:04d}" for i in range(total // FILE)]
+
+
+async def forget(site: LocalSite, unlinked: list[str]) -> None:
+    """Unlink files that were never tiered (written with the tier off): restore-data
+    brings back every file of the tree, and theirs are in no bucket."""
+    async with await site.client("bench-unlink") as bus:
+        meta = MetadataClient(bus, deadline_s=30)
+        for name in unlinked:
+            await meta.unlink(ROOT_INO, name)
+
+
+def wipe_flash(site: LocalSite) -> None:
+    """Every chunk-store stopped, its fragments and index deleted, started again: the
+    data is in S3 only (as after evicting it all, or losing every node's flash)."""
+    for node in site.node_names:
+        store = site.chunkstore(node)
+        store.stop(15.0)
+        shutil.rmtree(site.data_dir(node) / "chunks")
+        store.start()
+    asyncio.run(site.wait_ready())
+
+
+async def read_files(site: LocalSite, read: list[str]) -> dict[str, float]:
+    """Files read whole, 1 MiB at a time, WRITERS at once, through a fresh CLIENT-role
+    FileStore: with no fragment on flash, every chunk is recalled from S3 first."""
+    bus = await site.client(role=Role.CLIENT)
+    meta = MetadataClient(bus, deadline_s=30)
+    files = FileStore(bus, meta, client_id=bus.node)
+    await files.start()
+    try:
+        inos = [(await meta.lookup(ROOT_INO, name)).ino for name in read]
+        work = iter(inos)
+
+        async def worker() -> None:
+            for ino in work:
+                handle = await files.open(ino)
+                try:
+                    for offset in range(0, FILE, MiB):
+                        if len(await handle.read(offset, MiB)) != MiB:
+                            raise RuntimeError(f"inode {ino}: short read at {offset}")
+                finally:
+                    await files.release(handle)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(WRITERS)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await files.close()
+        await bus.close()
+    mib = len(read) * FILE / MiB
+    return {"recall_mib": mib, "recall_s": elapsed, "recall_mb_s": mib / elapsed}
+
+
+def restore_data(site: LocalSite, env: dict[str, str], notes: list[str]) -> dict[str, Any]:
+    """`cfs admin restore-data --from-s3 --json` end to end: the tier index rebuilt from
+    the bucket, then every chunk not on flash recalled."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [CFS, "admin", "restore-data", "--from-s3", "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=site.cli_env(**env),
+        timeout=1800,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    try:
+        report: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        report = {}
+    if done.returncode != 0 or not report:
+        notes.append(
+            f"restore-data --from-s3 exited {done.returncode}: "
+            f"{(done.stderr.strip() or done.stdout.strip())[-300:]}"
+        )
+    if not report:
+        return {"restore_data_mb_s": None}
+    mib = int(report.get("restored_bytes", 0)) / MiB
+    seconds = float(report.get("seconds", wall))
+    return {
+        "restore_data_files": report.get("files"),
+        "restore_data_chunks": report.get("chunks"),
+        "restore_data_mib": mib,
+        "restore_data_failed": len(report.get("failed", [])),
+        "restore_data_reindex_s": report.get("reindex", {}).get("seconds"),
+        "restore_data_s": seconds,
+        "restore_data_command_s": wall,
+        "restore_data_mb_s": mib / seconds if done.returncode == 0 else None,
+    }
+
+
 # -- the run ---------------------------------------------------------------------------
 def keep_logs(base: Path) -> None:
     """A copy of the run's logs outside its temporary directory, to read later."""
@@ -577,6 +683,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
     write_total = (96 if quick else 256) * MiB
     flush_total = (128 if quick else 192) * MiB
     rounds = 1 if quick else 2  # of tier-off and cache-mode writes, in turn
+    recall_total = (64 if quick else 128) * MiB  # of the flush figure's files
     notes: list[str] = []
     results: dict[str, Any] = {
         "quick": quick,
@@ -699,6 +806,28 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
                 flush=True,
             )
             results["queue_status"] = queue_status(site)
+            untiered = names("warmup", WARMUP_FILES * FILE)
+            for round_ in range(rounds):
+                untiered += names(f"off{round_}", write_total)
+            asyncio.run(forget(site, untiered))
+            wipe_flash(site)
+            recalled = names("flush", flush_total)[: recall_total // FILE]
+            try:
+                results.update(asyncio.run(read_files(site, recalled)))
+            except Exception as exc:  # the figure is missing; the run goes on
+                notes.append(f"recall_mb_s: reading files with no fragment on flash failed: {exc}")
+                results["recall_mb_s"] = None
+            print(f"recall on read: {fmt(results['recall_mb_s'], 'MB/s')}", flush=True)
+            results.update(restore_data(site, env, notes))
+            for name in ("recall", "restore_data"):  # for information: no goal yet
+                rate = results[f"{name}_mb_s"]
+                results[f"{name}_vs_raw_get"] = (
+                    rate / results["raw_get_mb_s"] if rate is not None else None
+                )
+            print(
+                f"restore-data --from-s3: {fmt(results['restore_data_mb_s'], 'MB/s')}",
+                flush=True,
+            )
             if errors := log_lines(site):
                 results["service_errors"] = errors
             if errors or keep:
@@ -713,9 +842,6 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             finally:
                 proxy.stop()
                 s3.stop()
-    results["recall_mb_s"] = None
-    results["restore_data_mb_s"] = None
-    notes.append(f"recall_mb_s, restore_data_mb_s: {NOT_BUILT}")
     results["wall_s"] = time.perf_counter() - began
     results["loadavg_end"] = os.getloadavg()[0]
     results["notes"] = notes
@@ -791,6 +917,11 @@ def main() -> None:
         f"{results['flush_serial_model_mb_s']:.1f} MB/s one after the other; the tierer "
         f"drained {fmt(results['flush_steady_mb_s'], 'MB/s')} once going, with "
         f"{results['flush_cpu_cores_busy']:.2f} of {results['cores']} cores busy"
+    )
+    print(
+        f"data back from S3: recall on read {fmt(results['recall_mb_s'], 'MB/s')}, "
+        f"restore-data --from-s3 {fmt(results['restore_data_mb_s'], 'MB/s')}; raw GET "
+        f"{results['raw_get_mb_s']:.1f} MB/s"
     )
     print(
         f"load average {results['loadavg_start']:.1f} at the start, "

@@ -69,6 +69,12 @@ async def test_faults_come_out_as_the_error_classes_services_branch_on(
         with pytest.raises(ObjectStoreUnavailable):
             await store.get("a")  # half a body, then the connection is dropped
 
+        proxy.set_fault("cut", methods=("PUT",))
+        with pytest.raises(ObjectStoreUnavailable):
+            await store.put("cut", os.urandom(200_000))  # the upload dropped mid-body
+        proxy.set_fault("pass")
+        assert await store.head("cut") is None, "a cut upload is not stored"
+
         proxy.set_fault("slow", delay_s=0.5)
         started = time.monotonic()
         assert await store.get("a") == data

@@ -41,6 +41,7 @@ from cfs_contracts.tier import (
     TierSnapshot,
     TierState,
     blob_object_key,
+    blob_record_key,
     chunk_location_key,
 )
 from cfs_tierer.blob import read_index
@@ -170,6 +171,24 @@ class Client:
         return [c.chunk_id for c in inode.chunks]
 
 
+async def _until_indexed(
+    site: LocalSite, chunks: dict[str, list[str]], timeout: float = 90
+) -> None:
+    """Until every chunk is in the tier index (flushed), read as an admin: a client may
+    not read the index."""
+    async with await site.client() as admin:
+        index = await admin.key_value(TIER_INDEX.bucket)
+        deadline = time.monotonic() + timeout
+        for chunk_id in {c for ids in chunks.values() for c in ids}:
+            while True:
+                try:
+                    await index.get(chunk_location_key(chunk_id))
+                    break
+                except nats.js.errors.KeyNotFoundError:
+                    assert time.monotonic() < deadline, f"chunk {chunk_id} never flushed"
+                    await asyncio.sleep(0.2)
+
+
 async def _snapshot_covers(
     site: LocalSite, s3: S3Settings, path: str, chunks: dict[str, list[str]]
 ) -> None:
@@ -225,6 +244,7 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
                 lambda s: s.queue_entries == 0 and s.flushed_chunks > 0 and s.s3.reachable,
             )
             assert state.level == "NORMAL" and state.policy.value == "ack_on_flash"
+        await _until_indexed(site, chunks)
         for name, data in files.items():
             assert await _in_s3(site, s3_direct, chunks[name]) == data, name
 
@@ -292,7 +312,7 @@ def test_an_s3_outage_climbs_the_watermark_in_order_then_drains_by_itself(
             )
             name, data = "after-outage", rng.randbytes(256 * KiB)
             acked[name] = (data, await client.write(name, data))
-            await _until_state(client.bus, "flushed again", lambda s: s.queue_entries == 0)
+        await _until_indexed(site, {n: ids for n, (_, ids) in acked.items()})
 
     asyncio.run(go())
     written = [result for _, result in outcomes]
@@ -330,25 +350,29 @@ async def _watermark_events(site: LocalSite) -> list[dict[str, Any]]:
     return found
 
 
-async def _blobs(site: LocalSite, s3: S3Settings) -> tuple[set[str], set[str], set[str]]:
-    """(blobs in the bucket, blobs with a record, blobs some chunk points at)."""
+async def _holding(
+    site: LocalSite, s3: S3Settings, wanted: set[str]
+) -> dict[str, tuple[bool, set[str]]]:
+    """Every blob in the bucket that holds one of the `wanted` chunks (by its footer):
+    blob id -> (recorded: live, else an orphan; which of them it holds). Listed first,
+    recorded after: a blob PUT meanwhile has its record by then, or is an orphan."""
+    holders: dict[str, set[str]] = {}
+    async with S3ObjectStore(S3Url(BUCKET, "data"), s3) as store:
+        async for info in store.list("blobs/"):
+            blob_id = info.key.removeprefix("blobs/")
+            entries = read_index(await store.get(info.key), blob_id).entries
+            if held := wanted & {e.chunk_id for e in entries}:
+                holders[blob_id] = held
     async with await site.client() as bus:
         index = await bus.key_value(TIER_INDEX.bucket)
-        recorded: set[str] = set()
-        pointed: set[str] = set()
-        try:
-            keys = await index.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
-            value = (await index.get(key)).value or b""
-            if key.startswith("blob."):
-                recorded.add(key.removeprefix("blob."))
-            elif key.startswith("chunk."):
-                pointed.add(ChunkLocation.model_validate_json(value).blob_id)
-    async with S3ObjectStore(S3Url(BUCKET, "data"), s3) as store:
-        stored = {info.key.removeprefix("blobs/") async for info in store.list("blobs/")}
-    return stored, recorded, pointed
+        found = {}
+        for blob_id, held in holders.items():
+            try:
+                await index.get(blob_record_key(blob_id))
+                found[blob_id] = (True, held)
+            except nats.js.errors.KeyNotFoundError:
+                found[blob_id] = (False, held)
+    return found
 
 
 @pytest.mark.parametrize("point", ["tier.blob_put", "tier.blob_indexed"])
@@ -362,7 +386,6 @@ def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
     after indexing (the queue still holds its chunks): the next holder reads the queue
     again; the first case re-uploads into a new blob and leaves one orphan, the second
     finds every chunk in the index and uploads nothing twice."""
-    stored_before, recorded_before, _ = asyncio.run(_blobs(site, s3_direct))
     CRASH_FILE(tmp_path_factory).write_text(f"{point}@s3-tierer")
     rng = random.Random(point)
     files = {f"{point}-{i}": rng.randbytes(300 * KiB) for i in range(4)}
@@ -370,32 +393,24 @@ def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
     async def go() -> dict[str, list[str]]:
         async with Client(site) as client:
             chunks = {name: await client.write(name, data) for name, data in files.items()}
-        async with await site.client() as admin:  # a client may not read the index
-            index = await admin.key_value(TIER_INDEX.bucket)
-            deadline = time.monotonic() + 90
-            for chunk_id in {c for ids in chunks.values() for c in ids}:
-                while True:
-                    try:
-                        await index.get(chunk_location_key(chunk_id))
-                        break
-                    except nats.js.errors.KeyNotFoundError:
-                        assert time.monotonic() < deadline, f"chunk {chunk_id} never flushed"
-                        await asyncio.sleep(0.2)
-            return chunks
+        await _until_indexed(site, chunks)
+        return chunks
 
     chunks = asyncio.run(go())
     assert not CRASH_FILE(tmp_path_factory).exists(), "the crash point was never reached"
     for name, data in files.items():
         assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == data, name
-    stored, recorded, pointed = asyncio.run(_blobs(site, s3_direct))
-    new_stored, new_recorded = stored - stored_before, recorded - recorded_before
-    assert pointed <= recorded <= stored, "every chunk points at a recorded blob"
+    wanted = {c for ids in chunks.values() for c in ids}
+    holding = asyncio.run(_holding(site, s3_direct, wanted))
+    orphans = [b for b, (recorded, _) in holding.items() if not recorded]
+    for chunk_id in wanted:  # in exactly one live blob
+        assert len([b for b, (rec, held) in holding.items() if rec and chunk_id in held]) == 1
     if point == "tier.blob_put":
-        assert len(new_stored - new_recorded) == 1, "the dead holder's PUT: one orphan"
+        assert len(orphans) == 1, f"the dead holder's PUT: one orphan, not {holding}"
     else:
-        assert new_stored == new_recorded, "nothing uploaded twice"
-    print(f"\n[tier kill -9 at {point}] new blobs {len(new_stored)}, orphans "
-          f"{len(new_stored - new_recorded)}")  # fmt: skip
+        assert orphans == [], f"nothing uploaded twice: {holding}"
+    print(f"\n[tier kill -9 at {point}] blobs holding the files {len(holding)}, "
+          f"orphans {len(orphans)}")  # fmt: skip
 
 
 def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(
@@ -463,3 +478,51 @@ def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(
     assert asyncio.run(read_back([biggest])) == {biggest: files[biggest]}
     print(f"\n[tier restore-data] {summary['chunks']} chunks, {summary['restored_bytes']} B "
           f"in {summary['seconds']} s")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault", "error_class"),
+    [
+        ("slow", {"delay_s": 1.5}, None),  # seconds per request: slower, never failing
+        ("cut", {"methods": ("PUT",)}, "network"),  # connections dropped mid-body
+        ("status", {"status": 403}, "auth"),  # bad credentials or policy
+        ("status", {"status": 500}, "service"),
+    ],
+    ids=["slow", "cut", "403", "500"],
+)
+def test_each_s3_fault_keeps_writes_acknowledged_and_names_its_class(
+    site: LocalSite,
+    s3_direct: S3Settings,
+    proxy: S3FaultProxy,
+    mode: str,
+    fault: dict[str, Any],
+    error_class: str | None,
+) -> None:
+    """Under each fault of the proxy, writes are acknowledged on flash; `s3-health`
+    names the class the operator must look at; once the fault clears the queue drains
+    by itself and the bucket holds exactly what was acknowledged."""
+    rng = random.Random(mode + str(error_class))
+    files = {f"fault-{mode}-{error_class}-{i}": rng.randbytes(100 * KiB) for i in range(4)}
+
+    async def go() -> dict[str, list[str]]:
+        async with Client(site) as client:
+            await _until_state(client.bus, "a healthy tier", lambda s: s.s3.reachable)
+            proxy.set_fault(mode, **fault)
+            try:
+                chunks = {n: await client.write(n, d) for n, d in files.items()}
+                if error_class is not None:
+                    state = await _until_state(
+                        client.bus, "the fault seen", lambda s: not s.s3.reachable
+                    )
+                    assert state.s3.error_class == error_class, state.s3
+                    health = cfs(site, "s3-health")
+                    assert health.returncode == 1, health.stdout
+                    assert f"error class: {error_class}" in health.stdout, health.stdout
+            finally:
+                proxy.set_fault("pass")
+        await _until_indexed(site, chunks)
+        return chunks
+
+    chunks = asyncio.run(go())
+    for name, data in files.items():
+        assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == data, name

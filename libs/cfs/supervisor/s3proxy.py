@@ -4,7 +4,8 @@
 
 Services are pointed at the proxy instead of moto; the test then decides what S3
 "does" without touching the services: answer slowly, answer 500/503/403 with an
-S3 error body, or cut the connection halfway through a response body. "Stopped"
+S3 error body, or cut the connection halfway through a response body (an upload:
+before the server has its body, so nothing is stored). "Stopped"
 is the proxy process stopped (`S3FaultProxy.stop`): connections are refused on a
 port that stays the same. The fault is set through the proxy itself
 (`GET /_cfs/fault?mode=...`), so a running process changes behaviour at once.
@@ -106,6 +107,11 @@ async def serve(port: int, upstream: str) -> None:
         current = fault
         hit = current.applies(request.method, request.path)
         if hit:
+            if current.mode == "cut" and request.can_read_body:
+                await request.content.read(1)  # an upload dropped mid-body: never stored
+                if request.transport is not None:
+                    request.transport.abort()
+                return web.Response(status=500)  # not sent: the connection is gone
             if current.mode == "slow":
                 await asyncio.sleep(current.delay_s)
             elif current.mode == "status":
