@@ -48,12 +48,17 @@ class BlobBuilder:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, chunk_id: str, data: bytes) -> BlobEntry:
-        """Append one chunk; a chunk id appears at most once per blob."""
+    @property
+    def chunk_ids(self) -> frozenset[str]:
+        return frozenset(self._ids)
+
+    def add(self, chunk_id: str, data: bytes, *, sha256: bytes | None = None) -> BlobEntry:
+        """Append one chunk; a chunk id appears at most once per blob. `sha256`: the
+        data's digest when the caller has just checked it (it is not computed again)."""
         if chunk_id in self._ids:
             raise BlobError(f"chunk {chunk_id} is already in blob {self.blob_id}")
         raw_id = chunk_id.encode()
-        digest = hashlib.sha256(data).digest()
+        digest = hashlib.sha256(data).digest() if sha256 is None else sha256
         header = RECORD_MAGIC + _ID_LEN.pack(len(raw_id)) + raw_id + _U64.pack(len(data)) + digest
         entry = BlobEntry(
             chunk_id=chunk_id,

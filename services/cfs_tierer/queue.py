@@ -77,13 +77,15 @@ class FlushQueue:
     def oldest_ms(self) -> int | None:
         return min((e.queued_ms for e in self.pending.values()), default=None)
 
-    def take(self, limit_bytes: int, first: list[str] | None = None) -> list[Pending]:
+    def take(
+        self, limit_bytes: int, first: list[str] | None = None, busy: set[str] | None = None
+    ) -> list[Pending]:
         """Chunks for one blob, oldest first (the ones in `first` before the rest), up to
-        `limit_bytes` (at least one chunk)."""
+        `limit_bytes` (at least one chunk), none of those `busy` (being uploaded)."""
         chosen: list[Pending] = []
         size = 0
         ids = [*(first or ()), *self.pending]
-        seen: set[str] = set()
+        seen: set[str] = set(busy or ())
         for chunk_id in ids:
             entry = self.pending.get(chunk_id)
             if entry is None or chunk_id in seen:

@@ -41,7 +41,7 @@ from cfs.client.tier import read_blob_records
 from cfs.erasure import Scheme, decode
 from cfs.faults import crash_point
 from cfs.ids import new_id
-from cfs.kernel.runtime import Context, until_jetstream_answers
+from cfs.kernel.runtime import Context, cancel_and_wait, until_jetstream_answers
 from cfs.objstore import (
     NoSuchBucket,
     ObjectStore,
@@ -195,6 +195,7 @@ class Term:
         self.copied_blobs = 0
         self.copy_error: str | None = None
         self._clean_url: str | None = None  # every recorded blob is under this URL
+        self._uploading: set[str] = set()  # chunks of the blob being PUT
 
     # -- config ------------------------------------------------------------------------
     def config(self) -> TierConfig | None:
@@ -263,19 +264,44 @@ class Term:
 
     # -- flushing ------------------------------------------------------------------------
     async def flush_loop(self) -> None:
+        """Blobs one after another, the next one read from flash and packed while the
+        one before is being PUT (the two take about as long: one at a time would halve
+        the drain rate)."""
         await self._caught_up.wait()
-        while True:
-            config = self.config()
-            batch = self._due(config) if config is not None else []
-            if not batch:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._next_due_s(config)):
-                        await self._wake.wait()
-                await self._maybe_probe(config)
-                continue
-            assert config is not None and config.url is not None
-            await self._flush(config, config.url, batch)
+        upload: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if upload is not None and upload.done():
+                    await upload  # its failure is the loop's
+                    upload = None
+                config = self.config()
+                batch = self._due(config) if config is not None else []
+                if not batch:
+                    self._wake.clear()
+                    woken = asyncio.ensure_future(self._wake.wait())
+                    try:  # until new work, the upload's end, or the next blob is due
+                        await asyncio.wait(
+                            [woken, *([upload] if upload else [])],
+                            timeout=self._next_due_s(config),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        await cancel_and_wait(woken)
+                    if upload is None:
+                        await self._maybe_probe(config)
+                    continue
+                assert config is not None and config.url is not None
+                builder = await self._prepare(batch)
+                if upload is not None:
+                    await upload
+                    upload = None
+                if builder is not None:
+                    self._uploading = set(builder.chunk_ids)
+                    upload = asyncio.create_task(self._upload(config.url, builder))
+                else:
+                    await self._purge()
+        finally:
+            await cancel_and_wait(upload)
 
     def _due(self, config: TierConfig) -> list[Pending]:
         """The next blob's chunks when a blob is due: full, old enough, or asked for."""
@@ -287,7 +313,7 @@ class Term:
         old = _now_ms() - oldest >= config.flush_after_s * 1000
         if not (urgent or old or queue.bytes >= config.blob_target_bytes):
             return []
-        batch = queue.take(config.blob_target_bytes, first=urgent)
+        batch = queue.take(config.blob_target_bytes, first=urgent, busy=self._uploading)
         taken = {p.chunk.chunk_id for p in batch}
         self.urgent = [c for c in urgent if c not in taken]
         return batch
@@ -312,25 +338,24 @@ class Term:
         else:
             self.health.ok()
 
-    async def _flush(self, config: TierConfig, url: str, batch: list[Pending]) -> None:
-        """One blob: the chunks not in S3 yet, read from flash, PUT, then indexed."""
+    async def _prepare(self, batch: list[Pending]) -> BlobBuilder | None:
+        """The next blob: the batch's chunks not in S3 yet, read from flash and checked
+        (those already in the index, or unreadable, leave the queue here)."""
         todo = [p for p in batch if not await self._in_index(p.chunk.chunk_id)]
         for entry in batch:
             if entry not in todo:
                 self._done(entry.chunk.chunk_id, 0)
-        if todo:
-            builder = BlobBuilder(new_id())
-            read = await self._read_all(todo)
-            for entry in todo:
-                data = read.get(entry.chunk.chunk_id)
-                if data is not None:
-                    builder.add(entry.chunk.chunk_id, data)
-            if len(builder):
-                await self._upload(url, builder)
-            for entry in todo:
-                if entry.chunk.chunk_id not in read:
-                    self._done(entry.chunk.chunk_id, 0)  # unreadable: logged, not flushable
-        await self._purge()
+        if not todo:
+            return None
+        builder = BlobBuilder(new_id())
+        read = await self._read_all(todo)
+        for entry in todo:
+            data = read.get(entry.chunk.chunk_id)
+            if data is None:
+                self._done(entry.chunk.chunk_id, 0)  # unreadable: logged, not flushable
+            else:
+                builder.add(entry.chunk.chunk_id, data, sha256=bytes.fromhex(entry.chunk.chunk_id))
+        return builder if len(builder) else None
 
     async def _in_index(self, chunk_id: str) -> bool:
         if chunk_id in self._flushed_recently:
@@ -384,7 +409,7 @@ class Term:
                 temporary=lambda _: True,
                 deadline_s=None,
                 first_delay_s=0.5,
-                max_delay_s=5.0,
+                max_delay_s=2.0,  # S3 back: the queue drains within seconds
             ),
             extra={"blob": builder.blob_id},
         )
@@ -428,11 +453,13 @@ class Term:
         crash_point("tier.blob_indexed")  # indexed, still queued: found in the index
         for entry in index.entries:
             self._done(entry.chunk_id, entry.length)
+        self._uploading = set()
         self.blobs += 1
         log.info(
             "tier.blob_written",
             extra={"blob": builder.blob_id, "chunks": len(index.entries), "bytes": len(blob)},
         )
+        await self._purge()
 
     def _done(self, chunk_id: str, uploaded: int) -> None:
         entry = self.queue.done(chunk_id)
