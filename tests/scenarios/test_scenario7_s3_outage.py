@@ -35,9 +35,11 @@ from cfs_contracts.streams import TIER_INDEX
 from cfs_contracts.tier import BlobRecord, ChunkLocation, blob_object_key, blob_record_key
 from tests.scenarios.conftest import DevSite, report, wait_for, write_file
 
-pytestmark = pytest.mark.expected_logs(
-    "tier.s3_failing", "tier.copy_failed", "retry.*", "tier.watermark"
-)
+pytestmark = [
+    pytest.mark.slow,  # a dev site and a minute of outage: make test-slow (the integration
+    # suite covers the same machinery in tests/integration/test_tier.py)
+    pytest.mark.expected_logs("tier.s3_failing", "tier.copy_failed", "retry.*", "tier.watermark"),
+]
 
 PRIMARY, BACKUP = "cfs-tier", "cfs-tier-backup"
 
