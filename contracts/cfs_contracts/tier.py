@@ -57,7 +57,9 @@ def blob_object_key(blob_id: str) -> str:
 class ChunkLocation(BaseModel):
     """`chunk.<id>` in the `tier` bucket: the chunk is in S3, in this blob."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     blob_id: str
     offset: int = Field(ge=0)
@@ -70,7 +72,9 @@ class BlobRecord(BaseModel):
     points at the blob: a blob in the bucket without one is an orphan (a PUT whose
     writer died), safe to delete."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     blob_id: str
     url: str = Field(description="s3://bucket/prefix it was written under")
@@ -88,7 +92,9 @@ class TierMode(StrEnum):
 class TierConfig(BaseModel):
     """`tier.config` in the `nodes` bucket (`cfs admin tier-config`)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     mode: TierMode = TierMode.OFF
     url: str | None = Field(default=None, description="s3://bucket/prefix new blobs go to")
@@ -124,7 +130,9 @@ class WritePolicy(StrEnum):
 
 
 class S3Health(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     url: str | None
     reachable: bool
@@ -135,7 +143,9 @@ class S3Health(BaseModel):
 
 
 class NodeFlash(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     node: str
     level: str = Field(description="NORMAL, WRITE_THROUGH, CRITICAL, FULL")
@@ -149,7 +159,9 @@ class TierState(BaseModel):
     clients follow `level` (write-through, ENOSPC); `s3-health` and `s3-queue-status`
     print the rest."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True
+    )  # readers of another release ignore fields they do not know
 
     holder: str
     updated_ms: int

@@ -68,7 +68,6 @@ from cfs_contracts.tier import (
     ReindexRequest,
     S3Health,
     TierConfig,
-    TierMode,
     TierState,
     blob_object_key,
     blob_record_key,
@@ -326,10 +325,15 @@ class Term:
 
     async def _maybe_probe(self, config: TierConfig | None) -> None:
         """While idle, one cheap call tells whether S3 still answers (s3-health)."""
-        if config is None or config.url is None:
-            return
         last = self.health.last_ok_ms or 0
         if self.health.reachable and _now_ms() - last < self.settings.probe_s * 1000:
+            return
+        await self.probe(config)
+
+    async def probe(self, config: TierConfig | None) -> None:
+        """A HEAD on the tier's bucket: its outcome is S3's health (a wrong bucket, bad
+        keys or an unreachable endpoint is one clear line, and `s3-health` says it)."""
+        if config is None or not config.enabled or config.url is None:
             return
         try:
             await self.tierer.store(config.url).head(blob_object_key("probe"))
@@ -669,7 +673,7 @@ async def lead(ctx: Context) -> None:
         f"{TIER_INDEX.bucket} bucket", lambda: ctx.bus.key_value(TIER_INDEX.bucket)
     )
     term = Term(tierer, ctx.bus, nodes, index)
-    await _check_store(term)
+    await term.probe(term.config())  # at start-up; the service runs on, queueing, if it fails
     site = ctx.bus.site
     subs = [
         await ctx.bus.serve(tier_flush_subject(site), term.on_flush),
@@ -687,20 +691,6 @@ async def lead(ctx: Context) -> None:
             for sub in subs:
                 with contextlib.suppress(nats.errors.Error, TimeoutError):
                     await sub.unsubscribe()
-
-
-async def _check_store(term: Term) -> None:
-    """A wrong bucket, bad keys or an unreachable endpoint: one clear line at start-up
-    (and in `s3-health`); the service runs on, queueing, until S3 can be used."""
-    config = term.config()
-    if config is None or config.url is None or config.mode is TierMode.OFF:
-        return
-    try:
-        await term.tierer.store(config.url).head(blob_object_key("probe"))
-    except ObjectStoreError as exc:
-        term.health.failed(exc)
-    else:
-        term.health.ok()
 
 
 def main(argv: list[str] | None = None) -> None:

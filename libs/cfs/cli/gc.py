@@ -12,10 +12,10 @@ from typing import Annotated
 import typer
 
 from cfs.admin.client import actor
+from cfs.admin.report import size
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
-from cfs.cli.units import size
 from cfs_contracts.backup import GcReport, GcRequest, gc_subject
 from cfs_contracts.events.ops import AdminActionRecorded
 

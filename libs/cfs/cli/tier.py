@@ -25,16 +25,15 @@ import typer
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 
-from cfs.admin.client import actor
+from cfs.admin.client import actor, record_action
+from cfs.admin.report import size
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
-from cfs.cli.admin import REQUEST_TIMEOUT_S, JsonOpt, _session, _settings, app
+from cfs.cli.admin import JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
-from cfs.cli.units import size
 from cfs.client.metadata import MetadataClient
 from cfs.client.tier import read_blob_records
 from cfs.ids import new_id
 from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
-from cfs_contracts.events.ops import AdminActionRecorded
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
@@ -172,16 +171,7 @@ def tier_config(
                 raise CliError(f"refused: {exc}", ExitCode.FAILED) from None
         kv = await bus.key_value(NODES.bucket)
         await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
-        record = AdminActionRecorded(
-            actor=actor(),
-            command="tier-config",
-            arguments={k: str(v) for k, v in changes.items()},
-            outcome="succeeded",
-        )
-        try:
-            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
-        except BusError as exc:
-            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        await _audit(bus, "tier-config", {k: str(v) for k, v in changes.items()})
         return wanted
 
     config = _session(settings, work)
@@ -247,16 +237,7 @@ def s3_failover(
         )
         kv = await bus.key_value(NODES.bucket)
         await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
-        record = AdminActionRecorded(
-            actor=actor(),
-            command="s3-failover",
-            arguments={"from": current.url, "to": new_url, "back": str(back)},
-            outcome="succeeded",
-        )
-        try:
-            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
-        except BusError as exc:
-            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        await _audit(bus, "s3-failover", {"from": current.url, "to": new_url, "back": str(back)})
         return wanted
 
     config = _session(settings, work)
@@ -313,7 +294,7 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
     lines = [
         f"Queue depth: {state.queue_entries} entries ({size(state.queue_bytes)}), "
         f"oldest {oldest}; flushing at {state.drain_entries_per_s * 60:.0f}/min "
-        f"({size(state.drain_bytes_per_s)}/s)",
+        f"({size(int(state.drain_bytes_per_s))}/s)",
         f"Watermark: {state.level} (writes {_policy_words(state)}); "
         f"S3 {'reachable' if state.s3.reachable else 'UNREACHABLE'}",
     ]
@@ -494,7 +475,7 @@ def restore_data(
         typer.echo(
             f"restore-data: {result['files']} files, {result['chunks']} chunks: "
             f"{result['restored_fragments']} fragments restored "
-            f"({size(float(str(result['restored_bytes'])))} from S3), "
+            f"({size(int(str(result['restored_bytes'])))} from S3), "
             f"{result['present_fragments']} already on flash, {len(failed)} failed, "
             f"in {result['seconds']} s"
         )
@@ -502,6 +483,14 @@ def restore_data(
             typer.echo(f"  failed: {line}")
     if failed:
         raise typer.Exit(ExitCode.FAILED)
+
+
+async def _audit(bus: Bus, command: str, arguments: dict[str, str]) -> None:
+    """The audit record of a change this command made (a warning if AUDIT is away)."""
+    try:
+        await record_action(bus, command, arguments, "succeeded")
+    except BusError as exc:
+        typer.echo(f"warning: audit record not written: {exc}", err=True)
 
 
 async def _ask(bus: Bus, subject: str, request: BaseModel, timeout: float) -> Msg:
@@ -579,13 +568,7 @@ def s3_snapshot(
         except ObjectStoreError as exc:
             raise CliError(f"snapshot not written: {exc}", ExitCode.FAILED) from None
         where = f"{output.rstrip('/')}/{key}"
-        record = AdminActionRecorded(
-            actor=actor(), command="s3-snapshot", arguments={"output": where}, outcome="succeeded"
-        )
-        try:
-            await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
-        except BusError as exc:
-            typer.echo(f"warning: audit record not written: {exc}", err=True)
+        await _audit(bus, "s3-snapshot", {"output": where})
         return snapshot, where
 
     snapshot, where = _session(settings, work)
