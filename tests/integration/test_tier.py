@@ -260,6 +260,8 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
     assert "Queue depth: 0 entries" in status.stdout and "Watermark: NORMAL" in status.stdout
     health = cfs(site, "s3-health")
     assert health.returncode == 0 and "S3 reachable (s3://cfs-tier/data)" in health.stdout
+    status = cfs(site, "status")
+    assert "Data tier: cache to s3://cfs-tier/data; S3 reachable; queue 0 chunks" in status.stdout
 
 
 def test_an_s3_outage_climbs_the_watermark_in_order_then_drains_by_itself(

@@ -13,6 +13,7 @@ from typing import Any
 from cfs.admin.decide import NodeFacts
 from cfs_contracts.backup import BackupStatus
 from cfs_contracts.members import Lifecycle, Liveness
+from cfs_contracts.tier import TierConfig, TierState
 
 _SHOWN = {
     Liveness.ALIVE: "UP",
@@ -277,3 +278,22 @@ def backup_lines(status: BackupStatus | None, now_ms: int) -> list[str]:
     if status.last_error:
         lines.append(f"Backup: last error: {status.last_error}")
     return lines
+
+
+def tier_lines(config: TierConfig | None, state: TierState | None, now_ms: int) -> list[str]:
+    """The data tier in one line (the details: `s3-queue-status`, `s3-health`)."""
+    if config is None or not config.enabled:
+        return ["Data tier: off (no S3 copy of file data; cfs admin tier-config)"]
+    head = f"Data tier: {config.mode.value} to {config.url}"
+    if state is None or (now_ms - state.updated_ms) / 1000 > BACKUP_STALE_S:
+        return [f"{head}; s3-tierer NOT REPORTING"]
+    s3 = "S3 reachable" if state.s3.reachable else f"S3 UNREACHABLE ({state.s3.error_class})"
+    oldest = (
+        f", oldest {age((now_ms - state.oldest_queued_ms) / 1000)}"
+        if state.oldest_queued_ms
+        else ""
+    )
+    return [
+        f"{head}; {s3}; queue {state.queue_entries} chunks ({size(state.queue_bytes)}{oldest}); "
+        f"watermark {state.level}"
+    ]

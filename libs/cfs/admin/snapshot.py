@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -30,6 +30,8 @@ from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin, ServiceHeal
 from cfs_contracts.streams import LEASES, NODES, meta_stream, site_subject
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
 
 _MODELS: dict[str, type[BaseModel]] = {
     "member": MemberRecord,
@@ -48,21 +50,26 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def read_backup_status(bus: Bus, timeout: float = 2.0) -> BackupStatus | None:
-    """The active backup service's last report; None when there is none or it is unreadable."""
+async def read_record(bus: Bus, key: str, model: type[M], timeout: float = 2.0) -> M | None:
+    """One record of the `nodes` bucket; None when there is none or it is unreadable."""
     try:
         async with asyncio.timeout(timeout):
             kv = await bus.key_value(NODES.bucket)
-            entry = await kv.get(BACKUP_STATUS_KEY)
+            entry = await kv.get(key)
     except (*TRANSPORT_ERRORS, nats.js.errors.KeyNotFoundError):
         return None
     if not entry.value:
         return None
     try:
-        return BackupStatus.model_validate_json(entry.value)
+        return model.model_validate_json(entry.value)
     except ValidationError as exc:
-        log.warning("admin.bad_record", extra={"key": BACKUP_STATUS_KEY, "error": str(exc)})
+        log.warning("admin.bad_record", extra={"key": key, "error": str(exc)})
         return None
+
+
+async def read_backup_status(bus: Bus, timeout: float = 2.0) -> BackupStatus | None:
+    """The active backup service's last report."""
+    return await read_record(bus, BACKUP_STATUS_KEY, BackupStatus, timeout)
 
 
 async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:

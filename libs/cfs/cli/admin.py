@@ -41,6 +41,7 @@ from cfs.admin.report import (
     service_lines,
     shard_line,
     stream_line,
+    tier_lines,
 )
 from cfs.admin.snapshot import (
     SnapshotUnavailable,
@@ -49,6 +50,7 @@ from cfs.admin.snapshot import (
     facts_from_membership,
     read_backup_status,
     read_node_facts,
+    read_record,
     shard_view,
 )
 from cfs.bus import Bus, BusError
@@ -75,6 +77,7 @@ from cfs_contracts.members import (
     repair_key,
 )
 from cfs_contracts.streams import NODES
+from cfs_contracts.tier import TIER_CONFIG_KEY, TIER_STATE_KEY, TierConfig, TierState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -210,9 +213,11 @@ def status(
         else:
             raise found
         budget = 2.5 if source == "nodes KV" else 1.5
-        shard_views, backup = await asyncio.gather(
+        shard_views, backup, tier_config, tier_state = await asyncio.gather(
             asyncio.gather(*(shard_view(bus, s, timeout=budget) for s in names)),
             read_backup_status(bus, timeout=budget),
+            read_record(bus, TIER_CONFIG_KEY, TierConfig, timeout=budget),
+            read_record(bus, TIER_STATE_KEY, TierState, timeout=budget),
         )
         nodes = facts.known()
         led = [v for v in shard_views if v.writer]
@@ -225,10 +230,13 @@ def status(
             "services": service_json(facts),
             "shards": [v.to_dict() for v in shard_views],
             "backup": backup.model_dump(mode="json") if backup else None,
+            "tier": tier_state.model_dump(mode="json") if tier_state else None,
             "notes": notes,
         }
         lines = [node_line(facts, n) for n in nodes] + service_lines(facts) + [summary]
-        lines += backup_lines(backup, facts.now_ms) if source == "nodes KV" else []
+        if source == "nodes KV":
+            lines += backup_lines(backup, facts.now_ms)
+            lines += tier_lines(tier_config, tier_state, facts.now_ms)
         lines += [shard_line(v) for v in shard_views] + [f"Note: {n}" for n in notes]
         _emit(as_json, document, lines)
 
