@@ -179,7 +179,9 @@ class Term:
         self.recaller = Recaller(index, self.chunks, tierer.store)
         self.levels: dict[str, Level] = {}
         self.level = Level.NORMAL
-        self.waiters: dict[str, list[asyncio.Future[None]]] = collections.defaultdict(list)
+        # write-through requests: each gets True once its chunk is in S3, False if the
+        # chunk could not be read from flash (it never will be)
+        self.waiters: dict[str, list[asyncio.Future[bool]]] = collections.defaultdict(list)
         self.urgent: list[str] = []
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
@@ -232,18 +234,20 @@ class Term:
         """Write-through: answer once every asked chunk is in S3 (the client's request
         timeout bounds the wait)."""
         request = FlushRequest.model_validate_json(msg.data)
-        futures = []
+        futures: dict[str, asyncio.Future[bool]] = {}
         for chunk_id in request.chunk_ids:
             if chunk_id in self._flushed_recently:
                 continue
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self.waiters[chunk_id].append(future)
-            futures.append(future)
+            futures[chunk_id] = future
             self.urgent.append(chunk_id)
         self._wake.set()
-        if futures:
-            await asyncio.gather(*futures)
-        return FlushReply(flushed=request.chunk_ids).model_dump_json().encode()
+        await asyncio.gather(*futures.values())
+        lost = [c for c, f in futures.items() if not f.result()]
+        flushed = tuple(c for c in request.chunk_ids if c not in lost)
+        error = f"not readable from flash: {', '.join(c[:12] for c in lost)}" if lost else None
+        return FlushReply(flushed=flushed, error=error).model_dump_json().encode()
 
     async def on_recall(self, msg: Msg) -> bytes:
         request = RecallRequest.model_validate_json(msg.data)
@@ -356,7 +360,7 @@ class Term:
         for entry in todo:
             data = read.get(entry.chunk.chunk_id)
             if data is None:
-                self._done(entry.chunk.chunk_id, 0)  # unreadable: logged, not flushable
+                self._done(entry.chunk.chunk_id, 0, in_s3=False)  # logged by `_read`
             else:
                 builder.add(entry.chunk.chunk_id, data, sha256=bytes.fromhex(entry.chunk.chunk_id))
         return builder if len(builder) else None
@@ -465,11 +469,14 @@ class Term:
         )
         await self._purge()
 
-    def _done(self, chunk_id: str, uploaded: int) -> None:
+    def _done(self, chunk_id: str, uploaded: int, *, in_s3: bool = True) -> None:
+        """The chunk leaves the queue: in S3 (uploaded now, or found in the index), or
+        not readable from flash (`in_s3=False`: logged where it was found)."""
         entry = self.queue.done(chunk_id)
-        self._flushed_recently[chunk_id] = None
-        while len(self._flushed_recently) > 100_000:
-            self._flushed_recently.popitem(last=False)
+        if in_s3:
+            self._flushed_recently[chunk_id] = None
+            while len(self._flushed_recently) > 100_000:
+                self._flushed_recently.popitem(last=False)
         if entry is not None:
             self._drained.append((time.monotonic(), 1, entry.chunk.length))
         if uploaded:
@@ -477,7 +484,7 @@ class Term:
             self.flushed_bytes += uploaded
         for future in self.waiters.pop(chunk_id, []):
             if not future.done():
-                future.set_result(None)
+                future.set_result(in_s3)
 
     async def _purge(self) -> None:
         below = self.queue.purge_below()

@@ -248,6 +248,13 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
         await _until_indexed(site, chunks)
         for name, data in files.items():
             assert await _in_s3(site, s3_direct, chunks[name]) == data, name
+        async with await site.client() as admin:  # the queue is purged below what is flushed
+            for _ in range(50):
+                left = (await admin.js.stream_info("TIER")).state.messages
+                if left == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert left == 0, f"{left} TIER messages not purged"
 
     asyncio.run(go())
     snapshot = json.loads(
