@@ -223,6 +223,24 @@ def test_cluster_init_warns_about_an_open_server(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
 
 
+def test_cluster_init_sets_the_data_tier(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """`--tier cache --tier-url`: the bucket is made and the tier recorded at init; a
+    half-given tier is refused before anything happens."""
+    with NatsServer.standalone(tmp_path / "open") as server:
+        common = ("cluster", "init", "--cluster", server.url, "--site", SITE,
+                  "--bootstrap-node", "n1", "--cluster-name", "c1",
+                  "--config-dir", str(tmp_path / "cfg"), "--json")  # fmt: skip
+        half = _run(*common, "--tier", "cache", **s3_env)
+        assert half.returncode == 2 and "--tier-url" in half.stderr, half.stderr
+        done = _run(*common, "--tier", "cache", "--tier-url", "s3://cfs-init-tier/d", **s3_env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["tier"] == "cache"
+        shown = _run("admin", "--cluster", server.url, "--site", SITE, "tier-config",
+                     "--json", **s3_env)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["url"] == "s3://cfs-init-tier/d"
+
+
 def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> None:
     """The production order: keys offline, servers started with them, init; then a
     leaked client key is rotated out."""

@@ -17,6 +17,7 @@ from cfs.admin.client import actor, record_action
 from cfs.bus import Bus, BusError
 from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cli.tier import change_tier
 from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, read_config
 from cfs.fuse.config import client_settings
 from cfs.security import (
@@ -27,6 +28,7 @@ from cfs.security import (
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
+from cfs_contracts.tier import TierMode
 
 app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
 
@@ -67,9 +69,17 @@ def init(
             "(default /etc/claudefs as root, else ~/.config/claudefs)"
         ),
     ] = None,
+    tier: Annotated[
+        TierMode, typer.Option("--tier", help="data tier: off, or cache (needs --tier-url)")
+    ] = TierMode.OFF,
+    tier_url: Annotated[
+        str | None, typer.Option("--tier-url", help="s3://bucket/prefix of the data tier")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Provision every stream and bucket, record the cluster's shape, write its config.
+    With `--tier cache --tier-url s3://…` every file's data also goes to S3 (changeable
+    later with `cfs admin tier-config`).
 
     Running it again with the same shape changes nothing; another shard count or
     name is refused (exit 1)."""
@@ -77,6 +87,8 @@ def init(
         check_ec(ec)
     except ClusterInitError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
+    if (tier is TierMode.OFF) != (tier_url is None):
+        raise CliError("--tier cache goes with --tier-url s3://bucket/prefix", ExitCode.USAGE)
     settings = client_settings(cluster, site)
     directory = config_dir or _default_config_dir()
     # The site's own keys when the config names them (a dev site), else new ones.
@@ -95,6 +107,8 @@ def init(
         async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
             count = replicas or max(1, min(3, len(bus.nc.servers)))
             result = await init_cluster(bus, wanted, replicas=count)
+            if tier is not TierMode.OFF:
+                await change_tier(bus, {"mode": tier, "url": tier_url})
             await record_action(
                 bus,
                 "cluster init",
@@ -131,6 +145,8 @@ def init(
         "credentials_dir": str(settings.credentials_dir),
         "nats_auth_conf": str(auth_conf),
         "nats_auth_enforced": enforced,
+        "tier": tier.value,
+        "tier_url": tier_url,
     }
     if not enforced:
         typer.echo(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
 import nats.js.errors
@@ -99,6 +99,39 @@ def _require(config: TierConfig | None, state: TierState | None) -> TierState:
     return state
 
 
+async def change_tier(bus: Bus, changes: Mapping[str, object]) -> TierConfig:
+    """The tier config with `changes` laid over it, checked (a new bucket is created if
+    missing), recorded and audited; without changes, the config as it is."""
+    current, _ = await read_tier(bus)
+    if not changes:
+        return current or TierConfig()
+    data = {**(current or TierConfig()).model_dump(), **changes}
+    data.update(updated_ms=int(time.time() * 1000), updated_by=actor())
+    try:
+        wanted = TierConfig.model_validate(data)
+    except ValueError as exc:
+        raise CliError(f"refused: {exc}", ExitCode.USAGE) from None
+    if wanted.mode is TierMode.TIERED:
+        raise CliError(
+            "tiered mode (cold data evicted from flash, recalled on read) is not in this "
+            "release yet: use cache (S3 holds a copy of everything; reads of chunks lost "
+            "from flash are recalled from S3 already)",
+            ExitCode.USAGE,
+        )
+    if wanted.mode is not TierMode.OFF and wanted.url is None:
+        raise CliError("the cache mode needs a URL: s3://bucket/prefix", ExitCode.USAGE)
+    if wanted.url is not None and wanted.url != (current.url if current else None):
+        try:
+            async with open_store(wanted.url, s3_settings()) as store:
+                await store.ensure_bucket()
+        except ObjectStoreError as exc:
+            raise CliError(f"refused: {exc}", ExitCode.FAILED) from None
+    kv = await bus.key_value(NODES.bucket)
+    await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
+    await _audit(bus, "tier-config", {k: str(v) for k, v in changes.items()})
+    return wanted
+
+
 @app.command("tier-config")
 @one_line_errors
 def tier_config(
@@ -145,34 +178,7 @@ def tier_config(
             raise CliError(f"--url: {exc}", ExitCode.USAGE) from None
 
     async def work(bus: Bus) -> TierConfig:
-        current, _ = await read_tier(bus)
-        if not changes:
-            return current or TierConfig()
-        data = {**(current or TierConfig()).model_dump(), **changes}
-        data.update(updated_ms=int(time.time() * 1000), updated_by=actor())
-        try:
-            wanted = TierConfig.model_validate(data)
-        except ValueError as exc:
-            raise CliError(f"refused: {exc}", ExitCode.USAGE) from None
-        if wanted.mode is TierMode.TIERED:
-            raise CliError(
-                "tiered mode (cold data evicted from flash, recalled on read) is not in this "
-                "release yet: use --mode cache (S3 holds a copy of everything; reads of "
-                "chunks lost from flash are recalled from S3 already)",
-                ExitCode.USAGE,
-            )
-        if wanted.mode is not TierMode.OFF and wanted.url is None:
-            raise CliError("--mode cache|tiered needs --url s3://bucket/prefix", ExitCode.USAGE)
-        if wanted.url is not None and wanted.url != (current.url if current else None):
-            try:
-                async with open_store(wanted.url, s3_settings()) as store:
-                    await store.ensure_bucket()
-            except ObjectStoreError as exc:
-                raise CliError(f"refused: {exc}", ExitCode.FAILED) from None
-        kv = await bus.key_value(NODES.bucket)
-        await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
-        await _audit(bus, "tier-config", {k: str(v) for k, v in changes.items()})
-        return wanted
+        return await change_tier(bus, changes)
 
     config = _session(settings, work)
     if as_json:
