@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="http://host:port of the S3 server")
     args = parser.parse_args(argv)
     setup_logging("INFO", service="s3proxy")
+    # A cut connection is this proxy's doing: aiohttp's report of the handler's answer
+    # going nowhere ("Cannot write to closing transport") is not an error here.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args.port, args.upstream.rstrip("/")))
 
