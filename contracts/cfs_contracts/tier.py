@@ -187,6 +187,9 @@ class TierState(BaseModel):
     stray_bytes: int = Field(default=0, ge=0)
     copied_blobs: int = Field(default=0, ge=0, description="by this holder")
     copy_error: str | None = None
+    complete_url: str | None = Field(
+        default=None, description="every recorded blob is under this URL (checked)"
+    )
 
 
 class FlushRequest(BaseModel):

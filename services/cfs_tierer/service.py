@@ -655,6 +655,7 @@ class Term:
             stray_bytes=max(0, self.stray_bytes),
             copied_blobs=self.copied_blobs,
             copy_error=self.copy_error,
+            complete_url=self._clean_url,
         )
 
 

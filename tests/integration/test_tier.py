@@ -570,7 +570,7 @@ def test_failover_sends_new_blobs_to_the_target_and_back_copies_them_home(
             return await _until_state(
                 admin,
                 "every blob back home",
-                lambda s: s.stray_blobs == 0 and s.copied_blobs > 0 and s.s3.url == URL,
+                lambda s: s.complete_url == URL and s.copied_blobs > 0,
             )
 
     asyncio.run(home())

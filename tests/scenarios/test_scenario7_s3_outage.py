@@ -186,17 +186,27 @@ def test_s3_outage_in_cache_mode_writes_go_on_failover_and_back(
             60,
         )
         assert site.cfs("admin", "s3-health").returncode == 0
-        copy_waiting = _queue(site)
-        assert copy_waiting["stray_blobs"] > 0 and copy_waiting["copy_error"], copy_waiting
+        wait_for(  # blobs only in the failing primary: their copy waits for it
+            "the failover copy waiting on the primary",
+            lambda: (q := _queue(site))["stray_blobs"] > 0 and bool(q["copy_error"]),
+            30,
+        )
 
         # 3. The primary is back: the copy completes, then fail back.
         proxy.set_fault("pass")
-        wait_for("the failover copy done", lambda: _queue(site)["stray_blobs"] == 0, 60)
+        wait_for(
+            "the failover copy done",
+            lambda: _queue(site)["complete_url"] == f"s3://{BACKUP}/data",
+            60,
+        )
         out = site.ok("admin", "s3-failover", "--back")
         assert f"Data tier now writes to s3://{PRIMARY}/data" in out, out
         wait_for(
             "every blob back in the primary",
-            lambda: (q := _queue(site))["stray_blobs"] == 0 and q["copied_blobs"] > 0,
+            lambda: (
+                (q := _queue(site))["complete_url"] == f"s3://{PRIMARY}/data"
+                and q["copied_blobs"] > 0
+            ),
             60,
         )
         writer.stop.set()

@@ -309,6 +309,8 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
             f"  {node.node}: {node.level}, flash {node.fill:.1%} unflushed "
             f"({size(node.unflushed_bytes)} of {size(node.capacity_bytes)})"
         )
+    if state.complete_url != state.s3.url and not (state.stray_blobs or state.copy_error):
+        lines.append(f"Failover copy to {state.s3.url}: looking for blobs elsewhere")
     if state.stray_blobs or state.copy_error:
         lines.append(
             f"Failover copy to {state.s3.url}: {state.stray_blobs} blobs "
