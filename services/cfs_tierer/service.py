@@ -349,7 +349,8 @@ class Term:
     async def _prepare(self, batch: list[Pending]) -> BlobBuilder | None:
         """The next blob: the batch's chunks not in S3 yet, read from flash and checked
         (those already in the index, or unreadable, leave the queue here)."""
-        todo = [p for p in batch if not await self._in_index(p.chunk.chunk_id)]
+        known = await asyncio.gather(*(self._in_index(p.chunk.chunk_id) for p in batch))
+        todo = [p for p, indexed in zip(batch, known, strict=True) if not indexed]
         for entry in batch:
             if entry not in todo:
                 self._done(entry.chunk.chunk_id, 0)

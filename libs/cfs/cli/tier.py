@@ -132,6 +132,15 @@ async def change_tier(bus: Bus, changes: Mapping[str, object]) -> TierConfig:
     return wanted
 
 
+def _check_url(option: str, url: str | None) -> None:
+    """A bad s3:// URL is a usage error naming its option, before anything connects."""
+    if url is not None:
+        try:
+            S3Url.parse(url)
+        except ValueError as exc:
+            raise CliError(f"{option}: {exc}", ExitCode.USAGE) from None
+
+
 @app.command("tier-config")
 @one_line_errors
 def tier_config(
@@ -171,11 +180,7 @@ def tier_config(
         }.items()
         if value is not None
     }
-    if url is not None:
-        try:
-            S3Url.parse(url)
-        except ValueError as exc:
-            raise CliError(f"--url: {exc}", ExitCode.USAGE) from None
+    _check_url("--url", url)
 
     async def work(bus: Bus) -> TierConfig:
         return await change_tier(bus, changes)
@@ -211,11 +216,7 @@ def s3_failover(
     The target bucket is on the same endpoint; it is checked (created if missing)."""
     if (target is None) == (not back):
         raise CliError("give either --target s3://bucket/prefix or --back", ExitCode.USAGE)
-    if target is not None:
-        try:
-            S3Url.parse(target)
-        except ValueError as exc:
-            raise CliError(f"--target: {exc}", ExitCode.USAGE) from None
+    _check_url("--target", target)
     settings = _settings(ctx, None, None, None)
 
     async def work(bus: Bus) -> TierConfig:
@@ -403,11 +404,7 @@ def restore_data(
     node are left alone, so running it again after an interruption resumes."""
     if not from_s3:
         raise CliError("restore-data needs --from-s3 (the only source)", ExitCode.USAGE)
-    if url is not None:
-        try:
-            S3Url.parse(url)
-        except ValueError as exc:
-            raise CliError(f"--url: {exc}", ExitCode.USAGE) from None
+    _check_url("--url", url)
     settings = _settings(ctx, None, None, None)
     started = time.monotonic()
 
@@ -528,10 +525,7 @@ def s3_snapshot(
     """A consistent point of the data tier, to pair with a metadata snapshot taken just
     before: waits until every chunk queued so far is in S3, then writes the list of
     blobs that hold them (each blob's footer indexes its chunks) as a manifest."""
-    try:
-        S3Url.parse(output)
-    except ValueError as exc:
-        raise CliError(f"--output: {exc}", ExitCode.USAGE) from None
+    _check_url("--output", output)
     settings = _settings(ctx, None, None, None)
 
     async def work(bus: Bus) -> tuple[TierSnapshot, str]:
