@@ -319,6 +319,32 @@ async def test_bad_input_gets_one_clear_error(bus: Bus) -> None:
     del cases
 
 
+async def test_a_flush_that_timed_out_does_not_deafen_the_connection(
+    nats_server: NatsServer, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CI saw it: a consumer's ack flush timed out while a server stalled, its PONG
+    came later, and nats-py's read loop died on the cancelled future."""
+    nats_server.pause()  # SIGSTOP: the socket stays open, nothing answers
+    try:
+        with pytest.raises(nats.errors.FlushTimeoutError):
+            await bus.nc.flush(timeout=1)
+    finally:
+        nats_server.resume()
+
+    # The late PONG arrives; the connection must still hear replies.
+    async def echo(msg: object) -> bytes:
+        return b"pong"
+
+    sub = await bus.serve(f"cfs.{SITE}.rpc.echo", echo)
+    for _ in range(3):
+        reply = await bus.request(f"cfs.{SITE}.rpc.echo", b"", timeout=2)
+        assert reply.data == b"pong"
+    await bus.nc.flush(timeout=2)
+    await sub.unsubscribe()
+    assert bus.nc.is_connected
+    assert "encountered error" not in caplog.text
+
+
 async def test_trace_context_travels_in_headers(bus: Bus) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

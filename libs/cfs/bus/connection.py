@@ -59,6 +59,26 @@ CONNECT_ERRORS_KEPT = 16
 READ_BUFFER_BYTES = 1024 * 1024
 nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, READ_BUFFER_BYTES)
 
+
+class Client(NATS):
+    """nats-py's client with one fix: a PONG that answers a flush its caller stopped
+    waiting for (a timeout or a cancelled task) is consumed, not answered.
+
+    nats-py 2.16 sets the result of the oldest PING's future when a PONG arrives, even
+    when that future was cancelled. The InvalidStateError ends the read loop, so the
+    connection goes deaf (no messages, no replies) until pings mark it stale minutes
+    later. nats.py#624 is the same bug in the flusher, fixed upstream; this one is not.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs and self._pongs[0].done():
+            self._pongs.pop(0)  # the PONG of that PING: the ones after it stay matched
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
+
+
 # JetStream API error codes (nats-server errors.json) that we give a type.
 _WRONG_LAST_SEQUENCE = 10071
 _WRONG_LAST_MSG_ID = 10070
@@ -155,7 +175,7 @@ class Bus:
             log.info("nats.reconnected", extra={"client": name or node})
 
         auth = connect_options(credentials)
-        nc = NATS()
+        nc = Client()
         try:
             await _unless_refused(
                 nc.connect(

@@ -47,6 +47,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from cfs.bus.connection import Client
 from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.bus.provision import ensure_buckets, ensure_streams
 from cfs.retry import RetryPolicy, retry
@@ -729,7 +730,8 @@ async def _connect(
             errors.append(f"{url}: {exc or type(exc).__name__}")
             continue
         try:
-            return await nats.connect(
+            nc = Client()
+            await nc.connect(
                 servers=[url],
                 connect_timeout=max(1, int(connect_timeout)),
                 max_reconnect_attempts=20,
@@ -738,6 +740,7 @@ async def _connect(
                 pending_size=64 * 1024 * 1024,
                 **connect_options(credentials),
             )
+            return nc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             errors.append(f"{url}: {exc or type(exc).__name__}")
     raise RecoveryError(f"no NATS server answered: {'; '.join(errors) or 'no URL given'}")

@@ -273,6 +273,7 @@ class ManagedProcess:
             self._require_running("pause")
             self._signal(signal.SIGSTOP)
             self._paused = True
+            _wait_stopped(self.pid)
             log_event(log, logging.INFO, "process.paused", proc=self.name, pid=self.pid)
 
     def resume(self) -> None:
@@ -350,6 +351,23 @@ class ManagedProcess:
         _killpg(proc.pid, signal.SIGKILL)
         self._paused = False
         _unregister(self)
+
+
+def _wait_stopped(pid: int | None, timeout: float = 2.0) -> None:
+    """Return once every thread of `pid` has stopped: the signal is only queued when
+    killpg returns, and a running thread can still answer a request meanwhile."""
+    deadline = time.monotonic() + timeout
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            states = [
+                (Path(task) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                for task in Path(f"/proc/{pid}/task").iterdir()
+            ]
+        except OSError:  # gone, or a thread exited while we looked
+            return
+        if all(state in "tT" for state in states):
+            return
+        time.sleep(0.005)
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
