@@ -735,7 +735,7 @@ async def _connect(
                 servers=[url],
                 connect_timeout=max(1, int(connect_timeout)),
                 max_reconnect_attempts=20,
-                reconnect_time_wait=0.25,
+                reconnect_time_wait=0.25,  # type: ignore[arg-type]  # float is fine
                 error_cb=quiet,
                 pending_size=64 * 1024 * 1024,
                 **connect_options(credentials),
