@@ -202,6 +202,14 @@ class GcReport(BaseModel):
     deletions: tuple[GcDeletion, ...] = Field(
         default=(), description="the first 1000 deletions, for the operator"
     )
+    tier_candidates: int = Field(
+        default=0, ge=0, description="chunks in the S3 tier's index not in the keep set"
+    )
+    tier_forgotten: int = Field(
+        default=0, ge=0, description="of them, unindexed by the tierer (compaction frees them)"
+    )
+    tier_young: int = Field(default=0, ge=0, description="of them, kept: within the grace")
+    tier_note: str = Field(default="", description="why the S3 tier was not collected")
 
 
 def gc_subject(site: str) -> str:

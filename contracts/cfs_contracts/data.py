@@ -43,8 +43,17 @@ HEADER_ERRNO = "Cfs-Errno"
 HEADER_ERROR = "Cfs-Error-Message"  # same header as a failed `Bus.serve` handler
 HEADER_STORED_MS = "Cfs-Stored-Ms"  # delete: only if the fragment's stored_ms is this
 
-Verb = Literal["put", "get", "delete", "verify", "list", "stat", "rebuild"]
-VERBS: tuple[Verb, ...] = ("put", "get", "delete", "verify", "list", "stat", "rebuild")
+Verb = Literal["put", "get", "delete", "verify", "list", "stat", "rebuild", "touched"]
+VERBS: tuple[Verb, ...] = (
+    "put",
+    "get",
+    "delete",
+    "verify",
+    "list",
+    "stat",
+    "rebuild",
+    "touched",
+)
 
 SCHEME_RE = re.compile(r"^(ec(?P<k>[1-9][0-9]?)\+(?P<m>[0-9][0-9]?)|copy(?P<n>[1-9]))$")
 KEY_RE = re.compile(r"^(?P<chunk>[0-9a-f]{64})\.(?P<scheme>[a-z0-9+]+)\.(?P<index>[0-9]{1,3})$")
@@ -114,6 +123,16 @@ class ListRequest(BaseModel):
     chunk_id: str = Field(default="", description="only fragments of this chunk")
 
 
+class TouchedRequest(BaseModel):
+    """Which of these chunks had a fragment read or written here since `since_ms` (the
+    tiered mode's coldness: a chunk nobody touched leaves flash)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chunk_ids: tuple[str, ...] = Field(max_length=4096)
+    since_ms: int = Field(ge=0)
+
+
 class RebuildRequest(BaseModel):
     """Re-create the fragment named by the request's key on the node asked."""
 
@@ -139,6 +158,10 @@ class StoreReply(BaseModel):
     status: StoreStatus | None = None
     readable: int | None = Field(
         default=None, ge=0, description="rebuild: fragments that could be read, when too few"
+    )
+    touched: tuple[str, ...] = Field(default=(), description="touched: the chunks asked about")
+    history_from_ms: int | None = Field(
+        default=None, description="touched: accesses before this time are not known"
     )
 
 

@@ -54,6 +54,18 @@ def blob_object_key(blob_id: str) -> str:
     return f"{BLOB_KEY_PREFIX}{blob_id}"
 
 
+class FlashCopy(StrEnum):
+    """Whether a chunk in S3 is still expected on flash (tiered mode evicts it).
+
+    Eviction marks EVICTING, deletes the fragments, then marks EVICTED: a crash in
+    between leaves EVICTING, which the next pass finishes. Both say "fragments missing
+    from flash is no damage" to repair, the consistency check and readers."""
+
+    PRESENT = "present"
+    EVICTING = "evicting"
+    EVICTED = "evicted"
+
+
 class ChunkLocation(BaseModel):
     """`chunk.<id>` in the `tier` bucket: the chunk is in S3, in this blob."""
 
@@ -65,6 +77,17 @@ class ChunkLocation(BaseModel):
     offset: int = Field(ge=0)
     length: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    flash: FlashCopy = FlashCopy.PRESENT
+    flash_changed_ms: int | None = None
+    requeued_ms: int | None = Field(
+        default=None,
+        description="when a write last queued this chunk and found it in S3 already: a "
+        "new reference may be committing, so it is not garbage before the grace",
+    )
+
+    @property
+    def off_flash(self) -> bool:
+        return self.flash is not FlashCopy.PRESENT
 
 
 class BlobRecord(BaseModel):
@@ -114,6 +137,14 @@ class TierConfig(BaseModel):
     blob_target_bytes: int = Field(default=BLOB_TARGET_BYTES, ge=1)
     flush_after_s: float = Field(
         default=2.0, gt=0, description="a blob is sealed once its oldest chunk waited this long"
+    )
+    evict_after_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="tiered: a file neither written nor read this long leaves flash",
+    )
+    compact_below: float = Field(
+        default=0.5, ge=0, le=1, description="a blob whose live share is below this is rewritten"
     )
     updated_ms: int = 0
     updated_by: str = ""
@@ -190,6 +221,19 @@ class TierState(BaseModel):
     complete_url: str | None = Field(
         default=None, description="every recorded blob is under this URL (checked)"
     )
+    forgotten_chunks: int = Field(
+        default=0, ge=0, description="by this holder: garbage (backup's keep set) unindexed"
+    )
+    compacted_blobs: int = Field(default=0, ge=0, description="by this holder: rewritten")
+    deleted_blobs: int = Field(default=0, ge=0, description="by this holder: nothing live left")
+    reclaimed_bytes: int = Field(default=0, ge=0, description="by this holder, from S3")
+    compact_note: str | None = None
+    evicted_chunks: int = Field(default=0, ge=0, description="by this holder (tiered)")
+    evicted_bytes: int = Field(default=0, ge=0, description="by this holder (tiered)")
+    evict_pass_ms: int | None = Field(default=None, description="when the last pass ended")
+    evict_note: str | None = Field(
+        default=None, description="why the last eviction pass evicted nothing, if it did not run"
+    )
 
 
 class FlushRequest(BaseModel):
@@ -238,6 +282,9 @@ class RecallReply(BaseModel):
     present_fragments: int = Field(default=0, ge=0)
     restored_bytes: int = Field(default=0, ge=0, description="chunk bytes read from S3")
     failed: tuple[str, ...] = Field(default=(), description="'<chunk id>: <why>' each")
+    evicted: tuple[str, ...] = Field(
+        default=(), description="chunks that were off flash on purpose (tiered): no damage"
+    )
 
 
 class ReindexRequest(BaseModel):
@@ -257,6 +304,50 @@ class ReindexReply(BaseModel):
     chunks_indexed: int = Field(ge=0)
     damaged: tuple[str, ...] = Field(default=(), description="'<blob>: <why>' (scanned)")
     seconds: float = Field(ge=0)
+
+
+class ForgetRequest(BaseModel):
+    """From the backup service's fragment GC: these chunks were in no state the cluster
+    can return to when it marked its keep set at `marked_ms` (DESIGN.md §7). The
+    tierer drops each one's location unless it is younger than the grace."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    chunk_ids: tuple[str, ...] = Field(min_length=1, max_length=1000)
+    marked_ms: int = Field(ge=0)
+    grace_ms: int = Field(ge=0)
+
+
+class ForgetReply(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    forgotten: int = Field(default=0, ge=0)
+    young: int = Field(default=0, ge=0, description="flushed or queued within the grace")
+    gone: int = Field(default=0, ge=0, description="not in the index (any more)")
+
+
+class CompactRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CompactReply(BaseModel):
+    """`s3-compact`: one compaction pass, run now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    compacted: int = Field(default=0, ge=0, description="blobs rewritten with their live chunks")
+    deleted: int = Field(default=0, ge=0, description="blobs with nothing live, deleted")
+    reclaimed_bytes: int = Field(default=0, ge=0)
+    errors: tuple[str, ...] = ()
+    seconds: float = Field(default=0.0, ge=0)
+
+
+def tier_compact_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.compact"
+
+
+def tier_forget_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.forget"
 
 
 def tier_recall_subject(site: str) -> str:

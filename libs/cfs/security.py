@@ -148,12 +148,13 @@ def _unique(items: Iterable[str]) -> tuple[str, ...]:
 
 
 # What a client may do besides reading the nodes bucket: metadata and chunk requests
-# (every verb but `rebuild`, which is repair's to ask for), damage reports from degraded
-# reads, queueing its chunks for the data tier, and the leases (which node leads a shard).
+# (every verb but `rebuild`, repair's to ask for, and `touched`, the tierer's), damage
+# reports from degraded reads, queueing its chunks for the data tier, and the leases
+# (which node leads a shard).
 CLIENT_GRANTS = Grants(
     publish=(
         "{s}.rpc.meta.*",
-        *(f"{{s}}.rpc.chunk.*.{verb}" for verb in VERBS if verb != "rebuild"),
+        *(f"{{s}}.rpc.chunk.*.{verb}" for verb in VERBS if verb not in ("rebuild", "touched")),
         "{s}.data.*.damaged",
         "{s}.tier.chunk",  # a stored chunk queued for S3
         "{s}.rpc.tier.flush",  # write-through: wait for S3

@@ -39,7 +39,7 @@ import nats.js.errors
 
 from cfs.backup.image import ImageFormatError, iter_pairs
 from cfs.backup.snapshot_file import Snapshot, SnapshotInvalid, read_snapshot
-from cfs.bus import Bus, BusError
+from cfs.bus import Bus, BusError, NoResponders
 from cfs.bus.kv import bucket_keys
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.cluster import read_config
@@ -59,7 +59,8 @@ from cfs_contracts.backup import (
     SnapshotSchedule,
 )
 from cfs_contracts.data import ListRequest
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import NODES, TIER_INDEX
+from cfs_contracts.tier import ForgetReply, ForgetRequest, tier_forget_subject
 from cfs_metadata.journal import Journal, JournalRecord
 from cfs_metadata.records import CorruptRecord
 
@@ -69,6 +70,8 @@ LIST_PAGE = 1000
 DELETES_AT_ONCE = 8
 REPORTED_DELETIONS = 1000
 STORE_PREFIX = "store."
+TIER_CHUNK_PREFIX = "chunk."  # chunk_location_key's
+FORGET_BATCH = 1000
 
 
 class GcBlocked(Exception):
@@ -107,6 +110,10 @@ class _Tally:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     deletions: list[GcDeletion] = field(default_factory=list)
+    tier_candidates: int = 0
+    tier_forgotten: int = 0
+    tier_young: int = 0
+    tier_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,7 @@ class Collector:
             tally = _Tally()
             try:
                 await self.sweep(keep, dry_run, tally)
+                await self.sweep_tier(keep, dry_run, tally)
             except _BLOCKING as exc:  # what went is in the report; a rerun continues
                 tally.failed += 1
                 tally.errors.insert(0, f"sweep stopped: {exc}")
@@ -330,6 +338,41 @@ class Collector:
                 return
             after = found[-1].key
 
+    async def sweep_tier(self, keep: KeepSet, dry_run: bool, tally: _Tally) -> None:
+        """The S3 tier's chunks outside the keep set go to the tierer, which drops each
+        one's location unless it is young (flushed or queued again within the grace):
+        its compaction then frees the space. The same keep set as the fragments', so no
+        chunk a retained snapshot or the archived journal names ever leaves S3."""
+        keys = await bucket_keys(self.bus, TIER_INDEX.bucket, TIER_CHUNK_PREFIX)
+        doomed = [
+            chunk_id
+            for key in keys
+            if (chunk_id := key[len(TIER_CHUNK_PREFIX) :]) not in keep.chunks
+        ]
+        tally.tier_candidates = len(doomed)
+        if dry_run or not doomed:
+            return
+        for start in range(0, len(doomed), FORGET_BATCH):
+            if not self._active():
+                raise GcBlocked("this backup process lost its lease mid-sweep")
+            request = ForgetRequest(
+                chunk_ids=tuple(doomed[start : start + FORGET_BATCH]),
+                marked_ms=keep.marked_ms,
+                grace_ms=self.grace_ms,
+            )
+            try:
+                msg = await self.bus.request(
+                    tier_forget_subject(self.bus.site),
+                    request.model_dump_json().encode(),
+                    timeout=60.0,
+                )
+            except NoResponders:
+                tally.tier_note = "no s3-tierer is running: the S3 tier was not collected"
+                return
+            reply = ForgetReply.model_validate_json(msg.data)
+            tally.tier_forgotten += reply.forgotten
+            tally.tier_young += reply.young
+
     async def _delete(self, judged: Judgement, dry_run: bool, tally: _Tally) -> None:
         c = judged.candidate
         if not dry_run:
@@ -393,6 +436,10 @@ def _report(
             "stored_again": tally.again,
             "failed": tally.failed,
             "deletions": tuple(tally.deletions),
+            "tier_candidates": tally.tier_candidates,
+            "tier_forgotten": tally.tier_forgotten,
+            "tier_young": tally.tier_young,
+            "tier_note": tally.tier_note,
         }
     )
 

@@ -62,6 +62,7 @@ from cfs.kernel.runtime import (
 )
 from cfs.rebuild import rebuild_fragments
 from cfs.service_main import ServiceSettings, run_spec
+from cfs_chunkstore.access import AccessLog
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
     FileFragmentStore,
@@ -85,6 +86,7 @@ from cfs_contracts.data import (
     RebuildRequest,
     StoreRecord,
     StoreReply,
+    TouchedRequest,
     Verb,
     chunk_rpc_subject,
     fragment_key,
@@ -145,6 +147,7 @@ class ChunkStoreService:
         self.labels = dict(labels or {})
         self.heartbeat_s = heartbeat_s
         self.started_ms = time.time_ns() // 1_000_000
+        self.access = AccessLog(self.started_ms)
         self._slots = asyncio.Semaphore(max_inflight)
         self._rebuild_slots = asyncio.Semaphore(max_rebuilds)
         self._peers = ChunkStoreClient(bus)
@@ -258,6 +261,15 @@ class ChunkStoreService:
             return StoreReply(fragments=tuple(found), more=more)
         if verb == "stat":
             return StoreReply(status=await asyncio.to_thread(self.store.stat))
+        if verb == "touched":
+            try:
+                asked = TouchedRequest.model_validate_json(msg.data or b"{}")
+            except ValidationError as exc:
+                raise InvalidKey(f"bad touched request: {exc.errors()[0]['msg']}") from None
+            return StoreReply(
+                touched=tuple(self.access.touched(asked.chunk_ids, asked.since_ms)),
+                history_from_ms=self.access.history_from_ms,
+            )
         raise InvalidKey(f"unknown verb {verb!r}")
 
     async def _put(self, msg: Msg) -> StoreReply:
@@ -325,6 +337,7 @@ class ChunkStoreService:
     async def _store(self, key: str, data: bytes, crc: int | None) -> StoreReply:
         """Durable here, then announced; what `put` and `rebuild` both end with."""
         info = await asyncio.to_thread(self.store.put, key, data, crc)
+        self.access.touch_key(key, _now_ms())
         event = self.bus.event(
             FragmentStored(node_id=self.node, key=key, size=info.size, crc32=info.crc32)
         )
@@ -406,6 +419,7 @@ class ChunkStoreService:
             message = f"chunk-store {self.node}: get failed: {exc}"
             await self._respond(msg, b"", _error_headers(errno.EIO, message))
             return
+        self.access.touch_key(key, _now_ms())
         log.debug("fragment.read", extra={"node": self.node, "key": key, "size": info.size})
         await self._respond(msg, data, {HEADER_CRC: f"{info.crc32:08x}"})
 
@@ -455,6 +469,10 @@ class ChunkStoreService:
             await self.bus.nc.publish(msg.reply, data, headers=headers)
         except Exception as exc:  # the requester is gone or NATS is down: nothing to answer
             log.warning("rpc.reply_failed", extra={"node": self.node, "error": str(exc)})
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _key(msg: Msg) -> str:

@@ -35,7 +35,8 @@ import nats.errors
 from cfs.admin.snapshot import SnapshotUnavailable, read_node_facts
 from cfs.bus import Bus, BusError, NoResponders
 from cfs.client.chunks import ChunkStoreClient, FragmentError
-from cfs_contracts.data import fragment_key
+from cfs.client.tier import TierIndex
+from cfs_contracts.data import fragment_key, parse_fragment_key
 from cfs_contracts.fs.check import (
     AnyCheckOp,
     CheckReply,
@@ -438,8 +439,19 @@ class MetadataChecker:
         unreachable: dict[str, int] = {}
         chunks = ChunkStoreClient(self.bus, timeout_s=30.0)
         self.progress.phase("verifying fragments", None)
+        tier = TierIndex(self.bus)
+        off_flash: dict[str, bool] = {}
+        in_s3 = 0
+
+        async def evicted(key: str) -> bool:
+            """Missing on purpose: the chunk was evicted to S3 (tiered mode)."""
+            chunk_id = parse_fragment_key(key)[0]
+            if chunk_id not in off_flash:
+                off_flash[chunk_id] = await tier.off_flash(chunk_id)
+            return off_flash[chunk_id]
 
         async def worker() -> None:
+            nonlocal in_s3
             while (item := await work.get()) is not None:
                 ino, index, position, node, key = item
                 try:
@@ -447,6 +459,8 @@ class MetadataChecker:
                 except FragmentError as exc:
                     if exc.unreachable:
                         unreachable[node] = unreachable.get(node, 0) + 1
+                    elif exc.errno == errno.ENOENT and await evicted(key):
+                        in_s3 += 1
                     else:
                         state = "missing" if exc.errno == errno.ENOENT else "corrupt"
                         findings.append(
@@ -474,6 +488,10 @@ class MetadataChecker:
             await asyncio.gather(*workers)
         for node, count in sorted(unreachable.items()):
             self.report.unchecked.append(f"{count} fragments on {node}: chunk-store not answering")
+        if in_s3:
+            self.report.notes.append(
+                f"{in_s3} fragments are off flash on purpose: their chunks are evicted to S3"
+            )
         return sorted(findings, key=lambda f: (f.ino, f.chunk, f.fragment))
 
 

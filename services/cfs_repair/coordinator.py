@@ -27,11 +27,13 @@ from cfs.bus import Bus, BusError, Delivery, Retry
 from cfs.client.chunks import FragmentError, Unrecoverable
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
+from cfs.client.tier import TierIndex
 from cfs.ids import new_id
 from cfs.kernel.runtime import until_jetstream_answers
 from cfs.lease import leases_held
 from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts import DecodedEvent
+from cfs_contracts.data import parse_fragment_key
 from cfs_contracts.events.cluster import NodeDrained
 from cfs_contracts.events.data import FragmentDamaged
 from cfs_contracts.events.repair import (
@@ -154,6 +156,7 @@ class RepairCoordinator:
         self.rebuilder = rebuilder
         self._kv: KeyValue | None = None
         self._revisions: dict[str, int] = {}  # repair.<node> revisions this holder wrote
+        self.tier = TierIndex(bus)
 
     async def lead(self) -> None:
         """The singleton's work: decide and repair on every relevant change, until the
@@ -334,6 +337,10 @@ class RepairCoordinator:
             try:
                 return await self.rebuilder.place(plan, node), 0
             except Unrecoverable as exc:
+                if await self.tier.off_flash(chunk.chunk_id):
+                    # Evicted (tiered mode): S3 holds it; a read brings it back.
+                    log.info("repair.chunk_in_s3", extra={"ino": ino, "chunk": chunk.index})
+                    return [], 0
                 path = await path_of(self.meta, ino)
                 await self._event(
                     ChunkLost(
@@ -414,6 +421,9 @@ class RepairCoordinator:
         try:
             written = await self.rebuilder.rebuild_in_place(report.node_id, report.key, stores)
         except Unrecoverable as exc:
+            if await self.tier.off_flash(parse_fragment_key(report.key)[0]):
+                log.info("repair.fragment_in_s3", extra={"key": report.key})
+                return  # evicted on purpose (tiered mode): no damage
             log.error("repair.fragment_unrecoverable", extra={"key": report.key, "error": str(exc)})
             return
         except (FragmentError, NoTarget) as exc:

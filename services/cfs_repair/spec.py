@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cfs.bus.consumer import ConsumerSpec
 from cfs.kernel.spec import Consumer, Grants, ServiceSpec, Singleton, deferred, imported
-from cfs_contracts.streams import CLUSTER, DATA, NODES
+from cfs_contracts.streams import CLUSTER, DATA, NODES, TIER_INDEX
 
 SPEC = ServiceSpec(
     name="repair",
@@ -21,6 +21,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.chunk.*.*",  # rebuild, list, delete
         ),
         read_streams=(CLUSTER.name,),
+        read_buckets=(TIER_INDEX.bucket,),  # evicted chunks are no damage
         write_keys={NODES.bucket: ("repair.*", "admin.*")},
     ),
     consumers=(

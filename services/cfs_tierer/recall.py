@@ -16,10 +16,11 @@ again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import nats.js.errors
 from nats.js.kv import KeyValue
@@ -34,6 +35,7 @@ from cfs_contracts.tier import (
     BlobRecord,
     ChunkLocation,
     ChunkPlacement,
+    FlashCopy,
     RecallReply,
     ReindexReply,
     blob_object_key,
@@ -47,6 +49,28 @@ log = logging.getLogger(__name__)
 
 class NotInS3(Exception):
     """The chunk has no location in the tier index (never flushed, or not reindexed)."""
+
+
+class ChunkLocks:
+    """One holder per chunk id at a time: a recall and an eviction of the same chunk
+    never interleave (both run in the active tierer)."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[asyncio.Lock, int]] = {}  # lock, users
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chunk_id: str) -> AsyncIterator[None]:
+        lock, users = self._held.get(chunk_id, (asyncio.Lock(), 0))
+        self._held[chunk_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._held[chunk_id]
+            if users == 1:
+                del self._held[chunk_id]
+            else:
+                self._held[chunk_id] = (lock, users - 1)
 
 
 class Recaller:
@@ -63,6 +87,7 @@ class Recaller:
         self._store = stores  # url -> its ObjectStore (the Tierer's, shared)
         self._limit = asyncio.Semaphore(concurrency)
         self._records: dict[str, BlobRecord] = {}
+        self.locks = ChunkLocks()
 
     async def recall(self, chunks: tuple[ChunkPlacement, ...]) -> RecallReply:
         results = await asyncio.gather(*(self._guarded(c) for c in chunks))
@@ -74,17 +99,36 @@ class Recaller:
             present_fragments=sum(r[1] for r in results),
             restored_bytes=sum(r[2] for r in results),
             failed=failed,
+            evicted=tuple(c.chunk_id for c, r in zip(chunks, results, strict=True) if r[3]),
         )
 
-    async def _guarded(self, chunk: ChunkPlacement) -> tuple[int, int, int, str]:
-        async with self._limit:
+    async def _guarded(self, chunk: ChunkPlacement) -> tuple[int, int, int, bool, str]:
+        async with self._limit, self.locks.hold(chunk.chunk_id):
             try:
-                return (*await self._one(chunk), "")
+                restored = await self._one(chunk)
+                return (*restored, await self._back_on_flash(chunk.chunk_id), "")
             except (NotInS3, ObjectStoreError, BlobError, FragmentError, ValueError) as exc:
                 log.warning(
                     "tier.recall_failed", extra={"chunk": chunk.chunk_id, "error": str(exc)}
                 )
-                return 0, 0, 0, str(exc)
+                return 0, 0, 0, False, str(exc)
+
+    async def _back_on_flash(self, chunk_id: str) -> bool:
+        """Mark an evicted chunk PRESENT again; True if it was off flash on purpose."""
+        key = chunk_location_key(chunk_id)
+        try:
+            entry = await self.index.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        where = ChunkLocation.model_validate_json(entry.value or b"")
+        if not where.off_flash:
+            return False
+        back = where.model_copy(
+            update={"flash": FlashCopy.PRESENT, "flash_changed_ms": time.time_ns() // 1_000_000}
+        )
+        # Under the chunk's lock: only a reindex could race, and it writes PRESENT too.
+        await self.index.put(key, back.model_dump_json().encode())
+        return True
 
     async def _one(self, chunk: ChunkPlacement) -> tuple[int, int, int]:
         """(fragments stored, fragments already there, bytes read from S3)."""
@@ -156,7 +200,7 @@ async def reindex(index: KeyValue, store: ObjectStore, url: str) -> ReindexReply
         blob_id = info.key.removeprefix(BLOB_KEY_PREFIX)
         blobs += 1
         try:
-            entries = await _entries(store, info.key, blob_id, info.size)
+            entries = await blob_entries(store, info.key, blob_id, info.size)
         except BlobError as exc:
             damaged.append(f"{blob_id}: {exc}")
             log.warning("tier.reindex_damaged", extra={"blob": blob_id, "error": str(exc)})
@@ -195,7 +239,7 @@ async def reindex(index: KeyValue, store: ObjectStore, url: str) -> ReindexReply
     )
 
 
-async def _entries(store: ObjectStore, key: str, blob_id: str, size: int) -> list[BlobEntry]:
+async def blob_entries(store: ObjectStore, key: str, blob_id: str, size: int) -> list[BlobEntry]:
     """The blob's index from its footer; a damaged footer: the records, scanned."""
     try:
         tail = await store.get_range(key, -TAIL_BYTES, 0)

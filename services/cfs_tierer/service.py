@@ -36,6 +36,7 @@ from pydantic import Field
 
 from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, Unrecoverable
+from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.client.tier import read_blob_records
 from cfs.erasure import Scheme, decode
@@ -56,27 +57,35 @@ from cfs.retry import Backoff, RetryPolicy
 from cfs.service_main import ServiceSettings, run_spec
 from cfs_contracts.events.ops import AlertRaised, Severity
 from cfs_contracts.events.tier import ChunkQueued, WatermarkChanged
+from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_STATE_KEY,
     BlobRecord,
     ChunkLocation,
+    CompactReply,
     FlushReply,
     FlushRequest,
+    ForgetRequest,
     NodeFlash,
     RecallRequest,
     ReindexRequest,
     S3Health,
     TierConfig,
+    TierMode,
     TierState,
     blob_object_key,
     blob_record_key,
     chunk_location_key,
+    tier_compact_subject,
     tier_flush_subject,
+    tier_forget_subject,
     tier_recall_subject,
     tier_reindex_subject,
 )
 from cfs_tierer.blob import BlobBuilder
+from cfs_tierer.compact import Compactor
+from cfs_tierer.evict import Evictor, PassAborted
 from cfs_tierer.queue import FlushQueue, Pending
 from cfs_tierer.recall import Recaller, reindex
 from cfs_tierer.watermark import Level, Reading, Thresholds, policy, settle, worst
@@ -95,6 +104,11 @@ class TierSettings(ServiceSettings):
     read_concurrency: int = Field(default=8, ge=1, description="chunks read from flash at once")
     copy_retry_s: float = Field(
         default=5.0, gt=0, description="failover copy: how often blobs elsewhere are looked for"
+    )
+    shards: int = Field(default=1, ge=1, le=999, description="metadata shards (eviction scans)")
+    compact_s: float = Field(default=60.0, gt=0, description="compaction pass period")
+    compact_min_age_s: float = Field(
+        default=600.0, ge=0, description="a blob younger than this is never compacted"
     )
 
 
@@ -177,6 +191,23 @@ class Term:
         self.health = Health()
         self.chunks = ChunkStoreClient(bus)
         self.recaller = Recaller(index, self.chunks, tierer.store)
+        self.evictor = Evictor(
+            MetadataClient(bus), index, self.chunks, self.recaller, shards=self.settings.shards
+        )
+        self.compactor = Compactor(
+            index,
+            tierer.store,
+            self.recaller.locks,
+            min_age_s=self.settings.compact_min_age_s,
+            forgotten=lambda chunk_id: self._flushed_recently.pop(chunk_id, None),
+        )
+        self.forgotten_chunks = 0
+        self.compacted_blobs = 0
+        self.deleted_blobs = 0
+        self.reclaimed_bytes = 0
+        self.compact_note: str | None = None
+        self._uploading_blob: str | None = None
+        self._compacting = asyncio.Lock()
         self.levels: dict[str, Level] = {}
         self.level = Level.NORMAL
         # write-through requests: each gets True once its chunk is in S3, False if the
@@ -197,6 +228,10 @@ class Term:
         self.copy_error: str | None = None
         self._clean_url: str | None = None  # every recorded blob is under this URL
         self._uploading: set[str] = set()  # chunks of the blob being PUT
+        self.evicted_chunks = 0
+        self.evicted_bytes = 0
+        self.evict_pass_ms: int | None = None
+        self.evict_note: str | None = None
 
     # -- config ------------------------------------------------------------------------
     def config(self) -> TierConfig | None:
@@ -300,6 +335,7 @@ class Term:
                     upload = None
                 if builder is not None:
                     self._uploading = set(builder.chunk_ids)
+                    self._uploading_blob = builder.blob_id
                     upload = asyncio.create_task(self._upload(config.url, builder))
                 else:
                     await self._purge()
@@ -367,13 +403,25 @@ class Term:
         return builder if len(builder) else None
 
     async def _in_index(self, chunk_id: str) -> bool:
-        if chunk_id in self._flushed_recently:
-            return True
-        try:
-            await self.index.get(chunk_location_key(chunk_id))
-        except nats.js.errors.KeyNotFoundError:
-            return False
-        return True
+        """Whether the chunk is in S3 already; if so its location says it was queued
+        again now (a new reference may be committing: not garbage before the grace)."""
+        key = chunk_location_key(chunk_id)
+        async with self.recaller.locks.hold(chunk_id):
+            for _ in range(5):
+                try:
+                    entry = await self.index.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    return False
+                where = ChunkLocation.model_validate_json(entry.value or b"")
+                fresh = where.model_copy(update={"requeued_ms": _now_ms()})
+                try:
+                    await self.index.update(
+                        key, fresh.model_dump_json().encode(), last=entry.revision
+                    )
+                    return True
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
+        raise BusError(f"chunk {chunk_id[:12]}: its location kept changing")
 
     async def _read_all(self, todo: list[Pending]) -> dict[str, bytes]:
         limit = asyncio.Semaphore(self.settings.read_concurrency)
@@ -463,6 +511,7 @@ class Term:
         for entry in index.entries:
             self._done(entry.chunk_id, entry.length)
         self._uploading = set()
+        self._uploading_blob = None
         self.blobs += 1
         log.info(
             "tier.blob_written",
@@ -540,6 +589,101 @@ class Term:
             log.info("tier.copy_done", extra={"url": url, "blobs": len(strays)})
         self.copy_error = None
         self._clean_url = url  # new blobs go to `url`: none can stray until it changes
+
+    # -- garbage and compaction ------------------------------------------------------------
+    async def on_forget(self, msg: Msg) -> bytes:
+        reply = await self.compactor.forget(ForgetRequest.model_validate_json(msg.data))
+        self.forgotten_chunks += reply.forgotten
+        return reply.model_dump_json().encode()
+
+    async def compact_loop(self) -> None:
+        """Every `compact_s`: blobs of the tier's URL whose live share fell below
+        `compact_below` are rewritten (or deleted when nothing in them is live)."""
+        await self._caught_up.wait()
+        while True:
+            await asyncio.sleep(self.settings.compact_s)
+            config = self.config()
+            if config is not None and config.enabled and self.health.reachable:
+                await self.compact(config)
+
+    async def on_compact(self, msg: Msg) -> bytes:
+        """`s3-compact`: a pass now (after the one running, if any)."""
+        await self._caught_up.wait()
+        config = self.config()
+        if config is None or not config.enabled:
+            reply = CompactReply(errors=("no data tier is configured",))
+        else:
+            reply = await self.compact(config)
+        return reply.model_dump_json().encode()
+
+    async def compact(self, config: TierConfig) -> CompactReply:
+        async with self._compacting:
+            started = time.monotonic()
+            busy = {self._uploading_blob} if self._uploading_blob else set()
+            result = await self.compactor.run(config, busy)
+        self.compacted_blobs += result.compacted
+        self.deleted_blobs += result.deleted
+        self.reclaimed_bytes += result.reclaimed
+        self.compact_note = "; ".join(result.errors[:3]) or None
+        reply = CompactReply(
+            compacted=result.compacted,
+            deleted=result.deleted,
+            reclaimed_bytes=result.reclaimed,
+            errors=tuple(result.errors),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        if result.compacted or result.deleted or result.errors:
+            log.info("tier.compact_pass", extra=reply.model_dump())
+        return reply
+
+    # -- eviction (tiered mode) -------------------------------------------------------------
+    async def evict_loop(self) -> None:
+        """A pass over every file every quarter of `evict_after_s` (bounded), while the
+        mode is tiered and S3 answers: what is cold and in S3 leaves flash."""
+        await self._caught_up.wait()
+        while True:
+            config = self.config()
+            if config is not None and config.enabled and config.mode is TierMode.TIERED:
+                await self._evict_pass(config)
+                pause = min(600.0, max(0.5, config.evict_after_s / 4))
+            else:
+                pause = self.settings.probe_s
+            await asyncio.sleep(pause)
+
+    async def _evict_pass(self, config: TierConfig) -> None:
+        if not self.health.reachable:
+            self.evict_note = "S3 unreachable: nothing leaves flash"
+            return
+        facts = self.nodes.facts()
+        # Every store that may serve reads (draining and full ones too): each one's
+        # answer counts for coldness.
+        stores = sorted(
+            n for n in self.nodes.records if facts.in_service(n) and facts.store_fresh(n)
+        )
+        started = time.monotonic()
+        try:
+            result = await self.evictor.run(config, stores)
+        except (PassAborted, FsError) as exc:
+            if self.evict_note != str(exc):
+                log.info("tier.evict_skipped", extra={"reason": str(exc)})
+            self.evict_note = str(exc)
+            return
+        self.evicted_chunks += result.chunks
+        self.evicted_bytes += result.bytes
+        self.evict_pass_ms = _now_ms()
+        self.evict_note = "; ".join(result.errors[:3]) or None
+        if result.chunks or result.unfinished or result.errors:
+            log.info(
+                "tier.evict_pass",
+                extra={
+                    "files": result.files_scanned,
+                    "chunks": result.chunks,
+                    "bytes": result.bytes,
+                    "unfinished": result.unfinished,
+                    "errors": len(result.errors),
+                    "seconds": round(time.monotonic() - started, 2),
+                },
+            )
 
     # -- the watermark ---------------------------------------------------------------------
     async def status_loop(self) -> None:
@@ -657,6 +801,15 @@ class Term:
             copied_blobs=self.copied_blobs,
             copy_error=self.copy_error,
             complete_url=self._clean_url,
+            forgotten_chunks=self.forgotten_chunks,
+            compacted_blobs=self.compacted_blobs,
+            deleted_blobs=self.deleted_blobs,
+            reclaimed_bytes=self.reclaimed_bytes,
+            compact_note=self.compact_note,
+            evicted_chunks=self.evicted_chunks,
+            evicted_bytes=self.evicted_bytes,
+            evict_pass_ms=self.evict_pass_ms,
+            evict_note=self.evict_note,
         )
 
 
@@ -688,6 +841,8 @@ async def lead(ctx: Context) -> None:
         await ctx.bus.serve(tier_flush_subject(site), term.on_flush),
         await ctx.bus.serve(tier_recall_subject(site), term.on_recall),
         await ctx.bus.serve(tier_reindex_subject(site), term.on_reindex),
+        await ctx.bus.serve(tier_forget_subject(site), term.on_forget),
+        await ctx.bus.serve(tier_compact_subject(site), term.on_compact),
     ]
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -695,6 +850,8 @@ async def lead(ctx: Context) -> None:
             tasks.create_task(term.flush_loop(), name="tier flush")
             tasks.create_task(term.status_loop(), name="tier status")
             tasks.create_task(term.copy_loop(), name="tier failover copy")
+            tasks.create_task(term.evict_loop(), name="tier eviction")
+            tasks.create_task(term.compact_loop(), name="tier compaction")
     finally:
         if not ctx.bus.nc.is_closed:
             for sub in subs:

@@ -18,10 +18,19 @@ SPEC = ServiceSpec(
             "{s}.rpc.chunk.*.get",  # a queued chunk's fragments, read from flash
             "{s}.rpc.chunk.*.verify",  # recall: which fragments are still there
             "{s}.rpc.chunk.*.put",  # recall: the missing ones, stored again
+            "{s}.rpc.chunk.*.touched",  # eviction: was the chunk read lately
+            "{s}.rpc.chunk.*.delete",  # eviction: its fragments leave flash
+            "{s}.rpc.meta.*",  # eviction: every file's chunk map (scan_chunks)
             "{s}.cluster.tier.watermark",  # WatermarkChanged
             f"$JS.API.STREAM.PURGE.{TIER.name}",  # the queue below the oldest pending
         ),
-        serve=("{s}.rpc.tier.flush", "{s}.rpc.tier.recall", "{s}.rpc.tier.reindex"),
+        serve=(
+            "{s}.rpc.tier.flush",
+            "{s}.rpc.tier.recall",
+            "{s}.rpc.tier.reindex",
+            "{s}.rpc.tier.forget",  # from backup's GC: chunks outside its keep set
+            "{s}.rpc.tier.compact",  # `s3-compact`: a pass now
+        ),
         read_streams=(TIER.name,),
         read_buckets=(NODES.bucket, TIER_INDEX.bucket),
         write_keys={NODES.bucket: ("tier.state",), TIER_INDEX.bucket: ("chunk.*", "blob.*")},

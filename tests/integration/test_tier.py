@@ -26,7 +26,7 @@ import pytest
 
 from cfs.bus import Bus
 from cfs.client import FileStore, MetadataClient
-from cfs.client.chunks import ChunkStoreClient
+from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.tier import read_blob_records
 from cfs.objstore import S3ObjectStore, S3Settings, S3Url
 from cfs.security import Role
@@ -35,10 +35,11 @@ from cfs.supervisor.s3proxy import S3FaultProxy
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ROOT_INO, ChunkRef
 from cfs_contracts.fs.rpc import FsError
-from cfs_contracts.streams import NODES, TIER_INDEX
+from cfs_contracts.streams import DATA, NODES, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_STATE_KEY,
     ChunkLocation,
+    FlashCopy,
     TierSnapshot,
     TierState,
     blob_object_key,
@@ -48,7 +49,7 @@ from cfs_contracts.tier import (
 from cfs_tierer.blob import read_index
 from tests.integration.test_admin_cli import CFS, cfs
 
-SERVICES = ("metadata-raft", "chunk-store", "s3-tierer")
+SERVICES = ("metadata-raft", "chunk-store", "s3-tierer", "backup")
 BUCKET = "cfs-tier"
 URL = f"s3://{BUCKET}/data"
 KiB = 1024
@@ -96,6 +97,11 @@ def site(
             "CFS_S3_DEADLINE_S": "1.0",
             "CFS_PROBE_S": "0.5",
             "CFS_CRASH_FILE": str(CRASH_FILE(tmp_path_factory)),
+            # Garbage: collected and compacted only when a test asks (`gc`, `s3-compact`).
+            "CFS_GC_INTERVAL_S": "0",
+            "CFS_GC_GRACE_S": "1",
+            "CFS_COMPACT_S": "3600",
+            "CFS_COMPACT_MIN_AGE_S": "1",
         },
     )
     try:
@@ -106,6 +112,13 @@ def site(
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(autouse=True)
+def supervised(site: LocalSite) -> None:
+    """A tierer a test killed -9 comes back before the next test, as systemd or Nomad
+    would bring it back (else a few crash tests leave no standby)."""
+    site.restart_exited()
 
 
 def _tier_config(site: LocalSite, s3_env: dict[str, str], *args: str) -> str:
@@ -151,13 +164,16 @@ async def _until_state(bus: Bus, what: str, check: Any, timeout: float = 60.0) -
 class Client:
     """The mount's role: FileStore over a CLIENT-credentialed connection."""
 
-    def __init__(self, site: LocalSite) -> None:
+    def __init__(self, site: LocalSite, *, cache_bytes: int = 64 * 1024 * KiB) -> None:
         self.site = site
+        self.cache_bytes = cache_bytes
 
     async def __aenter__(self) -> Client:
         self.bus = await self.site.client(role=Role.CLIENT)
         self.meta = MetadataClient(self.bus, deadline_s=30)
-        self.files = FileStore(self.bus, self.meta, client_id=self.bus.node)
+        self.files = FileStore(
+            self.bus, self.meta, client_id=self.bus.node, cache_bytes=self.cache_bytes
+        )
         await self.files.start()
         return self
 
@@ -576,3 +592,169 @@ def test_failover_sends_new_blobs_to_the_target_and_back_copies_them_home(
     asyncio.run(home())
     assert asyncio.run(urls()) == {URL}
     assert asyncio.run(_in_s3(site, s3_direct, ids)) == data
+
+
+@pytest.mark.parametrize("point", ["tier.compact_written", "tier.compact_moved"])
+def test_garbage_leaves_s3_through_gc_and_compaction_despite_a_kill9_mid_compaction(
+    site: LocalSite,
+    s3_env: dict[str, str],
+    s3_direct: S3Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+    point: str,
+) -> None:
+    """Files unlinked: backup's GC unindexes their chunks (its keep set is the live
+    metadata here), compaction rewrites the blobs they leave half empty and deletes the
+    empty ones. The tierer is killed -9 mid-compaction (the new blob written but no
+    location moved; one location moved); the next holder's passes converge: every live
+    chunk in exactly one recorded blob, the dead ones in no blob at all."""
+    rng = random.Random(point)
+    files = {f"gc-{point}-{i}": rng.randbytes(rng.choice([4000, 400 * KiB])) for i in range(6)}
+    kept = f"gc-{point}-0"
+
+    async def write_and_unlink() -> dict[str, list[str]]:
+        async with Client(site) as client:
+            written = await asyncio.gather(*(client.write(n, d) for n, d in files.items()))
+            chunks = dict(zip(files, written, strict=True))
+            await _until_indexed(site, chunks)
+            for name in files:
+                if name != kept:
+                    await client.meta.unlink(ROOT_INO, name)
+        return chunks
+
+    _tier_config(site, s3_env, "--flush-after", "3")  # one blob for them all
+    try:
+        chunks = asyncio.run(write_and_unlink())
+    finally:
+        _tier_config(site, s3_env, "--flush-after", "0.3")
+    dead = {c for name, ids in chunks.items() if name != kept for c in ids}
+    shared = asyncio.run(_holding(site, s3_direct, dead | set(chunks[kept])))
+    assert any(held & dead and held & set(chunks[kept]) for _, held in shared.values()), shared
+    time.sleep(1.5)  # past the grace: the blobs were written before the mark
+    gc = cfs(site, "gc", "--json", timeout=120)
+    assert gc.returncode == 0, (gc.stdout, gc.stderr)
+    report = json.loads(gc.stdout)
+    assert report["tier_forgotten"] >= len(dead), report
+
+    CRASH_FILE(tmp_path_factory).write_text(f"{point}@s3-tierer")
+    time.sleep(1.0)  # the new blobs' minimum age
+    first = cfs(site, "s3-compact", "--json", "--timeout", "15", timeout=60)
+    assert first.returncode != 0, "the compaction should have died at the crash point"
+    assert not CRASH_FILE(tmp_path_factory).exists(), "the crash point was never reached"
+
+    deadline = time.monotonic() + 120
+    while True:
+        again = cfs(site, "s3-compact", "--json", "--timeout", "30", timeout=60)
+        holding = asyncio.run(_holding(site, s3_direct, dead | set(chunks[kept])))
+        recorded = {b: held for b, (rec, held) in holding.items() if rec}
+        live_copies = [len([b for b, held in recorded.items() if c in held]) for c in chunks[kept]]
+        dead_held = {b for b, (_, held) in holding.items() if held & dead}
+        if again.returncode == 0 and live_copies == [1] * len(chunks[kept]) and not dead_held:
+            break
+        assert time.monotonic() < deadline, (again.stdout, again.stderr, holding)
+        time.sleep(1.0)
+    assert asyncio.run(_in_s3(site, s3_direct, chunks[kept])) == files[kept]
+    status = cfs(site, "s3-queue-status")
+    print(f"\n[tier compaction, kill -9 at {point}] {len(dead)} dead chunks gone from S3; "
+          f"{[line for line in status.stdout.splitlines() if 'Garbage' in line]}")  # fmt: skip
+
+
+def test_tiered_mode_evicts_cold_files_keeps_warm_ones_and_recalls_on_read(
+    site: LocalSite, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Tiered mode with a 2 s coldness: files nobody touches leave flash (verified in S3
+    first, marked, fragments deleted), a file read all along stays. The tierer is
+    killed -9 right after marking its first chunk EVICTING; the next holder finishes.
+    Then the consistency check is clean (missing on purpose is no damage), a read
+    brings the data back byte for byte without a damage report, and the chunks are
+    marked present again."""
+    rng = random.Random(15)
+    cold = {f"cold-{i}": rng.randbytes(rng.choice([5000, 700 * KiB])) for i in range(4)}
+    warm = {"warm": rng.randbytes(300 * KiB)}
+
+    async def write() -> dict[str, list[ChunkRef]]:
+        async with Client(site) as client:
+            refs = {}
+            for name, data in {**cold, **warm}.items():
+                ino = (await client.meta.create(ROOT_INO, name)).ino
+                refs[name] = list((await client.files.write_all(ino, data)).chunks)
+        await _until_indexed(site, {n: [r.chunk_id for r in rs] for n, rs in refs.items()})
+        return refs
+
+    refs = asyncio.run(write())
+    CRASH_FILE(tmp_path_factory).write_text("tier.evict_marked@s3-tierer")
+    out = _tier_config(site, s3_env, "--mode", "tiered", "--url", URL, "--evict-after", "2")
+    assert "files unread and unwritten for 2 s leave flash" in out, out
+
+    async def flash(admin: Bus, ref: ChunkRef) -> list[bool]:
+        chunks, held = ChunkStoreClient(admin), []
+        for i, node in enumerate(ref.fragments):
+            try:
+                await chunks.verify(node, fragment_key(ref.chunk_id, ref.scheme, i))
+                held.append(True)
+            except FragmentError:
+                held.append(False)
+        return held
+
+    async def marks(admin: Bus, names: list[str]) -> set[FlashCopy]:
+        index = await admin.key_value(TIER_INDEX.bucket)
+        found = set()
+        for name in names:
+            for ref in refs[name]:
+                entry = await index.get(chunk_location_key(ref.chunk_id))
+                found.add(ChunkLocation.model_validate_json(entry.value or b"").flash)
+        return found
+
+    async def evicted_while_warm_is_read() -> tuple[float, int]:
+        started = time.monotonic()
+        async with Client(site, cache_bytes=0) as reader, await site.client() as admin:
+            ino = (await reader.meta.lookup(ROOT_INO, "warm")).ino
+            while await marks(admin, list(cold)) != {FlashCopy.EVICTED}:
+                assert time.monotonic() - started < 90, await marks(admin, list(cold))
+                assert await reader.files.read_all(ino) == warm["warm"]
+                await asyncio.sleep(0.3)
+            for name in cold:
+                for ref in refs[name]:
+                    assert await flash(admin, ref) == [False] * len(ref.fragments), name
+            assert await marks(admin, ["warm"]) == {FlashCopy.PRESENT}
+            for ref in refs["warm"]:
+                assert all(await flash(admin, ref))
+            damaged = await _damage_reports(admin)
+            return time.monotonic() - started, damaged
+
+    seconds, damaged_before = asyncio.run(evicted_while_warm_is_read())
+    assert not CRASH_FILE(tmp_path_factory).exists(), "the crash point was never reached"
+    status = _admin_s3(site, s3_env, "s3-queue-status")
+    assert "Evicted by" in status, status
+
+    report = cfs(site, "metadata-consistency-check", "--json", timeout=180)
+    checked = json.loads(report.stdout)
+    assert report.returncode == 0, [f["line"] for f in checked["findings"]]
+    notes = checked["notes"]
+    assert any("evicted to S3" in n for n in notes), notes
+
+    # Coldness off for the read-back (else the files could leave again meanwhile).
+    _tier_config(site, s3_env, "--evict-after", "3600")
+
+    async def read_back() -> tuple[dict[str, bytes], set[FlashCopy], int]:
+        async with Client(site) as client:
+            got = {n: await client.files.read_all((await client.meta.lookup(ROOT_INO, n)).ino)
+                   for n in cold}  # fmt: skip
+        async with await site.client() as admin:
+            for name in cold:
+                for ref in refs[name]:
+                    assert all(await flash(admin, ref)), name
+            return got, await marks(admin, list(cold)), await _damage_reports(admin)
+
+    got, after, damaged_after = asyncio.run(read_back())
+    assert got == cold
+    assert after == {FlashCopy.PRESENT}
+    assert damaged_after == damaged_before, "a recall of evicted data reported damage"
+    _tier_config(site, s3_env, "--mode", "cache")
+    print(f"\n[tier tiered] {sum(len(refs[n]) for n in cold)} chunks evicted within "
+          f"{seconds:.1f} s of tiered mode (evict-after 2 s), read back identical")  # fmt: skip
+
+
+async def _damage_reports(admin: Bus) -> int:
+    """FragmentDamaged events so far on this site's DATA stream."""
+    info = await admin.js.stream_info(DATA.name, subjects_filter=f"cfs.{admin.site}.data.*.damaged")
+    return sum((info.state.subjects or {}).values())

@@ -70,7 +70,7 @@ def init(
         ),
     ] = None,
     tier: Annotated[
-        TierMode, typer.Option("--tier", help="data tier: off, or cache (needs --tier-url)")
+        TierMode, typer.Option("--tier", help="data tier: off, cache or tiered (needs --tier-url)")
     ] = TierMode.OFF,
     tier_url: Annotated[
         str | None, typer.Option("--tier-url", help="s3://bucket/prefix of the data tier")
@@ -78,8 +78,9 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Provision every stream and bucket, record the cluster's shape, write its config.
-    With `--tier cache --tier-url s3://…` every file's data also goes to S3 (changeable
-    later with `cfs admin tier-config`).
+    With `--tier cache --tier-url s3://…` every file's data also goes to S3; with
+    `--tier tiered`, cold files then leave flash (changeable later with
+    `cfs admin tier-config`).
 
     Running it again with the same shape changes nothing; another shard count or
     name is refused (exit 1)."""
@@ -88,7 +89,12 @@ def init(
     except ClusterInitError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
     if (tier is TierMode.OFF) != (tier_url is None):
-        raise CliError("--tier cache goes with --tier-url s3://bucket/prefix", ExitCode.USAGE)
+        raise CliError(
+            f"--tier {tier.value} goes with --tier-url s3://bucket/prefix"
+            if tier is not TierMode.OFF
+            else "--tier-url goes with --tier cache or --tier tiered",
+            ExitCode.USAGE,
+        )
     settings = client_settings(cluster, site)
     directory = config_dir or _default_config_dir()
     # The site's own keys when the config names them (a dev site), else new ones.

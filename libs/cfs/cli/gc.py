@@ -103,6 +103,18 @@ def describe(report: GcReport) -> list[str]:
         )
     if report.unreachable:
         lines.append(f"  not answering (skipped): {', '.join(report.unreachable)}")
+    if report.tier_candidates or report.tier_note:
+        lines.append(
+            f"  S3 tier: {report.tier_candidates} chunks outside the keep set"
+            + (
+                f" ({report.tier_note})"
+                if report.tier_note
+                else f", {report.tier_forgotten} unindexed (compaction frees their space), "
+                f"{report.tier_young} younger than the grace"
+                if not report.dry_run
+                else ", would be unindexed"
+            )
+        )
     if report.message:
         lines.append(f"  {report.message}")
     for d in report.deletions:

@@ -6,6 +6,7 @@
     cfs admin s3-failover --target s3://backup-bucket | --back
     cfs admin restore-data --from-s3 [--url s3://bucket/prefix]
     cfs admin s3-snapshot --output s3://bucket/prefix
+    cfs admin s3-compact                rewrite half-empty blobs now, delete empty ones
 
 Both reports read `tier.state`, which the active s3-tierer rewrites every second; a
 state older than a few seconds is reported as such (the tierer is not running).
@@ -40,6 +41,8 @@ from cfs_contracts.tier import (
     TIER_CONFIG_KEY,
     TIER_STATE_KEY,
     ChunkPlacement,
+    CompactReply,
+    CompactRequest,
     RecallReply,
     RecallRequest,
     ReindexReply,
@@ -49,6 +52,7 @@ from cfs_contracts.tier import (
     TierSnapshot,
     TierSnapshotBlob,
     TierState,
+    tier_compact_subject,
     tier_recall_subject,
     tier_reindex_subject,
 )
@@ -111,15 +115,10 @@ async def change_tier(bus: Bus, changes: Mapping[str, object]) -> TierConfig:
         wanted = TierConfig.model_validate(data)
     except ValueError as exc:
         raise CliError(f"refused: {exc}", ExitCode.USAGE) from None
-    if wanted.mode is TierMode.TIERED:
-        raise CliError(
-            "tiered mode (cold data evicted from flash, recalled on read) is not in this "
-            "release yet: use cache (S3 holds a copy of everything; reads of chunks lost "
-            "from flash are recalled from S3 already)",
-            ExitCode.USAGE,
-        )
     if wanted.mode is not TierMode.OFF and wanted.url is None:
-        raise CliError("the cache mode needs a URL: s3://bucket/prefix", ExitCode.USAGE)
+        raise CliError(
+            f"the {wanted.mode.value} mode needs a URL: s3://bucket/prefix", ExitCode.USAGE
+        )
     if wanted.url is not None and wanted.url != (current.url if current else None):
         try:
             async with open_store(wanted.url, s3_settings()) as store:
@@ -160,6 +159,16 @@ def tier_config(
     write_through_wait_s: Annotated[
         float | None, typer.Option("--write-through-wait", help="seconds, then EIO")
     ] = None,
+    evict_after_s: Annotated[
+        float | None,
+        typer.Option(
+            "--evict-after", help="tiered: seconds a file goes unread and unwritten, then off flash"
+        ),
+    ] = None,
+    compact_below: Annotated[
+        float | None,
+        typer.Option("--compact-below", help="a blob whose live share is below this is rewritten"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show or change the data tier (mode, bucket, watermarks); without options, show it.
@@ -177,6 +186,8 @@ def tier_config(
             "full": full,
             "flush_after_s": flush_after_s,
             "write_through_wait_s": write_through_wait_s,
+            "evict_after_s": evict_after_s,
+            "compact_below": compact_below,
         }.items()
         if value is not None
     }
@@ -196,6 +207,11 @@ def tier_config(
         f"ENOSPC at {config.full:.0%} of "
         + (size(config.flash_bytes) if config.flash_bytes else "each store's capacity")
         + f"; blobs sealed after {config.flush_after_s:g} s"
+        + (
+            f"; files unread and unwritten for {config.evict_after_s:g} s leave flash"
+            if config.mode is TierMode.TIERED
+            else ""
+        )
     )
 
 
@@ -322,6 +338,21 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
         f"Flushed by {state.holder}: {state.flushed_chunks} chunks "
         f"({size(state.flushed_bytes)}) in {state.blobs_written} blobs"
     )
+    if state.forgotten_chunks or state.compacted_blobs or state.deleted_blobs:
+        lines.append(
+            f"Garbage by {state.holder}: {state.forgotten_chunks} chunks unindexed, "
+            f"{state.compacted_blobs} blobs compacted, {state.deleted_blobs} deleted, "
+            f"{size(state.reclaimed_bytes)} reclaimed"
+        )
+    if state.compact_note:
+        lines.append(f"Compaction waiting: {state.compact_note}")
+    if state.mode is TierMode.TIERED:
+        lines.append(
+            f"Evicted by {state.holder}: {state.evicted_chunks} chunks "
+            f"({size(state.evicted_bytes)}) off flash"
+            + (f"; last pass {_age(state.evict_pass_ms, now_ms)}" if state.evict_pass_ms else "")
+            + (f"; {state.evict_note}" if state.evict_note else "")
+        )
     return lines
 
 
@@ -583,3 +614,38 @@ def s3_snapshot(
         f"Data tier snapshot {where}: {len(snapshot.blobs)} blobs ({size(snapshot.bytes)}), "
         f"{snapshot.chunks} chunks; every chunk queued before it is included"
     )
+
+
+@app.command("s3-compact")
+@one_line_errors
+def s3_compact(
+    ctx: typer.Context,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the pass")
+    ] = 3600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a compaction pass of the data tier now (it also runs every few minutes).
+
+    Blobs whose live share fell below the threshold are rewritten with their live
+    chunks, and blobs with nothing live are deleted. Chunks are unindexed first by the
+    backup service's `cfs admin gc`, which keeps everything a retained snapshot or the
+    archived journal can still name."""
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> CompactReply:
+        msg = await _ask(bus, tier_compact_subject(bus.site), CompactRequest(), timeout)
+        return CompactReply.model_validate_json(msg.data)
+
+    reply = _session(settings, work)
+    if as_json:
+        typer.echo(reply.model_dump_json(indent=2))
+    else:
+        typer.echo(
+            f"Compaction: {reply.compacted} blobs rewritten, {reply.deleted} deleted, "
+            f"{size(reply.reclaimed_bytes)} reclaimed in {reply.seconds:.1f} s"
+        )
+        for error in reply.errors:
+            typer.echo(f"  waiting: {error}")
+    if reply.errors:
+        raise typer.Exit(ExitCode.FAILED)

@@ -24,6 +24,7 @@ from cfs_contracts.data import (
     RebuildRequest,
     StoreReply,
     StoreStatus,
+    TouchedRequest,
     Verb,
     chunk_rpc_subject,
 )
@@ -112,6 +113,15 @@ class ChunkStoreClient:
 
     async def list(self, node: str, request: ListRequest) -> StoreReply:
         return await self._control(node, "list", "", request.model_dump_json().encode(), {})
+
+    async def touched(
+        self, node: str, chunk_ids: tuple[str, ...], since_ms: int
+    ) -> tuple[set[str], int]:
+        """Those of `chunk_ids` read or written on `node` since `since_ms`, and from when
+        the node's history is known (older accesses are not)."""
+        request = TouchedRequest(chunk_ids=chunk_ids, since_ms=since_ms)
+        reply = await self._control(node, "touched", "", request.model_dump_json().encode(), {})
+        return set(reply.touched), reply.history_from_ms or since_ms
 
     async def stat(self, node: str) -> StoreStatus:
         reply = await self._control(node, "stat", "", b"", {})

@@ -225,39 +225,47 @@ class FileStore:
         scheme = Scheme.parse(ref.scheme)
         if len(ref.fragments) != scheme.total:
             raise FsError(errno.EIO, f"inode {ino} chunk {ref.index}: chunk map is malformed")
-        failures: list[str] = []
-
-        def failed(exc: FragmentError) -> None:
-            failures.append(str(exc))
-            self._report(ino, exc)
-
+        failures: list[FragmentError] = []
         holders = dict(enumerate(ref.fragments))
         try:
-            got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failed)
+            got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failures.append)
         except Unrecoverable as exc:
-            got = await self._recalled(ino, ref, scheme, holders, exc)
+            got, evicted = await self._recalled(ino, ref, scheme, holders, exc, failures)
+            if evicted:
+                failures.clear()  # off flash on purpose (tiered mode): no damage to report
         data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
+        for failure in failures:
+            self._report(ino, failure)
         if failures:
             log.warning(
                 "data.degraded_read",
-                extra={"ino": ino, "chunk": ref.chunk_id, "failures": failures},
+                extra={"ino": ino, "chunk": ref.chunk_id, "failures": [str(f) for f in failures]},
             )
         self._cache.put(ref.chunk_id, data)
         return data
 
     async def _recalled(
-        self, ino: int, ref: ChunkRef, scheme: Scheme, holders: dict[int, str], exc: Exception
-    ) -> dict[int, bytes]:
+        self,
+        ino: int,
+        ref: ChunkRef,
+        scheme: Scheme,
+        holders: dict[int, str],
+        exc: Exception,
+        failures: list[FragmentError],
+    ) -> tuple[dict[int, bytes], bool]:
         """Fewer than k fragments on flash (evicted, or lost with every node): the data
-        tier puts the chunk back from S3 and it is read again; EIO says why not."""
+        tier puts the chunk back from S3 and it is read again (with whether it had been
+        evicted); EIO says why not, after the damage is reported."""
         why = None
         if self.nodes.tier_config is not None:
-            why = await self.tier.recall(ref, ino)
+            why, evicted = await self.tier.recall(ref, ino)
             if why is None:
                 try:
-                    return await gather(self.chunks, ref.chunk_id, scheme, holders)
+                    return await gather(self.chunks, ref.chunk_id, scheme, holders), evicted
                 except Unrecoverable as again:
                     exc, why = again, "recalled, still unreadable"
+        for failure in failures:
+            self._report(ino, failure)
         raise FsError(
             errno.EIO,
             f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: {exc}"

@@ -25,6 +25,7 @@ import errno
 import logging
 
 import nats.errors
+import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
@@ -32,8 +33,10 @@ from cfs.client.nodes import NodeView
 from cfs_contracts.events.tier import ChunkQueued
 from cfs_contracts.fs.records import ChunkRef
 from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.streams import TIER_INDEX
 from cfs_contracts.tier import (
     BlobRecord,
+    ChunkLocation,
     ChunkPlacement,
     FlushReply,
     FlushRequest,
@@ -42,6 +45,7 @@ from cfs_contracts.tier import (
     TierState,
     WritePolicy,
     blob_record_key,
+    chunk_location_key,
     tier_flush_subject,
     tier_recall_subject,
 )
@@ -112,9 +116,10 @@ class TierGate:
         if reply.error is not None or chunk_id not in reply.flushed:
             raise FsError(errno.EIO, f"{why}: {reply.error or 'chunk not flushed'}")
 
-    async def recall(self, ref: ChunkRef, ino: int) -> str | None:
+    async def recall(self, ref: ChunkRef, ino: int) -> tuple[str | None, bool]:
         """Have the tierer put a chunk with fewer than k fragments on flash back from
-        S3; None when it did, else why not (for the read's EIO)."""
+        S3: (None when it did, else why not, for the read's EIO; whether the chunk had
+        been evicted on purpose)."""
         placement = ChunkPlacement(
             chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme, fragments=ref.fragments
         )
@@ -124,17 +129,23 @@ class TierGate:
                 tier_recall_subject(self.bus.site), request, timeout=RECALL_TIMEOUT_S
             )
         except NoResponders:
-            return "no s3-tierer is running"
+            return "no s3-tierer is running", False
         except BusError as exc:
-            return str(exc)
+            return str(exc), False
         reply = RecallReply.model_validate_json(msg.data)
+        evicted = ref.chunk_id in reply.evicted
         if reply.failed:
-            return "; ".join(reply.failed)
+            return "; ".join(reply.failed), evicted
         log.info(
             "data.recalled",
-            extra={"ino": ino, "chunk": ref.chunk_id, "fragments": reply.restored_fragments},
+            extra={
+                "ino": ino,
+                "chunk": ref.chunk_id,
+                "fragments": reply.restored_fragments,
+                "evicted": evicted,
+            },
         )
-        return None
+        return None, evicted
 
 
 def _s3_words(state: TierState | None) -> str:
@@ -145,18 +156,62 @@ def _s3_words(state: TierState | None) -> str:
     return f"S3 unreachable: {state.s3.error or 'no answer'}"
 
 
+class TierIndex:
+    """Reads of the `tier` bucket for those who only ask "is this chunk off flash on
+    purpose?" (repair, the consistency check); opened on first use, never cached (a
+    recalled chunk is on flash again, and its damage is damage)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._kv: KeyValue | None = None
+
+    async def location(self, chunk_id: str) -> ChunkLocation | None:
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.key_value(TIER_INDEX.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return None  # a cluster from before the data tier
+        try:
+            entry = await self._kv.get(chunk_location_key(chunk_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return ChunkLocation.model_validate_json(entry.value or b"")
+
+    async def off_flash(self, chunk_id: str) -> bool:
+        """True when the chunk was evicted (tiered mode): missing fragments are no damage."""
+        where = await self.location(chunk_id)
+        return where is not None and where.off_flash
+
+
 async def read_blob_records(index: KeyValue) -> list[BlobRecord]:
     """Every blob's record in the `tier` bucket (a watch of `blob.*` only: the chunk
     locations, many more, are not read)."""
-    records = []
-    watcher = await index.watch(blob_record_key("*"), ignore_deletes=True)
+    return [
+        BlobRecord.model_validate_json(value)
+        for _, value, _ in await read_entries(index, blob_record_key("*"))
+    ]
+
+
+async def read_locations(index: KeyValue) -> list[tuple[str, ChunkLocation, int]]:
+    """Every chunk location: (chunk id, location, revision for a compare-and-set)."""
+    prefix = chunk_location_key("")
+    return [
+        (key[len(prefix) :], ChunkLocation.model_validate_json(value), revision)
+        for key, value, revision in await read_entries(index, chunk_location_key("*"))
+    ]
+
+
+async def read_entries(index: KeyValue, pattern: str) -> list[tuple[str, bytes, int]]:
+    """(key, value, revision) of every live key matching `pattern`, from one watch."""
+    found = []
+    watcher = await index.watch(pattern, ignore_deletes=True)
     try:
         async for entry in watcher:
             if entry is None:
                 break
             if entry.value:
-                records.append(BlobRecord.model_validate_json(entry.value))
+                found.append((entry.key, entry.value, entry.revision or 0))
     finally:
         with contextlib.suppress(nats.errors.Error, TimeoutError):
             await watcher.stop()  # type: ignore[no-untyped-call]
-    return records
+    return found
