@@ -230,9 +230,8 @@ class FileStore:
         try:
             got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failures.append)
         except Unrecoverable as exc:
-            got, evicted = await self._recalled(ino, ref, scheme, holders, exc, failures)
-            if evicted:
-                failures.clear()  # off flash on purpose (tiered mode): no damage to report
+            got = await self._recalled(ino, ref, scheme, holders, exc, failures)
+            failures.clear()  # the recall put back what was missing: nothing to repair
         data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
         for failure in failures:
             self._report(ino, failure)
@@ -252,16 +251,16 @@ class FileStore:
         holders: dict[int, str],
         exc: Exception,
         failures: list[FragmentError],
-    ) -> tuple[dict[int, bytes], bool]:
+    ) -> dict[int, bytes]:
         """Fewer than k fragments on flash (evicted, or lost with every node): the data
-        tier puts the chunk back from S3 and it is read again (with whether it had been
-        evicted); EIO says why not, after the damage is reported."""
+        tier puts the chunk back from S3 and it is read again; EIO says why not, after
+        the damage is reported."""
         why = None
         if self.nodes.tier_config is not None:
-            why, evicted = await self.tier.recall(ref, ino)
+            why = await self.tier.recall(ref, ino)
             if why is None:
                 try:
-                    return await gather(self.chunks, ref.chunk_id, scheme, holders), evicted
+                    return await gather(self.chunks, ref.chunk_id, scheme, holders)
                 except Unrecoverable as again:
                     exc, why = again, "recalled, still unreadable"
         for failure in failures:

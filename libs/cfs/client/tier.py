@@ -116,10 +116,9 @@ class TierGate:
         if reply.error is not None or chunk_id not in reply.flushed:
             raise FsError(errno.EIO, f"{why}: {reply.error or 'chunk not flushed'}")
 
-    async def recall(self, ref: ChunkRef, ino: int) -> tuple[str | None, bool]:
+    async def recall(self, ref: ChunkRef, ino: int) -> str | None:
         """Have the tierer put a chunk with fewer than k fragments on flash back from
-        S3: (None when it did, else why not, for the read's EIO; whether the chunk had
-        been evicted on purpose)."""
+        S3; None when it did, else why not (for the read's EIO)."""
         placement = ChunkPlacement(
             chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme, fragments=ref.fragments
         )
@@ -129,23 +128,22 @@ class TierGate:
                 tier_recall_subject(self.bus.site), request, timeout=RECALL_TIMEOUT_S
             )
         except NoResponders:
-            return "no s3-tierer is running", False
+            return "no s3-tierer is running"
         except BusError as exc:
-            return str(exc), False
+            return str(exc)
         reply = RecallReply.model_validate_json(msg.data)
-        evicted = ref.chunk_id in reply.evicted
         if reply.failed:
-            return "; ".join(reply.failed), evicted
+            return "; ".join(reply.failed)
         log.info(
             "data.recalled",
             extra={
                 "ino": ino,
                 "chunk": ref.chunk_id,
                 "fragments": reply.restored_fragments,
-                "evicted": evicted,
+                "evicted": ref.chunk_id in reply.evicted,
             },
         )
-        return None, evicted
+        return None
 
 
 def _s3_words(state: TierState | None) -> str:
