@@ -82,6 +82,7 @@ def test_make_run_from_a_fresh_clone(tmp_path: Path) -> None:
             time.sleep(0.5)
         output = log_path.read_text()
         assert 'Node "storage-1" is UP' in output, output[-3000:]
+        assert "Data tier: cache, s3://cfs-dev-tier/data" in output, output[-3000:]
         assert (mnt / "data" / "sample-6MiB.bin").stat().st_size == 6 * 1024 * 1024
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C: make itself then reports "Interrupt"
         make.wait(timeout=120)

@@ -26,7 +26,13 @@ from rich.table import Table
 
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.supervisor import SupervisorError
-from cfs.supervisor.devcluster import CLUSTER_FILE, LOG_FILE, DevCluster, DevControl
+from cfs.supervisor.devcluster import (
+    CLUSTER_FILE,
+    DEV_TIER_URL,
+    LOG_FILE,
+    DevCluster,
+    DevControl,
+)
 from cfs.supervisor.topology import Topology
 
 app = typer.Typer(
@@ -300,10 +306,18 @@ class _MountProcess:
         await asyncio.to_thread(
             self.proc.wait_until, lambda: is_fuse_mount(self.mnt), 60.0, f"{self.mnt} mounted"
         )
+        env = {**os.environ, "CFS_CONFIG": str(cluster.state_dir / CLUSTER_FILE)}
+        if cluster.s3 is not None:  # the data tier in cache mode on the site's S3 server
+            tier = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "cfs.cli", "admin", "tier-config", "--mode", "cache",
+                 "--url", DEV_TIER_URL],
+                env=env, check=False, capture_output=True, text=True,
+            )  # fmt: skip
+            console.print((tier.stdout or tier.stderr).strip())
         written = await asyncio.to_thread(_write_sample_tree, self.mnt)
         _print_status(status)
         console.print(f"mounted at [bold]{self.mnt}[/]; sample tree: {written}")
-        env = {**os.environ, "CFS_CONFIG": str(cluster.state_dir / CLUSTER_FILE)}
         await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "cfs.cli", "admin", "status"],

@@ -56,6 +56,7 @@ Hook = Callable[["DevCluster"], Awaitable[None]]
 
 
 DEV_ARCHIVE_URL = "s3://cfs-dev-backups/archive"
+DEV_TIER_URL = "s3://cfs-dev-tier/data"  # `make run` sets the data tier to cache mode here
 
 
 class DevCluster:
