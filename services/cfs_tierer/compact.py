@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from cfs.client.tier import read_blob_records, read_locations
+from cfs.client.tier import read_blob_records, read_location, read_locations
 from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.objstore import ObjectStore, ObjectStoreError
@@ -254,7 +254,7 @@ class Compactor:
     async def _delete_if_unnamed(self, record: BlobRecord, held: list[str]) -> bool:
         """Delete the blob (then its record) when no location of a chunk it holds names
         it any more (a reindex may have pointed one there since the plan)."""
-        found = await asyncio.gather(*(self._location(c) for c in held))
+        found = await asyncio.gather(*(read_location(self.index, c) for c in held))
         still = [
             c
             for c, where in zip(held, found, strict=True)
@@ -267,13 +267,6 @@ class Compactor:
         crash_point("tier.compact_emptied")  # the object gone, its record not yet
         await self.index.delete(blob_record_key(record.blob_id))
         return True
-
-    async def _location(self, chunk_id: str) -> ChunkLocation | None:
-        try:
-            entry = await self.index.get(chunk_location_key(chunk_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return ChunkLocation.model_validate_json(entry.value or b"")
 
     async def _record(self, blob_id: str) -> BlobRecord | None:
         try:

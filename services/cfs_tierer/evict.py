@@ -35,6 +35,7 @@ from nats.js.kv import KeyValue
 
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.metadata import MetadataClient
+from cfs.client.tier import read_location
 from cfs.faults import crash_point
 from cfs.objstore import ObjectStoreError
 from cfs_contracts.data import fragment_key
@@ -141,7 +142,7 @@ class Evictor:
         ids = sorted({ref.chunk_id for inode in old for ref in inode.chunks})
         if not ids:
             return
-        found = await asyncio.gather(*(self._location(c) for c in ids))
+        found = await asyncio.gather(*(read_location(self.index, c) for c in ids))
         where = {c: loc for c, loc in zip(ids, found, strict=True) if loc is not None}
         on_flash = tuple(c for c, loc in where.items() if loc.flash is not FlashCopy.EVICTED)
         touched = await self._touched(on_flash, stores, cut_ms)
@@ -155,13 +156,6 @@ class Evictor:
             elif outcome > 0:
                 result.chunks += 1
                 result.bytes += outcome
-
-    async def _location(self, chunk_id: str) -> ChunkLocation | None:
-        try:
-            entry = await self.index.get(chunk_location_key(chunk_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return ChunkLocation.model_validate_json(entry.value or b"")
 
     async def _touched(
         self, chunk_ids: tuple[str, ...], stores: Sequence[str], cut_ms: int

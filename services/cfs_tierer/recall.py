@@ -26,6 +26,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from cfs.client.chunks import ChunkStoreClient, FragmentError
+from cfs.client.tier import read_location
 from cfs.erasure import Scheme, encode_some
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs_contracts.data import fragment_key
@@ -115,19 +116,14 @@ class Recaller:
 
     async def _back_on_flash(self, chunk_id: str) -> bool:
         """Mark an evicted chunk PRESENT again; True if it was off flash on purpose."""
-        key = chunk_location_key(chunk_id)
-        try:
-            entry = await self.index.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return False
-        where = ChunkLocation.model_validate_json(entry.value or b"")
-        if not where.off_flash:
+        where = await read_location(self.index, chunk_id)
+        if where is None or not where.off_flash:
             return False
         back = where.model_copy(
             update={"flash": FlashCopy.PRESENT, "flash_changed_ms": time.time_ns() // 1_000_000}
         )
         # Under the chunk's lock: only a reindex could race, and it writes PRESENT too.
-        await self.index.put(key, back.model_dump_json().encode())
+        await self.index.put(chunk_location_key(chunk_id), back.model_dump_json().encode())
         return True
 
     async def _one(self, chunk: ChunkPlacement) -> tuple[int, int, int]:
@@ -163,11 +159,9 @@ class Recaller:
 
     async def read(self, chunk_id: str) -> bytes:
         """The chunk's bytes from its blob, checked against its id."""
-        try:
-            entry = await self.index.get(chunk_location_key(chunk_id))
-        except nats.js.errors.KeyNotFoundError:
-            raise NotInS3(f"chunk {chunk_id[:12]} is not in the S3 tier's index") from None
-        where = ChunkLocation.model_validate_json(entry.value or b"")
+        where = await read_location(self.index, chunk_id)
+        if where is None:
+            raise NotInS3(f"chunk {chunk_id[:12]} is not in the S3 tier's index")
         record = await self._record(where.blob_id)
         data = await self._store(record.url).get_range(
             blob_object_key(where.blob_id), where.offset, where.length

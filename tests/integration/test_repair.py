@@ -22,9 +22,11 @@ from cfs.lifecycle import set_lifecycle
 from cfs.supervisor import LocalSite
 from cfs_contracts.data import ListRequest, fragment_key
 from cfs_contracts.envelope import Envelope
+from cfs_contracts.events.data import FragmentDamaged
 from cfs_contracts.fs.records import DEFAULT_CHUNK_SIZE, ROOT_INO, Inode
 from cfs_contracts.members import Lifecycle, NodeAdmin, admin_key
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import NODES, TIER_INDEX
+from cfs_contracts.tier import ChunkLocation, FlashCopy, chunk_location_key
 
 CS = DEFAULT_CHUNK_SIZE
 SIZES = [1, CS - 1, CS + 1, 2 * CS + 99, 5000, 3 * CS]
@@ -119,6 +121,47 @@ async def test_removing_a_dead_node_restores_full_redundancy(site: LocalSite) ->
 
 
 # retry.waiting: repair's metadata requests while the killed nodes' leases move.
+@pytest.mark.expected_logs("member.down", "retry.waiting")
+async def test_an_evicted_chunk_is_neither_lost_nor_damage_for_repair(site: LocalSite) -> None:
+    """Tiered mode's contract with repair: a chunk marked EVICTED in the tier index has
+    no fragment on flash on purpose (S3 holds it; a read recalls it). A damage report
+    for one of its fragments is no error, and removing a node its chunk map names
+    completes with nothing lost, while the other files are re-protected as usual."""
+    bus = await site.client()
+    meta = MetadataClient(bus)
+    files = FileStore(bus, meta, client_id="writer")
+    await files.start()
+    try:
+        cold = await meta.create(ROOT_INO, "cold")
+        await files.write_all(cold.ino, random.Random(3).randbytes(CS))
+        kept = await meta.create(ROOT_INO, "kept")
+        await files.write_all(kept.ino, random.Random(4).randbytes(CS))
+        chunk = (await meta.getattr(cold.ino)).chunks[0]
+        index = await bus.key_value(TIER_INDEX.bucket)
+        where = ChunkLocation(blob_id="b", offset=0, length=CS, sha256=chunk.chunk_id,
+                              flash=FlashCopy.EVICTED)  # fmt: skip
+        await index.put(chunk_location_key(chunk.chunk_id), where.model_dump_json().encode())
+        chunks = ChunkStoreClient(bus)
+        keys = [fragment_key(chunk.chunk_id, chunk.scheme, i) for i in range(6)]
+        for node, key in zip(chunk.fragments, keys, strict=True):
+            await chunks.delete(node, key)  # what the eviction does after the mark
+        report = FragmentDamaged(node_id=chunk.fragments[1], key=keys[1], reason="missing",
+                                 reported_by="storage-1/scrub", ino=cold.ino)  # fmt: skip
+        await bus.publish(bus.event(report))
+        victim = chunk.fragments[0]
+        site.kill9(victim)
+        done = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.repair.{victim}.completed", 90))
+        await _set_lifecycle(bus, victim, Lifecycle.REMOVED)
+        completed = await done
+        assert completed["chunks_lost"] == 0, completed
+        await _check_redundancy(bus, await _inodes(meta, [kept.ino]), victim)
+    finally:
+        await files.close()
+        await bus.close()
+    logs = "".join(p.read_text() for p in (site.base_dir / "logs").glob("*.repair.log"))
+    assert "repair.chunk_in_s3" in logs and "repair.fragment_in_s3" in logs
+
+
 @pytest.mark.expected_logs("member.down", "repair.chunk_lost", "retry.waiting")
 async def test_a_chunk_with_too_few_fragments_left_is_reported_lost_by_path(
     site: LocalSite,

@@ -169,16 +169,21 @@ class TierIndex:
                 self._kv = await self.bus.key_value(TIER_INDEX.bucket)
             except nats.js.errors.BucketNotFoundError:
                 return None  # a cluster from before the data tier
-        try:
-            entry = await self._kv.get(chunk_location_key(chunk_id))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        return ChunkLocation.model_validate_json(entry.value or b"")
+        return await read_location(self._kv, chunk_id)
 
     async def off_flash(self, chunk_id: str) -> bool:
         """True when the chunk was evicted (tiered mode): missing fragments are no damage."""
         where = await self.location(chunk_id)
         return where is not None and where.off_flash
+
+
+async def read_location(index: KeyValue, chunk_id: str) -> ChunkLocation | None:
+    """Where the chunk is in S3 (and whether it is on flash too), or None: not in S3."""
+    try:
+        entry = await index.get(chunk_location_key(chunk_id))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return ChunkLocation.model_validate_json(entry.value or b"")
 
 
 async def read_blob_records(index: KeyValue) -> list[BlobRecord]:
