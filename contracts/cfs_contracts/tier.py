@@ -226,6 +226,7 @@ class TierState(BaseModel):
     )
     compacted_blobs: int = Field(default=0, ge=0, description="by this holder: rewritten")
     deleted_blobs: int = Field(default=0, ge=0, description="by this holder: nothing live left")
+    orphan_blobs: int = Field(default=0, ge=0, description="by this holder: unrecorded, deleted")
     reclaimed_bytes: int = Field(default=0, ge=0, description="by this holder, from S3")
     compact_note: str | None = None
     evicted_chunks: int = Field(default=0, ge=0, description="by this holder (tiered)")
@@ -337,6 +338,7 @@ class CompactReply(BaseModel):
 
     compacted: int = Field(default=0, ge=0, description="blobs rewritten with their live chunks")
     deleted: int = Field(default=0, ge=0, description="blobs with nothing live, deleted")
+    orphans: int = Field(default=0, ge=0, description="unrecorded blobs served elsewhere, deleted")
     reclaimed_bytes: int = Field(default=0, ge=0)
     errors: tuple[str, ...] = ()
     seconds: float = Field(default=0.0, ge=0)

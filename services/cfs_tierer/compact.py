@@ -21,6 +21,12 @@ the next pass, which compacts it again. What a crash can leave is an unreference
 (the new blob's unmoved chunks, or a new blob without its record): space, never data.
 A location that changed meanwhile (a recall, an eviction, a write queued again) fails
 its compare-and-set and is looked at again; only a blob no location names is deleted.
+
+Orphans (a blob PUT whose writer died before recording it) are found by a LIST of the
+tier's URL, at most every `orphan_sweep_s`: an unrecorded blob older than the minimum
+age goes only when every chunk it holds is located in another, recorded blob. So the
+index being empty (a total loss before `restore-data` reindexed the bucket) or a chunk
+being only there can never make a blob an orphan: space may stay, data never goes.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cfs.faults import crash_point
 from cfs.ids import new_id
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs_contracts.tier import (
+    BLOB_KEY_PREFIX,
     BlobRecord,
     ChunkLocation,
     ForgetReply,
@@ -102,10 +109,24 @@ def to_compact(
 
 
 # -- the work (I/O) --------------------------------------------------------------------------
+def orphan(blob_id: str, held: Iterable[str], where: dict[str, ChunkLocation | None],
+           recorded: set[str]) -> bool:  # fmt: skip
+    """An unrecorded blob is garbage only if each chunk it holds is served by another
+    recorded blob (an empty index makes nothing an orphan)."""
+    if blob_id in recorded:
+        return False
+    for chunk_id in held:
+        at = where.get(chunk_id)
+        if at is None or at.blob_id == blob_id or at.blob_id not in recorded:
+            return False
+    return True
+
+
 @dataclass
 class CompactResult:
     compacted: int = 0
     deleted: int = 0
+    orphans: int = 0
     reclaimed: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -154,10 +175,18 @@ class Compactor:
             log.info("tier.forgotten", extra={"chunks": forgotten, "young": young_count})
         return ForgetReply(forgotten=forgotten, young=young_count, gone=gone)
 
-    async def run(self, config: TierConfig, busy: set[str]) -> CompactResult:
-        """One pass over the index; `busy`: blobs being written right now."""
+    async def run(
+        self, config: TierConfig, busy: set[str], *, orphans: bool = False
+    ) -> CompactResult:
+        """One pass over the index (and the bucket's orphans if asked); `busy`: blobs
+        being written right now."""
         assert config.url is not None
         result = CompactResult()
+        if orphans:
+            try:
+                await self.sweep_orphans(config.url, result)
+            except ObjectStoreError as exc:
+                result.errors.append(f"orphan sweep: {exc}")
         records = await read_blob_records(self.index)
         before_ms = _now_ms() - int(self.min_age_s * 1000)
         plan = to_compact(
@@ -189,6 +218,29 @@ class Compactor:
                 )
                 break  # S3 is failing: the next pass tries again
         return result
+
+    async def sweep_orphans(self, url: str, result: CompactResult) -> None:
+        """Unrecorded blobs under `url` whose every chunk is served elsewhere (`orphan`)."""
+        store = self._store(url)
+        recorded = {r.blob_id for r in await read_blob_records(self.index)}
+        before_ms = _now_ms() - int(self.min_age_s * 1000)
+        async for info in store.list(BLOB_KEY_PREFIX):
+            blob_id = info.key.removeprefix(BLOB_KEY_PREFIX)
+            if blob_id in recorded or info.last_modified_ms >= before_ms:
+                continue
+            try:
+                entries = await blob_entries(store, info.key, blob_id, info.size)
+            except BlobError as exc:
+                log.warning("tier.orphan_unreadable", extra={"blob": blob_id, "error": str(exc)})
+                continue
+            held = [e.chunk_id for e in entries]
+            found = await asyncio.gather(*(read_location(self.index, c) for c in held))
+            if not orphan(blob_id, held, dict(zip(held, found, strict=True)), recorded):
+                continue
+            await store.delete(info.key)
+            result.orphans += 1
+            result.reclaimed += info.size
+            log.info("tier.orphan_deleted", extra={"blob": blob_id, "bytes": info.size})
 
     async def _rewrite(self, use: BlobUse, url: str) -> list[str]:
         """The live chunks in a new blob; every chunk id the old one holds."""

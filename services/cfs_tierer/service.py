@@ -110,6 +110,9 @@ class TierSettings(ServiceSettings):
     compact_min_age_s: float = Field(
         default=600.0, ge=0, description="a blob younger than this is never compacted"
     )
+    orphan_sweep_s: float = Field(
+        default=3600.0, gt=0, description="how often compaction LISTs the bucket for orphans"
+    )
 
 
 class Tierer:
@@ -204,6 +207,8 @@ class Term:
         self.forgotten_chunks = 0
         self.compacted_blobs = 0
         self.deleted_blobs = 0
+        self.orphan_blobs = 0
+        self._orphans_swept = float("-inf")
         self.reclaimed_bytes = 0
         self.compact_note: str | None = None
         self._uploading_blob: str | None = None
@@ -604,7 +609,8 @@ class Term:
             await asyncio.sleep(self.settings.compact_s)
             config = self.config()
             if config is not None and config.enabled and self.health.reachable:
-                await self.compact(config)
+                due = time.monotonic() - self._orphans_swept >= self.settings.orphan_sweep_s
+                await self.compact(config, orphans=due)
 
     async def on_compact(self, msg: Msg) -> bytes:
         """`s3-compact`: a pass now (after the one running, if any)."""
@@ -613,26 +619,30 @@ class Term:
         if config is None or not config.enabled:
             reply = CompactReply(errors=("no data tier is configured",))
         else:
-            reply = await self.compact(config)
+            reply = await self.compact(config, orphans=True)
         return reply.model_dump_json().encode()
 
-    async def compact(self, config: TierConfig) -> CompactReply:
+    async def compact(self, config: TierConfig, *, orphans: bool) -> CompactReply:
         async with self._compacting:
             started = time.monotonic()
             busy = {self._uploading_blob} if self._uploading_blob else set()
-            result = await self.compactor.run(config, busy)
+            result = await self.compactor.run(config, busy, orphans=orphans)
+            if orphans:
+                self._orphans_swept = time.monotonic()
         self.compacted_blobs += result.compacted
         self.deleted_blobs += result.deleted
+        self.orphan_blobs += result.orphans
         self.reclaimed_bytes += result.reclaimed
         self.compact_note = "; ".join(result.errors[:3]) or None
         reply = CompactReply(
             compacted=result.compacted,
             deleted=result.deleted,
+            orphans=result.orphans,
             reclaimed_bytes=result.reclaimed,
             errors=tuple(result.errors),
             seconds=round(time.monotonic() - started, 3),
         )
-        if result.compacted or result.deleted or result.errors:
+        if result.compacted or result.deleted or result.orphans or result.errors:
             log.info("tier.compact_pass", extra=reply.model_dump())
         return reply
 
@@ -804,6 +814,7 @@ class Term:
             forgotten_chunks=self.forgotten_chunks,
             compacted_blobs=self.compacted_blobs,
             deleted_blobs=self.deleted_blobs,
+            orphan_blobs=self.orphan_blobs,
             reclaimed_bytes=self.reclaimed_bytes,
             compact_note=self.compact_note,
             evicted_chunks=self.evicted_chunks,

@@ -433,6 +433,14 @@ def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
         assert len([b for b, (rec, held) in holding.items() if rec and chunk_id in held]) == 1
     if point == "tier.blob_put":
         assert len(orphans) == 1, f"the dead holder's PUT: one orphan, not {holding}"
+        time.sleep(1.0)  # the orphan's minimum age
+        swept = cfs(site, "s3-compact", "--json", timeout=60)
+        assert swept.returncode == 0, (swept.stdout, swept.stderr)
+        assert json.loads(swept.stdout)["orphans"] >= 1, swept.stdout
+        after = asyncio.run(_holding(site, s3_direct, wanted))
+        assert [b for b, (rec, _) in after.items() if not rec] == [], after
+        for name, data in files.items():
+            assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == data, name
     else:
         assert orphans == [], f"nothing uploaded twice: {holding}"
     print(f"\n[tier kill -9 at {point}] blobs holding the files {len(holding)}, "

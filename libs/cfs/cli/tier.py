@@ -338,11 +338,11 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
         f"Flushed by {state.holder}: {state.flushed_chunks} chunks "
         f"({size(state.flushed_bytes)}) in {state.blobs_written} blobs"
     )
-    if state.forgotten_chunks or state.compacted_blobs or state.deleted_blobs:
+    if state.forgotten_chunks or state.compacted_blobs or state.deleted_blobs or state.orphan_blobs:
         lines.append(
             f"Garbage by {state.holder}: {state.forgotten_chunks} chunks unindexed, "
             f"{state.compacted_blobs} blobs compacted, {state.deleted_blobs} deleted, "
-            f"{size(state.reclaimed_bytes)} reclaimed"
+            f"{state.orphan_blobs} orphans deleted, {size(state.reclaimed_bytes)} reclaimed"
         )
     if state.compact_note:
         lines.append(f"Compaction waiting: {state.compact_note}")
@@ -628,7 +628,8 @@ def s3_compact(
     """Run a compaction pass of the data tier now (it also runs every few minutes).
 
     Blobs whose live share fell below the threshold are rewritten with their live
-    chunks, and blobs with nothing live are deleted. Chunks are unindexed first by the
+    chunks, blobs with nothing live are deleted, and so are orphans (unrecorded blobs
+    whose every chunk another blob serves). Chunks are unindexed first by the
     backup service's `cfs admin gc`, which keeps everything a retained snapshot or the
     archived journal can still name."""
     settings = _settings(ctx, None, None, None)
@@ -643,7 +644,8 @@ def s3_compact(
     else:
         typer.echo(
             f"Compaction: {reply.compacted} blobs rewritten, {reply.deleted} deleted, "
-            f"{size(reply.reclaimed_bytes)} reclaimed in {reply.seconds:.1f} s"
+            f"{reply.orphans} orphans deleted, {size(reply.reclaimed_bytes)} reclaimed "
+            f"in {reply.seconds:.1f} s"
         )
         for error in reply.errors:
             typer.echo(f"  waiting: {error}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cfs_contracts.tier import BlobRecord, ChunkLocation
-from cfs_tierer.compact import to_compact, young
+from cfs_tierer.compact import orphan, to_compact, young
 
 URL = "s3://b/p"
 
@@ -43,3 +43,13 @@ def test_blobs_below_the_live_share_oldest_first_empty_ones_included() -> None:
     assert [u.record.blob_id for u in plan] == ["empty", "half"]
     assert plan[0].live == () and plan[1].live_bytes == 40
     assert {c for c, _, _ in plan[1].live} == {"c2", "c3"}
+
+
+def test_an_unrecorded_blob_is_an_orphan_only_if_each_chunk_is_served_elsewhere() -> None:
+    where = {"c1": _at("live", 1), "c2": _at("live", 1)}
+    assert orphan("dup", ["c1", "c2"], where, recorded={"live"})
+    assert not orphan("dup", ["c1", "c2"], where, recorded={"live", "dup"})  # recorded
+    assert not orphan("dup", ["c1", "c3"], where, recorded={"live"})  # c3 only there
+    assert not orphan("dup", ["c1"], {"c1": _at("dup", 1)}, recorded={"live"})
+    assert not orphan("dup", ["c1"], {"c1": _at("gone", 1)}, recorded={"live"})
+    assert not orphan("any", ["c1"], {}, recorded=set())  # an empty index: nothing is
