@@ -25,7 +25,7 @@ from cfs_contracts.envelope import Envelope
 from cfs_contracts.events.data import FragmentDamaged
 from cfs_contracts.fs.records import DEFAULT_CHUNK_SIZE, ROOT_INO, Inode
 from cfs_contracts.members import Lifecycle, NodeAdmin, admin_key
-from cfs_contracts.streams import NODES, TIER_INDEX
+from cfs_contracts.streams import DATA, NODES, TIER_INDEX
 from cfs_contracts.tier import ChunkLocation, FlashCopy, chunk_location_key
 
 CS = DEFAULT_CHUNK_SIZE
@@ -145,9 +145,6 @@ async def test_an_evicted_chunk_is_neither_lost_nor_damage_for_repair(site: Loca
         keys = [fragment_key(chunk.chunk_id, chunk.scheme, i) for i in range(6)]
         for node, key in zip(chunk.fragments, keys, strict=True):
             await chunks.delete(node, key)  # what the eviction does after the mark
-        report = FragmentDamaged(node_id=chunk.fragments[1], key=keys[1], reason="missing",
-                                 reported_by="storage-1/scrub", ino=cold.ino)  # fmt: skip
-        await bus.publish(bus.event(report))
         victim = chunk.fragments[0]
         site.kill9(victim)
         done = asyncio.create_task(_wait_event(bus, f"cfs.t.cluster.repair.{victim}.completed", 90))
@@ -155,11 +152,20 @@ async def test_an_evicted_chunk_is_neither_lost_nor_damage_for_repair(site: Loca
         completed = await done
         assert completed["chunks_lost"] == 0, completed
         await _check_redundancy(bus, await _inodes(meta, [kept.ino]), victim)
+        holder = chunk.fragments[1]
+        report = FragmentDamaged(node_id=holder, key=keys[1], reason="missing",
+                                 reported_by=f"{holder}/scrub", ino=cold.ino)  # fmt: skip
+        await bus.publish(bus.event(report))
+        # Handled by the repair leader (an error log would fail the test at teardown).
+        deadline = time.monotonic() + 30
+        while (info := await bus.js.consumer_info(DATA.name, "repair-damaged")).num_pending or (
+            info.num_ack_pending
+        ):
+            assert time.monotonic() < deadline, info
+            await asyncio.sleep(0.2)
     finally:
         await files.close()
         await bus.close()
-    logs = "".join(p.read_text() for p in (site.base_dir / "logs").glob("*.repair.log"))
-    assert "repair.chunk_in_s3" in logs and "repair.fragment_in_s3" in logs
 
 
 @pytest.mark.expected_logs("member.down", "repair.chunk_lost", "retry.waiting")
