@@ -60,6 +60,9 @@ def _metadata_fails_fast(site: DevSite) -> float:
     return took
 
 
+# The suite's longest test (a dev site, two quorum losses): make test-slow. The default
+# suite keeps the re-seed itself (test_reseed.py) and scenarios 1 and 2.
+@pytest.mark.slow
 def test_quorum_loss_options_1_and_2(dev_site_factory: Callable[..., DevSite]) -> None:
     site = dev_site_factory(nodes=3)
     acked = {
