@@ -57,7 +57,7 @@ from cfs_contracts.tier import (
     chunk_location_key,
 )
 from cfs_tierer.blob import BlobBuilder, BlobError, read_index
-from cfs_tierer.recall import ChunkLocks, blob_entries
+from cfs_tierer.recall import ChunkLocks, blob_entries, change_location
 
 log = logging.getLogger(__name__)
 
@@ -282,26 +282,16 @@ class Compactor:
         return held
 
     async def _move(self, chunk_id: str, old: str, new: str, offset: int, length: int) -> None:
-        key = chunk_location_key(chunk_id)
+        """The location to the new blob, unless it changed blob meanwhile (forgotten, or
+        uploaded again elsewhere): then the copy in the new blob is just unused."""
+
+        def moved(where: ChunkLocation) -> ChunkLocation | None:
+            if where.blob_id != old:
+                return None
+            return where.model_copy(update={"blob_id": new, "offset": offset, "length": length})
+
         async with self.locks.hold(chunk_id):
-            for _ in range(5):
-                try:
-                    entry = await self.index.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    return  # forgotten meanwhile
-                where = ChunkLocation.model_validate_json(entry.value or b"")
-                if where.blob_id != old:
-                    return  # uploaded again elsewhere meanwhile
-                moved = where.model_copy(
-                    update={"blob_id": new, "offset": offset, "length": length}
-                )
-                try:
-                    await self.index.update(
-                        key, moved.model_dump_json().encode(), last=entry.revision
-                    )
-                    return
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue
+            await change_location(self.index, chunk_id, moved)
 
     async def _delete_if_unnamed(self, record: BlobRecord, held: list[str]) -> bool:
         """Delete the blob (then its record) when no location of a chunk it holds names

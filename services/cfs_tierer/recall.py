@@ -74,6 +74,32 @@ class ChunkLocks:
                 self._held[chunk_id] = (lock, users - 1)
 
 
+async def change_location(
+    index: KeyValue, chunk_id: str, change: Callable[[ChunkLocation], ChunkLocation | None]
+) -> bool:
+    """Compare-and-set the chunk's location to `change(location)` (None: leave it as it
+    is), read again and retried if another writer got there first. False when the
+    chunk is not located or `change` declined; the caller holds the chunk's lock, so
+    only another process (a deposed holder, a reindex) can race."""
+    key = chunk_location_key(chunk_id)
+    for _ in range(5):
+        try:
+            entry = await index.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        changed = change(ChunkLocation.model_validate_json(entry.value or b""))
+        if changed is None:
+            return False
+        try:
+            await index.update(key, changed.model_dump_json().encode(), last=entry.revision)
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            continue
+    raise nats.js.errors.KeyWrongLastSequenceError(
+        description=f"chunk {chunk_id[:12]}: its location kept changing"
+    )
+
+
 class Recaller:
     def __init__(
         self,
@@ -116,15 +142,14 @@ class Recaller:
 
     async def _back_on_flash(self, chunk_id: str) -> bool:
         """Mark an evicted chunk PRESENT again; True if it was off flash on purpose."""
-        where = await read_location(self.index, chunk_id)
-        if where is None or not where.off_flash:
-            return False
-        back = where.model_copy(
-            update={"flash": FlashCopy.PRESENT, "flash_changed_ms": time.time_ns() // 1_000_000}
-        )
-        # Under the chunk's lock: only a reindex could race, and it writes PRESENT too.
-        await self.index.put(chunk_location_key(chunk_id), back.model_dump_json().encode())
-        return True
+
+        def back(where: ChunkLocation) -> ChunkLocation | None:
+            if not where.off_flash:
+                return None
+            now_ms = time.time_ns() // 1_000_000
+            return where.model_copy(update={"flash": FlashCopy.PRESENT, "flash_changed_ms": now_ms})
+
+        return await change_location(self.index, chunk_id, back)
 
     async def _one(self, chunk: ChunkPlacement) -> tuple[int, int, int]:
         """(fragments stored, fragments already there, bytes read from S3)."""

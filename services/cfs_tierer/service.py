@@ -87,7 +87,7 @@ from cfs_tierer.blob import BlobBuilder
 from cfs_tierer.compact import Compactor
 from cfs_tierer.evict import Evictor, PassAborted
 from cfs_tierer.queue import FlushQueue, Pending
-from cfs_tierer.recall import Recaller, reindex
+from cfs_tierer.recall import Recaller, change_location, reindex
 from cfs_tierer.watermark import Level, Reading, Thresholds, policy, settle, worst
 
 log = logging.getLogger(__name__)
@@ -410,23 +410,12 @@ class Term:
     async def _in_index(self, chunk_id: str) -> bool:
         """Whether the chunk is in S3 already; if so its location says it was queued
         again now (a new reference may be committing: not garbage before the grace)."""
-        key = chunk_location_key(chunk_id)
         async with self.recaller.locks.hold(chunk_id):
-            for _ in range(5):
-                try:
-                    entry = await self.index.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    return False
-                where = ChunkLocation.model_validate_json(entry.value or b"")
-                fresh = where.model_copy(update={"requeued_ms": _now_ms()})
-                try:
-                    await self.index.update(
-                        key, fresh.model_dump_json().encode(), last=entry.revision
-                    )
-                    return True
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue
-        raise BusError(f"chunk {chunk_id[:12]}: its location kept changing")
+            return await change_location(
+                self.index,
+                chunk_id,
+                lambda where: where.model_copy(update={"requeued_ms": _now_ms()}),
+            )
 
     async def _read_all(self, todo: list[Pending]) -> dict[str, bytes]:
         limit = asyncio.Semaphore(self.settings.read_concurrency)
