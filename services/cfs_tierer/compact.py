@@ -47,6 +47,7 @@ from cfs.ids import new_id
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs_contracts.tier import (
     BLOB_KEY_PREFIX,
+    BlobIndex,
     BlobRecord,
     ChunkLocation,
     ForgetReply,
@@ -108,7 +109,6 @@ def to_compact(
     )
 
 
-# -- the work (I/O) --------------------------------------------------------------------------
 def orphan(blob_id: str, held: Iterable[str], where: dict[str, ChunkLocation | None],
            recorded: set[str]) -> bool:  # fmt: skip
     """An unrecorded blob is garbage only if each chunk it holds is served by another
@@ -122,6 +122,7 @@ def orphan(blob_id: str, held: Iterable[str], where: dict[str, ChunkLocation | N
     return True
 
 
+# -- the work (I/O) --------------------------------------------------------------------------
 @dataclass
 class CompactResult:
     compacted: int = 0
@@ -246,16 +247,21 @@ class Compactor:
         """The live chunks in a new blob; every chunk id the old one holds."""
         old = use.record
         data = await self._store(old.url).get(blob_object_key(old.blob_id))
-        held = [entry.chunk_id for entry in read_index(data, old.blob_id).entries]
-        builder = BlobBuilder(new_id())
-        moving: list[str] = []
-        for chunk_id, where, _ in use.live:
-            chunk = data[where.offset : where.offset + where.length]
-            if len(chunk) != where.length or hashlib.sha256(chunk).hexdigest() != where.sha256:
-                raise BlobError(f"chunk {chunk_id[:12]} in blob {old.blob_id} is damaged")
-            builder.add(chunk_id, chunk, sha256=bytes.fromhex(where.sha256))
-            moving.append(chunk_id)
-        blob, index = await asyncio.to_thread(builder.seal)
+
+        def repack() -> tuple[list[str], BlobBuilder, bytes, BlobIndex]:
+            """(every chunk id the old blob holds, the new blob): hashing 64 MiB is no
+            work for the event loop that renews the lease."""
+            held = [entry.chunk_id for entry in read_index(data, old.blob_id).entries]
+            builder = BlobBuilder(new_id())
+            for chunk_id, where, _ in use.live:
+                chunk = data[where.offset : where.offset + where.length]
+                if len(chunk) != where.length or hashlib.sha256(chunk).hexdigest() != where.sha256:
+                    raise BlobError(f"chunk {chunk_id[:12]} in blob {old.blob_id} is damaged")
+                builder.add(chunk_id, chunk, sha256=bytes.fromhex(where.sha256))
+            return held, builder, *builder.seal()
+
+        held, builder, blob, index = await asyncio.to_thread(repack)
+        moving = [chunk_id for chunk_id, _, _ in use.live]
         await self._store(url).put(blob_object_key(builder.blob_id), blob)
         record = BlobRecord(
             blob_id=builder.blob_id, url=url, bytes=len(blob), chunks=len(index.entries),
