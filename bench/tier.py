@@ -65,16 +65,19 @@ Figures, in the order they are taken:
 - `recall_mb_s`: the data back from S3 on read. The files written with the tier
   off are unlinked (they are in no bucket), then every chunk-store is stopped, its
   fragments deleted and started again: the rest of the data is in S3 only, as
-  after tiered mode evicted it (eviction itself is not built) or after losing
-  every node's flash. 128 MiB (64 MiB with --quick) of the flush figure's files
-  are read whole, 1 MiB at a time, 4 at once, through a fresh CLIENT-role
-  FileStore: each chunk read finds fewer than k fragments and has the tierer
-  recall it (ranged GET, checked, fragments put back) before it is read.
+  after tiered mode evicted it or after losing every node's flash. 128 MiB
+  (64 MiB with --quick) of the flush figure's files are read whole, 1 MiB at a
+  time, 4 at once, through a fresh CLIENT-role FileStore: each chunk read finds
+  fewer than k fragments and has the tierer recall it (ranged GET, checked,
+  fragments put back) before it is read.
 - `restore_data_mb_s`: `cfs admin restore-data --from-s3 --json` on the rest
   (the tier index rebuilt from the bucket, every chunk not on flash recalled), MB
   restored over the seconds the command reports (`restore_data_command_s`: its
-  wall time). Both over `raw_get_mb_s` for information (`*_vs_raw_get`). A figure
-  that cannot be taken is null, with the reason in `notes`.
+  wall time). Both over `raw_get_mb_s` for information (`*_vs_raw_get`), and over
+  `write_mb_s_tier_off` (`*_vs_flash_write`): a recall writes the fragments back
+  to flash (1.5x the data with ec2+1, each put fsync'ed), so the client's write
+  rate in the same run is the nearer ceiling on a machine whose S3 is local. A
+  figure that cannot be taken is null, with the reason in `notes`.
 
 Machine facts are recorded with the figures: cores, load average at the start and
 the end (other work on the machine slows everything; CPU seconds do not follow
@@ -821,9 +824,10 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             results.update(restore_data(site, env, notes))
             for name in ("recall", "restore_data"):  # for information: no goal yet
                 rate = results[f"{name}_mb_s"]
-                results[f"{name}_vs_raw_get"] = (
-                    rate / results["raw_get_mb_s"] if rate is not None else None
-                )
+                for ceiling, key in (("raw_get", "raw_get_mb_s"),
+                                     ("flash_write", "write_mb_s_tier_off")):  # fmt: skip
+                    top = results.get(key)
+                    results[f"{name}_vs_{ceiling}"] = rate / top if rate and top else None
             print(
                 f"restore-data --from-s3: {fmt(results['restore_data_mb_s'], 'MB/s')}",
                 flush=True,
