@@ -51,6 +51,7 @@ from pydantic import Field, ValidationError
 from cfs.bus import Bus, BusError
 from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
 from cfs.erasure import Scheme
+from cfs.hlc import system_wall_ms
 from cfs.kernel.runtime import (
     Context,
     OnFailure,
@@ -337,7 +338,7 @@ class ChunkStoreService:
     async def _store(self, key: str, data: bytes, crc: int | None) -> StoreReply:
         """Durable here, then announced; what `put` and `rebuild` both end with."""
         info = await asyncio.to_thread(self.store.put, key, data, crc)
-        self.access.touch_key(key, _now_ms())
+        self.access.touch_key(key, system_wall_ms())
         event = self.bus.event(
             FragmentStored(node_id=self.node, key=key, size=info.size, crc32=info.crc32)
         )
@@ -419,7 +420,7 @@ class ChunkStoreService:
             message = f"chunk-store {self.node}: get failed: {exc}"
             await self._respond(msg, b"", _error_headers(errno.EIO, message))
             return
-        self.access.touch_key(key, _now_ms())
+        self.access.touch_key(key, system_wall_ms())
         log.debug("fragment.read", extra={"node": self.node, "key": key, "size": info.size})
         await self._respond(msg, data, {HEADER_CRC: f"{info.crc32:08x}"})
 
@@ -469,10 +470,6 @@ class ChunkStoreService:
             await self.bus.nc.publish(msg.reply, data, headers=headers)
         except Exception as exc:  # the requester is gone or NATS is down: nothing to answer
             log.warning("rpc.reply_failed", extra={"node": self.node, "error": str(exc)})
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _key(msg: Msg) -> str:

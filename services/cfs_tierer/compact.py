@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from nats.js.kv import KeyValue
 
 from cfs.client.tier import read_blob_records, read_location, read_locations
 from cfs.faults import crash_point
+from cfs.hlc import system_wall_ms
 from cfs.ids import new_id
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs_contracts.tier import (
@@ -131,6 +131,14 @@ class CompactResult:
     reclaimed: int = 0
     errors: list[str] = field(default_factory=list)
 
+    def add(self, other: CompactResult) -> None:
+        """Count `other` in (a holder's totals); the errors are the latest pass's."""
+        self.compacted += other.compacted
+        self.deleted += other.deleted
+        self.orphans += other.orphans
+        self.reclaimed += other.reclaimed
+        self.errors = list(other.errors)
+
 
 class Compactor:
     def __init__(
@@ -183,13 +191,13 @@ class Compactor:
         being written right now."""
         assert config.url is not None
         result = CompactResult()
+        records = await read_blob_records(self.index)
         if orphans:
             try:
-                await self.sweep_orphans(config.url, result)
+                await self.sweep_orphans(config.url, {r.blob_id for r in records}, result)
             except ObjectStoreError as exc:
                 result.errors.append(f"orphan sweep: {exc}")
-        records = await read_blob_records(self.index)
-        before_ms = _now_ms() - int(self.min_age_s * 1000)
+        before_ms = system_wall_ms() - int(self.min_age_s * 1000)
         plan = to_compact(
             [r for r in records if r.blob_id not in busy],
             await read_locations(self.index),
@@ -220,11 +228,12 @@ class Compactor:
                 break  # S3 is failing: the next pass tries again
         return result
 
-    async def sweep_orphans(self, url: str, result: CompactResult) -> None:
-        """Unrecorded blobs under `url` whose every chunk is served elsewhere (`orphan`)."""
+    async def sweep_orphans(self, url: str, recorded: set[str], result: CompactResult) -> None:
+        """Unrecorded blobs under `url` whose every chunk is served elsewhere (`orphan`);
+        `recorded`: the blobs with a record, read before the LIST (a blob PUT since is
+        younger than the minimum age)."""
         store = self._store(url)
-        recorded = {r.blob_id for r in await read_blob_records(self.index)}
-        before_ms = _now_ms() - int(self.min_age_s * 1000)
+        before_ms = system_wall_ms() - int(self.min_age_s * 1000)
         async for info in store.list(BLOB_KEY_PREFIX):
             blob_id = info.key.removeprefix(BLOB_KEY_PREFIX)
             if blob_id in recorded or info.last_modified_ms >= before_ms:
@@ -265,7 +274,7 @@ class Compactor:
         await self._store(url).put(blob_object_key(builder.blob_id), blob)
         record = BlobRecord(
             blob_id=builder.blob_id, url=url, bytes=len(blob), chunks=len(index.entries),
-            created_ms=_now_ms(),
+            created_ms=system_wall_ms(),
         )  # fmt: skip
         await self.index.put(blob_record_key(record.blob_id), record.model_dump_json().encode())
         crash_point("tier.compact_written")
@@ -322,7 +331,3 @@ class Compactor:
         except nats.js.errors.KeyNotFoundError:
             return None
         return BlobRecord.model_validate_json(entry.value or b"")
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.metadata import MetadataClient
 from cfs.client.tier import read_location
 from cfs.faults import crash_point
+from cfs.hlc import system_wall_ms
 from cfs.objstore import ObjectStoreError
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs import rpc
@@ -120,7 +120,7 @@ class Evictor:
         """One pass over every shard; PassAborted when coldness cannot be known."""
         if not stores:
             raise PassAborted("no chunk-store in service: nobody can say what is cold")
-        cut_ms = _now_ms() - int(config.evict_after_s * 1000)
+        cut_ms = system_wall_ms() - int(config.evict_after_s * 1000)
         result = PassResult()
         for shard in range(1, self.shards + 1):
             after = 0
@@ -216,7 +216,7 @@ class Evictor:
         self, key: str, where: ChunkLocation, flash: FlashCopy, revision: int | None
     ) -> int | None:
         """The location with `flash`, if nobody changed it since `revision`."""
-        marked = where.model_copy(update={"flash": flash, "flash_changed_ms": _now_ms()})
+        marked = where.model_copy(update={"flash": flash, "flash_changed_ms": system_wall_ms()})
         try:
             return int(
                 await self.index.update(key, marked.model_dump_json().encode(), last=revision)
@@ -245,7 +245,3 @@ class Evictor:
 
         done = await asyncio.gather(*(one(node, key) for node, key in sorted(targets)))
         return all(done)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.tier import read_location
 from cfs.erasure import Scheme, encode_some
+from cfs.hlc import system_wall_ms
 from cfs.objstore import ObjectStore, ObjectStoreError
 from cfs_contracts.data import fragment_key
 from cfs_contracts.tier import (
@@ -146,8 +147,9 @@ class Recaller:
         def back(where: ChunkLocation) -> ChunkLocation | None:
             if not where.off_flash:
                 return None
-            now_ms = time.time_ns() // 1_000_000
-            return where.model_copy(update={"flash": FlashCopy.PRESENT, "flash_changed_ms": now_ms})
+            return where.model_copy(
+                update={"flash": FlashCopy.PRESENT, "flash_changed_ms": system_wall_ms()}
+            )
 
         return await change_location(self.index, chunk_id, back)
 

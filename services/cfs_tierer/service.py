@@ -41,6 +41,7 @@ from cfs.client.nodes import NodeView
 from cfs.client.tier import read_blob_records
 from cfs.erasure import Scheme, decode
 from cfs.faults import crash_point
+from cfs.hlc import system_wall_ms
 from cfs.ids import new_id
 from cfs.kernel.runtime import Context, cancel_and_wait, until_jetstream_answers
 from cfs.objstore import (
@@ -84,7 +85,7 @@ from cfs_contracts.tier import (
     tier_reindex_subject,
 )
 from cfs_tierer.blob import BlobBuilder
-from cfs_tierer.compact import Compactor
+from cfs_tierer.compact import Compactor, CompactResult
 from cfs_tierer.evict import Evictor, PassAborted
 from cfs_tierer.queue import FlushQueue, Pending
 from cfs_tierer.recall import Recaller, change_location, reindex
@@ -157,16 +158,18 @@ class Health:
 
     def ok(self) -> None:
         if not self.reachable:
-            log.info("tier.s3_back", extra={"down_ms": _now_ms() - (self.failing_since_ms or 0)})
+            log.info(
+                "tier.s3_back", extra={"down_ms": system_wall_ms() - (self.failing_since_ms or 0)}
+            )
         self.reachable, self.error, self.error_class, self.failing_since_ms = True, None, None, None
-        self.last_ok_ms = _now_ms()
+        self.last_ok_ms = system_wall_ms()
 
     def failed(self, exc: BaseException) -> None:
         kind = classify(exc)
         if self.reachable or kind != self.error_class:
             log.error("tier.s3_failing", extra={"error_class": kind, "error": str(exc)})
         if self.reachable:
-            self.failing_since_ms = _now_ms()
+            self.failing_since_ms = system_wall_ms()
         self.reachable, self.error, self.error_class = False, str(exc), kind
 
     def record(self, url: str | None) -> S3Health:
@@ -205,12 +208,8 @@ class Term:
             forgotten=lambda chunk_id: self._flushed_recently.pop(chunk_id, None),
         )
         self.forgotten_chunks = 0
-        self.compacted_blobs = 0
-        self.deleted_blobs = 0
-        self.orphan_blobs = 0
+        self.garbage = CompactResult()  # this holder's compaction totals
         self._orphans_swept = float("-inf")
-        self.reclaimed_bytes = 0
-        self.compact_note: str | None = None
         self._uploading_blob: str | None = None
         self._compacting = asyncio.Lock()
         self.levels: dict[str, Level] = {}
@@ -354,7 +353,7 @@ class Term:
             return []
         urgent = [c for c in self.urgent if c in queue.pending]
         oldest = queue.oldest_ms() or 0
-        old = _now_ms() - oldest >= config.flush_after_s * 1000
+        old = system_wall_ms() - oldest >= config.flush_after_s * 1000
         if not (urgent or old or queue.bytes >= config.blob_target_bytes):
             return []
         batch = queue.take(config.blob_target_bytes, first=urgent, busy=self._uploading)
@@ -365,13 +364,13 @@ class Term:
     def _next_due_s(self, config: TierConfig | None) -> float:
         if config is None or not self.queue.pending:
             return self.settings.probe_s
-        age_s = (_now_ms() - (self.queue.oldest_ms() or 0)) / 1000
+        age_s = (system_wall_ms() - (self.queue.oldest_ms() or 0)) / 1000
         return max(0.05, min(self.settings.probe_s, config.flush_after_s - age_s))
 
     async def _maybe_probe(self, config: TierConfig | None) -> None:
         """While idle, one cheap call tells whether S3 still answers (s3-health)."""
         last = self.health.last_ok_ms or 0
-        if self.health.reachable and _now_ms() - last < self.settings.probe_s * 1000:
+        if self.health.reachable and system_wall_ms() - last < self.settings.probe_s * 1000:
             return
         await self.probe(config)
 
@@ -414,7 +413,7 @@ class Term:
             return await change_location(
                 self.index,
                 chunk_id,
-                lambda where: where.model_copy(update={"requeued_ms": _now_ms()}),
+                lambda where: where.model_copy(update={"requeued_ms": system_wall_ms()}),
             )
 
     async def _read_all(self, todo: list[Pending]) -> dict[str, bytes]:
@@ -480,7 +479,7 @@ class Term:
             url=url,
             bytes=len(blob),
             chunks=len(index.entries),
-            created_ms=_now_ms(),
+            created_ms=system_wall_ms(),
         )
         await self.index.put(blob_record_key(builder.blob_id), record.model_dump_json().encode())
         if url != self._clean_url:
@@ -618,11 +617,7 @@ class Term:
             result = await self.compactor.run(config, busy, orphans=orphans)
             if orphans:
                 self._orphans_swept = time.monotonic()
-        self.compacted_blobs += result.compacted
-        self.deleted_blobs += result.deleted
-        self.orphan_blobs += result.orphans
-        self.reclaimed_bytes += result.reclaimed
-        self.compact_note = "; ".join(result.errors[:3]) or None
+        self.garbage.add(result)
         reply = CompactReply(
             compacted=result.compacted,
             deleted=result.deleted,
@@ -669,7 +664,7 @@ class Term:
             return
         self.evicted_chunks += result.chunks
         self.evicted_bytes += result.bytes
-        self.evict_pass_ms = _now_ms()
+        self.evict_pass_ms = system_wall_ms()
         self.evict_note = "; ".join(result.errors[:3]) or None
         if result.chunks or result.unfinished or result.errors:
             log.info(
@@ -771,7 +766,7 @@ class Term:
         readings = {r.node: r for r in self.readings(config)}
         return TierState(
             holder=self.bus.node,
-            updated_ms=_now_ms(),
+            updated_ms=system_wall_ms(),
             mode=config.mode,
             level=self.level.name,
             policy=policy(self.level),
@@ -801,11 +796,11 @@ class Term:
             copy_error=self.copy_error,
             complete_url=self._clean_url,
             forgotten_chunks=self.forgotten_chunks,
-            compacted_blobs=self.compacted_blobs,
-            deleted_blobs=self.deleted_blobs,
-            orphan_blobs=self.orphan_blobs,
-            reclaimed_bytes=self.reclaimed_bytes,
-            compact_note=self.compact_note,
+            compacted_blobs=self.garbage.compacted,
+            deleted_blobs=self.garbage.deleted,
+            orphan_blobs=self.garbage.orphans,
+            reclaimed_bytes=self.garbage.reclaimed,
+            compact_note="; ".join(self.garbage.errors[:3]) or None,
             evicted_chunks=self.evicted_chunks,
             evicted_bytes=self.evicted_bytes,
             evict_pass_ms=self.evict_pass_ms,
@@ -815,10 +810,6 @@ class Term:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 async def start(ctx: Context) -> Tierer:

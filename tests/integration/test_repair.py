@@ -7,6 +7,7 @@ an `admin.<node>` record in the nodes KV.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -47,12 +48,24 @@ async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
         yield running
 
 
-async def _write_files(site: LocalSite) -> dict[int, str]:
+@contextlib.asynccontextmanager
+async def _client(
+    site: LocalSite, name: str
+) -> AsyncIterator[tuple[Bus, MetadataClient, FileStore]]:
+    """An admin connection with its metadata client and a started FileStore."""
     bus = await site.client()
     meta = MetadataClient(bus)
-    files = FileStore(bus, meta, client_id="writer")
+    files = FileStore(bus, meta, client_id=name)
     await files.start()
     try:
+        yield bus, meta, files
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def _write_files(site: LocalSite) -> dict[int, str]:
+    async with _client(site, "writer") as (_, meta, files):
         digests = {}
         for seed, size in enumerate(SIZES):
             data = random.Random(seed).randbytes(size)
@@ -60,9 +73,6 @@ async def _write_files(site: LocalSite) -> dict[int, str]:
             await files.write_all(inode.ino, data)
             digests[inode.ino] = hashlib.sha256(data).hexdigest()
         return digests
-    finally:
-        await files.close()
-        await bus.close()
 
 
 async def _set_lifecycle(bus: Bus, node: str, lifecycle: Lifecycle) -> None:
@@ -94,15 +104,9 @@ async def _check_redundancy(bus: Bus, inodes: list[Inode], gone: str) -> None:
 
 
 async def _read_back(site: LocalSite, digests: dict[int, str]) -> None:
-    bus = await site.client()
-    files = FileStore(bus, MetadataClient(bus), client_id="reader")
-    await files.start()
-    try:
+    async with _client(site, "reader") as (_, _, files):
         for ino, digest in digests.items():
             assert hashlib.sha256(await files.read_all(ino)).hexdigest() == digest
-    finally:
-        await files.close()
-        await bus.close()
 
 
 @pytest.mark.expected_logs("member.down", "retry.waiting", "lease.watch_failed", "nats.error")
@@ -127,11 +131,7 @@ async def test_an_evicted_chunk_is_neither_lost_nor_damage_for_repair(site: Loca
     no fragment on flash on purpose (S3 holds it; a read recalls it). A damage report
     for one of its fragments is no error, and removing a node its chunk map names
     completes with nothing lost, while the other files are re-protected as usual."""
-    bus = await site.client()
-    meta = MetadataClient(bus)
-    files = FileStore(bus, meta, client_id="writer")
-    await files.start()
-    try:
+    async with _client(site, "writer") as (bus, meta, files):
         cold = await meta.create(ROOT_INO, "cold")
         await files.write_all(cold.ino, random.Random(3).randbytes(CS))
         kept = await meta.create(ROOT_INO, "kept")
@@ -163,9 +163,6 @@ async def test_an_evicted_chunk_is_neither_lost_nor_damage_for_repair(site: Loca
         ):
             assert time.monotonic() < deadline, info
             await asyncio.sleep(0.2)
-    finally:
-        await files.close()
-        await bus.close()
 
 
 @pytest.mark.expected_logs("member.down", "repair.chunk_lost", "retry.waiting")
@@ -174,11 +171,7 @@ async def test_a_chunk_with_too_few_fragments_left_is_reported_lost_by_path(
 ) -> None:
     """Two fragments deleted behind the file system's back, a third node removed: fewer
     than k=4 survive, so the chunk is named lost (inode and path); the others are rebuilt."""
-    bus = await site.client()
-    meta = MetadataClient(bus)
-    files = FileStore(bus, meta, client_id="writer")
-    await files.start()
-    try:
+    async with _client(site, "writer") as (bus, meta, files):
         folder = await meta.mkdir(ROOT_INO, "precious")
         doomed = await meta.create(folder.ino, "ledger.db")
         await files.write_all(doomed.ino, random.Random(1).randbytes(CS))
@@ -203,9 +196,6 @@ async def test_a_chunk_with_too_few_fragments_left_is_reported_lost_by_path(
         )
         assert completed["chunks_lost"] == 1
         await _check_redundancy(bus, await _inodes(meta, [kept.ino]), victim)
-    finally:
-        await files.close()
-        await bus.close()
 
 
 async def test_draining_a_live_node_moves_every_fragment_and_lease_off_it(

@@ -230,7 +230,12 @@ class FileStore:
         try:
             got = await gather(self.chunks, ref.chunk_id, scheme, holders, on_error=failures.append)
         except Unrecoverable as exc:
-            got = await self._recalled(ino, ref, scheme, holders, exc, failures)
+            try:
+                got = await self._recalled(ino, ref, scheme, holders, exc)
+            except FsError:
+                for failure in failures:
+                    self._report(ino, failure)
+                raise
             failures.clear()  # the recall put back what was missing: nothing to repair
         data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
         for failure in failures:
@@ -244,17 +249,10 @@ class FileStore:
         return data
 
     async def _recalled(
-        self,
-        ino: int,
-        ref: ChunkRef,
-        scheme: Scheme,
-        holders: dict[int, str],
-        exc: Exception,
-        failures: list[FragmentError],
+        self, ino: int, ref: ChunkRef, scheme: Scheme, holders: dict[int, str], exc: Exception
     ) -> dict[int, bytes]:
         """Fewer than k fragments on flash (evicted, or lost with every node): the data
-        tier puts the chunk back from S3 and it is read again; EIO says why not, after
-        the damage is reported."""
+        tier puts the chunk back from S3 and it is read again; EIO says why not."""
         why = None
         if self.nodes.tier_config is not None:
             why = await self.tier.recall(ref, ino)
@@ -263,8 +261,6 @@ class FileStore:
                     return await gather(self.chunks, ref.chunk_id, scheme, holders)
                 except Unrecoverable as again:
                     exc, why = again, "recalled, still unreadable"
-        for failure in failures:
-            self._report(ino, failure)
         raise FsError(
             errno.EIO,
             f"inode {ino} chunk {ref.index} ({ref.chunk_id[:12]}) is unreadable: {exc}"

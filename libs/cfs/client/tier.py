@@ -163,17 +163,14 @@ class TierIndex:
         self.bus = bus
         self._kv: KeyValue | None = None
 
-    async def location(self, chunk_id: str) -> ChunkLocation | None:
-        if self._kv is None:
-            try:
-                self._kv = await self.bus.key_value(TIER_INDEX.bucket)
-            except nats.js.errors.BucketNotFoundError:
-                return None  # a cluster from before the data tier
-        return await read_location(self._kv, chunk_id)
-
     async def off_flash(self, chunk_id: str) -> bool:
         """True when the chunk was evicted (tiered mode): missing fragments are no damage."""
-        where = await self.location(chunk_id)
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.js.key_value(TIER_INDEX.bucket)
+            except nats.js.errors.BucketNotFoundError:
+                return False  # a cluster from before the data tier
+        where = await read_location(self._kv, chunk_id)
         return where is not None and where.off_flash
 
 
