@@ -92,6 +92,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -379,6 +380,23 @@ def cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {f"cpu_s_{role}": after[role] - before[role] for role in before}
+
+
+def cpu_per_mib(name: str, used: dict[str, float], mib: float | None) -> dict[str, float]:
+    """`{name}_cpu_ms_per_mib_{role}` and their total, from `spent` CPU seconds."""
+    if not mib:
+        return {}
+    out = {
+        f"{name}_cpu_ms_per_mib_{k.removeprefix('cpu_s_')}": v * 1000 / mib for k, v in used.items()
+    }
+    out[f"{name}_cpu_ms_per_mib"] = sum(used.values()) * 1000 / mib
+    return out
+
+
+def children_cpu_seconds() -> float:
+    """CPU of this process's waited-for children (the `cfs` commands it ran)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def log_events(site: LocalSite, event: str, since: float) -> list[tuple[float, dict[str, Any]]]:
@@ -815,13 +833,20 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             asyncio.run(forget(site, untiered))
             wipe_flash(site)
             recalled = names("flush", flush_total)[: recall_total // FILE]
+            pids = roles(site, s3)  # the chunk-stores were restarted
+            before, client = cpu(pids), own_cpu_seconds()
             try:
                 results.update(asyncio.run(read_files(site, recalled)))
             except Exception as exc:  # the figure is missing; the run goes on
                 notes.append(f"recall_mb_s: reading files with no fragment on flash failed: {exc}")
                 results["recall_mb_s"] = None
+            used = {**spent(before, cpu(pids)), "cpu_s_client": own_cpu_seconds() - client}
+            results.update(cpu_per_mib("recall", used, results.get("recall_mib")))
             print(f"recall on read: {fmt(results['recall_mb_s'], 'MB/s')}", flush=True)
+            before, cli = cpu(pids), children_cpu_seconds()
             results.update(restore_data(site, env, notes))
+            used = {**spent(before, cpu(pids)), "cpu_s_client": children_cpu_seconds() - cli}
+            results.update(cpu_per_mib("restore_data", used, results.get("restore_data_mib")))
             for name in ("recall", "restore_data"):  # for information: no goal yet
                 rate = results[f"{name}_mb_s"]
                 for ceiling, key in (("raw_get", "raw_get_mb_s"),
@@ -927,6 +952,16 @@ def main() -> None:
         f"restore-data --from-s3 {fmt(results['restore_data_mb_s'], 'MB/s')}; raw GET "
         f"{results['raw_get_mb_s']:.1f} MB/s"
     )
+    for name in ("recall", "restore_data"):
+        if f"{name}_cpu_ms_per_mib" in results:
+            print(
+                f"{name} CPU ms per MiB {results[f'{name}_cpu_ms_per_mib']:.1f} ("
+                + ", ".join(
+                    f"{role} {results[f'{name}_cpu_ms_per_mib_{role}']:.1f}"
+                    for role in ("client", "tierer", "chunkstore", "moto", "nats", "metadata")
+                )
+                + ")"
+            )
     print(
         f"load average {results['loadavg_start']:.1f} at the start, "
         f"{results['loadavg_end']:.1f} at the end, on {results['cores']} CPUs"

@@ -195,6 +195,9 @@ class TierState(BaseModel):
     )  # readers of another release ignore fields they do not know
 
     holder: str
+    holder_since_ms: int | None = Field(
+        default=None, description="when this holder's term began: a restart is a new one"
+    )
     updated_ms: int
     mode: TierMode
     level: str = Field(description="the worst node's level: it rules every write")

@@ -207,6 +207,7 @@ class Term:
             min_age_s=self.settings.compact_min_age_s,
             forgotten=lambda chunk_id: self._flushed_recently.pop(chunk_id, None),
         )
+        self.since_ms = system_wall_ms()
         self.forgotten_chunks = 0
         self.garbage = CompactResult()  # this holder's compaction totals
         self._orphans_swept = float("-inf")
@@ -766,6 +767,7 @@ class Term:
         readings = {r.node: r for r in self.readings(config)}
         return TierState(
             holder=self.bus.node,
+            holder_since_ms=self.since_ms,
             updated_ms=system_wall_ms(),
             mode=config.mode,
             level=self.level.name,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated
 
@@ -32,9 +33,10 @@ from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.cli.admin import JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.client.metadata import MetadataClient
-from cfs.client.tier import read_blob_records
+from cfs.client.tier import Holder, ask_tierer, holder_of, read_blob_records
 from cfs.ids import new_id
 from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
+from cfs.retry import RetryPolicy
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
@@ -395,8 +397,10 @@ def s3_queue_status(
 
 
 RECALL_BATCH = 32
+RECALLS_AT_ONCE = 2  # requests out: S3 reads for one while the other's are stored
 REINDEX_TIMEOUT_S = 3600.0
-RECALL_TIMEOUT_S = 600.0
+RECALL_TIMEOUT_S = 120.0  # one batch; sent again (it is idempotent) until RECALL_WITHIN_S
+RECALL_WITHIN_S = 1800.0
 
 
 async def _files(meta: MetadataClient) -> AsyncIterator[Inode]:
@@ -468,37 +472,51 @@ def restore_data(
         batch: list[ChunkPlacement] = []
         last_print = time.monotonic()
 
-        async def send() -> None:
+        sent: deque[asyncio.Task[None]] = deque()  # RECALLS_AT_ONCE out, in order
+
+        async def recall(chunks: tuple[ChunkPlacement, ...]) -> None:
             reply = RecallReply.model_validate_json(
-                (await _ask(bus, tier_recall_subject(bus.site), RecallRequest(chunks=tuple(batch)),
-                            RECALL_TIMEOUT_S)).data
+                (await _ask(bus, tier_recall_subject(bus.site), RecallRequest(chunks=chunks),
+                            RECALL_TIMEOUT_S, within_s=RECALL_WITHIN_S)).data
             )  # fmt: skip
             totals["restored_fragments"] += reply.restored_fragments
             totals["present_fragments"] += reply.present_fragments
             totals["restored_bytes"] += reply.restored_bytes
             failed.extend(reply.failed)
+
+        async def send() -> None:
+            """The batch out while the tierer still works on the one before."""
+            if len(sent) >= RECALLS_AT_ONCE:
+                await sent.popleft()
+            sent.append(asyncio.create_task(recall(tuple(batch))))
             batch.clear()
 
-        meta = MetadataClient(bus)
-        async for inode in _files(meta):
-            totals["files"] += 1
-            for ref in inode.chunks:
-                totals["chunks"] += 1
-                batch.append(
-                    ChunkPlacement(chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme,
-                                   fragments=ref.fragments)
-                )  # fmt: skip
-                if len(batch) >= RECALL_BATCH:
-                    await send()
-            if not as_json and time.monotonic() - last_print > 2.0:
-                last_print = time.monotonic()
-                typer.echo(
-                    f"  {totals['files']} files, {totals['chunks']} chunks checked, "
-                    f"{size(totals['restored_bytes'])} restored",
-                    err=True,
-                )
-        if batch:
-            await send()
+        try:
+            meta = MetadataClient(bus)
+            async for inode in _files(meta):
+                totals["files"] += 1
+                for ref in inode.chunks:
+                    totals["chunks"] += 1
+                    batch.append(
+                        ChunkPlacement(chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme,
+                                       fragments=ref.fragments)
+                    )  # fmt: skip
+                    if len(batch) >= RECALL_BATCH:
+                        await send()
+                if not as_json and time.monotonic() - last_print > 2.0:
+                    last_print = time.monotonic()
+                    typer.echo(
+                        f"  {totals['files']} files, {totals['chunks']} chunks checked, "
+                        f"{size(totals['restored_bytes'])} restored",
+                        err=True,
+                    )
+            if batch:
+                await send()
+            while sent:
+                await sent.popleft()
+        finally:
+            for task in sent:  # a request failed: the rest are not waited for
+                task.cancel()
         return {**totals, "failed": failed, "seconds": round(time.monotonic() - started, 3),
                 "url": source, "reindex": reindexed.model_dump()}  # fmt: skip
 
@@ -529,16 +547,29 @@ async def _audit(bus: Bus, command: str, arguments: dict[str, str]) -> None:
         typer.echo(f"warning: audit record not written: {exc}", err=True)
 
 
-async def _ask(bus: Bus, subject: str, request: BaseModel, timeout: float) -> Msg:
+async def _ask(
+    bus: Bus, subject: str, request: BaseModel, timeout: float, *, within_s: float | None = None
+) -> Msg:
+    """The active tierer's answer. `within_s`: an idempotent request, sent again
+    (`ask_tierer`) until that many seconds have passed."""
+    payload = request.model_dump_json().encode()
+
+    async def holder() -> Holder:
+        _, state = await read_tier(bus)
+        return holder_of(state)
+
     try:
-        return await bus.request(subject, request.model_dump_json().encode(), timeout=timeout)
+        if within_s is None:
+            return await bus.request(subject, payload, timeout=timeout)
+        policy = RetryPolicy(f"request to {subject}", deadline_s=within_s, max_delay_s=5.0)
+        return await ask_tierer(bus, subject, payload, holder, attempt_s=timeout, policy=policy)
     except NoResponders:
         raise CliError(
             "no active s3-tierer answers (is `s3-tierer` running?)", ExitCode.UNREACHABLE
         ) from None
     except RequestTimeout:
         raise CliError(
-            f"no answer from the s3-tierer within {timeout:g} s (a rerun resumes)",
+            f"no answer from the s3-tierer within {within_s or timeout:g} s (a rerun resumes)",
             ExitCode.UNREACHABLE,
         ) from None
 

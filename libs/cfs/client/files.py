@@ -68,7 +68,7 @@ class FileStore:
         self.readahead_chunks = readahead_chunks
         self.chunks = ChunkStoreClient(bus, timeout_s=fragment_timeout_s)
         self.nodes = NodeView(bus)
-        self.tier = TierGate(bus, self.nodes)
+        self.tier = TierGate(bus, self.nodes, self.spawn)
         self._cache = _ChunkCache(cache_bytes)
         self._fetching: dict[str, asyncio.Future[bytes]] = {}
         self._storing = asyncio.Semaphore(parallel_chunks)
@@ -382,14 +382,14 @@ class OpenFile:
         end = min(offset + size, self.size)
         parts: list[bytes] = []
         pos = offset
-        index = offset // self.chunk_size
+        if end > offset:
+            self._read_ahead((end - 1) // self.chunk_size)  # fetched while these are
         while pos < end:
             index, within = divmod(pos, self.chunk_size)
             take = min(self.chunk_size - within, end - pos)
             piece = bytes(memoryview(await self._chunk_bytes(index))[within : within + take])
             parts.append(piece if len(piece) == take else piece.ljust(take, b"\0"))
             pos += take
-        self._read_ahead(index)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_ahead(self, index: int) -> None:

@@ -20,16 +20,21 @@ flash and queued.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
 from cfs.client.nodes import NodeView
+from cfs.retry import RetryPolicy, retry
 from cfs_contracts.events.tier import ChunkQueued
 from cfs_contracts.fs.records import ChunkRef
 from cfs_contracts.fs.rpc import FsError
@@ -52,13 +57,22 @@ from cfs_contracts.tier import (
 
 log = logging.getLogger(__name__)
 
-RECALL_TIMEOUT_S = 120.0  # one chunk from S3 back onto its nodes: a ranged GET and k puts
+RECALL_ATTEMPT_S = 60.0  # one batch from S3 back onto its nodes: ranged GETs and puts
+RECALL_RETRY = RetryPolicy("recall from S3", deadline_s=120.0, max_delay_s=5.0)  # then EIO
+HOLDER_CHECK_S = 1.0  # how often a request waiting on the tierer looks at its lease
+RECALLS_IN_FLIGHT = 2  # recall requests one client has out at once; the rest wait
+RECALL_BATCH = 16  # chunks in one request at most (64 MiB of 4 MiB chunks)
 
 
 class TierGate:
-    def __init__(self, bus: Bus, nodes: NodeView) -> None:
+    def __init__(
+        self, bus: Bus, nodes: NodeView, spawn: Callable[[Coroutine[Any, Any, Any]], None]
+    ) -> None:
         self.bus = bus
         self.nodes = nodes
+        self.spawn = spawn  # the FileStore's: its tasks end with it
+        self._recalls: dict[str, tuple[ChunkPlacement, asyncio.Future[str | None]]] = {}
+        self._recalls_out = 0  # requests in flight
 
     def _policy(self) -> tuple[WritePolicy, TierState | None]:
         state = self.nodes.tier_state
@@ -118,32 +132,117 @@ class TierGate:
 
     async def recall(self, ref: ChunkRef, ino: int) -> str | None:
         """Have the tierer put a chunk with fewer than k fragments on flash back from
-        S3; None when it did, else why not (for the read's EIO)."""
-        placement = ChunkPlacement(
-            chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme, fragments=ref.fragments
-        )
-        request = RecallRequest(chunks=(placement,)).model_dump_json().encode()
+        S3; None when it did, else why not (for the read's EIO).
+
+        Recalls wait while RECALLS_IN_FLIGHT requests are out and then go together
+        (as a group commit does): a sequential reader's chunk and its read-ahead
+        reach the tierer as one request, whose neighbouring chunks it reads from S3
+        with one GET."""
+        waiting = self._recalls.get(ref.chunk_id)
+        if waiting is None:
+            placement = ChunkPlacement(
+                chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme, fragments=ref.fragments
+            )
+            waiting = (placement, asyncio.get_running_loop().create_future())
+            self._recalls[ref.chunk_id] = waiting
+            self._send_recalls()
+        why = await asyncio.shield(waiting[1])
+        if why is None:
+            log.info("data.recalled", extra={"ino": ino, "chunk": ref.chunk_id})
+        return why
+
+    def _send_recalls(self) -> None:
+        while self._recalls and self._recalls_out < RECALLS_IN_FLIGHT:
+            batch = dict(list(self._recalls.items())[:RECALL_BATCH])
+            for chunk_id in batch:
+                del self._recalls[chunk_id]
+            self._recalls_out += 1
+            self.spawn(self._recall_batch(batch))
+
+    async def _recall_batch(
+        self, batch: dict[str, tuple[ChunkPlacement, asyncio.Future[str | None]]]
+    ) -> None:
+        """Every waiter of the batch gets its answer, whatever happens to the request."""
+        why: dict[str, str | None] = dict.fromkeys(batch, "recall interrupted")
+        closing = False
         try:
-            msg = await self.bus.request(
-                tier_recall_subject(self.bus.site), request, timeout=RECALL_TIMEOUT_S
+            why = await self._ask_recall(tuple(placement for placement, _ in batch.values()))
+        except asyncio.CancelledError:  # the FileStore is closing
+            why, closing = dict.fromkeys(batch, "the client is closing"), True
+            raise
+        except Exception as exc:
+            log.exception("data.recall_failed", extra={"chunks": len(batch)})
+            why = dict.fromkeys(batch, f"recall failed: {exc}")
+        finally:
+            for chunk_id, (_, future) in batch.items():
+                if not future.done():
+                    future.set_result(why.get(chunk_id))
+            self._recalls_out -= 1
+            if not closing:
+                self._send_recalls()
+
+    async def _ask_recall(self, chunks: tuple[ChunkPlacement, ...]) -> dict[str, str | None]:
+        """Why each chunk was not recalled (absent: it was)."""
+        request = RecallRequest(chunks=chunks).model_dump_json().encode()
+
+        async def holder() -> Holder:
+            return holder_of(self.nodes.tier_state)
+
+        try:
+            msg = await ask_tierer(
+                self.bus,
+                tier_recall_subject(self.bus.site),
+                request,
+                holder,
+                attempt_s=RECALL_ATTEMPT_S,
+                policy=RECALL_RETRY,
             )
         except NoResponders:
-            return "no s3-tierer is running"
+            return {c.chunk_id: "no s3-tierer is running" for c in chunks}
         except BusError as exc:
-            return str(exc)
+            return {c.chunk_id: str(exc) for c in chunks}
         reply = RecallReply.model_validate_json(msg.data)
-        if reply.failed:
-            return "; ".join(reply.failed)
-        log.info(
-            "data.recalled",
-            extra={
-                "ino": ino,
-                "chunk": ref.chunk_id,
-                "fragments": reply.restored_fragments,
-                "evicted": ref.chunk_id in reply.evicted,
-            },
-        )
-        return None
+        failed: dict[str, str | None] = {}
+        for line in reply.failed:
+            chunk_id, _, why = line.partition(": ")
+            failed[chunk_id] = why or line
+        return failed
+
+
+Holder = tuple[str, int | None] | None  # the active tierer and when its term began
+
+
+def holder_of(state: TierState | None) -> Holder:
+    return (state.holder, state.holder_since_ms) if state is not None else None
+
+
+async def ask_tierer(
+    bus: Bus,
+    subject: str,
+    payload: bytes,
+    holder: Callable[[], Awaitable[Holder]],
+    *,
+    attempt_s: float,
+    policy: RetryPolicy,
+) -> Msg:
+    """An idempotent request to the active tierer, sent again while no tierer answers
+    and at once when the lease changes hands while it waits: the holder asked died
+    (kill -9 leaves a request unanswered; only the new holder's state tells)."""
+
+    async def attempt() -> Msg:
+        asked = await holder()
+        reply = asyncio.ensure_future(bus.request(subject, payload, timeout=attempt_s))
+        try:
+            while not (await asyncio.wait({reply}, timeout=HOLDER_CHECK_S))[0]:
+                if (now := await holder()) != asked:
+                    log.info("tier.holder_changed", extra={"subject": subject, "asked": asked,
+                                                           "holder": now})  # fmt: skip
+                    raise RequestTimeout(subject, attempt_s)
+            return reply.result()
+        finally:
+            reply.cancel()
+
+    return await retry(attempt, policy)
 
 
 def _s3_words(state: TierState | None) -> str:
