@@ -20,10 +20,12 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 from cfs.supervisor._http import http_get
 from cfs.supervisor.errors import SupervisorError
@@ -65,6 +67,28 @@ def nats_server_binary() -> str:
     )
 
 
+@dataclass(frozen=True)
+class LeafListen:
+    """Where a site's server accepts the other site's leaf-node connections."""
+
+    port: int
+    user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LeafRemote:
+    """A leaf-node connection to another site's server (through its link proxy)."""
+
+    host_port: str
+    user: str
+    password: str = field(repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats-leaf://{quote(self.user)}:{quote(self.password)}@{self.host_port}"
+
+
 def _quote(value: str) -> str:
     """Double-quoted NATS config string (the format accepts JSON string escapes)."""
     return json.dumps(value)
@@ -88,8 +112,16 @@ class NatsServer:
         die_with_parent: bool = True,
         system_password: str | None = None,
         auth_file: Path | None = None,
+        domain: str | None = None,
+        leaf_listen: LeafListen | None = None,
+        leaf_remotes: Sequence[LeafRemote] = (),
     ) -> None:
         """Ports left as None are allocated now; files live under `state_dir`.
+
+        `domain`: the JetStream domain (a site's: two linked sites' streams never
+        mix, and one reaches the other's as `$JS.<domain>.API`). `leaf_listen`:
+        accept leaf-node connections from another site; `leaf_remotes`: connect to
+        another site's servers as a leaf node (one direction per site pair).
 
         `system_password`: configure SYSTEM_USER in the system account.
         `auth_file`: client authorization (`cfs.security`: NKey users and their
@@ -109,6 +141,9 @@ class NatsServer:
         self.max_payload = max_payload
         self.system_password = system_password
         self.auth_file = auth_file
+        self.domain = domain
+        self.leaf_listen = leaf_listen
+        self.leaf_remotes = list(leaf_remotes)
         # While set, replaces `auth_file`: a re-seeded server admits only the recovery
         # (no service may write into it before the import is complete).
         self.admission: Path | None = None
@@ -166,8 +201,22 @@ class NatsServer:
             "jetstream {",
             f"  store_dir: {_quote(str(self.store_dir))}",
             "  sync_interval: always",
+            *([f"  domain: {_quote(self.domain)}"] if self.domain else []),
             "}",
         ]
+        if self.leaf_listen is not None or self.leaf_remotes:
+            lines.append("leafnodes {")
+            if self.leaf_listen is not None:
+                lines += [
+                    f"  listen: {_quote(f'{HOST}:{self.leaf_listen.port}')}",
+                    f"  authorization {{ user: {_quote(self.leaf_listen.user)}, "
+                    f"password: {_quote(self.leaf_listen.password)} }}",
+                ]
+            if self.leaf_remotes:
+                lines.append("  remotes = [")
+                lines += [f"    {{ url: {_quote(remote.url)} }}" for remote in self.leaf_remotes]
+                lines.append("  ]")
+            lines.append("}")
         if self.cluster_name is not None:
             lines += [
                 "cluster {",
@@ -264,6 +313,14 @@ class NatsServer:
     def healthz(self) -> bool:
         """True when GET /healthz is 200 (JetStream up; in a cluster, meta leader known)."""
         return http_get(f"{self.monitor_url}/healthz")[0] == 200
+
+    def varz(self) -> dict[str, Any]:
+        """GET /varz as a dict (`leafnodes`: leaf connections now); {} if no answer."""
+        status, body = http_get(f"{self.monitor_url}/varz")
+        if status != 200:
+            return {}
+        data: dict[str, Any] = json.loads(body)
+        return data
 
     def jsz(self) -> dict[str, Any]:
         """GET /jsz as a dict; raise SupervisorError if the server does not answer."""
