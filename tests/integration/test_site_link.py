@@ -37,7 +37,7 @@ class Sites:
             "b1",
             base / "b",
             domain="b",
-            leaf_remotes=[LeafRemote(self.link.url, "site-b", password)],
+            leaf_remotes=[LeafRemote((self.link.url,), "site-b", password)],
         )
 
     def leaf_up(self) -> bool:
@@ -130,3 +130,33 @@ def test_a_sourced_stream_survives_a_partition_and_a_kill9_without_loss_or_dupli
     _until(lambda: asyncio.run(_count(sites.b.url)) == 100, 30, "B caught up after the heal")
     time.sleep(1.0)  # a duplicate would arrive now
     assert asyncio.run(_copied(sites.b.url)) == [f"{n}".encode() for n in range(1, 101)]
+
+
+async def test_a_site_pair_is_two_domains_linked_through_a_link_that_cuts(tmp_path: Path) -> None:
+    """The supervisor's two-site topology (secure sites: per-role NKeys, leaf user
+    with its own password): linked at start, partitioned and healed on demand."""
+    from cfs.supervisor.sites import SitePair
+
+    pair = SitePair(tmp_path, nodes=1, services=())
+    await pair.start()  # NATS and the link only: no service is needed here
+    try:
+        await asyncio.to_thread(_until, pair.linked, 15, "site b linked to site a")
+        for site in pair.sites:
+            async with await site.client() as bus:
+                assert (await bus.js.account_info()).domain == site.site
+        pair.partition()
+        await asyncio.to_thread(_until, lambda: not pair.linked(), 10, "the link cut")
+        assert pair.partitioned
+        pair.heal()
+        await asyncio.to_thread(_until, pair.linked, 15, "the link back")
+    finally:
+        pair.stop()
+    _secret_kept(tmp_path)
+
+
+def _secret_kept(base: Path) -> None:
+    secret = base / "link" / "leaf.secret"
+    for holder in (secret, *base.rglob("nats.conf")):
+        assert holder.stat().st_mode & 0o077 == 0, f"{holder} is readable by others"
+    logs = [log for log in base.rglob("*.log") if secret.read_text().strip() in log.read_text()]
+    assert logs == [], "the link's password is in a log"

@@ -78,15 +78,17 @@ class LeafListen:
 
 @dataclass(frozen=True)
 class LeafRemote:
-    """A leaf-node connection to another site's server (through its link proxy)."""
+    """A leaf-node connection to another site's servers (each through a link proxy):
+    the server dials one of `host_ports`, and another when that one fails."""
 
-    host_port: str
+    host_ports: tuple[str, ...]
     user: str
     password: str = field(repr=False)
 
     @property
-    def url(self) -> str:
-        return f"nats-leaf://{quote(self.user)}:{quote(self.password)}@{self.host_port}"
+    def urls(self) -> list[str]:
+        who = f"{quote(self.user)}:{quote(self.password)}"
+        return [f"nats-leaf://{who}@{host_port}" for host_port in self.host_ports]
 
 
 def _quote(value: str) -> str:
@@ -214,7 +216,10 @@ class NatsServer:
                 ]
             if self.leaf_remotes:
                 lines.append("  remotes = [")
-                lines += [f"    {{ url: {_quote(remote.url)} }}" for remote in self.leaf_remotes]
+                lines += [
+                    f"    {{ urls: [{', '.join(_quote(url) for url in remote.urls)}] }}"
+                    for remote in self.leaf_remotes
+                ]
                 lines.append("  ]")
             lines.append("}")
         if self.cluster_name is not None:
@@ -250,7 +255,7 @@ class NatsServer:
         cluster members with `wait=False` (or use NatsCluster).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.render_config())
+        self._write_config()
         self.process.start()
         log_event(
             log,
@@ -264,6 +269,13 @@ class NatsServer:
         if wait:
             self._wait_or_kill(timeout)
 
+    def _write_config(self) -> None:
+        """Owner-only: it holds the system user's and the site link's passwords."""
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file from an older release may have been readable
+        with os.fdopen(fd, "w") as out:
+            out.write(self.render_config())
+
     def open_to_clients(self, timeout: float = 30.0) -> None:
         """End the `admission`: reload with the usual authorization, no restart."""
         self.admission = None
@@ -274,7 +286,7 @@ class NatsServer:
         once /varz shows the new load time. Authorization changes apply to clients
         already connected (nats-server closes those no longer allowed)."""
         before = self._config_load_time()
-        self.config_path.write_text(self.render_config())
+        self._write_config()
         self.process.send_signal(signal.SIGHUP)
         self.process.wait_until(
             lambda: self._config_load_time() not in (before, None),
@@ -382,11 +394,16 @@ class NatsCluster:
         die_with_parent: bool = True,
         names: Sequence[str] | None = None,
         auth_file: Path | None = None,
+        domain: str | None = None,
+        leaf_auth: tuple[str, str] | None = None,
+        leaf_remotes: Sequence[LeafRemote] = (),
     ) -> None:
         """Allocate every port up front: each node's config must list all routes.
 
         `names`: server names (default n1..nN); a site names them after its nodes.
         `auth_file`: client authorization for every member (see `NatsServer`).
+        `domain`, `leaf_remotes`: for every member (see `NatsServer`); `leaf_auth`
+        (user, password): every member accepts leaf nodes with it (`leaf_ports`).
         """
         if size < 1:
             raise ValueError(f"cluster size must be >= 1, got {size}")
@@ -400,12 +417,15 @@ class NatsCluster:
         self._max_payload = max_payload
         self._die_with_parent = die_with_parent
         self._auth_file = auth_file
+        self._domain = domain
+        self._leaf_remotes = list(leaf_remotes)
         self.system_password: str | None = None
         self._lost: list[NatsServer] = []  # members left behind by `reform`
         self._stale_routes: set[str] = set()  # the reform witness's route
         clustered = size > 1
         route_ports = free_ports(size) if clustered else []
         route_urls = [f"nats://{HOST}:{port}" for port in route_ports]
+        self.leaf_ports = free_ports(size) if leaf_auth is not None else []
         self._servers = [
             NatsServer(
                 names[i],
@@ -417,6 +437,11 @@ class NatsCluster:
                 max_payload=max_payload,
                 die_with_parent=die_with_parent,
                 auth_file=auth_file,
+                domain=domain,
+                leaf_listen=(
+                    LeafListen(self.leaf_ports[i], *leaf_auth) if leaf_auth is not None else None
+                ),
+                leaf_remotes=leaf_remotes,
             )
             for i in range(size)
         ]
@@ -641,6 +666,8 @@ class NatsCluster:
             die_with_parent=self._die_with_parent,
             system_password=self.system_password,
             auth_file=self._auth_file,
+            domain=self._domain,
+            leaf_remotes=self._leaf_remotes,  # a linked site's link stays (not its listener)
         )
         server.start(wait=False)
         members = {s.name for s in self._servers}

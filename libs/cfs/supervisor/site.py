@@ -46,7 +46,7 @@ from cfs.kernel import registry
 from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.forkserver import ForkServer
-from cfs.supervisor.nats import NatsCluster, NatsServer
+from cfs.supervisor.nats import LeafListen, LeafRemote, NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
 from cfs_contracts.data import StoreRecord, store_record_key
@@ -77,6 +77,9 @@ class LocalSite:
         secure: bool = True,
         services: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         nats: NatsCluster | NatsServer | None = None,
+        domain: str | None = None,
+        leaf_auth: tuple[str, str] | None = None,
+        leaf_remotes: Sequence[LeafRemote] = (),
     ) -> None:
         """Nothing starts here: ports are chosen and process command lines fixed.
 
@@ -91,7 +94,8 @@ class LocalSite:
         `services`: which services run (names as `cfs service list`; per node as a
         mapping), default every one on every node; a test of one service runs only it.
         `nats`: a NATS server or cluster the caller started (and stops); by default the
-        site has its own.
+        site has its own. `domain`, `leaf_auth`, `leaf_remotes`: its NATS as one of two
+        linked sites (`cfs.supervisor.sites.SitePair`).
         """
         names = (
             [f"storage-{i}" for i in range(1, nodes + 1)] if isinstance(nodes, int) else list(nodes)
@@ -125,9 +129,18 @@ class LocalSite:
                 name=f"cfs-{site}",
                 names=server_names,
                 auth_file=auth_file,
+                domain=domain,
+                leaf_auth=leaf_auth,
+                leaf_remotes=leaf_remotes,
             )
         else:
-            self.nats = NatsServer.standalone(self.base_dir / "nats", auth_file=auth_file)
+            self.nats = NatsServer.standalone(
+                self.base_dir / "nats",
+                auth_file=auth_file,
+                domain=domain,
+                leaf_listen=LeafListen(free_port(), *leaf_auth) if leaf_auth else None,
+                leaf_remotes=leaf_remotes,
+            )
         self._spawned_ms: dict[str, int] = {}
         self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
