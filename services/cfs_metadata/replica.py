@@ -69,6 +69,7 @@ from cfs_metadata.journal import (
     cancel_and_wait,
     position_mismatch,
 )
+from cfs_metadata.merge import stamp_entry
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
@@ -508,9 +509,12 @@ class ShardReplica:
             except CorruptRecord as exc:
                 answered.append((item, await self._corruption(exc)))
                 continue
-            answered.append((item, decision.reply))
-            if decision.changes:
-                entry = item.entry(decision)
+            if not decision.changes:
+                answered.append((item, decision.reply))
+            else:
+                # stamped against the state before it, for the other site's merge
+                entry = stamp_entry(item.entry(decision), overlay, now + index, self.bus.site)
+                answered.append((item, entry.reply))
                 apply_entries(overlay, [entry])
                 locked |= change_lock_grants(entry.changes)
                 entries.append(entry)

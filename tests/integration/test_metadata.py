@@ -214,3 +214,24 @@ async def test_raft_status_shows_both_layers_and_force_election_moves_them(
         assert {e.name async for e in client.readdir(1)} == {"before", "after"}
     finally:
         await bus.close()
+
+
+async def test_every_attribute_change_is_stamped_for_the_other_sites_merge(
+    site: MetaSite,
+) -> None:
+    """A chmod records the site and the stamp it replaced; a second one builds on the
+    first (DESIGN.md §8); the creation itself carries no stamp."""
+    from tests.integration.metadata_harness import SITE
+
+    bus, client = await site.client()
+    try:
+        created = await client.create(1, "stamped", mode=0o644)
+        assert created.stamps == {}
+        first = (await client.setattr(created.ino, mode=0o600)).stamps["mode"]
+        assert (first.site, first.base) == (SITE, None)
+        second = (await client.setattr(created.ino, mode=0o640)).stamps["mode"]
+        assert second.base == first.key() and second.key() > first.key()
+        owner = await client.setattr(created.ino, owner=7)
+        assert set(owner.stamps) == {"mode", "owner"}, "a group not changed was stamped"
+    finally:
+        await bus.close()

@@ -71,6 +71,37 @@ class ChunkRef(BaseModel):
         return self.length if self.coded_length is None else self.coded_length
 
 
+# The groups of an inode's fields that two sites merge one by one, last writer wins
+# (DESIGN.md §8): a rename on one site and an owner change on the other both survive;
+# the owner changed on both is a conflict. `ctime_ns` merges as the later of the two;
+# `nlink` and `parent` follow the merged namespace; `kind` never changes.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "mode": ("mode",),
+    "owner": ("uid", "gid"),
+    "content": ("size", "chunks", "chunk_size", "mtime_ns"),
+    "atime": ("atime_ns",),
+    "xattrs": ("xattrs",),
+    "link": ("target", "rdev"),
+}
+
+
+class Stamp(BaseModel):
+    """The last change of one group of an inode's fields: when (`ns`, the writer's
+    clock) and on which site, and the stamp of the value it replaced (`base`; None:
+    the value the inode was created with). A merge takes a remote value whose base is
+    the local stamp as a plain successor; any other difference was made concurrently
+    on both sites: a conflict, won by the later stamp (site names break ties)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ns: int = Field(ge=0)
+    site: str = Field(min_length=1)
+    base: tuple[int, str] | None = None
+
+    def key(self) -> tuple[int, str]:
+        return (self.ns, self.site)
+
+
 class Inode(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -90,6 +121,10 @@ class Inode(BaseModel):
     xattrs: dict[str, str] = Field(default_factory=dict, description="name -> base64 value")
     chunks: tuple[ChunkRef, ...] = ()
     chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=4096, description="bytes per chunk")
+    stamps: dict[str, Stamp] = Field(
+        default_factory=dict,
+        description="FIELD_GROUPS changed since creation -> their last change (cross-site merge)",
+    )
 
     @property
     def st_mode(self) -> int:

@@ -1,0 +1,159 @@
+"""Two sites' versions of an inode, merged field group by field group (DESIGN.md §8).
+
+Pure. The shard writer stamps every change it journals (`stamp_entry`): each group
+of `FIELD_GROUPS` whose values an operation changed gets a `Stamp` (the writer's
+clock, the site, and the stamp it replaced). A site applying the other's version
+of an inode (`merge_inode`) takes, per group:
+
+    the same stamp            nothing to do
+    remote.base == local      a successor of what we have: the remote value
+    local.base == remote      we built on it already: ours
+    anything else             concurrent changes: a conflict; the later stamp wins
+                              (the site name breaks a tie), and both values are kept
+                              in the `FieldConflict` for `show-conflicts`
+
+Per group this is a last-writer-wins register whose winner does not depend on the
+order versions arrive in, so two sites that have seen the same changes hold the same
+inode. Conflicts are reported on each site that sees both versions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cfs_contracts.events.metadata import JournalEntry, PutInode
+from cfs_contracts.fs.records import FIELD_GROUPS, Inode, Stamp
+from cfs_metadata.state import ShardView
+
+
+@dataclass(frozen=True)
+class FieldConflict:
+    """One group changed on both sites without either seeing the other's change."""
+
+    ino: int
+    group: str
+    local: dict[str, Any]
+    remote: dict[str, Any]
+    local_stamp: Stamp | None
+    remote_stamp: Stamp | None
+    winner: str  # the site whose value stays
+
+    @property
+    def reason(self) -> str:
+        return f"{self.group} changed on both sites; {self.winner} wrote last"
+
+
+@dataclass(frozen=True)
+class Merged:
+    inode: Inode
+    conflicts: tuple[FieldConflict, ...]
+    changed: bool  # differs from the local version
+
+
+def values(inode: Inode, group: str) -> dict[str, Any]:
+    return {name: getattr(inode, name) for name in FIELD_GROUPS[group]}
+
+
+def changed_groups(before: Inode, after: Inode) -> list[str]:
+    return [g for g in FIELD_GROUPS if values(before, g) != values(after, g)]
+
+
+def stamp_inode(before: Inode | None, after: Inode, ns: int, site: str) -> Inode:
+    """`after` with a new stamp on each group it changed from `before` (a new inode:
+    none; its values are the ones it was created with)."""
+    if before is None:
+        return after
+    update: dict[str, Any] = {}
+    if after.ctime_ns < before.ctime_ns:  # a writer whose clock is behind: ctime
+        update["ctime_ns"] = before.ctime_ns  # never goes back (merges take the later)
+    groups = changed_groups(before, after)
+    if groups:
+        stamps = dict(after.stamps)
+        for group in groups:
+            replaced = before.stamps.get(group)
+            if replaced is None:
+                stamps[group] = Stamp(ns=ns, site=site)
+            else:  # later than what it replaces, whatever this writer's clock says: the
+                # newest stamp is then also the last write, so every site keeps the same
+                stamps[group] = Stamp(ns=max(ns, replaced.ns + 1), site=site, base=replaced.key())
+        update["stamps"] = stamps
+    return after.model_copy(update=update) if update else after
+
+
+def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> JournalEntry:
+    """The entry with its inode changes stamped against `before`, the shard's view
+    just before the operation."""
+    changes = list(entry.changes)
+    stamped: dict[int, Inode] = {}
+    for i, change in enumerate(changes):
+        if isinstance(change, PutInode):
+            inode = stamp_inode(before.inode(change.inode.ino), change.inode, ns, site)
+            if inode is not change.inode:
+                changes[i] = PutInode(inode=inode)
+                stamped[inode.ino] = inode
+    if not stamped:
+        return entry
+    reply = entry.reply
+    if reply.inode is not None and reply.inode.ino in stamped:  # the record as stored
+        reply = reply.model_copy(update={"inode": stamped[reply.inode.ino]})
+    return entry.model_copy(update={"changes": tuple(changes), "reply": reply})
+
+
+def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Merged:
+    """The inode after site `here` (holding `local`) sees site `there`'s `remote`."""
+    if local is None:
+        return Merged(remote, (), True)
+    update: dict[str, Any] = {}
+    stamps = dict(local.stamps)
+    conflicts: list[FieldConflict] = []
+    for group in FIELD_GROUPS:
+        ours, theirs = local.stamps.get(group), remote.stamps.get(group)
+        if _same(ours, theirs):
+            continue
+        if _builds_on(theirs, ours):
+            take = True
+        elif _builds_on(ours, theirs):
+            take = False
+        else:
+            take = _later(theirs, ours)
+            if values(local, group) != values(remote, group):
+                conflicts.append(
+                    FieldConflict(
+                        ino=local.ino,
+                        group=group,
+                        local=values(local, group),
+                        remote=values(remote, group),
+                        local_stamp=ours,
+                        remote_stamp=theirs,
+                        winner=there if take else here,
+                    )
+                )
+        if take:
+            update.update(values(remote, group))
+            if theirs is None:
+                stamps.pop(group, None)
+            else:
+                stamps[group] = theirs
+    update["ctime_ns"] = max(local.ctime_ns, remote.ctime_ns)
+    update["stamps"] = stamps
+    merged = local.model_copy(update=update)
+    return Merged(merged, tuple(conflicts), merged != local)
+
+
+def _same(a: Stamp | None, b: Stamp | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.key() == b.key())
+
+
+def _builds_on(newer: Stamp | None, older: Stamp | None) -> bool:
+    """`newer` replaced `older` (None: the creation value) on its site."""
+    if newer is None:
+        return False
+    return newer.base == (older.key() if older is not None else None)
+
+
+def _later(a: Stamp | None, b: Stamp | None) -> bool:
+    """Whether `a` wins over `b` (no stamp: the creation value, earliest of all)."""
+    if a is None:
+        return False
+    return b is None or a.key() > b.key()
