@@ -74,6 +74,7 @@ class LeafListen:
     port: int
     user: str
     password: str = field(repr=False)
+    advertise: str | None = None  # host:port leaf nodes are told to dial (the link proxy)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,10 @@ class NatsServer:
                     f"  authorization {{ user: {_quote(self.leaf_listen.user)}, "
                     f"password: {_quote(self.leaf_listen.password)} }}",
                 ]
+                if self.leaf_listen.advertise is not None:
+                    # leaf nodes learn this address from the INFO and reconnect to it:
+                    # it must be the link's, or a reconnect would go around a partition
+                    lines.append(f"  advertise: {_quote(self.leaf_listen.advertise)}")
             if self.leaf_remotes:
                 lines.append("  remotes = [")
                 lines += [

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cfs.supervisor.linkproxy import LinkProxy
-from cfs.supervisor.nats import LeafRemote, NatsCluster
+from cfs.supervisor.nats import LeafRemote
 from cfs.supervisor.site import LocalSite
 
 LEAF_USER = "cfs-site-link"  # the leaf connection's user on the hub site's servers
@@ -40,10 +41,14 @@ class SitePair:
         self.a = LocalSite(
             self.base_dir / a, site=a, domain=a, leaf_auth=(LEAF_USER, password), **site
         )
-        self.links = [
-            LinkProxy(f"link-{b}-{a}-{i}", self.base_dir / "link" / f"{i}", port)
-            for i, port in enumerate(_leaf_ports(self.a), start=1)
-        ]
+        self.links = []
+        for i, server in enumerate(self.a.nats_servers, start=1):
+            assert server.leaf_listen is not None
+            link = LinkProxy(
+                f"link-{b}-{a}-{i}", self.base_dir / "link" / f"{i}", server.leaf_listen.port
+            )
+            server.leaf_listen = replace(server.leaf_listen, advertise=link.url)
+            self.links.append(link)
         remote = LeafRemote(tuple(link.url for link in self.links), LEAF_USER, password)
         self.b = LocalSite(self.base_dir / b, site=b, domain=b, leaf_remotes=[remote], **site)
 
@@ -105,13 +110,6 @@ class SitePair:
 
     async def __aexit__(self, *_: object) -> None:
         self.stop()
-
-
-def _leaf_ports(site: LocalSite) -> list[int]:
-    if isinstance(site.nats, NatsCluster):
-        return site.nats.leaf_ports
-    assert site.nats.leaf_listen is not None
-    return [site.nats.leaf_listen.port]
 
 
 def _link_secret(path: Path) -> str:

@@ -1,0 +1,41 @@
+"""Two sites (DESIGN.md §8): the peer a site replicates with, and what comes from it.
+
+A site that replicates with a peer holds a stream `FROM_<peer>` that sources the
+peer's shard journals across JetStream domains (`$JS.<peer>.API`, over the leaf-node
+link): only the messages the peer's own writers appended (`...meta.<shard>.journal`),
+never the peer's copies of ours (those are appended under `...journal.remote`), so
+nothing is shipped back. The sourcing is JetStream's: durable and resumable after a
+partition of any length, and the peer's server never needs to know we exist.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cfs_contracts.streams import shard_name
+
+GEO_PEER_KEY = "geo.peer"  # in the `nodes` bucket: the site this one replicates with
+
+
+class GeoPeer(BaseModel):
+    model_config = ConfigDict(frozen=True)  # readers of another release ignore new fields
+
+    site: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    shards: int = Field(ge=1, le=999, description="equal on both sites: shard i ships to i")
+    linked_ms: int
+    linked_by: str
+
+
+def inbound_stream(peer: str) -> str:
+    """This site's copy of `peer`'s journals."""
+    return f"FROM_{peer}"
+
+
+def peer_journal_subject(peer: str, shard: int) -> str:
+    """What `peer`'s own writers append to shard `shard` (and only that)."""
+    return f"cfs.{peer}.meta.{shard_name(shard)}.journal"
+
+
+def peer_api(peer: str) -> str:
+    """`peer`'s JetStream API as seen from this site, over the link."""
+    return f"$JS.{peer}.API"

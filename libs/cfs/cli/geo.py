@@ -1,0 +1,237 @@
+"""`cfs admin replication-link` and `replication-status`: the two sites' journals
+shipped to each other (DESIGN.md §8; guide scenarios 4 and 6).
+
+Each site holds `FROM_<peer>`, the peer's shard journals sourced over the leaf-node
+link; `replication-link --peer SITE`, run once on each site, makes it. The status
+reads both directions: the inbound one from this site's stream, the outbound one
+from the peer's (over the link: when it cannot be read, that is the partition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+import nats.errors
+import nats.js.errors
+import typer
+
+from cfs.admin.client import actor, record_action
+from cfs.bus import Bus
+from cfs.cli.admin import JsonOpt, _session, _settings, app
+from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cluster import read_config
+from cfs.geo import (
+    UNREACHABLE,
+    GeoError,
+    Inbound,
+    ensure_inbound,
+    now_ms,
+    peer_reachable,
+    read_inbound,
+)
+from cfs_contracts.geo import GEO_PEER_KEY, GeoPeer
+from cfs_contracts.members import CLUSTER_CONFIG_KEY, ClusterConfig
+from cfs_contracts.streams import NODES
+
+PEER_TIMEOUT_S = 5.0  # a request over the link; no answer in time: partitioned
+BAR = 10
+
+
+async def _peer_config(bus: Bus, peer: str) -> ClusterConfig:
+    """The peer's cluster config, read over the link from its own JetStream domain."""
+    js = bus.nc.jetstream(domain=peer, timeout=PEER_TIMEOUT_S)
+    try:
+        kv = await js.key_value(NODES.bucket)
+        entry = await kv.get(CLUSTER_CONFIG_KEY)
+    except UNREACHABLE:
+        raise CliError(
+            f"site {peer} does not answer over the site link (is it up, and this site's "
+            "NATS linked to it?)",
+            ExitCode.UNREACHABLE,
+        ) from None
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+        raise CliError(f"site {peer} answers but is not initialized (cfs cluster init)") from None
+    return ClusterConfig.model_validate_json(entry.value or b"")
+
+
+async def read_peer(bus: Bus) -> GeoPeer | None:
+    kv = await bus.key_value(NODES.bucket)
+    try:
+        entry = await kv.get(GEO_PEER_KEY)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return GeoPeer.model_validate_json(entry.value or b"")
+
+
+@app.command("replication-link")
+@one_line_errors
+def replication_link(
+    ctx: typer.Context,
+    peer: Annotated[str, typer.Option("--peer", help="the other site's name")],
+    replicas: Annotated[
+        int | None, typer.Option("--replicas", min=1, max=5, help="default: as the journals")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replicate with site PEER: its journals are sourced into this site from now on
+    (run it on both sites). The peer must answer over the link, with the same shard
+    count; running it again changes nothing."""
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> dict[str, Any]:
+        ours = await read_config(bus)
+        if ours is None:
+            raise CliError("this site is not initialized (cfs cluster init)")
+        if peer == ours.site:
+            raise CliError(f"--peer {peer} is this site; name the other one", ExitCode.USAGE)
+        theirs = await _peer_config(bus, peer)
+        if theirs.site != peer:
+            raise CliError(f"the domain {peer} answers as site {theirs.site}")
+        if theirs.shards != ours.shards:
+            raise CliError(
+                f"site {peer} has {theirs.shards} shard(s), this one {ours.shards}: "
+                "replicated sites need the same count (shard i ships to shard i)"
+            )
+        existing = await read_peer(bus)
+        if existing is not None and existing.site != peer:
+            raise CliError(f"this site replicates with {existing.site} already")
+        record = existing or GeoPeer(
+            site=peer, shards=ours.shards, linked_ms=now_ms(), linked_by=actor()
+        )
+        copies = replicas or (await bus.js.stream_info("META_001")).config.num_replicas or 1
+        try:
+            created = await ensure_inbound(bus.js, record, copies)
+        except GeoError as exc:
+            raise CliError(str(exc)) from None
+        if existing is None:
+            kv = await bus.key_value(NODES.bucket)
+            await kv.put(GEO_PEER_KEY, record.model_dump_json().encode())
+            await record_action(bus, "replication-link", {"peer": peer}, "linked")
+        return {"site": ours.site, "peer": peer, "shards": ours.shards, "created": created}
+
+    result = _session(settings, work)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        verb = "now replicates" if result["created"] else "already replicates"
+        typer.echo(
+            f"Site {result['site']} {verb} from site {peer} ({result['shards']} shard "
+            f"journals sourced into FROM_{peer}); run it on {peer} too for the way back"
+        )
+
+
+def _direction(
+    source: str, target: str, inbound: Inbound | None, why: str, reachable: bool, now: int
+) -> dict[str, Any]:
+    if inbound is None:
+        return {"from": source, "to": target, "connected": False, "state": why}
+    connected = reachable and not inbound.errors
+    if connected:
+        state = "connected"
+    elif not reachable:
+        state = "unreachable (partition detected)"
+    else:
+        state = "failing: " + "; ".join(inbound.errors)
+    return {
+        "from": source,
+        "to": target,
+        "connected": connected,
+        "state": state,
+        "lag_events": inbound.lag_events,
+        "lag_s": inbound.lag_s(now, reachable),
+        "copied": inbound.copied,
+        "shards": [{"shard": s.shard, "lag": s.lag, "error": s.error} for s in inbound.shards],
+    }
+
+
+async def _status(bus: Bus) -> dict[str, Any]:
+    ours = await read_config(bus)
+    peer = await read_peer(bus)
+    if ours is None or peer is None:
+        raise CliError(
+            "this site replicates with no other (cfs admin replication-link --peer SITE)"
+        )
+    now = now_ms()
+    reachable = await peer_reachable(bus.nc, peer.site, PEER_TIMEOUT_S)
+    inbound: Inbound | None = None
+    outbound: Inbound | None = None
+    why_in = why_out = "unreachable (partition detected)"
+    try:
+        inbound = await read_inbound(bus.js, peer.site)
+    except GeoError as exc:
+        why_in = str(exc)
+    if reachable:
+        try:
+            remote = bus.nc.jetstream(domain=peer.site, timeout=PEER_TIMEOUT_S)
+            outbound = await read_inbound(remote, ours.site)
+        except UNREACHABLE:
+            pass  # unreachable since the probe
+        except GeoError as exc:
+            why_out = f"not replicated: {exc}"
+    return {
+        "site": ours.site,
+        "peer": peer.site,
+        "reachable": reachable,
+        "directions": [
+            _direction(peer.site, ours.site, inbound, why_in, reachable, now),
+            _direction(ours.site, peer.site, outbound, why_out, reachable, now),
+        ],
+    }
+
+
+def _bar(direction: dict[str, Any]) -> str:
+    done = direction["copied"]
+    total = done + direction["lag_events"]
+    filled = BAR if total == 0 else int(BAR * done / total)
+    return f"[{'█' * filled}{'░' * (BAR - filled)}]"
+
+
+def _render(status: dict[str, Any]) -> list[str]:
+    lines = [f"Replication between {status['site']} (here) and {status['peer']}:"]
+    for d in status["directions"]:
+        head = f"  {d['from']} -> {d['to']}: "
+        if "copied" not in d:
+            lines.append(head + d["state"])
+            continue
+        lag = f"{d['lag_events']} event(s)"
+        if d["lag_s"] is not None:
+            lag += f", {d['lag_s']:.1f} s"
+        if not d["connected"]:
+            newest = "" if d["lag_s"] is None else f"; newest copied event {d['lag_s']:.0f} s old"
+            lines.append(head + d["state"] + newest)
+        elif d["lag_events"]:
+            lines.append(head + f"Lag resolving... {_bar(d)} {lag} to go")
+        else:
+            lines.append(head + f"connected, lag 0 ({d['copied']} journal messages copied)")
+    return lines
+
+
+@app.command("replication-status")
+@one_line_errors
+def replication_status(
+    ctx: typer.Context,
+    watch: Annotated[
+        float | None,
+        typer.Option("--watch", min=0.2, help="print again every SECONDS until interrupted"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Both directions between this site and its peer: connected or unreachable
+    (partition detected), lag in journal events and seconds, progress while catching
+    up. Exits 3 when a direction is not connected."""
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> dict[str, Any]:
+        while True:
+            status = await _status(bus)
+            if watch is None:
+                return status
+            typer.echo(json.dumps(status) if as_json else "\n".join(_render(status)))
+            await asyncio.sleep(watch)
+
+    status = _session(settings, work)
+    typer.echo(json.dumps(status) if as_json else "\n".join(_render(status)))
+    if not all(d["connected"] for d in status["directions"]):
+        raise typer.Exit(ExitCode.UNREACHABLE)
