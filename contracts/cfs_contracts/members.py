@@ -56,6 +56,12 @@ class ClusterConfig(BaseModel):
     bootstrap_node: str
     created_ms: int
     created_by: str
+    site_index: int = Field(
+        default=0,
+        ge=0,
+        le=127,
+        description="distinct per replicated site: its inode numbers come from its own range",
+    )
 
     @property
     def cluster_id(self) -> str:

@@ -41,7 +41,14 @@ def check_ec(ec: str) -> str:
 
 
 def new_config(
-    *, name: str, site: str, shards: int, ec: str, bootstrap_node: str, created_by: str
+    *,
+    name: str,
+    site: str,
+    shards: int,
+    ec: str,
+    bootstrap_node: str,
+    created_by: str,
+    site_index: int = 0,
 ) -> ClusterConfig:
     return ClusterConfig(
         name=name,
@@ -51,11 +58,16 @@ def new_config(
         bootstrap_node=bootstrap_node,
         created_ms=time.time_ns() // 1_000_000,
         created_by=created_by,
+        site_index=site_index,
     )
 
 
+def _shape(config: ClusterConfig) -> tuple[str, str, int, str, int]:
+    return (config.name, config.site, config.shards, config.ec, config.site_index)
+
+
 def same_shape(a: ClusterConfig, b: ClusterConfig) -> bool:
-    return (a.name, a.site, a.shards, a.ec) == (b.name, b.site, b.shards, b.ec)
+    return _shape(a) == _shape(b)
 
 
 async def read_config(bus: Bus) -> ClusterConfig | None:
@@ -98,6 +110,7 @@ async def _existing_config(bus: Bus) -> ClusterConfig | None:
 def _mismatch(existing: ClusterConfig, wanted: ClusterConfig) -> str:
     return (
         f"site {existing.site} is already initialized as cluster {existing.name!r} with "
-        f"{existing.shards} shard(s) and ec {existing.ec} (asked: {wanted.name!r}, "
-        f"{wanted.shards} shard(s), ec {wanted.ec}); the shard count is fixed at init"
+        f"{existing.shards} shard(s), ec {existing.ec} and site index {existing.site_index} "
+        f"(asked: {wanted.name!r}, {wanted.shards} shard(s), ec {wanted.ec}, site index "
+        f"{wanted.site_index}); these are fixed at init"
     )

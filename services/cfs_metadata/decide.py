@@ -100,6 +100,13 @@ def bootstrap_entry(now_ns: int, op_id: str) -> JournalEntry:
     )
 
 
+def floor_entry(floor: int, op_id: str) -> JournalEntry:
+    """A shard's inode counter moved to its site's range (`site_floor`), once."""
+    return JournalEntry(
+        op_id=op_id, op="site-floor", changes=(SetNextLocal(value=floor),), reply=Reply()
+    )
+
+
 def decide(
     view: ShardView, op: MutationOp, now_ns: int, placement: Placement | None = None
 ) -> Decision:

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError, SequenceConflict
 from cfs.client import MetadataClient
+from cfs.cluster import read_config
 from cfs.faults import crash_point, fault_point
 from cfs.hlc import observe
 from cfs.ids import new_id
@@ -41,7 +43,7 @@ from cfs_contracts.events.metadata import (
     ShardRestored,
 )
 from cfs_contracts.events.ops import CorruptionDetected
-from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.records import ROOT_INO, site_floor
 from cfs_contracts.fs.rpc import (
     FindNames,
     FsError,
@@ -61,7 +63,7 @@ from cfs_contracts.streams import (
     shard_name,
 )
 from cfs_metadata.coordinator import Coordinator
-from cfs_metadata.decide import bootstrap_entry
+from cfs_metadata.decide import bootstrap_entry, floor_entry
 from cfs_metadata.journal import (
     Journal,
     JournalRecord,
@@ -322,6 +324,10 @@ class ShardReplica:
         needs_root = self.shard_index == 1 and self.projection.inode(ROOT_INO) is None
         if needs_root and not await self._commit([bootstrap_entry(time.time_ns(), new_id())]):
             return  # stepped down; the next writer creates the root
+        floor = site_floor(await self._site_index())
+        moved = floor_entry(floor, new_id())
+        if self.projection.next_local() < floor and not await self._commit([moved]):
+            return  # stepped down; the next writer moves the counter
         self._locked = locked_keys(self.projection.txs())
         self.role = Role.LEADER
         if not self.projection.held:  # a held shard waits for its replay first
@@ -333,6 +339,14 @@ class ShardReplica:
             meta_admin_subject(self.bus.site, self.shard), queue="leader", cb=self._on_admin
         )
         await self._commit_loop()
+
+    async def _site_index(self) -> int:
+        """This site's index among replicated sites (its inode numbers' range)."""
+        try:
+            config = await read_config(self.bus)
+        except nats.js.errors.BucketNotFoundError:
+            return 0
+        return config.site_index if config is not None else 0
 
     async def _fence(self, term: int) -> int:
         """Catch up to the journal's end, then append LeaderFenced at exactly that point.

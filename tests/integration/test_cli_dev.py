@@ -134,7 +134,7 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
         env, "cluster", "init", "--bootstrap-node", "solo", "--cluster-name", "cfs-local",
         "--shards", "4", "--config-dir", str(tmp_path / "cfg"),
     )  # fmt: skip
-    _one_line_error(other, 1, "the shard count is fixed at init")
+    _one_line_error(other, 1, "these are fixed at init")
 
     _one_line_error(_cfs(env, "node", "add", "--node", "solo"), 1, "already a member")
 

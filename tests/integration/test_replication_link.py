@@ -18,7 +18,7 @@ import pytest
 from cfs.client import MetadataClient
 from cfs.supervisor import LocalSite
 from cfs.supervisor.sites import SitePair
-from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.records import ROOT_INO, site_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -125,3 +125,16 @@ def test_journals_cross_both_ways_stop_at_a_partition_and_resume_after(pair: Sit
     until(lambda: status(pair.b)[0] == 0, 20, "status on B connected again")
     code, healed = status(pair.a)
     assert code == 0 and [d["lag_events"] for d in healed["directions"]] == [0, 0], healed
+
+
+def test_each_site_numbers_its_new_inodes_from_its_own_range(pair: SitePair) -> None:
+    """Files created on both sites (as during a partition) never share a number."""
+
+    async def made(site: LocalSite) -> list[int]:
+        async with await site.client() as bus:
+            meta = MetadataClient(bus)
+            return [(await meta.create(ROOT_INO, f"numbered-{i}")).ino for i in range(3)]
+
+    on_a, on_b = asyncio.run(made(pair.a)), asyncio.run(made(pair.b))
+    assert {site_of(ino) for ino in on_a} == {0} and {site_of(ino) for ino in on_b} == {1}
+    assert not set(on_a) & set(on_b)

@@ -168,3 +168,24 @@ def test_stream_subjects_do_not_overlap_and_rpc_is_not_captured() -> None:
 def test_committed_asyncapi_document_is_up_to_date() -> None:
     committed = json.loads((Path(cfs_contracts.__file__).parent / "asyncapi.json").read_text())
     assert committed == build(), "contracts changed: run `make asyncapi` and commit the result"
+
+
+def test_site_ranges_of_inode_numbers_are_disjoint_and_recoverable() -> None:
+    from cfs_contracts.fs.records import (
+        MAX_SITE_INDEX,
+        SITE_LOCAL_SHIFT,
+        make_ino,
+        shard_of,
+        site_floor,
+        site_of,
+    )
+
+    assert site_floor(0) == 1  # a single site numbers as it always did
+    for index in (0, 1, MAX_SITE_INDEX):
+        first = make_ino(999, site_floor(index))
+        last = make_ino(999, (index + 1 << SITE_LOCAL_SHIFT) - 1)
+        for ino in (first, last):
+            assert (site_of(ino), shard_of(ino)) == (index, 999)
+    assert make_ino(999, (MAX_SITE_INDEX + 1 << SITE_LOCAL_SHIFT) - 1) < 2**63  # an ino_t
+    with pytest.raises(ValueError, match="site index"):
+        site_floor(MAX_SITE_INDEX + 1)

@@ -47,6 +47,25 @@ def make_ino(shard_index: int, local: int) -> int:
     return (local << SHARD_BITS) | shard_index
 
 
+# Two replicated sites allocate inode numbers from disjoint ranges of each shard's
+# local counter, so a file created on each during a partition never share a number:
+# site index i (ClusterConfig.site_index) counts from i << SITE_LOCAL_SHIFT.
+SITE_LOCAL_SHIFT = 45  # 2**45 inodes per shard and site; index < 128 keeps ino < 2**62
+MAX_SITE_INDEX = 127
+
+
+def site_floor(site_index: int) -> int:
+    """The first local number of site `site_index` (site 0: 1, as ever)."""
+    if not 0 <= site_index <= MAX_SITE_INDEX:
+        raise ValueError(f"site index {site_index} is not in 0..{MAX_SITE_INDEX}")
+    return max(1, site_index << SITE_LOCAL_SHIFT)
+
+
+def site_of(ino: int) -> int:
+    """The index of the site that allocated `ino`."""
+    return ino >> (SHARD_BITS + SITE_LOCAL_SHIFT)
+
+
 class ChunkRef(BaseModel):
     """One chunk of a file as committed by the data path (DESIGN.md §5)."""
 

@@ -28,6 +28,7 @@ from cfs.security import (
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
+from cfs_contracts.fs.records import MAX_SITE_INDEX
 from cfs_contracts.tier import TierMode
 
 app = typer.Typer(help="Create and inspect a ClaudeFS cluster.", no_args_is_help=True)
@@ -69,6 +70,15 @@ def init(
             "(default /etc/claudefs as root, else ~/.config/claudefs)"
         ),
     ] = None,
+    site_index: Annotated[
+        int,
+        typer.Option(
+            "--site-index",
+            min=0,
+            max=MAX_SITE_INDEX,
+            help="distinct per replicated site (0 for the first): its inode numbers' range",
+        ),
+    ] = 0,
     tier: Annotated[
         TierMode, typer.Option("--tier", help="data tier: off, cache or tiered (needs --tier-url)")
     ] = TierMode.OFF,
@@ -107,6 +117,7 @@ def init(
         ec=ec,
         bootstrap_node=bootstrap_node,
         created_by=actor(),
+        site_index=site_index,
     )
 
     async def go() -> tuple[bool, int]:
@@ -124,6 +135,7 @@ def init(
                     "ec": ec,
                     "bootstrap_node": bootstrap_node,
                     "replicas": str(count),
+                    "site_index": str(site_index),
                 },
                 "succeeded" if result.created else "succeeded: already initialized",
             )

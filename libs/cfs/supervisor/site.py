@@ -77,6 +77,7 @@ class LocalSite:
         secure: bool = True,
         services: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         nats: NatsCluster | NatsServer | None = None,
+        site_index: int = 0,
         domain: str | None = None,
         leaf_auth: tuple[str, str] | None = None,
         leaf_remotes: Sequence[LeafRemote] = (),
@@ -94,7 +95,7 @@ class LocalSite:
         `services`: which services run (names as `cfs service list`; per node as a
         mapping), default every one on every node; a test of one service runs only it.
         `nats`: a NATS server or cluster the caller started (and stops); by default the
-        site has its own. `domain`, `leaf_auth`, `leaf_remotes`: its NATS as one of two
+        site has its own. `site_index`, `domain`, `leaf_auth`, `leaf_remotes`: one of two
         linked sites (`cfs.supervisor.sites.SitePair`).
         """
         names = (
@@ -109,6 +110,7 @@ class LocalSite:
             raise ValueError(f"duplicate node names in {names}")
         self.base_dir = Path(base_dir)
         self.site = site
+        self.site_index = site_index
         self.shards = shards
         self.ec = ec
         self.node_names: tuple[str, ...] = tuple(names)
@@ -333,6 +335,7 @@ class LocalSite:
             ec=self.ec,
             bootstrap_node=self.node_names[0],
             created_by="cfs dev",
+            site_index=self.site_index,
         )
         replicas = min(3, len(self.nats_servers))
         deadline = time.monotonic() + timeout

@@ -39,7 +39,12 @@ class SitePair:
         self.base_dir = Path(base_dir)
         password = _link_secret(self.base_dir / "link" / "leaf.secret")
         self.a = LocalSite(
-            self.base_dir / a, site=a, domain=a, leaf_auth=(LEAF_USER, password), **site
+            self.base_dir / a,
+            site=a,
+            site_index=0,
+            domain=a,
+            leaf_auth=(LEAF_USER, password),
+            **site,
         )
         self.links = []
         for i, server in enumerate(self.a.nats_servers, start=1):
@@ -50,7 +55,9 @@ class SitePair:
             server.leaf_listen = replace(server.leaf_listen, advertise=link.url)
             self.links.append(link)
         remote = LeafRemote(tuple(link.url for link in self.links), LEAF_USER, password)
-        self.b = LocalSite(self.base_dir / b, site=b, domain=b, leaf_remotes=[remote], **site)
+        self.b = LocalSite(
+            self.base_dir / b, site=b, site_index=1, domain=b, leaf_remotes=[remote], **site
+        )
 
     @property
     def sites(self) -> tuple[LocalSite, LocalSite]:
