@@ -396,7 +396,7 @@ def s3_queue_status(
         raise typer.Exit(ExitCode.FAILED)
 
 
-RECALL_BATCH = 32
+RECALL_BATCH = 128  # chunks per request: the tierer reads neighbours in a blob together
 RECALLS_AT_ONCE = 2  # requests out: S3 reads for one while the other's are stored
 REINDEX_TIMEOUT_S = 3600.0
 RECALL_TIMEOUT_S = 120.0  # one batch; sent again (it is idempotent) until RECALL_WITHIN_S
