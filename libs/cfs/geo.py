@@ -10,7 +10,6 @@ retries a cut link, so it cannot tell a partition.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import nats.errors
@@ -149,7 +148,3 @@ def _written_ms(body: bytes) -> int | None:
         return Envelope.model_validate_json(body).hlc.wall_ms
     except ValueError:
         return None
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -18,6 +18,7 @@ import nats.js.errors
 import typer
 
 from cfs.admin.client import actor, record_action
+from cfs.admin.snapshot import read_record
 from cfs.bus import Bus
 from cfs.cli.admin import JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
@@ -27,10 +28,10 @@ from cfs.geo import (
     GeoError,
     Inbound,
     ensure_inbound,
-    now_ms,
     peer_reachable,
     read_inbound,
 )
+from cfs.hlc import system_wall_ms
 from cfs_contracts.geo import GEO_PEER_KEY, GeoPeer
 from cfs_contracts.members import CLUSTER_CONFIG_KEY, ClusterConfig
 from cfs_contracts.streams import NODES
@@ -57,12 +58,7 @@ async def _peer_config(bus: Bus, peer: str) -> ClusterConfig:
 
 
 async def read_peer(bus: Bus) -> GeoPeer | None:
-    kv = await bus.key_value(NODES.bucket)
-    try:
-        entry = await kv.get(GEO_PEER_KEY)
-    except nats.js.errors.KeyNotFoundError:
-        return None
-    return GeoPeer.model_validate_json(entry.value or b"")
+    return await read_record(bus, GEO_PEER_KEY, GeoPeer)
 
 
 @app.command("replication-link")
@@ -98,7 +94,7 @@ def replication_link(
         if existing is not None and existing.site != peer:
             raise CliError(f"this site replicates with {existing.site} already")
         record = existing or GeoPeer(
-            site=peer, shards=ours.shards, linked_ms=now_ms(), linked_by=actor()
+            site=peer, shards=ours.shards, linked_ms=system_wall_ms(), linked_by=actor()
         )
         copies = replicas or (await bus.js.stream_info("META_001")).config.num_replicas or 1
         try:
@@ -153,7 +149,7 @@ async def _status(bus: Bus) -> dict[str, Any]:
         raise CliError(
             "this site replicates with no other (cfs admin replication-link --peer SITE)"
         )
-    now = now_ms()
+    now = system_wall_ms()
     reachable = await peer_reachable(bus.nc, peer.site, PEER_TIMEOUT_S)
     inbound: Inbound | None = None
     outbound: Inbound | None = None
