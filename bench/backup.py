@@ -110,6 +110,7 @@ def admin(
         text=True,
         stdin=subprocess.DEVNULL,
         env=site.cli_env(**env),
+        cwd=site.base_dir,  # what a command writes to `.` (a pre-restore copy) stays there
         timeout=timeout,
         check=False,
     )
