@@ -12,7 +12,10 @@ Figures, in the order they are taken:
 - `raw_put_mb_s`, `raw_get_mb_s`: the baseline. PUT then GET of 64 MiB objects (the
   tierer's blob size) through `cfs.objstore`, the port the tierer uses (aioboto3,
   SSE on every PUT), one at a time as the tierer uploads (8 objects; 3 with
-  --quick). For information: the same 4 at a time (`raw_put_mb_s_c4`,
+  --quick); then every 4 MiB range of them (`raw_get_range_mb_s`, with moto's CPU
+  per MiB: a ranged GET costs moto about as much as the whole object, which is
+  why recall reads neighbouring chunks together). For information: the same 4 at
+  a time (`raw_put_mb_s_c4`,
   `raw_get_mb_s_c4`), straight aioboto3 `put_object`/`get_object`
   (`raw_put_mb_s_boto`, `raw_get_mb_s_boto`), and `cfs.objstore` through the S3
   fault proxy in pass mode (`raw_put_mb_s_via_proxy`): the extra hop costs a fifth
@@ -132,6 +135,7 @@ RAW_BUCKET = "cfs-bench-raw"
 MiB = 1024 * 1024
 OBJECT = BLOB_TARGET_BYTES  # 64 MiB: the baseline's objects are the tierer's blobs
 FILE = 8 * MiB
+CHUNK = 4 * MiB  # a file chunk (the client's default chunk size)
 WRITERS = 4  # files written at once
 WARMUP_FILES = 8  # written first, untimed
 FLUSH_AFTER_S = 0.5  # tier-config --flush-after: a blob is sealed this soon
@@ -179,17 +183,28 @@ async def raw_objstore(
             if len(await store.get(key)) != len(payload):
                 raise RuntimeError(f"GET {key}: short object")
 
+        async def get_range(key_at: str) -> None:
+            key, _, offset = key_at.partition("@")
+            if len(await store.get_range(key, int(offset), CHUNK)) != CHUNK:
+                raise RuntimeError(f"GET {key_at}: short range")
+
         cpu = (cpu_seconds(moto_pid), own_cpu_seconds())
         put_s = await timed_each(keys, concurrency, put)
         after = (cpu_seconds(moto_pid), own_cpu_seconds())
         get_s = await timed_each(keys, concurrency, get)
+        ranges = [f"{key}@{at}" for key in keys for at in range(0, len(payload), CHUNK)]
+        before_ranges = cpu_seconds(moto_pid)
+        range_s = await timed_each(ranges, concurrency, get_range)
+        range_cpu = cpu_seconds(moto_pid) - before_ranges
         for key in [*keys, "warm"]:
             await store.delete(key)
     return {
         "put_mb_s": mib / put_s,
         "get_mb_s": mib / get_s,
+        "get_range_mb_s": mib / range_s,
         "put_cpu_ms_per_mib_moto": (after[0] - cpu[0]) * 1000 / mib,
         "put_cpu_ms_per_mib_client": (after[1] - cpu[1]) * 1000 / mib,
+        "get_range_cpu_ms_per_mib_moto": range_cpu * 1000 / mib,
     }
 
 
@@ -228,7 +243,12 @@ async def baseline(
     async with S3ObjectStore(S3Url(RAW_BUCKET), direct) as store:
         await store.ensure_bucket()
     one = await raw_objstore(direct, "c1", payload, count, 1, s3.pid)
-    print(f"  raw PUT {one['put_mb_s']:.1f} MB/s, GET {one['get_mb_s']:.1f} MB/s", flush=True)
+    print(
+        f"  raw PUT {one['put_mb_s']:.1f} MB/s, GET {one['get_mb_s']:.1f} MB/s, GET of "
+        f"{CHUNK // MiB} MiB ranges {one['get_range_mb_s']:.1f} MB/s "
+        f"(moto {one['get_range_cpu_ms_per_mib_moto']:.1f} CPU ms/MiB)",
+        flush=True,
+    )
     four = await raw_objstore(direct, "c4", payload, max(count, 4), 4, s3.pid)
     boto = await raw_boto(s3, payload, count)
     via = await raw_objstore(proxied, "proxy", payload, max(2, count // 2), 1, s3.pid)
@@ -245,6 +265,9 @@ async def baseline(
         "raw_get_mb_s_via_proxy": via["get_mb_s"],
         "raw_put_cpu_ms_per_mib_moto": one["put_cpu_ms_per_mib_moto"],
         "raw_put_cpu_ms_per_mib_client": one["put_cpu_ms_per_mib_client"],
+        # a chunk-sized range of a blob, as a recall of one chunk reads it
+        "raw_get_range_mb_s": one["get_range_mb_s"],
+        "raw_get_range_cpu_ms_per_mib_moto": one["get_range_cpu_ms_per_mib_moto"],
     }
 
 
@@ -850,6 +873,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             for name in ("recall", "restore_data"):  # for information: no goal yet
                 rate = results[f"{name}_mb_s"]
                 for ceiling, key in (("raw_get", "raw_get_mb_s"),
+                                     ("raw_get_range", "raw_get_range_mb_s"),
                                      ("flash_write", "write_mb_s_tier_off")):  # fmt: skip
                     top = results.get(key)
                     results[f"{name}_vs_{ceiling}"] = rate / top if rate and top else None
