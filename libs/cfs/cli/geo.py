@@ -34,7 +34,7 @@ from cfs.geo import (
 from cfs.hlc import system_wall_ms
 from cfs_contracts.geo import GEO_PEER_KEY, GeoPeer
 from cfs_contracts.members import CLUSTER_CONFIG_KEY, ClusterConfig
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import NODES, meta_stream, shard_name
 
 PEER_TIMEOUT_S = 5.0  # a request over the link; no answer in time: partitioned
 BAR = 10
@@ -96,7 +96,11 @@ def replication_link(
         record = existing or GeoPeer(
             site=peer, shards=ours.shards, linked_ms=system_wall_ms(), linked_by=actor()
         )
-        copies = replicas or (await bus.js.stream_info("META_001")).config.num_replicas or 1
+        copies = (
+            replicas
+            or (await bus.js.stream_info(meta_stream(shard_name(1)).name)).config.num_replicas
+            or 1
+        )
         try:
             created = await ensure_inbound(bus.js, record, copies)
         except GeoError as exc:
