@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import nats.js.errors
+from nats.js.client import JetStreamContext
 
 from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.erasure import Scheme
@@ -70,9 +71,10 @@ def same_shape(a: ClusterConfig, b: ClusterConfig) -> bool:
     return _shape(a) == _shape(b)
 
 
-async def read_config(bus: Bus) -> ClusterConfig | None:
-    """None when not recorded; BucketNotFoundError when nothing was provisioned."""
-    kv = await bus.js.key_value(NODES.bucket)
+async def read_config(bus: Bus, js: JetStreamContext | None = None) -> ClusterConfig | None:
+    """None when not recorded; BucketNotFoundError when nothing was provisioned. `js`:
+    another site's JetStream (its domain over the site link) instead of ours."""
+    kv = await (js or bus.js).key_value(NODES.bucket)
     try:
         entry = await kv.get(CLUSTER_CONFIG_KEY)
     except nats.js.errors.KeyNotFoundError:

@@ -48,7 +48,6 @@ class FieldConflict:
 class Merged:
     inode: Inode
     conflicts: tuple[FieldConflict, ...]
-    changed: bool  # differs from the local version
 
 
 def values(inode: Inode, group: str) -> dict[str, Any]:
@@ -103,7 +102,7 @@ def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> J
 def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Merged:
     """The inode after site `here` (holding `local`) sees site `there`'s `remote`."""
     if local is None:
-        return Merged(remote, (), True)
+        return Merged(remote, ())
     update: dict[str, Any] = {}
     stamps = dict(local.stamps)
     conflicts: list[FieldConflict] = []
@@ -137,8 +136,7 @@ def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Me
                 stamps[group] = theirs
     update["ctime_ns"] = max(local.ctime_ns, remote.ctime_ns)
     update["stamps"] = stamps
-    merged = local.model_copy(update=update)
-    return Merged(merged, tuple(conflicts), merged != local)
+    return Merged(local.model_copy(update=update), tuple(conflicts))
 
 
 def _same(a: Stamp | None, b: Stamp | None) -> bool:

@@ -33,7 +33,7 @@ from cfs.geo import (
 )
 from cfs.hlc import system_wall_ms
 from cfs_contracts.geo import GEO_PEER_KEY, GeoPeer
-from cfs_contracts.members import CLUSTER_CONFIG_KEY, ClusterConfig
+from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import NODES, meta_stream, shard_name
 
 PEER_TIMEOUT_S = 5.0  # a request over the link; no answer in time: partitioned
@@ -42,19 +42,19 @@ BAR = 10
 
 async def _peer_config(bus: Bus, peer: str) -> ClusterConfig:
     """The peer's cluster config, read over the link from its own JetStream domain."""
-    js = bus.nc.jetstream(domain=peer, timeout=PEER_TIMEOUT_S)
     try:
-        kv = await js.key_value(NODES.bucket)
-        entry = await kv.get(CLUSTER_CONFIG_KEY)
+        config = await read_config(bus, bus.nc.jetstream(domain=peer, timeout=PEER_TIMEOUT_S))
     except UNREACHABLE:
         raise CliError(
             f"site {peer} does not answer over the site link (is it up, and this site's "
             "NATS linked to it?)",
             ExitCode.UNREACHABLE,
         ) from None
-    except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
-        raise CliError(f"site {peer} answers but is not initialized (cfs cluster init)") from None
-    return ClusterConfig.model_validate_json(entry.value or b"")
+    except nats.js.errors.BucketNotFoundError:
+        config = None
+    if config is None:
+        raise CliError(f"site {peer} answers but is not initialized (cfs cluster init)")
+    return config
 
 
 async def read_peer(bus: Bus) -> GeoPeer | None:

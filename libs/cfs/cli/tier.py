@@ -554,9 +554,9 @@ async def _ask(
     (`ask_tierer`) until that many seconds have passed."""
     payload = request.model_dump_json().encode()
 
-    async def holder() -> Holder:
-        _, state = await read_tier(bus)
-        return holder_of(state)
+    async def holder() -> Holder:  # the state alone: read every HOLDER_CHECK_S
+        state = await _read(bus, TIER_STATE_KEY)
+        return holder_of(TierState.model_validate_json(state) if state else None)
 
     try:
         if within_s is None:
