@@ -1,6 +1,6 @@
 """Fragment garbage collection (issue 14) with real processes: a 3-node site, S3.
 
-The tests share one site and run in file order. The grace is 2 s (`CFS_GC_GRACE_S`)
+The tests share one site and run in file order. The grace is 5 s (`CFS_GC_GRACE_S`)
 and there is no periodic run: each collection is `cfs admin gc`.
 """
 
@@ -26,7 +26,7 @@ from cfs_contracts.fs.rpc import FsError
 from tests.integration.test_backup_archive import admin, ok
 
 SNAPSHOTS = "s3://cfs-gc/metadata"
-GRACE_S = 2.0
+GRACE_S = 5.0  # long enough that a loaded machine writes, unlinks and asks gc within it
 SERVICES = ("metadata-raft", "chunk-store", "backup")
 NODES = ("storage-1", "storage-2", "storage-3")
 CRASHES = ("fault.crash", "lease.*", "singleton.*", "site.restarted")
@@ -119,6 +119,11 @@ async def _held(site: LocalSite) -> set[str]:
         return found
 
 
+def outlive_grace(stored_at: float) -> None:
+    """Sleep until fragments stored by `stored_at` (monotonic) are past the grace."""
+    time.sleep(max(0.0, stored_at + GRACE_S + 0.5 - time.monotonic()))
+
+
 def held(site: LocalSite) -> set[str]:
     return asyncio.run(_held(site))
 
@@ -136,6 +141,7 @@ def test_deleted_and_overwritten_files_lose_their_fragments_after_the_grace(
         _write(running, {"kept": _blob(1), "gone": _blob(2), "rewritten": _blob(3)})
     )
     second = asyncio.run(_write(running, {"rewritten": _blob(4)}))
+    stored = time.monotonic()
     asyncio.run(_unlink(running, "gone"))
     garbage = first["gone"] | first["rewritten"]
     live = first["kept"] | second["rewritten"]
@@ -144,7 +150,7 @@ def test_deleted_and_overwritten_files_lose_their_fragments_after_the_grace(
     young = gc(running, s3_env)  # within the grace: an in-flight write looks just like this
     assert young["ok"] and young["deleted"] == 0 and young["kept_young"] >= 3 * len(garbage)
     assert young["protected_snapshot"] is None
-    time.sleep(GRACE_S + 0.5)
+    outlive_grace(stored)
 
     dry = gc(running, s3_env, "--dry-run")
     assert dry["dry_run"] and dry["deleted"] == 3 * len(garbage)  # ec2+1: 3 per chunk
@@ -166,6 +172,7 @@ def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
 ) -> None:
     running, _ = site
     named = asyncio.run(_write(running, {"in-snapshot": _blob(5)}))["in-snapshot"]
+    stored = time.monotonic()
     taken = json.loads(
         ok(
             running,
@@ -179,7 +186,7 @@ def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
         )
     )
     asyncio.run(_unlink(running, "in-snapshot"))
-    time.sleep(GRACE_S + 0.5)
+    outlive_grace(stored)
 
     report = gc(running, s3_env)
     assert report["ok"] and report["protected_snapshot"] == taken["path"], report
@@ -203,7 +210,7 @@ def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
             "--json",
         )
     )
-    time.sleep(GRACE_S + 0.5)
+    outlive_grace(stored)
     report = gc(running, s3_env)
     assert report["protected_snapshot"] == newer["path"] != taken["path"]
     assert report["ok"] and report["deleted"] >= 3 * len(named), report
@@ -216,9 +223,10 @@ def test_backup_killed_mid_sweep_then_a_rerun_finishes(
 ) -> None:
     running, crash = site
     named = asyncio.run(_write(running, {f"doomed{i}": _blob(10 + i) for i in range(4)}))
+    stored = time.monotonic()
     garbage = set().union(*named.values())
     asyncio.run(_unlink(running, *named))
-    time.sleep(GRACE_S + 0.5)
+    outlive_grace(stored)
     # Written and deleted after the retained snapshot's cut: a point-in-time restore
     # can stop while they existed, so they stay until that snapshot expires.
     window = gc(running, s3_env)
