@@ -1,6 +1,6 @@
 """Two sites (DESIGN.md §8): the peer a site replicates with, and what comes from it.
 
-A site that replicates with a peer holds a stream `FROM_<peer>` that sources the
+A site that replicates with a peer holds a stream `GEO_IN` that sources the
 peer's shard journals across JetStream domains (`$JS.<peer>.API`, over the leaf-node
 link): only the messages the peer's own writers appended (`...meta.<shard>.journal`),
 never the peer's copies of ours (those are appended under `...journal.remote`), so
@@ -26,9 +26,14 @@ class GeoPeer(BaseModel):
     linked_by: str
 
 
-def inbound_stream(peer: str) -> str:
-    """This site's copy of `peer`'s journals."""
-    return f"FROM_{peer}"
+# This site's copy of its peer's journals (one peer per site): a fixed name, so the
+# geo-replicator's rights to consume it are declared once, whoever the peer is.
+INBOUND_STREAM = "GEO_IN"
+
+
+def inbound_durable(shard: int) -> str:
+    """The geo-replicator's consumer of shard `shard`'s messages in `GEO_IN`."""
+    return f"geo-{shard_name(shard)}"
 
 
 def peer_journal_subject(peer: str, shard: int) -> str:

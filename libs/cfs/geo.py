@@ -1,4 +1,4 @@
-"""What this site receives from its peer site: the `FROM_<peer>` stream (see
+"""What this site receives from its peer site: the `GEO_IN` stream (see
 `cfs_contracts.geo`), made here and read for `replication-status`.
 
 JetStream keeps, per source, how many of the peer's messages are not copied yet
@@ -19,7 +19,7 @@ from nats.js.api import ExternalStream, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
 
 from cfs_contracts.envelope import Envelope
-from cfs_contracts.geo import GeoPeer, inbound_stream, peer_api, peer_journal_subject
+from cfs_contracts.geo import INBOUND_STREAM, GeoPeer, peer_api, peer_journal_subject
 from cfs_contracts.streams import meta_stream, shard_name
 
 
@@ -77,7 +77,7 @@ async def peer_reachable(nc: NATS, peer: str, timeout: float) -> bool:
 
 def inbound_config(peer: GeoPeer, replicas: int) -> StreamConfig:
     return StreamConfig(
-        name=inbound_stream(peer.site),
+        name=INBOUND_STREAM,
         description=f"site {peer.site}'s shard journals, sourced over the site link",
         sources=[
             StreamSource(
@@ -96,7 +96,7 @@ def inbound_config(peer: GeoPeer, replicas: int) -> StreamConfig:
 
 
 async def ensure_inbound(js: JetStreamContext, peer: GeoPeer, replicas: int) -> bool:
-    """Create `FROM_<peer>` (True), or leave it be when it sources the same journals."""
+    """Create `GEO_IN` (True), or leave it be when it sources the same journals."""
     wanted = inbound_config(peer, replicas)
     try:
         info = await js.stream_info(wanted.name or "")
@@ -114,7 +114,7 @@ async def ensure_inbound(js: JetStreamContext, peer: GeoPeer, replicas: int) -> 
 
 
 async def read_inbound(js: JetStreamContext, peer: str) -> Inbound:
-    name = inbound_stream(peer)
+    name = INBOUND_STREAM
     try:
         info = await js.stream_info(name)
     except nats.js.errors.NotFoundError:

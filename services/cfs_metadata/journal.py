@@ -47,6 +47,10 @@ class Journal:
         self.shard = shard_name(shard_index)
         self.stream = meta_stream(self.shard).name
         self.subject = f"cfs.{bus.site}.meta.{self.shard}.journal"
+        # The peer site's entries applied here: in the journal like any other message,
+        # under a subject the peer's copy of this journal does not source (DESIGN.md §8)
+        self.remote_subject = f"{self.subject}.remote"
+        self._every_subject = f"cfs.{bus.site}.meta.{self.shard}.>"
 
     async def last_seq(self) -> int:
         try:
@@ -75,7 +79,7 @@ class Journal:
         """Every message from `from_seq` on, in order, forever (ordered consumer)."""
         try:
             sub = await self.bus.js.subscribe(
-                self.subject,
+                self._every_subject,
                 stream=self.stream,
                 ordered_consumer=True,
                 idle_heartbeat=1.0,
@@ -118,10 +122,16 @@ class Journal:
                 ):
                     await sub.unsubscribe()
 
-    async def append(self, envelope: Envelope, expected_last_seq: int, timeout: float) -> Ack:
-        """Fenced append: fails with SequenceConflict if anyone else appended."""
+    async def append(
+        self, envelope: Envelope, expected_last_seq: int, timeout: float, *, remote: bool = False
+    ) -> Ack:
+        """Fenced append: fails with SequenceConflict if anyone else appended.
+        `remote`: the peer site's entries (`remote_subject`)."""
         return await self.bus.publish(
-            envelope, subject=self.subject, expected_last_seq=expected_last_seq, timeout=timeout
+            envelope,
+            subject=self.remote_subject if remote else self.subject,
+            expected_last_seq=expected_last_seq,
+            timeout=timeout,
         )
 
 

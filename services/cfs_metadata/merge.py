@@ -22,26 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cfs_contracts.events.metadata import JournalEntry, PutInode
+from cfs_contracts.events.metadata import DelDentry, JournalEntry, PutDentry, PutInode
+from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.records import FIELD_GROUPS, Inode, Stamp
 from cfs_metadata.state import ShardView
-
-
-@dataclass(frozen=True)
-class FieldConflict:
-    """One group changed on both sites without either seeing the other's change."""
-
-    ino: int
-    group: str
-    local: dict[str, Any]
-    remote: dict[str, Any]
-    local_stamp: Stamp | None
-    remote_stamp: Stamp | None
-    winner: str  # the site whose value stays
-
-    @property
-    def reason(self) -> str:
-        return f"{self.group} changed on both sites; {self.winner} wrote last"
 
 
 @dataclass(frozen=True)
@@ -81,18 +65,32 @@ def stamp_inode(before: Inode | None, after: Inode, ns: int, site: str) -> Inode
 
 
 def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> JournalEntry:
-    """The entry with its inode changes stamped against `before`, the shard's view
-    just before the operation."""
+    """The entry with its changes stamped against `before`, the shard's view just
+    before the operation: inode field groups, names bound anew, and the file each
+    removed name led to."""
     changes = list(entry.changes)
     stamped: dict[int, Inode] = {}
+    touched = False
     for i, change in enumerate(changes):
         if isinstance(change, PutInode):
             inode = stamp_inode(before.inode(change.inode.ino), change.inode, ns, site)
             if inode is not change.inode:
                 changes[i] = PutInode(inode=inode)
                 stamped[inode.ino] = inode
+        elif isinstance(change, PutDentry) and change.dentry.stamp is None:
+            bound = before.dentry(change.dentry.parent, change.dentry.name)
+            same = bound is not None and bound.ino == change.dentry.ino
+            stamp = bound.stamp if same and bound is not None else Stamp(ns=ns, site=site)
+            if stamp is not None:
+                dentry = change.dentry.model_copy(update={"stamp": stamp})
+                changes[i], touched = PutDentry(dentry=dentry), True
+        elif isinstance(change, DelDentry) and change.ino is None:
+            bound = before.dentry(change.parent, change.name)
+            if bound is not None:
+                changes[i] = change.model_copy(update={"ino": bound.ino})
+                touched = True
     if not stamped:
-        return entry
+        return entry.model_copy(update={"changes": tuple(changes)}) if touched else entry
     reply = entry.reply
     if reply.inode is not None and reply.inode.ino in stamped:  # the record as stored
         reply = reply.model_copy(update={"inode": stamped[reply.inode.ino]})
@@ -121,10 +119,12 @@ def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Me
                     FieldConflict(
                         ino=local.ino,
                         group=group,
-                        local=values(local, group),
-                        remote=values(remote, group),
+                        local=_plain(values(local, group)),
+                        remote=_plain(values(remote, group)),
                         local_stamp=ours,
                         remote_stamp=theirs,
+                        here=here,
+                        there=there,
                         winner=there if take else here,
                     )
                 )
@@ -137,6 +137,14 @@ def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Me
     update["ctime_ns"] = max(local.ctime_ns, remote.ctime_ns)
     update["stamps"] = stamps
     return Merged(local.model_copy(update=update), tuple(conflicts))
+
+
+def _plain(found: dict[str, Any]) -> dict[str, Any]:
+    """Field values as JSON has them (chunk maps as dicts), for the conflict record."""
+    return {
+        name: [c.model_dump() for c in value] if name == "chunks" else value
+        for name, value in found.items()
+    }
 
 
 def _same(a: Stamp | None, b: Stamp | None) -> bool:

@@ -56,7 +56,12 @@ from cfs_contracts.fs.rpc import (
     TxOp,
     TxPrepare,
 )
-from cfs_contracts.fs.shard_admin import RepairRecords, ShardAdminReply, ShardAdminRequest
+from cfs_contracts.fs.shard_admin import (
+    ApplyRemote,
+    RepairRecords,
+    ShardAdminReply,
+    ShardAdminRequest,
+)
 from cfs_contracts.streams import (
     meta_admin_subject,
     meta_rpc_subject,
@@ -76,7 +81,12 @@ from cfs_metadata.merge import stamp_entry
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
-from cfs_metadata.shard_admin import ShardState, decide_admin, decide_repair
+from cfs_metadata.shard_admin import (
+    ShardState,
+    decide_admin,
+    decide_apply_remote,
+    decide_repair,
+)
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
 from cfs_metadata.work import AdminStep, ClientOp, Diverted, LockedView, ShardTxOp, WorkItem
@@ -566,7 +576,7 @@ class ShardReplica:
         payload = MetaCommitted(shard=self.shard, term=self.term, entries=tuple(entries))
         return await self._append(payload) is not None
 
-    async def _append(self, payload: EventPayload) -> int | None:
+    async def _append(self, payload: EventPayload, *, remote: bool = False) -> int | None:
         """Append one message and apply it; its sequence, or None when deposed.
 
         The same envelope (same id) is retried while the lease is ours, so an
@@ -579,7 +589,10 @@ class ShardReplica:
                 return None
             try:
                 ack = await self.journal.append(
-                    envelope, self.projection.applied_seq, self.settings.append_timeout_s
+                    envelope,
+                    self.projection.applied_seq,
+                    self.settings.append_timeout_s,
+                    remote=remote,
                 )
                 break
             except SequenceConflict as exc:
@@ -623,12 +636,16 @@ class ShardReplica:
         )
         if isinstance(step.op, RepairRecords):
             decision = decide_repair(state, self.projection, self._locked, step.op)
+        elif isinstance(step.op, ApplyRemote):
+            decision = decide_apply_remote(
+                state, self.projection, self._locked, step.op, self.bus.site
+            )
         else:
             decision = decide_admin(state, step.op)
         reply = decision.reply
         if decision.event is not None and not reply.errno:
             was_held = self.projection.held
-            seq = await self._append(decision.event)
+            seq = await self._append(decision.event, remote=decision.remote)
             if seq is None:
                 await step.finish(_admin_not_leader(self.shard))
                 return False

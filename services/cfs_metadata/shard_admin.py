@@ -25,8 +25,9 @@ from cfs_contracts.events.metadata import (
     ShardOpened,
     ShardRestored,
 )
-from cfs_contracts.fs.rpc import Reply
+from cfs_contracts.fs.rpc import FsError, Reply
 from cfs_contracts.fs.shard_admin import (
+    ApplyRemote,
     MarkCut,
     OpenShard,
     RepairRecords,
@@ -36,13 +37,21 @@ from cfs_contracts.fs.shard_admin import (
     ShardAdminReply,
     ShardPosition,
 )
+from cfs_metadata.remote import decide_remote
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import change_locks, key_shard, read_records
 
 SNAPSHOT_CUT_OP = "snapshot_cut"
 REPAIR_OP_PREFIX = "repair."
 AdminOp = (
-    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard | RepairRecords
+    MarkCut
+    | ShardPosition
+    | RestoreBegin
+    | RestoreChunk
+    | ReplayBatch
+    | OpenShard
+    | RepairRecords
+    | ApplyRemote
 )
 
 
@@ -61,12 +70,13 @@ class ShardState:
 class AdminDecision:
     event: EventPayload | None  # to append; None: answer at once
     reply: ShardAdminReply
+    remote: bool = False  # the peer site's entries: journaled where they are not shipped back
 
 
 def decide_admin(state: ShardState, op: AdminOp) -> AdminDecision:
     here = _here(state)
-    if isinstance(op, RepairRecords):
-        raise TypeError("a repair reads the shard: decide it with decide_repair")
+    if isinstance(op, RepairRecords | ApplyRemote):
+        raise TypeError(f"{op.op} reads the shard: decide_repair or decide_apply_remote")
     if isinstance(op, ShardPosition):
         return AdminDecision(None, here)
     if isinstance(op, MarkCut):
@@ -231,3 +241,29 @@ def decide_repair(
         reply=Reply(message=op.finding[:1024]),
     )
     return AdminDecision(MetaCommitted(shard=state.shard, term=state.term, entries=(entry,)), here)
+
+
+def decide_apply_remote(
+    state: ShardState, view: ShardView, locked: set[str], op: ApplyRemote, site: str
+) -> AdminDecision:
+    """The peer's entries merged into this shard (`cfs_metadata.remote`), as one message."""
+    here = _here(state)
+    if state.lineage is not None and state.lineage.held:
+        return _refuse(here, errno.EROFS, f"shard {state.shard} is held for replay-journal")
+    if op.origin == site:
+        return _refuse(here, errno.EINVAL, f"entries of {site} sent back to {site}")
+    try:
+        applied = decide_remote(view, op.entries, site, op.origin, locked)
+    except FsError as exc:
+        return _refuse(here, exc.errno, exc.message)
+    reply = here.model_copy(
+        update={
+            "applied": len(applied.entries),
+            "skipped": applied.skipped,
+            "conflicts": tuple(applied.conflicts),
+        }
+    )
+    if not applied.entries:
+        return AdminDecision(None, reply)
+    event = MetaCommitted(shard=state.shard, term=state.term, entries=tuple(applied.entries))
+    return AdminDecision(event, reply, remote=True)

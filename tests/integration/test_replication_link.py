@@ -79,7 +79,7 @@ def in_step(pair: SitePair) -> bool:
     """Each site holds exactly the other's own journal messages, in order."""
     for here, there in ((pair.b, pair.a), (pair.a, pair.b)):
         own = asyncio.run(journal(there, "META_001", f"cfs.{there.site}.meta.001.journal"))
-        if asyncio.run(journal(here, f"FROM_{there.site}")) != own:
+        if asyncio.run(journal(here, "GEO_IN")) != own:
             return False
     return True
 

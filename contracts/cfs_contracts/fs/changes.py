@@ -37,6 +37,11 @@ class DelDentry(_Change):
     c: Literal["del_dentry"] = "del_dentry"
     parent: int
     name: str
+    ino: int | None = Field(
+        default=None,
+        description="the file the name led to (cross-site merge: the other "
+        "site removes the name only if it still leads there)",
+    )
 
 
 class SetNextLocal(_Change):

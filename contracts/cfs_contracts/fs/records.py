@@ -161,6 +161,9 @@ class Dentry(BaseModel):
     name: str
     ino: int
     kind: Kind
+    stamp: Stamp | None = Field(
+        default=None, description="when and where the name was bound (cross-site merge)"
+    )
 
     @property
     def cookie(self) -> int:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cfs_contracts.envelope import HLC
 from cfs_contracts.fs.changes import BaseChange
+from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.records import ChunkRef, Dentry, Inode, Kind
 
 RENAME_NOREPLACE = 1
@@ -346,6 +347,9 @@ class Reply(BaseModel):
     tx_state: str = ""
     inodes: tuple[Inode, ...] = ()
     cursor: int = Field(default=0, description="scan_chunks: continue after this inode; 0 = done")
+    conflicts: tuple[FieldConflict, ...] = Field(
+        default=(), description="a remote site's entry: what its merge found"
+    )
     not_leader: bool = Field(default=False, description="ask again: the writer is changing")
     hlc: HLC | None = Field(
         default=None, description="writer's clock when answering (causality for snapshot cuts)"

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cfs_contracts.envelope import HLC
 from cfs_contracts.events.metadata import JournalEntry, Lineage
 from cfs_contracts.fs.changes import BaseChange
+from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.rpc import RemoteRecord
 
 
@@ -88,8 +89,26 @@ class RepairRecords(_AdminOp):
     changes: tuple[BaseChange, ...] = ()
 
 
+class ApplyRemote(_AdminOp):
+    """The geo-replicator: entries of the peer site's journal for this shard, in the
+    peer's order, their chunk maps already naming this site's copies of the data.
+    Merged into this shard and journaled under `...journal.remote`; an entry applied
+    before is skipped (see `cfs_metadata.remote`)."""
+
+    op: Literal["apply_remote"] = "apply_remote"
+    origin: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the peer site")
+    entries: tuple[JournalEntry, ...]
+
+
 AnyShardAdminOp = Annotated[
-    MarkCut | ShardPosition | RestoreBegin | RestoreChunk | ReplayBatch | OpenShard | RepairRecords,
+    MarkCut
+    | ShardPosition
+    | RestoreBegin
+    | RestoreChunk
+    | ReplayBatch
+    | OpenShard
+    | RepairRecords
+    | ApplyRemote,
     Field(discriminator="op"),
 ]
 
@@ -114,4 +133,7 @@ class ShardAdminReply(BaseModel):
     lineage: Lineage | None = None
     installing: str | None = Field(default=None, description="snapshot id being installed")
     next_chunk: int = Field(default=0, description="restore: the chunk index the writer expects")
+    applied: int = Field(default=0, description="apply_remote: entries journaled now")
+    skipped: int = Field(default=0, description="apply_remote: entries applied before")
+    conflicts: tuple[FieldConflict, ...] = ()
     hlc: HLC | None = None

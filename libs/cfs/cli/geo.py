@@ -1,7 +1,7 @@
 """`cfs admin replication-link` and `replication-status`: the two sites' journals
 shipped to each other (DESIGN.md §8; guide scenarios 4 and 6).
 
-Each site holds `FROM_<peer>`, the peer's shard journals sourced over the leaf-node
+Each site holds `GEO_IN`, the peer's shard journals sourced over the leaf-node
 link; `replication-link --peer SITE`, run once on each site, makes it. The status
 reads both directions: the inbound one from this site's stream, the outbound one
 from the peer's (over the link: when it cannot be read, that is the partition).
@@ -118,7 +118,7 @@ def replication_link(
         verb = "now replicates" if result["created"] else "already replicates"
         typer.echo(
             f"Site {result['site']} {verb} from site {peer} ({result['shards']} shard "
-            f"journals sourced into FROM_{peer}); run it on {peer} too for the way back"
+            f"journals sourced into GEO_IN); run it on {peer} too for the way back"
         )
 
 

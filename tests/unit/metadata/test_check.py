@@ -130,7 +130,7 @@ def _damage(ns: Namespace, how: str, pick: int) -> tuple[Problem, int] | None:
     entries = sorted(state.scan_dentries(), key=lambda d: (d.parent, d.name))
     if how == "nlink" and others:
         ino = others[pick % len(others)]
-        state.put_inode(state.inodes[ino].model_copy(update={"nlink": 7}))
+        state.put_inode(state.inodes[ino].model_copy(update={"nlink": state.inodes[ino].nlink + 7}))
         return Problem.NLINK, ino
     if how == "orphan" and files:
         ino = files[pick % len(files)]

@@ -1,0 +1,40 @@
+"""What a merge of two sites' versions found (DESIGN.md §8): the record both sites
+keep of a change made on each without either seeing the other's, with both values,
+their stamps and the site whose value stayed."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cfs_contracts.fs.records import Stamp
+
+ConflictKind = Literal["field", "name"]
+
+
+class FieldConflict(BaseModel):
+    """`field`: one group of an inode's fields (`FIELD_GROUPS`) changed on both sites.
+    `name`: one name bound to two different files; the loser's file stays, under
+    `kept_as` in the same directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ConflictKind = "field"
+    ino: int = Field(description="the inode (name: the winner's)")
+    group: str = Field(description="field group, or the name that was bound twice")
+    local: dict[str, Any]
+    remote: dict[str, Any]
+    local_stamp: Stamp | None = None
+    remote_stamp: Stamp | None = None
+    here: str = Field(description="the site that merged")
+    there: str = Field(description="the site whose version arrived")
+    winner: str = Field(description="the site whose value stays")
+    parent: int = Field(default=0, description="name: the directory")
+    kept_as: str | None = Field(default=None, description="name: where the loser's file is")
+
+    @property
+    def reason(self) -> str:
+        if self.kind == "name":
+            return f"name {self.group!r} bound on both sites; {self.winner} wrote last"
+        return f"{self.group} changed on both sites; {self.winner} wrote last"
