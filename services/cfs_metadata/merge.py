@@ -10,7 +10,9 @@ of an inode (`merge_inode`) takes, per group:
     local.base == remote      we built on it already: ours
     anything else             concurrent changes: a conflict; the later stamp wins
                               (the site name breaks a tie), and both values are kept
-                              in the `FieldConflict` for `show-conflicts`
+                              in the `FieldConflict` for `show-conflicts` (unless they
+                              are access times or a directory's size and mtime: those
+                              just take the later)
 
 Per group this is a last-writer-wins register whose winner does not depend on the
 order versions arrive in, so two sites that have seen the same changes hold the same
@@ -114,7 +116,7 @@ def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Me
             take = False
         else:
             take = _later(theirs, ours)
-            if values(local, group) != values(remote, group):
+            if _reported(local, group) and values(local, group) != values(remote, group):
                 conflicts.append(
                     FieldConflict(
                         ino=local.ino,
@@ -137,6 +139,13 @@ def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Me
     update["ctime_ns"] = max(local.ctime_ns, remote.ctime_ns)
     update["stamps"] = stamps
     return Merged(local.model_copy(update=update), tuple(conflicts))
+
+
+def _reported(inode: Inode, group: str) -> bool:
+    """Whether concurrent changes of `group` are a conflict worth an operator's look:
+    not access times, nor a directory's size and mtime (they follow its entries, which
+    merge on their own)."""
+    return group != "atime" and not (group == "content" and inode.is_dir)
 
 
 def _plain(found: dict[str, Any]) -> dict[str, Any]:

@@ -254,7 +254,10 @@ def test_every_service_package_is_announced_and_every_list_is_derived() -> None:
     from cfs.supervisor.site import LocalSite
 
     site = LocalSite(ROOT / ".never-started", nodes=1)
-    assert sorted(site.node_processes("storage-1")) == sorted(s.name for s in specs)
+    single = sorted(s.name for s in specs if not s.needs_peer)
+    assert sorted(site.node_processes("storage-1")) == single
+    linked = LocalSite(ROOT / ".never-started", nodes=1, leaf_auth=("u", "p"))
+    assert sorted(linked.node_processes("storage-1")) == sorted(s.name for s in specs)
 
 
 def test_deployment_files_name_only_known_services() -> None:

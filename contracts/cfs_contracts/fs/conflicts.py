@@ -4,6 +4,7 @@ their stamps and the site whose value stayed."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,16 @@ class FieldConflict(BaseModel):
     winner: str = Field(description="the site whose value stays")
     parent: int = Field(default=0, description="name: the directory")
     kept_as: str | None = Field(default=None, description="name: where the loser's file is")
+
+    @property
+    def conflict_id(self) -> str:
+        """The same on both sites for the same two changes: `<ino>-<kind>-<hash>`."""
+        stamps = sorted(
+            f"{s.ns}:{s.site}" for s in (self.local_stamp, self.remote_stamp) if s is not None
+        )
+        what = "|".join([self.group, str(self.parent), *stamps])
+        digest = hashlib.blake2b(what.encode("utf-8", "surrogateescape"), digest_size=6)
+        return f"{self.ino}-{self.kind}-{digest.hexdigest()}"
 
     @property
     def reason(self) -> str:

@@ -49,8 +49,18 @@ class Unrecoverable(Exception):
 
 
 class ChunkStoreClient:
-    def __init__(self, bus: Bus, *, timeout_s: float = 10.0, rebuild_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        timeout_s: float = 10.0,
+        rebuild_timeout_s: float = 60.0,
+        site: str | None = None,
+    ):
+        """`site`: whose chunk-stores to ask (default the bus's; the peer site's, over
+        the site link, for the geo-replicator)."""
         self.bus = bus
+        self.site = site or bus.site
         self.timeout_s = timeout_s
         self.rebuild_timeout_s = rebuild_timeout_s
 
@@ -146,7 +156,7 @@ class ChunkStoreClient:
         headers: dict[str, str],
         timeout: float | None = None,
     ) -> Msg:
-        subject = chunk_rpc_subject(self.bus.site, node, verb)
+        subject = chunk_rpc_subject(self.site, node, verb)
         timeout = self.timeout_s if timeout is None else timeout
         try:
             return await self.bus.request(subject, data, timeout=timeout, headers=headers)

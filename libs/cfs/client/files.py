@@ -237,7 +237,7 @@ class FileStore:
                     self._report(ino, failure)
                 raise
             failures.clear()  # the recall put back what was missing: nothing to repair
-        data = await asyncio.to_thread(_decode_checked, scheme, got, ref)
+        data = await asyncio.to_thread(decode_checked, scheme, got, ref)
         for failure in failures:
             self._report(ino, failure)
         if failures:
@@ -311,7 +311,7 @@ def _encode_with_crcs(scheme: Scheme, data: bytes) -> list[tuple[bytes, int]]:
     return [(f, zlib.crc32(f)) for f in encode(scheme, data)]
 
 
-def _decode_checked(scheme: Scheme, got: dict[int, bytes], ref: ChunkRef) -> bytes:
+def decode_checked(scheme: Scheme, got: dict[int, bytes], ref: ChunkRef) -> bytes:
     data = decode(scheme, got, ref.stored_length)
     actual = hashlib.sha256(data).hexdigest()
     if actual != ref.chunk_id:

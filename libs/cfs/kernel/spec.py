@@ -151,6 +151,9 @@ class ServiceSpec:
     # Exceptions that end the process with one line instead of a traceback (bad config,
     # a port in use): the operator must act, a restart would not help.
     fatal: tuple[type[BaseException], ...] = ()
+    # Only of use on a site linked to a peer site (DESIGN.md §8): a single dev site
+    # leaves it out unless asked for it by name.
+    needs_peer: bool = False
 
     def load(self) -> None:
         """Import everything the spec names, before the service's event loop runs."""

@@ -93,7 +93,8 @@ class LocalSite:
         least-privilege key (`cfs.security`, under `base_dir/credentials`), as
         `cfs cluster init` sets up a real site; `client()` gets the admin key.
         `services`: which services run (names as `cfs service list`; per node as a
-        mapping), default every one on every node; a test of one service runs only it.
+        mapping), default every one on every node (those that need a peer site only on a
+        linked site); a test of one service runs only it.
         `nats`: a NATS server or cluster the caller started (and stops); by default the
         site has its own. `site_index`, `domain`, `leaf_auth`, `leaf_remotes`: one of two
         linked sites (`cfs.supervisor.sites.SitePair`).
@@ -148,7 +149,11 @@ class LocalSite:
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
         known = registry.service_names()
-        chosen = services if services is not None else known
+        linked = bool(leaf_auth or leaf_remotes)
+        self._default_services = tuple(
+            spec.name for spec in registry.specs() if linked or not spec.needs_peer
+        )
+        chosen = services if services is not None else self._default_services
         self._services: dict[str, tuple[str, ...]] = {
             node: tuple(chosen.get(node, ()) if isinstance(chosen, Mapping) else chosen)
             for node in names
@@ -196,7 +201,7 @@ class LocalSite:
         }
         for spec in registry.specs():
             # A node added later (`add_node`) runs every service, as a new machine would.
-            if spec.name not in self._services.setdefault(node, tuple(registry.service_names())):
+            if spec.name not in self._services.setdefault(node, self._default_services):
                 continue
             env = dict(common)
             if (credentials := self.credentials(spec.role)) is not None:

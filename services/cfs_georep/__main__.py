@@ -1,0 +1,3 @@
+from cfs_georep.service import main
+
+main()

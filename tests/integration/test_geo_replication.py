@@ -1,0 +1,272 @@
+"""Two real sites, each with its own geo-replicator (issue 16): what is written on one
+site is readable on the other, data included (copied before the chunk map is applied,
+so it reads with the link cut); a replicator killed between an apply and its
+acknowledgement applies nothing twice; changes made on both sides of a partition
+converge, field by field, with each conflict recorded once on each site."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cfs.client import FileStore, MetadataClient
+from cfs.supervisor import LocalSite
+from cfs.supervisor.sites import SitePair
+from cfs_contracts import REGISTRY
+from cfs_contracts.events.geo import ConflictDetected
+from cfs_contracts.events.metadata import MetaCommitted
+from cfs_contracts.fs.records import ROOT_INO, Inode
+from cfs_contracts.fs.rpc import FsError
+from tests.integration.test_replication_link import admin
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.expected_logs("fault.crash", "lease.*", "geo.conflict", "singleton.*"),
+]
+
+SERVICES = ("membership", "metadata-raft", "chunk-store", "geo-replicator")
+
+
+@pytest.fixture(scope="module")
+def crash_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("geo-crash") / "crash"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, crash_file: Path) -> Iterator[SitePair]:
+    sites = SitePair(
+        tmp_path_factory.mktemp("geo"),
+        nodes=1,
+        services=SERVICES,
+        env={"CFS_CRASH_FILE": str(crash_file)},
+    )
+    asyncio.run(sites.start())
+    try:
+        asyncio.run(sites.wait_ready())
+        for here, there in ((sites.a, sites.b), (sites.b, sites.a)):
+            linked = admin(here, "replication-link", "--peer", there.site)
+            assert linked.returncode == 0, linked.stderr
+        yield sites
+    finally:
+        sites.stop()
+
+
+def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.3)
+
+
+async def _write(site: LocalSite, files: dict[str, bytes]) -> dict[str, int]:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=30)
+        store = FileStore(bus, meta, client_id=f"test@{site.site}")
+        await store.start()
+        try:
+            made = {}
+            for name, data in files.items():
+                try:
+                    ino = (await meta.create(ROOT_INO, name)).ino
+                except FsError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise
+                    ino = (await meta.lookup(ROOT_INO, name)).ino
+                await store.write_all(ino, data)
+                made[name] = ino
+            return made
+        finally:
+            await store.close()
+
+
+async def _read(site: LocalSite, name: str) -> bytes | None:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=10)
+        store = FileStore(bus, meta, client_id=f"test@{site.site}", fragment_timeout_s=3.0)
+        await store.start()
+        try:
+            try:
+                ino = (await meta.lookup(ROOT_INO, name)).ino
+            except FsError as exc:
+                if exc.errno == errno.ENOENT:
+                    return None
+                raise
+            return await store.read_all(ino)
+        finally:
+            await store.close()
+
+
+def read(site: LocalSite, name: str) -> bytes | None:
+    return asyncio.run(_read(site, name))
+
+
+async def _stat(site: LocalSite, name: str) -> Inode | None:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=10)
+        try:
+            return await meta.lookup(ROOT_INO, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+
+
+def stat(site: LocalSite, name: str) -> Inode | None:
+    return asyncio.run(_stat(site, name))
+
+
+async def _names(site: LocalSite) -> set[str]:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=10)
+        return {e.name async for e in meta.readdir(ROOT_INO)}
+
+
+def names(site: LocalSite) -> set[str]:
+    return asyncio.run(_names(site))
+
+
+async def _chown(site: LocalSite, name: str, uid: int) -> None:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=10)
+        ino = (await meta.lookup(ROOT_INO, name)).ino
+        await meta.setattr(ino, owner=uid, group=uid)
+
+
+async def _remote_op_ids(site: LocalSite) -> list[str]:
+    """Op ids of every entry the geo-replicator had journaled on `site`, in order."""
+    async with await site.client() as bus:
+        last = (await bus.js.stream_info("META_001")).state.last_seq
+        ids: list[str] = []
+        for seq in range(1, last + 1):
+            msg = await bus.js.get_msg("META_001", seq, direct=True)
+            if not msg.subject.endswith(".journal.remote"):
+                continue
+            payload = REGISTRY.decode(msg.data or b"").payload
+            assert isinstance(payload, MetaCommitted)
+            ids += [entry.op_id for entry in payload.entries]
+        return ids
+
+
+async def _conflicts(site: LocalSite) -> list[ConflictDetected]:
+    async with await site.client() as bus:
+        info = await bus.js.stream_info("CONFLICTS")
+        found: list[ConflictDetected] = []
+        if not info.state.messages:
+            return found
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await bus.js.get_msg("CONFLICTS", seq, direct=True)
+            payload = REGISTRY.decode(msg.data or b"").payload
+            if isinstance(payload, ConflictDetected):
+                found.append(payload)
+        return found
+
+
+def conflicts(site: LocalSite) -> list[ConflictDetected]:
+    return asyncio.run(_conflicts(site))
+
+
+def test_files_written_on_each_site_are_read_on_the_other_with_the_link_cut(
+    pair: SitePair,
+) -> None:
+    on_a = {"a-small": b"from a" * 10, "a-big": bytes(range(256)) * 40_000}  # 10 MB, 3 chunks
+    on_b = {"b-file": b"from b" * 1000}
+    asyncio.run(_write(pair.a, on_a))
+    asyncio.run(_write(pair.b, on_b))
+    for name, data in on_a.items():
+        until(lambda n=name, d=data: read(pair.b, n) == d, 60, f"{name} on {pair.b.site}")
+    for name, data in on_b.items():
+        until(lambda n=name, d=data: read(pair.a, n) == d, 60, f"{name} on {pair.a.site}")
+    pair.partition()
+    try:
+        # The data is on each site's own chunk-stores: nothing is read over the link.
+        assert read(pair.b, "a-big") == on_a["a-big"]
+        assert read(pair.a, "b-file") == on_b["b-file"]
+    finally:
+        pair.heal()
+
+
+def test_a_replicator_killed_after_applying_applies_nothing_twice(
+    pair: SitePair, crash_file: Path
+) -> None:
+    crash_file.write_text("geo.applied")
+    asyncio.run(_write(pair.a, {f"after-crash-{i}": f"n{i}".encode() for i in range(5)}))
+    until(lambda: not crash_file.exists(), 60, "a replicator reached the crash point")
+
+    def arrived(name: str, data: bytes) -> bool:
+        pair.b.restart_exited()  # as an init system would: the killed one comes back
+        return read(pair.b, name) == data
+
+    for i in range(5):
+        name, data = f"after-crash-{i}", f"n{i}".encode()
+        until(lambda n=name, d=data: arrived(n, d), 90, name)
+    for site in pair.sites:
+        ids = asyncio.run(_remote_op_ids(site))
+        assert ids and len(ids) == len(set(ids)), f"{site.site} applied an entry twice"
+
+
+def test_changes_on_both_sides_of_a_partition_converge_with_conflicts_recorded(
+    pair: SitePair,
+) -> None:
+    asyncio.run(_write(pair.a, {"shared": b"v1", "renamed-on-a": b"r"}))
+    until(lambda: read(pair.b, "shared") == b"v1", 60, "shared on site-b")
+    until(lambda: stat(pair.b, "renamed-on-a") is not None, 60, "renamed-on-a on site-b")
+    before = {c.conflict_id for c in conflicts(pair.a) + conflicts(pair.b)}
+
+    pair.partition()
+    try:
+        asyncio.run(_chown(pair.a, "shared", 1000))  # owner changed on both: a conflict
+        asyncio.run(_write(pair.b, {"both": b"made on b"}))  # one name, two files
+        asyncio.run(_write(pair.a, {"both": b"made on a"}))
+        asyncio.run(_chown(pair.b, "shared", 2000))  # later: site-b's value wins
+        asyncio.run(_chown(pair.b, "renamed-on-a", 3000))  # only on b: no conflict
+        asyncio.run(_rename(pair.a, "renamed-on-a", "now-named-on-a"))  # only on a
+    finally:
+        pair.heal()
+
+    def converged() -> bool:
+        listed = [names(site) for site in pair.sites]
+        return listed[0] == listed[1] and "now-named-on-a" in listed[0]
+
+    until(converged, 90, "both sites list the same names")
+    for site in pair.sites:
+        shared = stat(site, "shared")
+        assert shared is not None and (shared.uid, shared.gid) == (2000, 2000), site.site
+        moved = stat(site, "now-named-on-a")
+        assert moved is not None and moved.uid == 3000, "rename and owner both survive"
+        assert stat(site, "renamed-on-a") is None
+    listed = names(pair.a)
+    kept = [n for n in listed if n.startswith("both.conflict-")]
+    assert len(kept) == 1, listed
+    contents = {read(pair.a, "both"), read(pair.a, kept[0])}
+    assert contents == {b"made on a", b"made on b"}, "both files kept"
+    assert read(pair.b, "both") == read(pair.a, "both")
+
+    def recorded() -> dict[str, set[str]] | None:
+        found = {
+            site.site: {c.conflict_id for c in conflicts(site)} - before for site in pair.sites
+        }
+        return found if all(len(ids) >= 2 for ids in found.values()) else None
+
+    found = until(recorded, 30, "conflicts recorded on both sites")
+    assert found[pair.a.site] == found[pair.b.site], "the same conflicts, the same ids"
+    new = [c for c in conflicts(pair.b) if c.conflict_id in found[pair.b.site]]
+    owner = [c for c in new if c.conflict.group == "owner"]
+    assert len(owner) == 1 and owner[0].conflict.winner == pair.b.site
+    assert json.loads(owner[0].conflict.model_dump_json())["local"] == {"uid": 2000, "gid": 2000}
+
+
+async def _rename(site: LocalSite, old: str, new: str) -> None:
+    async with await site.client() as bus:
+        meta = MetadataClient(bus, deadline_s=10)
+        await meta.rename(ROOT_INO, old, ROOT_INO, new)
