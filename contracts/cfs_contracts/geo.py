@@ -31,11 +31,6 @@ class GeoPeer(BaseModel):
 INBOUND_STREAM = "GEO_IN"
 
 
-def inbound_durable(shard: int) -> str:
-    """The geo-replicator's consumer of shard `shard`'s messages in `GEO_IN`."""
-    return f"geo-{shard_name(shard)}"
-
-
 def peer_journal_subject(peer: str, shard: int) -> str:
     """What `peer`'s own writers append to shard `shard` (and only that)."""
     return f"cfs.{peer}.meta.{shard_name(shard)}.journal"

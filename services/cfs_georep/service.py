@@ -2,32 +2,35 @@
 
 One active instance per site (lease). While it leads, per shard:
 
-    GEO_IN (the peer's journal of that shard, sourced over the site link)
-        │  durable consumer geo-<shard>: a batch of messages, in the peer's order
+    the shard's position: the last GEO_IN message it applied (journaled with them)
+        ▼
+    GEO_IN (the peer's journal of that shard, sourced over the site link), read with
+    an ordered consumer from the position on, in batches
         ▼
     Localizer: every chunk map's data copied here from the peer's chunk-stores
         ▼
     apply_remote on the shard writer: merged, journaled under ...journal.remote
+    together with the new position
         ▼
     ConflictDetected for each conflict the merge found (message id per conflict)
-        ▼
-    ack of the batch's last message (the consumer acknowledges all before it)
 
-Killed anywhere in between, the next leader fetches the unacknowledged batch again:
-the writer skips the entries it applied (op ids) and answers their conflicts again,
-whose events the CONFLICTS stream's duplicate window drops. Nothing is applied twice
-or skipped, and nothing waits on the peer being reachable except the copying of data.
+Killed anywhere in between, the next leader starts from the position the shard
+journaled: nothing is applied twice or skipped. A batch sent again (the apply was
+journaled, its answer lost) is not applied again; the writer answers the conflicts
+its entries found once more, whose events the CONFLICTS stream's duplicate window
+drops. Nothing waits on the peer being reachable except the copying of data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import Field
 
 from cfs.admin.snapshot import read_record
@@ -44,14 +47,8 @@ from cfs_contracts import ContractError
 from cfs_contracts.events.geo import ConflictDetected
 from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
 from cfs_contracts.fs.rpc import FsError
-from cfs_contracts.fs.shard_admin import ApplyRemote, ShardAdminReply
-from cfs_contracts.geo import (
-    GEO_PEER_KEY,
-    INBOUND_STREAM,
-    GeoPeer,
-    inbound_durable,
-    peer_journal_subject,
-)
+from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage, ShardAdminReply
+from cfs_contracts.geo import GEO_PEER_KEY, INBOUND_STREAM, GeoPeer, peer_journal_subject
 from cfs_contracts.streams import shard_name
 from cfs_georep.ship import ChunkUnavailable, Localizer
 
@@ -65,8 +62,8 @@ class GeoSettings(ServiceSettings):
     )
     copy_parallel: int = Field(default=4, ge=1, description="chunks copied from the peer at once")
     peer_poll_s: float = Field(default=2.0, gt=0, description="while no peer is linked")
-    ack_wait_s: float = Field(
-        default=300.0, gt=0, description="an unacknowledged batch is delivered again after this"
+    resubscribe_quiet_s: float = Field(
+        default=30.0, gt=0, description="silence after which the peer's messages are read anew"
     )
 
 
@@ -119,8 +116,16 @@ def _retried(exc: BaseException) -> bool:
     ) or any_bus_error(exc)
 
 
+class _Stalled(Exception):
+    """The ordered consumer went quiet with messages still to come (its server moved)."""
+
+
 class ShardFollower:
-    """One shard's messages from the peer, applied in the peer's order."""
+    """One shard's messages from the peer, applied in the peer's order.
+
+    Where it is comes from the shard itself (the position journaled with each apply),
+    so it resumes exactly after the last message applied, whoever ran before it and
+    however it ended; the messages are read with an ordered consumer from there."""
 
     def __init__(
         self, bus: Bus, settings: GeoSettings, peer: str, shard: int, localizer: Localizer
@@ -130,76 +135,105 @@ class ShardFollower:
         self.peer = peer
         self.shard = shard
         self.localizer = localizer
-        self.durable = inbound_durable(shard)
+        self.subject = peer_journal_subject(peer, shard)
         self.ids = {"peer": peer, "shard": shard_name(shard)}
+        self.position = 0
 
     async def run(self) -> None:
-        sub = await until_jetstream_answers(f"consumer {self.durable}", self._subscribe)
-        fetching = Backoff(
-            RetryPolicy(f"fetch {self.durable}", temporary=any_bus_error, deadline_s=None),
+        reading = Backoff(
+            RetryPolicy(f"read {self.subject}", temporary=_resumed, deadline_s=None),
             extra=self.ids,
         )
         while True:
             try:
-                msgs = await sub.fetch(self.settings.batch, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except nats.errors.Error as exc:
-                await fetching.wait(exc)
-                continue
-            fetching.reset()
-            await self._apply_batch(msgs)
+                self.position = await self._apply(())  # where the shard is
+                await self._follow()
+            except Exception as exc:
+                if not _resumed(exc):
+                    raise
+                await reading.wait(exc)
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        config = ConsumerConfig(
-            durable_name=self.durable,
-            ack_policy=AckPolicy.ALL,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject=peer_journal_subject(self.peer, self.shard),
-            ack_wait=self.settings.ack_wait_s,
-            max_ack_pending=100_000,
+    async def _follow(self) -> None:
+        """Apply batches from the position on, until the consumer fails or stalls."""
+        sub = await self.bus.js.subscribe(
+            self.subject,
+            stream=INBOUND_STREAM,
+            ordered_consumer=True,
+            idle_heartbeat=2.0,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.position + 1
+            ),
         )
-        await self.bus.js.add_consumer(INBOUND_STREAM, config)
-        return await self.bus.js.pull_subscribe_bind(self.durable, stream=INBOUND_STREAM)
+        try:
+            quiet = 0.0
+            while True:
+                try:
+                    first = await sub.next_msg(timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    quiet += 1.0
+                    if quiet >= self.settings.resubscribe_quiet_s:
+                        raise _Stalled(f"nothing from {self.subject} for {quiet:.0f}s") from None
+                    continue
+                quiet = 0.0
+                batch = [first]
+                while len(batch) < self.settings.batch and sub.pending_msgs:
+                    batch.append(await sub.next_msg(timeout=1.0))
+                await self._apply_batch(batch)
+        finally:
+            if not self.bus.nc.is_closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
 
     async def _apply_batch(self, msgs: list[Msg]) -> None:
-        """Apply the batch until it is done (retrying as long as it takes), then ack."""
-        entries = self._entries(msgs)
+        """Apply the batch, retrying as long as it takes (never skipped, never reordered)."""
+        batch = self._messages(msgs)
         policy = RetryPolicy(
-            f"apply {len(entries)} entries of {self.peer} to shard {shard_name(self.shard)}",
+            f"apply {len(batch)} messages of {self.peer} to shard {shard_name(self.shard)}",
             temporary=_retried,
             deadline_s=None,
             first_delay_s=0.2,
             max_delay_s=5.0,
         )
-        await retry(lambda: self._apply(entries), policy, extra=self.ids)
-        crash_point("geo.applied")  # applied, not acknowledged: fetched again
-        await msgs[-1].ack_sync(timeout=10.0)
+        self.position = await retry(lambda: self._apply(batch), policy, extra=self.ids)
+        crash_point("geo.applied")
 
-    def _entries(self, msgs: list[Msg]) -> list[JournalEntry]:
-        """The peer writers' entries that change something, in order."""
-        entries: list[JournalEntry] = []
+    def _messages(self, msgs: list[Msg]) -> list[RemoteMessage]:
+        """The peer writers' entries that change something, by GEO_IN sequence."""
+        out: list[RemoteMessage] = []
         for msg in msgs:
             try:
                 payload = self.bus.registry.decode(msg.data).payload
             except ContractError as exc:  # a newer peer's event: never silently lost
                 raise RuntimeError(f"cannot read the peer's message: {exc}") from exc
+            entries: tuple[JournalEntry, ...] = ()
             if isinstance(payload, MetaCommitted):
-                entries += [entry for entry in payload.entries if entry.changes]
-        return entries
+                entries = tuple(entry for entry in payload.entries if entry.changes)
+            out.append(RemoteMessage(seq=msg.metadata.sequence.stream, entries=entries))
+        return out
 
-    async def _apply(self, entries: list[JournalEntry]) -> None:
-        local = await self.localizer.localize(entries)
-        for part in _parts(local, self.settings.apply_bytes):
+    async def _apply(self, messages: Sequence[RemoteMessage]) -> int:
+        """Copy the data the messages' chunk maps need, have the shard apply them (in
+        parts of about `apply_bytes`), report the conflicts; the shard's position."""
+        position = self.position
+        for part in _parts(list(messages), self.settings.apply_bytes):
+            local = [
+                m.model_copy(update={"entries": tuple(await self.localizer.localize(m.entries))})
+                for m in part
+            ]
             reply = await shard_admin(
-                self.bus, self.shard, ApplyRemote(origin=self.peer, entries=tuple(part))
+                self.bus, self.shard, ApplyRemote(origin=self.peer, messages=tuple(local))
             )
             await self._report(reply)
+            position = reply.remote_applied
             if reply.applied:
                 log.info(
                     "geo.applied",
-                    extra={**self.ids, "applied": reply.applied, "skipped": reply.skipped},
+                    extra={**self.ids, "applied": reply.applied, "position": position},
                 )
+        if not messages:
+            reply = await shard_admin(self.bus, self.shard, ApplyRemote(origin=self.peer))
+            position = reply.remote_applied
+        return position
 
     async def _report(self, reply: ShardAdminReply) -> None:
         """One ConflictDetected per conflict, its id fixed by the entry that found it."""
@@ -224,18 +258,23 @@ class ShardFollower:
             )  # fmt: skip
 
 
-def _parts(entries: list[JournalEntry], limit: int) -> list[list[JournalEntry]]:
-    """Consecutive runs of `entries` of about `limit` JSON bytes each (one at least)."""
-    parts: list[list[JournalEntry]] = []
+def _parts(messages: list[RemoteMessage], limit: int) -> list[list[RemoteMessage]]:
+    """Consecutive runs of `messages` of about `limit` JSON bytes each (one at least)."""
+    parts: list[list[RemoteMessage]] = []
     size = limit
-    for entry in entries:
-        cost = len(entry.model_dump_json())
+    for message in messages:
+        cost = len(message.model_dump_json())
         if size + cost > limit and (not parts or parts[-1]):
             parts.append([])
             size = 0
-        parts[-1].append(entry)
+        parts[-1].append(message)
         size += cost
     return parts
+
+
+def _resumed(exc: BaseException) -> bool:
+    """Failures the follower outlives by reading again from the shard's position."""
+    return isinstance(exc, _Stalled) or _retried(exc)
 
 
 def main(argv: list[str] | None = None) -> None:

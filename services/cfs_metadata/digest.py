@@ -40,6 +40,8 @@ def record_name(key: bytes) -> str:
         return f"Dentry {number}/{name}"
     if kind == "tx":
         return f"Transaction {name}"
+    if kind == "tombstone":
+        return f"Tombstone {number}"
     return f"Counter {name}"
 
 

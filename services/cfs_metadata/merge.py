@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cfs_contracts.events.metadata import DelDentry, JournalEntry, PutDentry, PutInode
+from cfs_contracts.events.metadata import DelDentry, DelInode, JournalEntry, PutDentry, PutInode
 from cfs_contracts.fs.conflicts import FieldConflict
-from cfs_contracts.fs.records import FIELD_GROUPS, Inode, Stamp
+from cfs_contracts.fs.records import FIELD_GROUPS, Dentry, Inode, Stamp
 from cfs_metadata.state import ShardView
 
 
@@ -56,14 +56,22 @@ def stamp_inode(before: Inode | None, after: Inode, ns: int, site: str) -> Inode
     if groups:
         stamps = dict(after.stamps)
         for group in groups:
-            replaced = before.stamps.get(group)
-            if replaced is None:
-                stamps[group] = Stamp(ns=ns, site=site)
-            else:  # later than what it replaces, whatever this writer's clock says: the
-                # newest stamp is then also the last write, so every site keeps the same
-                stamps[group] = Stamp(ns=max(ns, replaced.ns + 1), site=site, base=replaced.key())
+            stamps[group] = _next_stamp(before.stamps.get(group), ns, site)
         update["stamps"] = stamps
     return after.model_copy(update=update) if update else after
+
+
+def _next_stamp(replaced: Stamp | None, ns: int, site: str) -> Stamp:
+    if replaced is None:
+        return Stamp(ns=ns, site=site)
+    # later than what it replaces, whatever this writer's clock says: the newest stamp
+    # is then also the last write, so every site keeps the same
+    return Stamp(ns=max(ns, replaced.ns + 1), site=site, base=replaced.key())
+
+
+def _stamp_group(inode: Inode, before: Inode, group: str, ns: int, site: str) -> Inode:
+    stamps = {**inode.stamps, group: _next_stamp(before.stamps.get(group), ns, site)}
+    return inode.model_copy(update={"stamps": stamps})
 
 
 def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> JournalEntry:
@@ -73,23 +81,39 @@ def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> J
     changes = list(entry.changes)
     stamped: dict[int, Inode] = {}
     touched = False
+    removed = _removed_names(entry, before)
+    renamed = _named_anew(entry, before)
     for i, change in enumerate(changes):
         if isinstance(change, PutInode):
-            inode = stamp_inode(before.inode(change.inode.ino), change.inode, ns, site)
+            previous = before.inode(change.inode.ino)
+            inode = stamp_inode(previous, change.inode, ns, site)
+            if previous is not None and inode.ino in renamed:
+                inode = _stamp_group(inode, previous, "names", ns, site)
             if inode is not change.inode:
                 changes[i] = PutInode(inode=inode)
                 stamped[inode.ino] = inode
         elif isinstance(change, PutDentry) and change.dentry.stamp is None:
             bound = before.dentry(change.dentry.parent, change.dentry.name)
-            same = bound is not None and bound.ino == change.dentry.ino
-            stamp = bound.stamp if same and bound is not None else Stamp(ns=ns, site=site)
-            if stamp is not None:
-                dentry = change.dentry.model_copy(update={"stamp": stamp})
+            update: dict[str, Any] = {}
+            if bound is not None and bound.ino == change.dentry.ino:
+                update["stamp"] = bound.stamp
+            else:  # a new binding; `base`: the one it replaces (a rename over a file)
+                update["stamp"] = _next_stamp(bound.stamp if bound else None, ns, site)
+            if bound is not None and bound.shadowed:  # the name's conflict history
+                update["shadowed"] = bound.shadowed
+            if update["stamp"] is not None:
+                dentry = change.dentry.model_copy(update=update)
                 changes[i], touched = PutDentry(dentry=dentry), True
-        elif isinstance(change, DelDentry) and change.ino is None:
+        elif isinstance(change, DelInode) and change.inode is None:
+            gone = before.inode(change.ino)
+            if gone is not None:  # the tombstone: what this site had seen of it
+                names = tuple(removed.get(change.ino, ()))
+                changes[i] = change.model_copy(update={"inode": gone, "names": names})
+                touched = True
+        elif isinstance(change, DelDentry) and change.removed is None:
             bound = before.dentry(change.parent, change.name)
             if bound is not None:
-                changes[i] = change.model_copy(update={"ino": bound.ino})
+                changes[i] = change.model_copy(update={"removed": bound})
                 touched = True
     if not stamped:
         return entry.model_copy(update={"changes": tuple(changes)}) if touched else entry
@@ -97,6 +121,33 @@ def stamp_entry(entry: JournalEntry, before: ShardView, ns: int, site: str) -> J
     if reply.inode is not None and reply.inode.ino in stamped:  # the record as stored
         reply = reply.model_copy(update={"inode": stamped[reply.inode.ino]})
     return entry.model_copy(update={"changes": tuple(changes), "reply": reply})
+
+
+def _removed_names(entry: JournalEntry, before: ShardView) -> dict[int, list[Dentry]]:
+    """Inode -> the names of it the entry removes or rebinds to another file."""
+    removed: dict[int, list[Dentry]] = {}
+    for change in entry.changes:
+        if isinstance(change, DelDentry):
+            where, ino = (change.parent, change.name), None
+        elif isinstance(change, PutDentry):
+            where, ino = (change.dentry.parent, change.dentry.name), change.dentry.ino
+        else:
+            continue
+        bound = before.dentry(*where)
+        if bound is not None and bound.ino != ino:
+            removed.setdefault(bound.ino, []).append(bound)
+    return removed
+
+
+def _named_anew(entry: JournalEntry, before: ShardView) -> set[int]:
+    """Inodes the entry gives a name they did not have (renamed, linked)."""
+    named: set[int] = set()
+    for change in entry.changes:
+        if isinstance(change, PutDentry):
+            bound = before.dentry(change.dentry.parent, change.dentry.name)
+            if bound is None or bound.ino != change.dentry.ino:
+                named.add(change.dentry.ino)
+    return named
 
 
 def merge_inode(local: Inode | None, remote: Inode, here: str, there: str) -> Merged:

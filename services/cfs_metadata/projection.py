@@ -19,7 +19,13 @@ from rocksdict import Checkpoint, Options, Rdict, WriteBatch
 
 from cfs.backup.image import decode_pairs, iter_pairs
 from cfs.faults import crash_point
-from cfs_contracts.events.metadata import JournalEntry, Lineage, ShardImageChunk, ShardRestored
+from cfs_contracts.events.metadata import (
+    DelInode,
+    JournalEntry,
+    Lineage,
+    ShardImageChunk,
+    ShardRestored,
+)
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode, name_cookie
 from cfs_contracts.fs.rpc import Reply
@@ -46,9 +52,12 @@ _INODES = b"m:inodes"
 _LINEAGE = b"m:lineage"  # a restored shard: where its state came from (JSON Lineage)
 _INSTALL = b"m:install"  # a restore in progress (JSON _Install)
 _TX = b"t"
+_TOMB = b"x"  # x || ino: how an inode was deleted (JSON DelInode), for cross-site merges
+_TOMB_BY_SEQ = b"y"  # y || seq || ino: lets old tombstones be pruned in order
+_REMOTE = b"m:remote:"  # || peer site: the last GEO_IN message applied (SetRemoteApplied)
 # What a snapshot image holds: the records, open transactions and the counters.
 # Not replies (retries are answered by the cluster that saw them), not positions.
-_IMAGE_PREFIXES = (_INODE, _DENTRY, _TX)
+_IMAGE_PREFIXES = (_INODE, _DENTRY, _TX, _TOMB)
 _IMAGE_KEYS = (_LOCAL, _INODES)
 
 T = TypeVar("T")
@@ -57,6 +66,11 @@ CorruptionHandler = Callable[[CorruptRecord], None]
 # Replies are kept for retries by op id. A client retries for at most its deadline
 # (30 s by default); 100k journal messages cover that at any realistic rate.
 REPLY_RETENTION_SEQS = 100_000
+# Tombstones are kept for a peer site's changes that the deletion never saw: they
+# arrive after a partition, however long. Ten million journal messages is months at
+# a busy shard's rate; a change older than that re-creates the inode without a name
+# (metadata-check finds the orphan and adopts it).
+TOMBSTONE_RETENTION_SEQS = 10_000_000
 
 
 def _inode_key(ino: int) -> bytes:
@@ -77,12 +91,15 @@ def _encode_name(name: str) -> bytes:
 
 def key_record(key: bytes) -> tuple[str, int, str]:
     """What a stored key holds (the checker names records by it): `("inode", ino, "")`,
-    `("dentry", parent, name)`, `("tx", 0, tx_id)`, else `("meta", 0, key)`."""
+    `("dentry", parent, name)`, `("tombstone", ino, "")`, `("tx", 0, tx_id)`, else
+    `("meta", 0, key)`."""
     if key.startswith(_INODE) and len(key) == 9:
         return "inode", int(_U64.unpack(key[1:9])[0]), ""
     if key.startswith(_DENTRY) and len(key) >= 17:
         name = key[17:].decode("utf-8", "surrogateescape")
         return "dentry", int(_U64.unpack(key[1:9])[0]), name
+    if key.startswith(_TOMB) and len(key) == 9:
+        return "tombstone", int(_U64.unpack(key[1:9])[0]), ""
     if key.startswith(_TX):
         return "tx", 0, key[1:].decode("utf-8", "replace")
     return "meta", 0, key.decode("utf-8", "replace")
@@ -172,6 +189,13 @@ class Projection:
             found.append(TxRecord.model_validate_json(cast(bytes, item_value)))
         return found
 
+    def remote_applied(self, peer: str) -> int:
+        return self._int(_REMOTE + peer.encode(), 0)
+
+    def tombstone(self, ino: int) -> DelInode | None:
+        raw = self._db.get(_TOMB + _U64.pack(ino))
+        return None if raw is None else DelInode.model_validate_json(cast(bytes, raw))
+
     def op_reply(self, op_id: str) -> Reply | None:
         raw = self._db.get(_REPLY + op_id.encode())
         return Reply.model_validate_json(raw) if raw is not None else None
@@ -212,7 +236,8 @@ class Projection:
             raise ValueError(f"sequence {seq} already applied (at {self.applied_seq})")
         batch = _Batch(self, seq)
         apply_entries(batch, entries)
-        self._prune_replies(batch.wb, seq - REPLY_RETENTION_SEQS)
+        self._prune(batch.wb, _REPLY_BY_SEQ, _REPLY, seq - REPLY_RETENTION_SEQS)
+        self._prune(batch.wb, _TOMB_BY_SEQ, _TOMB, seq - TOMBSTONE_RETENTION_SEQS)
         batch.wb.put(_APPLIED, _U64.pack(seq))
         if msg_id is not None:
             batch.wb.put(_APPLIED_ID, msg_id.encode())
@@ -226,16 +251,17 @@ class Projection:
             batch.wb.put(_INODES, _U64.pack(self.inode_count() + batch.inode_delta))
         self._db.write(batch.finish())
 
-    def _prune_replies(self, wb: WriteBatch, below_seq: int) -> None:
+    def _prune(self, wb: WriteBatch, index: bytes, records: bytes, below_seq: int) -> None:
+        """Drop the records (`records` || id) indexed (`index` || seq || id) below a seq."""
         if below_seq <= 0:
             return
-        end = _REPLY_BY_SEQ + _U64.pack(below_seq)
-        for item_key in self._db.keys(from_key=_REPLY_BY_SEQ):
+        end = index + _U64.pack(below_seq)
+        for item_key in self._db.keys(from_key=index):
             key = cast(bytes, item_key)
             if key >= end:
                 break
             wb.delete(key)
-            wb.delete(_REPLY + key[9:])
+            wb.delete(records + key[9:])
 
     @property
     def lineage(self) -> Lineage | None:
@@ -526,6 +552,14 @@ class _Batch:
 
     def put_tx(self, tx: TxRecord) -> None:
         self.wb.put(_TX + tx.tx_id.encode(), tx.model_dump_json().encode())
+
+    def set_remote_applied(self, peer: str, seq: int) -> None:
+        self.wb.put(_REMOTE + peer.encode(), _U64.pack(seq))
+
+    def put_tombstone(self, deleted: DelInode) -> None:
+        ino = _U64.pack(deleted.ino)
+        self.wb.put(_TOMB + ino, deleted.model_dump_json().encode())
+        self.wb.put(_TOMB_BY_SEQ + self._seq + ino, b"")
 
     def clear_tx(self, tx_id: str) -> None:
         self.wb.delete(_TX + tx_id.encode())

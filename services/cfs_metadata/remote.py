@@ -10,14 +10,28 @@ Per change:
 
     PutInode      merged field group by field group (`merge.merge_inode`); link count
                   and parent follow the remote version (the namespace change that
-                  came with it)
-    DelInode      the inode goes
+                  came with it). An inode deleted here (its tombstone: the DelInode
+                  with the inode as deleted) comes back, merged with the peer's
+                  version, with its names, if the peer changed it in a way the
+                  deletion never saw and that wins; else it stays deleted
+    DelInode      the inode goes, and its tombstone stays; unless it was changed here
+                  in a way the peer never saw (written, chmod-ed, a directory added
+                  to): then the deletion loses and the file keeps its names
     PutDentry     a free name, or one leading to the same file: bound (the later
                   stamp kept). A name leading to another file here: a name conflict.
                   The later binding keeps the name (site, then inode number, breaks a
                   tie); the other file stays in the same directory as
                   `<name>.conflict-<its site>-<ino>`, on both sites alike
-    DelDentry     removed if it still leads to the file the peer unlinked
+
+Every conflict is reported (`FieldConflict`, kinds field / name / deleted) on each
+site where both versions met. Known limit: one file renamed on both sites during a
+partition may keep both names (a reverse index of names would be needed to drop the
+older one). Where a file's name and its inode live in different shards (a hard
+link or rename across shards, a directory's own name) the two shards decide apart:
+a deletion that loses in the inode's shard may still remove the name in the other,
+leaving an orphan that `metadata-check --auto-fix` adopts into lost+found.
+    DelDentry     removed if it still leads to the file the peer unlinked (and that
+                  file is not one staying, above)
     counters and cross-shard transaction records: the peer's own, not applied
 """
 
@@ -37,7 +51,7 @@ from cfs_contracts.events.metadata import (
     PutInode,
 )
 from cfs_contracts.fs.conflicts import FieldConflict
-from cfs_contracts.fs.records import MAX_NAME_BYTES, Dentry, Stamp
+from cfs_contracts.fs.records import MAX_NAME_BYTES, Dentry, Inode, Kind, Stamp
 from cfs_contracts.fs.rpc import FsError, Reply
 from cfs_metadata.merge import merge_inode
 from cfs_metadata.state import Overlay, ShardView, apply_change, apply_entries
@@ -91,48 +105,235 @@ def merge_changes(
     view: ShardView, changes: Iterable[Change], here: str, there: str
 ) -> tuple[list[Change], tuple[FieldConflict, ...]]:
     """The local changes for one remote entry's `changes`, and the conflicts found."""
-    overlay = Overlay(view)  # later changes of the entry see the earlier ones
-    out: list[Change] = []
-    conflicts: list[FieldConflict] = []
-
-    def emit(change: Change) -> None:
-        apply_change(overlay, change)
-        out.append(change)
-
+    merge = _EntryMerge(Overlay(view), here, there)  # later changes see earlier ones
+    changes = list(changes)
+    merge.judge(changes)
     for change in changes:
+        merge.take(change)
+    merge.finish()
+    return merge.out, tuple(merge.conflicts)
+
+
+class _EntryMerge:
+    def __init__(self, overlay: Overlay, here: str, there: str) -> None:
+        self.overlay = overlay
+        self.here = here
+        self.there = there
+        self.out: list[Change] = []
+        self.conflicts: list[FieldConflict] = []
+        self.kept: set[int] = set()  # deleted there, changed here: they stay
+        self.back: dict[int, tuple[DelInode, Stamp]] = {}  # deleted here, changed there
+        self.gone: set[int] = set()  # deleted here; what the peer did to them, it had seen
+        self.named: set[int] = set()  # inodes the entry gives a name
+        self.links: dict[int, int] = {}  # directory -> subdirectory names kept or restored
+
+    def emit(self, change: Change) -> None:
+        apply_change(self.overlay, change)
+        self.out.append(change)
+
+    def judge(self, changes: list[Change]) -> None:
+        """Before anything applies: which deletions lose (here or there), so the names
+        of a file are kept, restored or dropped with it whatever their order."""
+        for change in changes:
+            match change:
+                case DelInode(ino=ino, inode=gone) if gone is not None:
+                    local = self.overlay.inode(ino)
+                    unseen = None if local is None else _first_unseen(local.stamps, gone.stamps)
+                    if unseen is not None:  # changed here in a way the peer never saw
+                        self.kept.add(ino)
+                        conflict = self._deleted(change, local_stamp=unseen, winner=self.here)
+                        self.conflicts.append(conflict)
+                case PutInode(inode=remote) if self.overlay.inode(remote.ino) is None:
+                    tombstone = self.overlay.tombstone(remote.ino)
+                    if tombstone is None or tombstone.inode is None:
+                        continue  # new here
+                    unseen = _first_unseen(remote.stamps, tombstone.inode.stamps)
+                    if unseen is None:
+                        self.gone.add(remote.ino)
+                    else:
+                        self.back[remote.ino] = (tombstone, unseen)
+                case PutDentry(dentry=dentry):
+                    self.named.add(dentry.ino)
+                case _:
+                    pass
+        for change in changes:  # a name for an inode deleted here, and no change to it
+            if isinstance(change, PutDentry):
+                ino = change.dentry.ino
+                absent = ino not in self.back and self.overlay.inode(ino) is None
+                if absent and self.overlay.tombstone(ino) is not None:
+                    self.gone.add(ino)
+
+    def take(self, change: Change) -> None:
         match change:
             case PutInode(inode=remote):
-                local = overlay.inode(remote.ino)
-                merged = merge_inode(local, remote, here, there)
-                inode = merged.inode
-                if local is not None:
-                    namespace = {"nlink": remote.nlink, "parent": remote.parent}
-                    inode = inode.model_copy(update=namespace)
-                conflicts += merged.conflicts
+                local = self.overlay.inode(remote.ino)
+                if local is None:
+                    if remote.ino not in self.gone:
+                        self._new_or_back(remote)
+                    return
+                merged = merge_inode(local, remote, self.here, self.there)
+                namespace = {"nlink": remote.nlink, "parent": remote.parent}
+                inode = merged.inode.model_copy(update=namespace)
+                self.conflicts += merged.conflicts
                 if inode != local:
-                    emit(PutInode(inode=inode))
-            case DelInode(ino=ino):
-                if overlay.inode(ino) is not None:
-                    emit(change)
+                    self.emit(PutInode(inode=inode))
+            case DelInode(ino=ino, names=names):
+                if ino not in self.kept and self.overlay.inode(ino) is not None:
+                    self.emit(change)
+                    for name in names:  # a name a conflict here had moved aside
+                        aside = self.overlay.dentry(name.parent, kept_name(name))
+                        if aside is not None and aside.ino == ino:
+                            self.emit(_unbind(aside))
             case PutDentry(dentry=theirs):
-                ours = overlay.dentry(theirs.parent, theirs.name)
+                if theirs.ino not in self.gone:
+                    self._bind(theirs)
+            case DelDentry(parent=parent, name=name, removed=removed):
+                seen = removed.shadowed if removed is not None else ()
+                ours = self._binding_here(parent, name, removed)
                 if ours is None:
-                    emit(change)
-                elif ours.ino == theirs.ino:
-                    if _binding_key(theirs) > _binding_key(ours):
-                        emit(change)
-                else:
-                    conflict, bound = _name_conflict(ours, theirs, here, there)
-                    conflicts.append(conflict)
-                    for dentry in bound:
-                        emit(PutDentry(dentry=dentry))
-            case DelDentry(parent=parent, name=name, ino=ino):
-                ours = overlay.dentry(parent, name)
-                if ours is not None and (ino is None or ours.ino == ino):
-                    emit(DelDentry(parent=parent, name=name, ino=ours.ino))
+                    self._set_aside(seen)
+                    return
+                if ours.ino in self.kept:
+                    self._linked(ours)  # the name stays with the file that stays
+                    return
+                self.emit(_unbind(ours))
+                self._unshadow(ours, seen)
+                self._set_aside(seen)
             case _:
                 pass  # SetNextLocal, TxPut, TxClear: the peer's own bookkeeping
-    return out, tuple(conflicts)
+
+    def finish(self) -> None:
+        """Link counts of directories whose subdirectory the peer removed but that stay
+        (the peer's count went down) or came back here (ours did)."""
+        for parent, extra in self.links.items():
+            inode = self.overlay.inode(parent)
+            if inode is not None and extra:
+                self.emit(PutInode(inode=inode.model_copy(update={"nlink": inode.nlink + extra})))
+
+    def _new_or_back(self, remote: Inode) -> None:
+        """A new inode, or one deleted here that the peer changed (it comes back: with
+        the names it had here, unless the peer's entry names it itself)."""
+        if remote.ino not in self.back:
+            self.emit(PutInode(inode=remote))
+            return
+        tombstone, unseen = self.back[remote.ino]
+        assert tombstone.inode is not None
+        # as the other site has it: its version merged with what was deleted here
+        merged = merge_inode(tombstone.inode, remote, self.here, self.there)
+        namespace = {"nlink": remote.nlink, "parent": remote.parent}
+        self.emit(PutInode(inode=merged.inode.model_copy(update=namespace)))
+        if remote.ino not in self.named:
+            for dentry in tombstone.names:
+                self._bind(dentry)
+                self._linked(dentry)
+        self.conflicts.append(self._deleted(tombstone, remote_stamp=unseen, winner=self.there))
+
+    def _unshadow(self, removed: Dentry, seen: tuple[Dentry, ...]) -> None:
+        """The peer removed the binding that won a name conflict here without having seen
+        that conflict (`seen`: the losers the peer had kept aside itself): the latest
+        loser still kept aside here gets the name back, as the peer has it."""
+        known = {_binding_key(loser) for loser in seen}
+        waiting = sorted(
+            (d for d in removed.shadowed if _binding_key(d) not in known), key=_binding_key
+        )
+        while waiting:
+            loser = waiting.pop()
+            aside = self.overlay.dentry(loser.parent, kept_name(loser))
+            if aside is None or aside.ino != loser.ino:
+                continue  # removed or renamed since
+            self.emit(_unbind(aside))
+            back = loser.model_copy(update={"shadowed": tuple(waiting)})
+            self.emit(PutDentry(dentry=back))
+            return
+
+    def _staying(self, ino: int) -> bool:
+        """A file a deletion lost to (here or there): a rename over it moves it aside."""
+        return ino in self.kept or ino in self.back
+
+    def _set_aside(self, known: tuple[Dentry, ...]) -> None:
+        """Losers of a name conflict the peer had moved aside (`known`): aside here too,
+        wherever they still hold the name."""
+        for loser in known:
+            holder = self.overlay.dentry(loser.parent, loser.name)
+            if holder is not None and holder.ino == loser.ino:
+                self.emit(_unbind(holder))
+                aside = holder.model_copy(update={"name": kept_name(loser), "shadowed": ()})
+                self.emit(PutDentry(dentry=aside))
+
+    def _binding_here(self, parent: int, name: str, removed: Dentry | None) -> Dentry | None:
+        """Where the binding the peer removed is here: under its name, or under the other
+        name a name conflict gave it here or there; None if it is not here (any more)."""
+        if removed is None:  # an older writer's: the name, whatever it leads to
+            return self.overlay.dentry(parent, name)
+        for where in (name, kept_name(removed), _original(name, removed)):
+            found = None if where is None else self.overlay.dentry(parent, where)
+            if found is not None and _same_binding(found, removed):
+                return found
+        return None
+
+    def _linked(self, dentry: Dentry) -> None:
+        if dentry.kind is Kind.DIR:
+            self.links[dentry.parent] = self.links.get(dentry.parent, 0) + 1
+
+    def _bind(self, theirs: Dentry) -> None:
+        ours = self.overlay.dentry(theirs.parent, theirs.name)
+        if ours is None:
+            self.emit(PutDentry(dentry=theirs))
+        elif ours.ino == theirs.ino:
+            if _binding_key(theirs) > _binding_key(ours):
+                self.emit(PutDentry(dentry=_inherit(theirs, ours)))
+        elif _replaces(theirs, ours) and not self._staying(ours.ino):
+            self.emit(PutDentry(dentry=_inherit(theirs, ours)))  # renamed over it there
+        elif _replaces(ours, theirs) and not self._staying(theirs.ino):
+            pass  # we renamed over what the peer had
+        else:
+            conflict, bound = _name_conflict(ours, theirs, self.here, self.there)
+            self.conflicts.append(conflict)
+            for dentry in bound:
+                self.emit(PutDentry(dentry=dentry))
+
+    def _deleted(
+        self,
+        deleted: DelInode,
+        *,
+        winner: str,
+        local_stamp: Stamp | None = None,
+        remote_stamp: Stamp | None = None,
+    ) -> FieldConflict:
+        first = deleted.names[0] if deleted.names else None
+        deleting = self.there if winner == self.here else self.here
+        return FieldConflict(
+            kind="deleted",
+            ino=deleted.ino,
+            group="deleted",
+            local={"deleted": deleting == self.here},
+            remote={"deleted": deleting == self.there},
+            local_stamp=local_stamp,
+            remote_stamp=remote_stamp,
+            here=self.here,
+            there=self.there,
+            winner=winner,
+            parent=first.parent if first else 0,
+            kept_as=first.name if first else None,
+        )
+
+
+def _first_unseen(have: dict[str, Stamp], seen: dict[str, Stamp]) -> Stamp | None:
+    """The earliest change in `have` that the deleting site's view `seen` lacks and
+    that would have won over what it saw (a concurrent change that lost to the value
+    the deletion saw does not save the file); access times do not count (reading a
+    file does not save it either)."""
+
+    def unseen(group: str, stamp: Stamp) -> bool:
+        if group == "atime":
+            return False
+        saw = seen.get(group)
+        if saw is None:
+            return True
+        return stamp.key() != saw.key() and (stamp.base == saw.key() or stamp.key() > saw.key())
+
+    found = [stamp for group, stamp in have.items() if unseen(group, stamp)]
+    return min(found, key=lambda stamp: stamp.key(), default=None)
 
 
 def kept_name(loser: Dentry) -> str:
@@ -145,6 +346,37 @@ def kept_name(loser: Dentry) -> str:
     return name + suffix
 
 
+def _inherit(theirs: Dentry, ours: Dentry) -> Dentry:
+    """The peer's binding of a name, with the losers of the name's conflicts seen here."""
+    known = {_binding_key(d) for d in theirs.shadowed}
+    extra = tuple(d for d in ours.shadowed if _binding_key(d) not in known)
+    return theirs.model_copy(update={"shadowed": (*theirs.shadowed, *extra)}) if extra else theirs
+
+
+def _unbind(dentry: Dentry) -> DelDentry:
+    return DelDentry(parent=dentry.parent, name=dentry.name, removed=dentry)
+
+
+def _same_binding(a: Dentry, b: Dentry) -> bool:
+    """One binding, wherever a name conflict put it (an older writer's: same file)."""
+    if a.ino != b.ino:
+        return False
+    return a.stamp is None or b.stamp is None or a.stamp.key() == b.stamp.key()
+
+
+def _original(name: str, binding: Dentry) -> str | None:
+    """The name `kept_name` moved `binding` away from, if `name` is such a name."""
+    suffix = kept_name(binding.model_copy(update={"name": ""}))
+    return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+
+
+def _replaces(newer: Dentry, older: Dentry) -> bool:
+    """`newer` was bound over `older` by a site that had it (a rename over a file)."""
+    if newer.stamp is None:
+        return False
+    return newer.stamp.base == (older.stamp.key() if older.stamp is not None else None)
+
+
 def _binding_key(dentry: Dentry) -> tuple[int, str, int]:
     """Total order of two bindings of one name: later stamp, then site, then inode."""
     stamp = dentry.stamp or Stamp(ns=0, site="")
@@ -155,9 +387,11 @@ def _name_conflict(
     ours: Dentry, theirs: Dentry, here: str, there: str
 ) -> tuple[FieldConflict, list[Dentry]]:
     remote_wins = _binding_key(theirs) > _binding_key(ours)
-    loser = ours if remote_wins else theirs
-    kept = loser.model_copy(update={"name": kept_name(loser)})
-    bound = [theirs, kept] if remote_wins else [kept]
+    winner, loser = (theirs, ours) if remote_wins else (ours, theirs)
+    plain = loser.model_copy(update={"shadowed": ()})
+    kept = plain.model_copy(update={"name": kept_name(loser)})
+    shadowed = (*ours.shadowed, *theirs.shadowed, plain)
+    bound = [winner.model_copy(update={"shadowed": shadowed}), kept]
     conflict = FieldConflict(
         kind="name",
         ino=(theirs if remote_wins else ours).ino,

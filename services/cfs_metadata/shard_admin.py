@@ -21,10 +21,12 @@ from cfs_contracts.events.metadata import (
     MetaCommitted,
     MetaReplayed,
     SetNextLocal,
+    SetRemoteApplied,
     ShardImageChunk,
     ShardOpened,
     ShardRestored,
 )
+from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.rpc import FsError, Reply
 from cfs_contracts.fs.shard_admin import (
     ApplyRemote,
@@ -37,7 +39,7 @@ from cfs_contracts.fs.shard_admin import (
     ShardAdminReply,
     ShardPosition,
 )
-from cfs_metadata.remote import decide_remote
+from cfs_metadata.remote import decide_remote, remote_op_id
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import change_locks, key_shard, read_records
 
@@ -246,24 +248,50 @@ def decide_repair(
 def decide_apply_remote(
     state: ShardState, view: ShardView, locked: set[str], op: ApplyRemote, site: str
 ) -> AdminDecision:
-    """The peer's entries merged into this shard (`cfs_metadata.remote`), as one message."""
+    """The peer's messages past the shard's position merged into it (`cfs_metadata.remote`)
+    and the new position, as one journal message. Messages at or before the position
+    are not applied again; the conflicts their entries found are answered again (from
+    the replies the shard keeps), for a replicator that died before reporting them."""
     here = _here(state)
+    position = view.remote_applied(op.origin)
+    if not op.messages:
+        return AdminDecision(None, here.model_copy(update={"remote_applied": position}))
     if state.lineage is not None and state.lineage.held:
         return _refuse(here, errno.EROFS, f"shard {state.shard} is held for replay-journal")
     if op.origin == site:
         return _refuse(here, errno.EINVAL, f"entries of {site} sent back to {site}")
+    fresh = [e for m in op.messages if m.seq > position for e in m.entries]
+    again = [e for m in op.messages if m.seq <= position for e in m.entries]
     try:
-        applied = decide_remote(view, op.entries, site, op.origin, locked)
+        applied = decide_remote(view, fresh, site, op.origin, locked)
     except FsError as exc:
         return _refuse(here, exc.errno, exc.message)
+    told = [c for e in again for c in _recorded_conflicts(view, op.origin, e)]
+    last = max(position, op.messages[-1].seq)
     reply = here.model_copy(
         update={
             "applied": len(applied.entries),
-            "skipped": applied.skipped,
-            "conflicts": tuple(applied.conflicts),
+            "skipped": applied.skipped + len(again),
+            "conflicts": (*told, *applied.conflicts),
+            "remote_applied": last,
         }
     )
-    if not applied.entries:
+    if last == position:
         return AdminDecision(None, reply)
-    event = MetaCommitted(shard=state.shard, term=state.term, entries=tuple(applied.entries))
-    return AdminDecision(event, reply, remote=True)
+    moved = JournalEntry(
+        op_id=f"{remote_op_id(op.origin, 'position')}.{last}",
+        op="geo.position",
+        changes=(SetRemoteApplied(peer=op.origin, seq=last),),
+        reply=Reply(),
+    )
+    entries = (*applied.entries, moved)
+    return AdminDecision(
+        MetaCommitted(shard=state.shard, term=state.term, entries=entries), reply, remote=True
+    )
+
+
+def _recorded_conflicts(
+    view: ShardView, origin: str, entry: JournalEntry
+) -> tuple[FieldConflict, ...]:
+    reply = view.op_reply(remote_op_id(origin, entry.op_id))
+    return reply.conflicts if reply is not None else ()

@@ -19,6 +19,7 @@ from cfs_contracts.events.metadata import (
     PutDentry,
     PutInode,
     SetNextLocal,
+    SetRemoteApplied,
     TxClear,
     TxPut,
 )
@@ -52,6 +53,14 @@ class ShardView(Protocol):
 
     def tx(self, tx_id: str) -> TxRecord | None: ...
 
+    def tombstone(self, ino: int) -> DelInode | None:
+        """How `ino` was deleted, while the shard keeps it (cross-site merge)."""
+        ...
+
+    def remote_applied(self, peer: str) -> int:
+        """The last message of `peer`'s journal applied here (0: none)."""
+        ...
+
 
 class Scannable(Protocol):
     """Whole-shard iteration, for repair and lost-data reports (not on the hot path)."""
@@ -80,13 +89,19 @@ class ShardWriter(Protocol):
 
     def clear_tx(self, tx_id: str) -> None: ...
 
+    def put_tombstone(self, deleted: DelInode) -> None: ...
+
+    def set_remote_applied(self, peer: str, seq: int) -> None: ...
+
 
 def apply_change(target: ShardWriter, change: Change) -> None:
     match change:
         case PutInode(inode=inode):
             target.put_inode(inode)
-        case DelInode(ino=ino):
+        case DelInode(ino=ino, inode=gone):
             target.del_inode(ino)
+            if gone is not None:
+                target.put_tombstone(change)
         case PutDentry(dentry=dentry):
             target.put_dentry(dentry)
         case DelDentry(parent=parent, name=name):
@@ -97,6 +112,8 @@ def apply_change(target: ShardWriter, change: Change) -> None:
             target.put_tx(tx)
         case TxClear(tx_id=tx_id):
             target.clear_tx(tx_id)
+        case SetRemoteApplied(peer=peer, seq=seq):
+            target.set_remote_applied(peer, seq)
 
 
 def apply_entries(target: ShardWriter, entries: Iterable[JournalEntry]) -> None:
@@ -123,6 +140,8 @@ class MemoryShard(SingleShard):
         self.dirs: dict[int, dict[str, Dentry]] = {}
         self.replies: dict[str, Reply] = {}
         self.txs: dict[str, TxRecord] = {}
+        self.tombstones: dict[int, DelInode] = {}
+        self.remote: dict[str, int] = {}
         self.local = 1
 
     def inode(self, ino: int) -> Inode | None:
@@ -155,6 +174,18 @@ class MemoryShard(SingleShard):
 
     def tx(self, tx_id: str) -> TxRecord | None:
         return self.txs.get(tx_id)
+
+    def tombstone(self, ino: int) -> DelInode | None:
+        return self.tombstones.get(ino)
+
+    def put_tombstone(self, deleted: DelInode) -> None:
+        self.tombstones[deleted.ino] = deleted
+
+    def remote_applied(self, peer: str) -> int:
+        return self.remote.get(peer, 0)
+
+    def set_remote_applied(self, peer: str, seq: int) -> None:
+        self.remote[peer] = seq
 
     def put_tx(self, tx: TxRecord) -> None:
         self.txs[tx.tx_id] = tx
@@ -195,6 +226,8 @@ class Overlay:
         self._dentries: dict[tuple[int, str], Dentry | None] = {}
         self._replies: dict[str, Reply] = {}
         self._txs: dict[str, TxRecord | None] = {}
+        self._tombstones: dict[int, DelInode] = {}
+        self._remote: dict[str, int] = {}
         self._local: int | None = None
 
     def inode(self, ino: int) -> Inode | None:
@@ -238,6 +271,18 @@ class Overlay:
         if tx_id in self._txs:
             return self._txs[tx_id]
         return self.base.tx(tx_id)
+
+    def tombstone(self, ino: int) -> DelInode | None:
+        return self._tombstones.get(ino) or self.base.tombstone(ino)
+
+    def put_tombstone(self, deleted: DelInode) -> None:
+        self._tombstones[deleted.ino] = deleted
+
+    def remote_applied(self, peer: str) -> int:
+        return self._remote[peer] if peer in self._remote else self.base.remote_applied(peer)
+
+    def set_remote_applied(self, peer: str, seq: int) -> None:
+        self._remote[peer] = seq
 
     def put_tx(self, tx: TxRecord) -> None:
         self._txs[tx.tx_id] = tx

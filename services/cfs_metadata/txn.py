@@ -138,6 +138,12 @@ class RemoteAwareView:
     def tx(self, tx_id: str) -> TxRecord | None:
         return self.local.tx(tx_id)
 
+    def tombstone(self, ino: int) -> DelInode | None:
+        return self.local.tombstone(ino)
+
+    def remote_applied(self, peer: str) -> int:
+        return self.local.remote_applied(peer)
+
 
 def read_records(view: ShardView, keys: Iterable[str]) -> tuple[RemoteRecord, ...]:
     """Participant side of TxRead: the current value under each key."""

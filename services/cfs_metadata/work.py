@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 
 from cfs.ids import new_id
-from cfs_contracts.events.metadata import JournalEntry, TxClear
+from cfs_contracts.events.metadata import DelInode, JournalEntry, TxClear
 from cfs_contracts.fs.changes import TxRecord
 from cfs_contracts.fs.records import Dentry, Inode
 from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, TxOp, TxStatus
@@ -88,6 +88,12 @@ class LockedView:
 
     def tx(self, tx_id: str) -> TxRecord | None:
         return self.base.tx(tx_id)
+
+    def tombstone(self, ino: int) -> DelInode | None:
+        return self.base.tombstone(ino)
+
+    def remote_applied(self, peer: str) -> int:
+        return self.base.remote_applied(peer)
 
 
 def _future() -> asyncio.Future[Reply | None]:

@@ -234,11 +234,21 @@ def test_changes_on_both_sides_of_a_partition_converge_with_conflicts_recorded(
     finally:
         pair.heal()
 
-    def converged() -> bool:
-        listed = [names(site) for site in pair.sites]
-        return listed[0] == listed[1] and "now-named-on-a" in listed[0]
+    listed: list[set[str]] = []
 
-    until(converged, 90, "both sites list the same names")
+    def converged() -> bool:  # the state both must reach (each site's own is there at once)
+        listed[:] = [names(site) for site in pair.sites]
+        if listed[0] != listed[1] or "now-named-on-a" not in listed[0]:
+            return False
+        if not any(name.startswith("both.conflict-") for name in listed[0]):
+            return False
+        owners = [stat(site, "shared") for site in pair.sites]
+        return all(inode is not None and inode.uid == 2000 for inode in owners)
+
+    try:
+        until(converged, 90, "both sites list the same names")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {listed}") from None
     for site in pair.sites:
         shared = stat(site, "shared")
         assert shared is not None and (shared.uid, shared.gid) == (2000, 2000), site.site
@@ -262,7 +272,8 @@ def test_changes_on_both_sides_of_a_partition_converge_with_conflicts_recorded(
     assert found[pair.a.site] == found[pair.b.site], "the same conflicts, the same ids"
     new = [c for c in conflicts(pair.b) if c.conflict_id in found[pair.b.site]]
     owner = [c for c in new if c.conflict.group == "owner"]
-    assert len(owner) == 1 and owner[0].conflict.winner == pair.b.site
+    seen = [(c.conflict.kind, c.conflict.group, c.conflict.ino) for c in new]
+    assert len(owner) == 1 and owner[0].conflict.winner == pair.b.site, seen
     assert json.loads(owner[0].conflict.model_dump_json())["local"] == {"uid": 2000, "gid": 2000}
 
 

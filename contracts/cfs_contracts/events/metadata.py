@@ -18,6 +18,7 @@ from cfs_contracts.fs.changes import (
     PutDentry,
     PutInode,
     SetNextLocal,
+    SetRemoteApplied,
     TxClear,
     TxPut,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PutDentry",
     "PutInode",
     "SetNextLocal",
+    "SetRemoteApplied",
     "ShardImageChunk",
     "ShardOpened",
     "ShardRestored",

@@ -24,8 +24,17 @@ class PutInode(_Change):
 
 
 class DelInode(_Change):
+    """An inode removed. With `inode` (the writer fills it in; a DelInode written by an
+    older release has none) it is also the shard's tombstone of the inode: the inode
+    as the deleting site had it, and the names the same entry removed, so a change
+    made on another site that the deletion never saw can bring it back there."""
+
     c: Literal["del_inode"] = "del_inode"
     ino: int
+    inode: Inode | None = Field(default=None, description="as it was deleted (cross-site merge)")
+    names: tuple[Dentry, ...] = Field(
+        default=(), description="the names of it the same entry removed, as they were"
+    )
 
 
 class PutDentry(_Change):
@@ -37,10 +46,10 @@ class DelDentry(_Change):
     c: Literal["del_dentry"] = "del_dentry"
     parent: int
     name: str
-    ino: int | None = Field(
+    removed: Dentry | None = Field(
         default=None,
-        description="the file the name led to (cross-site merge: the other "
-        "site removes the name only if it still leads there)",
+        description="the binding removed, as it was (the writer fills it in): the other "
+        "site removes the same binding only, wherever a name conflict put it there",
     )
 
 
@@ -49,6 +58,16 @@ class SetNextLocal(_Change):
 
     c: Literal["next_local"] = "next_local"
     value: int = Field(ge=1)
+
+
+class SetRemoteApplied(_Change):
+    """How far this shard has applied its peer site's journal: the last message of it
+    (a sequence of this site's `GEO_IN` stream) whose entries are in. Journaled with
+    them, so the geo-replicator resumes exactly there whatever happened to it."""
+
+    c: Literal["remote_applied"] = "remote_applied"
+    peer: str
+    seq: int = Field(ge=0)
 
 
 BaseChange = Annotated[
@@ -87,6 +106,6 @@ class TxClear(_Change):
 
 
 Change = Annotated[
-    PutInode | DelInode | PutDentry | DelDentry | SetNextLocal | TxPut | TxClear,
+    PutInode | DelInode | PutDentry | DelDentry | SetNextLocal | TxPut | TxClear | SetRemoteApplied,
     Field(discriminator="c"),
 ]

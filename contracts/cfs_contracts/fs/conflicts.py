@@ -11,13 +11,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cfs_contracts.fs.records import Stamp
 
-ConflictKind = Literal["field", "name"]
+ConflictKind = Literal["field", "name", "deleted"]
 
 
 class FieldConflict(BaseModel):
     """`field`: one group of an inode's fields (`FIELD_GROUPS`) changed on both sites.
     `name`: one name bound to two different files; the loser's file stays, under
-    `kept_as` in the same directory."""
+    `kept_as` in the same directory. `deleted`: a file or directory deleted on one site
+    and changed on the other (or, a directory, added to): the deletion loses, the
+    file stays under its names (`kept_as`: the first)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -48,4 +50,6 @@ class FieldConflict(BaseModel):
     def reason(self) -> str:
         if self.kind == "name":
             return f"name {self.group!r} bound on both sites; {self.winner} wrote last"
+        if self.kind == "deleted":
+            return f"deleted on one site, changed on {self.winner}: kept"
         return f"{self.group} changed on both sites; {self.winner} wrote last"

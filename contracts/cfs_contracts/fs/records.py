@@ -101,6 +101,9 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "atime": ("atime_ns",),
     "xattrs": ("xattrs",),
     "link": ("target", "rdev"),
+    # No field: stamped when the inode is given a new name (a rename, a hard link), so a
+    # deletion on the other site that never saw the new name does not remove the file.
+    "names": (),
 }
 
 
@@ -163,6 +166,12 @@ class Dentry(BaseModel):
     kind: Kind
     stamp: Stamp | None = Field(
         default=None, description="when and where the name was bound (cross-site merge)"
+    )
+    shadowed: tuple[Dentry, ...] = Field(
+        default=(),
+        description="bindings of this name from the other site that lost a name conflict "
+        "here (kept under another name): the name goes back to one if this one is removed "
+        "by the site that never saw the conflict",
     )
 
     @property

@@ -89,15 +89,23 @@ class RepairRecords(_AdminOp):
     changes: tuple[BaseChange, ...] = ()
 
 
+class RemoteMessage(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq: int = Field(ge=1, description="its sequence in this site's GEO_IN stream")
+    entries: tuple[JournalEntry, ...]
+
+
 class ApplyRemote(_AdminOp):
-    """The geo-replicator: entries of the peer site's journal for this shard, in the
+    """The geo-replicator: messages of the peer site's journal for this shard, in the
     peer's order, their chunk maps already naming this site's copies of the data.
-    Merged into this shard and journaled under `...journal.remote`; an entry applied
-    before is skipped (see `cfs_metadata.remote`)."""
+    Merged into this shard and journaled under `...journal.remote` with the position
+    they reach; messages at or before the shard's position are skipped, and so is an
+    entry applied before (see `cfs_metadata.remote`). No messages: where the shard is."""
 
     op: Literal["apply_remote"] = "apply_remote"
     origin: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the peer site")
-    entries: tuple[JournalEntry, ...]
+    messages: tuple[RemoteMessage, ...] = ()
 
 
 AnyShardAdminOp = Annotated[
@@ -134,6 +142,9 @@ class ShardAdminReply(BaseModel):
     installing: str | None = Field(default=None, description="snapshot id being installed")
     next_chunk: int = Field(default=0, description="restore: the chunk index the writer expects")
     applied: int = Field(default=0, description="apply_remote: entries journaled now")
+    remote_applied: int = Field(
+        default=0, description="apply_remote: the last GEO_IN message applied, after the step"
+    )
     skipped: int = Field(default=0, description="apply_remote: entries applied before")
     conflicts: tuple[FieldConflict, ...] = ()
     hlc: HLC | None = None

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import socket
 import sys
+import time
 from pathlib import Path
 
 from cfs.logs import setup_logging
@@ -93,13 +94,34 @@ class LinkProxy:
             return False
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        return self.process.stop(timeout)
+        try:
+            return self.process.stop(timeout)
+        finally:
+            self.applied_file.unlink(missing_ok=True)  # nobody applies states any more
 
-    def cut(self) -> None:
-        write_state(self.state_file, CUT)
+    @property
+    def applied_file(self) -> Path:
+        """What the running proxy has put in effect (it rewrites it after each change)."""
+        return applied_path(self.state_file)
 
-    def heal(self) -> None:
-        write_state(self.state_file, OPEN)
+    def cut(self, wait_s: float = 5.0) -> None:
+        """Cut, and return once the proxy has (every connection through it reset)."""
+        self._set(CUT, wait_s)
+
+    def heal(self, wait_s: float = 5.0) -> None:
+        self._set(OPEN, wait_s)
+
+    def _set(self, state: str, wait_s: float) -> None:
+        """Write the state; wait for a proxy that is running (here or started by another
+        process: it keeps the applied file) to put it in effect."""
+        write_state(self.state_file, state)
+        if not self.applied_file.exists():
+            return  # never started
+        deadline = time.monotonic() + wait_s
+        while read_state(self.applied_file) != state:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"link proxy {self.name} did not go {state} in {wait_s}s")
+            time.sleep(POLL_S / 2)
 
 
 def read_state(path: Path) -> str:
@@ -107,6 +129,10 @@ def read_state(path: Path) -> str:
         return path.read_text().strip() or OPEN
     except FileNotFoundError:
         return OPEN
+
+
+def applied_path(state_file: Path) -> Path:
+    return state_file.with_name(state_file.stem + ".applied")
 
 
 def write_state(path: Path, state: str) -> None:
@@ -145,6 +171,7 @@ class _Link:
                 side.close()
 
     async def watch(self) -> None:
+        write_state(applied_path(self.state_file), self.state)
         while True:
             state = read_state(self.state_file)
             if state != self.state:
@@ -154,6 +181,7 @@ class _Link:
                     for pair in list(self.pairs):
                         for side in pair:
                             side.transport.abort()  # a reset, no goodbye
+                write_state(applied_path(self.state_file), state)
             await asyncio.sleep(POLL_S)
 
 
