@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cfs_contracts.streams import shard_name
 
 GEO_PEER_KEY = "geo.peer"  # in the `nodes` bucket: the site this one replicates with
+GEO_APPLIED_KEY = "geo.applied"  # in the `nodes` bucket: how far the peer's journal is applied
 
 
 class GeoPeer(BaseModel):
@@ -39,3 +40,27 @@ def peer_journal_subject(peer: str, shard: int) -> str:
 def peer_api(peer: str) -> str:
     """`peer`'s JetStream API as seen from this site, over the link."""
     return f"$JS.{peer}.API"
+
+
+class ShardApplied(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    position: int = Field(ge=0, description="the last GEO_IN message applied")
+    pending: int = Field(ge=0, description="GEO_IN messages of the shard after it")
+    newest_ms: int | None = Field(
+        default=None, description="when the peer wrote the last message applied"
+    )
+
+
+class GeoApplied(BaseModel):
+    """The geo-replicator's published progress (`replication-status` reads it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    peer: str
+    shards: dict[int, ShardApplied]
+    updated_ms: int
+
+    @property
+    def pending(self) -> int:
+        return sum(s.pending for s in self.shards.values())

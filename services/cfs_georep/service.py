@@ -39,6 +39,7 @@ from cfs.client import FileStore, MetadataClient
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.shard_admin import ShardAdminRefused, shard_admin
 from cfs.faults import crash_point
+from cfs.hlc import system_wall_ms
 from cfs.ids import stable_id
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.retry import Backoff, RetryPolicy, any_bus_error, retry
@@ -48,8 +49,16 @@ from cfs_contracts.events.geo import ConflictDetected
 from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage, ShardAdminReply
-from cfs_contracts.geo import GEO_PEER_KEY, INBOUND_STREAM, GeoPeer, peer_journal_subject
-from cfs_contracts.streams import shard_name
+from cfs_contracts.geo import (
+    GEO_APPLIED_KEY,
+    GEO_PEER_KEY,
+    INBOUND_STREAM,
+    GeoApplied,
+    GeoPeer,
+    ShardApplied,
+    peer_journal_subject,
+)
+from cfs_contracts.streams import NODES, shard_name
 from cfs_georep.ship import ChunkUnavailable, Localizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,7 @@ class GeoSettings(ServiceSettings):
     )
     copy_parallel: int = Field(default=4, ge=1, description="chunks copied from the peer at once")
     peer_poll_s: float = Field(default=2.0, gt=0, description="while no peer is linked")
+    status_s: float = Field(default=1.0, gt=0, description="progress record period")
     resubscribe_quiet_s: float = Field(
         default=30.0, gt=0, description="silence after which the peer's messages are read anew"
     )
@@ -90,13 +100,37 @@ async def lead(ctx: Context) -> None:
     await until_jetstream_answers("nodes view", store.start)
     peer_chunks = ChunkStoreClient(bus, site=peer.site, timeout_s=10.0)
     localizer = Localizer(peer_chunks, store, parallel=settings.copy_parallel)
+    followers = [
+        ShardFollower(bus, settings, peer.site, shard, localizer)
+        for shard in range(1, peer.shards + 1)
+    ]
     try:
         async with asyncio.TaskGroup() as tasks:
-            for shard in range(1, peer.shards + 1):
-                follower = ShardFollower(bus, settings, peer.site, shard, localizer)
-                tasks.create_task(follower.run(), name=f"geo shard {shard_name(shard)}")
+            for follower in followers:
+                tasks.create_task(follower.run(), name=f"geo shard {shard_name(follower.shard)}")
+            tasks.create_task(_publish_progress(bus, peer.site, followers, settings.status_s))
     finally:
         await store.close()
+
+
+async def _publish_progress(
+    bus: Bus, peer: str, followers: list[ShardFollower], every_s: float
+) -> None:
+    """`geo.applied` in the nodes bucket: the lag `replication-status` shows."""
+    kv = await until_jetstream_answers(
+        f"{NODES.bucket} bucket", lambda: bus.key_value(NODES.bucket)
+    )
+    while True:
+        record = GeoApplied(
+            peer=peer,
+            shards={f.shard: f.progress() for f in followers},
+            updated_ms=system_wall_ms(),
+        )
+        try:
+            await kv.put(GEO_APPLIED_KEY, record.model_dump_json().encode())
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("geo.progress_unpublished", extra={"error": str(exc) or type(exc).__name__})
+        await asyncio.sleep(every_s)
 
 
 async def _wait_for_peer(bus: Bus, poll_s: float) -> GeoPeer:
@@ -138,6 +172,11 @@ class ShardFollower:
         self.subject = peer_journal_subject(peer, shard)
         self.ids = {"peer": peer, "shard": shard_name(shard)}
         self.position = 0
+        self.pending = 0  # GEO_IN messages of the shard after the last one read
+        self.newest_ms: int | None = None  # when the peer wrote the last message applied
+
+    def progress(self) -> ShardApplied:
+        return ShardApplied(position=self.position, pending=self.pending, newest_ms=self.newest_ms)
 
     async def run(self) -> None:
         reading = Backoff(
@@ -195,7 +234,15 @@ class ShardFollower:
             max_delay_s=5.0,
         )
         self.position = await retry(lambda: self._apply(batch), policy, extra=self.ids)
+        self.pending = msgs[-1].metadata.num_pending
+        self.newest_ms = self._written_ms(msgs[-1])
         crash_point("geo.applied")
+
+    def _written_ms(self, msg: Msg) -> int | None:
+        try:
+            return self.bus.registry.decode(msg.data).envelope.hlc.wall_ms
+        except ContractError:
+            return None
 
     def _messages(self, msgs: list[Msg]) -> list[RemoteMessage]:
         """The peer writers' entries that change something, by GEO_IN sequence."""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from cfs.kernel.spec import Grants, ServiceSpec, Singleton, deferred, imported
-from cfs_contracts.geo import INBOUND_STREAM
+from cfs_contracts.geo import GEO_APPLIED_KEY, INBOUND_STREAM
 from cfs_contracts.streams import CONFLICTS, NODES
 
 SPEC = ServiceSpec(
@@ -26,6 +26,7 @@ SPEC = ServiceSpec(
         ),
         read_streams=(INBOUND_STREAM, CONFLICTS.name),
         read_buckets=(NODES.bucket,),
+        write_keys={NODES.bucket: (GEO_APPLIED_KEY,)},  # progress, for replication-status
     ),
     singleton=Singleton(deferred("cfs_georep.service:lead"), lease_s=5.0, renew_s=1.0),
     start=deferred("cfs_georep.service:start"),

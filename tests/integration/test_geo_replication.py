@@ -281,3 +281,57 @@ async def _rename(site: LocalSite, old: str, new: str) -> None:
     async with await site.client() as bus:
         meta = MetadataClient(bus, deadline_s=10)
         await meta.rename(ROOT_INO, old, ROOT_INO, new)
+
+
+def test_the_guides_scenario_6_through_the_cli(pair: SitePair) -> None:
+    """Rename on A and owner on B of one file both survive; the owner of another set on
+    both is a conflict: shown, resolved by hand for site-a, the rest as merged."""
+    a, b = pair.a, pair.b
+    story = asyncio.run(_write(a, {"file.txt": b"t1", "owned": b"o"}))
+    until(lambda: stat(b, "owned") is not None and stat(b, "file.txt") is not None, 60, "on b")
+
+    pair.partition()
+    try:
+        cut = admin(b, "replication-status")
+        assert cut.returncode == 3 and "unreachable (partition detected)" in cut.stdout
+        asyncio.run(_rename(a, "file.txt", "file-a.txt"))
+        asyncio.run(_chown(b, "file.txt", 1002))
+        asyncio.run(_chown(a, "owned", 1001))  # alice at t3
+        asyncio.run(_chown(b, "owned", 1002))  # bob at t4: the later
+    finally:
+        pair.heal()
+
+    def caught_up(site: LocalSite) -> bool:
+        done = admin(site, "replication-status", "--json")
+        if done.returncode != 0:
+            return False
+        directions = json.loads(done.stdout)["directions"]
+        return all(d["lag_events"] == 0 and d["unapplied"] == 0 for d in directions)
+
+    until(lambda: caught_up(a) and caught_up(b), 90, "replication-status: lag 0 both ways")
+    for site in pair.sites:
+        renamed = stat(site, "file-a.txt")
+        assert renamed is not None and renamed.uid == 1002 and stat(site, "file.txt") is None
+        owned = stat(site, "owned")
+        assert owned is not None and owned.uid == 1002, site.site
+
+    ino = story["owned"]
+    shown = admin(a, "show-conflicts")
+    assert f"Inode {ino}: CONFLICT - attr.owner differs; site-b won" in shown.stdout, shown
+    assert f"Inode {story['file.txt']}" not in shown.stdout, "rename and owner both survive"
+    verbose = admin(a, "show-conflicts", "--verbose").stdout
+    assert "uid=1001" in verbose and "uid=1002" in verbose
+
+    usage = admin(a, "resolve-conflicts", "--strategy", "manual", "--inode", str(ino))
+    assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1
+    manual = admin(
+        a, "resolve-conflicts", "--strategy", "manual", "--inode", str(ino), "--winner", "site-a"
+    )
+    assert manual.returncode == 0 and "written again" in manual.stdout, manual.stderr
+    for site in pair.sites:
+        until(lambda s=site: getattr(stat(s, "owned"), "uid", None) == 1001, 60, "alice wins")
+        assert f"Inode {ino}:" not in admin(site, "show-conflicts").stdout  # on both sites
+
+    assert admin(a, "resolve-conflicts", "--strategy", "last-write-wins").returncode == 0
+    for site in pair.sites:
+        assert admin(site, "show-conflicts").stdout.strip() == "No conflicts."

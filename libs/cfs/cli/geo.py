@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import nats.errors
 import nats.js.errors
 import typer
+from nats.js.client import JetStreamContext
 
 from cfs.admin.client import actor, record_action
 from cfs.admin.snapshot import read_record
@@ -32,7 +33,7 @@ from cfs.geo import (
     read_inbound,
 )
 from cfs.hlc import system_wall_ms
-from cfs_contracts.geo import GEO_PEER_KEY, GeoPeer
+from cfs_contracts.geo import GEO_APPLIED_KEY, GEO_PEER_KEY, GeoApplied, GeoPeer
 from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import NODES, meta_stream, shard_name
 
@@ -123,8 +124,16 @@ def replication_link(
 
 
 def _direction(
-    source: str, target: str, inbound: Inbound | None, why: str, reachable: bool, now: int
+    source: str,
+    target: str,
+    inbound: Inbound | None,
+    applied: GeoApplied | None,
+    why: str,
+    reachable: bool,
+    now: int,
 ) -> dict[str, Any]:
+    """One direction: copied over the link (JetStream's source lag), then applied by
+    the target's geo-replicator (its published progress)."""
     if inbound is None:
         return {"from": source, "to": target, "connected": False, "state": why}
     connected = reachable and not inbound.errors
@@ -134,14 +143,22 @@ def _direction(
         state = "unreachable (partition detected)"
     else:
         state = "failing: " + "; ".join(inbound.errors)
+    unapplied = applied.pending if applied is not None else None
+    lag_s = inbound.lag_s(now, reachable)
+    if unapplied:  # copied, not applied yet: as old as the last message applied
+        newest = [s.newest_ms for s in applied.shards.values() if s.newest_ms] if applied else []
+        behind = max(0.0, (now - min(newest)) / 1000) if newest else None
+        lag_s = behind if lag_s is None or behind is None else max(lag_s, behind)
     return {
         "from": source,
         "to": target,
         "connected": connected,
         "state": state,
-        "lag_events": inbound.lag_events,
-        "lag_s": inbound.lag_s(now, reachable),
+        "lag_events": inbound.lag_events + (unapplied or 0),
+        "lag_s": lag_s,
         "copied": inbound.copied,
+        "unapplied": unapplied,  # None: no geo-replicator has reported
+        "applied_updated_ms": applied.updated_ms if applied is not None else None,
         "shards": [{"shard": s.shard, "lag": s.lag, "error": s.error} for s in inbound.shards],
     }
 
@@ -157,6 +174,8 @@ async def _status(bus: Bus) -> dict[str, Any]:
     reachable = await peer_reachable(bus.nc, peer.site, PEER_TIMEOUT_S)
     inbound: Inbound | None = None
     outbound: Inbound | None = None
+    applied_here = await read_record(bus, GEO_APPLIED_KEY, GeoApplied)
+    applied_there: GeoApplied | None = None
     why_in = why_out = "unreachable (partition detected)"
     try:
         inbound = await read_inbound(bus.js, peer.site)
@@ -166,6 +185,7 @@ async def _status(bus: Bus) -> dict[str, Any]:
         try:
             remote = bus.nc.jetstream(domain=peer.site, timeout=PEER_TIMEOUT_S)
             outbound = await read_inbound(remote, ours.site)
+            applied_there = await _peer_applied(remote)
         except UNREACHABLE:
             pass  # unreachable since the probe
         except GeoError as exc:
@@ -175,10 +195,20 @@ async def _status(bus: Bus) -> dict[str, Any]:
         "peer": peer.site,
         "reachable": reachable,
         "directions": [
-            _direction(peer.site, ours.site, inbound, why_in, reachable, now),
-            _direction(ours.site, peer.site, outbound, why_out, reachable, now),
+            _direction(peer.site, ours.site, inbound, applied_here, why_in, reachable, now),
+            _direction(ours.site, peer.site, outbound, applied_there, why_out, reachable, now),
         ],
     }
+
+
+async def _peer_applied(remote: JetStreamContext) -> GeoApplied | None:
+    """The peer's geo-replicator progress, from its nodes bucket over the link."""
+    try:
+        kv = await remote.key_value(NODES.bucket)
+        entry = await kv.get(GEO_APPLIED_KEY)
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    return GeoApplied.model_validate_json(entry.value) if entry.value else None
 
 
 def _bar(direction: dict[str, Any]) -> str:
