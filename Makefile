@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python bench/datapath.py --json bench/results/datapath.json
 	$(BIN)/python bench/backup.py --json bench/results/backup.json
 	$(BIN)/python bench/tier.py --json bench/results/tier.json
+	$(BIN)/python bench/geo.py --json bench/results/geo.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

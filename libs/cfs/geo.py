@@ -148,3 +148,19 @@ def _written_ms(body: bytes) -> int | None:
         return Envelope.model_validate_json(body).hlc.wall_ms
     except ValueError:
         return None
+
+
+async def last_copied(js: JetStreamContext, peer: str, shards: int) -> dict[int, int]:
+    """Per shard, the `GEO_IN` sequence of the last message of the peer's journal copied
+    here (0: none): what a geo-replicator at that position has applied entirely."""
+    last: dict[int, int] = {}
+    for shard in range(1, shards + 1):
+        try:
+            msg = await js.get_last_msg(
+                INBOUND_STREAM, peer_journal_subject(peer, shard), direct=True
+            )
+        except nats.js.errors.NotFoundError:
+            last[shard] = 0
+            continue
+        last[shard] = int(msg.seq or 0)
+    return last

@@ -33,7 +33,7 @@ from cfs_contracts.fs.check import (
     ScanReplicas,
     meta_check_subject,
 )
-from cfs_metadata.digest import bucket_records, scan_pairs
+from cfs_metadata.digest import bucket_records, scan_pairs, site_neutral
 from cfs_metadata.projection import Projection
 from cfs_metadata.replica import ShardReplica
 
@@ -93,7 +93,10 @@ class ReplicaChecks:
                 replica = self.replicas[index]
                 with self._checkpoint(replica) as path:
                     role, caught_up = replica.role.value, replica.caught_up
-                    results.append(await asyncio.to_thread(_scan_checkpoint, path, index))
+                    scanned = await asyncio.to_thread(
+                        _scan_checkpoint, path, index, op.site_neutral
+                    )
+                    results.append(scanned)
                 results[-1] = results[-1].model_copy(update={"role": role, "caught_up": caught_up})
         log.info(
             "check.scanned",
@@ -137,10 +140,11 @@ class ReplicaChecks:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _scan_checkpoint(path: Path, shard: int) -> ReplicaShard:
+def _scan_checkpoint(path: Path, shard: int, neutral: bool = False) -> ReplicaShard:
     projection = Projection(path, shard)
     try:
-        scanned = scan_pairs(projection.image_pairs())
+        pairs = projection.image_pairs()
+        scanned = scan_pairs(site_neutral(pairs), verify=False) if neutral else scan_pairs(pairs)
         return ReplicaShard(
             shard=shard,
             applied_seq=projection.applied_seq,
@@ -159,7 +163,8 @@ def _list_checkpoint(path: Path, op: ListRecords) -> tuple[int, list[RecordDiges
     projection = Projection(path, op.shard)
     try:
         records: list[RecordDigest] = []
-        for record in bucket_records(projection.image_pairs(), op.buckets):
+        pairs = projection.image_pairs()
+        for record in bucket_records(site_neutral(pairs) if op.site_neutral else pairs, op.buckets):
             records.append(record)
             if len(records) > MAX_LISTED:
                 break

@@ -11,6 +11,7 @@ CRC-32 on the way (the checksum every read verifies).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from cfs_contracts.fs.check import DIGEST_BUCKETS, RecordDigest, StoredCorruption
 from cfs_metadata.projection import key_record
+from cfs_metadata.records import unseal_dentry, unseal_inode
 
 _SEALED = ("inode", "dentry")
 _INODE, _DENTRY = b"i", b"d"  # first byte of sealed records' keys (`projection.py`)
@@ -108,3 +110,21 @@ def bucket_records(
     for key, value in pairs:
         if bucket_of(key) in wanted:
             yield RecordDigest(key=key.hex(), digest=value_digest(value))
+
+
+def site_neutral(pairs: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+    """Inode and entry records as two replicated sites must both hold them: without the
+    nodes holding each chunk (each site its own), the erasure scheme (each site its
+    own node count), merge stamps, access times and the conflict history of names.
+    Counters, transactions, tombstones and positions are each site's own: left out."""
+    for key, value in pairs:
+        kind, number, name = key_record(key)
+        if kind == "inode":
+            inode = unseal_inode(value, number)
+            chunks = [(c.index, c.chunk_id, c.length, c.coded_length) for c in inode.chunks]
+            plain = inode.model_dump(mode="json", exclude={"chunks", "stamps", "atime_ns"})
+            yield key, json.dumps({**plain, "chunks": chunks}, sort_keys=True).encode()
+        elif kind == "dentry":
+            dentry = unseal_dentry(value, number, name)
+            plain = dentry.model_dump(mode="json", exclude={"stamp", "shadowed"})
+            yield key, json.dumps(plain, sort_keys=True).encode()

@@ -144,10 +144,13 @@ class CheckReport:
         }
 
 
-async def ask_node(bus: Bus, node: str, op: AnyCheckOp, timeout: float) -> CheckReply:
-    """One request to a node's replica checks; BusError if it does not answer."""
+async def ask_node(
+    bus: Bus, node: str, op: AnyCheckOp, timeout: float, site: str | None = None
+) -> CheckReply:
+    """One request to a node's replica checks (`site`: the peer's, over the link);
+    BusError if it does not answer."""
     data = CheckRequest(body=op).model_dump_json().encode()
-    msg = await bus.request(meta_check_subject(bus.site, node), data, timeout=timeout)
+    msg = await bus.request(meta_check_subject(site or bus.site, node), data, timeout=timeout)
     if not msg.data:
         error = (msg.headers or {}).get("Cfs-Error-Message", "failed")
         return CheckReply(node=node, errno=errno.EIO, message=error)

@@ -335,3 +335,26 @@ def test_the_guides_scenario_6_through_the_cli(pair: SitePair) -> None:
     assert admin(a, "resolve-conflicts", "--strategy", "last-write-wins").returncode == 0
     for site in pair.sites:
         assert admin(site, "show-conflicts").stdout.strip() == "No conflicts."
+
+    check = admin(a, "metadata-consistency-check", "--cross-site", "--json")
+    report = json.loads(check.stdout)
+    assert check.returncode == 0 and report["differences"] == [], check.stdout + check.stderr
+    assert [s["equal"] for s in report["shards"]] == [True]
+    assert report["shards"][0]["records_here"] == report["shards"][0]["records_there"] > 20
+
+
+def test_the_cross_site_check_names_what_one_site_lacks(pair: SitePair) -> None:
+    replicator = pair.b.service("storage-1", "geo-replicator")
+    replicator.stop()
+    try:
+        made = asyncio.run(_write(pair.a, {"only-on-a": b"x"}))["only-on-a"]
+        check = admin(pair.a, "metadata-consistency-check", "--cross-site")
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert f"Inode {made}: only on {pair.a.site}" in check.stdout
+        assert f"Dentry 1/only-on-a: only on {pair.a.site}" in check.stdout
+        assert "Shard 001: DIFFERENT" in check.stdout and "not caught up" in check.stdout
+    finally:
+        replicator.start()
+    until(lambda: stat(pair.b, "only-on-a") is not None, 60, "replicated once it runs again")
+    again = admin(pair.a, "metadata-consistency-check", "--cross-site")
+    assert again.returncode == 0 and "Shard 001: equal" in again.stdout, again.stdout

@@ -32,6 +32,11 @@ class ScanReplicas(_CheckOp):
 
     op: Literal["scan"] = "scan"
     shards: tuple[int, ...] = Field(default=(), description="shard indexes; () = every shard")
+    site_neutral: bool = Field(
+        default=False,
+        description="digest inodes and entries only, without what differs by site (chunk "
+        "holders, stamps, access times): two replicated sites' shards then compare",
+    )
 
 
 class ListRecords(_CheckOp):
@@ -40,6 +45,7 @@ class ListRecords(_CheckOp):
     op: Literal["records"] = "records"
     shard: int = Field(ge=1, le=999)
     buckets: tuple[int, ...] = Field(min_length=1)
+    site_neutral: bool = False
 
 
 class RebuildReplica(_CheckOp):

@@ -43,6 +43,7 @@ from cfs.fuse.config import ClientSettings
 from cfs_contracts.events.ops import AdminActionRecorded
 
 if TYPE_CHECKING:
+    from cfs_metadata.cross_site import CrossSiteReport
     from cfs_metadata.fsck import CheckReport
     from cfs_metadata.fsck_repair import Outcome
     from cfs_metadata.repair_plan import Plan
@@ -121,11 +122,22 @@ def metadata_consistency_check(
     ctx: typer.Context,
     verbose: VerboseOpt = False,
     fragments: FragmentsOpt = True,
+    cross_site: Annotated[
+        bool,
+        typer.Option(
+            "--cross-site", help="compare this site's namespace with the replicated peer's"
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Check every metadata replica against its journal, the namespace across shards
-    and every fragment: one line per problem; exit 0 clean, 1 problems, 2 incomplete."""
+    and every fragment: one line per problem; exit 0 clean, 1 problems, 2 incomplete.
+    With --cross-site: each shard of this site against the peer site's, record by
+    record where they differ."""
     settings = _settings(ctx, None, None, None)
+    if cross_site:
+        _cross_site(settings, as_json)
+        return
 
     async def work(bus: Bus) -> CheckReport:
         with _progress(sys.stderr.isatty() and not as_json) as bar:
@@ -270,3 +282,26 @@ async def _audit(bus: Bus, arguments: dict[str, str], outcome: str) -> None:
         actor=actor(), command="metadata-repair", arguments=arguments, outcome=outcome
     )
     await bus.publish(bus.event(record), timeout=REQUEST_TIMEOUT_S)
+
+
+def _cross_site(settings: ClientSettings, as_json: bool) -> None:
+    from cfs.cli.geo import read_peer, replication_caught_up
+    from cfs_metadata.cross_site import cross_site_check
+
+    async def work(bus: Bus) -> CrossSiteReport:
+        peer = await read_peer(bus)
+        if peer is None:
+            raise CliError("this site replicates with no other (cfs admin replication-link)")
+        behind = await replication_caught_up(bus)
+        report = await cross_site_check(bus, peer.site, peer.shards)
+        if behind:
+            report.notes.append(f"replication was not caught up ({behind}): run it again")
+        return report
+
+    report = _run(settings, work)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    raise typer.Exit(report.exit_code)

@@ -29,6 +29,7 @@ from cfs.geo import (
     GeoError,
     Inbound,
     ensure_inbound,
+    last_copied,
     peer_reachable,
     read_inbound,
 )
@@ -123,11 +124,28 @@ def replication_link(
         )
 
 
+def _unapplied(applied: GeoApplied | None, copied: dict[int, int]) -> int | None:
+    """Messages copied but not applied: the replicator's own count, and at least one
+    for each shard whose last copied message is past its published position (a
+    replicator that stopped publishing does not look caught up). None: no replicator
+    ever reported."""
+    if applied is None:
+        return None
+    behind = 0
+    for shard, last in copied.items():
+        progress = applied.shards.get(shard)
+        position = progress.position if progress is not None else 0
+        if last > position:
+            behind += max(1, progress.pending if progress is not None else 1)
+    return max(applied.pending, behind)
+
+
 def _direction(
     source: str,
     target: str,
     inbound: Inbound | None,
     applied: GeoApplied | None,
+    copied: dict[int, int],
     why: str,
     reachable: bool,
     now: int,
@@ -143,7 +161,7 @@ def _direction(
         state = "unreachable (partition detected)"
     else:
         state = "failing: " + "; ".join(inbound.errors)
-    unapplied = applied.pending if applied is not None else None
+    unapplied = _unapplied(applied, copied)
     lag_s = inbound.lag_s(now, reachable)
     if unapplied:  # copied, not applied yet: as old as the last message applied
         newest = [s.newest_ms for s in applied.shards.values() if s.newest_ms] if applied else []
@@ -176,9 +194,12 @@ async def _status(bus: Bus) -> dict[str, Any]:
     outbound: Inbound | None = None
     applied_here = await read_record(bus, GEO_APPLIED_KEY, GeoApplied)
     applied_there: GeoApplied | None = None
+    copied_here: dict[int, int] = {}
+    copied_there: dict[int, int] = {}
     why_in = why_out = "unreachable (partition detected)"
     try:
         inbound = await read_inbound(bus.js, peer.site)
+        copied_here = await last_copied(bus.js, peer.site, peer.shards)
     except GeoError as exc:
         why_in = str(exc)
     if reachable:
@@ -186,6 +207,7 @@ async def _status(bus: Bus) -> dict[str, Any]:
             remote = bus.nc.jetstream(domain=peer.site, timeout=PEER_TIMEOUT_S)
             outbound = await read_inbound(remote, ours.site)
             applied_there = await _peer_applied(remote)
+            copied_there = await last_copied(remote, ours.site, peer.shards)
         except UNREACHABLE:
             pass  # unreachable since the probe
         except GeoError as exc:
@@ -195,8 +217,12 @@ async def _status(bus: Bus) -> dict[str, Any]:
         "peer": peer.site,
         "reachable": reachable,
         "directions": [
-            _direction(peer.site, ours.site, inbound, applied_here, why_in, reachable, now),
-            _direction(ours.site, peer.site, outbound, applied_there, why_out, reachable, now),
+            _direction(
+                peer.site, ours.site, inbound, applied_here, copied_here, why_in, reachable, now
+            ),
+            _direction(
+                ours.site, peer.site, outbound, applied_there, copied_there, why_out, reachable, now
+            ),
         ],
     }
 
@@ -209,6 +235,17 @@ async def _peer_applied(remote: JetStreamContext) -> GeoApplied | None:
     except nats.js.errors.KeyNotFoundError:
         return None
     return GeoApplied.model_validate_json(entry.value) if entry.value else None
+
+
+async def replication_caught_up(bus: Bus) -> str:
+    """ "" when both directions are connected with nothing to copy or apply; else why not."""
+    status = await _status(bus)
+    behind = [
+        f"{d['from']} -> {d['to']}: {d['state']}, {d.get('lag_events', '?')} event(s) behind"
+        for d in status["directions"]
+        if not d["connected"] or d["lag_events"] or d.get("unapplied")
+    ]
+    return "; ".join(behind)
 
 
 def _bar(direction: dict[str, Any]) -> str:
