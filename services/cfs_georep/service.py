@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Sequence
 
@@ -261,26 +262,37 @@ class ShardFollower:
     async def _apply(self, messages: Sequence[RemoteMessage]) -> int:
         """Copy the data the messages' chunk maps need, have the shard apply them (in
         parts of about `apply_bytes`), report the conflicts; the shard's position."""
+        if not messages:
+            reply = await shard_admin(self.bus, self.shard, ApplyRemote(origin=self.peer))
+            return reply.remote_applied
         position = self.position
         for part in _parts(list(messages), self.settings.apply_bytes):
             local = [
                 m.model_copy(update={"entries": tuple(await self.localizer.localize(m.entries))})
                 for m in part
             ]
-            reply = await shard_admin(
-                self.bus, self.shard, ApplyRemote(origin=self.peer, messages=tuple(local))
-            )
-            await self._report(reply)
-            position = reply.remote_applied
-            if reply.applied:
-                log.info(
-                    "geo.applied",
-                    extra={**self.ids, "applied": reply.applied, "position": position},
-                )
-        if not messages:
-            reply = await shard_admin(self.bus, self.shard, ApplyRemote(origin=self.peer))
-            position = reply.remote_applied
+            position = await self._send(local)
         return position
+
+    async def _send(self, messages: list[RemoteMessage]) -> int:
+        """One apply_remote; halved while the shard finds the merge too big to journal."""
+        try:
+            reply = await shard_admin(
+                self.bus, self.shard, ApplyRemote(origin=self.peer, messages=tuple(messages))
+            )
+        except ShardAdminRefused as exc:
+            if exc.reply.errno != errno.E2BIG or len(messages) == 1:
+                raise
+            half = len(messages) // 2
+            await self._send(messages[:half])
+            return await self._send(messages[half:])
+        await self._report(reply)
+        if reply.applied:
+            log.info(
+                "geo.applied",
+                extra={**self.ids, "applied": reply.applied, "position": reply.remote_applied},
+            )
+        return reply.remote_applied
 
     async def _report(self, reply: ShardAdminReply) -> None:
         """One ConflictDetected per conflict, its id fixed by the entry that found it."""

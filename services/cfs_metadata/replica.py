@@ -560,7 +560,7 @@ class ShardReplica:
                 apply_entries(overlay, [entry])
                 locked |= change_lock_grants(entry.changes)
                 entries.append(entry)
-                size += _APPROX_CHANGE_BYTES * len(entry.changes)
+                size += _approx_bytes(entry)
         # Error replies may depend on earlier items of this batch: answer all after the commit.
         committed = await self._commit(entries) if entries else True
         if committed:
@@ -690,9 +690,22 @@ class ShardReplica:
             await self.bus.nc.publish(msg.reply, stamped.model_dump_json().encode())
 
 
-# A sealed inode is ~400 bytes of JSON; estimating avoids serializing every entry twice.
-# The journal's 1 MiB message limit is enforced exactly when the batch is encoded.
+# A sealed inode is ~400 bytes of JSON, each chunk of its map ~250 more; estimating
+# avoids serializing every entry twice. The journal's 1 MiB message limit is enforced
+# exactly when the batch is encoded.
 _APPROX_CHANGE_BYTES = 600
+_APPROX_CHUNK_REF_BYTES = 250
+
+
+def _approx_bytes(entry: JournalEntry) -> int:
+    """An entry's size in the journal, about: inodes (a deletion's tombstone too) weigh
+    with their chunk maps, or a batch of big files' commits could pass the limit."""
+    refs = 0
+    for change in entry.changes:
+        inode = getattr(change, "inode", None)
+        if inode is not None:
+            refs += len(inode.chunks)
+    return _APPROX_CHANGE_BYTES * len(entry.changes) + _APPROX_CHUNK_REF_BYTES * refs
 
 
 def _participant_crash_points(answered: list[tuple[WorkItem, Reply]]) -> None:

@@ -39,6 +39,7 @@ from cfs_contracts.fs.shard_admin import (
     ShardAdminReply,
     ShardPosition,
 )
+from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
 from cfs_metadata.remote import decide_remote, remote_op_id
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import change_locks, key_shard, read_records
@@ -285,9 +286,16 @@ def decide_apply_remote(
         reply=Reply(),
     )
     entries = (*applied.entries, moved)
-    return AdminDecision(
-        MetaCommitted(shard=state.shard, term=state.term, entries=entries), reply, remote=True
-    )
+    event = MetaCommitted(shard=state.shard, term=state.term, entries=entries)
+    size = len(event.model_dump_json())
+    if size > JOURNAL_MAX_MSG_BYTES * 9 // 10:  # never an append the journal refuses
+        return _refuse(
+            here,
+            errno.E2BIG,
+            f"{len(op.messages)} messages of {op.origin} merge into {size} bytes, past the "
+            "journal's message limit: send fewer at once",
+        )
+    return AdminDecision(event, reply, remote=True)
 
 
 def _recorded_conflicts(
