@@ -5,13 +5,14 @@ and no file is lost to a concurrent deletion, rename or second binding of a name
 
 from __future__ import annotations
 
+import errno
 import itertools
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cfs_contracts.events.metadata import JournalEntry
+from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
 from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.records import ROOT_INO, Dentry, Inode, Kind, site_floor
 from cfs_contracts.fs.rpc import (
@@ -25,9 +26,11 @@ from cfs_contracts.fs.rpc import (
     SetAttr,
     Unlink,
 )
+from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage
 from cfs_metadata.decide import bootstrap_entry, decide, floor_entry
 from cfs_metadata.merge import stamp_entry
 from cfs_metadata.remote import decide_remote, kept_name
+from cfs_metadata.shard_admin import ShardState, decide_apply_remote
 from cfs_metadata.state import MemoryShard, apply_entries
 
 A, B = "site-a", "site-b"
@@ -241,3 +244,38 @@ def test_any_interleaving_converges_after_a_full_exchange(
     converged(a, b, same_reports=False)
     for site in (a, b):  # no name leads nowhere
         assert all(d.ino in site.state.inodes for d in site.state.scan_dentries())
+
+
+def _shard_state(site: Site) -> ShardState:
+    return ShardState(
+        shard="001", term=1, applied_seq=0, inodes=len(site.state.inodes), lineage=None,
+        installing=None, next_chunk=0,
+    )  # fmt: skip
+
+
+def test_the_shard_applies_each_peer_message_once_from_its_position() -> None:
+    a, b = pair()
+    ino = create(a, "f")
+    exchange(a, b)
+    a.do(SetAttr(op_id=op_id(), ino=ino, owner=1))
+    b.do(SetAttr(op_id=op_id(), ino=ino, owner=2))
+    messages = tuple(RemoteMessage(seq=10 + i, entries=(e,)) for i, e in enumerate(a.journal))
+    first = decide_apply_remote(
+        _shard_state(b), b.state, set(), ApplyRemote(origin=A, messages=messages), B
+    )
+    assert (
+        isinstance(first.event, MetaCommitted)
+        and first.reply.remote_applied == 10 + len(messages) - 1
+    )
+    apply_entries(b.state, first.event.entries)
+    assert b.state.remote_applied(A) == first.reply.remote_applied
+    owner = [c for c in first.reply.conflicts if c.group == "owner"]
+    again = decide_apply_remote(
+        _shard_state(b), b.state, set(), ApplyRemote(origin=A, messages=messages), B
+    )
+    assert again.event is None and again.reply.applied == 0  # all at or before the position
+    assert [c.conflict_id for c in again.reply.conflicts] == [c.conflict_id for c in owner]
+    back = decide_apply_remote(
+        _shard_state(b), b.state, set(), ApplyRemote(origin=B, messages=messages), B
+    )
+    assert back.reply.errno == errno.EINVAL  # a site's own entries never come back to it
