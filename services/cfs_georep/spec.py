@@ -22,6 +22,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.chunk.*.put",  # the peer's chunks, stored here
             "cfs.*.rpc.chunk.*.get",  # the peer's fragments, over the site link
             "{s}.tier.chunk",  # a stored chunk queued for S3, as a client's would be
+            "{s}.rpc.tier.flush",  # write-through while flash is filling, as a client's
             "{s}.conflicts.detected",  # ConflictDetected
         ),
         read_streams=(INBOUND_STREAM, CONFLICTS.name),
