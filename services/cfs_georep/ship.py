@@ -48,8 +48,6 @@ class Localizer:
         # chunk id -> this site's copy; a hint only (a file's own map is asked first)
         self._copies: collections.OrderedDict[str, ChunkRef] = collections.OrderedDict()
         self._remembered = remembered
-        self.copied_chunks = 0
-        self.copied_bytes = 0
 
     async def localize(self, entries: Sequence[JournalEntry]) -> list[JournalEntry]:
         """`entries` with every chunk map naming this site's copies."""
@@ -101,10 +99,10 @@ class Localizer:
                 ) from None
             data = await asyncio.to_thread(decode_checked, scheme, got, ref)
             stored = await self.store.store_chunk(ino, ref.index, data)
-        self.copied_chunks += 1
-        self.copied_bytes += len(data)
         self._remember(stored)
-        log.debug("geo.chunk_copied", extra={"ino": ino, "chunk": ref.chunk_id[:12]})
+        log.debug(
+            "geo.chunk_copied", extra={"ino": ino, "chunk": ref.chunk_id[:12], "bytes": len(data)}
+        )
         return stored
 
     def _remember(self, ref: ChunkRef) -> None:
