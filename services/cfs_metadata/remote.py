@@ -1,10 +1,10 @@
 """A peer site's journal entries, applied to this site's shard (DESIGN.md §8). Pure.
 
 Each remote entry becomes one local entry, op id `geo.<peer>.<its op id>`, journaled
-under `...journal.remote` (so it is never shipped back). The op id makes the apply
-idempotent: an entry applied before is skipped, and the conflicts its first apply
-found are answered again (from the reply the journal kept), so a replicator killed
-between the apply and its acknowledgement neither applies twice nor loses a report.
+under `...journal.remote` (so it is never shipped back), together with the shard's
+new position in the peer's journal (`SetRemoteApplied`, see `shard_admin`). The op id
+keeps an entry from being applied twice even if it is sent again, and its reply keeps
+the conflicts the first apply found, to be answered again.
 
 Per change:
 
@@ -15,24 +15,28 @@ Per change:
                   version, with its names, if the peer changed it in a way the
                   deletion never saw and that wins; else it stays deleted
     DelInode      the inode goes, and its tombstone stays; unless it was changed here
-                  in a way the peer never saw (written, chmod-ed, a directory added
-                  to): then the deletion loses and the file keeps its names
+                  in a way the peer never saw (written, chmod-ed, renamed, a
+                  directory added to): then the deletion loses and the file keeps
+                  its names
     PutDentry     a free name, or one leading to the same file: bound (the later
-                  stamp kept). A name leading to another file here: a name conflict.
-                  The later binding keeps the name (site, then inode number, breaks a
-                  tie); the other file stays in the same directory as
-                  `<name>.conflict-<its site>-<ino>`, on both sites alike
+                  stamp kept); a binding made over the one here (a rename over a
+                  file): it replaces it. A name leading to another file here: a name
+                  conflict. The later binding keeps the name (site, then inode
+                  number, breaks a tie); the other file stays in the same directory
+                  as `<name>.conflict-<its site>-<ino>`, on both sites alike, and
+                  gets the name back if the peer removes the winner without having
+                  seen the conflict
+    DelDentry     the binding the peer removed, wherever a name conflict put it here
+                  (unless its file is one staying, above)
+    counters and cross-shard transaction records: the peer's own, not applied
 
 Every conflict is reported (`FieldConflict`, kinds field / name / deleted) on each
-site where both versions met. Known limit: one file renamed on both sites during a
+site where both versions met. Known limits: one file renamed on both sites during a
 partition may keep both names (a reverse index of names would be needed to drop the
-older one). Where a file's name and its inode live in different shards (a hard
-link or rename across shards, a directory's own name) the two shards decide apart:
-a deletion that loses in the inode's shard may still remove the name in the other,
+older one); where a file's name and its inode live in different shards (a hard link
+or rename across shards, a directory's own name) the two shards decide apart, and a
+deletion that loses in the inode's shard may still remove the name in the other,
 leaving an orphan that `metadata-check --auto-fix` adopts into lost+found.
-    DelDentry     removed if it still leads to the file the peer unlinked (and that
-                  file is not one staying, above)
-    counters and cross-shard transaction records: the peer's own, not applied
 """
 
 from __future__ import annotations
