@@ -78,22 +78,9 @@ class GeoSettings(ServiceSettings):
     )
 
 
-class Replicator:
-    """What outlives a lease: the settings."""
-
-    def __init__(self, bus: Bus, settings: GeoSettings) -> None:
-        self.bus = bus
-        self.settings = settings
-
-
-async def start(ctx: Context) -> Replicator:
-    return Replicator(ctx.bus, ctx.settings)
-
-
 async def lead(ctx: Context) -> None:
     """The active instance: follow every shard's messages from the peer."""
-    replicator: Replicator = ctx.service
-    bus, settings = ctx.bus, replicator.settings
+    bus, settings = ctx.bus, ctx.settings
     peer = await _wait_for_peer(bus, settings.peer_poll_s)
     log.info("geo.leading", extra={"peer": peer.site, "shards": peer.shards})
     meta = MetadataClient(bus, deadline_s=30)
@@ -226,7 +213,7 @@ class ShardFollower:
 
     async def _apply_batch(self, msgs: list[Msg]) -> None:
         """Apply the batch, retrying as long as it takes (never skipped, never reordered)."""
-        batch = self._messages(msgs)
+        batch, newest_ms = self._messages(msgs)
         policy = RetryPolicy(
             f"apply {len(batch)} messages of {self.peer} to shard {shard_name(self.shard)}",
             temporary=_retried,
@@ -236,28 +223,25 @@ class ShardFollower:
         )
         self.position = await retry(lambda: self._apply(batch), policy, extra=self.ids)
         self.pending = msgs[-1].metadata.num_pending
-        self.newest_ms = self._written_ms(msgs[-1])
+        self.newest_ms = newest_ms
         crash_point("geo.applied")
 
-    def _written_ms(self, msg: Msg) -> int | None:
-        try:
-            return self.bus.registry.decode(msg.data).envelope.hlc.wall_ms
-        except ContractError:
-            return None
-
-    def _messages(self, msgs: list[Msg]) -> list[RemoteMessage]:
-        """The peer writers' entries that change something, by GEO_IN sequence."""
+    def _messages(self, msgs: list[Msg]) -> tuple[list[RemoteMessage], int]:
+        """The peer writers' entries that change something, by GEO_IN sequence, and
+        when the peer wrote the last message."""
         out: list[RemoteMessage] = []
+        written_ms = 0
         for msg in msgs:
             try:
-                payload = self.bus.registry.decode(msg.data).payload
+                event = self.bus.registry.decode(msg.data)
             except ContractError as exc:  # a newer peer's event: never silently lost
                 raise RuntimeError(f"cannot read the peer's message: {exc}") from exc
             entries: tuple[JournalEntry, ...] = ()
-            if isinstance(payload, MetaCommitted):
-                entries = tuple(entry for entry in payload.entries if entry.changes)
+            if isinstance(event.payload, MetaCommitted):
+                entries = tuple(entry for entry in event.payload.entries if entry.changes)
             out.append(RemoteMessage(seq=msg.metadata.sequence.stream, entries=entries))
-        return out
+            written_ms = event.envelope.hlc.wall_ms
+        return out, written_ms
 
     async def _apply(self, messages: Sequence[RemoteMessage]) -> int:
         """Copy the data the messages' chunk maps need, have the shard apply them (in
@@ -299,13 +283,7 @@ class ShardFollower:
         for conflict in reply.conflicts:
             conflict_id = conflict.conflict_id
             payload = ConflictDetected(conflict_id=conflict_id, shard=self.shard, conflict=conflict)
-            envelope = self.bus.registry.envelope(
-                payload,
-                event_id=stable_id(f"conflict/{conflict_id}"),
-                site=self.bus.site,
-                node=self.bus.node,
-                hlc=self.bus.clock.now(),
-            )
+            envelope = self.bus.event(payload, event_id=stable_id(f"conflict/{conflict_id}"))
             try:
                 await self.bus.publish(envelope, timeout=10.0)
             except BusError as exc:

@@ -30,6 +30,5 @@ SPEC = ServiceSpec(
         write_keys={NODES.bucket: (GEO_APPLIED_KEY,)},  # progress, for replication-status
     ),
     singleton=Singleton(deferred("cfs_georep.service:lead"), lease_s=5.0, renew_s=1.0),
-    start=deferred("cfs_georep.service:start"),
     needs_peer=True,
 )

@@ -23,7 +23,7 @@ from cfs_contracts.fs.check import ListRecords, ReplicaShard, ScanReplicas
 from cfs_contracts.members import health_key
 from cfs_contracts.streams import NODES
 from cfs_metadata.digest import record_name
-from cfs_metadata.fsck import ask_node
+from cfs_metadata.fsck import CheckFailed, ask_node, metadata_nodes
 
 SCAN_TIMEOUT_S = 120.0
 SETTLE_S = 2.0  # between two scans of a shard whose digests differ
@@ -69,11 +69,10 @@ class CrossSiteReport:
         }
 
 
-async def site_metadata_nodes(bus: Bus, site: str) -> list[str]:
-    """The nodes whose metadata-raft reports health on `site` (ours or, over the link,
-    the peer's)."""
-    js = bus.js if site == bus.site else bus.nc.jetstream(domain=site, timeout=5.0)
-    kv = await js.key_value(NODES.bucket)
+async def peer_metadata_nodes(bus: Bus, site: str) -> list[str]:
+    """The nodes whose metadata-raft reports health on the peer site, from its nodes
+    bucket over the link (this site's come from `fsck.metadata_nodes`)."""
+    kv = await bus.nc.jetstream(domain=site, timeout=5.0).key_value(NODES.bucket)
     try:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
@@ -117,8 +116,12 @@ async def _records(
 async def cross_site_check(bus: Bus, peer: str, shards: int) -> CrossSiteReport:
     report = CrossSiteReport(here=bus.site, there=peer)
     try:
-        nodes = {bus.site: await site_metadata_nodes(bus, bus.site)}
-        nodes[peer] = await site_metadata_nodes(bus, peer)
+        nodes = {bus.site: await metadata_nodes(bus)}
+    except CheckFailed as exc:
+        report.unchecked.append(str(exc))
+        return report
+    try:
+        nodes[peer] = await peer_metadata_nodes(bus, peer)
     except (nats.errors.Error, TimeoutError) as exc:
         report.unchecked.append(f"the metadata nodes of {peer}: {exc or type(exc).__name__}")
         return report

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cfs.cli.conflicts import conflict_events
 from cfs.client import FileStore, MetadataClient
 from cfs.supervisor import LocalSite
 from cfs.supervisor.sites import SitePair
@@ -160,16 +161,7 @@ async def _remote_op_ids(site: LocalSite) -> list[str]:
 
 async def _conflicts(site: LocalSite) -> list[ConflictDetected]:
     async with await site.client() as bus:
-        info = await bus.js.stream_info("CONFLICTS")
-        found: list[ConflictDetected] = []
-        if not info.state.messages:
-            return found
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            msg = await bus.js.get_msg("CONFLICTS", seq, direct=True)
-            payload = REGISTRY.decode(msg.data or b"").payload
-            if isinstance(payload, ConflictDetected):
-                found.append(payload)
-        return found
+        return [e for e in await conflict_events(bus) if isinstance(e, ConflictDetected)]
 
 
 def conflicts(site: LocalSite) -> list[ConflictDetected]:

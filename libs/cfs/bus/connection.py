@@ -229,13 +229,16 @@ class Bus:
         *,
         correlation_id: str | None = None,
         caused_by: Envelope | None = None,
+        event_id: str | None = None,
     ) -> Envelope:
-        """A new envelope stamped by this node's clock; `caused_by` links the chain."""
+        """A new envelope stamped by this node's clock; `caused_by` links the chain.
+        `event_id`: a fixed id (`cfs.ids.stable_id`) for a fact that may be published
+        again, so the stream's duplicate window keeps one."""
         if caused_by is not None:
             correlation_id = correlation_id or caused_by.correlation_id or caused_by.id
         return self.registry.envelope(
             payload,
-            event_id=new_id(),
+            event_id=event_id or new_id(),
             site=self.site,
             node=self.node,
             hlc=self.clock.now(),

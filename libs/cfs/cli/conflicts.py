@@ -108,7 +108,8 @@ def details(conflict: FieldConflict) -> list[str]:
     ]
 
 
-async def _read(bus: Bus) -> list[ConflictDetected | ConflictResolved]:
+async def conflict_events(bus: Bus) -> list[ConflictDetected | ConflictResolved]:
+    """This site's CONFLICTS stream, in order."""
     info = await bus.js.stream_info(CONFLICTS.name)
     events: list[ConflictDetected | ConflictResolved] = []
     if not info.state.messages:
@@ -144,7 +145,7 @@ def show_conflicts(
 ) -> None:
     """What the merges of the two sites' changes found and no one resolved yet."""
     settings = _settings(ctx, None, None, None)
-    found = open_conflicts(_session(settings, _read))
+    found = open_conflicts(_session(settings, conflict_events))
     if as_json:
         typer.echo(json.dumps({"conflicts": [_as_json(item) for item in found]}))
         return
@@ -213,7 +214,7 @@ def resolve_conflicts(
     settings = _settings(ctx, None, None, None)
 
     async def work(bus: Bus) -> dict[str, Any]:
-        found = open_conflicts(await _read(bus))
+        found = open_conflicts(await conflict_events(bus))
         chosen = found if inode is None else [i for i in found if i.conflict.ino == inode]
         if inode is not None and not chosen:
             raise CliError(f"no open conflict on inode {inode} (see show-conflicts)")
