@@ -30,6 +30,7 @@ from pydantic import Field
 from cfs.backup.image import encode_pairs
 from cfs.backup.snapshot_file import kv_parquet, read_snapshot, write_snapshot
 from cfs.bus import Bus, BusError
+from cfs.bus.kv import bucket_keys
 from cfs.client.shard_admin import shard_admin
 from cfs.cluster import read_config
 from cfs.faults import crash_point
@@ -432,11 +433,7 @@ class Backup:
         for bucket in (NODES.bucket, LEASES.bucket):
             kv = await self.bus.js.key_value(bucket)
             rows: list[dict[str, object]] = []
-            try:
-                keys = await kv.keys()
-            except nats.js.errors.NoKeysError:
-                keys = []
-            for key in keys:
+            for key in await bucket_keys(self.bus, bucket):
                 try:
                     entry = await kv.get(key)
                 except nats.js.errors.KeyNotFoundError:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
-import nats.js.errors
 
 from cfs.bus import Bus, BusError
+from cfs.bus.kv import bucket_keys
 from cfs_contracts.fs.check import ListRecords, ReplicaShard, ScanReplicas
 from cfs_contracts.members import health_key
 from cfs_contracts.streams import NODES
@@ -72,13 +72,9 @@ class CrossSiteReport:
 async def peer_metadata_nodes(bus: Bus, site: str) -> list[str]:
     """The nodes whose metadata-raft reports health on the peer site, from its nodes
     bucket over the link (this site's come from `fsck.metadata_nodes`)."""
-    kv = await bus.nc.jetstream(domain=site, timeout=5.0).key_value(NODES.bucket)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     prefix, suffix = health_key("\0", SERVICE).split("\0")
-    named = [k for k in keys if k.startswith(prefix) and k.endswith(suffix)]
+    keys = await bucket_keys(bus, NODES.bucket, prefix, site=site)
+    named = [k for k in keys if k.endswith(suffix)]
     return sorted(k[len(prefix) : -len(suffix)] for k in named)
 
 

@@ -25,6 +25,7 @@ import nats.js.errors
 import pytest
 
 from cfs.bus import Bus
+from cfs.bus.kv import bucket_keys
 from cfs.client import FileStore, MetadataClient
 from cfs.client.chunks import ChunkStoreClient, FragmentError
 from cfs.client.tier import read_blob_records
@@ -479,7 +480,7 @@ def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(
             for ref in every:
                 for i, node in enumerate(ref.fragments):
                     await chunks.delete(node, fragment_key(ref.chunk_id, ref.scheme, i))
-            for key in await index.keys():  # the index too: only the bucket is left
+            for key in await bucket_keys(admin, TIER_INDEX.bucket):  # only the bucket is left
                 await index.delete(key)
         return refs
 

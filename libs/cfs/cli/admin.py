@@ -457,7 +457,8 @@ def raft_force_election(
             who = to or "a new writer"
             raise CliError(
                 f"{shard_line(after)}: {who} did not take the lease within "
-                f"{LEASE_MOVE_TIMEOUT_S:g}s"
+                f"{LEASE_MOVE_TIMEOUT_S:g}s (a replica still replaying its journal may "
+                "not lead until it has caught up: try again in a moment)"
             )
         return reply, after
 
