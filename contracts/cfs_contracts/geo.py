@@ -64,3 +64,33 @@ class GeoApplied(BaseModel):
     @property
     def pending(self) -> int:
         return sum(s.pending for s in self.shards.values())
+
+
+GEO_ACTIVE_KEY = "geo.active"  # in the `nodes` bucket of both sites: where clients write
+
+
+class ActiveSite(BaseModel):
+    """Which site clients write to, replicated between the sites: each geo-replicator
+    adopts its peer's record when that one is newer (`supersedes`), so the sites agree
+    once they can talk. `fenced`: a site whose writers refuse client mutations (a
+    failover in preparation: its journal drains to the other site first)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    site: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    epoch: int = Field(ge=1, description="raised by every change; the higher one wins")
+    changed_ms: int = Field(ge=0)
+    changed_by: str = Field(description="`cfs admin ...` by whom, or the geo-replicator")
+    reason: str = ""
+    fenced: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+
+    def supersedes(self, other: ActiveSite | None) -> bool:
+        """Higher epoch; equal epochs (two sites changed it apart) by time, then name,
+        so both sites pick the same record."""
+        if other is None:
+            return True
+        return (self.epoch, self.changed_ms, self.site) > (
+            other.epoch,
+            other.changed_ms,
+            other.site,
+        )

@@ -10,6 +10,7 @@ retries a cut link, so it cannot tell a partition.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import nats.errors
@@ -17,10 +18,21 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ExternalStream, StorageType, StreamConfig, StreamSource
 from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from cfs_contracts.envelope import Envelope
-from cfs_contracts.geo import INBOUND_STREAM, GeoPeer, peer_api, peer_journal_subject
+from cfs_contracts.geo import (
+    GEO_ACTIVE_KEY,
+    INBOUND_STREAM,
+    ActiveSite,
+    GeoPeer,
+    peer_api,
+    peer_journal_subject,
+)
 from cfs_contracts.streams import meta_stream, shard_name
+
+log = logging.getLogger(__name__)
 
 
 class GeoError(Exception):
@@ -164,3 +176,19 @@ async def last_copied(js: JetStreamContext, peer: str, shards: int) -> dict[int,
             continue
         last[shard] = int(msg.seq or 0)
     return last
+
+
+async def read_active(kv: KeyValue) -> tuple[ActiveSite | None, int]:
+    """A site's `geo.active` record and its revision (0: never written)."""
+    try:
+        entry = await kv.get(GEO_ACTIVE_KEY)
+    except nats.js.errors.KeyNotFoundError:
+        return None, 0
+    revision = entry.revision or 0
+    if not entry.value:
+        return None, revision
+    try:
+        return ActiveSite.model_validate_json(entry.value), revision
+    except ValidationError as exc:
+        log.warning("geo.active_unreadable", extra={"error": str(exc)})
+        return None, revision

@@ -60,6 +60,7 @@ from cfs_contracts.geo import (
     peer_journal_subject,
 )
 from cfs_contracts.streams import NODES, shard_name
+from cfs_georep.active import ActiveWatch
 from cfs_georep.ship import ChunkUnavailable, Localizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ class GeoSettings(ServiceSettings):
     copy_parallel: int = Field(default=4, ge=1, description="chunks copied from the peer at once")
     peer_poll_s: float = Field(default=2.0, gt=0, description="while no peer is linked")
     status_s: float = Field(default=1.0, gt=0, description="progress record period")
+    failover_after_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="the active peer unreachable this long: this site becomes active (0: never)",
+    )
+    active_every_s: float = Field(default=1.0, gt=0, description="active-site record check")
     resubscribe_quiet_s: float = Field(
         default=30.0, gt=0, description="silence after which the peer's messages are read anew"
     )
@@ -97,6 +104,8 @@ async def lead(ctx: Context) -> None:
             for follower in followers:
                 tasks.create_task(follower.run(), name=f"geo shard {shard_name(follower.shard)}")
             tasks.create_task(_publish_progress(bus, peer.site, followers, settings.status_s))
+            watch = ActiveWatch(bus, peer.site, settings.failover_after_s, settings.active_every_s)
+            tasks.create_task(watch.run(), name="geo active site")
     finally:
         await store.close()
 

@@ -1,10 +1,11 @@
 """geo-replicator as the kernel runs it: a process per node, one active per site
-(lease), on sites linked to a peer (`cfs admin replication-link`)."""
+(lease), on sites linked to a peer (`cfs admin replication-link`); it also keeps the
+active-site record and fails over to this site when the active peer is gone."""
 
 from __future__ import annotations
 
 from cfs.kernel.spec import Grants, ServiceSpec, Singleton, deferred, imported
-from cfs_contracts.geo import GEO_APPLIED_KEY, INBOUND_STREAM
+from cfs_contracts.geo import GEO_ACTIVE_KEY, GEO_APPLIED_KEY, INBOUND_STREAM
 from cfs_contracts.streams import CONFLICTS, NODES
 
 SPEC = ServiceSpec(
@@ -24,10 +25,16 @@ SPEC = ServiceSpec(
             "{s}.tier.chunk",  # a stored chunk queued for S3, as a client's would be
             "{s}.rpc.tier.flush",  # write-through while flash is filling, as a client's
             "{s}.conflicts.detected",  # ConflictDetected
+            # the peer's active-site record and whether it answers, over the link
+            "$JS.*.API.INFO",
+            f"$JS.*.API.STREAM.INFO.KV_{NODES.bucket}",
+            f"$JS.*.API.DIRECT.GET.KV_{NODES.bucket}.$KV.{NODES.bucket}.{GEO_ACTIVE_KEY}",
+            f"$JS.*.API.STREAM.MSG.GET.KV_{NODES.bucket}",
         ),
         read_streams=(INBOUND_STREAM, CONFLICTS.name),
         read_buckets=(NODES.bucket,),
-        write_keys={NODES.bucket: (GEO_APPLIED_KEY,)},  # progress, for replication-status
+        # progress, for replication-status; which site is active (adopted, or failover)
+        write_keys={NODES.bucket: (GEO_APPLIED_KEY, GEO_ACTIVE_KEY)},
     ),
     singleton=Singleton(deferred("cfs_georep.service:lead"), lease_s=5.0, renew_s=1.0),
     needs_peer=True,

@@ -62,6 +62,7 @@ from cfs_contracts.fs.shard_admin import (
     ShardAdminReply,
     ShardAdminRequest,
 )
+from cfs_contracts.geo import ActiveSite
 from cfs_contracts.streams import (
     meta_admin_subject,
     meta_rpc_subject,
@@ -121,14 +122,18 @@ class ShardReplica:
         may_lead: Callable[[], bool] = lambda: True,
         acquire_delay: Callable[[], float] = lambda: 0.0,
         spawn: Spawn = unsupervised,
+        active_site: Callable[[], ActiveSite | None] = lambda: None,
     ) -> None:
         """`may_lead`: False while this node is draining (its leases move elsewhere).
+        `active_site`: the replicated active-site record; while it fences this site,
+        client mutations are refused (a failover drains the journal first).
         `acquire_delay`: extra wait before taking a free lease (spreads leases).
         `spawn`: starts the follower, leader and lease tasks; the service runtime's, so
         an unexpected failure in any of them ends the process (another replica takes
         the lease within a lease time) instead of leaving a holder that serves nobody."""
         self.bus = bus
         self._spawn = spawn
+        self._active_site = active_site
         self.shard_index = shard_index
         self.shard = shard_name(shard_index)
         self.projection = projection
@@ -166,6 +171,9 @@ class ShardReplica:
             on_lost=self._on_lost,
             spawn=spawn,
         )
+
+    def _site_fence(self) -> tuple[int, Reply | None]:
+        return fenced_reply(self._active_site(), self.bus.site)
 
     def _may_hold(self, may_lead: Callable[[], bool]) -> bool:
         """Lease eligibility: caught up and allowed to lead.
@@ -526,6 +534,7 @@ class ShardReplica:
         """
         overlay = Overlay(self.projection)
         held = _held_reply(self.projection)
+        fenced = self._site_fence()[1]
         locked = set(self._locked)
         now = time.time_ns()
         entries: list[JournalEntry] = []
@@ -538,6 +547,9 @@ class ShardReplica:
                 break
             if held and isinstance(item, ClientOp | ShardTxOp):
                 answered.append((item, held))
+                continue
+            if fenced and isinstance(item, ClientOp):  # steps of transactions finish
+                answered.append((item, fenced))
                 continue
             try:
                 decision = item.decide(overlay, now, locked, self.placement)
@@ -633,6 +645,7 @@ class ShardReplica:
             lineage=self.projection.lineage,
             installing=installing.snapshot_id if installing else None,
             next_chunk=installing.next_chunk if installing else 0,
+            fence_epoch=self._site_fence()[0],
         )
         if isinstance(step.op, RepairRecords):
             decision = decide_repair(state, self.projection, self._locked, step.op)
@@ -731,6 +744,17 @@ def _held_reply(projection: Projection) -> Reply | None:
         message=f"shard {projection.shard:03d} was restored from snapshot "
         f"{lineage.snapshot_id} and is read-only until `cfs admin replay-journal` "
         "finishes (or `cfs admin replay-journal --none`)",
+    )
+
+
+def fenced_reply(record: ActiveSite | None, site: str) -> tuple[int, Reply | None]:
+    """(epoch, EROFS reply) while `record` fences `site`; (0, None) otherwise."""
+    if record is None or record.fenced != site:
+        return 0, None
+    return record.epoch, Reply(
+        errno=errno.EROFS,
+        message=f"site {site} takes no new writes: {record.reason or 'fenced'} "
+        f"({record.changed_by})",
     )
 
 

@@ -59,6 +59,7 @@ async def start(ctx: Context) -> None:
             may_lead=lambda: nodes.active(settings.node),
             acquire_delay=partial(preference_delay, nodes, settings.node, index),
             spawn=ctx.spawner(),
+            active_site=lambda: nodes.geo.get("active"),
         )
         await ctx.enter(started(replica))
         replicas[index] = replica

@@ -67,6 +67,7 @@ class ShardState:
     lineage: Lineage | None
     installing: str | None  # snapshot id of a restore in progress
     next_chunk: int
+    fence_epoch: int = 0  # client writes refused for a failover (see ActiveSite.fenced)
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ def _here(state: ShardState) -> ShardAdminReply:
         lineage=state.lineage,
         installing=state.installing,
         next_chunk=state.next_chunk,
+        fence_epoch=state.fence_epoch,
     )
 
 

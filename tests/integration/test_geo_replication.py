@@ -2,7 +2,9 @@
 site is readable on the other, data included (copied before the chunk map is applied,
 so it reads with the link cut); a replicator killed between an apply and its
 acknowledgement applies nothing twice; changes made on both sides of a partition
-converge, field by field, with each conflict recorded once on each site."""
+converge, field by field, with each conflict recorded once on each site; the annual
+failover test's commands move the active site and back; a standby cut off from the
+active site takes over and keeps it after the link is back."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ pytestmark = [
 ]
 
 SERVICES = ("membership", "metadata-raft", "chunk-store", "geo-replicator")
+FAILOVER_AFTER_S = 4.0  # the active site unreachable this long: the other takes over
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, crash_file: Path) -> Iterator
         tmp_path_factory.mktemp("geo"),
         nodes=1,
         services=SERVICES,
-        env={"CFS_CRASH_FILE": str(crash_file)},
+        env={"CFS_CRASH_FILE": str(crash_file), "CFS_FAILOVER_AFTER_S": str(FAILOVER_AFTER_S)},
     )
     asyncio.run(sites.start())
     try:
@@ -350,3 +353,90 @@ def test_the_cross_site_check_names_what_one_site_lacks(pair: SitePair) -> None:
     until(lambda: stat(pair.b, "only-on-a") is not None, 60, "replicated once it runs again")
     again = admin(pair.a, "metadata-consistency-check", "--cross-site")
     assert again.returncode == 0 and "Shard 001: equal" in again.stdout, again.stdout
+
+
+def active(site: LocalSite) -> dict[str, Any] | None:
+    """The active-site record `replication-status` shows from `site`."""
+    shown = admin(site, "replication-status", "--json")
+    assert shown.stdout, shown.stderr
+    record: dict[str, Any] | None = json.loads(shown.stdout)["active"]
+    return record
+
+
+def other(pair: SitePair, site: LocalSite) -> LocalSite:
+    return pair.b if site is pair.a else pair.a
+
+
+def test_the_annual_failover_test_through_the_cli(pair: SitePair) -> None:
+    """The guide's seven commands in order: the primary stops taking writes, the
+    secondary proves it could take over, takes over, and the primary comes back."""
+    record = until(lambda: active(pair.a), 30, "an active site recorded")
+    primary = pair.site(record["site"])
+    secondary = other(pair, primary)
+    p, s = primary.site, secondary.site
+
+    prepared = admin(primary, "failover-prepare", "--source", p, "--target", s)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert f"Site {p} fenced: new writes refused" in prepared.stdout
+    assert f"applied on {s}: lag 0" in prepared.stdout
+    with pytest.raises(FsError) as refused:
+        asyncio.run(_write(primary, {"during-the-fence": b"no"}))
+    assert refused.value.errno == errno.EROFS and "failover" in str(refused.value)
+
+    tested = admin(primary, "failover-test", "--target", s, "--json")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    checks = {c["check"]: c["ok"] for c in json.loads(tested.stdout)["checks"]}
+    assert checks == {"reachable": True, "lag": True, "digests": True, "write probe": True}
+
+    moved = admin(primary, "failover", "--from", p, "--to", s)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"Active site: {s}" in moved.stdout
+    for site in pair.sites:
+        assert until(lambda x=site: (active(x) or {}).get("site") == s, 30, "both agree")
+    assert admin(secondary, "status").returncode == 0
+    asyncio.run(_write(secondary, {"after-failover": b"on the secondary"}))
+
+    back = admin(secondary, "failback", "--from", s, "--to", p)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert f"{p} resynced from {s}: shards equal" in back.stdout
+    assert f"Active site: {p}" in back.stdout
+    assert read(primary, "after-failover") == b"on the secondary"
+    asyncio.run(_write(primary, {"after-failback": b"writes again"}))
+
+    synced = admin(primary, "replication-sync", "--source", s, "--target", p)
+    assert synced.returncode == 0 and "Shard 001: equal" in synced.stdout, synced.stdout
+    shown = admin(primary, "replication-status")
+    assert f"Active site: {p} (epoch" in shown.stdout, shown.stdout
+
+    bad = admin(primary, "failover", "--from", p, "--to", p)
+    assert bad.returncode == 2 and "name the same site" in bad.stderr
+    unknown = admin(primary, "failover-test", "--target", "site-z")
+    assert unknown.returncode == 2 and "no such site" in unknown.stderr
+
+
+def test_a_standby_cut_off_from_the_active_site_takes_over_and_keeps_it(
+    pair: SitePair,
+) -> None:
+    record = until(lambda: active(pair.a), 30, "an active site recorded")
+    was = pair.site(record["site"])
+    standby = other(pair, was)
+    pair.partition()
+    cut_at = time.monotonic()
+    try:
+        took = until(
+            lambda: (active(standby) or {}).get("site") == standby.site,
+            FAILOVER_AFTER_S + 20,
+            f"{standby.site} active",
+        )
+        took_s = time.monotonic() - cut_at
+        assert took and took_s >= FAILOVER_AFTER_S - 0.5, took_s
+        taken = active(standby)
+        assert taken is not None and "automatic failover" in taken["reason"]
+        assert (active(was) or {}).get("site") == was.site, "the cut-off site cannot know yet"
+    finally:
+        pair.heal()
+    until(lambda: (active(was) or {}).get("site") == standby.site, 30, "the old site adopts it")
+    time.sleep(FAILOVER_AFTER_S + 1)  # longer than a failover takes: nothing moves back
+    for site in pair.sites:
+        assert (active(site) or {}).get("site") == standby.site, site.site
+    print(f"\n[automatic failover] {standby.site} active {took_s:.1f}s after the cut")

@@ -141,6 +141,10 @@ class ShardAdminReply(BaseModel):
     lineage: Lineage | None = None
     installing: str | None = Field(default=None, description="snapshot id being installed")
     next_chunk: int = Field(default=0, description="restore: the chunk index the writer expects")
+    fence_epoch: int = Field(
+        default=0,
+        description="the active-site record (epoch) whose fence this writer enforces; 0: none",
+    )
     applied: int = Field(default=0, description="apply_remote: entries journaled now")
     remote_applied: int = Field(
         default=0, description="apply_remote: the last GEO_IN message applied, after the step"

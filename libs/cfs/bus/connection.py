@@ -209,6 +209,19 @@ class Bus:
             ) from None
         return cls(nc, site=site, node=node, registry=registry, publish_timeout=publish_timeout)
 
+    def for_site(self, site: str) -> Bus:
+        """This connection addressing `site`'s services (the peer's, over the site link:
+        requests and events by subject). JetStream calls still go to this site's domain.
+        Nothing to close: the connection stays this bus's."""
+        return Bus(
+            self.nc,
+            site=site,
+            node=self.node,
+            registry=self.registry,
+            clock=self.clock,
+            publish_timeout=self.publish_timeout,
+        )
+
     async def close(self, *, drain: bool = True) -> None:
         """Drain (our subscriptions' queued messages are handled, then pending publishes
         flushed) and close. `drain=False` for a process whose components have all

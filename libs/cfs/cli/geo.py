@@ -10,6 +10,7 @@ from the peer's (over the link: when it cannot be read, that is the partition).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Annotated, Any
 
@@ -31,10 +32,18 @@ from cfs.geo import (
     ensure_inbound,
     last_copied,
     peer_reachable,
+    read_active,
     read_inbound,
 )
 from cfs.hlc import system_wall_ms
-from cfs_contracts.geo import GEO_APPLIED_KEY, GEO_PEER_KEY, GeoApplied, GeoPeer
+from cfs_contracts.geo import (
+    GEO_ACTIVE_KEY,
+    GEO_APPLIED_KEY,
+    GEO_PEER_KEY,
+    ActiveSite,
+    GeoApplied,
+    GeoPeer,
+)
 from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import NODES, meta_stream, shard_name
 
@@ -107,8 +116,18 @@ def replication_link(
             created = await ensure_inbound(bus.js, record, copies)
         except GeoError as exc:
             raise CliError(str(exc)) from None
+        kv = await bus.key_value(NODES.bucket)
+        if (await read_active(kv))[0] is None:  # the first site linked starts as the active one
+            active = await _active(bus, peer) or ActiveSite(
+                site=ours.site,
+                epoch=1,
+                changed_ms=system_wall_ms(),
+                changed_by=f"cfs admin by {actor()}",
+                reason="the first site linked",
+            )
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv.create(GEO_ACTIVE_KEY, active.model_dump_json().encode())
         if existing is None:
-            kv = await bus.key_value(NODES.bucket)
             await kv.put(GEO_PEER_KEY, record.model_dump_json().encode())
             await record_action(bus, "replication-link", {"peer": peer}, "linked")
         return {"site": ours.site, "peer": peer, "shards": ours.shards, "created": created}
@@ -212,10 +231,12 @@ async def _status(bus: Bus) -> dict[str, Any]:
             pass  # unreachable since the probe
         except GeoError as exc:
             why_out = f"not replicated: {exc}"
+    active = await _active(bus, peer.site if reachable else None)
     return {
         "site": ours.site,
         "peer": peer.site,
         "reachable": reachable,
+        "active": active.model_dump(mode="json") if active is not None else None,
         "directions": [
             _direction(
                 peer.site, ours.site, inbound, applied_here, copied_here, why_in, reachable, now
@@ -225,6 +246,29 @@ async def _status(bus: Bus) -> dict[str, Any]:
             ),
         ],
     }
+
+
+async def _active(bus: Bus, peer: str | None) -> ActiveSite | None:
+    """The newest active-site record of this site and (when it answers) the peer."""
+    newest, _ = await read_active(await bus.key_value(NODES.bucket))
+    if peer is not None:
+        try:
+            remote = bus.nc.jetstream(domain=peer, timeout=PEER_TIMEOUT_S)
+            theirs, _ = await read_active(await remote.key_value(NODES.bucket))
+        except UNREACHABLE:
+            theirs = None
+        if theirs is not None and theirs.supersedes(newest):
+            newest = theirs
+    return newest
+
+
+def active_line(active: dict[str, Any] | None) -> str:
+    if active is None:
+        return "Active site: none recorded (clients use their own site)"
+    record = ActiveSite.model_validate(active)
+    fenced = f"; {record.fenced} takes no new writes" if record.fenced else ""
+    why = f"{record.reason}, " if record.reason else ""
+    return f"Active site: {record.site} (epoch {record.epoch}: {why}by {record.changed_by}){fenced}"
 
 
 async def _peer_applied(remote: JetStreamContext) -> GeoApplied | None:
@@ -256,7 +300,10 @@ def _bar(direction: dict[str, Any]) -> str:
 
 
 def _render(status: dict[str, Any]) -> list[str]:
-    lines = [f"Replication between {status['site']} (here) and {status['peer']}:"]
+    lines = [
+        f"Replication between {status['site']} (here) and {status['peer']}:",
+        "  " + active_line(status.get("active")),
+    ]
     for d in status["directions"]:
         head = f"  {d['from']} -> {d['to']}: "
         if "copied" not in d:

@@ -10,6 +10,7 @@ from cfs.cli import admin, cluster, dev, fs, node, service
 from cfs.cli import backup as _backup  # noqa: F401 (adds its commands to `cfs admin`)
 from cfs.cli import check as _check  # noqa: F401 (adds its commands to `cfs admin`)
 from cfs.cli import conflicts as _conflicts  # noqa: F401 (show- and resolve-conflicts)
+from cfs.cli import failover as _failover  # noqa: F401 (failover, failback, ...)
 from cfs.cli import gc as _gc  # noqa: F401 (adds `cfs admin gc`)
 from cfs.cli import geo as _geo  # noqa: F401 (adds the replication commands)
 from cfs.cli import tier as _tier  # noqa: F401 (adds the data tier commands)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -39,6 +39,14 @@ def config_path() -> Path | None:
     return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
 
 
+class PeerSite(BaseModel):
+    """The other site of a replicated pair: where a client goes when it is active."""
+
+    site: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    nats_urls: list[str] = Field(min_length=1)
+    credentials_dir: Path | None = None
+
+
 class ClientSettings(BaseSettings):
     """Where the cluster is: from flags, then `CFS_*` variables, then the cluster config
     file (`config_path()`), then these defaults."""
@@ -55,6 +63,10 @@ class ClientSettings(BaseSettings):
         description="per-role credentials written by `cfs cluster init` (admin.nk, client.nk)",
     )
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
+    peer: PeerSite | None = Field(
+        default=None,
+        description="the other site of a replicated pair (mounts follow the active site)",
+    )
     log_level: str = "INFO"
     op_timeout_s: float = Field(
         default=15.0,
@@ -74,6 +86,20 @@ class ClientSettings(BaseSettings):
             if path.is_file():
                 return path
         return None
+
+    def peer_settings(self) -> ClientSettings | None:
+        """The same client, for the peer site (None without one)."""
+        if self.peer is None:
+            return None
+        return self.model_copy(
+            update={
+                "site": self.peer.site,
+                "nats_urls": self.peer.nats_urls,
+                "credentials_dir": self.peer.credentials_dir,
+                "nats_credentials": None,
+                "peer": None,
+            }
+        )
 
     async def connect(self, role: Role, node: str, **options: Any) -> Bus:
         """A `Bus` to this cluster with `role`'s credentials (`options`: Bus.connect's)."""
