@@ -263,6 +263,23 @@ class _EntryMerge:
                 self.emit(_unbind(holder))
                 aside = holder.model_copy(update={"name": kept_name(loser), "shadowed": ()})
                 self.emit(PutDentry(dentry=aside))
+            elif self.overlay.inode(loser.ino) is None:
+                self._aside_when_back(loser)
+
+    def _aside_when_back(self, loser: Dentry) -> None:
+        """A loser deleted here: its tombstone names it aside, so that if the peer's
+        change to it brings it back it comes back where the peer keeps it."""
+        tombstone = self.overlay.tombstone(loser.ino)
+        if tombstone is None or tombstone.inode is None:
+            return
+        names = tuple(
+            d.model_copy(update={"name": kept_name(loser), "shadowed": ()})
+            if (d.parent, d.name, d.ino) == (loser.parent, loser.name, loser.ino)
+            else d
+            for d in tombstone.names
+        )
+        if names != tombstone.names:
+            self.emit(tombstone.model_copy(update={"names": names}))
 
     def _binding_here(self, parent: int, name: str, removed: Dentry | None) -> Dentry | None:
         """Where the binding the peer removed is here: under its name, or under the other

@@ -9,7 +9,7 @@ import errno
 import itertools
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
@@ -213,6 +213,12 @@ OPS = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(OPS)
+# A conflict's loser deleted on the site that never saw the conflict, then written on
+# the other: it comes back under the name the conflict gave it there.
+@example(
+    [(A, "create", 0, 0), (B, "create", 3, 0), (A, "rename", 0, 3), (A, "ship", 0, 0),
+     (B, "unlink", 0, 0), (A, "unlink", 0, 0), (A, "write", 0, 0)]
+)  # fmt: skip
 def test_any_interleaving_converges_after_a_full_exchange(
     ops: list[tuple[str, str, int, int]],
 ) -> None:
