@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
@@ -26,7 +27,8 @@ import pyfuse3.asyncio
 from cfs.bus import Bus, BusError
 from cfs.client.files import FileStore
 from cfs.client.metadata import MetadataClient
-from cfs.fuse.config import FSNAME, client_settings
+from cfs.client.sites import SiteFollower
+from cfs.fuse.config import FSNAME, ClientSettings, client_settings
 from cfs.fuse.operations import ClaudeFsOperations
 from cfs.logs import setup_logging
 from cfs.security import CredentialsError, Role
@@ -34,6 +36,9 @@ from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
 
 log = logging.getLogger("cfs.fuse")
+
+FOLLOWER_CONNECT_S = 2.0  # a site that does not answer within this is skipped this round
+OLD_STORE_CLOSE_S = 10.0
 
 
 def mount_options(*, debug: bool = False) -> set[str]:
@@ -57,9 +62,11 @@ async def run_mount(
     credentials: Path | None = None,
     debug: bool = False,
     stop: asyncio.Event | None = None,
+    peer: ClientSettings | None = None,
 ) -> None:
     """Mount and serve until `stop` is set (default: SIGINT/SIGTERM) or the file system
-    is unmounted from outside; always leaves the mount point unmounted."""
+    is unmounted from outside; always leaves the mount point unmounted. `peer`: the
+    other site of a replicated pair; the mount then follows the active site."""
     client_id = client_id or f"mount-{socket.gethostname()}-{os.getpid()}"
     mountpoint = _mount_dir(mountpoint)
     pyfuse3.asyncio.enable()
@@ -69,16 +76,37 @@ async def run_mount(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        bus = await Bus.connect(
-            list(urls), site=site, node=client_id, name=client_id, credentials=credentials
-        )
-        stack.push_async_callback(bus.close)
+        home = partial(
+            Bus.connect, list(urls), site=site, node=client_id, name=client_id,
+            credentials=credentials,
+        )  # fmt: skip
+        follower: SiteFollower | None = None
+        if peer is None:
+            bus = await home()
+            stack.push_async_callback(bus.close)
+        else:
+            other = partial(
+                Bus.connect, peer.nats_urls, site=peer.site, node=client_id, name=client_id,
+                credentials=peer.credentials_for(Role.CLIENT),
+            )  # fmt: skip
+            connects = {site: home, peer.site: other}
+
+            async def connect(name: str) -> Bus:
+                return await connects[name](connect_timeout=FOLLOWER_CONNECT_S)
+
+            async def switch(new: Bus) -> None:
+                await _switch_site(operations, new, client_id)
+
+            follower = SiteFollower(site, peer.site, connect, switch)
+            stack.push_async_callback(follower.close)
+            bus = await follower.start()
         meta = MetadataClient(bus)
         await meta.getattr(ROOT_INO)  # fail before mounting when metadata does not answer
         store = FileStore(bus, meta, client_id=client_id)
         await store.start()
-        stack.push_async_callback(store.close)  # after the unmount: flush what is left
         operations = ClaudeFsOperations(meta, store, shard_count=shard_count)
+        # after the unmount: flush what is left (of the store in use then)
+        stack.push_async_callback(lambda: operations.store.close())
         pyfuse3.init(operations, str(mountpoint), mount_options(debug=debug))
         stack.callback(_close_session)
         log.info(
@@ -87,13 +115,35 @@ async def run_mount(
         )
         serving = asyncio.create_task(pyfuse3.main(max_tasks=256), name="fuse-main")
         stopping = asyncio.create_task(stop.wait(), name="fuse-stop")
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        tasks = {serving, stopping}
+        if follower is not None:  # its failure ends the mount, loudly, like the loop's
+            tasks.add(asyncio.create_task(follower.run(), name="fuse-follow-site"))
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
             log.info("fuse.stopping", extra={"mountpoint": str(mountpoint)})
             pyfuse3.terminate()
-        stopping.cancel()
+        for task in tasks - {serving}:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("fuse.follower_failed", extra={"error": repr(task.exception())})
+            task.cancel()
         await serving  # re-raises a crash of the FUSE loop itself
     log.info("fuse.unmounted", extra={"mountpoint": str(mountpoint)})
+
+
+async def _switch_site(operations: ClaudeFsOperations, bus: Bus, client_id: str) -> None:
+    """Serve from the other site: inode numbers are the same on both, so the kernel's
+    caches stay valid; files open before the switch keep their old site's store (and
+    fail if that site is gone), new opens use the new one."""
+    meta = MetadataClient(bus)
+    store = FileStore(bus, meta, client_id=client_id)
+    await store.start()
+    old = operations.store
+    operations.meta, operations.store = meta, store
+    try:
+        async with asyncio.timeout(OLD_STORE_CLOSE_S):
+            await old.close()  # flushes what it can to the old site
+    except (TimeoutError, BusError, FsError) as exc:
+        log.warning("fuse.old_site_unflushed", extra={"error": str(exc) or repr(exc)})
 
 
 def _mount_dir(path: Path) -> Path:
@@ -135,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 client_id=args.client_id,
                 credentials=args.credentials or settings.credentials_for(Role.CLIENT),
                 debug=args.debug_fuse,
+                peer=settings.peer_settings(),
             )
         )
     except (BusError, CredentialsError, FsError, OSError, RuntimeError) as exc:
