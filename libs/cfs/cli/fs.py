@@ -72,6 +72,13 @@ def mount(
     log_file: Annotated[
         Path | None, typer.Option("--log", help="mount process log (background)")
     ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow/--no-follow",
+            help="two sites: follow the active one, or keep to this site whatever is active",
+        ),
+    ] = True,
 ) -> None:
     """Mount ClaudeFS at MOUNTPOINT (FUSE)."""
     path = Path(os.path.abspath(mountpoint))
@@ -80,13 +87,14 @@ def mount(
     if not path.is_dir():
         _fail(f"{path}: {os.strerror(errno.ENOENT if not path.exists() else errno.ENOTDIR)}")
     settings = client_settings(cluster, site, shards)
+    extra = [] if follow else ["--no-follow"]
     if foreground:
-        _mount_foreground(path, settings)
+        _mount_foreground(path, settings, extra)
     else:
-        _mount_background(path, settings, log_file or _default_log(path))
+        _mount_background(path, settings, log_file or _default_log(path), extra)
 
 
-def _mount_foreground(path: Path, settings: ClientSettings) -> None:
+def _mount_foreground(path: Path, settings: ClientSettings, extra: list[str]) -> None:
     from cfs.fuse.mount import main as mount_main
 
     mount_main(
@@ -99,6 +107,7 @@ def _mount_foreground(path: Path, settings: ClientSettings) -> None:
             "--shards",
             str(settings.shards),
             *_credentials_args(settings),
+            *extra,
         ]
     )
 
@@ -108,7 +117,9 @@ def _credentials_args(settings: ClientSettings) -> list[str]:
     return ["--credentials", str(credentials)] if credentials is not None else []
 
 
-def _mount_background(path: Path, settings: ClientSettings, log_path: Path) -> None:
+def _mount_background(
+    path: Path, settings: ClientSettings, log_path: Path, extra: list[str]
+) -> None:
     argv = [
         sys.executable,
         "-m",
@@ -121,7 +132,7 @@ def _mount_background(path: Path, settings: ClientSettings, log_path: Path) -> N
         "--shards",
         str(settings.shards),
     ]
-    argv += _credentials_args(settings)
+    argv += [*_credentials_args(settings), *extra]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         # A session of its own: the mount outlives this command and its terminal.

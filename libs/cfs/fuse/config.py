@@ -88,8 +88,9 @@ class ClientSettings(BaseSettings):
         return None
 
     def peer_settings(self) -> ClientSettings | None:
-        """The same client, for the peer site (None without one)."""
-        if self.peer is None:
+        """The same client, for the peer site (None without one, or when `--site` named
+        the config's peer: then there is no other site to follow)."""
+        if self.peer is None or self.peer.site == self.site:
             return None
         return self.model_copy(
             update={

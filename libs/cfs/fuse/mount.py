@@ -172,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--credentials", type=Path, help="NATS credentials file")
     parser.add_argument("--client-id", help="name of this client in logs and NATS")
     parser.add_argument("--debug-fuse", action="store_true", help="log every FUSE request")
+    parser.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="two sites: keep to this site, whichever is active",
+    )
     args = parser.parse_args(argv)
     settings = client_settings(args.cluster, args.site, args.shards)
     setup_logging(settings.log_level, service="fuse-mount", mountpoint=str(args.mountpoint))
@@ -185,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 client_id=args.client_id,
                 credentials=args.credentials or settings.credentials_for(Role.CLIENT),
                 debug=args.debug_fuse,
-                peer=settings.peer_settings(),
+                peer=None if args.no_follow else settings.peer_settings(),
             )
         )
     except (BusError, CredentialsError, FsError, OSError, RuntimeError) as exc:
