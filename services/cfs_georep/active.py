@@ -136,7 +136,9 @@ class ActiveWatch:
                     await kv.create(GEO_ACTIVE_KEY, data)
             except nats.js.errors.KeyWrongLastSequenceError:
                 return ActiveDecision(Action.WAIT, "record changed meanwhile; next round")
-            log.warning(
+            level = logging.WARNING if decision.action is Action.PROMOTE else logging.INFO
+            log.log(
+                level,
                 "geo.active_changed",
                 extra={
                     "action": decision.action.value,

@@ -31,7 +31,9 @@ from tests.integration.test_replication_link import admin
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.expected_logs("fault.crash", "lease.*", "geo.conflict", "singleton.*"),
+    pytest.mark.expected_logs(
+        "fault.crash", "lease.*", "geo.conflict", "singleton.*", "geo.active_changed"
+    ),
 ]
 
 SERVICES = ("membership", "metadata-raft", "chunk-store", "geo-replicator")

@@ -24,6 +24,7 @@ from cfs.admin.snapshot import read_record
 from cfs.bus import Bus
 from cfs.cli.admin import JsonOpt, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.client import MetadataClient
 from cfs.cluster import read_config
 from cfs.geo import (
     UNREACHABLE,
@@ -36,6 +37,7 @@ from cfs.geo import (
     read_inbound,
 )
 from cfs.hlc import system_wall_ms
+from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.geo import (
     GEO_ACTIVE_KEY,
     GEO_APPLIED_KEY,
@@ -129,6 +131,9 @@ def replication_link(
                 await kv.create(GEO_ACTIVE_KEY, active.model_dump_json().encode())
         if existing is None:
             await kv.put(GEO_PEER_KEY, record.model_dump_json().encode())
+            # Each site made its own root at init: a change to it here, shipped and
+            # merged there, leaves the two roots alike (else they differ until one is).
+            await MetadataClient(bus).setattr(ROOT_INO, mtime_now=True)
             await record_action(bus, "replication-link", {"peer": peer}, "linked")
         return {"site": ours.site, "peer": peer, "shards": ours.shards, "created": created}
 
