@@ -477,9 +477,12 @@ class LocalSite:
                 self.nats.stop()
         log_event(log, logging.INFO, "site.stopped", site=self.site)
 
-    def mount_process(self, mountpoint: Path, log_path: Path | None = None) -> ManagedProcess:
+    def mount_process(
+        self, mountpoint: Path, log_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         """A FUSE mount of this site as its own process (`python -m cfs.fuse`, in the
-        foreground, client credentials); start it and wait for `is_fuse_mount`."""
+        foreground, client credentials); start it and wait for `is_fuse_mount`. `env`:
+        more settings (e.g. CFS_PEER, the other site of a pair)."""
         argv = [sys.executable, "-m", "cfs.fuse", str(mountpoint), "--cluster"]
         argv += [",".join(self.urls), "--site", self.site, "--shards", str(self.shards)]
         if (credentials := self.credentials(Role.CLIENT)) is not None:
@@ -488,7 +491,7 @@ class LocalSite:
             f"mount@{mountpoint.name}",
             argv,
             log_path=log_path or self.base_dir / "logs" / "mount.log",
-            env={"PYTHONPATH": child_pythonpath(), **self._env},
+            env={"PYTHONPATH": child_pythonpath(), **self._env, **(env or {})},
         )
 
     def cli_env(self, role: str = Role.ADMIN, **extra: str) -> dict[str, str]:
