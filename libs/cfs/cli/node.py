@@ -23,7 +23,7 @@ from cfs.admin.client import record_action
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.security import Role
-from cfs.supervisor.devcluster import running_dev_site
+from cfs.supervisor.devcontrol import running_dev_site
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES
 

@@ -36,7 +36,7 @@ from cfs.fuse.config import ClientSettings
 from cfs.lease import Lease, LeaseError
 from cfs.recovery.streams import RecoveryError, export_streams, import_streams
 from cfs.security import Role
-from cfs.supervisor.devcluster import running_dev_site
+from cfs.supervisor.devcontrol import running_dev_site
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
 log = logging.getLogger(__name__)
