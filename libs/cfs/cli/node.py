@@ -57,7 +57,9 @@ def add(
     control = running_dev_site()
     started: dict[str, Any] = {}
     if control is not None:
-        started = control.call("add-node", node=node, labels=labels, timeout=timeout)
+        started = control.call(
+            "add-node", node=node, labels=labels, site=settings.site, timeout=timeout
+        )
         settings = client_settings(cluster, site)  # the dev site may have new NATS URLs
     result = asyncio.run(_admit(settings, node, timeout, started))
     if as_json:
