@@ -75,6 +75,7 @@ def test_dev_commands_without_a_site(env: dict[str, str], tmp_path: Path) -> Non
     _one_line_error(_cfs(env, "dev", "status"), 1, "no dev cluster is running")
     _one_line_error(_cfs(env, "dev", "kill", "storage-1"), 1, "no dev cluster is running")
     _one_line_error(_cfs(env, "dev", "down"), 1, "no dev site is running")
+    _one_line_error(_cfs(env, "dev", "partition"), 1, "no dev cluster is running")
     missing = tmp_path / "missing.yaml"
     _one_line_error(_cfs(env, "dev", "up", "--topology", str(missing)), 1, "No such file")
     bad = tmp_path / "bad.yaml"
@@ -84,6 +85,8 @@ def test_dev_commands_without_a_site(env: dict[str, str], tmp_path: Path) -> Non
     _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "not valid YAML")
     bad.write_text(yaml.safe_dump({"nodes": [{"name": "a b"}]}))
     _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "nodes.0.name")
+    bad.write_text(yaml.safe_dump({"site": "a", "peer_site": "a", "nodes": [{"name": "n"}]}))
+    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "another site than 'a'")
     assert not (tmp_path / "state" / "dev.json").exists()  # nothing was started
 
 
@@ -113,6 +116,14 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     assert status["nodes"]["solo"]["services"]["metadata-raft"]["running"]
     _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
     _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
+    # One site: no link to cut, no other site to name.
+    _one_line_error(_cfs(env, "dev", "partition"), 2, "runs one site (local): no site link")
+    _one_line_error(_cfs(env, "dev", "heal"), 2, "no site link to heal")
+    _one_line_error(_cfs(env, "dev", "kill-site", "site-b"), 2, "unknown site 'site-b'")
+    _one_line_error(_cfs(env, "dev", "kill", "solo", "--site", "b"), 2, "unknown site 'b'")
+    cluster = json.loads((tmp_path / "state" / "cluster.json").read_text())
+    assert "peer" not in cluster
+    assert json.loads((tmp_path / "state" / "cluster-local.json").read_text()) == cluster
 
     # cluster init: idempotent for the same shape, refused for another.
     info = json.loads(_cfs(env, "cluster", "info", "--json").stdout)

@@ -18,7 +18,8 @@ import pytest
 
 from cfs.objstore import S3ObjectStore, S3Settings, S3Url
 from cfs.supervisor import LocalSite, S3Server
-from cfs.supervisor.devcluster import CLUSTER_FILE, DevCluster
+from cfs.supervisor.devcluster import DevCluster
+from cfs.supervisor.devcontrol import CLUSTER_FILE
 from cfs.supervisor.topology import Topology
 
 CFS = str(Path(sys.executable).parent / "cfs")
@@ -168,7 +169,7 @@ def test_dev_cluster_points_clients_and_services_at_its_s3(tmp_path: Path) -> No
     dev = DevCluster(tmp_path / "dev", Topology.default(1))
     assert dev.s3 is not None
     dev.s3.write_credentials(dev.s3_credentials)
-    dev.write_cluster_file()
+    dev.write_cluster_files()
     text = (dev.state_dir / CLUSTER_FILE).read_text()
     config = json.loads(text)
     assert config["s3_endpoint"] == dev.s3.endpoint_url

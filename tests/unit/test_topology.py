@@ -22,6 +22,14 @@ def test_six_nodes_spread_over_three_racks() -> None:
     assert {node.labels["rack"] for node in six.nodes} == {"r1", "r2", "r3"}
 
 
+def test_two_sites_share_nodes_and_settings() -> None:
+    two = Topology.load(TOPOLOGIES / "two-sites.yaml")
+    assert two.sites == ["site-a", "site-b"] and len(two.nodes) == 3
+    assert two.summary == "sites site-a and site-b (3 nodes each)"
+    assert Topology.default().sites == ["local"]
+    assert Topology.default(1).summary == "site local (1 node)"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -29,6 +37,8 @@ def test_six_nodes_spread_over_three_racks() -> None:
         ("nodes: [{name: a}]\nshards: 0", "shards: Input should be greater than or equal to 1"),
         ("nodes: [{name: a}]\nextra: 1", "extra: Extra inputs are not permitted"),
         ("nodes: [{name: a, labels: {rack: 1}}]", "nodes.0.labels.rack"),
+        ("nodes: [{name: a}]\nsite: x\npeer_site: x", "peer_site must name another site"),
+        ("nodes: [{name: a}]\npeer_site: 'b c'", "peer_site: String should match pattern"),
     ],
 )
 def test_bad_topologies_are_one_message(tmp_path: Path, text: str, message: str) -> None:

@@ -1,10 +1,14 @@
-"""`cfs dev`: a whole ClaudeFS site on this machine as real processes.
+"""`cfs dev`: a whole ClaudeFS site (or two linked ones) on this machine as real processes.
 
     cfs dev up [--topology deploy/topologies/six-nodes.yaml]   # returns when ready
     cfs dev status | kill NODE | start NODE | stop NODE | down
     cfs dev run                                              # `make run`
 
-The site runs under a daemon (`cfs.supervisor.devcluster`) that owns every
+    cfs dev up --topology deploy/topologies/two-sites.yaml     # site-a and site-b
+    cfs dev kill NODE --site site-b | kill-site site-b | start-site site-b
+    cfs dev partition --sites site-a,site-b | heal
+
+The sites run under a daemon (`cfs.supervisor.devcluster`) that owns every
 process; these commands talk to it through its control socket.
 """
 
@@ -25,13 +29,13 @@ from rich.console import Console
 from rich.table import Table
 
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
-from cfs.supervisor import SupervisorError
-from cfs.supervisor.devcluster import (
+from cfs.supervisor.devcluster import DevCluster
+from cfs.supervisor.devcontrol import (
     CLUSTER_FILE,
-    DEV_TIER_URL,
     LOG_FILE,
-    DevCluster,
     DevControl,
+    DevUsageError,
+    cluster_file_name,
 )
 from cfs.supervisor.topology import Topology
 
@@ -53,6 +57,10 @@ TopologyOpt = Annotated[
     typer.Option("--topology", help="YAML topology (deploy/topologies/); default: 3 nodes"),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+SiteOpt = Annotated[
+    str | None, typer.Option("--site", help="the node's site (default: the first site)")
+]
+SiteArg = Annotated[str, typer.Argument(help="site name, e.g. site-b")]
 
 
 def _not_running(state_dir: Path) -> DevControl:
@@ -86,7 +94,7 @@ def up(
     control = _not_running(state_dir)
     if foreground:
         cluster = DevCluster(state_dir, spec)
-        console.print(f"starting site {spec.site} ({len(spec.nodes)} nodes); Ctrl-C stops it")
+        console.print(f"starting {spec.summary}; Ctrl-C stops it")
         asyncio.run(cluster.serve(ready_timeout=timeout, on_ready=_print_ready))
         return
     control.state_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +114,7 @@ def up(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
     deadline = time.monotonic() + timeout + 30
-    with console.status(f"starting site {spec.site} ({len(spec.nodes)} nodes)..."):
+    with console.status(f"starting {spec.summary}..."):
         while True:
             state = control.state() or {}
             if state.get("pid") == proc.pid and state.get("state") == "ready":
@@ -125,6 +133,9 @@ def up(
             time.sleep(0.2)
     _print_status(control.call("status"))
     console.print(f"clients find it through {control.state_dir / CLUSTER_FILE}")
+    if spec.peer_site is not None:
+        files = ", ".join(str(control.state_dir / cluster_file_name(s)) for s in spec.sites)
+        console.print(f"each site through its own: {files}")
 
 
 async def _print_ready(cluster: DevCluster) -> None:
@@ -134,7 +145,8 @@ async def _print_ready(cluster: DevCluster) -> None:
 @app.command("status")
 @one_line_errors
 def status(state_dir: StateDirOpt = DEFAULT_STATE_DIR, as_json: JsonOpt = False) -> None:
-    """Which processes of the dev site run (exit 1 when no site is running)."""
+    """Which processes of the dev site(s) run, and the site link (exit 1 when no site
+    is running)."""
     result = DevControl(state_dir).call("status")
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -149,40 +161,95 @@ def kill(
     services_only: Annotated[
         bool, typer.Option("--services-only", help="leave the node's NATS server running")
     ] = False,
+    site: SiteOpt = None,
     state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """`kill -9` a node: every service process and (unless --services-only) its NATS server."""
-    _node_call(state_dir, "kill", node, services_only=services_only)
+    _call(state_dir, "kill", node=node, site=site, services_only=services_only)
     console.print(f"killed {node}" + (" (services only)" if services_only else ""))
 
 
 @app.command("start")
 @one_line_errors
 def start(
-    node: Annotated[str, typer.Argument()], state_dir: StateDirOpt = DEFAULT_STATE_DIR
+    node: Annotated[str, typer.Argument()],
+    site: SiteOpt = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """Start what is not running of a node (as systemd would after a reboot)."""
-    _node_call(state_dir, "start", node)
+    _call(state_dir, "start", node=node, site=site)
     console.print(f"started {node}")
 
 
 @app.command("stop")
 @one_line_errors
 def stop(
-    node: Annotated[str, typer.Argument()], state_dir: StateDirOpt = DEFAULT_STATE_DIR
+    node: Annotated[str, typer.Argument()],
+    site: SiteOpt = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
 ) -> None:
     """Stop a node cleanly (SIGTERM to its services and NATS server)."""
-    _node_call(state_dir, "stop", node)
+    _call(state_dir, "stop", node=node, site=site)
     console.print(f"stopped {node}")
 
 
-def _node_call(state_dir: Path, op: str, node: str, **args: Any) -> None:
+@app.command("kill-site")
+@one_line_errors
+def kill_site(site: SiteArg, state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
+    """`kill -9` every process of a site, services and NATS servers: the whole site
+    lost (guide scenario 4). Nothing of it restarts until `cfs dev start-site`."""
+    _call(state_dir, "kill-site", site=site)
+    console.print(f"killed site {site} (every service and NATS server)")
+
+
+@app.command("start-site")
+@one_line_errors
+def start_site(
+    site: SiteArg,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the site")] = 120.0,
+) -> None:
+    """Bring a site back on its stores (after kill-site); returns once it is ready."""
+    _call(state_dir, "start-site", site=site, ready_timeout=timeout, call_timeout=timeout + 30)
+    console.print(f"started site {site}")
+
+
+@app.command("partition")
+@one_line_errors
+def partition(
+    sites: Annotated[
+        str | None,
+        typer.Option("--sites", help="the two linked sites, comma-separated (default: both)"),
+    ] = None,
+    state_dir: StateDirOpt = DEFAULT_STATE_DIR,
+) -> None:
+    """Cut the link between the two sites: both keep running, nothing crosses."""
+    names = None
+    if sites is not None:
+        names = [name.strip() for name in sites.split(",")]
+        if len(names) != 2 or not all(names) or names[0] == names[1]:
+            raise CliError(
+                f"--sites {sites}: name the two linked sites, e.g. --sites site-a,site-b",
+                ExitCode.USAGE,
+            )
+    link = _call(state_dir, "partition", sites=names)
+    console.print(f"link {' <-> '.join(link['sites'])}: {link['state']}")
+
+
+@app.command("heal")
+@one_line_errors
+def heal(state_dir: StateDirOpt = DEFAULT_STATE_DIR) -> None:
+    """Restore the link cut by `cfs dev partition`; replication resumes by itself."""
+    link = _call(state_dir, "heal")
+    console.print(f"link {' <-> '.join(link['sites'])}: healed")
+
+
+def _call(state_dir: Path, op: str, call_timeout: float = 120.0, **args: Any) -> Any:
+    """One request to the daemon; what the operator got wrong exits 2."""
     try:
-        DevControl(state_dir).call(op, node=node, **args)
-    except SupervisorError as exc:
-        if str(exc).startswith("unknown node"):
-            raise CliError(str(exc), ExitCode.USAGE) from None
-        raise
+        return DevControl(state_dir).call(op, timeout=call_timeout, **args)
+    except DevUsageError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
 
 
 @app.command("down")
@@ -209,13 +276,31 @@ def down(
 
 
 def _print_status(status: dict[str, Any]) -> None:
-    table = Table(title=f"ClaudeFS dev site {status['site']}", show_header=True)
+    for name, site in status["sites"].items():
+        _print_site(name, site)
+    if status.get("s3"):
+        console.print(f"S3:   {status['s3']['endpoint']}")
+    if status.get("link"):
+        link = status["link"]
+        console.print(f"Link {' <-> '.join(link['sites'])}: {_LINK_STATES[link['state']]}")
+
+
+_LINK_STATES = {
+    "up": "[green]up[/]",
+    "cut": "[red]cut[/] (cfs dev heal restores it)",
+    "down": "[yellow]down[/] (not cut: a site or server is down, or reconnecting)",
+}
+
+
+def _print_site(name: str, site: dict[str, Any]) -> None:
+    killed = " [red](killed: cfs dev start-site brings it back)[/]" if site["killed"] else ""
+    table = Table(title=f"ClaudeFS dev site {name}{killed}", show_header=True)
     table.add_column("node")
     table.add_column("nats")
-    services = sorted({name for info in status["nodes"].values() for name in info["services"]})
+    services = sorted({name for info in site["nodes"].values() for name in info["services"]})
     for service in services:
         table.add_column(service)
-    for node, info in status["nodes"].items():
+    for node, info in site["nodes"].items():
         nats = info.get("nats")
         cells = ["-" if nats is None else _mark(nats["running"])]
         for service in services:
@@ -223,9 +308,8 @@ def _print_status(status: dict[str, Any]) -> None:
             cells.append(_mark(bool(proc.get("running")), proc.get("pid")))
         table.add_row(node, *cells)
     console.print(table)
-    console.print(f"NATS: {', '.join(status['nats_urls'])}")
-    if status.get("s3"):
-        console.print(f"S3:   {status['s3']['endpoint']}")
+    servers = ", ".join(f"{s['url']} {_mark(s['running'])}" for s in site["nats"])
+    console.print(f"NATS: {servers}")
 
 
 def _mark(running: bool, pid: int | None = None) -> str:
@@ -263,7 +347,7 @@ def run(
     mnt.mkdir(parents=True, exist_ok=True)
     mount = _MountProcess(mnt, control.state_dir)
     cluster = DevCluster(state_dir, spec)
-    console.print(f"starting site {spec.site} ({len(spec.nodes)} nodes)...")
+    console.print(f"starting {spec.summary}...")
     asyncio.run(
         cluster.serve(ready_timeout=timeout, on_ready=mount.on_ready, before_stop=mount.on_stop)
     )
@@ -307,14 +391,16 @@ class _MountProcess:
             self.proc.wait_until, lambda: is_fuse_mount(self.mnt), 60.0, f"{self.mnt} mounted"
         )
         env = {**os.environ, "CFS_CONFIG": str(cluster.state_dir / CLUSTER_FILE)}
-        if cluster.s3 is not None:  # the data tier in cache mode on the site's S3 server
-            tier = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "cfs.cli", "admin", "tier-config", "--mode", "cache",
-                 "--url", DEV_TIER_URL],
-                env=env, check=False, capture_output=True, text=True,
-            )  # fmt: skip
-            console.print((tier.stdout or tier.stderr).strip())
+        if cluster.s3 is not None:  # the data tier in cache mode, each site's its own
+            for site in cluster.sites:
+                tier = await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "cfs.cli", "admin", "tier-config", "--mode", "cache",
+                     "--url", cluster.tier_url(site)],
+                    env={**env, "CFS_CONFIG": str(cluster.cluster_file(site))},
+                    check=False, capture_output=True, text=True,
+                )  # fmt: skip
+                console.print((tier.stdout or tier.stderr).strip())
         written = await asyncio.to_thread(_write_sample_tree, self.mnt)
         _print_status(status)
         console.print(f"mounted at [bold]{self.mnt}[/]; sample tree: {written}")

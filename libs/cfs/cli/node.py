@@ -23,7 +23,7 @@ from cfs.admin.client import record_action
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.security import Role
-from cfs.supervisor.devcluster import running_dev_site
+from cfs.supervisor.devcontrol import running_dev_site
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES
 
@@ -57,7 +57,9 @@ def add(
     control = running_dev_site()
     started: dict[str, Any] = {}
     if control is not None:
-        started = control.call("add-node", node=node, labels=labels, timeout=timeout)
+        started = control.call(
+            "add-node", node=node, labels=labels, site=settings.site, timeout=timeout
+        )
         settings = client_settings(cluster, site)  # the dev site may have new NATS URLs
     result = asyncio.run(_admit(settings, node, timeout, started))
     if as_json:

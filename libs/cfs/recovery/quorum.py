@@ -36,7 +36,7 @@ from cfs.fuse.config import ClientSettings
 from cfs.lease import Lease, LeaseError
 from cfs.recovery.streams import RecoveryError, export_streams, import_streams
 from cfs.security import Role
-from cfs.supervisor.devcluster import running_dev_site
+from cfs.supervisor.devcontrol import running_dev_site
 from cfs_contracts.streams import SITE_BUCKETS, site_streams
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
     credentials = settings.credentials_for(Role.ADMIN)
     exported = await export_streams(settings.nats_urls, names, dest, credentials=credentials)
     log.warning("quorum.exported", extra={"survivor": survivor, "dir": str(dest)})
-    reformed = control.call("reform-nats", node=survivor, timeout=120.0)
+    reformed = control.call("reform-nats", node=survivor, site=settings.site, timeout=120.0)
     urls = list(reformed["nats_urls"])
     try:
         await import_streams(
@@ -81,7 +81,7 @@ async def recover_quorum(settings: ClientSettings, *, survivor: str, shards: lis
             f"out); the export is intact in {dest}, the old store in {reformed['old_store']}"
         ) from exc
     log.warning("quorum.imported", extra={"survivor": survivor, "streams": len(names)})
-    control.call("open-nats", timeout=60.0)
+    control.call("open-nats", site=settings.site, timeout=60.0)
     async with await Bus.connect(
         urls, site=settings.site, node="cfs-admin-recovery", credentials=credentials
     ) as bus:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,31 @@ LEAF_USER = "cfs-site-link"  # the leaf connection's user on the hub site's serv
 
 
 class SitePair:
-    def __init__(self, base_dir: Path, a: str = "site-a", b: str = "site-b", **site: Any) -> None:
-        """`site`: LocalSite arguments for both sites (nodes, shards, services, env)."""
+    def __init__(
+        self,
+        base_dir: Path,
+        a: str = "site-a",
+        b: str = "site-b",
+        *,
+        site_env: Mapping[str, Mapping[str, str]] | None = None,
+        **site: Any,
+    ) -> None:
+        """`site`: LocalSite arguments for both sites (nodes, shards, services, env).
+        `site_env`: per site name, variables laid over `env` (what must differ between
+        the sites, e.g. where each archives its journals)."""
         if a == b:
             raise ValueError(f"two sites need two names, got {a!r} twice")
         self.base_dir = Path(base_dir)
         password = _link_secret(self.base_dir / "link" / "leaf.secret")
+        common = dict(site.pop("env", None) or {})
+        envs = {name: {**common, **(site_env or {}).get(name, {})} for name in (a, b)}
         self.a = LocalSite(
             self.base_dir / a,
             site=a,
             site_index=0,
             domain=a,
             leaf_auth=(LEAF_USER, password),
+            env=envs[a],
             **site,
         )
         self.links = []
@@ -56,7 +70,13 @@ class SitePair:
             self.links.append(link)
         remote = LeafRemote(tuple(link.url for link in self.links), LEAF_USER, password)
         self.b = LocalSite(
-            self.base_dir / b, site=b, site_index=1, domain=b, leaf_remotes=[remote], **site
+            self.base_dir / b,
+            site=b,
+            site_index=1,
+            domain=b,
+            leaf_remotes=[remote],
+            env=envs[b],
+            **site,
         )
 
     @property
@@ -80,8 +100,8 @@ class SitePair:
             self.stop()
             raise
 
-    async def wait_ready(self) -> None:
-        await asyncio.gather(self.a.wait_ready(), self.b.wait_ready())
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        await asyncio.gather(self.a.wait_ready(timeout), self.b.wait_ready(timeout))
 
     def stop(self) -> None:
         try:
@@ -109,6 +129,14 @@ class SitePair:
         """Every running server of site b has its leaf connection up."""
         servers = [server for server in self.b.nats_servers if server.running]
         return bool(servers) and all(server.varz().get("leafnodes") for server in servers)
+
+    def link_state(self) -> str:
+        """`cut` (partitioned on purpose), `up` (every leaf connection of site b is
+        up) or `down` (open, but not connected: a site or server is down, or
+        reconnecting)."""
+        if self.partitioned:
+            return "cut"
+        return "up" if self.linked() else "down"
 
     async def __aenter__(self) -> SitePair:
         await self.start()

@@ -1,4 +1,5 @@
-"""What `cfs dev up --topology FILE` runs: one site, its nodes, labels and tuning.
+"""What `cfs dev up --topology FILE` runs: one site (or two linked ones), its nodes,
+labels and tuning.
 
 A topology file is YAML (see `deploy/topologies/`):
 
@@ -10,6 +11,8 @@ A topology file is YAML (see `deploy/topologies/`):
       - name: storage-2
     env:                      # extra CFS_* settings for every service process
       CFS_REPAIR_GRACE_S: "120"
+    peer_site: remote         # optional: a second site with the same nodes and
+                              # settings, linked to the first (DESIGN.md §8)
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cfs.supervisor.errors import SupervisorError
 
@@ -33,6 +43,12 @@ class Topology(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     site: str = Field(default="local", pattern=r"^[A-Za-z0-9_-]+$")
+    peer_site: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="a second site, linked to the first: same nodes, shards, env and ec, "
+        "its own processes (None: one site)",
+    )
     shards: int = Field(default=1, ge=1, le=999, description="fixed at cluster init")
     nats_servers: int | None = Field(
         default=None, ge=1, description="default: 3 beside the first 3 nodes, 1 below 3 nodes"
@@ -53,6 +69,12 @@ class Topology(BaseModel):
         if duplicates:
             raise ValueError(f"duplicate node names: {', '.join(duplicates)}")
         return nodes
+
+    @model_validator(mode="after")
+    def _two_names(self) -> Topology:
+        if self.peer_site == self.site:
+            raise ValueError(f"peer_site must name another site than {self.site!r}")
+        return self
 
     @classmethod
     def default(cls, nodes: int = 3) -> Topology:
@@ -78,3 +100,16 @@ class Topology(BaseModel):
     @property
     def node_names(self) -> list[str]:
         return [node.name for node in self.nodes]
+
+    @property
+    def sites(self) -> list[str]:
+        """The site names, the first (the one `cluster.json` names) first."""
+        return [self.site] if self.peer_site is None else [self.site, self.peer_site]
+
+    @property
+    def summary(self) -> str:
+        """What starts, in a few words: `site local (3 nodes)`."""
+        nodes = f"{len(self.nodes)} node{'s' if len(self.nodes) != 1 else ''}"
+        if self.peer_site is None:
+            return f"site {self.site} ({nodes})"
+        return f"sites {self.site} and {self.peer_site} ({nodes} each)"
