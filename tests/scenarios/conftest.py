@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -200,3 +202,148 @@ def report(scenario: str, **figures: float | str) -> None:
         f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
     )
     print(f"\n[{scenario}] {line}")
+
+
+class Writer(threading.Thread):
+    """Creates small fsync'd files one after another; remembers each acknowledged one."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.acked: dict[Path, str] = {}
+        self.acked_at: dict[Path, float] = {}
+        self.ack_times: list[float] = []
+        self.failures = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        self.root.mkdir(exist_ok=True)
+        i = 0
+        while not self.stop.is_set():
+            path = self.root / f"f{i:06d}"
+            try:
+                digest = write_file(path, f"file {i}\n".encode() * 10)
+            except OSError:
+                self.failures += 1
+                time.sleep(0.05)
+            else:
+                self.acked[path] = digest
+                self.acked_at[path] = time.monotonic()
+                self.ack_times.append(self.acked_at[path])
+            i += 1
+
+    def longest_gap_after(self, t0: float) -> float:
+        """The longest time without an acknowledged write from t0 on (the client's RTO)."""
+        times = [t0] + [t for t in self.ack_times if t >= t0]
+        return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else 0
+
+
+TWO_SITES = Path(__file__).resolve().parents[2] / "deploy" / "topologies" / "two-sites.yaml"
+SITE_A, SITE_B = "site-a", "site-b"
+
+
+class DevPair:
+    """`cfs dev` with two linked sites (`deploy/topologies/two-sites.yaml`, one node per
+    site: two NATS clusters, two metadata journals, one link) and mounts of them."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp_path
+        self.state = tmp_path / "state"
+        spec = yaml.safe_load(TWO_SITES.read_text())
+        spec["nodes"] = spec["nodes"][:1]
+        spec["env"] = {**spec.get("env", {}), **(env or {})}
+        self.topology = tmp_path / "two-sites.yaml"
+        self.topology.write_text(yaml.safe_dump(spec))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CFS_")}
+        self.env.update(CFS_DEV_DIR=str(self.state), CFS_OP_TIMEOUT_S="10")
+        self._mount_pids: dict[Path, int | None] = {}
+
+    def cfs(
+        self, *args: str, site: str = SITE_A, timeout: float = 180.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`cfs ARGS` against `site` (its cluster file); never raises on an exit code."""
+        env = {**self.env, "CFS_CONFIG": str(self.state / f"cluster-{site}.json")}
+        return subprocess.run(
+            [sys.executable, "-m", "cfs.cli", *args],
+            env=env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def ok(self, *args: str, site: str = SITE_A, timeout: float = 180.0) -> str:
+        result = self.cfs(*args, site=site, timeout=timeout)
+        assert result.returncode == 0, (
+            f"cfs {' '.join(args)} (on {site}) exited {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result.stdout
+
+    def up(self) -> None:
+        self.ok("dev", "up", "--topology", str(self.topology), timeout=240)
+
+    def mount(self, name: str, site: str, *, follow: bool = True) -> Path:
+        """A mount of `site`; `follow`: it moves to whichever site is active."""
+        mnt = self.tmp / name
+        mnt.mkdir(exist_ok=True)
+        args = ["mount", str(mnt), "--log", str(self.tmp / f"{name}.log")]
+        out = self.ok(*args, *([] if follow else ["--no-follow"]), site=site)
+        found = re.search(r"pid (\d+)", out)
+        self._mount_pids[mnt] = int(found.group(1)) if found else None
+        assert is_fuse_mount(mnt)
+        return mnt
+
+    def mount_log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def replication(self, site: str = SITE_A) -> dict[str, Any]:
+        done = self.cfs("admin", "replication-status", "--json", site=site)
+        assert done.stdout, done.stderr
+        status: dict[str, Any] = json.loads(done.stdout)
+        return status
+
+    def caught_up(self) -> bool:
+        """Both directions connected, nothing left to copy or apply."""
+        directions = self.replication()["directions"]
+        return all(
+            d["connected"] and d["lag_events"] == 0 and d.get("unapplied") == 0 for d in directions
+        )
+
+    def active(self, site: str = SITE_A) -> str | None:
+        record = self.replication(site).get("active")
+        return record["site"] if record else None
+
+    def down(self) -> None:
+        try:
+            for mnt, pid in self._mount_pids.items():
+                if is_fuse_mount(mnt):
+                    subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        finally:
+            result = self.cfs("dev", "down", timeout=120)
+            state = self.state / "dev.json"
+            if result.returncode != 0 and state.exists():  # last resort: kill the daemon
+                pid = json.loads(state.read_text()).get("pid")
+                with contextlib.suppress(ProcessLookupError, TypeError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.fixture
+def dev_pair_factory(tmp_path: Path) -> Iterator[Callable[..., DevPair]]:
+    pairs: list[DevPair] = []
+
+    def make(env: dict[str, str] | None = None) -> DevPair:
+        pair = DevPair(tmp_path, env)
+        pairs.append(pair)
+        pair.up()
+        return pair
+
+    try:
+        yield make
+    finally:
+        for pair in pairs:
+            pair.down()

@@ -9,17 +9,15 @@ file whose write was acknowledged is there afterwards. Then the manual path:
 
 from __future__ import annotations
 
-import itertools
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from tests.scenarios.conftest import (
     NODE_LOSS_LOGS,
     DevSite,
+    Writer,
     report,
     sha256_of,
     wait_for,
@@ -31,38 +29,6 @@ from tests.scenarios.conftest import (
 # with room for data") although two stores have room. Declared here so that it stays
 # visible; issue 19 removes it.
 pytestmark = pytest.mark.expected_logs(*NODE_LOSS_LOGS, "fuse.release_failed")
-
-
-class Writer(threading.Thread):
-    """Creates small fsync'd files one after another; remembers each acknowledged one."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.acked: dict[Path, str] = {}
-        self.ack_times: list[float] = []
-        self.failures = 0
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        self.root.mkdir(exist_ok=True)
-        i = 0
-        while not self.stop.is_set():
-            path = self.root / f"f{i:06d}"
-            try:
-                digest = write_file(path, f"file {i}\n".encode() * 10)
-            except OSError:
-                self.failures += 1
-                time.sleep(0.05)
-            else:
-                self.acked[path] = digest
-                self.ack_times.append(time.monotonic())
-            i += 1
-
-    def longest_gap_after(self, t0: float) -> float:
-        """The longest time without an acknowledged write from t0 on (the client's RTO)."""
-        times = [t0] + [t for t in self.ack_times if t >= t0]
-        return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else 0
 
 
 def test_raft_leader_loss(dev_site_factory: Callable[..., DevSite]) -> None:

@@ -60,6 +60,7 @@ class MetadataClient:
         the new writer. Operations normally answer within milliseconds."""
         self.bus = bus
         self.attempt_timeout_s = attempt_timeout_s
+        self._retired: str | None = None
         self._policy = RetryPolicy(
             "metadata request",
             temporary=_worth_retrying,
@@ -68,6 +69,11 @@ class MetadataClient:
             first_delay_s=0.02,
             max_delay_s=0.1,
         )
+
+    def retire(self, why: str) -> None:
+        """Fail every call from now on, those retrying included, with EIO: a client that
+        moved to the other site stops waiting for this one (its writer may be gone)."""
+        self._retired = why
 
     @property
     def deadline_s(self) -> float:
@@ -111,6 +117,8 @@ class MetadataClient:
             raise LeaderUnavailable(name, time.monotonic() - started, str(exc)) from None
 
     async def _attempt(self, subject: str, data: bytes, retry_conflicts: bool) -> Reply:
+        if self._retired is not None:
+            raise FsError(errno.EIO, self._retired)
         msg = await self.bus.request(subject, data, timeout=self.attempt_timeout_s)
         reply = Reply.model_validate_json(msg.data)
         if reply.hlc is not None:

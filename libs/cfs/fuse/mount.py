@@ -132,12 +132,14 @@ async def run_mount(
 
 async def _switch_site(operations: ClaudeFsOperations, bus: Bus, client_id: str) -> None:
     """Serve from the other site: inode numbers are the same on both, so the kernel's
-    caches stay valid; files open before the switch keep their old site's store (and
-    fail if that site is gone), new opens use the new one."""
+    caches stay valid. Calls still waiting on the old site fail at once (EIO), and so
+    do files open before the switch (their data is on the old site's chunk-stores):
+    the application's next call goes to the new site."""
     meta = MetadataClient(bus)
     store = FileStore(bus, meta, client_id=client_id)
     await store.start()
     old = operations.store
+    operations.meta.retire(f"the mount moved to site {bus.site}; try again")
     operations.meta, operations.store = meta, store
     try:
         async with asyncio.timeout(OLD_STORE_CLOSE_S):
