@@ -129,9 +129,21 @@ class _EntryMerge:
         self.back: dict[int, tuple[DelInode, Stamp]] = {}  # deleted here, changed there
         self.gone: set[int] = set()  # deleted here; what the peer did to them, it had seen
         self.named: set[int] = set()  # inodes the entry gives a name
-        self.links: dict[int, int] = {}  # directory -> subdirectory names kept or restored
+        self.subdirs: dict[int, int] = {}  # directory -> subdirectory names added here
 
     def emit(self, change: Change) -> None:
+        where = (
+            (change.dentry.parent, change.dentry.name, change.dentry)
+            if isinstance(change, PutDentry)
+            else (change.parent, change.name, None)
+            if isinstance(change, DelDentry)
+            else None
+        )
+        if where is not None:  # a directory's link count follows its subdirectories
+            parent, name, after = where
+            delta = _is_dir(after) - _is_dir(self.overlay.dentry(parent, name))
+            if delta:
+                self.subdirs[parent] = self.subdirs.get(parent, 0) + delta
         apply_change(self.overlay, change)
         self.out.append(change)
 
@@ -176,8 +188,7 @@ class _EntryMerge:
                         self._new_or_back(remote)
                     return
                 merged = merge_inode(local, remote, self.here, self.there)
-                namespace = {"nlink": remote.nlink, "parent": remote.parent}
-                inode = merged.inode.model_copy(update=namespace)
+                inode = merged.inode.model_copy(update=_namespace(remote, local))
                 self.conflicts += merged.conflicts
                 if inode != local:
                     self.emit(PutInode(inode=inode))
@@ -198,8 +209,7 @@ class _EntryMerge:
                     self._set_aside(seen)
                     return
                 if ours.ino in self.kept:
-                    self._linked(ours)  # the name stays with the file that stays
-                    return
+                    return  # the name stays with the file that stays
                 self.emit(_unbind(ours))
                 self._unshadow(ours, seen)
                 self._set_aside(seen)
@@ -207,9 +217,10 @@ class _EntryMerge:
                 pass  # SetNextLocal, TxPut, TxClear: the peer's own bookkeeping
 
     def finish(self) -> None:
-        """Link counts of directories whose subdirectory the peer removed but that stay
-        (the peer's count went down) or came back here (ours did)."""
-        for parent, extra in self.links.items():
+        """Link counts of directories: ours, plus the subdirectory names this entry
+        bound or unbound here (the peer's count is of its own namespace, which a
+        conflict, a kept or a restored directory makes differ from ours)."""
+        for parent, extra in self.subdirs.items():
             inode = self.overlay.inode(parent)
             if inode is not None and extra:
                 self.emit(PutInode(inode=inode.model_copy(update={"nlink": inode.nlink + extra})))
@@ -224,12 +235,11 @@ class _EntryMerge:
         assert tombstone.inode is not None
         # as the other site has it: its version merged with what was deleted here
         merged = merge_inode(tombstone.inode, remote, self.here, self.there)
-        namespace = {"nlink": remote.nlink, "parent": remote.parent}
-        self.emit(PutInode(inode=merged.inode.model_copy(update=namespace)))
+        inode = merged.inode.model_copy(update=_namespace(remote, tombstone.inode))
+        self.emit(PutInode(inode=inode))
         if remote.ino not in self.named:
             for dentry in tombstone.names:
                 self._bind(dentry)
-                self._linked(dentry)
         self.conflicts.append(self._deleted(tombstone, remote_stamp=unseen, winner=self.there))
 
     def _unshadow(self, removed: Dentry, seen: tuple[Dentry, ...]) -> None:
@@ -292,10 +302,6 @@ class _EntryMerge:
                 return found
         return None
 
-    def _linked(self, dentry: Dentry) -> None:
-        if dentry.kind is Kind.DIR:
-            self.links[dentry.parent] = self.links.get(dentry.parent, 0) + 1
-
     def _bind(self, theirs: Dentry) -> None:
         ours = self.overlay.dentry(theirs.parent, theirs.name)
         if ours is None:
@@ -337,6 +343,17 @@ class _EntryMerge:
             parent=first.parent if first else 0,
             kept_as=first.name if first else None,
         )
+
+
+def _is_dir(dentry: Dentry | None) -> int:
+    return int(dentry is not None and dentry.kind is Kind.DIR)
+
+
+def _namespace(remote: Inode, local: Inode) -> dict[str, int]:
+    """Parent and link count follow the peer's namespace change, but a directory's
+    link count, which is ours plus the subdirectories bound here (`finish`)."""
+    nlink = local.nlink if local.kind is Kind.DIR else remote.nlink
+    return {"nlink": nlink, "parent": remote.parent}
 
 
 def _first_unseen(have: dict[str, Stamp], seen: dict[str, Stamp]) -> Stamp | None:

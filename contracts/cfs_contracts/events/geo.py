@@ -33,3 +33,13 @@ class ConflictResolved(EventPayload):
     winner: str = Field(description="the site whose value stays")
     applied: bool = Field(description="whether a change was needed to make it so")
     by: str = Field(description="who resolved it")
+    ino: int = Field(default=0, ge=0, description="the conflict's inode")
+    kind: str = Field(default="", description="the conflict's kind: field, name, deleted")
+    group: str = Field(default="", description="the conflict's field group (or name)")
+    through_ns: int = Field(
+        default=0,
+        ge=0,
+        description="every conflict of this inode, kind and group between changes made "
+        "up to this time is resolved too: the other site may have recorded the same "
+        "divergence as other pairs of changes (other ids)",
+    )

@@ -47,6 +47,17 @@ class FieldConflict(BaseModel):
         return f"{self.ino}-{self.kind}-{digest.hexdigest()}"
 
     @property
+    def scope(self) -> tuple[int, str, str, int]:
+        """What one divergence is about: both sites may record it as several pairs of
+        changes (ids), one line of `show-conflicts` and one resolution cover them all."""
+        return (self.ino, self.kind, self.group, self.parent)
+
+    @property
+    def last_ns(self) -> int:
+        """When the later of its two changes was made."""
+        return max((s.ns for s in (self.local_stamp, self.remote_stamp) if s), default=0)
+
+    @property
     def reason(self) -> str:
         if self.kind == "name":
             return f"name {self.group!r} bound on both sites; {self.winner} wrote last"

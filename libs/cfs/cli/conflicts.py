@@ -13,6 +13,7 @@ recorded on both sites (the peer's stream over the link, when it answers) and au
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -59,12 +60,26 @@ class Open:
 
 
 def open_conflicts(events: list[ConflictDetected | ConflictResolved]) -> list[Open]:
-    """Pure: every conflict detected and not resolved, once each, oldest first."""
-    resolved = {e.conflict_id for e in events if isinstance(e, ConflictResolved)}
-    found: dict[str, Open] = {}
+    """Pure: every divergence detected and not resolved, once each (its latest
+    detection), oldest first. A resolution covers its id, and every detection of the
+    same inode, kind and group between changes made before it was decided."""
+    resolutions = [e for e in events if isinstance(e, ConflictResolved)]
+    ids = {r.conflict_id for r in resolutions}
+    scopes = [((r.ino, r.kind, r.group), r.through_ns) for r in resolutions if r.through_ns]
+
+    def settled(detected: ConflictDetected) -> bool:
+        c = detected.conflict
+        if detected.conflict_id in ids:
+            return True
+        return any(
+            scope == (c.ino, c.kind, c.group) and c.last_ns <= through
+            for scope, through in scopes
+        )
+
+    found: dict[tuple[int, str, str, int], Open] = {}
     for event in events:
-        if isinstance(event, ConflictDetected) and event.conflict_id not in resolved:
-            found.setdefault(event.conflict_id, Open(event))
+        if isinstance(event, ConflictDetected) and not settled(event):
+            found[event.conflict.scope] = Open(event)
     return list(found.values())
 
 
@@ -233,6 +248,7 @@ def resolve_conflicts(
                     )
                 await _write_back(meta, item.conflict, _choose(item, target))
                 applied = True
+            c = item.conflict
             resolved.append(
                 ConflictResolved(
                     conflict_id=item.conflict_id,
@@ -240,6 +256,10 @@ def resolve_conflicts(
                     winner=target,
                     applied=applied,
                     by=actor(),
+                    ino=c.ino,
+                    kind=c.kind,
+                    group=c.group,
+                    through_ns=max(time.time_ns(), c.last_ns),
                 )
             )
         peer = await read_peer(bus)

@@ -68,3 +68,27 @@ def test_both_sites_name_one_conflict_alike() -> None:
         }
     )
     assert seen_on_a.conflict_id == seen_on_b.conflict_id
+
+
+def test_one_divergence_recorded_as_several_pairs_is_one_line_and_one_resolution() -> None:
+    """A truncate then a write on each side: each site may pair up other changes
+    (other ids); show-conflicts lists the inode's field once, and a resolution made
+    after them closes every such pair, here and on the site that recorded others."""
+    first = _owner("site-b")
+    second = first.model_copy(update={"remote_stamp": Stamp(ns=5_000_000_000, site="site-b")})
+    assert first.conflict_id != second.conflict_id and first.scope == second.scope
+    events: list[ConflictDetected | ConflictResolved] = [
+        ConflictDetected(conflict_id=c.conflict_id, shard=1, conflict=c) for c in (first, second)
+    ]
+    listed = open_conflicts(events)
+    assert [o.conflict_id for o in listed] == [second.conflict_id]  # the latest
+    resolved = ConflictResolved(
+        conflict_id=first.conflict_id, strategy="last-write-wins", winner="site-b",
+        applied=False, by="t", ino=456, kind="field", group="owner", through_ns=6_000_000_000,
+    )  # fmt: skip
+    assert open_conflicts([*events, resolved]) == []
+    later = second.model_copy(update={"remote_stamp": Stamp(ns=7_000_000_000, site="site-b")})
+    again = ConflictDetected(conflict_id=later.conflict_id, shard=1, conflict=later)
+    assert [o.conflict_id for o in open_conflicts([*events, resolved, again])] == [
+        later.conflict_id
+    ], "a change made after the resolution diverges anew"

@@ -203,7 +203,9 @@ def test_a_directory_removed_on_one_site_while_the_other_added_to_it_stays() -> 
 OPS = st.lists(
     st.tuples(
         st.sampled_from([A, B]),
-        st.sampled_from(["create", "write", "chown", "unlink", "rename", "ship"]),
+        st.sampled_from(
+            ["create", "write", "chown", "unlink", "rename", "ship", "mkdir", "rmdir", "add-in"]
+        ),
         st.integers(0, 3),
         st.integers(0, 3),
     ),
@@ -233,6 +235,14 @@ def test_any_interleaving_converges_after_a_full_exchange(
                 site.receive(other, count=x + 1)
             elif what == "create":
                 create(site, f"n{x}")
+            elif what == "mkdir":
+                site.do(MkDir(op_id=op_id(), parent=ROOT_INO, name=f"d{x}"))
+            elif names and what == "rmdir":
+                site.do(RmDir(op_id=op_id(), parent=ROOT_INO, name=sorted(names)[x % len(names)]))
+            elif what == "add-in":  # a file in a directory (one the other site may remove)
+                dirs = sorted(ino for name, ino in names.items() if name.startswith("d"))
+                if dirs:
+                    create(site, f"n{y}", parent=dirs[x % len(dirs)])
             elif names and what == "write":
                 write(site, names[sorted(names)[x % len(names)]], 100 * (y + 1))
             elif names and what == "chown":
