@@ -27,6 +27,11 @@ from cfs.supervisor.devcluster import DEV_ARCHIVE_URL, DEV_TIER_URL, DevCluster
 from cfs.supervisor.topology import Topology
 from tests.integration.test_cli_dev import _cfs, _live_pids_under, _one_line_error
 
+# Two dev sites up and down: make test-slow, with scenarios 4 and 6 and the annual
+# failover test, which drive the same commands (the default suite has the site pair
+# itself in test_geo_replication.py).
+pytestmark = pytest.mark.slow
+
 TWO_SITES = Path(__file__).resolve().parents[2] / "deploy" / "topologies" / "two-sites.yaml"
 A, B = "site-a", "site-b"
 T = TypeVar("T")

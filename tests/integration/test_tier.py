@@ -288,6 +288,7 @@ def test_cache_mode_puts_every_acknowledged_file_in_s3_blobs(
     assert "Data tier: cache to s3://cfs-tier/data; S3 reachable; queue 0 chunks" in status.stdout
 
 
+@pytest.mark.slow  # half a minute of outage: make test-slow (scenario 7 too)
 def test_an_s3_outage_climbs_the_watermark_in_order_then_drains_by_itself(
     site: LocalSite, s3_env: dict[str, str], s3_direct: S3Settings, proxy: S3FaultProxy
 ) -> None:
