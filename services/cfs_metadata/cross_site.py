@@ -24,11 +24,24 @@ from cfs_contracts.members import health_key
 from cfs_contracts.streams import NODES
 from cfs_metadata.digest import record_name
 from cfs_metadata.fsck import CheckFailed, ask_node, metadata_nodes
+from cfs_metadata.projection import key_record
 
 SCAN_TIMEOUT_S = 120.0
 SETTLE_S = 2.0  # between two scans of a shard whose digests differ
 ATTEMPTS = 3
 SERVICE = "metadata-raft"
+
+
+@dataclass(frozen=True)
+class RecordDiff:
+    """One record the two sites do not hold alike: `side` is where it exists (a site's
+    name, or "both" when they hold different versions)."""
+
+    shard: int
+    kind: str  # inode, dentry, tx, tombstone, counter
+    number: int  # the inode, or a dentry's directory
+    name: str  # a dentry's name
+    side: str
 
 
 @dataclass
@@ -39,6 +52,7 @@ class CrossSiteReport:
     differences: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    records: list[RecordDiff] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -157,6 +171,9 @@ async def _compare(
         if ours.get(key) == theirs.get(key):
             continue
         what = record_name(bytes.fromhex(key))
+        kind, number, name = key_record(bytes.fromhex(key))
+        side = bus.site if key not in theirs else peer if key not in ours else "both"
+        report.records.append(RecordDiff(shard, kind, number, name, side))
         if key not in theirs:
             report.differences.append(f"{what}: only on {bus.site}")
         elif key not in ours:

@@ -69,6 +69,23 @@ def _next_stamp(replaced: Stamp | None, ns: int, site: str) -> Stamp:
     return Stamp(ns=max(ns, replaced.ns + 1), site=site, base=replaced.key())
 
 
+def restamp_inode(inode: Inode, ns: int, site: str) -> Inode:
+    """Every field group stamped now over its stamp, and changed now (`replication-sync`:
+    this version is to win on the peer whatever it changed there)."""
+    stamps = {
+        group: _next_stamp(inode.stamps.get(group), ns, site)
+        for group, fields in FIELD_GROUPS.items()
+        if fields
+    }
+    ctime = max(inode.ctime_ns, ns)  # merges take the later ctime: this one
+    return inode.model_copy(update={"stamps": {**inode.stamps, **stamps}, "ctime_ns": ctime})
+
+
+def restamp_dentry(dentry: Dentry, ns: int, site: str) -> Dentry:
+    """The binding stamped now over its stamp (as `restamp_inode`)."""
+    return dentry.model_copy(update={"stamp": _next_stamp(dentry.stamp, ns, site)})
+
+
 def _stamp_group(inode: Inode, before: Inode, group: str, ns: int, site: str) -> Inode:
     stamps = {**inode.stamps, group: _next_stamp(before.stamps.get(group), ns, site)}
     return inode.model_copy(update={"stamps": stamps})

@@ -59,6 +59,7 @@ from cfs_contracts.fs.rpc import (
 from cfs_contracts.fs.shard_admin import (
     ApplyRemote,
     RepairRecords,
+    Republish,
     ShardAdminReply,
     ShardAdminRequest,
 )
@@ -87,6 +88,7 @@ from cfs_metadata.shard_admin import (
     decide_admin,
     decide_apply_remote,
     decide_repair,
+    decide_republish,
 )
 from cfs_metadata.state import Overlay, apply_entries
 from cfs_metadata.txn import change_lock_grants, locked_keys, placement
@@ -652,6 +654,10 @@ class ShardReplica:
         elif isinstance(step.op, ApplyRemote):
             decision = decide_apply_remote(
                 state, self.projection, self._locked, step.op, self.bus.site
+            )
+        elif isinstance(step.op, Republish):
+            decision = decide_republish(
+                state, self.projection, step.op, time.time_ns(), self.bus.site
             )
         else:
             decision = decide_admin(state, step.op)

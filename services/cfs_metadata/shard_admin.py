@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 from cfs_contracts.envelope import EventPayload
 from cfs_contracts.events.metadata import (
+    Change,
     JournalEntry,
     Lineage,
     MetaCommitted,
     MetaReplayed,
+    PutDentry,
+    PutInode,
     SetNextLocal,
     SetRemoteApplied,
     ShardImageChunk,
@@ -34,18 +37,21 @@ from cfs_contracts.fs.shard_admin import (
     OpenShard,
     RepairRecords,
     ReplayBatch,
+    Republish,
     RestoreBegin,
     RestoreChunk,
     ShardAdminReply,
     ShardPosition,
 )
 from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
+from cfs_metadata.merge import restamp_dentry, restamp_inode
 from cfs_metadata.remote import decide_remote, remote_op_id
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import change_locks, key_shard, read_records
 
 SNAPSHOT_CUT_OP = "snapshot_cut"
 REPAIR_OP_PREFIX = "repair."
+REPUBLISH_OP = "replication-sync"
 AdminOp = (
     MarkCut
     | ShardPosition
@@ -55,6 +61,7 @@ AdminOp = (
     | OpenShard
     | RepairRecords
     | ApplyRemote
+    | Republish
 )
 
 
@@ -79,8 +86,8 @@ class AdminDecision:
 
 def decide_admin(state: ShardState, op: AdminOp) -> AdminDecision:
     here = _here(state)
-    if isinstance(op, RepairRecords | ApplyRemote):
-        raise TypeError(f"{op.op} reads the shard: decide_repair or decide_apply_remote")
+    if isinstance(op, RepairRecords | ApplyRemote | Republish):
+        raise TypeError(f"{op.op} reads the shard: decide_repair, _apply_remote, _republish")
     if isinstance(op, ShardPosition):
         return AdminDecision(None, here)
     if isinstance(op, MarkCut):
@@ -199,6 +206,29 @@ def _here(state: ShardState) -> ShardAdminReply:
         next_chunk=state.next_chunk,
         fence_epoch=state.fence_epoch,
     )
+
+
+def decide_republish(
+    state: ShardState, view: ShardView, op: Republish, now_ns: int, site: str
+) -> AdminDecision:
+    """The named records as they are here, every field group and binding stamped now
+    (over the stamp it had), in one local entry: shipped, they win on the peer."""
+    here = _here(state)
+    if view.op_reply(op.sync_id) is not None:
+        return AdminDecision(None, here.model_copy(update={"message": "journaled already"}))
+    if state.lineage is not None and state.lineage.held:
+        return _refuse(here, errno.EROFS, f"shard {state.shard} is held for replay-journal")
+    changes: list[Change] = []
+    for ino in op.inodes:
+        if (inode := view.inode(ino)) is not None:
+            changes.append(PutInode(inode=restamp_inode(inode, now_ns, site)))
+    for parent, name in op.dentries:
+        if (dentry := view.dentry(parent, name)) is not None:
+            changes.append(PutDentry(dentry=restamp_dentry(dentry, now_ns, site)))
+    if not changes:
+        return AdminDecision(None, here.model_copy(update={"message": "none of them is here"}))
+    entry = JournalEntry(op_id=op.sync_id, op=REPUBLISH_OP, changes=tuple(changes), reply=Reply())
+    return AdminDecision(MetaCommitted(shard=state.shard, term=state.term, entries=(entry,)), here)
 
 
 def decide_repair(

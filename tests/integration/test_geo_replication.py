@@ -23,14 +23,17 @@ import pytest
 
 from cfs.cli.conflicts import conflict_events
 from cfs.client import FileStore, MetadataClient
+from cfs.client.shard_admin import shard_admin
 from cfs.fuse.config import is_fuse_mount
+from cfs.ids import new_id
 from cfs.supervisor import LocalSite
 from cfs.supervisor.sites import SitePair
 from cfs_contracts import REGISTRY
 from cfs_contracts.events.geo import ConflictDetected
-from cfs_contracts.events.metadata import MetaCommitted
-from cfs_contracts.fs.records import ROOT_INO, Inode
-from cfs_contracts.fs.rpc import FsError
+from cfs_contracts.events.metadata import JournalEntry, MetaCommitted, PutInode
+from cfs_contracts.fs.records import ROOT_INO, Inode, Stamp
+from cfs_contracts.fs.rpc import FsError, Reply
+from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage
 from tests.integration.test_replication_link import admin
 
 pytestmark = [
@@ -500,3 +503,33 @@ def test_a_mount_follows_the_active_site(pair: SitePair, tmp_path: Path) -> None
         finally:
             if is_fuse_mount(mnt):
                 subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def _diverge(site: LocalSite, ino: int, uid: int) -> None:
+    """A change only this site's shard holds, as if a merge had gone wrong: applied as
+    a third site's entry (journaled as remote, so never shipped)."""
+    async with await site.client() as bus:
+        inode = await MetadataClient(bus).getattr(ino)
+        owner = Stamp(ns=time.time_ns(), site="site-x")
+        changed = inode.model_copy(update={"uid": uid, "stamps": {**inode.stamps, "owner": owner}})
+        entry = JournalEntry(
+            op_id=new_id(), op="setattr", changes=(PutInode(inode=changed),), reply=Reply()
+        )
+        message = RemoteMessage(seq=1, entries=(entry,))
+        await shard_admin(bus, 1, ApplyRemote(origin="site-x", messages=(message,)))
+
+
+def test_replication_sync_ships_again_what_still_differs(pair: SitePair) -> None:
+    ino = asyncio.run(_write(pair.a, {"diverged": b"d"}))["diverged"]
+    until(lambda: stat(pair.b, "diverged") is not None, 60, "diverged on site-b")
+    asyncio.run(_diverge(pair.b, ino, 4242))
+    check = admin(pair.a, "metadata-consistency-check", "--cross-site")
+    assert check.returncode == 1 and f"Inode {ino}: differs" in check.stdout, check.stdout
+
+    a, b = pair.a.site, pair.b.site
+    synced = admin(pair.a, "replication-sync", "--source", a, "--target", b)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert f"Shipped again from {a}: 1 record(s) that differed" in synced.stdout
+    assert "Shard 001: equal" in synced.stdout
+    on_b = stat(pair.b, "diverged")
+    assert on_b is not None and on_b.uid != 4242 and read(pair.b, "diverged") == b"d"

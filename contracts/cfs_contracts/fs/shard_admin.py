@@ -108,6 +108,18 @@ class ApplyRemote(_AdminOp):
     messages: tuple[RemoteMessage, ...] = ()
 
 
+class Republish(_AdminOp):
+    """`cfs admin replication-sync`: journal these records again, as they are here and
+    stamped now, so the geo-replicator ships them to the peer, whose differing
+    version loses to the later stamps (and is reported as a conflict). `sync_id` is
+    the entry's op id: a retried request is journaled once."""
+
+    op: Literal["republish"] = "republish"
+    sync_id: str
+    inodes: tuple[int, ...] = ()
+    dentries: tuple[tuple[int, str], ...] = Field(default=(), description="(parent, name)")
+
+
 AnyShardAdminOp = Annotated[
     MarkCut
     | ShardPosition
@@ -116,7 +128,8 @@ AnyShardAdminOp = Annotated[
     | ReplayBatch
     | OpenShard
     | RepairRecords
-    | ApplyRemote,
+    | ApplyRemote
+    | Republish,
     Field(discriminator="op"),
 ]
 

@@ -72,8 +72,7 @@ def open_conflicts(events: list[ConflictDetected | ConflictResolved]) -> list[Op
         if detected.conflict_id in ids:
             return True
         return any(
-            scope == (c.ino, c.kind, c.group) and c.last_ns <= through
-            for scope, through in scopes
+            scope == (c.ino, c.kind, c.group) and c.last_ns <= through for scope, through in scopes
         )
 
     found: dict[tuple[int, str, str, int], Open] = {}

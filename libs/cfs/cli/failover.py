@@ -37,7 +37,7 @@ from cfs.hlc import system_wall_ms
 from cfs.ids import new_id
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
-from cfs_contracts.fs.shard_admin import ShardPosition
+from cfs_contracts.fs.shard_admin import Republish, ShardPosition
 from cfs_contracts.geo import GEO_ACTIVE_KEY, ActiveSite
 from cfs_contracts.streams import NODES
 
@@ -398,6 +398,8 @@ def replication_sync(
         typer.echo(
             f"{source} -> {target}: every journal event applied ({result['drained_s']:.1f}s)"
         )
+        if result["shipped"]:
+            typer.echo(f"Shipped again from {source}: {result['shipped']} record(s) that differed")
         typer.echo("\n".join(result["check"]))
     if not result["equal"]:
         raise typer.Exit(ExitCode.FAILED)
@@ -406,6 +408,10 @@ def replication_sync(
 async def _sync(
     bus: Bus, pair: Pair, source: str, target: str, timeout: float, check: Any
 ) -> dict[str, Any]:
+    """Both journals applied both ways, then the digests compared; what still differs
+    and exists on `source` is journaled there again (`Republish`: stamped now, so it
+    wins on `target`) and compared once more. Records only `target` holds are left
+    for the operator: this never deletes."""
     for site in (source, target):
         if not await Sites(bus, pair).reachable(site):
             raise CliError(
@@ -414,14 +420,36 @@ async def _sync(
     drained_s = await _drain(bus, source, target, timeout)
     await _drain(bus, target, source, timeout)  # equal positions: both ways applied
     report = await check(bus, pair.peer, pair.shards)
+    shipped = await _republish(bus, source, report.records) if report.exit_code == 1 else 0
+    if shipped:
+        await _drain(bus, source, target, timeout)
+        await _drain(bus, target, source, timeout)
+        report = await check(bus, pair.peer, pair.shards)
     return {
         "source": source,
         "target": target,
         "drained_s": drained_s,
+        "shipped": shipped,
         "equal": report.exit_code == 0,
         "check": report.lines(),
         "report": report.to_dict(),
     }
+
+
+async def _republish(bus: Bus, source: str, records: list[Any]) -> int:
+    """Ask `source`'s shard writers to journal again the inodes and names they hold
+    that differ on the other site; how many records were named."""
+    view = bus if source == bus.site else bus.for_site(source)
+    named = 0
+    for shard in sorted({r.shard for r in records}):
+        mine = [r for r in records if r.shard == shard and r.side in (source, "both")]
+        inodes = tuple(r.number for r in mine if r.kind == "inode")
+        dentries = tuple((r.number, r.name) for r in mine if r.kind == "dentry")
+        if inodes or dentries:
+            op = Republish(sync_id=new_id(), inodes=inodes, dentries=dentries)
+            await shard_admin(view, shard, op)
+            named += len(inodes) + len(dentries)
+    return named
 
 
 @app.command("failback")

@@ -26,11 +26,11 @@ from cfs_contracts.fs.rpc import (
     SetAttr,
     Unlink,
 )
-from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage
+from cfs_contracts.fs.shard_admin import ApplyRemote, RemoteMessage, Republish
 from cfs_metadata.decide import bootstrap_entry, decide, floor_entry
 from cfs_metadata.merge import stamp_entry
 from cfs_metadata.remote import decide_remote, kept_name
-from cfs_metadata.shard_admin import ShardState, decide_apply_remote
+from cfs_metadata.shard_admin import ShardState, decide_apply_remote, decide_republish
 from cfs_metadata.state import MemoryShard, apply_entries
 
 A, B = "site-a", "site-b"
@@ -295,3 +295,27 @@ def test_the_shard_applies_each_peer_message_once_from_its_position() -> None:
         _shard_state(b), b.state, set(), ApplyRemote(origin=B, messages=messages), B
     )
     assert back.reply.errno == errno.EINVAL  # a site's own entries never come back to it
+
+
+def test_a_republished_record_wins_on_the_peer_whatever_it_holds() -> None:
+    """`replication-sync`: a record the peer holds otherwise (here: changed there by an
+    entry this site never had) is journaled again here, stamped now, and wins."""
+    a, b = pair()
+    ino = create(a, "f")
+    exchange(a, b)
+    b.do(SetAttr(op_id=op_id(), ino=ino, owner=7))
+    b.journal.clear()  # b's change never ships: the two sites differ for good
+    a.clock[0] += 1000
+    decision = decide_republish(
+        _shard_state(a), a.state, Republish(sync_id="s1", inodes=(ino,), dentries=((1, "f"),)),
+        a.clock[0], A,
+    )  # fmt: skip
+    assert decision.event is not None and not decision.reply.errno
+    (entry,) = decision.event.entries  # type: ignore[attr-defined]
+    apply_entries(a.state, [entry])
+    a.journal.append(entry)
+    b.receive(a)
+    converged(a, b, same_reports=False)
+    assert [c.group for c in b.conflicts] == ["owner"], "what it overrode is reported"
+    again = decide_republish(_shard_state(a), a.state, Republish(sync_id="s1"), 0, A)
+    assert again.event is None and "already" in again.reply.message
