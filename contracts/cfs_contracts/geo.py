@@ -94,3 +94,18 @@ class ActiveSite(BaseModel):
             other.changed_ms,
             other.site,
         )
+
+
+CONFLICTS_OPEN_KEY = "conflicts.open"  # in the `nodes` bucket: the conflict-resolver's count
+
+
+class OpenConflicts(BaseModel):
+    """How many conflicts between the sites no one has resolved yet (`show-conflicts`
+    lists them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    open: int = Field(ge=0)
+    kinds: dict[str, int] = Field(default_factory=dict, description="field, name, deleted")
+    oldest_ns: int | None = Field(default=None, description="the oldest open one's change")
+    updated_ms: int

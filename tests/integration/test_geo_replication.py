@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from cfs.cli.conflicts import conflict_events
 from cfs.client import FileStore, MetadataClient
 from cfs.client.shard_admin import shard_admin
+from cfs.conflicts import conflict_events
 from cfs.fuse.config import is_fuse_mount
 from cfs.ids import new_id
 from cfs.supervisor import LocalSite
@@ -48,7 +48,7 @@ pytestmark = [
     ),
 ]
 
-SERVICES = ("membership", "metadata-raft", "chunk-store", "geo-replicator")
+SERVICES = ("membership", "metadata-raft", "chunk-store", "geo-replicator", "conflict-resolver")
 FAILOVER_AFTER_S = 4.0  # the active site unreachable this long: the other takes over
 
 
@@ -178,7 +178,8 @@ async def _remote_op_ids(site: LocalSite) -> list[str]:
 
 async def _conflicts(site: LocalSite) -> list[ConflictDetected]:
     async with await site.client() as bus:
-        return [e for e in await conflict_events(bus) if isinstance(e, ConflictDetected)]
+        events, _ = await conflict_events(bus)
+        return [e for e in events if isinstance(e, ConflictDetected)]
 
 
 def conflicts(site: LocalSite) -> list[ConflictDetected]:

@@ -1,85 +1,29 @@
 """`cfs admin show-conflicts` and `resolve-conflicts` (guide scenario 6).
 
-What the two sites' merges found is in each site's CONFLICTS stream: a
-`ConflictDetected` per conflict (the same id on both sites), a `ConflictResolved`
-once an operator decided. Every conflict was settled by the merge already (the later
-write kept, the losing file kept under another name); the operator confirms that
-(`--strategy last-write-wins`) or picks the other site's value for an inode
-(`--strategy manual --inode N --winner SITE`): that is written as an ordinary change
-here, later than both, so it replaces the kept value on both sites. The decision is
-recorded on both sites (the peer's stream over the link, when it answers) and audited.
+`show-conflicts` reads this site's CONFLICTS stream (`cfs.conflicts`);
+`resolve-conflicts` is a command the conflict-resolver service executes (through the
+CMD stream, so it is audited and answered once), which records the decision on both
+sites.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
-import nats.js.errors
 import typer
 
-from cfs.admin.client import actor, record_action
-from cfs.bus import Bus, BusError
-from cfs.cli.admin import JsonOpt, _session, _settings, app
+from cfs.admin.client import actor, issue
+from cfs.bus import Bus
+from cfs.cli.admin import JsonOpt, _finish, _session, _settings, app
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
-from cfs.cli.geo import read_peer
-from cfs.client import MetadataClient
-from cfs.ids import new_id
-from cfs_contracts.events.geo import ConflictDetected, ConflictResolved
-from cfs_contracts.fs import rpc
+from cfs.conflicts import Open, Strategy, conflict_events, open_conflicts
+from cfs_contracts.events.admin import AdminCommandCompleted
 from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.records import Stamp
-from cfs_contracts.streams import CONFLICTS
 
-# What a manual choice can write again: the groups a metadata operation sets.
-MANUAL_GROUPS = ("owner", "mode", "xattrs")
-
-
-class Strategy(StrEnum):
-    LWW = "last-write-wins"
-    MANUAL = "manual"
-
-
-@dataclass(frozen=True)
-class Open:
-    """A conflict recorded here and not resolved yet."""
-
-    detected: ConflictDetected
-
-    @property
-    def conflict(self) -> FieldConflict:
-        return self.detected.conflict
-
-    @property
-    def conflict_id(self) -> str:
-        return self.detected.conflict_id
-
-
-def open_conflicts(events: list[ConflictDetected | ConflictResolved]) -> list[Open]:
-    """Pure: every divergence detected and not resolved, once each (its latest
-    detection), oldest first. A resolution covers its id, and every detection of the
-    same inode, kind and group between changes made before it was decided."""
-    resolutions = [e for e in events if isinstance(e, ConflictResolved)]
-    ids = {r.conflict_id for r in resolutions}
-    scopes = [((r.ino, r.kind, r.group), r.through_ns) for r in resolutions if r.through_ns]
-
-    def settled(detected: ConflictDetected) -> bool:
-        c = detected.conflict
-        if detected.conflict_id in ids:
-            return True
-        return any(
-            scope == (c.ino, c.kind, c.group) and c.last_ns <= through for scope, through in scopes
-        )
-
-    found: dict[tuple[int, str, str, int], Open] = {}
-    for event in events:
-        if isinstance(event, ConflictDetected) and not settled(event):
-            found[event.conflict.scope] = Open(event)
-    return list(found.values())
+RESOLVE_TIMEOUT_S = 60.0
 
 
 def _when(stamp: Stamp | None) -> str:
@@ -122,23 +66,6 @@ def details(conflict: FieldConflict) -> list[str]:
     ]
 
 
-async def conflict_events(bus: Bus) -> list[ConflictDetected | ConflictResolved]:
-    """This site's CONFLICTS stream, in order."""
-    info = await bus.js.stream_info(CONFLICTS.name)
-    events: list[ConflictDetected | ConflictResolved] = []
-    if not info.state.messages:
-        return events
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            msg = await bus.js.get_msg(CONFLICTS.name, seq, direct=True)
-        except nats.js.errors.NotFoundError:
-            continue
-        payload = bus.registry.decode(msg.data or b"").payload
-        if isinstance(payload, ConflictDetected | ConflictResolved):
-            events.append(payload)
-    return events
-
-
 def _as_json(item: Open) -> dict[str, Any]:
     return {
         "conflict_id": item.conflict_id,
@@ -159,7 +86,7 @@ def show_conflicts(
 ) -> None:
     """What the merges of the two sites' changes found and no one resolved yet."""
     settings = _settings(ctx, None, None, None)
-    found = open_conflicts(_session(settings, conflict_events))
+    found = open_conflicts((_session(settings, conflict_events))[0])
     if as_json:
         typer.echo(json.dumps({"conflicts": [_as_json(item) for item in found]}))
         return
@@ -172,35 +99,6 @@ def show_conflicts(
             typer.echo(f"  id {item.conflict_id}, shard {item.detected.shard:03d}")
             for line in details(item.conflict):
                 typer.echo(line)
-
-
-def _choose(item: Open, winner: str) -> dict[str, Any]:
-    """The chosen site's values of the conflict's group."""
-    c = item.conflict
-    if winner not in (c.here, c.there):
-        raise CliError(f"conflict {item.conflict_id} is between {c.here} and {c.there}, "
-                       f"not {winner}")  # fmt: skip
-    return c.local if winner == c.here else c.remote
-
-
-async def _write_back(
-    meta: MetadataClient, conflict: FieldConflict, values: dict[str, Any]
-) -> None:
-    """Make the chosen values current: an ordinary change, later than both versions."""
-    ino = conflict.ino
-    if conflict.group == "owner":
-        await meta.setattr(ino, owner=values["uid"], group=values["gid"])
-    elif conflict.group == "mode":
-        await meta.setattr(ino, mode=values["mode"])
-    else:  # xattrs: the chosen set exactly
-        wanted: dict[str, str] = values["xattrs"]
-        current = (await meta.getattr(ino)).xattrs
-        for name, value in wanted.items():
-            if current.get(name) != value:
-                op = rpc.SetXattr(op_id=new_id(), ino=ino, name=name, value_b64=value)
-                await meta.call(op)
-        for name in set(current) - set(wanted):
-            await meta.call(rpc.RemoveXattr(op_id=new_id(), ino=ino, name=name))
 
 
 @app.command("resolve-conflicts")
@@ -226,82 +124,19 @@ def resolve_conflicts(
     if strategy is Strategy.LWW and (inode is not None or winner is not None):
         raise CliError("--inode and --winner go with --strategy manual", ExitCode.USAGE)
     settings = _settings(ctx, None, None, None)
+    arguments = {"strategy": strategy.value}
+    if inode is not None and winner is not None:
+        arguments.update(inode=str(inode), winner=winner)
 
-    async def work(bus: Bus) -> dict[str, Any]:
-        found = open_conflicts(await conflict_events(bus))
-        chosen = found if inode is None else [i for i in found if i.conflict.ino == inode]
-        if inode is not None and not chosen:
-            raise CliError(f"no open conflict on inode {inode} (see show-conflicts)")
-        meta = MetadataClient(bus, deadline_s=30)
-        resolved: list[ConflictResolved] = []
-        for item in chosen:
-            kept = item.conflict.winner
-            target = winner or kept
-            applied = False
-            if target != kept:
-                if item.conflict.kind != "field" or item.conflict.group not in MANUAL_GROUPS:
-                    raise CliError(
-                        f"conflict {item.conflict_id} ({item.conflict.kind} "
-                        f"{item.conflict.group}) can only keep what the merge kept "
-                        f"({kept}); manual choices: attr.{', attr.'.join(MANUAL_GROUPS)}"
-                    )
-                await _write_back(meta, item.conflict, _choose(item, target))
-                applied = True
-            c = item.conflict
-            resolved.append(
-                ConflictResolved(
-                    conflict_id=item.conflict_id,
-                    strategy=strategy.value,
-                    winner=target,
-                    applied=applied,
-                    by=actor(),
-                    ino=c.ino,
-                    kind=c.kind,
-                    group=c.group,
-                    through_ns=max(time.time_ns(), c.last_ns),
-                )
-            )
-        peer = await read_peer(bus)
-        recorded_on_peer = await _record(bus, resolved, peer.site if peer else None)
-        await record_action(
+    async def work(bus: Bus) -> AdminCommandCompleted:
+        return await issue(
             bus,
-            "resolve-conflicts",
-            {"strategy": strategy.value, "inode": str(inode or ""), "winner": winner or ""},
-            f"{len(resolved)} resolved",
-        )
-        return {
-            "resolved": [json.loads(r.model_dump_json()) for r in resolved],
-            "recorded_on_peer": recorded_on_peer,
-            "peer": peer.site if peer else None,
-        }
-
-    result = _session(settings, work)
-    if as_json:
-        typer.echo(json.dumps(result))
-        return
-    for item in result["resolved"]:
-        how = "written again" if item["applied"] else "as merged"
-        typer.echo(f"Resolved {item['conflict_id']}: {item['winner']}'s version ({how})")
-    if not result["resolved"]:
-        typer.echo("No open conflicts.")
-    elif result["peer"] and not result["recorded_on_peer"]:
-        typer.echo(
-            f"{result['peer']} did not answer: the resolution is recorded here only "
-            "(run the command there too once the link is back)"
+            service="conflict-resolver",
+            verb="resolve",
+            target=str(inode) if inode is not None else "*",
+            actor=actor(),
+            arguments=arguments,
+            timeout=RESOLVE_TIMEOUT_S,
         )
 
-
-async def _record(bus: Bus, resolved: list[ConflictResolved], peer: str | None) -> bool:
-    """ConflictResolved here, then on the peer (its stream, over the link); whether the
-    peer has them. The event id is the same on both sites."""
-    on_peer = peer is not None
-    for event in resolved:
-        envelope = bus.event(event)
-        await bus.publish(envelope, timeout=10.0)
-        if on_peer and peer is not None:
-            subject = f"cfs.{peer}.conflicts.resolved"
-            try:
-                await bus.publish(envelope, subject=subject, timeout=5.0)
-            except BusError:
-                on_peer = False
-    return on_peer
+    _finish(_session(settings, work), as_json)

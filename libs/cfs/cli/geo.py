@@ -39,12 +39,14 @@ from cfs.geo import (
 from cfs.hlc import system_wall_ms
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.geo import (
+    CONFLICTS_OPEN_KEY,
     GEO_ACTIVE_KEY,
     GEO_APPLIED_KEY,
     GEO_PEER_KEY,
     ActiveSite,
     GeoApplied,
     GeoPeer,
+    OpenConflicts,
 )
 from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import NODES, meta_stream, shard_name
@@ -237,7 +239,9 @@ async def _status(bus: Bus) -> dict[str, Any]:
         except GeoError as exc:
             why_out = f"not replicated: {exc}"
     active = await _active(bus, peer.site if reachable else None)
+    counted = await read_record(bus, CONFLICTS_OPEN_KEY, OpenConflicts)
     return {
+        "open_conflicts": counted.open if counted is not None else None,
         "site": ours.site,
         "peer": peer.site,
         "reachable": reachable,
@@ -309,6 +313,8 @@ def _render(status: dict[str, Any]) -> list[str]:
         f"Replication between {status['site']} (here) and {status['peer']}:",
         "  " + active_line(status.get("active")),
     ]
+    if status.get("open_conflicts"):
+        lines.append(f"  Open conflicts: {status['open_conflicts']} (cfs admin show-conflicts)")
     for d in status["directions"]:
         head = f"  {d['from']} -> {d['to']}: "
         if "copied" not in d:

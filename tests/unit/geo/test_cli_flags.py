@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from cfs.cli.conflicts import headline, open_conflicts
+from cfs.cli.conflicts import headline
 from cfs.cli.main import app
+from cfs.conflicts import open_conflicts
 from cfs_contracts.events.geo import ConflictDetected, ConflictResolved
 from cfs_contracts.fs.conflicts import FieldConflict
 from cfs_contracts.fs.records import Stamp
@@ -18,6 +19,12 @@ GUIDE = {
     ("admin", "resolve-conflicts"): ["--strategy", "--inode", "--winner"],
     ("admin", "metadata-consistency-check"): ["--cross-site"],
     ("admin", "replication-link"): ["--peer"],
+    ("admin", "replication-sync"): ["--source", "--target"],
+    ("admin", "failover-prepare"): ["--source", "--target"],
+    ("admin", "failover-test"): ["--target"],
+    ("admin", "failover"): ["--from", "--to"],
+    ("admin", "failback"): ["--from", "--to"],
+    ("mount",): ["--follow", "--no-follow"],
 }
 
 

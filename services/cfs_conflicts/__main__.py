@@ -1,0 +1,3 @@
+from cfs_conflicts.service import main
+
+main()
