@@ -25,7 +25,11 @@ from tests.integration.test_geo_replication import SERVICES, admin, conflicts, r
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(900),
-    pytest.mark.expected_logs("geo.conflict", "lease.*", "singleton.*", "retry.*"),
+    # geo.active_changed: a cut longer than CFS_FAILOVER_AFTER_S (30 s) moves the active
+    # site to site-b, which site-a adopts after the heal (checked below)
+    pytest.mark.expected_logs(
+        "geo.conflict", "lease.*", "singleton.*", "retry.*", "geo.active_changed"
+    ),
 ]
 
 PARTITION_S = float(os.environ.get("CFS_GEO_PARTITION_S", "120"))
@@ -107,6 +111,10 @@ def test_two_sites_written_through_a_long_partition_converge_and_lose_nothing(
         )
 
     until(caught_up, 300, "both directions caught up after the heal")
+    if PARTITION_S > 30:  # longer than the failover time: site-b took over, for good
+        for site in pair.sites:
+            shown = admin(site, "replication-status", "--json")
+            assert json.loads(shown.stdout)["active"]["site"] == pair.b.site, site.site
     check = admin(pair.a, "metadata-consistency-check", "--cross-site", "--json")
     assert check.returncode == 0, check.stdout + check.stderr
 
