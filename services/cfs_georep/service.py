@@ -19,6 +19,10 @@ journaled: nothing is applied twice or skipped. A batch sent again (the apply wa
 journaled, its answer lost) is not applied again; the writer answers the conflicts
 its entries found once more, whose events the CONFLICTS stream's duplicate window
 drops. Nothing waits on the peer being reachable except the copying of data.
+
+The active instance also keeps the active-site record (`active.ActiveWatch`): it adopts
+the peer's when newer, and takes over when the active peer has been silent for
+`failover_after_s`.
 """
 
 from __future__ import annotations
