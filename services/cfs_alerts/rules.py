@@ -1,0 +1,200 @@
+"""Alert rules and their evaluation (issue 17; the guide's "Prevention" sections). Pure.
+
+A rules file (YAML) names conditions over the figures services publish (replication
+lag, S3 queue depth, ...) or over events (a `CorruptionDetected`), each with a `for:`
+duration, a severity, labels and a summary. Evaluation works as Prometheus and
+Alertmanager do it: a condition that holds is *pending* until it has held for `for:`,
+then *firing*, with one notification, repeated every `repeat:` while it keeps firing;
+when it stops holding, one resolution. An event condition holds from the event until
+`clear:` has passed without another.
+
+    rules:
+      - name: replication-lag
+        figure: replication.lag_s
+        above: 10
+        for: 30s
+        severity: warning
+        summary: "replication lag {value:.0f}s (over 10s)"
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cfs_contracts.events.ops import Severity
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be used; one line naming the file and the place."""
+
+
+def seconds(text: str | float | int) -> float:
+    """`30s`, `5m`, `2h`, `1d`, `250ms`, or a number of seconds."""
+    if isinstance(text, int | float):
+        return float(text)
+    found = _DURATION.match(text.strip())
+    if found is None:
+        raise ValueError(f"bad duration {text!r} (e.g. 30s, 5m, 2h, 1d)")
+    return float(found.group(1)) * _UNIT_S[found.group(2)]
+
+
+class Rule(BaseModel):
+    """One rule: a figure over or under a threshold, or an event seen."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    figure: str | None = Field(
+        default=None, description="a published figure, e.g. replication.lag_s"
+    )
+    above: float | None = None
+    below: float | None = None
+    event: str | None = Field(default=None, description="an event type, e.g. CorruptionDetected")
+    for_s: float = Field(default=0.0, alias="for", ge=0)
+    clear_s: float = Field(default=300.0, alias="clear", gt=0, description="events: quiet time")
+    repeat_s: float = Field(default=4 * 3600.0, alias="repeat", gt=0)
+    severity: Severity = Severity.WARNING
+    summary: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("for_s", "clear_s", "repeat_s", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return seconds(value)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> Rule:
+        if (self.figure is None) == (self.event is None):
+            raise ValueError("a rule watches one figure or one event")
+        if self.figure is not None and (self.above is None) == (self.below is None):
+            raise ValueError(f"figure {self.figure}: give one of above or below")
+        return self
+
+    def holds(self, value: float) -> bool:
+        if self.above is not None:
+            return value > self.above
+        return self.below is not None and value < self.below
+
+    def describe(self, key: str, value: float | None) -> str:
+        template = self.summary or f"{self.name}: {{value}}"
+        try:
+            return template.format(value=value if value is not None else 0.0, key=key)
+        except (KeyError, ValueError, IndexError):
+            return f"{template} (value {value})"
+
+
+class RulesFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, rules: list[Rule]) -> list[Rule]:
+        names = [r.name for r in rules]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rule names used twice: {', '.join(twice)}")
+        return rules
+
+
+def load_rules(path: Path) -> list[Rule]:
+    """Parse a rules file; any problem is one RulesError naming the file and the place."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise RulesError(f"rules {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise RulesError(f"rules {path}: not valid YAML{at}: {what}") from None
+    try:
+        return RulesFile.model_validate(data or {}).rules
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "file"
+        raise RulesError(f"rules {path}: {where}: {first['msg']}") from None
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    FIRING = "firing"
+
+
+class Kind(StrEnum):
+    FIRED = "fired"
+    REPEATED = "repeated"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True)
+class AlertState:
+    """One rule for one key (a node, a shard, ...) while its condition holds."""
+
+    rule: str
+    key: str
+    phase: Phase
+    since: float  # when the condition started to hold
+    last_seen: float  # when it last held (events: the last event)
+    notified: float = 0.0  # when the last notification went out
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class Notification:
+    kind: Kind
+    rule: Rule
+    key: str
+    value: float | None
+    summary: str
+    since: float
+
+    @property
+    def dedupe_key(self) -> str:
+        return f"{self.rule.name}/{self.key}"
+
+
+def observe(
+    rule: Rule, key: str, held: bool, value: float | None, state: AlertState | None, now: float
+) -> tuple[AlertState | None, Notification | None]:
+    """One observation of `rule` for `key` (`held`: its condition holds now): the new
+    state and what to notify, if anything. For event rules, `held` means an event was
+    seen now; the state then lasts until `clear_s` passes without one."""
+    if held:
+        if state is None:
+            state = AlertState(rule.name, key, Phase.PENDING, since=now, last_seen=now, value=value)
+        else:
+            state = replace(state, last_seen=now, value=value if value is not None else state.value)
+    elif state is not None and rule.event is not None and now - state.last_seen < rule.clear_s:
+        pass  # an event rule stays until its quiet time has passed
+    elif state is not None:
+        if state.phase is Phase.FIRING:
+            summary = f"resolved: {rule.describe(key, state.value)}"
+            return None, Notification(Kind.RESOLVED, rule, key, state.value, summary, state.since)
+        return None, None  # pending only: it never fired, so nothing to resolve
+    else:
+        return None, None
+    if state.phase is Phase.PENDING:
+        if now - state.since < rule.for_s:
+            return state, None
+        state = replace(state, phase=Phase.FIRING, notified=now)
+        return state, Notification(
+            Kind.FIRED, rule, key, state.value, rule.describe(key, state.value), state.since
+        )
+    if now - state.notified >= rule.repeat_s:
+        state = replace(state, notified=now)
+        return state, Notification(
+            Kind.REPEATED, rule, key, state.value, rule.describe(key, state.value), state.since
+        )
+    return state, None
