@@ -14,13 +14,12 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cfs.retry import RetryPolicy, retry
-from cfs_alerts.rules import Kind, Notification
+from cfs_alerts.rules import HookSpec, Kind, Notification
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +28,6 @@ STDERR_KEPT = 300  # bytes of a failed command's stderr in the error
 
 class HookError(Exception):
     """A delivery that failed; one line."""
-
-
-class HookSpec(BaseModel):
-    """One hook of the rules file's `hooks:` list."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    kind: Literal["webhook", "command", "log"]
-    url: str | None = Field(default=None, description="webhook: where to POST")
-    argv: list[str] | None = Field(default=None, description="command: program and arguments")
-    timeout_s: float = Field(default=10.0, gt=0, description="per delivery (webhook: per try)")
-    deadline_s: float = Field(default=60.0, gt=0, description="webhook: retries end here")
-
-    @model_validator(mode="after")
-    def _target(self) -> HookSpec:
-        if self.kind == "webhook" and not (self.url or "").startswith(("http://", "https://")):
-            raise ValueError(f"webhook {self.name}: url must be http:// or https://")
-        if self.kind == "command" and not self.argv:
-            raise ValueError(f"command {self.name}: argv is empty")
-        return self
 
 
 def document(note: Notification, site: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,10 +93,32 @@ class Rule(BaseModel):
             return f"{template} (value {value})"
 
 
+class HookSpec(BaseModel):
+    """One hook of the rules file's `hooks:` list."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    kind: Literal["webhook", "command", "log"]
+    url: str | None = Field(default=None, description="webhook: where to POST")
+    argv: list[str] | None = Field(default=None, description="command: program and arguments")
+    timeout_s: float = Field(default=10.0, gt=0, description="per delivery (webhook: per try)")
+    deadline_s: float = Field(default=60.0, gt=0, description="webhook: retries end here")
+
+    @model_validator(mode="after")
+    def _target(self) -> HookSpec:
+        if self.kind == "webhook" and not (self.url or "").startswith(("http://", "https://")):
+            raise ValueError(f"webhook {self.name}: url must be http:// or https://")
+        if self.kind == "command" and not self.argv:
+            raise ValueError(f"command {self.name}: argv is empty")
+        return self
+
+
 class RulesFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[Rule] = Field(default_factory=list)
+    hooks: list[HookSpec] = Field(default_factory=list)
 
     @field_validator("rules")
     @classmethod
@@ -108,7 +130,14 @@ class RulesFile(BaseModel):
         return rules
 
 
+DEFAULT_RULES = Path(__file__).with_name("default.yaml")
+
+
 def load_rules(path: Path) -> list[Rule]:
+    return load_config(path).rules
+
+
+def load_config(path: Path) -> RulesFile:
     """Parse a rules file; any problem is one RulesError naming the file and the place."""
     try:
         data = yaml.safe_load(Path(path).read_text())
@@ -120,7 +149,7 @@ def load_rules(path: Path) -> list[Rule]:
         what = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise RulesError(f"rules {path}: not valid YAML{at}: {what}") from None
     try:
-        return RulesFile.model_validate(data or {}).rules
+        return RulesFile.model_validate(data or {})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "file"
@@ -198,3 +227,43 @@ def observe(
             Kind.REPEATED, rule, key, state.value, rule.describe(key, state.value), state.since
         )
     return state, None
+
+
+class Evaluator:
+    """Every rule over every key, one round at a time; the alert states between rounds
+    (seeded from the published state, so a new leader does not notify again)."""
+
+    def __init__(self, rules: list[Rule], states: dict[tuple[str, str], AlertState] | None = None):
+        self.rules = rules
+        self.states: dict[tuple[str, str], AlertState] = dict(states or {})
+
+    def round(
+        self, figures: dict[str, dict[str, float]], events: dict[str, set[str]], now: float
+    ) -> list[Notification]:
+        """`figures`: {figure: {key: value}}; `events`: {event type: keys seen since
+        the last round}."""
+        notes = []
+        for rule in self.rules:
+            values = figures.get(rule.figure, {}) if rule.figure is not None else {}
+            seen = events.get(rule.event, set()) if rule.event is not None else set()
+            keys = set(values) | seen | {k for r, k in self.states if r == rule.name}
+            for key in sorted(keys):
+                value = values.get(key)
+                held = (
+                    key in seen
+                    if rule.event is not None
+                    else (value is not None and rule.holds(value))
+                )
+                state, note = observe(
+                    rule, key, held, value, self.states.get((rule.name, key)), now
+                )
+                if state is None:
+                    self.states.pop((rule.name, key), None)
+                else:
+                    self.states[(rule.name, key)] = state
+                if note is not None:
+                    notes.append(note)
+        return notes
+
+    def firing(self) -> list[AlertState]:
+        return [s for s in self.states.values() if s.phase is Phase.FIRING]

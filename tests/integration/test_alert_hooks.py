@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cfs_alerts.hooks import Dispatcher, HookSpec, build, document
-from cfs_alerts.rules import Rule, observe
+from cfs_alerts.hooks import Dispatcher, build, document
+from cfs_alerts.rules import HookSpec, Rule, observe
 
 pytestmark = pytest.mark.expected_logs("alert.hook_failed", "retry.*")
 

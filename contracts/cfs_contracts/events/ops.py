@@ -37,6 +37,19 @@ class AlertRaised(EventPayload):
     dedupe_key: str = Field(description="alerts with one key are throttled together")
 
 
+@REGISTRY.event(
+    "AlertResolved", version=1, stream="ALERTS", subject="cfs.{site}.alerts.resolved"
+)
+class AlertResolved(EventPayload):
+    """A firing alert whose condition no longer holds (`dedupe_key` as it fired)."""
+
+    rule: str
+    severity: Severity
+    summary: str
+    dedupe_key: str
+    fired_ms: int = Field(ge=0, description="when it started to hold")
+
+
 @REGISTRY.event("AdminActionRecorded", version=1, stream="AUDIT", subject="cfs.{site}.audit.admin")
 class AdminActionRecorded(EventPayload):
     """Audit record of an admin command, written before the command takes effect."""

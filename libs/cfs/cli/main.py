@@ -7,6 +7,7 @@ import os
 import typer
 
 from cfs.cli import admin, cluster, dev, fs, node, service
+from cfs.cli import alerts as _alerts  # noqa: F401 (adds `cfs admin alerts`)
 from cfs.cli import backup as _backup  # noqa: F401 (adds its commands to `cfs admin`)
 from cfs.cli import check as _check  # noqa: F401 (adds its commands to `cfs admin`)
 from cfs.cli import conflicts as _conflicts  # noqa: F401 (show- and resolve-conflicts)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cfs_alerts.rules import (
+    DEFAULT_RULES,
     AlertState,
     Kind,
     Rule,
@@ -20,7 +21,7 @@ from cfs_alerts.rules import (
     seconds,
 )
 
-DEFAULTS = Path(__file__).resolve().parents[3] / "deploy" / "alerts" / "default.yaml"
+DEFAULTS = DEFAULT_RULES
 GUIDE = {  # the guide's Prevention sections, and issue 17's additions
     "replication-lag", "s3-write-lag", "s3-queue-depth", "flash-critical", "node-down",
     "consistency-check-missed", "corruption-detected", "leader-changes", "backup-age",
@@ -81,7 +82,7 @@ def run(rule: Rule, samples: list[tuple[float, float]]) -> list[tuple[float, Kin
 
 
 def test_fires_once_after_for_repeats_on_its_interval_and_resolves_once() -> None:
-    samples = [(t, 20.0) for t in range(0, 4000, 10)] + [(4000, 1.0), (4010, 1.0)]
+    samples = [(float(t), 20.0) for t in range(0, 4000, 10)] + [(4000.0, 1.0), (4010.0, 1.0)]
     sent = run(LAG, samples)
     assert sent == [
         (30, Kind.FIRED, "lag 20s"),

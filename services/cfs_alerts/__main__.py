@@ -1,0 +1,3 @@
+from cfs_alerts.service import main
+
+main()
