@@ -371,7 +371,9 @@ class LocalSite:
             while True:
                 self._check_alive()
                 waiting = [node for node in self.node_names if not await self._fresh(kv, node)]
-                if not waiting and self._runs("metadata-raft"):
+                if not waiting and not self._runs("metadata-raft"):
+                    break  # a site of other services only (membership and alerts, say)
+                if not waiting:
                     try:
                         await client.getattr(1)
                         break
