@@ -25,9 +25,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cfs.yamlfile import load_yaml_model
 from cfs_contracts.events.ops import Severity
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -139,21 +139,7 @@ def load_rules(path: Path) -> list[Rule]:
 
 def load_config(path: Path) -> RulesFile:
     """Parse a rules file; any problem is one RulesError naming the file and the place."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise RulesError(f"rules {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise RulesError(f"rules {path}: not valid YAML{at}: {what}") from None
-    try:
-        return RulesFile.model_validate(data or {})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "file"
-        raise RulesError(f"rules {path}: {where}: {first['msg']}") from None
+    return load_yaml_model(path, RulesFile, "rules", RulesError)
 
 
 class Phase(StrEnum):

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from cfs.supervisor.errors import SupervisorError
+from cfs.yamlfile import load_yaml_model
 
 
 class NodeSpec(BaseModel):
@@ -84,18 +83,7 @@ class Topology(BaseModel):
     @classmethod
     def load(cls, path: Path) -> Topology:
         """Parse a topology file; any problem is one SupervisorError naming the file."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise SupervisorError(f"topology {path}: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise SupervisorError(f"topology {path}: not valid YAML: {exc}") from exc
-        try:
-            return cls.model_validate(data if data is not None else {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "file"
-            raise SupervisorError(f"topology {path}: {where}: {first['msg']}") from exc
+        return load_yaml_model(path, cls, "topology", SupervisorError)
 
     @property
     def node_names(self) -> list[str]:
