@@ -14,8 +14,7 @@ SPEC = ServiceSpec(
     description="Evaluates the alert rules over the figures the services publish and the "
     "events they raise; sends each firing and resolution to the hooks (one active per site).",
     settings=imported("cfs_alerts.service:AlertSettings"),
-    grants=Grants(
-        publish=("{s}.alerts.raised", "{s}.alerts.resolved"),
+    grants=Grants(  # AlertRaised / AlertResolved: every role may publish alerts
         read_streams=(ALERTS.name,),
         read_buckets=(NODES.bucket,),
         write_keys={NODES.bucket: (ALERTS_STATE_KEY,)},

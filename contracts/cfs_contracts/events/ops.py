@@ -37,9 +37,7 @@ class AlertRaised(EventPayload):
     dedupe_key: str = Field(description="alerts with one key are throttled together")
 
 
-@REGISTRY.event(
-    "AlertResolved", version=1, stream="ALERTS", subject="cfs.{site}.alerts.resolved"
-)
+@REGISTRY.event("AlertResolved", version=1, stream="ALERTS", subject="cfs.{site}.alerts.resolved")
 class AlertResolved(EventPayload):
     """A firing alert whose condition no longer holds (`dedupe_key` as it fired)."""
 
