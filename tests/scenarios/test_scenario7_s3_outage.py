@@ -155,6 +155,11 @@ def test_s3_outage_in_cache_mode_writes_go_on_failover_and_back(
     writer.start()
     try:
         wait_for("files written before the outage", lambda: len(writer.acked) >= 10, 60)
+        wait_for(  # blobs in the primary before it fails: the failover copy has work
+            "the first blobs in the primary bucket",
+            lambda: int(_queue(site)["flushed_below_seq"]) > 0,  # type: ignore[call-overload]
+            60,
+        )
 
         # 1. S3 fails: the tier's bucket answers 503.
         proxy.set_fault("status", status=503, buckets=(PRIMARY,))
