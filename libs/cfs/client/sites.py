@@ -109,14 +109,18 @@ class SiteFollower:
         self.buses.clear()
 
     async def _records(self) -> dict[str, ActiveSite | None]:
-        found: dict[str, ActiveSite | None] = {}
-        for site in self.sites:
-            try:
-                bus = self.buses.get(site)
-                if bus is None:  # `connect` gives up on its own (its connect timeout)
-                    bus = self.buses[site] = await self.connect(site)
-                async with asyncio.timeout(PROBE_TIMEOUT_S):
-                    found[site], _ = await read_active(await bus.key_value(NODES.bucket))
-            except TRANSPORT:
-                continue
-        return found
+        """The record of each site that answers, both asked at once (a dead site's
+        connect timeout does not delay reading the live one)."""
+        answers = await asyncio.gather(*(self._record(site) for site in self.sites))
+        return {site: record for site, (ok, record) in zip(self.sites, answers, strict=True) if ok}
+
+    async def _record(self, site: str) -> tuple[bool, ActiveSite | None]:
+        try:
+            bus = self.buses.get(site)
+            if bus is None:  # `connect` gives up on its own (its connect timeout)
+                bus = self.buses[site] = await self.connect(site)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                record, _ = await read_active(await bus.key_value(NODES.bucket))
+        except TRANSPORT:
+            return False, None
+        return True, record
