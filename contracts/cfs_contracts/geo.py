@@ -10,6 +10,8 @@ partition of any length, and the peer's server never needs to know we exist.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from cfs_contracts.streams import shard_name
@@ -94,6 +96,15 @@ class ActiveSite(BaseModel):
             other.changed_ms,
             other.site,
         )
+
+
+def newest_active(records: Iterable[ActiveSite | None]) -> ActiveSite | None:
+    """The record that supersedes the others (what both sites converge to)."""
+    newest: ActiveSite | None = None
+    for record in records:
+        if record is not None and record.supersedes(newest):
+            newest = record
+    return newest
 
 
 CONFLICTS_OPEN_KEY = "conflicts.open"  # in the `nodes` bucket: the conflict-resolver's count

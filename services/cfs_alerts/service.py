@@ -51,10 +51,8 @@ from cfs_alerts.rules import (
 )
 from cfs_contracts import ContractError
 from cfs_contracts.alerts import ALERTS_STATE_KEY, AlertsState, FiringAlert, HookInfo, RuleInfo
-from cfs_contracts.backup import BACKUP_STATUS_KEY, SCHEDULE_KEY, BackupStatus, SnapshotSchedule
 from cfs_contracts.events.admin import AdminCommandIssued
 from cfs_contracts.events.ops import AlertRaised, AlertResolved
-from cfs_contracts.geo import CONFLICTS_OPEN_KEY, GEO_APPLIED_KEY, GeoApplied, OpenConflicts
 from cfs_contracts.streams import ALERTS, NODES
 
 log = logging.getLogger(__name__)
@@ -88,14 +86,14 @@ async def lead(ctx: Context) -> None:
     log.info("alerts.leading", extra={"rules": len(config.rules), "hooks": len(config.hooks)})
     try:
         while True:
-            published = Published(
+            published = Published(  # what the nodes view follows: no request per round
                 site=bus.site,
                 members=dict(nodes.members),
                 tier=nodes.tier.get("state"),
-                geo=await read_record(bus, GEO_APPLIED_KEY, GeoApplied),
-                backup=await read_record(bus, BACKUP_STATUS_KEY, BackupStatus),
-                schedule=await read_record(bus, SCHEDULE_KEY, SnapshotSchedule),
-                conflicts=await read_record(bus, CONFLICTS_OPEN_KEY, OpenConflicts),
+                geo=nodes.geo.get("applied"),
+                backup=nodes.backup.get("status"),
+                schedule=nodes.backup.get("schedule"),
+                conflicts=nodes.conflicts.get("open"),
             )
             now = time.time()
             for note in evaluator.round(figures(published, int(now * 1000)), events.take(), now):

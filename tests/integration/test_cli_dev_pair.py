@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from cfs.objstore.url import S3Url
 from cfs.supervisor.devcluster import DEV_ARCHIVE_URL, DEV_TIER_URL, DevCluster
 from cfs.supervisor.topology import Topology
 from tests.integration.test_cli_dev import _cfs, _live_pids_under, _one_line_error
+from tests.integration.test_geo_replication import until
 
 # Two dev sites up and down: make test-slow, with scenarios 4 and 6 and the annual
 # failover test, which drive the same commands (the default suite has the site pair
@@ -71,17 +72,6 @@ class DevPair:
     def replication(self, site: str = A) -> tuple[int, str]:
         done = self.cfs("admin", "replication-status", site=site)
         return done.returncode, done.stdout
-
-
-def until(check: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

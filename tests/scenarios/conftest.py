@@ -54,6 +54,29 @@ NODE_LOSS_LOGS = (
 )
 
 
+def tear_down(
+    mounts: dict[Path, int | None],
+    state_dir: Path,
+    dev_down: Callable[[], subprocess.CompletedProcess[str]],
+) -> None:
+    """Unmount and kill the mounts, then `dev_down` (`cfs dev down`); if that fails,
+    kill the dev daemon: nothing a test started outlives it."""
+    try:
+        for mnt, pid in mounts.items():
+            if is_fuse_mount(mnt):
+                subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    finally:
+        result = dev_down()
+        state = state_dir / "dev.json"
+        if result.returncode != 0 and state.exists():  # last resort: kill the daemon
+            pid = json.loads(state.read_text()).get("pid")
+            with contextlib.suppress(ProcessLookupError, TypeError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 class DevSite:
     """One `cfs dev` site under `tmp_path` and at most one mount of it."""
 
@@ -129,19 +152,9 @@ class DevSite:
 
     def down(self) -> None:
         """Unmount and stop everything, whatever state the test left."""
-        try:
-            if is_fuse_mount(self.mnt):
-                subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
-        finally:
-            if self._mount_pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._mount_pid, signal.SIGKILL)
-            result = self.cfs("dev", "down", timeout=90)
-            state = self.state / "dev.json"
-            if result.returncode != 0 and state.exists():  # last resort: kill the daemon
-                pid = json.loads(state.read_text()).get("pid")
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(int(pid), signal.SIGKILL)
+        tear_down(
+            {self.mnt: self._mount_pid}, self.state, lambda: self.cfs("dev", "down", timeout=90)
+        )
 
     # -- observations ----------------------------------------------------------------------
     def shard_leader(self, shard: str = "001") -> str | None:
@@ -316,20 +329,7 @@ class DevPair:
         return record["site"] if record else None
 
     def down(self) -> None:
-        try:
-            for mnt, pid in self._mount_pids.items():
-                if is_fuse_mount(mnt):
-                    subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
-                if pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        finally:
-            result = self.cfs("dev", "down", timeout=120)
-            state = self.state / "dev.json"
-            if result.returncode != 0 and state.exists():  # last resort: kill the daemon
-                pid = json.loads(state.read_text()).get("pid")
-                with contextlib.suppress(ProcessLookupError, TypeError):
-                    os.kill(int(pid), signal.SIGKILL)
+        tear_down(self._mount_pids, self.state, lambda: self.cfs("dev", "down", timeout=120))
 
 
 @pytest.fixture

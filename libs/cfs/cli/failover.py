@@ -38,7 +38,7 @@ from cfs.ids import new_id
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.fs.shard_admin import Republish, ShardPosition
-from cfs_contracts.geo import GEO_ACTIVE_KEY, ActiveSite
+from cfs_contracts.geo import GEO_ACTIVE_KEY, ActiveSite, newest_active
 from cfs_contracts.streams import NODES
 
 PROBE_PREFIX = ".cfs-failover-test-"  # the write probe's scratch name, in the root
@@ -104,11 +104,7 @@ class Sites:
         return found
 
     async def current(self) -> ActiveSite | None:
-        newest: ActiveSite | None = None
-        for record in (await self.records()).values():
-            if record is not None and record.supersedes(newest):
-                newest = record
-        return newest
+        return newest_active((await self.records()).values())
 
     async def change(self, site: str, reason: str, fenced: str | None = None) -> ActiveSite:
         """A record superseding both sites', put on every site that answers (at least

@@ -47,6 +47,7 @@ from cfs_contracts.geo import (
     GeoApplied,
     GeoPeer,
     OpenConflicts,
+    newest_active,
 )
 from cfs_contracts.members import ClusterConfig
 from cfs_contracts.streams import NODES, meta_stream, shard_name
@@ -259,16 +260,15 @@ async def _status(bus: Bus) -> dict[str, Any]:
 
 async def _active(bus: Bus, peer: str | None) -> ActiveSite | None:
     """The newest active-site record of this site and (when it answers) the peer."""
-    newest, _ = await read_active(await bus.key_value(NODES.bucket))
+    ours, _ = await read_active(await bus.key_value(NODES.bucket))
+    theirs: ActiveSite | None = None
     if peer is not None:
         try:
             remote = bus.nc.jetstream(domain=peer, timeout=PEER_TIMEOUT_S)
             theirs, _ = await read_active(await remote.key_value(NODES.bucket))
         except UNREACHABLE:
-            theirs = None
-        if theirs is not None and theirs.supersedes(newest):
-            newest = theirs
-    return newest
+            pass
+    return newest_active((ours, theirs))
 
 
 def active_line(active: dict[str, Any] | None) -> str:

@@ -26,8 +26,9 @@ from cfs.kernel.runtime import cancel_and_wait
 from cfs.liveness import NodeFacts
 from cfs.placement import Candidate
 from cfs.retry import Backoff, RetryPolicy, any_bus_error
+from cfs_contracts.backup import BackupStatus, SnapshotSchedule
 from cfs_contracts.data import StoreRecord
-from cfs_contracts.geo import ActiveSite
+from cfs_contracts.geo import ActiveSite, GeoApplied, OpenConflicts
 from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin
 from cfs_contracts.streams import NODES
 from cfs_contracts.tier import TierConfig, TierMode, TierState
@@ -43,7 +44,9 @@ _TABLES: dict[str, tuple[str, type[Any] | dict[str, type[Any]]]] = {
     "admin": ("admin", NodeAdmin),
     "cluster": ("cluster", ClusterConfig),  # one key: cluster.config
     "tier": ("tier", {"config": TierConfig, "state": TierState}),  # tier.config, tier.state
-    "geo": ("geo", {"active": ActiveSite}),  # geo.active (two sites)
+    "geo": ("geo", {"active": ActiveSite, "applied": GeoApplied}),  # two sites
+    "backup": ("backup", {"status": BackupStatus, "schedule": SnapshotSchedule}),
+    "conflicts": ("conflicts", {"open": OpenConflicts}),
 }
 
 
@@ -70,7 +73,9 @@ class NodeView:
         self.admin: dict[str, NodeAdmin] = {}
         self.cluster: dict[str, ClusterConfig] = {}
         self.tier: dict[str, Any] = {}  # "config": TierConfig, "state": TierState
-        self.geo: dict[str, Any] = {}  # "active": ActiveSite
+        self.geo: dict[str, Any] = {}  # "active": ActiveSite, "applied": GeoApplied
+        self.backup: dict[str, Any] = {}  # "status": BackupStatus, "schedule": ...
+        self.conflicts: dict[str, Any] = {}  # "open": OpenConflicts
         self._avoid_until: dict[str, float] = {}
         self.versions: dict[str, int] = dict.fromkeys(_TABLES, 0)  # changes seen, per kind
         self._changed = asyncio.Event()

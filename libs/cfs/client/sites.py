@@ -22,7 +22,7 @@ import nats.js.errors
 
 from cfs.bus import Bus, BusError
 from cfs.geo import read_active
-from cfs_contracts.geo import ActiveSite
+from cfs_contracts.geo import ActiveSite, newest_active
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ class Choice:
 
 def choose_site(current: str | None, home: str, records: dict[str, ActiveSite | None]) -> Choice:
     """`records`: the record of each site that answered (None: it has none)."""
-    newest: ActiveSite | None = None
-    for record in records.values():
-        if record is not None and record.supersedes(newest):
-            newest = record
+    newest = newest_active(records.values())
     if newest is not None and newest.site in records:
         return Choice(newest.site, f"site {newest.site} is active (epoch {newest.epoch})")
     if newest is not None and current in records:
