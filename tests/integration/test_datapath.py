@@ -4,6 +4,7 @@ chunk-store processes, kill -9 and on-disk corruption."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -59,10 +60,14 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]
         running.stop()
 
 
-async def _files(site: LocalSite) -> tuple[Bus, MetadataClient, FileStore]:
+async def _files(
+    site: LocalSite, placement_wait_s: float = 30.0
+) -> tuple[Bus, MetadataClient, FileStore]:
     bus = await site.client()
     meta = MetadataClient(bus, deadline_s=30)
-    files = FileStore(bus, meta, client_id=bus.node, fragment_timeout_s=3.0)
+    files = FileStore(
+        bus, meta, client_id=bus.node, fragment_timeout_s=3.0, placement_wait_s=placement_wait_s
+    )
     await files.start()
     return bus, meta, files
 
@@ -175,6 +180,51 @@ async def test_fsynced_file_survives_kill9_of_client_and_one_chunkstore(
         data = await files.read_all(int(ino))
         assert hashlib.sha256(data).hexdigest() == digest
     finally:
+        await files.close()
+        await bus.close()
+
+
+async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_eio(
+    site: LocalSite,
+) -> None:
+    """No node answering is not a full disk: a write waits for the chunk-stores to come
+    back (the application sees a stall, not an error), and past its bounded wait it
+    fails with EIO naming the nodes, never with ENOSPC."""
+    stores = [site.chunkstore(node) for node in site.node_names]
+    bus, meta, files = await _files(site, placement_wait_s=60.0)
+    try:
+        ino = (await meta.create(ROOT_INO, "stalled", 0o644)).ino
+        for proc in stores:
+            proc.pause()
+        resumed = asyncio.get_running_loop().call_later(
+            6.0, lambda: [proc.resume() for proc in stores]
+        )
+        data = _blob(CS + 7, 1)
+        try:
+            await files.write_all(ino, data)
+        finally:
+            resumed.cancel()
+            for proc in stores:
+                proc.resume()
+        assert await files.read_all(ino) == data
+    finally:
+        await files.close()
+        await bus.close()
+
+    bus, meta, files = await _files(site, placement_wait_s=4.0)
+    try:
+        ino = (await meta.create(ROOT_INO, "unavailable", 0o644)).ino
+        for proc in stores:
+            proc.pause()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(FsError) as failed:
+            await files.write_all(ino, _blob(CS, 2))
+        waited = asyncio.get_running_loop().time() - started
+        assert failed.value.errno == errno.EIO, failed.value
+        assert waited >= 3.0, waited
+    finally:
+        for proc in stores:
+            proc.resume()
         await files.close()
         await bus.close()
 

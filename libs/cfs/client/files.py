@@ -37,6 +37,7 @@ from cfs.erasure import Scheme, choose_scheme, decode, encode
 from cfs.ids import new_id
 from cfs.placement import rank
 from cfs.rebuild import gather
+from cfs.retry import Backoff, RetryPolicy
 from cfs_contracts.data import fragment_key
 from cfs_contracts.events.data import FragmentDamaged
 from cfs_contracts.fs import rpc
@@ -60,6 +61,7 @@ class FileStore:
         parallel_chunks: int = 4,
         readahead_chunks: int = 4,
         fragment_timeout_s: float = 10.0,
+        placement_wait_s: float = 30.0,
     ) -> None:
         self.bus = bus
         self.meta = meta
@@ -67,6 +69,12 @@ class FileStore:
         self.write_buffer_bytes = write_buffer_bytes
         self.readahead_chunks = readahead_chunks
         self.chunks = ChunkStoreClient(bus, timeout_s=fragment_timeout_s)
+        self._placement_policy = RetryPolicy(
+            "fragment placement",
+            temporary=lambda _: True,
+            deadline_s=placement_wait_s,
+            max_delay_s=1.0,
+        )
         self.nodes = NodeView(bus)
         self.tier = TierGate(bus, self.nodes, self.spawn)
         self._cache = _ChunkCache(cache_bytes)
@@ -137,14 +145,26 @@ class FileStore:
         A node that fails is replaced by the next in rendezvous order; when none
         is left, the chunk is coded again for the nodes still answering (4+2 on
         six nodes becomes 2+1 on five), so losing a node never stops writes.
+        While no node answers at all (a NATS server restarting, interest moving
+        between servers), the write waits up to `placement_wait_s` and then fails
+        with EIO; ENOSPC means every node that is up is really full.
         """
         async with self._storing:
             self.tier.check_room()
             chunk_id = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+            backoff = Backoff(self._placement_policy, extra={"ino": ino, "chunk": chunk_id})
+            avoiding = True
             while True:
-                candidates = self.nodes.eligible(len(data))
+                candidates = self.nodes.eligible(len(data), avoiding=avoiding)
                 if not candidates:
-                    raise FsError(errno.ENOSPC, "no chunk-store node is up with room for data")
+                    if self.nodes.out_of_room(len(data)):
+                        raise FsError(errno.ENOSPC, "every chunk-store node that is up is full")
+                    if avoiding and self.nodes.eligible(len(data), avoiding=False):
+                        avoiding = False  # only nodes that just failed: try them again
+                        continue
+                    await backoff.wait(FsError(errno.EIO, self.nodes.unavailable()))
+                    avoiding = True
+                    continue
                 scheme = choose_scheme(len(candidates), self.nodes.ec_default)
                 fragments = await asyncio.to_thread(_encode_with_crcs, scheme, data)
                 order = [c.node for c in rank(chunk_id, candidates)]
@@ -157,9 +177,14 @@ class FileStore:
                         )
                     )
                 except _OutOfNodes as exc:
-                    if len(self.nodes.eligible(len(data))) >= len(candidates):
+                    if exc.errno == errno.ENOSPC and self.nodes.out_of_room(len(data)):
                         raise FsError(exc.errno, exc.message) from None
-                    log.warning("data.recode", extra={"ino": ino, "chunk": chunk_id})
+                    log.warning(
+                        "data.recode", extra={"ino": ino, "chunk": chunk_id, "error": exc.message}
+                    )
+                    if not avoiding:  # the nodes that had failed failed again: wait
+                        await backoff.wait(FsError(errno.EIO, exc.message))
+                    avoiding = True
                     continue  # fewer nodes now: choose the scheme again
                 ref = ChunkRef(
                     index=index,

@@ -222,7 +222,9 @@ class NodeView:
     def avoid(self, node: str) -> None:
         self._avoid_until[node] = time.monotonic() + self.avoid_for_s
 
-    def eligible(self, needed_bytes: int) -> list[Candidate]:
+    def eligible(self, needed_bytes: int, *, avoiding: bool = True) -> list[Candidate]:
+        """Nodes that may take `needed_bytes` now; `avoiding=False` counts the nodes that
+        just failed a request too (a preference, not a verdict: they may be back)."""
         facts = self.facts()
         mono = time.monotonic()
         return [
@@ -237,5 +239,37 @@ class NodeView:
             and facts.usable(rec.node)
             and facts.store_fresh(rec.node)
             and rec.free_bytes >= needed_bytes
-            and self._avoid_until.get(rec.node, 0.0) < mono
+            and (not avoiding or self._avoid_until.get(rec.node, 0.0) < mono)
         ]
+
+    def out_of_room(self, needed_bytes: int) -> bool:
+        """Every node that could take data is up and lacks room: the site is full (ENOSPC),
+        as opposed to no node answering (a wait, then EIO)."""
+        facts = self.facts()
+        up = [
+            rec
+            for rec in self.records.values()
+            if not rec.draining and facts.usable(rec.node) and facts.store_fresh(rec.node)
+        ]
+        return bool(up) and all(rec.free_bytes < needed_bytes for rec in up)
+
+    def unavailable(self) -> str:
+        """One line naming why no node takes data, for the EIO an application gets."""
+        facts = self.facts()
+        if not self.records:
+            return "no chunk-store has ever reported to this site"
+        states = []
+        for node in sorted(self.records):
+            rec = self.records[node]
+            if rec.draining or not facts.active(node):
+                state = "draining or removed"
+            elif not facts.usable(node):
+                state = "down (membership)"
+            elif not facts.store_fresh(node):
+                state = "not reporting"
+            elif self._avoid_until.get(node, 0.0) >= time.monotonic():
+                state = "not answering"
+            else:
+                state = "up"
+            states.append(f"{node} {state}")
+        return "no chunk-store node takes data: " + ", ".join(states)
