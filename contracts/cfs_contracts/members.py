@@ -143,6 +143,7 @@ class RepairJob(BaseModel):
     fragments_rebuilt: int = Field(default=0, ge=0)
     bytes_rebuilt: int = Field(default=0, ge=0)
     chunks_lost: int = Field(default=0, ge=0)
+    progress_ms: int = Field(default=0, ge=0, description="when the last page of files was done")
     done_ms: int = Field(default=0, ge=0, description="0 while running")
 
 

@@ -9,17 +9,25 @@ bucket. Pure: records in, `{figure: {key: value}}` out.
     archive.lag_s[stream]            age of the oldest journal message not yet in S3
     backup.age_ratio[site]           newest snapshot's age / the snapshot interval
     conflicts.open[site]             conflicts between the sites no one resolved
+    check.age_s[site]                age of the last complete metadata-consistency-check
+                                     (of the cluster, while no check has ever run)
+    meta.leader_changes_per_h[shard] new writer terms seen in the last hour
+    repair.stalled_s[node]           time since a repair that is still needed last
+                                     finished a page of files
 
 A figure nobody publishes has no keys: its rules never fire (the README lists which).
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cfs_contracts.backup import BackupStatus, SnapshotSchedule
+from cfs_contracts.fs.check import CheckStatus
 from cfs_contracts.geo import GeoApplied, OpenConflicts
-from cfs_contracts.members import Liveness, MemberRecord
+from cfs_contracts.members import ClusterConfig, Liveness, MemberRecord, RepairJob
 from cfs_contracts.tier import TierState
 
 WATERMARK_LEVELS = {"NORMAL": 0, "WRITE_THROUGH": 1, "CRITICAL": 2, "FULL": 3}
@@ -38,6 +46,10 @@ class Published:
     backup: BackupStatus | None = None
     schedule: SnapshotSchedule | None = None
     conflicts: OpenConflicts | None = None
+    cluster: ClusterConfig | None = None
+    check: CheckStatus | None = None
+    repairs: dict[str, RepairJob] = field(default_factory=dict)
+    leader_changes: Mapping[str, int] = field(default_factory=dict)  # `TermHistory.counts`
 
 
 def figures(p: Published, now_ms: int) -> Figures:
@@ -67,4 +79,49 @@ def figures(p: Published, now_ms: int) -> Figures:
             put("backup.age_ratio", p.site, ratio)
     if p.conflicts is not None:
         put("conflicts.open", p.site, float(p.conflicts.open))
+    complete = p.check if p.check is not None and p.check.status != "incomplete" else None
+    if complete is not None:
+        put("check.age_s", p.site, age_s(complete.finished_ms))
+    elif p.cluster is not None:
+        put("check.age_s", p.site, age_s(p.cluster.created_ms))
+    for shard, changes in p.leader_changes.items():
+        put("meta.leader_changes_per_h", shard, float(changes))
+    for node, job in p.repairs.items():
+        if not job.done_ms and _still_needed(job, p.members.get(node)):
+            put("repair.stalled_s", node, age_s(max(job.progress_ms, job.started_ms)))
     return out
+
+
+def _still_needed(job: RepairJob, member: MemberRecord | None) -> bool:
+    """A repair of a node that came back is abandoned, not stalled."""
+    if job.reason != "down":
+        return True
+    return member is not None and member.state in (Liveness.DOWN, Liveness.LEFT)
+
+
+@dataclass
+class TermHistory:
+    """Leader changes per shard over the last `window_s`, from the writer terms seen at
+    each round. A term that grew by n counts n changes (some fell between two rounds);
+    the first sight of a shard is its baseline (an alerts leader that just started knows
+    nothing older)."""
+
+    window_s: float = 3600.0
+    last: dict[str, int] = field(default_factory=dict)
+    seen: dict[str, deque[tuple[float, int]]] = field(default_factory=dict)
+
+    def observe(self, terms: Mapping[str, int], now: float) -> None:
+        for shard, term in terms.items():
+            before = self.last.get(shard)
+            self.last[shard] = term
+            if before is not None and term > before:
+                self.seen.setdefault(shard, deque()).append((now, term - before))
+        for changes in self.seen.values():
+            while changes and changes[0][0] <= now - self.window_s:
+                changes.popleft()
+
+    def counts(self, now: float) -> dict[str, int]:
+        since = now - self.window_s
+        return {
+            shard: sum(n for at, n in self.seen.get(shard, ()) if at > since) for shard in self.last
+        }

@@ -31,12 +31,14 @@ from pydantic import Field
 
 from cfs.admin.decide import Verdict
 from cfs.admin.snapshot import read_record
-from cfs.bus import Bus
+from cfs.bus import Bus, BusError
+from cfs.bus.kv import bucket_keys
 from cfs.hlc import system_wall_ms
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.kernel.spec import CommandHandler
+from cfs.lease import Lease
 from cfs.service_main import ServiceSettings, run_spec
-from cfs_alerts.figures import Published, figures
+from cfs_alerts.figures import Published, TermHistory, figures
 from cfs_alerts.hooks import Dispatcher, build, document
 from cfs_alerts.rules import (
     DEFAULT_RULES,
@@ -53,7 +55,7 @@ from cfs_contracts import ContractError
 from cfs_contracts.alerts import ALERTS_STATE_KEY, AlertsState, FiringAlert, HookInfo, RuleInfo
 from cfs_contracts.events.admin import AdminCommandIssued
 from cfs_contracts.events.ops import AlertRaised, AlertResolved
-from cfs_contracts.streams import ALERTS, NODES
+from cfs_contracts.streams import ALERTS, LEASES, NODES, SHARD_LEASE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,13 @@ async def lead(ctx: Context) -> None:
     evaluator = Evaluator(config.rules, seeded(before, config.rules))
     events = EventWatch(bus, {r.event for r in config.rules if r.event is not None})
     await events.start()
+    terms = TermHistory()
     log.info("alerts.leading", extra={"rules": len(config.rules), "hooks": len(config.hooks)})
     try:
         while True:
-            published = Published(  # what the nodes view follows: no request per round
+            now = time.time()
+            terms.observe(await shard_terms(bus), now)
+            published = Published(  # what the nodes view follows, and the writer terms
                 site=bus.site,
                 members=dict(nodes.members),
                 tier=nodes.tier.get("state"),
@@ -94,8 +99,11 @@ async def lead(ctx: Context) -> None:
                 backup=nodes.backup.get("status"),
                 schedule=nodes.backup.get("schedule"),
                 conflicts=nodes.conflicts.get("open"),
+                cluster=nodes.cluster.get("config"),
+                check=nodes.checks.get("last"),
+                repairs=dict(nodes.repairs),
+                leader_changes=terms.counts(now),
             )
-            now = time.time()
             for note in evaluator.round(figures(published, int(now * 1000)), events.take(), now):
                 await _announce(bus, dispatcher, note)
             record = state_record(bus.node, config, evaluator, dispatcher)
@@ -105,6 +113,21 @@ async def lead(ctx: Context) -> None:
     finally:
         await events.stop()
         await dispatcher.close()
+
+
+async def shard_terms(bus: Bus) -> dict[str, int]:
+    """Each metadata shard's writer term now (`meta.<shard>` in the leases bucket); a
+    shard that cannot be read this round is left out (its history stays)."""
+    terms = {}
+    try:
+        keys = await bucket_keys(bus, LEASES.bucket, SHARD_LEASE_PREFIX)
+        for key in keys:
+            status = await Lease.read_status(bus, key)
+            if status is not None:
+                terms[key.removeprefix(SHARD_LEASE_PREFIX)] = status.term
+    except BusError as exc:  # the next round reads them again
+        log.info("alerts.terms_unread", extra={"error": str(exc)})
+    return terms
 
 
 async def _announce(bus: Bus, dispatcher: Dispatcher, note: Notification) -> None:

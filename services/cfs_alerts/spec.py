@@ -5,7 +5,7 @@ from __future__ import annotations
 from cfs.kernel.spec import AdminVerb, Grants, ServiceSpec, Singleton, deferred, imported
 from cfs_alerts.rules import RulesError
 from cfs_contracts.alerts import ALERTS_STATE_KEY
-from cfs_contracts.streams import ALERTS, NODES
+from cfs_contracts.streams import ALERTS, LEASES, NODES
 
 SPEC = ServiceSpec(
     name="alerts",
@@ -16,7 +16,7 @@ SPEC = ServiceSpec(
     settings=imported("cfs_alerts.service:AlertSettings"),
     grants=Grants(  # AlertRaised / AlertResolved: every role may publish alerts
         read_streams=(ALERTS.name,),
-        read_buckets=(NODES.bucket,),
+        read_buckets=(NODES.bucket, LEASES.bucket),  # shard writer terms: leader changes
         write_keys={NODES.bucket: (ALERTS_STATE_KEY,)},
     ),
     admin={

@@ -243,7 +243,13 @@ class RepairCoordinator:
                         )
 
                     await self._repair_files(node, reason, reply.inodes, count)
-                    job = job.model_copy(update={"shard": shard, "after_ino": reply.cursor})
+                    job = job.model_copy(
+                        update={
+                            "shard": shard,
+                            "after_ino": reply.cursor,
+                            "progress_ms": time.time_ns() // 1_000_000,
+                        }
+                    )
                     await self._save(job)
                     if not reply.cursor:
                         break

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from cfs.admin.snapshot import read_record
 from cfs.bus import NoResponders
 from cfs.client import FileStore, MetadataClient
 from cfs.client.shard_admin import shard_admin
@@ -29,7 +30,7 @@ from cfs.supervisor import LocalSite
 from cfs_chunkstore.store import fragment_path, store_root
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.changes import DelDentry, DelInode, PutInode
-from cfs_contracts.fs.check import ScanReplicas
+from cfs_contracts.fs.check import CHECK_STATUS_KEY, CheckStatus, ScanReplicas
 from cfs_contracts.fs.records import DEFAULT_CHUNK_SIZE, ROOT_INO, Inode, shard_of
 from cfs_contracts.fs.shard_admin import RepairRecords
 from cfs_contracts.streams import shard_lease_key
@@ -176,6 +177,14 @@ def test_a_healthy_tree_checks_clean_with_its_speed(site: LocalSite) -> None:
     print(f"\ncheck: {stats['inodes']} inodes in {stats['seconds']} s")
     text = cfs(site, "metadata-consistency-check")
     assert text.returncode == 0 and "Metadata consistent" in text.stdout, text.stdout
+    last = asyncio.run(_last_check(site))  # what the "consistency check missed" alert reads
+    assert last is not None and last.status == "clean" and last.inodes == stats["inodes"]
+    assert time.time() * 1000 - last.finished_ms < 60_000
+
+
+async def _last_check(site: LocalSite) -> CheckStatus | None:
+    async with await site.client() as bus:
+        return await read_record(bus, CHECK_STATUS_KEY, CheckStatus)
 
 
 def test_a_replica_that_does_not_answer_makes_the_check_incomplete(site: LocalSite) -> None:

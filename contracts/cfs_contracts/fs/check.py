@@ -113,3 +113,21 @@ class CheckReply(BaseModel):
     shards: tuple[ReplicaShard, ...] = Field(default=(), description="scan")
     applied_seq: int = Field(default=0, description="records: the position they were read at")
     records: tuple[RecordDigest, ...] = ()
+
+
+CHECK_STATUS_KEY = "check.last"
+
+
+class CheckStatus(BaseModel):
+    """`check.last` in the `nodes` bucket: how the last metadata-consistency-check of
+    the site ended, written by the check itself. The alert "consistency check missed"
+    watches its age; the daily run is the orchestrator's (cron, a Nomad periodic job)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    finished_ms: int = Field(ge=0)
+    status: Literal["clean", "findings", "incomplete"]
+    problems: int = Field(default=0, ge=0)
+    inodes: int = Field(default=0, ge=0)
+    seconds: float = Field(default=0.0, ge=0)
+    by: str = Field(description="who ran it (the CLI's node id)")

@@ -28,8 +28,9 @@ from cfs.placement import Candidate
 from cfs.retry import Backoff, RetryPolicy, any_bus_error
 from cfs_contracts.backup import BackupStatus, SnapshotSchedule
 from cfs_contracts.data import StoreRecord
+from cfs_contracts.fs.check import CheckStatus
 from cfs_contracts.geo import ActiveSite, GeoApplied, OpenConflicts
-from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin
+from cfs_contracts.members import ClusterConfig, MemberRecord, NodeAdmin, RepairJob
 from cfs_contracts.streams import NODES
 from cfs_contracts.tier import TierConfig, TierMode, TierState
 
@@ -47,6 +48,8 @@ _TABLES: dict[str, tuple[str, type[Any] | dict[str, type[Any]]]] = {
     "geo": ("geo", {"active": ActiveSite, "applied": GeoApplied}),  # two sites
     "backup": ("backup", {"status": BackupStatus, "schedule": SnapshotSchedule}),
     "conflicts": ("conflicts", {"open": OpenConflicts}),
+    "repair": ("repairs", RepairJob),  # repair.<node>
+    "check": ("checks", {"last": CheckStatus}),  # check.last
 }
 
 
@@ -76,6 +79,8 @@ class NodeView:
         self.geo: dict[str, Any] = {}  # "active": ActiveSite, "applied": GeoApplied
         self.backup: dict[str, Any] = {}  # "status": BackupStatus, "schedule": ...
         self.conflicts: dict[str, Any] = {}  # "open": OpenConflicts
+        self.repairs: dict[str, RepairJob] = {}
+        self.checks: dict[str, Any] = {}  # "last": CheckStatus
         self._avoid_until: dict[str, float] = {}
         self.versions: dict[str, int] = dict.fromkeys(_TABLES, 0)  # changes seen, per kind
         self._changed = asyncio.Event()
@@ -143,7 +148,7 @@ class NodeView:
                 continue
             kind, _, node = entry.key.partition(".")
             if kind not in _TABLES or (model := _model(kind, node)) is None:
-                continue  # e.g. repair job records
+                continue  # e.g. health and alerts records
             attribute = _TABLES[kind][0]
             table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
             if entry.operation in ("DEL", "PURGE") or not entry.value:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from cfs_alerts.figures import Published, figures
+from dataclasses import replace
+
+from cfs_alerts.figures import Published, TermHistory, figures
 from cfs_alerts.rules import DEFAULT_RULES, Evaluator, Kind, load_rules
 from cfs_contracts.backup import ArchiveStream, BackupStatus, SnapshotSchedule
+from cfs_contracts.fs.check import CheckStatus
 from cfs_contracts.geo import GeoApplied, OpenConflicts, ShardApplied
-from cfs_contracts.members import Liveness, MemberRecord
+from cfs_contracts.members import ClusterConfig, Liveness, MemberRecord, RepairJob
 
 NOW = 1_000_000_000
 
@@ -71,3 +74,36 @@ def test_the_shipped_rules_fire_on_what_the_figures_say() -> None:
     gone = {(n.rule.name, n.kind) for n in evaluator.round({}, {}, 70.0)}
     assert gone == {("node-down", Kind.RESOLVED), ("archive-lag", Kind.RESOLVED),
                     ("conflicts-recorded", Kind.RESOLVED)}  # fmt: skip
+
+
+def test_check_age_repair_stall_and_leader_changes() -> None:
+    job = RepairJob(node="storage-2", job_id="j", reason="down", trigger_ms=0,
+                    started_ms=NOW - 4_000_000, progress_ms=NOW - 2_000_000)  # fmt: skip
+    stale = job.model_copy(update={"node": "storage-1"})  # its node came back
+    cluster = ClusterConfig(name="c", site="site-a", shards=1, bootstrap_node="storage-1",
+                            created_ms=NOW - 50_000, created_by="admin")  # fmt: skip
+    published = Published(
+        site="site-a",
+        members={
+            "storage-1": member("storage-1", Liveness.ALIVE),
+            "storage-2": member("storage-2", Liveness.DOWN),
+        },
+        cluster=cluster,
+        repairs={"storage-1": stale, "storage-2": job},
+    )
+    figs = figures(published, NOW)
+    assert figs["check.age_s"] == {"site-a": 50.0}  # never checked: since the cluster began
+    assert figs["repair.stalled_s"] == {"storage-2": 2000.0}
+    incomplete = CheckStatus(finished_ms=NOW - 1_000, status="incomplete", by="x")
+    assert figures(replace(published, check=incomplete), NOW)["check.age_s"] == {"site-a": 50.0}
+    clean = CheckStatus(finished_ms=NOW - 1_000, status="clean", by="x")
+    assert figures(replace(published, check=clean), NOW)["check.age_s"] == {"site-a": 1.0}
+
+    history = TermHistory(window_s=3600)
+    history.observe({"001": 4, "002": 1}, 0.0)  # baseline: older changes are unknown
+    history.observe({"001": 6, "002": 1}, 10.0)  # two changes between two rounds
+    history.observe({"001": 7}, 3000.0)  # a shard unread this round keeps its history
+    assert history.counts(3000.0) == {"001": 3, "002": 0}
+    assert history.counts(3611.0) == {"001": 1, "002": 0}  # the first two left the hour
+    published = Published(site="site-a", leader_changes=history.counts(3000.0))
+    assert figures(published, NOW)["meta.leader_changes_per_h"] == {"001": 3.0, "002": 0.0}
