@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,16 +171,22 @@ class _Ctx:
         )
 
     def new_inode(
-        self, kind: Kind, mode: int, op: Create | MkNod | MkDir | Symlink, **extra: object
+        self,
+        kind: Kind,
+        mode: int,
+        op: Create | MkNod | MkDir | Symlink,
+        directory: Inode,
+        **extra: object,
     ) -> Inode:
         # Directories are spread over shards; everything else lives with its directory.
         shard = self.placement(op.parent, op.name) if kind is Kind.DIR else self.view.shard
+        mode, gid = inherited(directory, kind, mode & 0o7777, op.gid)
         fields: dict[str, object] = {
             "ino": self.allocate(shard),
             "kind": kind,
-            "mode": mode & 0o7777,
+            "mode": mode,
             "uid": op.uid,
-            "gid": op.gid,
+            "gid": gid,
             "nlink": 2 if kind is Kind.DIR else 1,
             "size": 0,
             "atime_ns": self.now,
@@ -201,6 +208,15 @@ class _Ctx:
             self.change(DelInode(ino=inode.ino))
         else:
             self.put(inode.model_copy(update={"nlink": remaining, "ctime_ns": self.now}))
+
+
+def inherited(directory: Inode, kind: Kind, mode: int, gid: int) -> tuple[int, int]:
+    """(mode, gid) of a new inode: in a set-group-id directory it takes the directory's
+    group, and a new subdirectory keeps the bit (as ext4 does). Decided here, where the
+    directory is at hand, so a client need not read it first."""
+    if not directory.mode & stat.S_ISGID:
+        return mode, gid
+    return (mode | stat.S_ISGID if kind is Kind.DIR else mode), directory.gid
 
 
 def check_name(name: str) -> None:
@@ -229,7 +245,7 @@ def _create(ctx: _Ctx, op: Create) -> Reply:
         if found.is_dir:
             raise FsError(errno.EISDIR, f"{op.name!r} is a directory")
         return Reply(inode=found)
-    child = ctx.new_inode(Kind.FILE, op.mode, op)
+    child = ctx.new_inode(Kind.FILE, op.mode, op, parent)
     ctx.link_name(parent, op.name, child)
     ctx.touch_dir(parent)
     return Reply(inode=child)
@@ -240,7 +256,7 @@ def _mknod(ctx: _Ctx, op: MkNod) -> Reply:
         raise FsError(errno.EINVAL, f"mknod cannot create a {op.kind.name.lower()}")
     parent = _free_name(ctx, op.parent, op.name)
     rdev = op.rdev if op.kind in (Kind.CHAR, Kind.BLOCK) else 0
-    child = ctx.new_inode(op.kind, op.mode, op, rdev=rdev)
+    child = ctx.new_inode(op.kind, op.mode, op, parent, rdev=rdev)
     ctx.link_name(parent, op.name, child)
     ctx.touch_dir(parent)
     return Reply(inode=child)
@@ -248,7 +264,7 @@ def _mknod(ctx: _Ctx, op: MkNod) -> Reply:
 
 def _mkdir(ctx: _Ctx, op: MkDir) -> Reply:
     parent = _free_name(ctx, op.parent, op.name)
-    child = ctx.new_inode(Kind.DIR, op.mode, op, parent=parent.ino)
+    child = ctx.new_inode(Kind.DIR, op.mode, op, parent, parent=parent.ino)
     ctx.link_name(parent, op.name, child)
     ctx.touch_dir(parent, nlink_delta=1)
     return Reply(inode=child)
@@ -259,7 +275,7 @@ def _symlink(ctx: _Ctx, op: Symlink) -> Reply:
         raise FsError(errno.ENAMETOOLONG if op.target else errno.ENOENT, "bad symlink target")
     parent = _free_name(ctx, op.parent, op.name)
     size = len(op.target.encode("utf-8", "surrogateescape"))
-    child = ctx.new_inode(Kind.SYMLINK, 0o777, op, target=op.target, size=size)
+    child = ctx.new_inode(Kind.SYMLINK, 0o777, op, parent, target=op.target, size=size)
     ctx.link_name(parent, op.name, child)
     ctx.touch_dir(parent)
     return Reply(inode=child)

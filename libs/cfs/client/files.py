@@ -99,13 +99,16 @@ class FileStore:
             await self.nodes.stop()
 
     # -- files -----------------------------------------------------------------------
-    async def open(self, ino: int, *, truncate: bool = False) -> OpenFile:
+    async def open(
+        self, ino: int, *, truncate: bool = False, fresh: Inode | None = None
+    ) -> OpenFile:
+        """`fresh`: the inode as the shard just answered it (a create), not read again."""
         handle = self._open.get(ino)
         if handle is None:
-            handle = OpenFile(self, _regular(await self.meta.getattr(ino)))
+            handle = OpenFile(self, _regular(fresh or await self.meta.getattr(ino)))
             self._open[ino] = handle
-        elif not handle.has_local_changes:
-            handle.set_inode(_regular(await self.meta.getattr(ino)))  # close-to-open
+        elif not handle.has_local_changes:  # close-to-open
+            handle.set_inode(_regular(fresh or await self.meta.getattr(ino)))
         handle.refs += 1
         if truncate:
             try:

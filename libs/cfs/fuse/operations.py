@@ -164,25 +164,17 @@ class ClaudeFsOperations(pyfuse3.Operations):
             await self.store.release(handle)
 
     # -- names ------------------------------------------------------------------------
-    async def _owner(
-        self, parent_inode: int, ctx: pyfuse3.RequestContext, mode: int
-    ) -> tuple[int, int, int]:
-        """(uid, gid, permission bits) of a new inode: the caller's ids and umask, except
-        in a set-group-id directory, whose group the new inode takes and whose new
-        subdirectories keep the bit (as ext4 does)."""
-        perms = stat.S_IMODE(mode) & ~ctx.umask
-        parent = await self.meta.getattr(parent_inode)
-        if not parent.mode & stat.S_ISGID:
-            return ctx.uid, ctx.gid, perms
-        if stat.S_ISDIR(mode):
-            perms |= stat.S_ISGID
-        return ctx.uid, parent.gid, perms
+    @staticmethod
+    def _owner(ctx: pyfuse3.RequestContext, mode: int) -> tuple[int, int, int]:
+        """(uid, gid, permission bits) of a new inode: the caller's ids and umask (the
+        shard applies a set-group-id directory's group, `decide.inherited`)."""
+        return ctx.uid, ctx.gid, stat.S_IMODE(mode) & ~ctx.umask
 
     @posix_errors
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        uid, gid, perms = await self._owner(parent_inode, ctx, stat.S_IFDIR | mode)
+        uid, gid, perms = self._owner(ctx, mode)
         created = await self.meta.mkdir(parent_inode, _name(name), perms, uid=uid, gid=gid)
         return entry_attributes(created)
 
@@ -193,7 +185,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
         kind = _KIND_BY_IFMT.get(stat.S_IFMT(mode))
         if kind is None:
             raise FsError(errno.EINVAL, f"mknod of file type {stat.S_IFMT(mode):o}")
-        uid, gid, perms = await self._owner(parent_inode, ctx, mode)
+        uid, gid, perms = self._owner(ctx, mode)
         if kind is Kind.FILE:
             created = await self.meta.create(parent_inode, _name(name), perms, uid=uid, gid=gid)
         else:
@@ -206,7 +198,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        uid, gid, _ = await self._owner(parent_inode, ctx, 0o777)
+        uid, gid, _ = self._owner(ctx, 0o777)
         created = await self.meta.symlink(
             parent_inode, _name(name), os.fsdecode(target), uid=uid, gid=gid
         )
@@ -343,7 +335,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        uid, gid, perms = await self._owner(parent_inode, ctx, mode)
+        uid, gid, perms = self._owner(ctx, mode)
         created = await self.meta.create(
             parent_inode,
             _name(name),
@@ -353,7 +345,9 @@ class ClaudeFsOperations(pyfuse3.Operations):
             exclusive=bool(flags & os.O_EXCL),
         )
         # Another client may have created it first (no O_EXCL): then O_TRUNC applies.
-        handle = await self.store.open(created.ino, truncate=bool(flags & os.O_TRUNC))
+        handle = await self.store.open(
+            created.ino, truncate=bool(flags & os.O_TRUNC), fresh=created
+        )
         fh = self._register(handle)
         return pyfuse3.FileInfo(fh=fh), entry_attributes(handle.inode)
 

@@ -149,6 +149,11 @@ class ModelFS:
     def _add(self, parent: int, name: str, node: Node, now: int) -> int:
         assert node.ino not in self.ever, f"inode number {node.ino} handed out twice"
         self.ever.add(node.ino)
+        directory = self.nodes[parent]
+        if directory.mode & 0o2000:  # set-group-id directory: its group, and the bit for dirs
+            node.gid = directory.gid
+            if node.is_dir:
+                node.mode |= 0o2000
         self.nodes[node.ino] = node
         directory = self.nodes[parent]
         directory.entries[name] = node.ino

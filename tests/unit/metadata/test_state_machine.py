@@ -526,7 +526,7 @@ class Draw:
         return MkDir(
             parent=self.dir(),
             name=self.name(),
-            mode=self.pick([0o755, 0o700, 0o1777]),
+            mode=self.pick([0o755, 0o700, 0o1777, 0o2775]),
             **self.ids(),
         )
 
@@ -589,7 +589,7 @@ class Draw:
     def setattr(self) -> MutationOp:
         return SetAttr(
             ino=self.file() if self.pick([True, False]) else self.ino(),
-            mode=self.pick([None, 0o600, 0o755, 0o1777]),
+            mode=self.pick([None, 0o600, 0o755, 0o1777, 0o2775]),
             owner=self.pick([None, None, 0, 1000]),
             group=self.pick([None, None, 0, 1000]),
             size=self.pick([None, None, 0, 100, CHUNK + 7]),

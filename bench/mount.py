@@ -1,0 +1,321 @@
+"""Performance as users meet it: an mdtest-style run and fio through a real FUSE mount of
+a local 3-node site (3 NATS servers, R3 fsync'd journals, EC 2+1), with the ceilings
+it is judged against measured in the same run (issue 18).
+
+    python bench/mount.py [--quick] [--json PATH]
+
+Through the mount (plain `os` calls from threads, as an application makes them):
+create + close of empty files with 1 thread and with 8 threads in 8 directories and
+in one directory, `stat` of names looked up just before, unlink with 8 threads,
+`ls -f` and `ls -l` of the one big directory after dropping the kernel's caches, and
+Debian's `fio` (installed by the set-up when missing): 1 MiB sequential write with
+`end_fsync`, read after dropping caches, 4 KiB random read.
+
+Ceilings, same site, same run: the client library's create rate (64 in flight), the
+latency of one fsync'd R3 JetStream publish (the least a durable create can wait),
+the library's sequential write and read MB/s. Also the CPU each process role spends
+per create through the mount (8 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.js.api import StorageType, StreamConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cfs.client import FileStore, MetadataClient
+from cfs.fuse.config import is_fuse_mount
+from cfs.ids import new_id
+from cfs.logs import setup_logging
+from cfs.security import Role, connect_options
+from cfs.supervisor import LocalSite, ManagedProcess
+from cfs_contracts.fs.records import ROOT_INO
+from cpu_accounting import cpu_us_per_op, role_cpu_seconds
+
+MiB = 1024 * 1024
+SERVICES = ("metadata-raft", "chunk-store", "membership")
+THREADS = 8
+
+
+# -- set-up ---------------------------------------------------------------------------------
+def ensure_fio() -> str:
+    """Debian's fio, installed when missing (root) - the bench measures what users run."""
+    found = shutil.which("fio")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        sys.exit("error: fio is missing -- run: sudo apt-get install fio")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "fio"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run(install, env=env, capture_output=True, check=True)
+    found = shutil.which("fio")
+    if found is None:
+        sys.exit("error: fio did not install")
+    return found
+
+
+def drop_caches() -> bool:
+    """The kernel's page, dentry and attribute caches (root only); False if it could not."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+# -- through the mount ------------------------------------------------------------------------
+def in_threads(work: Callable[[int], list[float]], threads: int) -> tuple[float, list[float]]:
+    """Run `work(i)` in `threads` threads at once; (seconds, every latency in ms)."""
+    results: list[list[float]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads + 1)
+
+    def run(i: int) -> None:
+        start.wait()
+        results[i] = work(i)
+
+    pool = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    return time.perf_counter() - began, [ms for r in results for ms in r]
+
+
+def timed(paths: list[Path], call: Callable[[Path], object]) -> list[float]:
+    out = []
+    for path in paths:
+        began = time.perf_counter()
+        call(path)
+        out.append((time.perf_counter() - began) * 1000)
+    return out
+
+
+def create(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+
+
+def mdtest(
+    mnt: Path, n1: int, n8: int, onedir: int, roles: dict[str, list[int | None]]
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    single = mnt / "single"
+    single.mkdir()
+    names = [single / f"f{i}" for i in range(n1)]
+    seconds, lat = in_threads(lambda _: timed(names, create), 1)
+    out["mount_create_per_s_1"] = n1 / seconds
+    out["mount_create_p50_ms_1"] = statistics.median(lat)
+
+    timed(names, os.stat)  # looked up once ...
+    lat = timed(names[: min(n1, 500)], os.stat)  # ... then again, at once
+    out["mount_stat_p50_ms"] = statistics.median(lat)
+
+    dirs = [mnt / f"d{i}" for i in range(THREADS)]
+    for d in dirs:
+        d.mkdir()
+    per = n8 // THREADS
+    spread = [[d / f"f{i}" for i in range(per)] for d in dirs]
+    before = role_cpu_seconds(roles)
+    seconds, lat = in_threads(lambda t: timed(spread[t], create), THREADS)
+    after = role_cpu_seconds(roles)
+    out["mount_create_per_s_8"] = per * THREADS / seconds
+    out["mount_create_p50_ms_8"] = statistics.median(lat)
+    out.update(cpu_us_per_op(before, after, per * THREADS, "mount_create_cpu_us"))
+
+    seconds, _ = in_threads(lambda t: timed(spread[t], os.unlink), THREADS)
+    out["mount_unlink_per_s_8"] = per * THREADS / seconds
+
+    big = mnt / "big"
+    big.mkdir()
+    per = onedir // THREADS
+    seconds, _ = in_threads(
+        lambda t: timed([big / f"t{t}-{i}" for i in range(per)], create), THREADS
+    )
+    out["mount_create_per_s_8_onedir"] = per * THREADS / seconds
+    out["onedir_entries"] = per * THREADS
+    for flag, key in (("-f", "mount_ls_f_s"), ("-l", "mount_ls_l_s")):
+        drop_caches()
+        began = time.perf_counter()
+        listing = subprocess.run(["ls", flag, str(big)], capture_output=True, check=True)
+        out[key] = time.perf_counter() - began
+        assert len(listing.stdout.splitlines()) >= per * THREADS, key
+    return out
+
+
+def fio(binary: str, mnt: Path, size_mb: int, randread_s: int) -> dict[str, float]:
+    def run(*args: str) -> dict[str, Any]:
+        argv = [binary, "--output-format=json", "--directory", str(mnt), "--filename=fio.dat"]
+        done = subprocess.run([*argv, *args], capture_output=True, text=True, check=True)
+        job: dict[str, Any] = json.loads(done.stdout)["jobs"][0]
+        return job
+
+    size = f"--size={size_mb}M"
+    written = run("--name=write", "--rw=write", "--bs=1M", size, "--end_fsync=1")
+    drop_caches()
+    read = run("--name=read", "--rw=read", "--bs=1M", size)
+    drop_caches()
+    rand = run("--name=randread", "--rw=randread", "--bs=4k", size, "--time_based",
+               f"--runtime={randread_s}")  # fmt: skip
+    return {
+        "fio_write_mb_s": written["write"]["bw_bytes"] / MiB,
+        "fio_read_mb_s": read["read"]["bw_bytes"] / MiB,
+        "fio_randread_iops": rand["read"]["iops"],
+    }
+
+
+# -- ceilings -----------------------------------------------------------------------------------
+async def raw_r3_pub_p50_ms(site: LocalSite, n: int) -> float:
+    """One fsync'd R3 publish at a time: the wait no durable create can go below."""
+    nc = await nats.connect(site.urls, **connect_options(site.credentials(Role.ADMIN)))
+    js = nc.jetstream()
+    await js.add_stream(
+        StreamConfig(name="RAWLAT", subjects=["rawlat"], num_replicas=3, storage=StorageType.FILE)
+    )
+    try:
+        samples = []
+        for _ in range(n):
+            began = time.perf_counter()
+            await js.publish("rawlat", b"x" * 300)
+            samples.append((time.perf_counter() - began) * 1000)
+        return statistics.median(samples)
+    finally:
+        await js.delete_stream("RAWLAT")
+        await nc.close()
+
+
+async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
+    """The client library on the same site: creates with 64 in flight, and file MB/s."""
+    bus = await site.client(role=Role.CLIENT)
+    meta = MetadataClient(bus, deadline_s=60)
+    files = FileStore(bus, meta, client_id=bus.node)
+    await files.start()
+    try:
+        parents = [await meta.mkdir(ROOT_INO, f"lib-{new_id()}") for _ in range(64)]
+        per = n // 64
+
+        async def worker(parent: int) -> None:
+            for i in range(per):
+                await meta.create(parent, f"f{i}")
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(p.ino) for p in parents))
+        out = {"lib_create_per_s": per * 64 / (time.perf_counter() - began)}
+        data = os.urandom(size_mb * MiB)
+        ino = (await meta.create(ROOT_INO, f"lib-data-{new_id()}")).ino
+        began = time.perf_counter()
+        await files.write_all(ino, data)
+        out["lib_write_mb_s"] = size_mb / (time.perf_counter() - began)
+        reader = FileStore(bus, meta, client_id=bus.node)  # a cold cache
+        await reader.start()
+        try:
+            began = time.perf_counter()
+            assert await reader.read_all(ino) == data
+            out["lib_read_mb_s"] = size_mb / (time.perf_counter() - began)
+        finally:
+            await reader.close()
+        return out
+    finally:
+        await files.close()
+        await bus.close()
+
+
+# -- the run ------------------------------------------------------------------------------------
+def roles_of(site: LocalSite, mount: ManagedProcess) -> dict[str, list[int | None]]:
+    return {
+        "mount": [mount.pid],
+        "metadata": [site.metadata(n).pid for n in site.node_names],
+        "chunkstore": [site.chunkstore(n).pid for n in site.node_names],
+        "nats": [server.pid for server in site.nats_servers],
+        "bench": [None],
+    }
+
+
+async def run(quick: bool) -> dict[str, float]:
+    binary = ensure_fio()
+    n1, n8, onedir = (500, 2_000, 5_000) if quick else (2_000, 8_000, 20_000)
+    size_mb = 64 if quick else 256
+    with tempfile.TemporaryDirectory(prefix="cfs-bench-mount-") as tmp:
+        base = Path(tmp)
+        async with LocalSite(base / "site", nodes=3, site="bench", services=SERVICES) as site:
+            results: dict[str, float] = {}
+            results["raw_r3_pub_p50_ms"] = await raw_r3_pub_p50_ms(site, 300 if quick else 1000)
+            results.update(await library(site, 2_000 if quick else 10_000, size_mb))
+            mnt = base / "mnt"
+            mnt.mkdir()
+            mount = site.mount_process(mnt, env={"CFS_LOG_LEVEL": "WARNING"})
+            mount.start()
+            try:
+                mount.wait_until(lambda: is_fuse_mount(mnt), 60, "the FUSE mount")
+                roles = roles_of(site, mount)
+                results.update(await asyncio.to_thread(mdtest, mnt, n1, n8, onedir, roles))
+                results.update(
+                    await asyncio.to_thread(fio, binary, mnt, size_mb, 5 if quick else 20)
+                )
+            finally:
+                await asyncio.to_thread(unmount, mount, mnt)
+    return results
+
+
+def unmount(mount: ManagedProcess, mnt: Path) -> None:
+    mount.stop(timeout=30)
+    if is_fuse_mount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def goals(r: dict[str, float]) -> dict[str, bool]:
+    return {
+        "mount_create_per_s_8 >= 0.5 x lib_create_per_s": (
+            r["mount_create_per_s_8"] >= 0.5 * r["lib_create_per_s"]
+        ),
+        "mount_create_p50_ms_1 <= 2 x raw_r3_pub_p50_ms": (
+            r["mount_create_p50_ms_1"] <= 2 * r["raw_r3_pub_p50_ms"]
+        ),
+        "mount_stat_p50_ms <= 0.5": r["mount_stat_p50_ms"] <= 0.5,
+        "mount_create_per_s_8_onedir >= 0.8 x mount_create_per_s_8": (
+            r["mount_create_per_s_8_onedir"] >= 0.8 * r["mount_create_per_s_8"]
+        ),
+        "mount_ls_l_s <= 2 x mount_ls_f_s": r["mount_ls_l_s"] <= 2 * r["mount_ls_f_s"],
+        "fio_write_mb_s >= 0.9 x lib_write_mb_s": r["fio_write_mb_s"] >= 0.9 * r["lib_write_mb_s"],
+        "fio_read_mb_s >= 0.9 x lib_read_mb_s": r["fio_read_mb_s"] >= 0.9 * r["lib_read_mb_s"],
+    }
+
+
+def main() -> None:
+    setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = asyncio.run(run(args.quick))
+    for key, value in results.items():
+        print(f"{key:36s} {value:12.3f}")
+    for goal, met in goals(results).items():
+        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
