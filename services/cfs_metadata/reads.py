@@ -51,6 +51,7 @@ def read(view: ShardView, op: ReadOp) -> Reply:
         case ReadDir():
             _inode(view, op.ino, want_dir=True)
             entries: list[DirEntry] = []
+            attrs: list[Inode] = []
             more = False
             for dentry in view.dentries(op.ino, op.cookie):
                 if len(entries) == op.limit:
@@ -61,7 +62,13 @@ def read(view: ShardView, op: ReadOp) -> Reply:
                         cookie=dentry.cookie, name=dentry.name, ino=dentry.ino, kind=dentry.kind
                     )
                 )
-            return Reply(entries=tuple(entries), more=more)
+                if op.plus and shard_of(dentry.ino) == view.shard:
+                    held = view.inode(dentry.ino)
+                    if held is not None:
+                        attrs.append(
+                            held.model_copy(update={"chunks": ()}) if held.chunks else held
+                        )
+            return Reply(entries=tuple(entries), more=more, inodes=tuple(attrs))
         case GetXattr():
             inode = _inode(view, op.ino)
             if op.name not in inode.xattrs:

@@ -66,6 +66,11 @@ class ReadDir(_Op):
     ino: int
     cookie: int = Field(default=0, description="0 = from the start; else the last cookie seen")
     limit: int = Field(default=1000, ge=1, le=10_000)
+    plus: bool = Field(
+        default=False,
+        description="also the inodes (without chunk maps) of the entries this shard holds, "
+        "as `inodes`: a long listing needs no getattr per file",
+    )
 
 
 class GetXattr(_Op):

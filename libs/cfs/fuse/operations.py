@@ -258,15 +258,21 @@ class ClaudeFsOperations(pyfuse3.Operations):
         """Entries in cookie order from `start_id` (0 or a cookie handed out before).
 
         Cookies are hashes of names, so they stay valid while entries come and go:
-        nothing is skipped or listed twice when the kernel resumes a listing.
+        nothing is skipped or listed twice when the kernel resumes a listing. Each
+        page comes with the attributes the directory's shard holds (readdirplus, so
+        `ls -l` needs no round trip per file); only subdirectories placed on other
+        shards are asked for one by one.
         """
         cookie = start_id
         while True:
-            reply = await self.meta.call(rpc.ReadDir(ino=fh, cookie=cookie, limit=READDIR_PAGE))
+            reply = await self.meta.call(
+                rpc.ReadDir(ino=fh, cookie=cookie, limit=READDIR_PAGE, plus=True)
+            )
             entries = reply.entries
+            known = {inode.ino: inode for inode in reply.inodes}
             for first in range(0, len(entries), READDIR_BATCH):
                 batch = entries[first : first + READDIR_BATCH]
-                found = await asyncio.gather(*(self._listed(entry) for entry in batch))
+                found = await asyncio.gather(*(self._listed(entry, known) for entry in batch))
                 for entry, inode in zip(batch, found, strict=True):
                     if inode is None:
                         continue  # removed since the page was read
@@ -279,14 +285,16 @@ class ClaudeFsOperations(pyfuse3.Operations):
                 return
             cookie = entries[-1].cookie
 
-    async def _listed(self, entry: DirEntry) -> Inode | None:
+    async def _listed(self, entry: DirEntry, known: dict[int, Inode]) -> Inode | None:
         """readdirplus hands the kernel full attributes for each entry."""
-        try:
-            inode = await self.meta.getattr(entry.ino)
-        except FsError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
+        inode = known.get(entry.ino)
+        if inode is None:
+            try:
+                inode = await self.meta.getattr(entry.ino)
+            except FsError as exc:
+                if exc.errno == errno.ENOENT:
+                    return None
+                raise
         return await self._with_local_size(inode)
 
     @posix_errors

@@ -155,13 +155,19 @@ def read_outcome(shard: MemoryShard, op: ReadOp) -> Outcome:
         return exc.errno
 
 
-def list_dir(shard: ShardView, ino: int, limit: int = PAGE) -> list[tuple[str, Kind, int]]:
-    """The whole listing of `ino`, page by page, checking cookies and `more` on the way."""
+def list_dir(
+    shard: ShardView, ino: int, limit: int = PAGE, attrs: dict[int, Inode] | None = None
+) -> list[tuple[str, Kind, int]]:
+    """The whole listing of `ino`, page by page, checking cookies and `more` on the way;
+    with `attrs`, as readdirplus, collecting the inodes the pages carry."""
     seen: list[tuple[str, Kind, int]] = []
     cookie, last = 0, 0
     for _ in range(10_000):
-        reply = read(shard, ReadDir(ino=ino, cookie=cookie, limit=limit))
+        reply = read(shard, ReadDir(ino=ino, cookie=cookie, limit=limit, plus=attrs is not None))
         assert len(reply.entries) <= limit
+        if attrs is not None:
+            assert {i.ino for i in reply.inodes} <= {e.ino for e in reply.entries}
+            attrs.update((i.ino, i) for i in reply.inodes)
         assert not reply.more or len(reply.entries) == limit, "short page flagged `more`"
         for entry in reply.entries:
             assert entry.cookie > last, f"readdir {ino}: cookies not increasing"
@@ -273,9 +279,14 @@ def compare_with_model(shard: MemoryShard, model: ModelFS) -> None:
         if node.kind is Kind.SYMLINK:
             assert read(shard, ReadLink(ino=ino)).target == node.target
         if node.is_dir:
-            listing = sorted(list_dir(shard, ino))
+            attrs: dict[int, Inode] = {}
+            listing = sorted(list_dir(shard, ino, attrs=attrs))
             want = sorted((n, model.nodes[c].kind, c) for n, c in node.entries.items())
             assert listing == want, f"readdir {ino}: {listing} != model {want}"
+            assert set(attrs) == set(node.entries.values())  # one shard holds them all
+            for child, inode in attrs.items():
+                assert inode.chunks == (), "readdirplus carries no chunk maps"
+                assert_inode_matches(inode, model, child, "readdirplus")
             for name, child in node.entries.items():
                 found = read(shard, Lookup(parent=ino, name=name)).inode
                 assert found is not None and found.ino == child, f"lookup {ino}/{name}"
