@@ -332,6 +332,7 @@ class Term:
                         await cancel_and_wait(woken)
                     if upload is None:
                         await self._maybe_probe(config)
+                        await self._purge()  # one deferred by a timeout is tried again
                     continue
                 assert config is not None and config.url is not None
                 builder = await self._prepare(batch)
@@ -532,8 +533,8 @@ class Term:
 
     async def _purge(self) -> None:
         below = self.queue.purge_below()
-        if below <= self._purged_below + 1 and self._purged_below:
-            return
+        if below <= max(self._purged_below, 1):
+            return  # nothing flushed since the last purge
         try:
             await self.bus.js.purge_stream(TIER.name, seq=below)
         except (nats.errors.Error, TimeoutError) as exc:
