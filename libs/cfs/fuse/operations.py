@@ -20,13 +20,15 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import pyfuse3
 
 from cfs.client.files import FileStore, OpenFile
 from cfs.client.metadata import MetadataClient
-from cfs.fuse.attrs import BLOCK_SIZE, entry_attributes, posix_errors
+from cfs.fuse.attrs import ATTR_TIMEOUT_S, BLOCK_SIZE, entry_attributes, posix_errors
 from cfs.ids import new_id
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import MAX_NAME_BYTES, ROOT_INO, Inode, Kind
@@ -79,8 +81,15 @@ class ClaudeFsOperations(pyfuse3.Operations):
         self._by_ino: dict[int, OpenFile] = {}
         self._open_count: dict[int, int] = {}  # ino -> file handles the kernel holds
         self._next_fh = itertools.count(1)
+        self._xattrs = XattrCache(ATTR_TIMEOUT_S)
 
     # -- attributes -----------------------------------------------------------------
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """What the kernel caches for `inode`; its xattrs are kept as long, so `ls -l`
+        (two getxattr per file: an SELinux label, an ACL) costs no round trip each."""
+        self._xattrs.seen(inode)
+        return entry_attributes(inode)
+
     async def _inode(self, ino: int) -> Inode:
         """The inode as the metadata shard has it, with the size of buffered writes."""
         handle = self._open_file(ino)
@@ -103,19 +112,19 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self._inode(inode))
+        return self._attrs(await self._inode(inode))
 
     @posix_errors
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         if name == b".":
-            return entry_attributes(await self._inode(parent_inode))
+            return self._attrs(await self._inode(parent_inode))
         if name == b"..":
             parent = await self.meta.getattr(parent_inode)
-            return entry_attributes(await self._inode(parent.parent or ROOT_INO))
+            return self._attrs(await self._inode(parent.parent or ROOT_INO))
         found = await self.meta.lookup(parent_inode, _name(name))
-        return entry_attributes(await self._with_local_size(found))
+        return self._attrs(await self._with_local_size(found))
 
     async def _with_local_size(self, inode: Inode) -> Inode:
         handle = self._open_file(inode.ino)
@@ -150,7 +159,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
             result = await self._truncate(inode, attr.st_size, fh)
         if changes or result is None:  # nothing else: a ctime-only touch
             result = await self.meta.setattr(inode, **changes)
-        return entry_attributes(await self._with_local_size(result))
+        return self._attrs(await self._with_local_size(result))
 
     async def _truncate(self, ino: int, size: int, fh: int | None) -> Inode:
         """Through the data path: it zero-fills the cut chunk so a later extension reads zeros."""
@@ -176,7 +185,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         uid, gid, perms = self._owner(ctx, mode)
         created = await self.meta.mkdir(parent_inode, _name(name), perms, uid=uid, gid=gid)
-        return entry_attributes(created)
+        return self._attrs(created)
 
     @posix_errors
     async def mknod(
@@ -192,7 +201,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
             created = await self.meta.mknod(
                 parent_inode, _name(name), kind, perms, rdev=rdev, uid=uid, gid=gid
             )
-        return entry_attributes(created)
+        return self._attrs(created)
 
     @posix_errors
     async def symlink(
@@ -202,7 +211,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
         created = await self.meta.symlink(
             parent_inode, _name(name), os.fsdecode(target), uid=uid, gid=gid
         )
-        return entry_attributes(created)
+        return self._attrs(created)
 
     @posix_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -213,7 +222,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         linked = await self.meta.link(inode, new_parent_inode, _name(new_name))
-        return entry_attributes(await self._with_local_size(linked))
+        return self._attrs(await self._with_local_size(linked))
 
     @posix_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -276,7 +285,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
                 for entry, inode in zip(batch, found, strict=True):
                     if inode is None:
                         continue  # removed since the page was read
-                    attr = entry_attributes(inode)
+                    attr = self._attrs(inode)
                     if not pyfuse3.readdir_reply(
                         token, os.fsencode(entry.name), attr, entry.cookie
                     ):
@@ -357,7 +366,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
             created.ino, truncate=bool(flags & os.O_TRUNC), fresh=created
         )
         fh = self._register(handle)
-        return pyfuse3.FileInfo(fh=fh), entry_attributes(handle.inode)
+        return pyfuse3.FileInfo(fh=fh), self._attrs(handle.inode)
 
     @posix_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -427,18 +436,60 @@ class ClaudeFsOperations(pyfuse3.Operations):
             name=os.fsdecode(name),
             value_b64=base64.b64encode(value).decode(),
         )
-        await self.meta.call(op)
+        try:
+            await self.meta.call(op)
+        finally:
+            self._xattrs.forget(inode)  # what was seen before the change is stale
 
     @posix_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        reply = await self.meta.call(rpc.GetXattr(ino=inode, name=os.fsdecode(name)))
+        key = os.fsdecode(name)
+        known = self._xattrs.get(inode)
+        if known is not None:
+            if key not in known:
+                raise FsError(errno.ENODATA, f"no xattr {key!r}")
+            return base64.b64decode(known[key])
+        reply = await self.meta.call(rpc.GetXattr(ino=inode, name=key))
         return base64.b64decode(reply.value_b64 or "")
 
     @posix_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        known = self._xattrs.get(inode)
+        if known is not None:
+            return [os.fsencode(name) for name in sorted(known)]
         reply = await self.meta.call(rpc.ListXattr(ino=inode))
         return [os.fsencode(name) for name in reply.names]
 
     @posix_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.call(rpc.RemoveXattr(op_id=new_id(), ino=inode, name=os.fsdecode(name)))
+        try:
+            await self.meta.call(rpc.RemoveXattr(op_id=new_id(), ino=inode, name=os.fsdecode(name)))
+        finally:
+            self._xattrs.forget(inode)
+
+
+class XattrCache:
+    """Each inode's xattrs as the last record seen of it said, for `ttl_s` (the kernel's
+    attribute timeout: the same staleness another client's change may have). This
+    mount's own xattr changes drop the entry first; bounded, oldest out."""
+
+    def __init__(self, ttl_s: float, limit: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._known: OrderedDict[int, tuple[float, Mapping[str, str]]] = OrderedDict()
+
+    def seen(self, inode: Inode) -> None:
+        self._known[inode.ino] = (time.monotonic() + self.ttl_s, inode.xattrs)
+        self._known.move_to_end(inode.ino)
+        while len(self._known) > self.limit:
+            self._known.popitem(last=False)
+
+    def get(self, ino: int) -> Mapping[str, str] | None:
+        """name -> base64 value, or None when not known fresh (ask the shard)."""
+        entry = self._known.get(ino)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def forget(self, ino: int) -> None:
+        self._known.pop(ino, None)
