@@ -44,6 +44,7 @@ from cfs_contracts.events.metadata import (
     ShardRestored,
 )
 from cfs_contracts.events.ops import CorruptionDetected
+from cfs_contracts.fs.changes import PutInode
 from cfs_contracts.fs.records import ROOT_INO, site_floor
 from cfs_contracts.fs.rpc import (
     FindNames,
@@ -570,7 +571,7 @@ class ShardReplica:
             else:
                 # stamped against the state before it, for the other site's merge
                 entry = stamp_entry(item.entry(decision), overlay, now + index, self.bus.site)
-                answered.append((item, entry.reply))
+                answered.append((item, with_directories(entry)))
                 apply_entries(overlay, [entry])
                 locked |= change_lock_grants(entry.changes)
                 entries.append(entry)
@@ -725,6 +726,15 @@ def _approx_bytes(entry: JournalEntry) -> int:
         if inode is not None:
             refs += len(inode.chunks)
     return _APPROX_CHANGE_BYTES * len(entry.changes) + _APPROX_CHUNK_REF_BYTES * refs
+
+
+def with_directories(entry: JournalEntry) -> Reply:
+    """The reply, and the directories the entry changed as they are now (not journaled):
+    a mount answers the kernel's getattr of the parent after a create without asking."""
+    if entry.reply.errno or entry.reply.inodes:
+        return entry.reply
+    dirs = tuple(c.inode for c in entry.changes if isinstance(c, PutInode) and c.inode.is_dir)
+    return entry.reply.model_copy(update={"inodes": dirs}) if dirs else entry.reply
 
 
 def _participant_crash_points(answered: list[tuple[WorkItem, Reply]]) -> None:

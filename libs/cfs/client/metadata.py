@@ -14,7 +14,8 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import cast, get_args
 
 from pydantic import BaseModel
 
@@ -61,6 +62,9 @@ class MetadataClient:
         self.bus = bus
         self.attempt_timeout_s = attempt_timeout_s
         self._retired: str | None = None
+        # Told of every change sent (its reply, None if it failed): a cache of records
+        # (the mount's) drops or refreshes what the change touched.
+        self.changed: Callable[[rpc.MutationOp | rpc.TxOp, Reply | None], None] | None = None
         self._policy = RetryPolicy(
             "metadata request",
             temporary=_worth_retrying,
@@ -95,6 +99,18 @@ class MetadataClient:
         A writer change is always retried. EAGAIN for a conflict (records locked by
         a cross-shard transaction) is retried too unless `retry_conflicts` is False.
         """
+        if self.changed is None or isinstance(op, _READS):
+            return await self._call(op, shard, retry_conflicts)
+        reply: Reply | None = None
+        try:
+            reply = await self._call(op, shard, retry_conflicts)
+            return reply
+        finally:
+            self.changed(cast("rpc.MutationOp | rpc.TxOp", op), reply)
+
+    async def _call(
+        self, op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp, shard: int | None, retry_conflicts: bool
+    ) -> Reply:
         if shard is None:
             shard = _shard_of_op(op)
         name = shard_name(shard)
@@ -241,6 +257,9 @@ class MetadataClient:
             if not reply.more or not reply.entries:
                 return
             cookie = reply.entries[-1].cookie
+
+
+_READS: tuple[type[BaseModel], ...] = get_args(rpc.ReadOp)
 
 
 def _shard_of_op(op: rpc.ReadOp | rpc.MutationOp | rpc.TxOp) -> int:

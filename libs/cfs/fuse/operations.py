@@ -32,7 +32,7 @@ from cfs.fuse.attrs import ATTR_TIMEOUT_S, BLOCK_SIZE, entry_attributes, posix_e
 from cfs.ids import new_id
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import MAX_NAME_BYTES, ROOT_INO, Inode, Kind
-from cfs_contracts.fs.rpc import DirEntry, FsError
+from cfs_contracts.fs.rpc import DirEntry, FsError, Reply
 
 log = logging.getLogger("cfs.fuse")
 
@@ -81,13 +81,13 @@ class ClaudeFsOperations(pyfuse3.Operations):
         self._by_ino: dict[int, OpenFile] = {}
         self._open_count: dict[int, int] = {}  # ino -> file handles the kernel holds
         self._next_fh = itertools.count(1)
-        self._xattrs = XattrCache(ATTR_TIMEOUT_S)
+        self._seen = SeenInodes(ATTR_TIMEOUT_S)
+        meta.changed = self._seen.changed
 
     # -- attributes -----------------------------------------------------------------
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        """What the kernel caches for `inode`; its xattrs are kept as long, so `ls -l`
-        (two getxattr per file: an SELinux label, an ACL) costs no round trip each."""
-        self._xattrs.seen(inode)
+        """What the kernel caches for `inode`, kept as long here (`SeenInodes`)."""
+        self._seen.seen(inode)
         return entry_attributes(inode)
 
     async def _inode(self, ino: int) -> Inode:
@@ -112,6 +112,9 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        known = self._seen.directory(inode)
+        if known is not None:
+            return entry_attributes(known)
         return self._attrs(await self._inode(inode))
 
     @posix_errors
@@ -436,15 +439,12 @@ class ClaudeFsOperations(pyfuse3.Operations):
             name=os.fsdecode(name),
             value_b64=base64.b64encode(value).decode(),
         )
-        try:
-            await self.meta.call(op)
-        finally:
-            self._xattrs.forget(inode)  # what was seen before the change is stale
+        await self.meta.call(op)  # the records it touched are refreshed (`SeenInodes`)
 
     @posix_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = os.fsdecode(name)
-        known = self._xattrs.get(inode)
+        known = self._seen.xattrs(inode)
         if known is not None:
             if key not in known:
                 raise FsError(errno.ENODATA, f"no xattr {key!r}")
@@ -454,7 +454,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        known = self._xattrs.get(inode)
+        known = self._seen.xattrs(inode)
         if known is not None:
             return [os.fsencode(name) for name in sorted(known)]
         reply = await self.meta.call(rpc.ListXattr(ino=inode))
@@ -462,34 +462,55 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        try:
-            await self.meta.call(rpc.RemoveXattr(op_id=new_id(), ino=inode, name=os.fsdecode(name)))
-        finally:
-            self._xattrs.forget(inode)
+        await self.meta.call(rpc.RemoveXattr(op_id=new_id(), ino=inode, name=os.fsdecode(name)))
 
 
-class XattrCache:
-    """Each inode's xattrs as the last record seen of it said, for `ttl_s` (the kernel's
-    attribute timeout: the same staleness another client's change may have). This
-    mount's own xattr changes drop the entry first; bounded, oldest out."""
+class SeenInodes:
+    """The last record seen of each inode, for `ttl_s` (the kernel's attribute timeout:
+    no staler than what the kernel itself caches). Its xattrs answer getxattr and
+    listxattr (`ls -l` asks two per file); a directory answers getattr, which the
+    kernel sends after each create in it (it invalidates the parent's attributes) -
+    the reply to that create carried the directory as it became. Every change this
+    mount sends refreshes or drops the records it touched (`changed`), so the mount
+    never answers from a record older than its own change. Bounded, oldest out."""
 
     def __init__(self, ttl_s: float, limit: int = 100_000) -> None:
         self.ttl_s = ttl_s
         self.limit = limit
-        self._known: OrderedDict[int, tuple[float, Mapping[str, str]]] = OrderedDict()
+        self._known: OrderedDict[int, tuple[float, Inode]] = OrderedDict()
 
     def seen(self, inode: Inode) -> None:
-        self._known[inode.ino] = (time.monotonic() + self.ttl_s, inode.xattrs)
+        self._known[inode.ino] = (time.monotonic() + self.ttl_s, inode)
         self._known.move_to_end(inode.ino)
         while len(self._known) > self.limit:
             self._known.popitem(last=False)
 
-    def get(self, ino: int) -> Mapping[str, str] | None:
-        """name -> base64 value, or None when not known fresh (ask the shard)."""
+    def _fresh(self, ino: int) -> Inode | None:
         entry = self._known.get(ino)
         if entry is None or entry[0] < time.monotonic():
             return None
         return entry[1]
 
+    def xattrs(self, ino: int) -> Mapping[str, str] | None:
+        """name -> base64 value, or None when not known fresh (ask the shard)."""
+        inode = self._fresh(ino)
+        return None if inode is None else inode.xattrs
+
+    def directory(self, ino: int) -> Inode | None:
+        inode = self._fresh(ino)
+        return inode if inode is not None and inode.is_dir else None
+
     def forget(self, ino: int) -> None:
         self._known.pop(ino, None)
+
+    def changed(self, op: rpc.MutationOp | rpc.TxOp, reply: Reply | None) -> None:
+        """After a change (reply None: it failed or its outcome is unknown)."""
+        fresh = {i.ino: i for i in reply.inodes} if reply is not None else {}
+        if reply is not None and reply.inode is not None:
+            fresh[reply.inode.ino] = reply.inode
+        for field in ("parent", "new_parent", "ino"):
+            ino = getattr(op, field, None)
+            if isinstance(ino, int) and ino not in fresh:
+                self.forget(ino)
+        for inode in fresh.values():
+            self.seen(inode)
