@@ -16,8 +16,9 @@ SPEC = ServiceSpec(
             "{s}.data.>",  # FragmentStored/Deleted/Damaged
             "{s}.rpc.chunk.*.get",  # a rebuild reads the surviving fragments itself
         ),
-        serve=("{s}.rpc.chunk.*.*",),
-        write_keys={NODES.bucket: ("store.*",)},
+        serve=("{s}.rpc.chunk.{n}.*",),  # this node's fragments only
+        write_keys={NODES.bucket: ("store.{n}",)},  # this node's capacity record only
     ),
+    per_node=True,
     start=deferred("cfs_chunkstore.service:start"),
 )

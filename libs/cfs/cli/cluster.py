@@ -28,6 +28,7 @@ from cfs.security import (
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
+from cfs.tls import ca_path, ensure_server_cert, tls_dir
 from cfs_contracts.fs.records import MAX_SITE_INDEX
 from cfs_contracts.tier import TierMode
 
@@ -38,6 +39,22 @@ ClusterOpt = Annotated[
 ]
 SiteOpt = Annotated[str | None, typer.Option("--site", help="site name (or CFS_SITE)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+TlsServerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tls-server",
+        help="NAME=HOST[,HOST...]: a nats-server certificate for these addresses "
+        "(repeatable; default: one per host of the NATS URLs)",
+    ),
+]
+NodesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--node",
+        help="a storage node: its own keys for the per-node services (repeatable; "
+        "add a node later by running this again with its name)",
+    ),
+]
 TOKEN_FILE = "cluster-token"
 CONFIG_FILE = "cluster.json"
 CREDENTIALS_DIR = "credentials"
@@ -85,6 +102,8 @@ def init(
     tier_url: Annotated[
         str | None, typer.Option("--tier-url", help="s3://bucket/prefix of the data tier")
     ] = None,
+    tls_server: TlsServerOpt = None,
+    node: NodesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Provision every stream and bucket, record the cluster's shape, write its config.
@@ -109,7 +128,10 @@ def init(
     directory = config_dir or _default_config_dir()
     # The site's own keys when the config names them (a dev site), else new ones.
     settings.credentials_dir = (settings.credentials_dir or directory / CREDENTIALS_DIR).resolve()
-    ensure_keys(settings.credentials_dir, settings.site)
+    ensure_keys(settings.credentials_dir, settings.site, nodes=node or [bootstrap_node])
+    certificates = _ensure_tls(
+        settings.credentials_dir, settings.site, tls_server, settings.nats_urls
+    )
     wanted = new_config(
         name=cluster_name,
         site=settings.site,
@@ -120,8 +142,11 @@ def init(
         site_index=site_index,
     )
 
+    tls_on: list[bool] = []
+
     async def go() -> tuple[bool, int]:
         async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
+            tls_on.append(bool(bus.nc._server_info.get("tls_required")))
             count = replicas or max(1, min(3, len(bus.nc.servers)))
             result = await init_cluster(bus, wanted, replicas=count)
             if tier is not TierMode.OFF:
@@ -146,7 +171,9 @@ def init(
     except ClusterInitError as exc:
         raise CliError(str(exc)) from None
     auth_conf = write_auth_conf(settings.credentials_dir, settings.site, shards)
-    enforced = asyncio.run(_requires_credentials(settings.nats_urls, settings.site))
+    enforced = asyncio.run(
+        _requires_credentials(settings.nats_urls, settings.site, ca_path(settings.credentials_dir))
+    )
     config_path, token_path = _write_config(
         directory, settings.site, settings.nats_urls, shards, cluster_name,
         settings.credentials_dir,
@@ -163,6 +190,9 @@ def init(
         "credentials_dir": str(settings.credentials_dir),
         "nats_auth_conf": str(auth_conf),
         "nats_auth_enforced": enforced,
+        "tls_dir": str(tls_dir(settings.credentials_dir)),
+        "tls_certificates": certificates,
+        "nats_tls": bool(tls_on and tls_on[0]),
         "tier": tier.value,
         "tier_url": tier_url,
     }
@@ -170,6 +200,13 @@ def init(
         typer.echo(
             "warning: NATS accepts clients without credentials; add the authorization "
             f"block of {auth_conf} to every nats-server config and restart them "
+            "(README: Security)",
+            err=True,
+        )
+    if not summary["nats_tls"]:
+        typer.echo(
+            "warning: NATS accepts connections without TLS; give every nats-server a "
+            f"tls block with its certificate from {tls_dir(settings.credentials_dir)} "
             "(README: Security)",
             err=True,
         )
@@ -188,10 +225,36 @@ def init(
     )
 
 
-async def _requires_credentials(urls: list[str], site: str) -> bool:
+def _ensure_tls(
+    directory: Path, site: str, servers: list[str] | None, urls: list[str]
+) -> list[str]:
+    """The site CA and a certificate per server (kept when they exist); their names."""
+    from urllib.parse import urlparse
+
+    wanted: dict[str, list[str]] = {}
+    for spec in servers or []:
+        name, sep, listed = spec.partition("=")
+        if not sep or not name or not listed:
+            raise CliError(f"--tls-server {spec!r}: NAME=HOST[,HOST...]", ExitCode.USAGE)
+        wanted[name] = listed.split(",")
+    if not wanted:
+        for url in urls:
+            host = urlparse(url if "://" in url else f"nats://{url}").hostname or "127.0.0.1"
+            wanted[host] = [host, "127.0.0.1", "localhost"]
+    for name, hosts in wanted.items():
+        ensure_server_cert(directory, site, name, hosts)
+    return sorted(wanted)
+
+
+async def _requires_credentials(urls: list[str], site: str, ca: Path | None) -> bool:
     """Does NATS refuse a client without credentials (the authorization is in force)?"""
     try:
-        bus = await Bus.connect(urls, site=site, node=f"cli-{os.getpid()}-anonymous")
+        bus = await Bus.connect(
+            urls,
+            site=site,
+            node=f"cli-{os.getpid()}-anonymous",
+            tls_ca=ca,
+        )
     except BusError as exc:
         if is_permission_error(str(exc)):
             return True
@@ -245,6 +308,8 @@ def credentials(
         list[str] | None,
         typer.Option("--rotate", help="replace this role's key (repeatable), e.g. client"),
     ] = None,
+    tls_server: TlsServerOpt = None,
+    node: NodesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write every role's NATS key and the servers' authorization config, offline.
@@ -266,10 +331,13 @@ def credentials(
         directory = settings.credentials_dir or _default_config_dir() / CREDENTIALS_DIR
     for role in roles:
         credentials_path(directory, role).unlink(missing_ok=True)
-    conf = ensure_credentials(directory, settings.site, shards or settings.shards)
+    conf = ensure_credentials(directory, settings.site, shards or settings.shards, nodes=node or ())
+    certificates = _ensure_tls(directory, settings.site, tls_server, settings.nats_urls)
     summary = {
         "credentials_dir": str(directory),
         "nats_auth_conf": str(conf),
+        "tls_dir": str(tls_dir(directory)),
+        "tls_certificates": certificates,
         "roles": known,
         "rotated": roles,
     }

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -43,12 +44,20 @@ from nats.js.kv import KeyValue
 
 from cfs.bus import Bus
 from cfs.kernel import registry
-from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
+from cfs.security import (
+    AUTH_CONF,
+    Role,
+    credentials_for,
+    ensure_credentials,
+    ensure_keys,
+    write_auth_conf,
+)
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.forkserver import ForkServer
 from cfs.supervisor.nats import LeafListen, LeafRemote, NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
+from cfs.tls import ca_path, ensure_server_cert
 from cfs_contracts.data import StoreRecord, store_record_key
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES
@@ -75,6 +84,7 @@ class LocalSite:
         env: Mapping[str, str] | None = None,
         ec: str = "auto",
         secure: bool = True,
+        tls: bool | None = None,
         services: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         nats: NatsCluster | NatsServer | None = None,
         site_index: int = 0,
@@ -92,6 +102,9 @@ class LocalSite:
         requires credentials and every service connects with its role's
         least-privilege key (`cfs.security`, under `base_dir/credentials`), as
         `cfs cluster init` sets up a real site; `client()` gets the admin key.
+        `tls` (default: as `secure`): every NATS connection, client, route and site
+        link, is TLS with a site CA and a certificate per server (`cfs.tls`, under
+        `base_dir/credentials/tls`); clients find the CA beside their credentials.
         `services`: which services run (names as `cfs service list`; per node as a
         mapping), default every one on every node (those that need a peer site only on a
         linked site); a test of one service runs only it.
@@ -118,6 +131,10 @@ class LocalSite:
         self.secure = secure
         self.credentials_dir = self.base_dir / "credentials"
         auth_file = self.credentials_dir / AUTH_CONF if secure else None
+        self.tls = secure if tls is None else tls
+        if self.tls and not secure:  # processes find the CA beside their credentials
+            raise ValueError("tls=True needs secure=True")
+        issuer = partial(ensure_server_cert, self.credentials_dir, site) if self.tls else None
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
         self._owns_nats = nats is None
@@ -135,6 +152,7 @@ class LocalSite:
                 domain=domain,
                 leaf_auth=leaf_auth,
                 leaf_remotes=leaf_remotes,
+                tls=issuer,
             )
         else:
             self.nats = NatsServer.standalone(
@@ -143,6 +161,7 @@ class LocalSite:
                 domain=domain,
                 leaf_listen=LeafListen(free_port(), *leaf_auth) if leaf_auth else None,
                 leaf_remotes=leaf_remotes,
+                tls=issuer,
             )
         self._spawned_ms: dict[str, int] = {}
         self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
@@ -204,7 +223,7 @@ class LocalSite:
             if spec.name not in self._services.setdefault(node, self._default_services):
                 continue
             env = dict(common)
-            if (credentials := self.credentials(spec.role)) is not None:
+            if (credentials := self.credentials(spec.role, node)) is not None:
                 env["CFS_NATS_CREDENTIALS"] = str(credentials)
             if spec.name == "membership":
                 env.update(swim)
@@ -234,6 +253,12 @@ class LocalSite:
             raise ValueError(f"node {node!r} is already part of site {self.site}")
         self._swim_ports[node] = _free_udp_port()
         self.node_names = (*self.node_names, node)
+        if self.secure and self.credentials_dir.exists():  # a running site: its own keys
+            ensure_keys(self.credentials_dir, self.site, nodes=[node])
+            write_auth_conf(self.credentials_dir, self.site, self.shards)
+            for server in self.nats_servers:
+                if server.running:
+                    server.reload()
         self._build_node(node, labels or {})
 
     def __repr__(self) -> str:
@@ -255,9 +280,10 @@ class LocalSite:
         self._check_node(node)
         return next((server for server in self.nats_servers if server.name == node), None)
 
-    def credentials(self, role: str) -> Path | None:
-        """The credentials file of `role` (None on a site without NATS auth)."""
-        return credentials_path(self.credentials_dir, role) if self.secure else None
+    def credentials(self, role: str, node: str | None = None) -> Path | None:
+        """The credentials file of `role` (for a per-node role, `node`'s own key), None
+        on a site without NATS auth."""
+        return credentials_for(self.credentials_dir, role, node) if self.secure else None
 
     def data_dir(self, node: str) -> Path:
         self._check_node(node)
@@ -307,7 +333,9 @@ class LocalSite:
         """
         try:
             if self.secure:
-                ensure_credentials(self.credentials_dir, self.site, self.shards)
+                ensure_credentials(
+                    self.credentials_dir, self.site, self.shards, nodes=self.node_names
+                )
             await asyncio.to_thread(self._start_nats, timeout)
             await self.provision()
             for node in self.node_names:
@@ -508,14 +536,22 @@ class LocalSite:
         env.update(extra)
         return env
 
-    async def client(self, name: str | None = None, role: str = Role.ADMIN) -> Bus:
-        """A connected `Bus` for this site with `role`'s credentials (close it, or use
-        `async with`)."""
+    @property
+    def ca(self) -> Path | None:
+        """The site CA clients verify the servers with (None without TLS)."""
+        return ca_path(self.credentials_dir) if self.tls else None
+
+    async def client(
+        self, name: str | None = None, role: str = Role.ADMIN, node: str | None = None
+    ) -> Bus:
+        """A connected `Bus` for this site with `role`'s credentials (`node`'s key for a
+        per-node role; close it, or use `async with`)."""
         return await Bus.connect(
             self.urls,
             site=self.site,
             node=name or f"client-{time.time_ns()}",
-            credentials=self.credentials(role),
+            credentials=self.credentials(role, node),
+            tls_ca=self.ca,
         )
 
     async def __aenter__(self) -> LocalSite:

@@ -68,7 +68,10 @@ class SitePair:
             )
             server.leaf_listen = replace(server.leaf_listen, advertise=link.url)
             self.links.append(link)
-        remote = LeafRemote(tuple(link.url for link in self.links), LEAF_USER, password)
+        # site b's leaf nodes verify site a's servers with a's CA (TLS through the proxy)
+        remote = LeafRemote(
+            tuple(link.url for link in self.links), LEAF_USER, password, ca_file=self.a.ca
+        )
         self.b = LocalSite(
             self.base_dir / b,
             site=b,
