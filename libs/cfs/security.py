@@ -47,6 +47,8 @@ AUTH_CONF = "nats-auth.conf"
 RECOVERY_AUTH_CONF = "nats-auth-recovery.conf"
 CREDENTIALS_SUFFIX = ".nk"
 NODE_SEPARATOR = "@"  # `chunkstore@storage-1.nk`: node names have no `@`
+# `<identity>.retiring`: the public key a rotation replaced, admitted until it finishes
+RETIRING_SUFFIX = ".retiring"
 _HEADER = "# ClaudeFS NATS credentials"
 
 
@@ -213,12 +215,25 @@ CLIENT_GRANTS = Grants(
 )
 
 
+# What the admin commands (`cfs admin|cluster|node`, quorum recovery, provisioning) use:
+# all of JetStream here and on a linked site (`$JS.<domain>.API`: replication-link,
+# failover), every KV key, acks and flow control of its consumers, and every ClaudeFS
+# subject (commands, RPCs, events, the peer's over the link); it reads only its own
+# inbox and ClaudeFS events. Not: another role's inbox (snooping on or forging replies),
+# system or advisory subjects, or anything outside ClaudeFS on the same servers.
+ADMIN_PERMISSIONS = Permissions(
+    publish=("$JS.API.>", "$JS.*.API.>", "$KV.>", "$JS.ACK.>", "$JS.FC.>", "cfs.>"),
+    subscribe=(f"{inbox_prefix(Role.ADMIN)}.>", "cfs.>"),
+)
+
+
 def permissions(role: str, site: str, shards: int, node: str | None = None) -> Permissions:
     """The subjects `role` needs on `site` with `shards` metadata shards, and no more:
-    admin may do anything; a service exactly what its spec declares (`spec_subjects`),
+    admin what operators need (`ADMIN_PERMISSIONS`); a service exactly what its spec
+    declares (`spec_subjects`),
     for a per-node role's key bound to `node` (any node when None)."""
     if role == Role.ADMIN:
-        return Permissions(publish=(">",), subscribe=(">",))
+        return ADMIN_PERMISSIONS
     if role not in per_node_roles():
         node = None  # a site-wide role's key is the same on every node
     everyone = common_publish(site)
@@ -394,11 +409,48 @@ def write_auth_conf(
         (who, public_key(load_credentials(credentials_path(directory, who.role, who.node)).seed))
         for who in present_identities(directory, only)
     ]
+    users += retiring_keys(directory, only)
     conf = Path(directory) / name
     tmp = conf.with_suffix(".tmp")
     tmp.write_text(render_auth_conf([*users, *also], site, shards))
     os.replace(tmp, conf)
     return conf
+
+
+# -- rotation ----------------------------------------------------------------------------
+def begin_rotation(directory: Path, site: str, rotate: Sequence[str]) -> list[Identity]:
+    """Give every key of the roles `rotate` a new seed; the old public keys stay admitted
+    (`<identity>.retiring`, in the next `write_auth_conf`) until `finish_rotation`, so
+    processes still connected with them keep working while they move to the new file."""
+    rotated = []
+    for who in present_identities(directory, rotate):
+        path = credentials_path(directory, who.role, who.node)
+        old = public_key(load_credentials(path).seed)
+        (Path(directory) / f"{who.name}{RETIRING_SUFFIX}").write_text(old + "\n")
+        _replace_secret(path, _render_credentials(who, site, _new_user_seed()))
+        rotated.append(who)
+    return rotated
+
+
+def finish_rotation(directory: Path, rotate: Sequence[str] | None = None) -> list[Identity]:
+    """Forget the retiring keys (of `rotate` roles, or all); the next `write_auth_conf`
+    no longer admits them, and a server reload closes whatever still uses one."""
+    done = []
+    for who, _ in retiring_keys(directory, rotate):
+        (Path(directory) / f"{who.name}{RETIRING_SUFFIX}").unlink(missing_ok=True)
+        done.append(who)
+    return done
+
+
+def retiring_keys(directory: Path, only: Sequence[str] | None = None) -> list[tuple[Identity, str]]:
+    """(identity, old public key) of the rotations begun and not finished."""
+    wanted = set(roles() if only is None else only)
+    found = []
+    for path in sorted(Path(directory).glob(f"*{RETIRING_SUFFIX}")):
+        who = Identity.parse(path.name.removesuffix(RETIRING_SUFFIX))
+        if who.role in wanted:
+            found.append((who, path.read_text().strip()))
+    return found
 
 
 def render_auth_conf(users: Sequence[tuple[Identity | str, str]], site: str, shards: int) -> str:
@@ -478,6 +530,15 @@ def _render_credentials(who: Identity, site: str, seed: str) -> str:
         "# Keep this file secret (mode 0600); the server knows only the public key.\n"
         f"{seed}\n"
     )
+
+
+def _replace_secret(path: Path, text: str) -> None:
+    """Atomically, 0600 from the start: a process reading the file while it is replaced
+    (a reconnect) sees the old seed or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    _write_secret(tmp, text)
+    os.replace(tmp, path)
 
 
 def _write_secret(path: Path, text: str) -> None:

@@ -374,6 +374,23 @@ def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> 
         assert asyncio.run(_connects(server.url, client))
         assert not asyncio.run(_connects(server.url, None, ca))
 
+        # Online, outside cfs dev: the old key stays admitted until --finish.
+        config = {"CFS_CONFIG": str(cfg / "cluster.json")}
+        before = tmp_path / "before.nk"
+        before.write_text(client.read_text())
+        begun = _run("cluster", "rotate-credentials", "--role", "client", "--json", **config)
+        assert begun.returncode == 0, begun.stderr
+        assert json.loads(begun.stdout)["rotated"] == ["client"]
+        assert client.read_text() != before.read_text()
+        server.reload()
+        assert asyncio.run(_connects(server.url, before, ca)), "old key still admitted"
+        assert asyncio.run(_connects(server.url, client)), "new key admitted"
+        done = _run("cluster", "rotate-credentials", "--role", "client", "--finish", **config)
+        assert done.returncode == 0 and "old keys dropped: client" in done.stdout, done.stderr
+        server.reload()
+        assert not asyncio.run(_connects(server.url, before, ca))
+        assert asyncio.run(_connects(server.url, client))
+
 
 def test_a_reseeded_server_admits_the_admin_only_until_opened(tmp_path: Path) -> None:
     """Quorum recovery's admission: while the import runs, no service key connects

@@ -237,3 +237,25 @@ def test_per_node_keys_are_files_of_their_own_and_in_the_auth_conf(tmp_path: Pat
     write_auth_conf(directory, SITE, 1)
     assert "# chunkstore@n3" in conf.read_text()
     assert load_credentials(one).seed == loaded.seed  # the others' keys are kept
+
+
+def test_the_admin_key_is_scoped_to_what_admin_commands_need() -> None:
+    admin = permissions(Role.ADMIN, SITE, 2)
+    for subject in (
+        f"cfs.{SITE}.cmd.membership.node-drain",  # admin commands
+        f"cfs.{SITE}.rpc.meta.001",  # metadata checks, snapshots
+        "$JS.API.STREAM.CREATE.META_001",  # provisioning, recovery
+        "$JS.site-b.API.STREAM.INFO.KV_nodes",  # the peer site over the link
+        "$KV.nodes.cluster.config",
+        "$JS.ACK.CMD.x.1.1.1.1.1",
+    ):
+        assert admin.may_publish(subject), subject
+    assert admin.may_subscribe(f"{inbox_prefix(Role.ADMIN)}.x")
+    assert admin.may_subscribe(f"cfs.{SITE}.cluster.node.n1.down")  # watching events
+    for role in [Role.CLIENT, *SERVICES]:  # another role's replies: not read, not forged
+        assert not admin.may_subscribe(f"{inbox_prefix(role)}.x"), role
+        assert not admin.may_publish(f"{inbox_prefix(role)}.x"), role
+    assert not admin.may_subscribe(">") and not admin.may_publish(">")
+    assert not admin.may_publish("$SYS.REQ.SERVER.PING")
+    assert not admin.may_subscribe("$JS.EVENT.ADVISORY.>")
+    assert not admin.may_publish("other.app.subject")

@@ -22,9 +22,10 @@ from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, re
 from cfs.fuse.config import client_settings
 from cfs.security import (
     Role,
-    credentials_path,
+    begin_rotation,
     ensure_credentials,
     ensure_keys,
+    finish_rotation,
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
@@ -329,8 +330,9 @@ def credentials(
         directory = config_dir / CREDENTIALS_DIR
     else:
         directory = settings.credentials_dir or _default_config_dir() / CREDENTIALS_DIR
-    for role in roles:
-        credentials_path(directory, role).unlink(missing_ok=True)
+    if roles:  # offline: no old key needs to stay admitted (the servers restart)
+        begin_rotation(directory, settings.site, roles)
+        finish_rotation(directory, roles)
     conf = ensure_credentials(directory, settings.site, shards or settings.shards, nodes=node or ())
     certificates = _ensure_tls(directory, settings.site, tls_server, settings.nats_urls)
     summary = {
@@ -350,6 +352,78 @@ def credentials(
         typer.echo(
             f"rotated: {', '.join(summary['rotated'])}; reload the servers, then restart "
             "those processes with the new files"
+        )
+
+
+@app.command("rotate-credentials")
+@one_line_errors
+def rotate_credentials(
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="rotate this role's keys (repeatable; default: every role)"),
+    ] = None,
+    site: SiteOpt = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish",
+            help="outside cfs dev: drop the old keys, once every process uses the new ones",
+        ),
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds for the whole rotation")] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """New NATS keys for a role without losing a write: the old and the new key are both
+    admitted while the role's processes move to the new one, then the old is dropped.
+
+    On a `cfs dev` site everything happens here: servers reloaded, the role's processes
+    restarted node by node. Elsewhere this writes the new keys and the servers' config
+    admitting both; reload the servers (`nats-server --signal reload`), restart the
+    role's processes with the new files, then run it again with `--finish` and reload."""
+    from cfs.supervisor.devcontrol import running_dev_site
+
+    settings = client_settings(None, site)
+    known = all_roles()
+    roles = list(dict.fromkeys(role or known))
+    if unknown := [name for name in roles if name not in known]:
+        raise CliError(f"unknown role {unknown[0]!r} (roles: {', '.join(known)})", ExitCode.USAGE)
+    control = running_dev_site()
+    summary: dict[str, object]
+    if control is not None and not finish:
+        summary = control.call(
+            "rotate-credentials", roles=roles, site=settings.site, timeout=timeout + 10
+        )
+        summary["done"] = True
+    else:
+        directory = settings.credentials_dir
+        if directory is None:
+            raise CliError("no credentials_dir in the cluster config (cfs cluster init)")
+        if finish:
+            rotated = [who.name for who in finish_rotation(directory, roles)]
+        else:
+            rotated = [who.name for who in begin_rotation(directory, settings.site, roles)]
+        conf = write_auth_conf(directory, settings.site, settings.shards)
+        summary = {"site": settings.site, "rotated": rotated, "nats_auth_conf": str(conf)}
+        summary["done"] = finish
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    rotated_keys = summary["rotated"]
+    keys = ", ".join(map(str, rotated_keys)) if isinstance(rotated_keys, list) else ""
+    if summary["done"] and not finish:
+        typer.echo(
+            f"rotated on site {summary['site']}: {keys or 'none'} "
+            "(servers reloaded, processes moved)"
+        )
+    elif finish:
+        typer.echo(
+            f"old keys dropped: {keys or 'none'}; reload the servers (nats-server --signal reload)"
+        )
+    else:
+        typer.echo(
+            f"new keys: {keys}; the old ones stay admitted. Now reload the servers "
+            "(nats-server --signal reload), restart those roles' processes, then run "
+            "`cfs cluster rotate-credentials --finish` and reload again."
         )
 
 

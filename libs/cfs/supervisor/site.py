@@ -47,9 +47,11 @@ from cfs.kernel import registry
 from cfs.security import (
     AUTH_CONF,
     Role,
+    begin_rotation,
     credentials_for,
     ensure_credentials,
     ensure_keys,
+    finish_rotation,
     write_auth_conf,
 )
 from cfs.supervisor.errors import SupervisorError
@@ -164,6 +166,8 @@ class LocalSite:
                 tls=issuer,
             )
         self._spawned_ms: dict[str, int] = {}
+        # since when a node's membership record must be fresh (its own restarts only)
+        self._member_since: dict[str, int] = {}
         self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
@@ -256,9 +260,7 @@ class LocalSite:
         if self.secure and self.credentials_dir.exists():  # a running site: its own keys
             ensure_keys(self.credentials_dir, self.site, nodes=[node])
             write_auth_conf(self.credentials_dir, self.site, self.shards)
-            for server in self.nats_servers:
-                if server.running:
-                    server.reload()
+            self._reload_nats()
         self._build_node(node, labels or {})
 
     def __repr__(self) -> str:
@@ -445,14 +447,13 @@ class LocalSite:
         if not entry.value:
             return False
         member = MemberRecord.model_validate_json(entry.value)
-        return member.state is Liveness.ALIVE and member.last_seen_ms >= self._spawned_ms.get(
-            node, 0
-        )
+        since = self._member_since.get(node, self._spawned_ms.get(node, 0))
+        return member.state is Liveness.ALIVE and member.last_seen_ms >= since
 
     def start_node(self, node: str) -> None:
         """Start this node's services that are not running (what systemd would do)."""
         self._check_node(node)
-        self._spawned_ms[node] = time.time_ns() // 1_000_000
+        self._spawned_ms[node] = self._member_since[node] = time.time_ns() // 1_000_000
         for proc in self.node_processes(node).values():
             if not proc.running:
                 proc.start()
@@ -477,6 +478,56 @@ class LocalSite:
             log_event(log, logging.WARNING, "site.restarted", proc=proc.name, rc=rc, delay=delay)
             restarted.append(proc.name)
         return restarted
+
+    async def rotate_credentials(self, rotate: Sequence[str], timeout: float = 120.0) -> list[str]:
+        """`cfs cluster rotate-credentials`: new keys for the roles `rotate`, without a
+        refused connection or a lost write.
+
+        1. New seeds; the servers reload admitting the old and the new public keys.
+        2. The running processes of those roles restart onto the new files, one node at
+           a time, each node ready again before the next (a node's loss never fails an
+           operation; all of them at once would).
+        3. The old keys are dropped and the servers reload: a connection still on an old
+           key (a client this site does not run, e.g. a mount) is closed and reconnects
+           with the new file, which `Bus` reads again at every connect.
+        Returns the rotated identities (`role` or `role@node`)."""
+        if not self.secure:
+            raise SupervisorError(f"site {self.site} runs without credentials")
+        rotated = begin_rotation(self.credentials_dir, self.site, rotate)
+        write_auth_conf(self.credentials_dir, self.site, self.shards)
+        await asyncio.to_thread(self._reload_nats)
+        services = {spec.name for spec in registry.specs() if spec.role in rotate}
+        for node in self.node_names:
+            procs = [
+                proc
+                for name, proc in self.node_processes(node).items()
+                if name in services and proc.running
+            ]
+            if not procs:
+                continue
+            # wait_ready then waits for fresh records of the restarted ones only
+            now_ms = time.time_ns() // 1_000_000
+            if self.node_processes(node).get("chunk-store") in procs:
+                self._spawned_ms[node] = now_ms
+            if self.node_processes(node).get("membership") in procs:
+                self._member_since[node] = now_ms
+            for proc in procs:
+                await asyncio.to_thread(proc.stop, 15.0)
+                proc.start()
+            await self.wait_ready(timeout)
+            log_event(log, logging.INFO, "site.node_rotated", node=node, services=len(procs))
+        finish_rotation(self.credentials_dir, rotate)
+        write_auth_conf(self.credentials_dir, self.site, self.shards)
+        await asyncio.to_thread(self._reload_nats)
+        names = [who.name for who in rotated]
+        log_event(log, logging.INFO, "site.credentials_rotated", site=self.site, keys=names)
+        return names
+
+    def _reload_nats(self) -> None:
+        """Every running server loads its config again (the authorization with it)."""
+        for server in self.nats_servers:
+            if server.running:
+                server.reload()
 
     def stop_node(self, node: str, timeout: float = 15.0) -> None:
         """SIGTERM this node's services (clean shutdown)."""
