@@ -38,9 +38,10 @@ from cfs.security import (
     write_auth_conf,
 )
 from cfs.supervisor import LocalSite, ManagedProcess, NatsServer
-from cfs.supervisor.nats import nats_server_binary
+from cfs.supervisor.nats import LeafListen, LeafRemote, nats_server_binary
+from cfs.supervisor.ports import free_port
 from cfs.supervisor.site import child_pythonpath
-from cfs.tls import server_tls
+from cfs.tls import ensure_ca, ensure_server_cert, server_tls
 from cfs_contracts.data import store_record_key
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.streams import NODES
@@ -419,6 +420,34 @@ def test_the_compose_server_config_takes_the_generated_authorization(tmp_path: P
     check = subprocess.run(
         [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
         env={**os.environ, "SERVER_NAME": "nats-1", "CLUSTER_NAME": SITE},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_every_link_of_a_server_is_tls_and_nats_server_takes_the_config(tmp_path: Path) -> None:
+    """Client port, cluster routes (verified both ways), the leaf-node listener and a
+    leaf remote to the other site (verified with that site's CA): what `LocalSite` and
+    `SitePair` give each server, checked by `nats-server -t`."""
+    credentials = tmp_path / "credentials"
+    peer_ca = ensure_ca(tmp_path / "peer-credentials", "other")
+    server = NatsServer(
+        "n1",
+        tmp_path / "n1",
+        cluster_name="c",
+        routes=["nats://127.0.0.1:1"],
+        leaf_listen=LeafListen(free_port(), "link", "pw"),
+        leaf_remotes=[LeafRemote(("127.0.0.1:2",), "link", "pw", ca_file=peer_ca)],
+        tls=lambda name: ensure_server_cert(credentials, SITE, name),
+    )
+    assert server.issue_certificate() == server_tls(credentials, "n1")
+    conf = server.render_config()
+    assert conf.count("cert_file:") == 3  # client port, cluster, leaf listener
+    assert "verify: true" in conf.split("cluster {")[1]
+    assert f"tls: {{ ca_file: {json.dumps(str(peer_ca))} }}" in conf
+    (tmp_path / "nats.conf").write_text(conf)
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr

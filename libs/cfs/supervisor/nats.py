@@ -280,8 +280,7 @@ class NatsServer:
         cluster members with `wait=False` (or use NatsCluster).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.tls_issuer is not None:
-            self.tls = self.tls_issuer(self.name)
+        self.issue_certificate()
         self._write_config()
         self.process.start()
         log_event(
@@ -295,6 +294,12 @@ class NatsServer:
         )
         if wait:
             self._wait_or_kill(timeout)
+
+    def issue_certificate(self) -> ServerTls | None:
+        """This server's TLS files from `tls` (made when missing); None without TLS."""
+        if self.tls_issuer is not None:
+            self.tls = self.tls_issuer(self.name)
+        return self.tls
 
     def _write_config(self) -> None:
         """Owner-only: it holds the system user's and the site link's passwords."""
