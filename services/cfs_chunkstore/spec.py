@@ -13,7 +13,7 @@ SPEC = ServiceSpec(
     settings=imported("cfs_chunkstore.service:ChunkStoreSettings"),
     grants=Grants(
         publish=(
-            "{s}.data.>",  # FragmentStored/Deleted/Damaged
+            "{s}.data.{n}.>",  # FragmentStored/Deleted/Damaged, of its own fragments only
             "{s}.rpc.chunk.*.get",  # a rebuild reads the surviving fragments itself
         ),
         serve=("{s}.rpc.chunk.{n}.*",),  # this node's fragments only

@@ -259,3 +259,10 @@ def test_the_admin_key_is_scoped_to_what_admin_commands_need() -> None:
     assert not admin.may_publish("$SYS.REQ.SERVER.PING")
     assert not admin.may_subscribe("$JS.EVENT.ADVISORY.>")
     assert not admin.may_publish("other.app.subject")
+
+
+def test_a_chunk_store_announces_only_its_own_fragments() -> None:
+    store = permissions("chunkstore", SITE, 1, "n1")
+    assert store.may_publish(f"cfs.{SITE}.data.n1.stored")
+    assert not store.may_publish(f"cfs.{SITE}.data.n2.stored")
+    assert not store.may_publish(f"cfs.{SITE}.data.n2.deleted")
