@@ -18,6 +18,11 @@ nodes are those whose key files exist (`ensure_keys(nodes=...)`), so adding a no
 adding its keys and reloading the servers. Without a node list a per-node role gets
 one shared key with `{n}` as `*` (the per-role scheme).
 
+`cfs cluster rotate-credentials` replaces keys in two steps (`begin_rotation`, then
+`finish_rotation`): in between both the old and the new public key are admitted, so no
+process is refused while it moves to its new file. Connections are TLS whenever the
+site has a CA (`cfs.tls`, found beside the credentials).
+
 `permissions` is pure: the table is unit-tested, and the integration suites run every
 service under its own credentials, so a missing permission fails a test.
 """
@@ -400,11 +405,10 @@ def write_auth_conf(
     shards: int,
     only: Sequence[str] | None = None,
     name: str = AUTH_CONF,
-    also: Sequence[tuple[Identity, str]] = (),
 ) -> Path:
     """The server side of the keys in `directory` (public keys and permissions): every
-    identity with a key file there (of `only` these roles), plus `also` (identity,
-    public key) pairs: the keys being rotated out, still admitted meanwhile."""
+    identity with a key file there (of `only` these roles), plus the keys a rotation is
+    retiring (`begin_rotation`), still admitted meanwhile."""
     users = [
         (who, public_key(load_credentials(credentials_path(directory, who.role, who.node)).seed))
         for who in present_identities(directory, only)
@@ -412,7 +416,7 @@ def write_auth_conf(
     users += retiring_keys(directory, only)
     conf = Path(directory) / name
     tmp = conf.with_suffix(".tmp")
-    tmp.write_text(render_auth_conf([*users, *also], site, shards))
+    tmp.write_text(render_auth_conf(users, site, shards))
     os.replace(tmp, conf)
     return conf
 

@@ -29,7 +29,7 @@ from cfs.security import (
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
-from cfs.tls import ca_path, ensure_server_cert, tls_dir
+from cfs.tls import ensure_server_cert, tls_dir
 from cfs_contracts.fs.records import MAX_SITE_INDEX
 from cfs_contracts.tier import TierMode
 
@@ -173,7 +173,7 @@ def init(
         raise CliError(str(exc)) from None
     auth_conf = write_auth_conf(settings.credentials_dir, settings.site, shards)
     enforced = asyncio.run(
-        _requires_credentials(settings.nats_urls, settings.site, ca_path(settings.credentials_dir))
+        _requires_credentials(settings.nats_urls, settings.site, settings.tls_ca())
     )
     config_path, token_path = _write_config(
         directory, settings.site, settings.nats_urls, shards, cluster_name,
