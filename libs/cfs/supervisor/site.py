@@ -589,8 +589,10 @@ class LocalSite:
 
     @property
     def ca(self) -> Path | None:
-        """The site CA clients verify the servers with (None without TLS)."""
-        return ca_path(self.credentials_dir) if self.tls else None
+        """The site CA clients verify the servers with (None without TLS, or before a
+        server of the site issued it: a caller's own `nats` may be plain)."""
+        path = ca_path(self.credentials_dir)
+        return path if self.tls and path.exists() else None
 
     async def client(
         self, name: str | None = None, role: str = Role.ADMIN, node: str | None = None

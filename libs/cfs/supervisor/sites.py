@@ -28,6 +28,7 @@ from typing import Any
 from cfs.supervisor.linkproxy import LinkProxy
 from cfs.supervisor.nats import LeafRemote
 from cfs.supervisor.site import LocalSite
+from cfs.tls import ca_path
 
 LEAF_USER = "cfs-site-link"  # the leaf connection's user on the hub site's servers
 
@@ -70,7 +71,10 @@ class SitePair:
             self.links.append(link)
         # site b's leaf nodes verify site a's servers with a's CA (TLS through the proxy)
         remote = LeafRemote(
-            tuple(link.url for link in self.links), LEAF_USER, password, ca_file=self.a.ca
+            tuple(link.url for link in self.links),
+            LEAF_USER,
+            password,
+            ca_file=ca_path(self.a.credentials_dir) if self.a.tls else None,  # made at a's start
         )
         self.b = LocalSite(
             self.base_dir / b,
