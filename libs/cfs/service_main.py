@@ -45,6 +45,9 @@ class ServiceSettings(BaseSettings):
     site: str = "local"
     nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     nats_credentials: Path | None = None
+    nats_ca: Path | None = Field(
+        default=None, description="the site CA for NATS TLS (default: beside the credentials)"
+    )
     log_level: str = "INFO"
     singleton_lease_s: float | None = Field(
         default=None, gt=0, description="site-singleton lease time; default: the spec's"
@@ -60,6 +63,7 @@ class ServiceSettings(BaseSettings):
             node=self.node,
             name=f"{service}@{self.node}",
             credentials=self.nats_credentials,
+            tls_ca=self.nats_ca,
             connect_timeout=10.0,
         )
 

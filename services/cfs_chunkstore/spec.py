@@ -13,11 +13,12 @@ SPEC = ServiceSpec(
     settings=imported("cfs_chunkstore.service:ChunkStoreSettings"),
     grants=Grants(
         publish=(
-            "{s}.data.>",  # FragmentStored/Deleted/Damaged
+            "{s}.data.{n}.>",  # FragmentStored/Deleted/Damaged, of its own fragments only
             "{s}.rpc.chunk.*.get",  # a rebuild reads the surviving fragments itself
         ),
-        serve=("{s}.rpc.chunk.*.*",),
-        write_keys={NODES.bucket: ("store.*",)},
+        serve=("{s}.rpc.chunk.{n}.*",),  # this node's fragments only
+        write_keys={NODES.bucket: ("store.{n}",)},  # this node's capacity record only
     ),
+    per_node=True,
     start=deferred("cfs_chunkstore.service:start"),
 )

@@ -13,7 +13,7 @@ SPEC = ServiceSpec(
     settings=imported("cfs_membership.service:MembershipSettings"),
     grants=Grants(
         publish=("{s}.cluster.node.>",),
-        serve=("{s}.rpc.membership.*.view",),
+        serve=("{s}.rpc.membership.{n}.view",),
         read_streams=(CLUSTER.name,),
         read_buckets=(LEASES.bucket,),  # a drain records the leases it must move
         write_keys={NODES.bucket: ("member.*", "admin.*")},
@@ -28,5 +28,6 @@ SPEC = ServiceSpec(
         ),
     },
     start=deferred("cfs_membership.service:start"),
+    per_node=True,  # its view answers and health record; verdicts cover every node
     fatal=(OSError,),  # the SWIM port in use or unresolvable: an operator must act
 )

@@ -30,4 +30,5 @@ SPEC = ServiceSpec(
         )
     },
     start=deferred("cfs_metadata.service:start"),
+    per_node=True,  # a replica per node: its health record is its own
 )

@@ -41,4 +41,5 @@ SPEC = ServiceSpec(
     ),
     singleton=Singleton(deferred("cfs_repair.service:lead"), lease_s=5.0, renew_s=1.0),
     start=deferred("cfs_repair.service:start"),
+    per_node=True,  # a process per node (one coordinates): its health record is its own
 )

@@ -138,6 +138,8 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     # The dev site's own keys were used, and its servers refuse anonymous clients.
     assert summary["credentials_dir"] == str(tmp_path / "state" / "credentials")
     assert summary["nats_auth_enforced"] is True
+    assert summary["nats_tls"] is True  # cfs dev: TLS on every connection
+    assert (tmp_path / "state" / "credentials" / "tls" / "ca.pem").is_file()
     token = tmp_path / "cfg" / "cluster-token"
     assert token.stat().st_mode & 0o777 == 0o600
     assert json.loads((tmp_path / "cfg" / "cluster.json").read_text())["shards"] == 1
@@ -155,4 +157,17 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     assert not any(s["running"] for s in status["nodes"]["solo"]["services"].values())
     assert _cfs(env, "dev", "start", "solo").returncode == 0
     made = _cfs(env, "fs", "mkdir", "/after-restart", timeout=60)
+    assert made.returncode == 0, made.stderr
+
+    # Keys rotated through the daemon: servers reloaded, the chunk-store restarted.
+    client_key = tmp_path / "state" / "credentials" / "client.nk"
+    before = client_key.read_text()
+    rotated = _cfs(
+        env, "cluster", "rotate-credentials", "--role", "client", "--role", "chunkstore",
+        "--json",
+    )  # fmt: skip
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["rotated"] == ["client", "chunkstore@solo"]
+    assert client_key.read_text() != before
+    made = _cfs(env, "fs", "mkdir", "/after-rotation", timeout=60)
     assert made.returncode == 0, made.stderr

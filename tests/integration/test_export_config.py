@@ -21,6 +21,7 @@ from cfs.supervisor import LocalSite, S3Server
 from cfs.supervisor.devcluster import DevCluster
 from cfs.supervisor.devcontrol import CLUSTER_FILE
 from cfs.supervisor.topology import Topology
+from tests.integration.keymaterial import KEY_MATERIAL, key_material_in_logs
 
 CFS = str(Path(sys.executable).parent / "cfs")
 SITE = "exp"
@@ -121,6 +122,44 @@ def test_export_to_stdout_has_the_config_and_no_secret(workdir: Path, site: Loca
     assert s3["endpoint_url"].startswith("http://127.0.0.1:")
     assert s3["credentials_file"].endswith("credentials/s3.ini")
     assert s3["credentials"] == "file"
+
+
+def test_no_key_material_in_logs_or_the_export(workdir: Path, site: LocalSite) -> None:
+    """After a workload (files written and read, admin commands, a refused key) the
+    site's logs and the export hold no seed (`SU...`) and no PEM block: nor the TLS keys
+    beside the seeds."""
+    from cfs.client import FileStore, MetadataClient
+    from cfs.security import Role
+    from cfs_contracts.fs.records import ROOT_INO
+
+    async def workload() -> None:
+        async with await site.client("app", role=Role.CLIENT) as bus:
+            meta = MetadataClient(bus, deadline_s=10)
+            files = FileStore(bus, meta, client_id="app")
+            await files.start()
+            for i in range(3):
+                inode = await meta.create(ROOT_INO, f"secret-test-{i}")
+                await files.write_all(inode.ino, os.urandom(100_000))
+                assert len(await files.read_all(inode.ino)) == 100_000
+            await files.close()
+
+    asyncio.run(workload())
+    for args in (("status",), ("raft-status",)):
+        assert cfs(workdir, *args).returncode == 0
+    exported = cfs(workdir, "export-config")
+    assert exported.returncode == 0, exported.stderr
+    assert KEY_MATERIAL.search(exported.stdout) is None
+    assert_no_secret(exported.stdout, site)
+    logs = "\n".join(p.read_text(errors="replace") for p in site.base_dir.rglob("*.log"))
+    assert "nats.started" in logs or "storage-1" in logs, "the logs were read"
+    assert key_material_in_logs(site.base_dir) == []
+    assert_no_secret(logs, site)
+    tls = site.credentials_dir / "tls"
+    keys = [tls / "ca.key", *tls.glob("server-*.key")]
+    assert keys and all(key.stat().st_mode & 0o777 == 0o600 for key in keys)
+    for key in keys:
+        body = [line for line in key.read_text().splitlines() if not line.startswith("-----")]
+        assert body and not any(line in logs for line in body), key
 
 
 def test_export_to_s3(workdir: Path, site: LocalSite, s3_server: S3Server) -> None:

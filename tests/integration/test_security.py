@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -32,11 +33,15 @@ from cfs.security import (
     Role,
     credentials_path,
     ensure_credentials,
+    load_credentials,
+    public_key,
     write_auth_conf,
 )
 from cfs.supervisor import LocalSite, ManagedProcess, NatsServer
-from cfs.supervisor.nats import nats_server_binary
+from cfs.supervisor.nats import LeafListen, LeafRemote, nats_server_binary
+from cfs.supervisor.ports import free_port
 from cfs.supervisor.site import child_pythonpath
+from cfs.tls import ensure_ca, ensure_server_cert, server_tls
 from cfs_contracts.data import store_record_key
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.streams import NODES
@@ -78,7 +83,7 @@ async def _refused(bus: Bus, action: Callable[[], Awaitable[object]]) -> str:
 
 async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
     with pytest.raises(BusUnavailable, match="Authorization Violation"):
-        await Bus.connect(site.urls, site=SITE, node="anonymous", connect_timeout=3)
+        await Bus.connect(site.urls, site=SITE, node="anonymous", tls_ca=site.ca, connect_timeout=3)
 
     async with await site.client("app", role=Role.CLIENT) as client:
         meta = MetadataClient(client, deadline_s=10)
@@ -97,7 +102,7 @@ async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
         error = await _refused(client, lambda: client.nc.subscribe("_INBOX.metadata.>"))
         assert "subscription" in error.lower()
 
-    async with await site.client("cs", role="chunkstore") as chunkstore:
+    async with await site.client("cs", role="chunkstore", node="storage-1") as chunkstore:
         await _refused(chunkstore, lambda: chunkstore.nc.publish(journal, b"{}"))
         await _refused(
             chunkstore, lambda: chunkstore.nc.publish("$KV.nodes.member.storage-1", b"{}")
@@ -110,6 +115,90 @@ async def test_roles_are_held_to_their_permissions(site: LocalSite) -> None:
             meta = MetadataClient(client, deadline_s=10)
             names = [entry.name async for entry in meta.readdir(ROOT_INO)]
     assert names == ["allowed"]  # no forged journal entry was applied
+
+
+def _plain_text_connect(url: str, credentials: Path) -> tuple[dict[str, object], bytes]:
+    """A client that does not speak TLS: the server's INFO, then what it answers to a
+    CONNECT sent in the clear with valid credentials."""
+    host, port = url.removeprefix("nats://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        reader = sock.makefile("rb")
+        info = json.loads(reader.readline().removeprefix(b"INFO "))
+        nkey = public_key(load_credentials(credentials).seed)
+        sock.sendall(f"CONNECT {json.dumps({'nkey': nkey, 'verbose': False})}\r\nPING\r\n".encode())
+        try:
+            answer = reader.readline()
+        except OSError as exc:  # reset
+            answer = str(exc).encode()
+    return info, answer
+
+
+async def test_a_client_without_tls_is_refused(site: LocalSite) -> None:
+    """The servers require TLS: a plain-text client is refused before it can log in,
+    and a TLS client that does not trust the site CA fails its verification."""
+    info, answer = await asyncio.to_thread(
+        _plain_text_connect, site.urls[0], site.credentials(Role.ADMIN)
+    )
+    assert info["tls_required"] is True
+    assert b"PONG" not in answer
+    assert b"TLS Required" in answer or not answer, answer
+    with pytest.raises(BusUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        await Bus.connect(site.urls, site=SITE, node="no-ca", connect_timeout=3)
+    # ... while with the CA beside the credentials, as every process has it, all is well
+    assert site.ca is not None and site.ca.parent.parent == site.credentials_dir
+    async with await Bus.connect(
+        site.urls, site=SITE, node="tls", credentials=site.credentials(Role.ADMIN)
+    ) as bus:
+        assert bus.nc.connected_server_version.major >= 2
+        writer = bus.nc._transport._io_writer  # type: ignore[union-attr]
+        assert writer.get_extra_info("ssl_object") is not None
+
+
+@pytest.mark.expected_logs("nats.permission_denied")
+async def test_a_node_writes_only_its_own_records(site: LocalSite, tmp_path: Path) -> None:
+    """Per-node keys: a chunk-store process started as storage-2 with storage-1's key
+    (a compromised storage-1 posing as another node) can neither record storage-2's
+    capacity nor answer its fragment requests; the refusal is in its log and the
+    server's. storage-1's own record goes on being written under the same key."""
+    own = site.credentials("chunkstore", "storage-1")
+    assert own is not None and own.name == "chunkstore@storage-1.nk"
+    async with await site.client("cs1", role="chunkstore", node="storage-1") as stolen:
+        kv = await stolen.key_value(NODES.bucket)
+        error = await _refused(stolen, lambda: kv.put(store_record_key("storage-2"), b"{}"))
+        assert "$kv.nodes.store.storage-2" in error.lower()
+        error = await _refused(stolen, lambda: stolen.nc.subscribe(f"cfs.{SITE}.rpc.chunk.*.get"))
+        assert "subscription" in error.lower()
+        await kv.put(store_record_key("storage-1"), (await kv.get("store.storage-1")).value)
+    env = {
+        "CFS_NATS_URLS": json.dumps(site.urls),
+        "CFS_SITE": SITE,
+        "CFS_NATS_CREDENTIALS": str(own),
+        "PYTHONPATH": child_pythonpath(),
+    }
+    impostor = ManagedProcess(
+        "impostor",
+        [sys.executable, "-m", "cfs_chunkstore", "--node", "storage-2",
+         "--data-dir", str(tmp_path / "storage-2")],
+        log_path=tmp_path / "impostor.log",
+        env=env,
+    )  # fmt: skip
+    impostor.start()
+    try:
+        await asyncio.to_thread(
+            impostor.wait_until,
+            lambda: "nats.permission_denied" in impostor.log_tail(200),
+            30,
+            "the refusal in the impostor's log",
+        )
+    finally:
+        impostor.kill9()
+    assert "storage-2" in impostor.log_tail(200)
+    server_log = site.nats_servers[0].log_path.read_text()
+    assert 'Publish Violation - Subject "$KV.nodes.store.storage-2"' in server_log
+    async with await site.client("check") as admin:
+        kv = await admin.key_value(NODES.bucket)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get(store_record_key("storage-2"))
 
 
 def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -127,7 +216,7 @@ def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def _cli(site: LocalSite, credentials: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"CFS_NATS_URLS": json.dumps(site.urls), "CFS_SITE": SITE}
+    env = {"CFS_NATS_URLS": json.dumps(site.urls), "CFS_SITE": SITE, "CFS_NATS_CA": str(site.ca)}
     if credentials is not None:
         env["CFS_NATS_CREDENTIALS"] = str(credentials)
     return _run(*args, **env)
@@ -195,9 +284,9 @@ async def test_admin_commands_need_admin_credentials(site: LocalSite) -> None:
     assert bad.returncode == 1 and "cannot read NATS credentials" in bad.stderr, bad.stderr
 
 
-async def _connects(url: str, credentials: Path | None) -> bool:
+async def _connects(url: str, credentials: Path | None, ca: Path | None = None) -> bool:
     try:
-        bus = await Bus.connect(url, site=SITE, node="t", credentials=credentials)
+        bus = await Bus.connect(url, site=SITE, node="t", credentials=credentials, tls_ca=ca)
     except BusUnavailable as exc:
         assert "Authorization Violation" in str(exc), exc
         return False
@@ -246,10 +335,19 @@ def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> 
     leaked client key is rotated out."""
     cfg = tmp_path / "cfg"
     made = _run("cluster", "credentials", "--site", SITE, "--shards", "2",
-                "--config-dir", str(cfg), "--json")  # fmt: skip
+                "--config-dir", str(cfg), "--tls-server", "n1=127.0.0.1,localhost",
+                "--json")  # fmt: skip
     assert made.returncode == 0, made.stderr
-    credentials = Path(json.loads(made.stdout)["credentials_dir"])
-    server = NatsServer.standalone(tmp_path / "nats", auth_file=credentials / AUTH_CONF)
+    summary = json.loads(made.stdout)
+    credentials = Path(summary["credentials_dir"])
+    assert summary["tls_certificates"] == ["n1"]
+    for key in ("ca.key", "server-n1.key"):
+        assert (credentials / "tls" / key).stat().st_mode & 0o777 == 0o600
+    server = NatsServer.standalone(
+        tmp_path / "nats",
+        auth_file=credentials / AUTH_CONF,
+        tls=lambda name: server_tls(credentials, name),
+    )
     with server:
         init = _run(
             "cluster", "init", "--cluster", server.url, "--site", SITE,
@@ -258,12 +356,14 @@ def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> 
         )  # fmt: skip
         assert init.returncode == 0, init.stderr
         assert json.loads(init.stdout)["nats_auth_enforced"] is True
+        assert json.loads(init.stdout)["nats_tls"] is True
         assert init.stderr == ""
 
         client = credentials_path(credentials, Role.CLIENT)
         leaked = tmp_path / "leaked.nk"
         leaked.write_text(client.read_text())
-        assert asyncio.run(_connects(server.url, leaked))
+        ca = credentials / "tls" / "ca.pem"
+        assert asyncio.run(_connects(server.url, leaked, ca))
         bad = _run("cluster", "credentials", "--config-dir", str(cfg), "--rotate", "nobody")
         assert bad.returncode == 2 and "unknown role 'nobody'" in bad.stderr, bad.stderr
         rotated = _run("cluster", "credentials", "--site", SITE, "--shards", "2",
@@ -271,9 +371,26 @@ def test_credentials_first_then_a_secured_init_then_rotation(tmp_path: Path) -> 
         assert rotated.returncode == 0, rotated.stderr
         assert client.read_text() != leaked.read_text()
         server.restart()  # the servers take the new public keys
-        assert not asyncio.run(_connects(server.url, leaked))
+        assert not asyncio.run(_connects(server.url, leaked, ca))
         assert asyncio.run(_connects(server.url, client))
-        assert not asyncio.run(_connects(server.url, None))
+        assert not asyncio.run(_connects(server.url, None, ca))
+
+        # Online, outside cfs dev: the old key stays admitted until --finish.
+        config = {"CFS_CONFIG": str(cfg / "cluster.json")}
+        before = tmp_path / "before.nk"
+        before.write_text(client.read_text())
+        begun = _run("cluster", "rotate-credentials", "--role", "client", "--json", **config)
+        assert begun.returncode == 0, begun.stderr
+        assert json.loads(begun.stdout)["rotated"] == ["client"]
+        assert client.read_text() != before.read_text()
+        server.reload()
+        assert asyncio.run(_connects(server.url, before, ca)), "old key still admitted"
+        assert asyncio.run(_connects(server.url, client)), "new key admitted"
+        done = _run("cluster", "rotate-credentials", "--role", "client", "--finish", **config)
+        assert done.returncode == 0 and "old keys dropped: client" in done.stdout, done.stderr
+        server.reload()
+        assert not asyncio.run(_connects(server.url, before, ca))
+        assert asyncio.run(_connects(server.url, client))
 
 
 def test_a_reseeded_server_admits_the_admin_only_until_opened(tmp_path: Path) -> None:
@@ -303,6 +420,34 @@ def test_the_compose_server_config_takes_the_generated_authorization(tmp_path: P
     check = subprocess.run(
         [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
         env={**os.environ, "SERVER_NAME": "nats-1", "CLUSTER_NAME": SITE},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+
+
+def test_every_link_of_a_server_is_tls_and_nats_server_takes_the_config(tmp_path: Path) -> None:
+    """Client port, cluster routes (verified both ways), the leaf-node listener and a
+    leaf remote to the other site (verified with that site's CA): what `LocalSite` and
+    `SitePair` give each server, checked by `nats-server -t`."""
+    credentials = tmp_path / "credentials"
+    peer_ca = ensure_ca(tmp_path / "peer-credentials", "other")
+    server = NatsServer(
+        "n1",
+        tmp_path / "n1",
+        cluster_name="c",
+        routes=["nats://127.0.0.1:1"],
+        leaf_listen=LeafListen(free_port(), "link", "pw"),
+        leaf_remotes=[LeafRemote(("127.0.0.1:2",), "link", "pw", ca_file=peer_ca)],
+        tls=lambda name: ensure_server_cert(credentials, SITE, name),
+    )
+    assert server.issue_certificate() == server_tls(credentials, "n1")
+    conf = server.render_config()
+    assert conf.count("cert_file:") == 3  # client port, cluster, leaf listener
+    assert "verify: true" in conf.split("cluster {")[1]
+    assert f"tls: {{ ca_file: {json.dumps(str(peer_ca))} }}" in conf
+    (tmp_path / "nats.conf").write_text(conf)
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr

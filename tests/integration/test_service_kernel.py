@@ -19,6 +19,7 @@ from cfs.bus import Bus, ensure_buckets, ensure_streams
 from cfs.kernel import registry
 from cfs.lease import Lease
 from cfs.security import (
+    Identity,
     Role,
     common_publish,
     permissions,
@@ -270,16 +271,23 @@ def test_deployment_files_name_only_known_services() -> None:
 @pytest.mark.parametrize("spec", registry.specs(), ids=lambda s: s.name)
 def test_a_services_permissions_are_exactly_its_declared_subjects(spec) -> None:
     shards = 3
-    conf = render_auth_conf([(spec.role, "UKEY")], SITE, shards)
+    node = "n1" if spec.per_node else None  # a per-node service's key is one node's
+    conf = render_auth_conf([(Identity(spec.role, node), "UKEY")], SITE, shards)
     allowed = json.loads(re.search(r"publish: \{ allow: (\[.*\]) \}", conf).group(1))
     subscribe = json.loads(re.search(r"subscribe: \{ allow: (\[.*\]) \}", conf).group(1))
-    declared_pub, declared_sub = spec_subjects(spec, SITE, shards)
+    declared_pub, declared_sub = spec_subjects(spec, SITE, shards, node)
     everyone = set(common_publish(SITE))
     assert set(allowed) == everyone | set(declared_pub), "nothing more, nothing less"
-    assert set(subscribe) == {f"_INBOX.{spec.role}.>", *declared_sub}
-    mine = permissions(spec.role, SITE, shards)
+    inbox = f"_INBOX.{spec.role}.n1.>" if spec.per_node else f"_INBOX.{spec.role}.>"
+    assert set(subscribe) == {inbox, *declared_sub}
+    assert not any("{" in subject for subject in [*allowed, *subscribe]), "all bound"
+    if spec.per_node:  # nothing of another node's: its health record, its subjects
+        assert f"$KV.nodes.health.n1.{spec.name}" in allowed
+        other_node = {s.replace(".n1.", ".n2.").replace(".n1", ".n2") for s in allowed}
+        assert not any(subject_matches(p, x) for p in allowed for x in other_node - set(allowed))
+    mine = permissions(spec.role, SITE, shards, node)
     for other in registry.specs():
-        theirs, _ = spec_subjects(other, SITE, shards)
+        theirs, _ = spec_subjects(other, SITE, shards, "n2" if other.per_node else None)
         for subject in set(theirs) - set(declared_pub) - everyone:
             concrete = subject.replace("*", "x").replace(">", "x")
             if not any(_covers(pattern, concrete) for pattern in declared_pub):

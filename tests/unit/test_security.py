@@ -12,17 +12,22 @@ from hypothesis import strategies as st
 from cfs.security import (
     AUTH_CONF,
     CredentialsError,
+    Identity,
     Role,
     connect_options,
+    credentials_for,
     credentials_path,
     ensure_credentials,
     ensure_keys,
+    identities,
     inbox_prefix,
     load_credentials,
+    per_node_roles,
     permissions,
     public_key,
     roles,
     subject_matches,
+    write_auth_conf,
 )
 
 SITE = "prod"
@@ -172,3 +177,92 @@ def test_a_service_reads_only_its_own_admin_commands() -> None:
     assert not metadata.may_publish("$JS.API.CONSUMER.MSG.NEXT.CMD.cmd-membership")
     assert not metadata.may_publish("$JS.API.CONSUMER.CREATE.CMD.spy")
     assert permissions("membership", SITE, 1).may_publish("$JS.ACK.CMD.cmd-membership.1.2.3")
+
+
+def test_a_per_node_key_writes_only_its_own_nodes_records_and_subjects() -> None:
+    store = permissions("chunkstore", SITE, 1, "n1")
+    assert store.may_publish("$KV.nodes.store.n1")
+    assert not store.may_publish("$KV.nodes.store.n2")
+    assert store.may_publish("$KV.nodes.health.n1.chunk-store")
+    assert not store.may_publish("$KV.nodes.health.n2.chunk-store")
+    assert store.may_subscribe(f"cfs.{SITE}.rpc.chunk.n1.get")
+    assert not store.may_subscribe(f"cfs.{SITE}.rpc.chunk.n2.get")
+    assert not store.may_subscribe(f"cfs.{SITE}.rpc.chunk.*.get")
+    assert store.may_publish(f"cfs.{SITE}.rpc.chunk.n2.get")  # rebuilds read the survivors
+    assert store.may_subscribe(f"{inbox_prefix('chunkstore', 'n1')}.x")
+    assert not store.may_subscribe(f"{inbox_prefix('chunkstore', 'n2')}.x")
+    member = permissions("membership", SITE, 1, "n1")
+    assert member.may_subscribe(f"cfs.{SITE}.rpc.membership.n1.view")
+    assert not member.may_subscribe(f"cfs.{SITE}.rpc.membership.n2.view")
+    assert member.may_publish("$KV.nodes.member.n2")  # SWIM's verdicts cover every node
+    for role in ("metadata", "repair"):
+        mine = permissions(role, SITE, 1, "n1")
+        spec_name = {"metadata": "metadata-raft", "repair": "repair"}[role]
+        assert mine.may_publish(f"$KV.nodes.health.n1.{spec_name}")
+        assert not mine.may_publish(f"$KV.nodes.health.n2.{spec_name}")
+    # a site-wide role ignores the node: its key is shared
+    assert permissions("tierer", SITE, 1, "n1") == permissions("tierer", SITE, 1)
+
+
+def test_identities_are_per_node_for_per_node_roles_only() -> None:
+    assert set(per_node_roles()) == {"chunkstore", "membership", "metadata", "repair"}
+    found = identities(["n1", "n2"])
+    assert Identity("chunkstore", "n1") in found and Identity("chunkstore", "n2") in found
+    assert Identity("chunkstore") not in found
+    assert Identity(Role.CLIENT) in found and Identity(Role.ADMIN) in found
+    assert Identity(Role.CLIENT, "n1") not in found
+    assert Identity("chunkstore") in identities()  # no nodes known: one shared key
+    assert Identity.parse(Identity("chunkstore", "n-1").name) == Identity("chunkstore", "n-1")
+
+
+def test_per_node_keys_are_files_of_their_own_and_in_the_auth_conf(tmp_path: Path) -> None:
+    directory = tmp_path / "creds"
+    conf = ensure_credentials(directory, SITE, 1, nodes=["n1", "n2"])
+    assert not credentials_path(directory, "chunkstore").exists()
+    one = credentials_path(directory, "chunkstore", "n1")
+    assert one.name == "chunkstore@n1.nk" and stat.S_IMODE(one.stat().st_mode) == 0o600
+    loaded = load_credentials(one)
+    assert (loaded.role, loaded.node, loaded.inbox_prefix) == (
+        "chunkstore",
+        "n1",
+        "_INBOX.chunkstore.n1",
+    )
+    assert credentials_for(directory, "chunkstore", "n1") == one
+    assert credentials_for(directory, Role.CLIENT, "n1") == credentials_path(directory, "client")
+    text = conf.read_text()
+    assert "# chunkstore@n1" in text and "# chunkstore@n2" in text
+    assert '"$KV.nodes.store.n1"' in text and '"$KV.nodes.store.n2"' in text
+    assert public_key(loaded.seed) in text
+    ensure_keys(directory, SITE, nodes=["n3"])  # a node added later
+    write_auth_conf(directory, SITE, 1)
+    assert "# chunkstore@n3" in conf.read_text()
+    assert load_credentials(one).seed == loaded.seed  # the others' keys are kept
+
+
+def test_the_admin_key_is_scoped_to_what_admin_commands_need() -> None:
+    admin = permissions(Role.ADMIN, SITE, 2)
+    for subject in (
+        f"cfs.{SITE}.cmd.membership.node-drain",  # admin commands
+        f"cfs.{SITE}.rpc.meta.001",  # metadata checks, snapshots
+        "$JS.API.STREAM.CREATE.META_001",  # provisioning, recovery
+        "$JS.site-b.API.STREAM.INFO.KV_nodes",  # the peer site over the link
+        "$KV.nodes.cluster.config",
+        "$JS.ACK.CMD.x.1.1.1.1.1",
+    ):
+        assert admin.may_publish(subject), subject
+    assert admin.may_subscribe(f"{inbox_prefix(Role.ADMIN)}.x")
+    assert admin.may_subscribe(f"cfs.{SITE}.cluster.node.n1.down")  # watching events
+    for role in [Role.CLIENT, *SERVICES]:  # another role's replies: not read, not forged
+        assert not admin.may_subscribe(f"{inbox_prefix(role)}.x"), role
+        assert not admin.may_publish(f"{inbox_prefix(role)}.x"), role
+    assert not admin.may_subscribe(">") and not admin.may_publish(">")
+    assert not admin.may_publish("$SYS.REQ.SERVER.PING")
+    assert not admin.may_subscribe("$JS.EVENT.ADVISORY.>")
+    assert not admin.may_publish("other.app.subject")
+
+
+def test_a_chunk_store_announces_only_its_own_fragments() -> None:
+    store = permissions("chunkstore", SITE, 1, "n1")
+    assert store.may_publish(f"cfs.{SITE}.data.n1.stored")
+    assert not store.may_publish(f"cfs.{SITE}.data.n2.stored")
+    assert not store.may_publish(f"cfs.{SITE}.data.n2.deleted")

@@ -25,7 +25,7 @@ FORMAT = "cfs-config-export/1"
 SECRET_SHOWN = "<secret: not exported>"
 _SECRET_WORDS = ("secret", "token", "password", "seed", "private")
 # Who a process is and how it reaches NATS: per process, not a site setting.
-_PER_PROCESS = frozenset({"node", "site", "nats_urls", "nats_credentials", "log_level"})
+_PER_PROCESS = frozenset({"node", "site", "nats_urls", "nats_credentials", "nats_ca", "log_level"})
 
 
 def is_secret(name: str, value: object) -> bool:

@@ -42,7 +42,7 @@ from cfs.bus.errors import (
 from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.hlc import HybridClock
 from cfs.ids import new_id
-from cfs.security import connect_options
+from cfs.security import CredentialsError, connect_options, load_credentials
 from cfs.telemetry import inject_headers, tracer
 from cfs_contracts import REGISTRY, Envelope, EventPayload, Registry
 from cfs_contracts.registry import encode_envelope
@@ -58,6 +58,22 @@ CONNECT_ERRORS_KEPT = 16
 # setting (read when a connection is made). bench/datapath.py measures the effect.
 READ_BUFFER_BYTES = 1024 * 1024
 nats.aio.client.DEFAULT_BUFFER_SIZE = max(nats.aio.client.DEFAULT_BUFFER_SIZE, READ_BUFFER_BYTES)
+
+
+class _StartTlsEof(logging.Filter):
+    """Drop asyncio's "returning true from eof_received() has no effect when using ssl".
+
+    nats-py reads the server's INFO in plain text, then upgrades the same stream with
+    `loop.start_tls`; asyncio's stream protocol decided it was not over SSL when the
+    connection was made, so every EOF of a TLS connection (a server closing it, a
+    reconnect) logs that warning. It is harmless: the connection is closed either way.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("returning true from eof_received()")
+
+
+logging.getLogger("asyncio").addFilter(_StartTlsEof())
 
 
 class Client(NATS):
@@ -77,6 +93,34 @@ class Client(NATS):
             self._pings_outstanding = 0
             return
         await super()._process_pong()
+
+    # Our credentials file, read again at every (re)connect: `cfs cluster
+    # rotate-credentials` replaces it, and the server then drops the old key.
+    credentials_file: Path | None = None
+
+    def _setup_nkeys_seed_connect(self) -> None:
+        super()._setup_nkeys_seed_connect()
+        path = self.credentials_file
+        if path is None:
+            return
+        import base64
+
+        import nkeys
+
+        def sig_cb(nonce: str) -> bytes:
+            try:
+                seed = load_credentials(path).seed
+            except CredentialsError:  # mid-replace or gone: the key we started with
+                seed = str(self._nkeys_seed_str)
+            pair = nkeys.from_seed(bytearray(seed.encode()))
+            try:
+                # read right after this callback, for the same CONNECT
+                self._public_nkey = pair.public_key.decode()
+                return base64.b64encode(pair.sign(nonce.encode()))
+            finally:
+                pair.wipe()
+
+        self._signature_cb = sig_cb
 
 
 # JetStream API error codes (nats-server errors.json) that we give a type.
@@ -133,12 +177,16 @@ class Bus:
         node: str,
         name: str | None = None,
         credentials: Path | None = None,
+        tls_ca: Path | None = None,
         connect_timeout: float = 5.0,
         publish_timeout: float = 5.0,
         publish_window: int = 1024,
         registry: Registry = REGISTRY,
     ) -> Bus:
-        """Connect to any of `urls`; reconnects forever once connected."""
+        """Connect to any of `urls`; reconnects forever once connected.
+
+        TLS, verified against `tls_ca` or else the site CA beside `credentials`
+        (`cfs.tls.ca_for`), whenever the site has one; plain otherwise."""
         servers = [urls] if isinstance(urls, str) else list(urls)
         if not servers:
             raise BusUnavailable("no NATS server URL given")
@@ -174,8 +222,10 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("nats.reconnected", extra={"client": name or node})
 
-        auth = connect_options(credentials)
+        auth = connect_options(credentials, tls_ca)
         nc = Client()
+        if "nkeys_seed_str" in auth:
+            nc.credentials_file = credentials
         try:
             await _unless_refused(
                 nc.connect(

@@ -22,12 +22,14 @@ from cfs.cluster import ClusterInitError, check_ec, init_cluster, new_config, re
 from cfs.fuse.config import client_settings
 from cfs.security import (
     Role,
-    credentials_path,
+    begin_rotation,
     ensure_credentials,
     ensure_keys,
+    finish_rotation,
     write_auth_conf,
 )
 from cfs.security import roles as all_roles
+from cfs.tls import ensure_server_cert, tls_dir
 from cfs_contracts.fs.records import MAX_SITE_INDEX
 from cfs_contracts.tier import TierMode
 
@@ -38,6 +40,22 @@ ClusterOpt = Annotated[
 ]
 SiteOpt = Annotated[str | None, typer.Option("--site", help="site name (or CFS_SITE)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+TlsServerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tls-server",
+        help="NAME=HOST[,HOST...]: a nats-server certificate for these addresses "
+        "(repeatable; default: one per host of the NATS URLs)",
+    ),
+]
+NodesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--node",
+        help="a storage node: its own keys for the per-node services (repeatable; "
+        "add a node later by running this again with its name)",
+    ),
+]
 TOKEN_FILE = "cluster-token"
 CONFIG_FILE = "cluster.json"
 CREDENTIALS_DIR = "credentials"
@@ -85,6 +103,8 @@ def init(
     tier_url: Annotated[
         str | None, typer.Option("--tier-url", help="s3://bucket/prefix of the data tier")
     ] = None,
+    tls_server: TlsServerOpt = None,
+    node: NodesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Provision every stream and bucket, record the cluster's shape, write its config.
@@ -109,7 +129,10 @@ def init(
     directory = config_dir or _default_config_dir()
     # The site's own keys when the config names them (a dev site), else new ones.
     settings.credentials_dir = (settings.credentials_dir or directory / CREDENTIALS_DIR).resolve()
-    ensure_keys(settings.credentials_dir, settings.site)
+    ensure_keys(settings.credentials_dir, settings.site, nodes=node or [bootstrap_node])
+    certificates = _ensure_tls(
+        settings.credentials_dir, settings.site, tls_server, settings.nats_urls
+    )
     wanted = new_config(
         name=cluster_name,
         site=settings.site,
@@ -120,8 +143,11 @@ def init(
         site_index=site_index,
     )
 
+    tls_on: list[bool] = []
+
     async def go() -> tuple[bool, int]:
         async with await settings.connect(Role.ADMIN, f"cli-{os.getpid()}") as bus:
+            tls_on.append(bool(bus.nc._server_info.get("tls_required")))
             count = replicas or max(1, min(3, len(bus.nc.servers)))
             result = await init_cluster(bus, wanted, replicas=count)
             if tier is not TierMode.OFF:
@@ -146,7 +172,9 @@ def init(
     except ClusterInitError as exc:
         raise CliError(str(exc)) from None
     auth_conf = write_auth_conf(settings.credentials_dir, settings.site, shards)
-    enforced = asyncio.run(_requires_credentials(settings.nats_urls, settings.site))
+    enforced = asyncio.run(
+        _requires_credentials(settings.nats_urls, settings.site, settings.tls_ca())
+    )
     config_path, token_path = _write_config(
         directory, settings.site, settings.nats_urls, shards, cluster_name,
         settings.credentials_dir,
@@ -163,6 +191,9 @@ def init(
         "credentials_dir": str(settings.credentials_dir),
         "nats_auth_conf": str(auth_conf),
         "nats_auth_enforced": enforced,
+        "tls_dir": str(tls_dir(settings.credentials_dir)),
+        "tls_certificates": certificates,
+        "nats_tls": bool(tls_on and tls_on[0]),
         "tier": tier.value,
         "tier_url": tier_url,
     }
@@ -170,6 +201,13 @@ def init(
         typer.echo(
             "warning: NATS accepts clients without credentials; add the authorization "
             f"block of {auth_conf} to every nats-server config and restart them "
+            "(README: Security)",
+            err=True,
+        )
+    if not summary["nats_tls"]:
+        typer.echo(
+            "warning: NATS accepts connections without TLS; give every nats-server a "
+            f"tls block with its certificate from {tls_dir(settings.credentials_dir)} "
             "(README: Security)",
             err=True,
         )
@@ -188,10 +226,36 @@ def init(
     )
 
 
-async def _requires_credentials(urls: list[str], site: str) -> bool:
+def _ensure_tls(
+    directory: Path, site: str, servers: list[str] | None, urls: list[str]
+) -> list[str]:
+    """The site CA and a certificate per server (kept when they exist); their names."""
+    from urllib.parse import urlparse
+
+    wanted: dict[str, list[str]] = {}
+    for spec in servers or []:
+        name, sep, listed = spec.partition("=")
+        if not sep or not name or not listed:
+            raise CliError(f"--tls-server {spec!r}: NAME=HOST[,HOST...]", ExitCode.USAGE)
+        wanted[name] = listed.split(",")
+    if not wanted:
+        for url in urls:
+            host = urlparse(url if "://" in url else f"nats://{url}").hostname or "127.0.0.1"
+            wanted[host] = [host, "127.0.0.1", "localhost"]
+    for name, hosts in wanted.items():
+        ensure_server_cert(directory, site, name, hosts)
+    return sorted(wanted)
+
+
+async def _requires_credentials(urls: list[str], site: str, ca: Path | None) -> bool:
     """Does NATS refuse a client without credentials (the authorization is in force)?"""
     try:
-        bus = await Bus.connect(urls, site=site, node=f"cli-{os.getpid()}-anonymous")
+        bus = await Bus.connect(
+            urls,
+            site=site,
+            node=f"cli-{os.getpid()}-anonymous",
+            tls_ca=ca,
+        )
     except BusError as exc:
         if is_permission_error(str(exc)):
             return True
@@ -245,6 +309,8 @@ def credentials(
         list[str] | None,
         typer.Option("--rotate", help="replace this role's key (repeatable), e.g. client"),
     ] = None,
+    tls_server: TlsServerOpt = None,
+    node: NodesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write every role's NATS key and the servers' authorization config, offline.
@@ -264,12 +330,16 @@ def credentials(
         directory = config_dir / CREDENTIALS_DIR
     else:
         directory = settings.credentials_dir or _default_config_dir() / CREDENTIALS_DIR
-    for role in roles:
-        credentials_path(directory, role).unlink(missing_ok=True)
-    conf = ensure_credentials(directory, settings.site, shards or settings.shards)
+    if roles:  # offline: no old key needs to stay admitted (the servers restart)
+        begin_rotation(directory, settings.site, roles)
+        finish_rotation(directory, roles)
+    conf = ensure_credentials(directory, settings.site, shards or settings.shards, nodes=node or ())
+    certificates = _ensure_tls(directory, settings.site, tls_server, settings.nats_urls)
     summary = {
         "credentials_dir": str(directory),
         "nats_auth_conf": str(conf),
+        "tls_dir": str(tls_dir(directory)),
+        "tls_certificates": certificates,
         "roles": known,
         "rotated": roles,
     }
@@ -282,6 +352,78 @@ def credentials(
         typer.echo(
             f"rotated: {', '.join(summary['rotated'])}; reload the servers, then restart "
             "those processes with the new files"
+        )
+
+
+@app.command("rotate-credentials")
+@one_line_errors
+def rotate_credentials(
+    role: Annotated[
+        list[str] | None,
+        typer.Option("--role", help="rotate this role's keys (repeatable; default: every role)"),
+    ] = None,
+    site: SiteOpt = None,
+    finish: Annotated[
+        bool,
+        typer.Option(
+            "--finish",
+            help="outside cfs dev: drop the old keys, once every process uses the new ones",
+        ),
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds for the whole rotation")] = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """New NATS keys for a role without losing a write: the old and the new key are both
+    admitted while the role's processes move to the new one, then the old is dropped.
+
+    On a `cfs dev` site everything happens here: servers reloaded, the role's processes
+    restarted node by node. Elsewhere this writes the new keys and the servers' config
+    admitting both; reload the servers (`nats-server --signal reload`), restart the
+    role's processes with the new files, then run it again with `--finish` and reload."""
+    from cfs.supervisor.devcontrol import running_dev_site
+
+    settings = client_settings(None, site)
+    known = all_roles()
+    roles = list(dict.fromkeys(role or known))
+    if unknown := [name for name in roles if name not in known]:
+        raise CliError(f"unknown role {unknown[0]!r} (roles: {', '.join(known)})", ExitCode.USAGE)
+    control = running_dev_site()
+    summary: dict[str, object]
+    if control is not None and not finish:
+        summary = control.call(
+            "rotate-credentials", roles=roles, site=settings.site, timeout=timeout + 10
+        )
+        summary["done"] = True
+    else:
+        directory = settings.credentials_dir
+        if directory is None:
+            raise CliError("no credentials_dir in the cluster config (cfs cluster init)")
+        if finish:
+            rotated = [who.name for who in finish_rotation(directory, roles)]
+        else:
+            rotated = [who.name for who in begin_rotation(directory, settings.site, roles)]
+        conf = write_auth_conf(directory, settings.site, settings.shards)
+        summary = {"site": settings.site, "rotated": rotated, "nats_auth_conf": str(conf)}
+        summary["done"] = finish
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    rotated_keys = summary["rotated"]
+    keys = ", ".join(map(str, rotated_keys)) if isinstance(rotated_keys, list) else ""
+    if summary["done"] and not finish:
+        typer.echo(
+            f"rotated on site {summary['site']}: {keys or 'none'} "
+            "(servers reloaded, processes moved)"
+        )
+    elif finish:
+        typer.echo(
+            f"old keys dropped: {keys or 'none'}; reload the servers (nats-server --signal reload)"
+        )
+    else:
+        typer.echo(
+            f"new keys: {keys}; the old ones stay admitted. Now reload the servers "
+            "(nats-server --signal reload), restart those roles' processes, then run "
+            "`cfs cluster rotate-credentials --finish` and reload again."
         )
 
 

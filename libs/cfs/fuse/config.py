@@ -18,6 +18,7 @@ from pydantic_settings import (
 )
 
 from cfs.security import Role, credentials_path
+from cfs.tls import ca_path
 
 if TYPE_CHECKING:
     from cfs.bus import Bus
@@ -62,6 +63,10 @@ class ClientSettings(BaseSettings):
         default=None,
         description="per-role credentials written by `cfs cluster init` (admin.nk, client.nk)",
     )
+    nats_ca: Path | None = Field(
+        default=None,
+        description="the site CA for NATS TLS (default: tls/ca.pem beside the credentials)",
+    )
     shards: int = Field(default=1, ge=1, le=999, description="fixed at `cfs cluster init`")
     peer: PeerSite | None = Field(
         default=None,
@@ -98,14 +103,26 @@ class ClientSettings(BaseSettings):
                 "nats_urls": self.peer.nats_urls,
                 "credentials_dir": self.peer.credentials_dir,
                 "nats_credentials": None,
+                "nats_ca": None,
                 "peer": None,
             }
         )
+
+    def tls_ca(self) -> Path | None:
+        """`nats_ca`, else the site CA in `credentials_dir` (also for a command run
+        without credentials: it is then refused for them, not for TLS)."""
+        if self.nats_ca is not None:
+            return self.nats_ca
+        if self.credentials_dir is not None:
+            found = ca_path(self.credentials_dir)
+            return found if found.is_file() else None
+        return None
 
     async def connect(self, role: Role, node: str, **options: Any) -> Bus:
         """A `Bus` to this cluster with `role`'s credentials (`options`: Bus.connect's)."""
         from cfs.bus import Bus  # `cfs umount` and `cfs fs --help` stay quick
 
+        options.setdefault("tls_ca", self.tls_ca())
         return await Bus.connect(
             self.nats_urls,
             site=self.site,

@@ -69,7 +69,8 @@ def deferred(target: str) -> Callable[..., Any]:
 @dataclass(frozen=True)
 class Grants:
     """The subjects a service touches beyond what the runtime derives from its consumers,
-    admin verbs, lease and health record. `{s}` stands for `cfs.<site>`; a stream named
+    admin verbs, lease and health record. `{s}` stands for `cfs.<site>`; `{n}` for the
+    node a per-node service's key belongs to (`ServiceSpec.per_node`); a stream named
     `META_*` means every shard's journal.
 
     `publish`: subjects it publishes events or sends requests on. `serve`: subjects it
@@ -154,6 +155,10 @@ class ServiceSpec:
     # Only of use on a site linked to a peer site (DESIGN.md §8): a single dev site
     # leaves it out unless asked for it by name.
     needs_peer: bool = False
+    # Its processes hold one key per node (`chunkstore@storage-1.nk`), with `{n}` in the
+    # grants and the health record bound to that node: a node's key writes only that
+    # node's records and answers only that node's requests (DESIGN.md §10).
+    per_node: bool = False
 
     def load(self) -> None:
         """Import everything the spec names, before the service's event loop runs."""

@@ -428,6 +428,17 @@ class DevCluster:
         )
         return {"nats_server": None if added is None else added.name, "nats_servers": len(running)}
 
+    def rotate_credentials(
+        self, roles: list[str], site: str | None = None, timeout: float = 120.0
+    ) -> dict[str, Any]:
+        """`cfs cluster rotate-credentials`: the site's keys of `roles` replaced, its
+        servers reloaded and those roles' processes restarted onto the new keys."""
+        local = self._site(site)
+        with self._lock:  # the restart loop must not race the rolling restart
+            rotated = asyncio.run(local.rotate_credentials(roles, timeout))
+        log_event(log, logging.INFO, "dev.credentials_rotated", site=local.site, keys=rotated)
+        return {"site": local.site, "rotated": rotated}
+
     def handle(self, request: dict[str, Any]) -> Any:
         """One control request -> its result; raises on bad requests."""
         op = request.get("op")
@@ -476,6 +487,9 @@ class DevCluster:
             return self.reform_nats(str(node), local.site)
         if op == "open-nats":
             return self.open_nats(local.site)
+        if op == "rotate-credentials":
+            roles = [str(role) for role in request.get("roles") or []]
+            return self.rotate_credentials(roles, local.site, float(request.get("timeout") or 120))
         if op == "add-node":
             return self.add_node(str(node), dict(request.get("labels") or {}), local.site)
         raise SupervisorError(f"unknown request {op!r}")

@@ -19,7 +19,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +31,7 @@ from cfs.supervisor._http import http_get
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.ports import free_port, free_ports
 from cfs.supervisor.process import ManagedProcess, log_event
+from cfs.tls import ServerTls, client_context, render_tls_block
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class LeafRemote:
     host_ports: tuple[str, ...]
     user: str
     password: str = field(repr=False)
+    ca_file: Path | None = None  # the other site's CA: the link is TLS, verified by it
 
     @property
     def urls(self) -> list[str]:
@@ -118,6 +120,7 @@ class NatsServer:
         domain: str | None = None,
         leaf_listen: LeafListen | None = None,
         leaf_remotes: Sequence[LeafRemote] = (),
+        tls: Callable[[str], ServerTls] | None = None,
     ) -> None:
         """Ports left as None are allocated now; files live under `state_dir`.
 
@@ -130,6 +133,9 @@ class NatsServer:
         `auth_file`: client authorization (`cfs.security`: NKey users and their
         permissions), copied into the config on every start, so regenerated
         permissions apply at the next restart. Without it clients connect anonymously.
+        `tls`: server name -> its certificate, key and CA (`cfs.tls`), issued when the
+        server starts: clients, routes and the leaf-node listener then speak TLS only;
+        a client without it is refused.
         """
         self.name = name
         self.state_dir = Path(state_dir)
@@ -147,6 +153,8 @@ class NatsServer:
         self.domain = domain
         self.leaf_listen = leaf_listen
         self.leaf_remotes = list(leaf_remotes)
+        self.tls_issuer = tls
+        self.tls: ServerTls | None = None  # the files in use, once started
         # While set, replaces `auth_file`: a re-seeded server admits only the recovery
         # (no service may write into it before the import is complete).
         self.admission: Path | None = None
@@ -207,6 +215,8 @@ class NatsServer:
             *([f"  domain: {_quote(self.domain)}"] if self.domain else []),
             "}",
         ]
+        if self.tls is not None:
+            lines += render_tls_block(self.tls)
         if self.leaf_listen is not None or self.leaf_remotes:
             lines.append("leafnodes {")
             if self.leaf_listen is not None:
@@ -215,6 +225,8 @@ class NatsServer:
                     f"  authorization {{ user: {_quote(self.leaf_listen.user)}, "
                     f"password: {_quote(self.leaf_listen.password)} }}",
                 ]
+                if self.tls is not None:
+                    lines += render_tls_block(self.tls, "  ")
                 if self.leaf_listen.advertise is not None:
                     # leaf nodes learn this address from the INFO and reconnect to it:
                     # it must be the link's, or a reconnect would go around a partition
@@ -222,7 +234,13 @@ class NatsServer:
             if self.leaf_remotes:
                 lines.append("  remotes = [")
                 lines += [
-                    f"    {{ urls: [{', '.join(_quote(url) for url in remote.urls)}] }}"
+                    f"    {{ urls: [{', '.join(_quote(url) for url in remote.urls)}]"
+                    + (
+                        f", tls: {{ ca_file: {_quote(str(remote.ca_file))} }}"
+                        if remote.ca_file is not None
+                        else ""
+                    )
+                    + " }"
                     for remote in self.leaf_remotes
                 ]
                 lines.append("  ]")
@@ -235,6 +253,8 @@ class NatsServer:
                 "  routes: [",
                 *(f"    {_quote(route)}" for route in self.routes),
                 "  ]",
+                # routes verify both ends: every member presents its certificate
+                *(render_tls_block(self.tls, "  ", verify=True) if self.tls else []),
                 "}",
             ]
         if self.system_password is not None:
@@ -260,6 +280,7 @@ class NatsServer:
         cluster members with `wait=False` (or use NatsCluster).
         """
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.issue_certificate()
         self._write_config()
         self.process.start()
         log_event(
@@ -273,6 +294,12 @@ class NatsServer:
         )
         if wait:
             self._wait_or_kill(timeout)
+
+    def issue_certificate(self) -> ServerTls | None:
+        """This server's TLS files from `tls` (made when missing); None without TLS."""
+        if self.tls_issuer is not None:
+            self.tls = self.tls_issuer(self.name)
+        return self.tls
 
     def _write_config(self) -> None:
         """Owner-only: it holds the system user's and the site link's passwords."""
@@ -402,6 +429,7 @@ class NatsCluster:
         domain: str | None = None,
         leaf_auth: tuple[str, str] | None = None,
         leaf_remotes: Sequence[LeafRemote] = (),
+        tls: Callable[[str], ServerTls] | None = None,
     ) -> None:
         """Allocate every port up front: each node's config must list all routes.
 
@@ -409,6 +437,7 @@ class NatsCluster:
         `auth_file`: client authorization for every member (see `NatsServer`).
         `domain`, `leaf_remotes`: for every member (see `NatsServer`); `leaf_auth`
         (user, password): every member accepts leaf nodes with it (`leaf_ports`).
+        `tls`: server name -> its certificate files, for every member (see `NatsServer`).
         """
         if size < 1:
             raise ValueError(f"cluster size must be >= 1, got {size}")
@@ -424,6 +453,7 @@ class NatsCluster:
         self._auth_file = auth_file
         self._domain = domain
         self._leaf_remotes = list(leaf_remotes)
+        self._tls = tls
         self.system_password: str | None = None
         self._lost: list[NatsServer] = []  # members left behind by `reform`
         self._stale_routes: set[str] = set()  # the reform witness's route
@@ -447,6 +477,7 @@ class NatsCluster:
                     LeafListen(self.leaf_ports[i], *leaf_auth) if leaf_auth is not None else None
                 ),
                 leaf_remotes=leaf_remotes,
+                tls=tls,
             )
             for i in range(size)
         ]
@@ -581,6 +612,7 @@ class NatsCluster:
             die_with_parent=self._die_with_parent,
             system_password=password,
             auth_file=self._auth_file,
+            tls=seed.tls_issuer,
         )
         seed.cluster_name = new_name
         seed.admission = admission
@@ -673,6 +705,7 @@ class NatsCluster:
             auth_file=self._auth_file,
             domain=self._domain,
             leaf_remotes=self._leaf_remotes,  # a linked site's link stays (not its listener)
+            tls=self._tls,
         )
         server.start(wait=False)
         members = {s.name for s in self._servers}
@@ -740,7 +773,7 @@ def _remove_meta_peer(server: NatsServer, peer: str, password: str, timeout: flo
     while True:
         try:
             reply = json.loads(
-                _request(server.port, SYSTEM_USER, password, "$JS.API.SERVER.REMOVE", request, 2.0)
+                _request(server, SYSTEM_USER, password, "$JS.API.SERVER.REMOVE", request, 2.0)
             )
         except (OSError, ValueError, SupervisorError) as exc:
             last = str(exc)
@@ -756,13 +789,24 @@ def _remove_meta_peer(server: NatsServer, peer: str, password: str, timeout: flo
 
 
 def _request(
-    port: int, user: str, password: str, subject: str, payload: bytes, timeout: float
+    server: NatsServer, user: str, password: str, subject: str, payload: bytes, timeout: float
 ) -> bytes:
-    """One request/reply over the plain NATS protocol (the supervisor stays synchronous)."""
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        reader = sock.makefile("rb")
-        if not reader.readline().startswith(b"INFO "):
+    """One request/reply over the plain NATS protocol (the supervisor stays synchronous),
+    upgraded to TLS after the INFO when the server has it."""
+    port = server.port
+    with socket.create_connection((HOST, port), timeout=timeout) as raw:
+        sock: socket.socket = raw
+        info = b""
+        while not info.endswith(b"\n") and len(info) < 65536:  # unbuffered: TLS may follow
+            byte = raw.recv(1)
+            if not byte:
+                break
+            info += byte
+        if not info.startswith(b"INFO "):
             raise SupervisorError(f"no INFO from nats-server at {HOST}:{port}")
+        if server.tls is not None:
+            sock = client_context(server.tls.ca).wrap_socket(raw, server_hostname=HOST)
+        reader = sock.makefile("rb")
         connect = {"user": user, "pass": password, "verbose": False, "pedantic": False}
         inbox = f"_INBOX.cfs.{secrets.token_hex(8)}"
         sock.sendall(

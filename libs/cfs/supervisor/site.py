@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -43,12 +44,22 @@ from nats.js.kv import KeyValue
 
 from cfs.bus import Bus
 from cfs.kernel import registry
-from cfs.security import AUTH_CONF, Role, credentials_path, ensure_credentials
+from cfs.security import (
+    AUTH_CONF,
+    Role,
+    begin_rotation,
+    credentials_for,
+    ensure_credentials,
+    ensure_keys,
+    finish_rotation,
+    write_auth_conf,
+)
 from cfs.supervisor.errors import SupervisorError
 from cfs.supervisor.forkserver import ForkServer
 from cfs.supervisor.nats import LeafListen, LeafRemote, NatsCluster, NatsServer
 from cfs.supervisor.ports import free_port
 from cfs.supervisor.process import ManagedProcess, log_event
+from cfs.tls import ca_path, ensure_server_cert
 from cfs_contracts.data import StoreRecord, store_record_key
 from cfs_contracts.members import Liveness, MemberRecord, member_key
 from cfs_contracts.streams import NODES
@@ -75,6 +86,7 @@ class LocalSite:
         env: Mapping[str, str] | None = None,
         ec: str = "auto",
         secure: bool = True,
+        tls: bool | None = None,
         services: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         nats: NatsCluster | NatsServer | None = None,
         site_index: int = 0,
@@ -92,6 +104,9 @@ class LocalSite:
         requires credentials and every service connects with its role's
         least-privilege key (`cfs.security`, under `base_dir/credentials`), as
         `cfs cluster init` sets up a real site; `client()` gets the admin key.
+        `tls` (default: as `secure`): every NATS connection, client, route and site
+        link, is TLS with a site CA and a certificate per server (`cfs.tls`, under
+        `base_dir/credentials/tls`); clients find the CA beside their credentials.
         `services`: which services run (names as `cfs service list`; per node as a
         mapping), default every one on every node (those that need a peer site only on a
         linked site); a test of one service runs only it.
@@ -118,6 +133,10 @@ class LocalSite:
         self.secure = secure
         self.credentials_dir = self.base_dir / "credentials"
         auth_file = self.credentials_dir / AUTH_CONF if secure else None
+        self.tls = secure if tls is None else tls
+        if self.tls and not secure:  # processes find the CA beside their credentials
+            raise ValueError("tls=True needs secure=True")
+        issuer = partial(ensure_server_cert, self.credentials_dir, site) if self.tls else None
         count = servers if servers is not None else min(3, len(names))
         self.nats: NatsCluster | NatsServer
         self._owns_nats = nats is None
@@ -135,6 +154,7 @@ class LocalSite:
                 domain=domain,
                 leaf_auth=leaf_auth,
                 leaf_remotes=leaf_remotes,
+                tls=issuer,
             )
         else:
             self.nats = NatsServer.standalone(
@@ -143,8 +163,11 @@ class LocalSite:
                 domain=domain,
                 leaf_listen=LeafListen(free_port(), *leaf_auth) if leaf_auth else None,
                 leaf_remotes=leaf_remotes,
+                tls=issuer,
             )
         self._spawned_ms: dict[str, int] = {}
+        # since when a node's membership record must be fresh (its own restarts only)
+        self._member_since: dict[str, int] = {}
         self._restarts: dict[str, tuple[float, float]] = {}  # name -> (last restart, delay)
         self._procs: dict[tuple[str, str], ManagedProcess] = {}
         self._env = dict(env or {})
@@ -204,7 +227,7 @@ class LocalSite:
             if spec.name not in self._services.setdefault(node, self._default_services):
                 continue
             env = dict(common)
-            if (credentials := self.credentials(spec.role)) is not None:
+            if (credentials := self.credentials(spec.role, node)) is not None:
                 env["CFS_NATS_CREDENTIALS"] = str(credentials)
             if spec.name == "membership":
                 env.update(swim)
@@ -234,6 +257,10 @@ class LocalSite:
             raise ValueError(f"node {node!r} is already part of site {self.site}")
         self._swim_ports[node] = _free_udp_port()
         self.node_names = (*self.node_names, node)
+        if self.secure and self.credentials_dir.exists():  # a running site: its own keys
+            ensure_keys(self.credentials_dir, self.site, nodes=[node])
+            write_auth_conf(self.credentials_dir, self.site, self.shards)
+            self._reload_nats()
         self._build_node(node, labels or {})
 
     def __repr__(self) -> str:
@@ -255,9 +282,10 @@ class LocalSite:
         self._check_node(node)
         return next((server for server in self.nats_servers if server.name == node), None)
 
-    def credentials(self, role: str) -> Path | None:
-        """The credentials file of `role` (None on a site without NATS auth)."""
-        return credentials_path(self.credentials_dir, role) if self.secure else None
+    def credentials(self, role: str, node: str | None = None) -> Path | None:
+        """The credentials file of `role` (for a per-node role, `node`'s own key), None
+        on a site without NATS auth."""
+        return credentials_for(self.credentials_dir, role, node) if self.secure else None
 
     def data_dir(self, node: str) -> Path:
         self._check_node(node)
@@ -307,7 +335,9 @@ class LocalSite:
         """
         try:
             if self.secure:
-                ensure_credentials(self.credentials_dir, self.site, self.shards)
+                ensure_credentials(
+                    self.credentials_dir, self.site, self.shards, nodes=self.node_names
+                )
             await asyncio.to_thread(self._start_nats, timeout)
             await self.provision()
             for node in self.node_names:
@@ -417,14 +447,13 @@ class LocalSite:
         if not entry.value:
             return False
         member = MemberRecord.model_validate_json(entry.value)
-        return member.state is Liveness.ALIVE and member.last_seen_ms >= self._spawned_ms.get(
-            node, 0
-        )
+        since = self._member_since.get(node, self._spawned_ms.get(node, 0))
+        return member.state is Liveness.ALIVE and member.last_seen_ms >= since
 
     def start_node(self, node: str) -> None:
         """Start this node's services that are not running (what systemd would do)."""
         self._check_node(node)
-        self._spawned_ms[node] = time.time_ns() // 1_000_000
+        self._spawned_ms[node] = self._member_since[node] = time.time_ns() // 1_000_000
         for proc in self.node_processes(node).values():
             if not proc.running:
                 proc.start()
@@ -449,6 +478,56 @@ class LocalSite:
             log_event(log, logging.WARNING, "site.restarted", proc=proc.name, rc=rc, delay=delay)
             restarted.append(proc.name)
         return restarted
+
+    async def rotate_credentials(self, rotate: Sequence[str], timeout: float = 120.0) -> list[str]:
+        """`cfs cluster rotate-credentials`: new keys for the roles `rotate`, without a
+        refused connection or a lost write.
+
+        1. New seeds; the servers reload admitting the old and the new public keys.
+        2. The running processes of those roles restart onto the new files, one node at
+           a time, each node ready again before the next (a node's loss never fails an
+           operation; all of them at once would).
+        3. The old keys are dropped and the servers reload: a connection still on an old
+           key (a client this site does not run, e.g. a mount) is closed and reconnects
+           with the new file, which `Bus` reads again at every connect.
+        Returns the rotated identities (`role` or `role@node`)."""
+        if not self.secure:
+            raise SupervisorError(f"site {self.site} runs without credentials")
+        rotated = begin_rotation(self.credentials_dir, self.site, rotate)
+        write_auth_conf(self.credentials_dir, self.site, self.shards)
+        await asyncio.to_thread(self._reload_nats)
+        services = {spec.name for spec in registry.specs() if spec.role in rotate}
+        for node in self.node_names:
+            procs = [
+                proc
+                for name, proc in self.node_processes(node).items()
+                if name in services and proc.running
+            ]
+            if not procs:
+                continue
+            # wait_ready then waits for fresh records of the restarted ones only
+            now_ms = time.time_ns() // 1_000_000
+            if self.node_processes(node).get("chunk-store") in procs:
+                self._spawned_ms[node] = now_ms
+            if self.node_processes(node).get("membership") in procs:
+                self._member_since[node] = now_ms
+            for proc in procs:
+                await asyncio.to_thread(proc.stop, 15.0)
+                proc.start()
+            await self.wait_ready(timeout)
+            log_event(log, logging.INFO, "site.node_rotated", node=node, services=len(procs))
+        finish_rotation(self.credentials_dir, rotate)
+        write_auth_conf(self.credentials_dir, self.site, self.shards)
+        await asyncio.to_thread(self._reload_nats)
+        names = [who.name for who in rotated]
+        log_event(log, logging.INFO, "site.credentials_rotated", site=self.site, keys=names)
+        return names
+
+    def _reload_nats(self) -> None:
+        """Every running server loads its config again (the authorization with it)."""
+        for server in self.nats_servers:
+            if server.running:
+                server.reload()
 
     def stop_node(self, node: str, timeout: float = 15.0) -> None:
         """SIGTERM this node's services (clean shutdown)."""
@@ -508,14 +587,24 @@ class LocalSite:
         env.update(extra)
         return env
 
-    async def client(self, name: str | None = None, role: str = Role.ADMIN) -> Bus:
-        """A connected `Bus` for this site with `role`'s credentials (close it, or use
-        `async with`)."""
+    @property
+    def ca(self) -> Path | None:
+        """The site CA clients verify the servers with (None without TLS, or before a
+        server of the site issued it: a caller's own `nats` may be plain)."""
+        path = ca_path(self.credentials_dir)
+        return path if self.tls and path.exists() else None
+
+    async def client(
+        self, name: str | None = None, role: str = Role.ADMIN, node: str | None = None
+    ) -> Bus:
+        """A connected `Bus` for this site with `role`'s credentials (`node`'s key for a
+        per-node role; close it, or use `async with`)."""
         return await Bus.connect(
             self.urls,
             site=self.site,
             node=name or f"client-{time.time_ns()}",
-            credentials=self.credentials(role),
+            credentials=self.credentials(role, node),
+            tls_ca=self.ca,
         )
 
     async def __aenter__(self) -> LocalSite:

@@ -28,6 +28,7 @@ from typing import Any
 from cfs.supervisor.linkproxy import LinkProxy
 from cfs.supervisor.nats import LeafRemote
 from cfs.supervisor.site import LocalSite
+from cfs.tls import ca_path
 
 LEAF_USER = "cfs-site-link"  # the leaf connection's user on the hub site's servers
 
@@ -68,7 +69,13 @@ class SitePair:
             )
             server.leaf_listen = replace(server.leaf_listen, advertise=link.url)
             self.links.append(link)
-        remote = LeafRemote(tuple(link.url for link in self.links), LEAF_USER, password)
+        # site b's leaf nodes verify site a's servers with a's CA (TLS through the proxy)
+        remote = LeafRemote(
+            tuple(link.url for link in self.links),
+            LEAF_USER,
+            password,
+            ca_file=ca_path(self.a.credentials_dir) if self.a.tls else None,  # made at a's start
+        )
         self.b = LocalSite(
             self.base_dir / b,
             site=b,
