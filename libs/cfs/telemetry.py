@@ -209,8 +209,10 @@ def tracer() -> trace.Tracer:
 
 
 def inject_headers(headers: MutableMapping[str, str]) -> None:
-    """Add `traceparent` (and `tracestate`) of the current span, if any."""
-    if trace.get_current_span().get_span_context().is_valid:  # cheap check, hot path
+    """Add `traceparent` (and `tracestate`) of the current span if it is sampled: a
+    trace the sampler dropped costs the servers nothing (no header, no span)."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid and span_context.trace_flags.sampled:  # cheap, hot path
         inject(headers)
 
 
@@ -219,9 +221,17 @@ def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Cont
 
 
 def traced_request(headers: Mapping[str, str] | None) -> bool:
-    """Whether a request carries a trace context (a dict lookup: the untraced path
-    pays nothing more)."""
-    return bool(headers) and TRACEPARENT in headers  # type: ignore[operator]
+    """Whether a request carries a sampled trace context (a dict lookup: the untraced
+    path pays nothing more). The sampled flag is bit 0 of the `traceparent` flags."""
+    if not headers:
+        return False
+    parent = headers.get(TRACEPARENT)
+    if parent is None or len(parent) < 2:
+        return False
+    try:
+        return bool(int(parent[-2:], 16) & 1)
+    except ValueError:
+        return False
 
 
 def server_span(name: str, headers: Mapping[str, str] | None) -> trace.Span | None:

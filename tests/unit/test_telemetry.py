@@ -105,6 +105,8 @@ def exported() -> Iterator[InMemorySpanExporter]:
 def test_a_request_without_context_gets_no_server_span(exported: InMemorySpanExporter) -> None:
     assert telemetry.server_span("chunk-store put", None) is None
     assert telemetry.server_span("chunk-store put", {"Nats-Msg-Id": "x"}) is None
+    unsampled = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    assert telemetry.server_span("chunk-store put", {"traceparent": unsampled}) is None
     with telemetry.serving("chunk-store put", {}), telemetry.child_span("commit", None):
         assert not trace.get_current_span().get_span_context().is_valid
 
