@@ -348,7 +348,7 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
         results["nats_failover_s"] = statistics.median(nats_times)
         results["writer_failover_max_s"] = max(writer_times)
         results["nats_failover_max_s"] = max(nats_times)
-        results.update(await telemetry_overhead(site, client, n, rounds=5 if quick else 7))
+        results.update(await telemetry_overhead(site, client, n, rounds=7 if quick else 9))
     finally:
         await bus.close()
     results["ratio_creates_to_raw_pub"] = results["creates_per_s"] / results["raw_r3_pub_per_s"]

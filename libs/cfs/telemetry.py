@@ -58,6 +58,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     10.0,
 )
 
+SHUTDOWN_WAIT_S = 2.0  # the last batch of spans on exit, at most
 OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
@@ -198,10 +199,17 @@ def setup_tracing_from_env(
     return provider
 
 
-def shutdown_tracing(provider: TracerProvider | None) -> None:
-    """Export what is still batched (bounded by the exporter's timeout), then stop."""
-    if provider is not None:
-        provider.shutdown()
+def shutdown_tracing(provider: TracerProvider | None, wait_s: float = SHUTDOWN_WAIT_S) -> None:
+    """Export what is still batched, for at most `wait_s`: the SDK's own shutdown waits
+    up to 30 s for a collector that does not answer, and a stopping service must end
+    well within its supervisor's patience (the rest is dropped, said in one line)."""
+    if provider is None:
+        return
+    stopping = threading.Thread(target=provider.shutdown, name="tracing-shutdown", daemon=True)
+    stopping.start()
+    stopping.join(wait_s)
+    if stopping.is_alive():
+        log.warning("tracing.shutdown_overdue", extra={"after_s": wait_s})
 
 
 def tracer() -> trace.Tracer:

@@ -107,6 +107,7 @@ REQUEST_SECONDS = histogram(
 )
 PUT_BYTES = counter("chunkstore_put_bytes", "fragment bytes received by put requests")
 _request_seconds = LabelCache(REQUEST_SECONDS)
+_SPAN_NAMES = {verb: f"chunk-store {verb}" for verb in VERBS}
 
 _MAX_ERROR_HEADER = 512
 
@@ -238,7 +239,7 @@ class ChunkStoreService:
 
     async def _handle(self, verb: Verb, msg: Msg) -> None:
         started = time.perf_counter()
-        with serving(f"chunk-store {verb}", msg.headers):
+        with serving(_SPAN_NAMES[verb], msg.headers):
             await self._answer(verb, msg)
         _request_seconds(verb).observe(time.perf_counter() - started)
         if verb == "put":

@@ -35,7 +35,7 @@ from cfs.ids import new_id
 from cfs.kernel.runtime import Spawn, unsupervised
 from cfs.lease import Lease
 from cfs.retry import Backoff, RetryPolicy
-from cfs.telemetry import child_span, server_span
+from cfs.telemetry import child_span, server_span, traced_request
 from cfs_contracts import ContractError, DecodedEvent
 from cfs_contracts.envelope import HLC, EventPayload
 from cfs_contracts.events.metadata import (
@@ -510,7 +510,9 @@ class ShardReplica:
             self._queue.put_nowait(ShardTxOp(op, msg, self._respond, self.coordinator.in_flight))
             return
         started = time.perf_counter()
-        span = server_span(f"metadata {type(op).__name__}", msg.headers)
+        span = None
+        if traced_request(msg.headers):  # the untraced request builds no span name
+            span = server_span(f"metadata {type(op).__name__}", msg.headers)
         if isinstance(op, MutationOp):
             self._queue.put_nowait(ClientOp(op, msg, self._respond, started, span))
             return

@@ -4,6 +4,7 @@ services turn into gauges."""
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -195,3 +196,14 @@ def test_replication_lag_is_zero_with_nothing_pending() -> None:
     )
     assert value("cfs_georep_pending_messages", shard="001") == 2
     assert value("cfs_georep_apply_lag_seconds", shard="001") == 0.5
+
+
+def test_shutdown_gives_a_hanging_collector_bounded_time() -> None:
+    class Stuck(TracerProvider):
+        def shutdown(self) -> None:
+            time.sleep(5)
+
+    started = time.monotonic()
+    telemetry.shutdown_tracing(Stuck(shutdown_on_exit=False), wait_s=0.2)
+    telemetry.shutdown_tracing(None)
+    assert time.monotonic() - started < 1
