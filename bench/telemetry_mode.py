@@ -8,8 +8,8 @@ the FUSE mount does (a root span per call, its context carried to the servers).
 Traces are head-sampled at 1 % with the standard `OTEL_TRACES_SAMPLER` variables
 (`telemetry_overhead_ratio`) and, for comparison, kept whole
 (`telemetry_overhead_ratio_always_on`). "Off" is no endpoint and no tracer provider
-anywhere. The processes are restarted into each mode and the modes alternate round by
-round, so drift on a shared machine falls on all.
+anywhere. The processes are restarted into each mode; the modes alternate, each round
+starting with the next one, so drift on a shared machine falls on all alike.
 """
 
 from __future__ import annotations
@@ -205,8 +205,12 @@ async def alternate(
     with SpanSink() as sink:
         tracers = {mode: client_tracer(sink, mode) for mode in MODES}
         try:
-            for _ in range(rounds):
-                for mode in runs:
+            modes = list(runs)
+            for round_index in range(rounds):
+                # Each round starts with another mode: whatever favours the first (or
+                # last) run of a round must not favour one mode.
+                shift = round_index % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
                     await asyncio.to_thread(restart_with, procs, ports, sink, mode)
                     await ready()
                     if mode == "off":
