@@ -31,9 +31,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from cfs.supervisor import ManagedProcess
+from cfs.telemetry import RootSpans
 from cpu_accounting import cpu_seconds, own_cpu_seconds
 
 # Prometheus scrapes every minute by default, 15 s is common; every 5 s (and once as
@@ -132,20 +133,20 @@ OTEL_VARS = (
 )
 
 
-def client_tracer(sink: SpanSink, mode: str) -> tuple[TracerProvider, Any]:
+def client_tracer(sink: SpanSink, mode: str) -> tuple[TracerProvider, RootSpans]:
     """The bench client's own provider (not the global one: "off" rounds trace nothing),
-    sampling as the services of `mode` do."""
+    starting traces as the mount does (`cfs.telemetry.RootSpans`) at the mode's ratio."""
     ratio = SAMPLED_RATIO if mode == "sampled" else 1.0
     provider = TracerProvider(
         resource=Resource.create({"service.name": "bench-client"}),
-        sampler=ParentBased(TraceIdRatioBased(ratio)),
+        sampler=ParentBased(ALWAYS_ON),
     )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(f"{sink.endpoint}/v1/traces")))
-    return provider, provider.get_tracer("bench")
+    return provider, RootSpans(provider.get_tracer("bench"), ratio)
 
 
-def span_or_nothing(tracer: Any | None, name: str) -> AbstractContextManager[Any]:
-    return tracer.start_as_current_span(name) if tracer is not None else contextlib.nullcontext()
+def span_or_nothing(roots: RootSpans | None, name: str) -> AbstractContextManager[Any]:
+    return roots(name) if roots is not None else contextlib.nullcontext()
 
 
 def restart_with(

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -164,6 +165,7 @@ def setup_tracing(service: str, exporter: SpanExporter | None = None) -> TracerP
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
+    _roots.tracer, _roots.ratio = tracer(), 1.0
     return provider
 
 
@@ -176,26 +178,92 @@ def otlp_endpoint_configured(env: Mapping[str, str]) -> bool:
     return any(env.get(var, "").strip() for var in OTLP_ENDPOINT_VARS)
 
 
+def root_sampling(env: Mapping[str, str]) -> float | None:
+    """The share of operations that start a trace, from the standard
+    `OTEL_TRACES_SAMPLER` (default `parentbased_always_on`) and `OTEL_TRACES_SAMPLER_ARG`;
+    None for a sampler other than the built-in ones, which is then left to the SDK."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name in ("always_on", "parentbased_always_on"):
+        return 1.0
+    if name in ("always_off", "parentbased_always_off"):
+        return 0.0
+    if name in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "") or 1.0)
+        except ValueError:
+            ratio = 1.0
+        return min(1.0, max(0.0, ratio))
+    return None
+
+
+class RootSpans:
+    """Spans that start a trace at an edge of the system (a FUSE operation, a client
+    call), sampled here once at `ratio`: an operation left out costs one `random()`
+    rather than the SDK's ~8 µs of non-recording span, and carries no context, so the
+    services it reaches do no tracing work for it at all. Inside a trace already, a
+    span is a plain child. Ratio 0: tracing is off."""
+
+    def __init__(self, tracer_: trace.Tracer | None = None, ratio: float = 0.0) -> None:
+        self.tracer = tracer_
+        self.ratio = ratio
+
+    def __call__(self, name: str) -> AbstractContextManager[object]:
+        ratio = self.ratio
+        if ratio <= 0.0 or self.tracer is None:
+            return nullcontext()
+        if ratio < 1.0 and random.random() >= ratio and not in_trace():
+            return nullcontext()
+        return self.tracer.start_as_current_span(name)
+
+
+_roots = RootSpans()
+
+
+def root_span(name: str) -> AbstractContextManager[object]:
+    """A trace for this edge operation, as often as `OTEL_TRACES_SAMPLER` asks (see
+    `RootSpans`); nothing at all while this process does not export traces."""
+    return _roots(name)
+
+
+def in_trace() -> bool:
+    """Whether the current span is part of a sampled trace (what a child joins)."""
+    span_context = trace.get_current_span().get_span_context()
+    return span_context.is_valid and span_context.trace_flags.sampled
+
+
 def setup_tracing_from_env(
     service: str, node: str = "", env: Mapping[str, str] | None = None
 ) -> TracerProvider | None:
     """A provider exporting over OTLP/HTTP in batches when an endpoint is configured
     (the exporter reads the other `OTEL_EXPORTER_OTLP_*` variables itself), else None:
-    no provider at all, so every span is a no-op."""
+    no provider at all, so every span is a no-op.
+
+    Traces start only at edges (`root_span`), sampled there at the configured ratio;
+    services add spans only inside a sampled trace, so the SDK keeps every span it
+    is given (`ParentBased(ALWAYS_ON)`). A sampler of another kind is left to the SDK."""
     env = os.environ if env is None else env
     if not otlp_endpoint_configured(env):
         return None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
     attributes = {"service.name": service}
     if node:
         attributes["service.instance.id"] = node
+    ratio = root_sampling(env)
     # Resource.create also merges OTEL_RESOURCE_ATTRIBUTES; ours name the process.
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = TracerProvider(
+        resource=Resource.create(attributes),
+        sampler=ParentBased(ALWAYS_ON) if ratio is not None else None,  # None: from env
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    log.info("tracing.exporting", extra={"service": service, "exporter": "otlp/http"})
+    _roots.tracer, _roots.ratio = tracer(), 1.0 if ratio is None else ratio
+    log.info(
+        "tracing.exporting",
+        extra={"service": service, "exporter": "otlp/http", "root_ratio": _roots.ratio},
+    )
     return provider
 
 
@@ -219,8 +287,7 @@ def tracer() -> trace.Tracer:
 def inject_headers(headers: MutableMapping[str, str]) -> None:
     """Add `traceparent` (and `tracestate`) of the current span if it is sampled: a
     trace the sampler dropped costs the servers nothing (no header, no span)."""
-    span_context = trace.get_current_span().get_span_context()
-    if span_context.is_valid and span_context.trace_flags.sampled:  # cheap, hot path
+    if in_trace():  # cheap, hot path
         inject(headers)
 
 
@@ -273,3 +340,18 @@ def serving(name: str, headers: Mapping[str, str] | None) -> Iterator[None]:
         return
     with trace.use_span(span, end_on_exit=True):
         yield
+
+
+def consumer_span(name: str, headers: Mapping[str, str] | None) -> AbstractContextManager[object]:
+    """A consumer's span for one message, child of the trace it carries; nothing for a
+    message outside any sampled trace."""
+    if not traced_request(headers):
+        return nullcontext()
+    return tracer().start_as_current_span(
+        name, context=context_from_headers(headers), kind=trace.SpanKind.CONSUMER
+    )
+
+
+def publish_span(name: str) -> AbstractContextManager[object]:
+    """A publisher's span, inside a sampled trace only (what it sends then carries it)."""
+    return tracer().start_as_current_span(name) if in_trace() else nullcontext()

@@ -207,3 +207,54 @@ def test_shutdown_gives_a_hanging_collector_bounded_time() -> None:
     telemetry.shutdown_tracing(Stuck(shutdown_on_exit=False), wait_s=0.2)
     telemetry.shutdown_tracing(None)
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize(
+    ("env", "ratio"),
+    [
+        ({}, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, 0.0),
+        ({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}, 1.0),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+            0.01,
+        ),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "7"}, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"}, 1.0),
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, None),
+    ],
+)
+def test_the_share_of_traced_operations_comes_from_the_standard_variables(
+    env: dict[str, str], ratio: float | None
+) -> None:
+    assert telemetry.root_sampling(env) == ratio
+
+
+def test_root_spans_sample_once_at_the_edge(exported: InMemorySpanExporter) -> None:
+    exported.clear()
+    off = telemetry.RootSpans(telemetry.tracer(), 0.0)
+    with off("fuse write"):
+        assert not telemetry.in_trace()
+    every = telemetry.RootSpans(telemetry.tracer(), 1.0)
+    with every("fuse write"):
+        assert telemetry.in_trace()
+        with telemetry.publish_span("publish MetaCommitted"):
+            pass
+    some = telemetry.RootSpans(telemetry.tracer(), 0.25)
+    for _ in range(400):
+        with some("fuse write"):
+            pass
+    names = [span.name for span in exported.get_finished_spans()]
+    assert names[:2] == ["publish MetaCommitted", "fuse write"]
+    assert 50 < len(names) - 2 < 150  # about a quarter of 400
+    with every("fuse fsync"), some("fuse write"):  # inside a trace: always a child
+        pass
+    last = exported.get_finished_spans()[-2:]
+    assert [span.name for span in last] == ["fuse write", "fuse fsync"]
+
+
+def test_no_publish_or_consume_span_outside_a_trace(exported: InMemorySpanExporter) -> None:
+    exported.clear()
+    with telemetry.publish_span("publish X"), telemetry.consumer_span("consume X", {}):
+        assert not telemetry.in_trace()
+    assert exported.get_finished_spans() == ()

@@ -28,14 +28,12 @@ from cfs.client.files import FileStore, OpenFile
 from cfs.client.metadata import MetadataClient
 from cfs.fuse.attrs import BLOCK_SIZE, entry_attributes, posix_errors
 from cfs.ids import new_id
-from cfs.telemetry import tracer
+from cfs.telemetry import root_span
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import MAX_NAME_BYTES, ROOT_INO, Inode, Kind
 from cfs_contracts.fs.rpc import DirEntry, FsError
 
 log = logging.getLogger("cfs.fuse")
-# A no-op until `setup_tracing_from_env` installs a provider (the mount's main does).
-_tracer = tracer()
 
 assert ROOT_INO == pyfuse3.ROOT_INODE
 
@@ -346,7 +344,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        with _tracer.start_as_current_span("fuse create"):
+        with root_span("fuse create"):
             uid, gid, perms = await self._owner(parent_inode, ctx, mode)
             created = await self.meta.create(
                 parent_inode,
@@ -368,18 +366,18 @@ class ClaudeFsOperations(pyfuse3.Operations):
     @posix_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # One span per write(2): what it uploads (a full chunk) is part of its trace.
-        with _tracer.start_as_current_span("fuse write"):
+        with root_span("fuse write"):
             return await self._handle(fh).write(off, buf)
 
     @posix_errors
     async def flush(self, fh: int) -> None:
         """Every close(2): store what is buffered, so the next open anywhere sees it."""
-        with _tracer.start_as_current_span("fuse flush"):
+        with root_span("fuse flush"):
             await self._flush(self._handle(fh))
 
     @posix_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        with _tracer.start_as_current_span("fuse fsync"):
+        with root_span("fuse fsync"):
             await self._flush(self._handle(fh))
 
     async def _flush(self, handle: OpenFile) -> None:
