@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -146,16 +145,6 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> MetricsEndpoint | None:
     endpoint = MetricsEndpoint(server, thread)
     log.info("metrics.serving", extra={"host": host, "port": endpoint.port})
     return endpoint
-
-
-@contextmanager
-def timed(child: Histogram) -> Iterator[None]:
-    """Observe the block's duration (seconds) in a bound histogram child."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        child.observe(time.perf_counter() - started)
 
 
 # -- traces ----------------------------------------------------------------------------
