@@ -9,6 +9,11 @@ for 1 MiB payloads to a separate responder process with the same number of
 requests in flight (the transport limit on this machine), with the ratios.
 EC 4+2 sends 1.5 bytes per byte written, so 0.67 x transport is the write ceiling.
 
+Telemetry: the client write and read again, telemetry off and on in alternating
+rounds (the data path's processes restarted with `/metrics` scraped every second and
+spans exported to a receiver in this process; each client call a traced root span):
+`telemetry_overhead_ratio` = MB/s on / off.
+
 The run also measures what the goals can cost at most: the CPU seconds one MiB
 of the raw transport takes (client, responder and nats-server together), and
 in this process the zfec encode, SHA-256 and CRC-32 rates. From those it prints
@@ -37,6 +42,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 
@@ -51,6 +57,7 @@ from cfs_chunkstore.store import FileFragmentStore
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ROOT_INO
 from cpu_accounting import cpu_seconds, own_cpu_seconds
+from telemetry_mode import alternate, span_or_nothing
 
 MiB = 1024 * 1024
 FRAGMENT = MiB  # a 4 MiB chunk in 4+2 is four 1 MiB data fragments
@@ -225,6 +232,51 @@ async def client_read(site: LocalSite, ino: int, size: int) -> float:
         await bus.close()
 
 
+async def traced_write_read(site: LocalSite, size: int, tracer: Any | None) -> float:
+    """MB/s of a client write then read of `size` (as `client_write`/`client_read`); with
+    a tracer each 1 MiB call is a root span, as the mount's `fuse write` is."""
+    bus, files = await _files(site)
+    try:
+        inode = await files.meta.create(ROOT_INO, f"telemetry-{time.time_ns()}")
+        data = memoryview(os.urandom(size))
+        start = time.perf_counter()
+        handle = await files.open(inode.ino)
+        for offset in range(0, size, MiB):
+            with span_or_nothing(tracer, "write"):
+                await handle.write(offset, bytes(data[offset : offset + MiB]))
+        with span_or_nothing(tracer, "flush"):
+            await files.release(handle)
+        handle = await files.open(inode.ino)
+        for offset in range(0, size, MiB):
+            with span_or_nothing(tracer, "read"):
+                await handle.read(offset, MiB)
+        await files.release(handle)
+        return 2 * size / MiB / (time.perf_counter() - start)
+    finally:
+        await files.close()
+        await bus.close()
+
+
+async def telemetry_overhead(site: LocalSite, size: int, rounds: int) -> dict[str, float]:
+    """The client write and read again, telemetry off and on in alternating rounds in
+    the data path's processes (metadata-raft, chunk-store) and this client."""
+    procs = {
+        (node, service): site.service(node, service)
+        for node in site.node_names
+        for service in ("metadata-raft", "chunk-store")
+    }
+    ports = {key: port for key, port in site.metrics_ports().items() if key in procs}
+
+    async def ready() -> None:
+        await site.wait_ready(120)
+
+    async def measure_one(tracer: Any | None) -> float:
+        return await traced_write_read(site, size, tracer)
+
+    nats = [server.pid for server in site.nats_servers]
+    return await alternate(rounds, procs, ports, ready, measure_one, nats)
+
+
 def fuse_rates(site: LocalSite, mountpoint: Path, size: int, log_dir: Path) -> tuple[float, float]:
     """dd through a mount process: write with fsync, then read after dropping caches."""
     mountpoint.mkdir(parents=True, exist_ok=True)
@@ -290,6 +342,7 @@ async def run(quick: bool) -> dict[str, float]:
             ino, write = await client_write(site, "client.bin", size)
             read = await client_read(site, ino, size)
             fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)
+            telemetry = await telemetry_overhead(site, size, rounds=5 if quick else 7)
             site.kill9("storage-2")
             site.kill9("storage-5")
             degraded = await client_read(site, ino, size)
@@ -308,6 +361,7 @@ async def run(quick: bool) -> dict[str, float]:
         "read_ratio": read / raw_get,
         "fuse_write_ratio": fuse_write / write,
         "fuse_read_ratio": fuse_read / read,
+        **telemetry,
         **costs,
     }
 
@@ -339,6 +393,15 @@ def main() -> None:
         f"  ({results['fuse_read_ratio']:.2f} x client; goal >= 0.5)"
     )
     print(f"degraded read (2 nodes down)     {results['degraded_read_mb_s']:8.1f} MB/s")
+    print(
+        f"client write+read, telemetry off {results['telemetry_off_per_s']:8.1f} MB/s, on "
+        f"{results['telemetry_on_per_s']:.1f} MB/s: telemetry_overhead_ratio "
+        f"{results['telemetry_overhead_ratio']:.3f} (goal >= 0.95; traces sampled at "
+        f"{results['telemetry_trace_sample_ratio']:.0%}), CPU per MiB "
+        f"{results['telemetry_cpu_overhead_ratio']:.3f}; every trace kept: "
+        f"{results['telemetry_overhead_ratio_always_on']:.3f}, CPU "
+        f"{results['telemetry_cpu_overhead_ratio_always_on']:.3f}"
+    )
     print(
         f"CPU ms per MiB on {results['cores']:.0f} cores: transport put "
         f"{results['raw_put_cpu_ms_per_mib']:.2f}, get {results['raw_get_cpu_ms_per_mib']:.2f}; "

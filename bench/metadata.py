@@ -7,6 +7,10 @@ latency at low load, writer-process failover and NATS-server failover seconds
 (median of several kill -9), and, in the same run, the raw rate of fsync'd R3
 JetStream publishes of one event each, pipelined, for the ratio.
 
+Telemetry: the create run again, telemetry off and on in alternating rounds (metrics
+endpoints scraped every second, spans exported to a receiver in this process, each
+create a traced root span): `telemetry_overhead_ratio` = creates/s on / off.
+
 Where the create rate comes from, measured in the same run: the CPU each
 process spends per create (writer, followers, NATS servers, client), and the
 rate of the same message flow with no file-system work in it (`flow_ceiling`).
@@ -24,6 +28,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.api import StorageType, StreamConfig
@@ -36,6 +41,7 @@ from cfs.ids import new_id
 from cfs.logs import setup_logging
 from cfs.supervisor import ManagedProcess, NatsCluster
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
+from telemetry_mode import alternate, span_or_nothing
 from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
@@ -258,6 +264,42 @@ async def failover_time(site: MetaSite, client: MetadataClient, kill) -> float:
     return resumed
 
 
+async def traced_create_rate(
+    client: MetadataClient, n: int, concurrency: int, tracer: Any | None
+) -> float:
+    """Creates/s as in `create_rate`; with a tracer each create is a root span (as the
+    mount's `fuse create`), so its context reaches the writer and its commit."""
+    parents = [await client.mkdir(1, f"tel-{new_id()}") for _ in range(concurrency)]
+    per = n // concurrency
+
+    async def worker(parent: int) -> None:
+        for i in range(per):
+            with span_or_nothing(tracer, "create"):
+                await client.create(parent, f"f{i}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(p.ino) for p in parents))
+    return per * concurrency / (time.perf_counter() - start)
+
+
+async def telemetry_overhead(
+    site: MetaSite, client: MetadataClient, n: int, rounds: int
+) -> dict[str, float]:
+    """The create run with telemetry off and on, alternating (bench/telemetry_mode.py)."""
+    procs = {(node, "metadata-raft"): proc for node, proc in site.nodes.items()}
+    ports = site.local.metrics_ports()
+
+    async def ready() -> None:
+        await site.wait_ready(60)
+        await traced_create_rate(client, 640, 64, None)  # warm: the writer just got elected
+
+    async def measure_one(tracer: Any | None) -> float:
+        return await traced_create_rate(client, n, 64, tracer)
+
+    nats = [server.pid for server in site.cluster.servers]
+    return await alternate(rounds, procs, ports, ready, measure_one, nats)
+
+
 async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
     n = 3_000 if quick else 20_000
     kills = 2 if quick else 5
@@ -306,6 +348,7 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
         results["nats_failover_s"] = statistics.median(nats_times)
         results["writer_failover_max_s"] = max(writer_times)
         results["nats_failover_max_s"] = max(nats_times)
+        results.update(await telemetry_overhead(site, client, n, rounds=7 if quick else 9))
     finally:
         await bus.close()
     results["ratio_creates_to_raw_pub"] = results["creates_per_s"] / results["raw_r3_pub_per_s"]
@@ -345,6 +388,7 @@ def main() -> None:
         "create_p50_ms <= 5": results["create_p50_ms"] <= 5,
         "writer_failover_s <= 1": results["writer_failover_s"] <= 1,
         "nats_failover_s <= 10": results["nats_failover_s"] <= 10,
+        "telemetry_overhead_ratio >= 0.95": results["telemetry_overhead_ratio"] >= 0.95,
     }
     for goal, met in goals.items():
         print(f"goal {goal}: {'met' if met else 'NOT met'}")

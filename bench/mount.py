@@ -11,7 +11,8 @@ in one directory, `stat` of names looked up just before, unlink with 8 threads,
 Debian's `fio` (installed by the set-up when missing): 1 MiB sequential write with
 `end_fsync`, read after dropping caches, 4 KiB random read.
 
-Ceilings, same site, same run: the client library's create rate (64 in flight), the
+The FUSE requests one create + close costs are counted (libfuse's request log, on a
+second mount). Ceilings, same site, same run: the client library's create rate (64 in flight), the
 latency of one fsync'd R3 JetStream publish (the least a durable create can wait),
 the library's sequential write and read MB/s. Also the CPU each process role spends
 per create through the mount (8 threads).
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,6 +245,34 @@ async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
 
 
 # -- the run ------------------------------------------------------------------------------------
+def requests_per_create(site: LocalSite, base: Path, n: int) -> dict[str, float]:
+    """FUSE requests per create + close, counted: a second mount with libfuse's request
+    log (`--debug-fuse`), `n` creates in a fresh directory."""
+    mnt = base / "mnt-counted"
+    mnt.mkdir()
+    log = base / "mount-counted.log"
+    mount = site.mount_process(mnt, log_path=log, env={"CFS_LOG_LEVEL": "WARNING"})
+    mount.argv.append("--debug-fuse")
+    mount.start()
+    try:
+        mount.wait_until(lambda: is_fuse_mount(mnt), 60, "the counted FUSE mount")
+        target = mnt / f"counted-{new_id()}"
+        target.mkdir()
+        time.sleep(1.5)  # the mkdir's attributes expire, as between an application's creates
+        mark = log.stat().st_size
+        for i in range(n):
+            create(target / f"f{i}")
+        with log.open("rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+    finally:
+        unmount(mount, mnt)
+    ops = Counter(re.findall(r"opcode: (\w+)", text))
+    out = {"fuse_requests_per_create": sum(ops.values()) / n}
+    out.update({f"fuse_{op.lower()}_per_create": count / n for op, count in sorted(ops.items())})
+    return out
+
+
 def roles_of(site: LocalSite, mount: ManagedProcess) -> dict[str, list[int | None]]:
     return {
         "mount": [mount.pid],
@@ -275,6 +306,7 @@ async def run(quick: bool) -> dict[str, float]:
                 )
             finally:
                 await asyncio.to_thread(unmount, mount, mnt)
+            results.update(await asyncio.to_thread(requests_per_create, site, base, 200))
     return results
 
 

@@ -26,6 +26,7 @@ from cfs.bus import Bus, BusError
 from cfs.kernel.spec import ServiceSpec
 from cfs.logs import setup_logging
 from cfs.security import CredentialsError
+from cfs.telemetry import setup_tracing_from_env, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class ServiceSettings(BaseSettings):
     )
     singleton_renew_s: float | None = Field(
         default=None, gt=0, description="site-singleton renew interval; default: the spec's"
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus `/metrics` HTTP port; 0: none"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint listens on"
     )
 
     async def connect(self, service: str) -> Bus:
@@ -110,11 +117,14 @@ def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
         ServiceCrashed,
         *spec.fatal,
     )
+    tracing = setup_tracing_from_env(spec.name, node)  # OTEL_* variables; none: no-op spans
     try:
         asyncio.run(_until_signalled(spec, settings))
     except one_line as exc:
         log.error(f"{spec.name}.failed", extra={"node": node, "error": str(exc)})
         raise SystemExit(f"{spec.name} {node}: {exc}") from None
+    finally:
+        shutdown_tracing(tracing)  # the last batch of spans leaves before the process
 
 
 async def _until_signalled(spec: ServiceSpec, settings: ServiceSettings) -> None:

@@ -38,6 +38,7 @@ from cfs.ids import new_id
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.objstore import ObjectStore, ObjectStoreError, ServiceS3Settings, open_store
 from cfs.service_main import ServiceSettings, run_spec
+from cfs.telemetry import gauge
 from cfs_backup.archive import Archiver, ArchiveSettings
 from cfs_backup.collector import Collector
 from cfs_backup.cut import advance_to_cut
@@ -225,8 +226,10 @@ class Backup:
     async def status_loop(self) -> None:
         kv = await self._nodes_bucket()
         while True:
+            status = self.status()
+            record_backup_status(status)
             try:
-                await kv.put(BACKUP_STATUS_KEY, self.status().model_dump_json().encode())
+                await kv.put(BACKUP_STATUS_KEY, status.model_dump_json().encode())
             except (nats.errors.Error, TimeoutError, BusError) as exc:
                 log.info("backup.status_unsaved", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.status_s)
@@ -581,3 +584,21 @@ def main(argv: list[str] | None = None) -> None:
     from cfs_backup.spec import SPEC
 
     run_spec(SPEC, argv)
+
+
+BACKUP_AGE = gauge(
+    "backup_age_seconds", "age of the newest metadata snapshot (absent until there is one)"
+)
+ARCHIVE_LAG = gauge(
+    "backup_archive_lag_seconds", "how far the journal archive trails its stream", ("stream",)
+)
+ARCHIVED_SEQ = gauge("backup_archived_seq", "last stream sequence archived", ("stream",))
+
+
+def record_backup_status(status: BackupStatus) -> None:
+    """The active backup's status record as gauges, every `status_s`."""
+    if status.last_snapshot_ms is not None:
+        BACKUP_AGE.set(max(0.0, (status.updated_ms - status.last_snapshot_ms) / 1000))
+    for stream in status.archive:
+        ARCHIVE_LAG.labels(stream.stream).set(stream.lag_s)
+        ARCHIVED_SEQ.labels(stream.stream).set(stream.archived_seq)

@@ -63,6 +63,7 @@ from cfs.kernel.runtime import (
 )
 from cfs.rebuild import rebuild_fragments
 from cfs.service_main import ServiceSettings, run_spec
+from cfs.telemetry import LabelCache, counter, histogram, serving
 from cfs_chunkstore.access import AccessLog
 from cfs_chunkstore.scrub import Scrubber
 from cfs_chunkstore.store import (
@@ -98,6 +99,15 @@ from cfs_contracts.events.data import FragmentDamaged, FragmentDeleted, Fragment
 from cfs_contracts.streams import NODES
 
 log = logging.getLogger(__name__)
+
+REQUEST_SECONDS = histogram(
+    "chunkstore_request_duration_seconds",
+    "a chunk-store request (fragment put, get, delete, ...) from arrival to reply, by verb",
+    ("verb",),
+)
+PUT_BYTES = counter("chunkstore_put_bytes", "fragment bytes received by put requests")
+_request_seconds = LabelCache(REQUEST_SECONDS)
+_SPAN_NAMES = {verb: f"chunk-store {verb}" for verb in VERBS}
 
 _MAX_ERROR_HEADER = 512
 
@@ -228,6 +238,14 @@ class ChunkStoreService:
         return receive
 
     async def _handle(self, verb: Verb, msg: Msg) -> None:
+        started = time.perf_counter()
+        with serving(_SPAN_NAMES[verb], msg.headers):
+            await self._answer(verb, msg)
+        _request_seconds(verb).observe(time.perf_counter() - started)
+        if verb == "put":
+            PUT_BYTES.inc(len(msg.data))
+
+    async def _answer(self, verb: Verb, msg: Msg) -> None:
         if verb == "get":
             await self._get(msg)
             return

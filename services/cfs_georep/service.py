@@ -49,6 +49,7 @@ from cfs.ids import stable_id
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.retry import Backoff, RetryPolicy, any_bus_error, retry
 from cfs.service_main import ServiceSettings, run_spec
+from cfs.telemetry import gauge
 from cfs_contracts import ContractError
 from cfs_contracts.events.geo import ConflictDetected
 from cfs_contracts.events.metadata import JournalEntry, MetaCommitted
@@ -127,6 +128,7 @@ async def _publish_progress(
             shards={f.shard: f.progress() for f in followers},
             updated_ms=system_wall_ms(),
         )
+        record_applied(record)
         try:
             await kv.put(GEO_APPLIED_KEY, record.model_dump_json().encode())
         except (nats.errors.Error, TimeoutError) as exc:
@@ -331,3 +333,30 @@ def main(argv: list[str] | None = None) -> None:
     from cfs_georep.spec import SPEC
 
     run_spec(SPEC, argv)
+
+
+APPLY_PENDING = gauge(
+    "georep_pending_messages",
+    "the peer's journal messages copied here, not yet applied",
+    ("shard",),
+)
+APPLY_LAG = gauge(
+    "georep_apply_lag_seconds",
+    "replication lag: 0 with nothing pending, else the age of the last applied message",
+    ("shard",),
+)
+
+
+def applied_lag_s(shard: ShardApplied, now_ms: int) -> float:
+    """Seconds this site trails the peer on one shard (0 when nothing is pending)."""
+    if shard.pending == 0 or shard.newest_ms is None:
+        return 0.0
+    return max(0.0, (now_ms - shard.newest_ms) / 1000)
+
+
+def record_applied(record: GeoApplied) -> None:
+    """The published progress as gauges, every `status_s`."""
+    for index, shard in record.shards.items():
+        name = shard_name(index)
+        APPLY_PENDING.labels(name).set(shard.pending)
+        APPLY_LAG.labels(name).set(applied_lag_s(shard, record.updated_ms))

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from pydantic import (
 from cfs.bus import Bus
 from cfs.kernel.runtime import Context, until_jetstream_answers
 from cfs.service_main import ServiceSettings, run_spec
+from cfs.telemetry import gauge
 from cfs_contracts.members import Liveness, MemberRecord
 from cfs_contracts.streams import NODES, site_subject
 from cfs_membership.codec import Codec, CodecError
@@ -54,6 +55,11 @@ from cfs_membership.transport import FaultyTransport, Transport, UdpTransport
 from cfs_membership.writer import RecordWriter
 
 log = logging.getLogger(__name__)
+
+SWIM_MEMBERS = gauge(
+    "swim_members", "members in this node's SWIM view by state, itself included", ("state",)
+)
+LOCAL_HEALTH = gauge("swim_local_health", "this node's SWIM local health multiplier (0: healthy)")
 
 _BAD_DATAGRAM_LOG_EVERY_S = 60.0
 
@@ -197,6 +203,7 @@ class MembershipService:
         self._spawn(self.writer.run(), "member-writer")
         self._submit_own()  # written last-seen after start: what "ready" means
         self._execute(swim.join([parse_addr(seed) for seed in s.seeds], loop.time()))
+        self._count_states()
         self._arm()
         self._spawn(self._refresh(), "member-refresh")
         log.info(
@@ -337,6 +344,18 @@ class MembershipService:
             },
         )
         self.writer.submit(record, own=own)
+        self._count_states()
+
+    def _count_states(self) -> None:
+        """The SWIM state gauges: set on every change (the view only moves then)."""
+        swim = self.swim
+        if swim is None:
+            return
+        counts = state_counts(member.state for member in swim.members.values())
+        counts[Liveness.LEFT if swim.leaving else Liveness.ALIVE] += 1  # ourselves
+        for state, count in counts.items():
+            SWIM_MEMBERS.labels(state.value).set(count)
+        LOCAL_HEALTH.set(swim.lhm)
 
     def _submit_own(self) -> None:
         swim = self.swim
@@ -412,6 +431,14 @@ class MembershipService:
         if self.failure is None:
             self.failure = exc
         self.crashed.set()
+
+
+def state_counts(states: Iterable[Liveness]) -> dict[Liveness, int]:
+    """How many members are in each SWIM state (every state present, zeros included)."""
+    counts = dict.fromkeys(Liveness, 0)
+    for state in states:
+        counts[state] += 1
+    return counts
 
 
 def _wall_ms() -> int:

@@ -35,6 +35,7 @@ from cfs_contracts.fs.rpc import (
     TxStatus,
 )
 from cfs_metadata.decide import Decision, Placement, decide
+from cfs_metadata.metrics import op_finished
 from cfs_metadata.projection import Projection
 from cfs_metadata.txn import (
     NeedRemote,
@@ -162,6 +163,8 @@ class Coordinator:
             waiting = self._ops.pop(op.op_id, None)
         for msg in waiting.msgs if waiting else [item.msg]:
             await self.respond(msg, reply)
+        if item.started:
+            op_finished(type(op).__name__, item.started, item.span)
 
     async def _transact(
         self, op: MutationOp, planned: Decision, remote: Remote, now: int

@@ -23,6 +23,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from cfs.bus import Bus, BusError, SequenceConflict
@@ -34,6 +35,7 @@ from cfs.ids import new_id
 from cfs.kernel.runtime import Spawn, unsupervised
 from cfs.lease import Lease
 from cfs.retry import Backoff, RetryPolicy
+from cfs.telemetry import child_span, server_span, traced_request
 from cfs_contracts import ContractError, DecodedEvent
 from cfs_contracts.envelope import HLC, EventPayload
 from cfs_contracts.events.metadata import (
@@ -81,6 +83,16 @@ from cfs_metadata.journal import (
     position_mismatch,
 )
 from cfs_metadata.merge import stamp_entry
+from cfs_metadata.metrics import (
+    APPLIED_SEQ,
+    COMMITTED_OPS,
+    JOURNAL_APPEND_SECONDS,
+    JOURNAL_APPENDS,
+    JOURNAL_APPLIED,
+    LEADER,
+    REPLICA_LAG,
+    op_finished,
+)
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
@@ -159,6 +171,10 @@ class ShardReplica:
         )
         self._follower: asyncio.Task[None] | None = None
         self._leader: asyncio.Task[None] | None = None
+        self._lag = REPLICA_LAG.labels(self.shard)
+        self._applied_seq = APPLIED_SEQ.labels(self.shard)
+        self._leading = LEADER.labels(self.shard)
+        self._append_seconds = JOURNAL_APPEND_SECONDS
         self._site_index_read: int | None = None
         self._rpc: Subscription | None = None
         self._admin_rpc: Subscription | None = None
@@ -256,6 +272,8 @@ class ShardReplica:
                         self._mark_caught_up()
                 async for record in self.journal.tail(self.projection.applied_seq + 1):
                     self._apply_record(record)
+                    if record.pending is not None:
+                        self._lag.set(record.pending)
                     backoff.reset()
                     if record.pending == 0:
                         self._mark_caught_up()
@@ -312,6 +330,8 @@ class ShardReplica:
         self._observe(record.event.envelope.hlc)
         apply_record(self.projection, record)
         self.term = self.projection.term
+        JOURNAL_APPLIED.inc()
+        self._applied_seq.set(record.seq)
 
     def _observe(self, stamp: HLC | None) -> None:
         """Keep this node's clock past every stamp it has seen: a writer's next message
@@ -357,6 +377,8 @@ class ShardReplica:
             return  # stepped down; the next writer moves the counter
         self._locked = locked_keys(self.projection.txs())
         self.role = Role.LEADER
+        self._leading.set(1)
+        self._lag.set(0)
         if not self.projection.held:  # a held shard waits for its replay first
             self.coordinator.recover()
         self._rpc = await self.bus.nc.subscribe(
@@ -447,6 +469,7 @@ class ShardReplica:
             self._caught_up = False
             self._release_first = self.lease.is_holder
         await self._stop_serving()
+        self._leading.set(0)
         if self.role is Role.STOPPED:
             return
         self.role = Role.FOLLOWER
@@ -484,11 +507,15 @@ class ShardReplica:
             return
         self._observe(request.hlc)
         op = request.body
-        if isinstance(op, MutationOp):
-            self._queue.put_nowait(ClientOp(op, msg, self._respond))
-            return
         if isinstance(op, TxOp):
             self._queue.put_nowait(ShardTxOp(op, msg, self._respond, self.coordinator.in_flight))
+            return
+        started = time.perf_counter()
+        span = None
+        if traced_request(msg.headers):  # the untraced request builds no span name
+            span = server_span(f"metadata {type(op).__name__}", msg.headers)
+        if isinstance(op, MutationOp):
+            self._queue.put_nowait(ClientOp(op, msg, self._respond, started, span))
             return
         try:
             if isinstance(op, ScanChunks | FindNames):
@@ -500,6 +527,7 @@ class ShardReplica:
         except CorruptRecord as exc:
             reply = await self._corruption(exc)
         await self._respond(msg, reply)
+        op_finished(type(op).__name__, started, span)
 
     async def _commit_loop(self) -> None:
         """Group commit: everything that queued up while the last append was in flight."""
@@ -577,7 +605,13 @@ class ShardReplica:
                 entries.append(entry)
                 size += _approx_bytes(entry)
         # Error replies may depend on earlier items of this batch: answer all after the commit.
-        committed = await self._commit(entries) if entries else True
+        if entries:
+            # The commit joins the trace of the first traced request it carries.
+            with child_span("metadata commit", _first_span(batch)):
+                committed = await self._commit(entries)
+            COMMITTED_OPS.inc(len(entries))
+        else:
+            committed = True
         if committed:
             if any(c.c in ("tx", "tx_clear") for e in entries for c in e.changes):
                 self._locked = locked_keys(self.projection.txs())
@@ -603,12 +637,15 @@ class ShardReplica:
                 await self._step_down("lease expired before the append was acknowledged")
                 return None
             try:
+                started = time.perf_counter()
                 ack = await self.journal.append(
                     envelope,
                     self.projection.applied_seq,
                     self.settings.append_timeout_s,
                     remote=remote,
                 )
+                self._append_seconds.observe(time.perf_counter() - started)
+                JOURNAL_APPENDS.inc()
                 break
             except SequenceConflict as exc:
                 await self._step_down(f"deposed: {exc}")
@@ -745,6 +782,14 @@ def _participant_crash_points(answered: list[tuple[WorkItem, Reply]]) -> None:
                 crash_point("participant_prepared")
             elif isinstance(item.op, TxDecide):
                 crash_point("participant_decided")
+
+
+def _first_span(batch: list[WorkItem]) -> Span | None:
+    """The server span of the batch's first traced client request, if any."""
+    for item in batch:
+        if isinstance(item, ClientOp) and item.span is not None:
+            return item.span
+    return None
 
 
 def _admin_not_leader(shard: str) -> ShardAdminReply:

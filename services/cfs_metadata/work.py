@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
+from opentelemetry.trace import Span
 
 from cfs.ids import new_id
 from cfs_contracts.events.metadata import DelInode, JournalEntry, TxClear
@@ -22,6 +23,7 @@ from cfs_contracts.fs.records import Dentry, Inode
 from cfs_contracts.fs.rpc import FsError, MutationOp, Reply, TxOp, TxStatus
 from cfs_contracts.fs.shard_admin import ShardAdminReply
 from cfs_metadata.decide import Decision, Placement, decide
+from cfs_metadata.metrics import op_finished
 from cfs_metadata.shard_admin import AdminOp
 from cfs_metadata.state import ShardView
 from cfs_metadata.txn import (
@@ -117,6 +119,8 @@ class ClientOp:
     op: MutationOp
     msg: Msg
     respond: Respond
+    started: float = 0.0  # perf_counter at arrival (0: not timed)
+    span: Span | None = None  # the request's server span, when it came traced
 
     def decide(self, view: ShardView, now: int, locked: set[str], place: Placement) -> Decision:
         guarded = RemoteAwareView(LockedView(view, locked), Remote())
@@ -130,6 +134,8 @@ class ClientOp:
 
     async def finish(self, reply: Reply) -> None:
         await self.respond(self.msg, reply)
+        if self.started:
+            op_finished(type(self.op).__name__, self.started, self.span)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from cfs.ids import new_id
 from cfs.kernel.runtime import until_jetstream_answers
 from cfs.lease import leases_held
 from cfs.retry import Backoff, RetryPolicy, any_bus_error
+from cfs.telemetry import counter, gauge
 from cfs_contracts import DecodedEvent
 from cfs_contracts.data import parse_fragment_key
 from cfs_contracts.events.cluster import NodeDrained
@@ -60,6 +61,14 @@ from cfs_repair.plan import Reason, plan_chunk
 from cfs_repair.rebuild import NoTarget, Placed, Rebuilder, path_of
 
 log = logging.getLogger(__name__)
+
+# Repair progress (README: telemetry); the per-job figures are RepairProgress events.
+RUNNING = gauge("repair_jobs_running", "node repairs this coordinator is running now")
+COMPLETED = counter("repair_jobs_completed", "node repairs finished by this coordinator")
+FILES_SCANNED = counter("repair_files_scanned", "files scanned for fragments of repaired nodes")
+FRAGMENTS_REBUILT = counter("repair_fragments_rebuilt", "fragments rebuilt onto other nodes")
+BYTES_REBUILT = counter("repair_rebuilt_bytes", "bytes of rebuilt fragments written")
+CHUNKS_LOST = counter("repair_chunks_lost", "chunks found with too few fragments to rebuild")
 
 PAGE = 32
 COMMIT_CHUNKS = 64  # chunks of one file whose moves share one MoveFragments
@@ -221,6 +230,7 @@ class RepairCoordinator:
         log.info("repair.started", extra={"node": node, "job": job.job_id, "reason": reason})
         started = time.monotonic()
         ticker = asyncio.create_task(self._report_progress(lambda: job))
+        RUNNING.inc()
         try:
             for shard in range(job.shard, self.settings.shards + 1):
                 after = job.after_ino if shard == job.shard else 0
@@ -231,9 +241,13 @@ class RepairCoordinator:
                     job = job.model_copy(
                         update={"files_scanned": job.files_scanned + len(reply.inodes)}
                     )
+                    FILES_SCANNED.inc(len(reply.inodes))
 
                     def count(fragments: int, written: int, lost: int) -> None:
                         nonlocal job
+                        FRAGMENTS_REBUILT.inc(fragments)
+                        BYTES_REBUILT.inc(written)
+                        CHUNKS_LOST.inc(lost)
                         job = job.model_copy(
                             update={
                                 "fragments_rebuilt": job.fragments_rebuilt + fragments,
@@ -256,6 +270,7 @@ class RepairCoordinator:
                     after = reply.cursor
                 job = job.model_copy(update={"shard": min(shard + 1, self.settings.shards)})
         finally:
+            RUNNING.dec()
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)
         if reason is Reason.DRAINING:
@@ -263,6 +278,7 @@ class RepairCoordinator:
         job = job.model_copy(update={"done_ms": time.time_ns() // 1_000_000})
         await self._save(job)
         seconds = time.monotonic() - started
+        COMPLETED.inc()
         await self._event(
             RepairCompleted(
                 node_id=node,

@@ -56,6 +56,7 @@ from cfs.objstore import (
 from cfs.rebuild import gather
 from cfs.retry import Backoff, RetryPolicy
 from cfs.service_main import ServiceSettings, run_spec
+from cfs.telemetry import gauge
 from cfs_contracts.events.ops import AlertRaised, Severity
 from cfs_contracts.events.tier import ChunkQueued, WatermarkChanged
 from cfs_contracts.fs.rpc import FsError
@@ -691,6 +692,7 @@ class Term:
             if config is not None and self._caught_up.is_set():
                 await self._settle(config)
                 state = self.state(config)
+                record_tier_state(state, system_wall_ms())
                 try:
                     await kv.put(TIER_STATE_KEY, state.model_dump_json().encode())
                 except (nats.errors.Error, TimeoutError, BusError) as exc:
@@ -857,3 +859,28 @@ def main(argv: list[str] | None = None) -> None:
     from cfs_tierer.spec import SPEC
 
     run_spec(SPEC, argv)
+
+
+QUEUE_ENTRIES = gauge("tier_queue_entries", "chunks queued for S3 and not yet flushed")
+QUEUE_BYTES = gauge("tier_queue_bytes", "bytes queued for S3 and not yet flushed")
+S3_LAG = gauge("tier_s3_lag_seconds", "age of the oldest chunk not yet in S3 (0: queue empty)")
+WATERMARK = gauge(
+    "tier_watermark_level",
+    "the site's worst flash watermark: 0 normal, 1 write-through, 2 critical, 3 full",
+)
+NODE_WATERMARK = gauge(
+    "tier_node_watermark_level", "a node's flash watermark level (as above)", ("node",)
+)
+NODE_FILL = gauge("tier_node_flash_fill_ratio", "unflushed bytes over flash capacity", ("node",))
+
+
+def record_tier_state(state: TierState, now_ms: int) -> None:
+    """The active tierer's `tier.state` as gauges, every `status_s`."""
+    QUEUE_ENTRIES.set(state.queue_entries)
+    QUEUE_BYTES.set(state.queue_bytes)
+    oldest = state.oldest_queued_ms
+    S3_LAG.set(max(0.0, (now_ms - oldest) / 1000) if oldest else 0.0)
+    WATERMARK.set(Level[state.level])
+    for node in state.nodes:
+        NODE_WATERMARK.labels(node.node).set(Level[node.level])
+        NODE_FILL.labels(node.node).set(node.fill)

@@ -114,6 +114,10 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     env = site
     status = json.loads(_cfs(env, "dev", "status", "--json").stdout)
     assert status["nodes"]["solo"]["services"]["metadata-raft"]["running"]
+    ports = [s["metrics_port"] for s in status["nodes"]["solo"]["services"].values()]
+    assert all(ports) and len(set(ports)) == len(ports)  # each process its own /metrics
+    printed = _cfs({**env, "COLUMNS": "250"}, "dev", "status").stdout
+    assert f":{status['nodes']['solo']['services']['metadata-raft']['metrics_port']}" in printed
     _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
     _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
     # One site: no link to cut, no other site to name.

@@ -43,7 +43,7 @@ from cfs.bus.pipeline import Ack, AckPipeline
 from cfs.hlc import HybridClock
 from cfs.ids import new_id
 from cfs.security import CredentialsError, connect_options, load_credentials
-from cfs.telemetry import inject_headers, tracer
+from cfs.telemetry import inject_headers, publish_span
 from cfs_contracts import REGISTRY, Envelope, EventPayload, Registry
 from cfs_contracts.registry import encode_envelope
 from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
@@ -356,7 +356,7 @@ class Bus:
         if expected_last_subject_seq is not None:
             headers[HDR_EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
         expected = expected_last_seq if expected_last_seq is not None else expected_last_subject_seq
-        with tracer().start_as_current_span(f"publish {envelope.type}"):
+        with publish_span(f"publish {envelope.type}"):
             inject_headers(headers)
             try:
                 return await self._with_retry(

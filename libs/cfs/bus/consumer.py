@@ -20,13 +20,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from opentelemetry import trace
 
 # A module import: cfs.retry imports cfs.bus.errors, which imports this package first.
 import cfs.retry as retrying
 from cfs.bus.connection import Bus
 from cfs.bus.errors import BusError, ProvisionError
-from cfs.telemetry import context_from_headers, tracer
+from cfs.telemetry import consumer_span
 from cfs_contracts import DecodedEvent, UnknownEventType
 from cfs_contracts.registry import ContractError
 from cfs_contracts.streams import dead_letter_subject
@@ -188,10 +187,7 @@ class DurableConsumer:
             return Outcome.SKIP, str(exc), 0.0
         except ContractError as exc:
             return Outcome.DEAD_LETTER, f"undecodable: {exc}", 0.0
-        ctx = context_from_headers(msg.headers)
-        with tracer().start_as_current_span(
-            f"consume {event.envelope.type}", context=ctx, kind=trace.SpanKind.CONSUMER
-        ):
+        with consumer_span(f"consume {event.envelope.type}", msg.headers):
             try:
                 await self.handler(event, delivery)
             except Reject as exc:

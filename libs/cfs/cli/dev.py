@@ -305,9 +305,13 @@ def _print_site(name: str, site: dict[str, Any]) -> None:
         cells = ["-" if nats is None else _mark(nats["running"])]
         for service in services:
             proc = info["services"].get(service, {})
-            cells.append(_mark(bool(proc.get("running")), proc.get("pid")))
+            cell = _mark(bool(proc.get("running")), proc.get("pid"))
+            if proc.get("metrics_port"):
+                cell += f" :{proc['metrics_port']}"
+            cells.append(cell)
         table.add_row(node, *cells)
     console.print(table)
+    console.print("Metrics: http://127.0.0.1:PORT/metrics (PORT: the :number beside each pid)")
     servers = ", ".join(f"{s['url']} {_mark(s['running'])}" for s in site["nats"])
     console.print(f"NATS: {servers}")
 

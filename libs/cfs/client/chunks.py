@@ -8,11 +8,13 @@ around it) from "this node says no" (ENOSPC, ENOENT, EIO).
 from __future__ import annotations
 
 import errno
+import time
 import zlib
 
 from nats.aio.msg import Msg
 
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout, decode_error_reply
+from cfs.telemetry import histogram
 from cfs_contracts.data import (
     HEADER_CRC,
     HEADER_ERRNO,
@@ -29,6 +31,14 @@ from cfs_contracts.data import (
     chunk_rpc_subject,
 )
 from cfs_contracts.fs.rpc import FsError
+
+FRAGMENT_SECONDS = histogram(
+    "client_fragment_duration_seconds",
+    "a fragment put or get as the client sees it (request to reply, answered ones), by verb",
+    ("verb",),
+)
+_PUT_SECONDS = FRAGMENT_SECONDS.labels("put")
+_GET_SECONDS = FRAGMENT_SECONDS.labels("get")
 
 
 class FragmentError(FsError):
@@ -68,14 +78,18 @@ class ChunkStoreClient:
         """Store durably on `node`; `crc` (CRC-32 of data) if the caller has it already."""
         crc = zlib.crc32(data) if crc is None else crc
         headers = {HEADER_KEY: key, HEADER_CRC: f"{crc:08x}"}
+        started = time.perf_counter()
         reply = await self._control(node, "put", key, data, headers)
+        _PUT_SECONDS.observe(time.perf_counter() - started)
         if reply.fragment is None:
             raise FragmentError(node, key, errno.EIO, "put answered without a fragment record")
         return reply.fragment
 
     async def get(self, node: str, key: str) -> bytes:
         """The fragment's bytes, checked against the CRC the store sent."""
+        started = time.perf_counter()
         msg = await self._request(node, "get", key, b"", {HEADER_KEY: key})
+        _GET_SECONDS.observe(time.perf_counter() - started)
         _raise_for_errno(node, key, msg)
         headers = msg.headers or {}
         crc = headers.get(HEADER_CRC)

@@ -23,12 +23,21 @@ from cfs.bus import Bus, BusError
 from cfs.hlc import observe
 from cfs.ids import new_id
 from cfs.retry import RetryPolicy, retry
+from cfs.telemetry import LabelCache, counter, histogram
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import Inode, Kind, shard_of
 from cfs_contracts.fs.rpc import DirEntry, FsError, Reply, Request
 from cfs_contracts.streams import meta_rpc_subject, shard_name
 
 log = logging.getLogger(__name__)
+
+OP_SECONDS = histogram(
+    "client_metadata_op_duration_seconds",
+    "a metadata call as the client sees it, retries included, by op",
+    ("op",),
+)
+CREATES = counter("client_creates", "files created through this client (answered creates)")
+_op_seconds = LabelCache(OP_SECONDS)
 
 _RETRY_ERRNOS = {errno.EAGAIN}
 
@@ -117,20 +126,23 @@ class MetadataClient:
         subject = meta_rpc_subject(self.bus.site, name)
         data = Request(body=op, hlc=self.bus.clock.now()).model_dump_json().encode()
         started = time.monotonic()
-        try:  # the hot path: one attempt, nothing else
-            return await self._attempt(subject, data, retry_conflicts)
-        except (_NotServing, BusError) as exc:
-            failed = exc
         try:
-            return await retry(
-                lambda: self._attempt(subject, data, retry_conflicts),
-                self._policy,
-                extra={"shard": name},
-                failed=failed,
-                started=started,
-            )
-        except (_NotServing, BusError) as exc:
-            raise LeaderUnavailable(name, time.monotonic() - started, str(exc)) from None
+            try:  # the hot path: one attempt, nothing else
+                return await self._attempt(subject, data, retry_conflicts)
+            except (_NotServing, BusError) as exc:
+                failed = exc
+            try:
+                return await retry(
+                    lambda: self._attempt(subject, data, retry_conflicts),
+                    self._policy,
+                    extra={"shard": name},
+                    failed=failed,
+                    started=started,
+                )
+            except (_NotServing, BusError) as exc:
+                raise LeaderUnavailable(name, time.monotonic() - started, str(exc)) from None
+        finally:  # answered or not: what the caller waited
+            _op_seconds(type(op).__name__).observe(time.monotonic() - started)
 
     async def _attempt(self, subject: str, data: bytes, retry_conflicts: bool) -> Reply:
         if self._retired is not None:
@@ -179,7 +191,9 @@ class MetadataClient:
             gid=gid,
             exclusive=exclusive,
         )
-        return _inode(await self.call(op))
+        created = _inode(await self.call(op))
+        CREATES.inc()
+        return created
 
     async def mknod(
         self,

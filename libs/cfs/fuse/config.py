@@ -73,6 +73,10 @@ class ClientSettings(BaseSettings):
         description="the other site of a replicated pair (mounts follow the active site)",
     )
     log_level: str = "INFO"
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="the mount's Prometheus `/metrics` port; 0: none"
+    )
+    metrics_host: str = "127.0.0.1"
     op_timeout_s: float = Field(
         default=15.0,
         gt=0,

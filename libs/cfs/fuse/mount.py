@@ -32,6 +32,7 @@ from cfs.fuse.config import FSNAME, ClientSettings, client_settings
 from cfs.fuse.operations import ClaudeFsOperations
 from cfs.logs import setup_logging
 from cfs.security import CredentialsError, Role
+from cfs.telemetry import serve_metrics, setup_tracing_from_env, shutdown_tracing
 from cfs_contracts.fs.records import ROOT_INO
 from cfs_contracts.fs.rpc import FsError
 
@@ -182,6 +183,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = client_settings(args.cluster, args.site, args.shards)
     setup_logging(settings.log_level, service="fuse-mount", mountpoint=str(args.mountpoint))
+    tracing = setup_tracing_from_env("fuse-mount", args.client_id or socket.gethostname())
+    try:
+        metrics = serve_metrics(settings.metrics_port, settings.metrics_host)
+    except OSError as exc:  # the mount matters more than its figures: said, not fatal
+        log.error(
+            "fuse.metrics_unavailable", extra={"port": settings.metrics_port, "error": str(exc)}
+        )
+        metrics = None
     try:
         asyncio.run(
             run_mount(
@@ -199,3 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Cannot mount (cluster unreachable, mount point missing or busy): one line, exit 1.
         log.error("fuse.mount_failed", extra={"error": str(exc)})
         raise SystemExit(1) from None
+    finally:
+        if metrics is not None:
+            metrics.close()
+        shutdown_tracing(tracing)

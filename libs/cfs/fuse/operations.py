@@ -30,6 +30,7 @@ from cfs.client.files import FileStore, OpenFile
 from cfs.client.metadata import MetadataClient
 from cfs.fuse.attrs import ATTR_TIMEOUT_S, BLOCK_SIZE, entry_attributes, posix_errors
 from cfs.ids import new_id
+from cfs.telemetry import root_span
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import MAX_NAME_BYTES, ROOT_INO, Inode, Kind
 from cfs_contracts.fs.rpc import DirEntry, FsError, Reply
@@ -355,19 +356,20 @@ class ClaudeFsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        uid, gid, perms = self._owner(ctx, mode)
-        created = await self.meta.create(
-            parent_inode,
-            _name(name),
-            perms,
-            uid=uid,
-            gid=gid,
-            exclusive=bool(flags & os.O_EXCL),
-        )
-        # Another client may have created it first (no O_EXCL): then O_TRUNC applies.
-        handle = await self.store.open(
-            created.ino, truncate=bool(flags & os.O_TRUNC), fresh=created
-        )
+        with root_span("fuse create"):
+            uid, gid, perms = self._owner(ctx, mode)
+            created = await self.meta.create(
+                parent_inode,
+                _name(name),
+                perms,
+                uid=uid,
+                gid=gid,
+                exclusive=bool(flags & os.O_EXCL),
+            )
+            # Another client may have created it first (no O_EXCL): then O_TRUNC applies.
+            handle = await self.store.open(
+                created.ino, truncate=bool(flags & os.O_TRUNC), fresh=created
+            )
         fh = self._register(handle)
         return pyfuse3.FileInfo(fh=fh), self._attrs(handle.inode)
 
@@ -377,16 +379,20 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self._handle(fh).write(off, buf)
+        # One span per write(2): what it uploads (a full chunk) is part of its trace.
+        with root_span("fuse write"):
+            return await self._handle(fh).write(off, buf)
 
     @posix_errors
     async def flush(self, fh: int) -> None:
         """Every close(2): store what is buffered, so the next open anywhere sees it."""
-        await self._flush(self._handle(fh))
+        with root_span("fuse flush"):
+            await self._flush(self._handle(fh))
 
     @posix_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._flush(self._handle(fh))
+        with root_span("fuse fsync"):
+            await self._flush(self._handle(fh))
 
     async def _flush(self, handle: OpenFile) -> None:
         try:

@@ -35,6 +35,7 @@ from cfs.bus import Bus, ConsumerSpec, DurableConsumer
 from cfs.bus.consumer import Handler
 from cfs.kernel.spec import ServiceSpec, Singleton
 from cfs.retry import Backoff, RetryPolicy, any_bus_error, is_temporary, retry
+from cfs.telemetry import gauge, serve_metrics
 from cfs_contracts.members import ServiceHealth, health_key
 from cfs_contracts.streams import NODES
 
@@ -49,6 +50,8 @@ T = TypeVar("T")
 HEARTBEAT_S = 5.0
 STARTUP_WAIT_S = 120.0  # JetStream may still be electing right after servers restart
 CANCEL_AGAIN_S = 0.5  # see cancel_and_wait
+
+SERVICE_INFO = gauge("service_info", "1 per running service process", ("service", "node", "site"))
 
 
 class OnFailure(StrEnum):
@@ -338,6 +341,7 @@ async def run(spec: ServiceSpec, settings: Any, stop: asyncio.Event) -> None:
 
 async def _start(ctx: Context) -> None:
     spec = ctx.spec
+    _serve_metrics(ctx)
     await ctx.health.start()
     ctx.on_stop(ctx.health.remove)
     beat = ctx.spawn(ctx.health.run(), "health")
@@ -355,6 +359,24 @@ async def _start(ctx: Context) -> None:
         ctx.consume(executor.consumer_spec, executor.handle)
     if spec.singleton is not None:
         await _start_singleton(ctx)
+
+
+def _serve_metrics(ctx: Context) -> None:
+    """`/metrics` on the settings' `metrics_port` (0: none), for every service alike:
+    services only declare and record their instruments (`cfs.telemetry`). A port that
+    cannot be bound degrades the service rather than stopping the file system."""
+    port = int(getattr(ctx.settings, "metrics_port", 0) or 0)
+    SERVICE_INFO.labels(ctx.spec.name, ctx.node, ctx.site).set(1)
+    if not port:
+        return
+    host = getattr(ctx.settings, "metrics_host", "127.0.0.1")
+    try:
+        endpoint = serve_metrics(port, host)
+    except OSError as exc:
+        ctx.health.degrade("metrics endpoint", f"cannot listen on {host}:{port}: {exc}")
+        return
+    if endpoint is not None:
+        ctx.on_stop(lambda: asyncio.to_thread(endpoint.close))
 
 
 async def _start_singleton(ctx: Context) -> None:

@@ -201,7 +201,11 @@ class DevCluster:
             server = local.nats_server_of(node)
             nodes[node] = {
                 "services": {
-                    name: {"running": proc.running, "pid": proc.pid}
+                    name: {
+                        "running": proc.running,
+                        "pid": proc.pid,
+                        "metrics_port": local.metrics_port(node, name),
+                    }
                     for name, proc in local.node_processes(node).items()
                 },
                 "nats": None

@@ -196,6 +196,8 @@ class LocalSite:
         )
         # SWIM: a UDP port per node, every other node as a seed, one token per site.
         self._swim_ports = {node: _free_udp_port() for node in names}
+        # Prometheus `/metrics` of each service process, kept across restarts.
+        self._metrics_ports: dict[tuple[str, str], int] = {}
         self._cluster_token = secrets.token_hex(16)
         for node in names:
             self._build_node(node, (labels or {}).get(node, {}))
@@ -227,6 +229,9 @@ class LocalSite:
             if spec.name not in self._services.setdefault(node, self._default_services):
                 continue
             env = dict(common)
+            if "CFS_METRICS_PORT" not in self._env:  # the caller's value wins (0: none)
+                port = self._metrics_ports.setdefault((node, spec.name), free_port())
+                env["CFS_METRICS_PORT"] = str(port)
             if (credentials := self.credentials(spec.role, node)) is not None:
                 env["CFS_NATS_CREDENTIALS"] = str(credentials)
             if spec.name == "membership":
@@ -315,6 +320,15 @@ class LocalSite:
         """Service name -> process, for one node."""
         self._check_node(node)
         return {name: proc for (n, name), proc in self._procs.items() if n == node}
+
+    def metrics_port(self, node: str, service: str) -> int | None:
+        """The `/metrics` HTTP port of a service process (None: it serves none)."""
+        self._check_node(node)
+        return self._metrics_ports.get((node, service))
+
+    def metrics_ports(self) -> dict[tuple[str, str], int]:
+        """(node, service) -> `/metrics` port, for every process that serves one."""
+        return {key: port for key, port in self._metrics_ports.items() if key in self._procs}
 
     @property
     def netem_file(self) -> Path:

@@ -1,0 +1,249 @@
+"""Telemetry on and off for the benchmarks' `telemetry_overhead_ratio` (issue 17).
+
+"On" is what an operator runs: every measured service process with its `/metrics`
+endpoint scraped as each run starts and every `SCRAPE_S`, an OTLP/HTTP exporter
+sending its spans to a receiver in the bench process (`SpanSink`, which decodes every
+export as a collector would), and the bench's own client tracing each operation as
+the FUSE mount does (a root span per call, its context carried to the servers).
+Traces are head-sampled at 1 % with the standard `OTEL_TRACES_SAMPLER` variables
+(`telemetry_overhead_ratio`) and, for comparison, kept whole
+(`telemetry_overhead_ratio_always_on`). "Off" is no endpoint and no tracer provider
+anywhere. The processes are restarted into each mode; the modes alternate, each round
+starting with the next one, so drift on a shared machine falls on all alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+from cfs.supervisor import ManagedProcess
+from cfs.telemetry import RootSpans
+from cpu_accounting import cpu_seconds, own_cpu_seconds
+
+# Prometheus scrapes every minute by default, 15 s is common; every 5 s (and once as
+# each measured run starts) is a strict setting, not a quiet one.
+SCRAPE_S = 5.0
+
+
+class SpanSink(ThreadingHTTPServer):
+    """An OTLP/HTTP traces receiver on loopback that decodes and counts what it gets."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.exports = 0
+        lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                request = ExportTraceServiceRequest.FromString(body)
+                count = sum(
+                    len(scope.spans)
+                    for resource in request.resource_spans
+                    for scope in resource.scope_spans
+                )
+                with lock:
+                    sink.spans += count
+                    sink.exports += 1
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self) -> SpanSink:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Scraper:
+    """GETs every `/metrics` URL every `SCRAPE_S` in a thread, as Prometheus would."""
+
+    def __init__(self, ports: Iterable[int]) -> None:
+        self.urls = [f"http://127.0.0.1:{port}/metrics" for port in ports]
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for url in self.urls:
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as response:
+                        response.read()
+                    self.scrapes += 1
+                except OSError:
+                    self.failures += 1
+            if self._stop.wait(SCRAPE_S):
+                return
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# What tracing costs depends on how much of it is kept: every trace ("always"), or the
+# head-sampled share an operator runs in production ("sampled", the standard variables).
+SAMPLED_RATIO = 0.01
+MODES: dict[str, dict[str, str]] = {
+    "sampled": {
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": str(SAMPLED_RATIO),
+    },
+    "always": {"OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+}
+OTEL_VARS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+)
+
+
+def client_tracer(sink: SpanSink, mode: str) -> tuple[TracerProvider, RootSpans]:
+    """The bench client's own provider (not the global one: "off" rounds trace nothing),
+    starting traces as the mount does (`cfs.telemetry.RootSpans`) at the mode's ratio."""
+    ratio = SAMPLED_RATIO if mode == "sampled" else 1.0
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "bench-client"}),
+        sampler=ParentBased(ALWAYS_ON),
+    )
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(f"{sink.endpoint}/v1/traces")))
+    return provider, RootSpans(provider.get_tracer("bench"), ratio)
+
+
+def span_or_nothing(roots: RootSpans | None, name: str) -> AbstractContextManager[Any]:
+    return roots(name) if roots is not None else contextlib.nullcontext()
+
+
+def restart_with(
+    procs: dict[tuple[str, str], ManagedProcess],
+    ports: dict[tuple[str, str], int],
+    sink: SpanSink,
+    mode: str,
+) -> None:
+    """Stop `procs`, set their telemetry environment for `mode` ("off" or one of
+    MODES), start them again."""
+    for proc in procs.values():
+        proc.stop(timeout=15)
+    for key, proc in procs.items():
+        for var in OTEL_VARS:
+            proc.env.pop(var, None)
+        proc.env["CFS_METRICS_PORT"] = "0"
+        if mode != "off":
+            proc.env["CFS_METRICS_PORT"] = str(ports[key])
+            proc.env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
+            proc.env.update(MODES[mode])
+        proc.start()
+
+
+async def alternate(
+    rounds: int,
+    procs: dict[tuple[str, str], ManagedProcess],
+    ports: dict[tuple[str, str], int],
+    ready: Callable[[], Awaitable[None]],
+    measure: Callable[[Any | None], Awaitable[float]],
+    other_pids: Iterable[int | None] = (),
+) -> dict[str, float]:
+    """`rounds` of off, sampled and always-on (the processes restarted into each, the
+    endpoints scraped while on); the median throughput of each mode and the ratios.
+    `measure(tracer)` runs the workload, tracing its calls with `tracer` unless None.
+
+    On a shared machine the wall clock swings by tens of percent from one run to the
+    next; the CPU each unit of work costs (`procs`, `other_pids` such as the NATS
+    servers, and this process with its receiver and scraper threads) does not, so the
+    ratio of those (`telemetry_cpu_overhead_ratio`: the throughput a CPU-bound site
+    keeps) is given beside the wall-clock one."""
+    runs: dict[str, list[float]] = {"off": [], **{mode: [] for mode in MODES}}
+    cpu: dict[str, list[float]] = {mode: [] for mode in runs}
+    scrapes = 0
+    others = list(other_pids)
+
+    def cpu_now() -> float:
+        pids = [proc.pid for proc in procs.values()] + others + [None]
+        return sum(own_cpu_seconds() if pid is None else cpu_seconds(pid) for pid in pids)
+
+    async def timed(tracer: Any | None, mode: str) -> None:
+        before, started = cpu_now(), time.perf_counter()
+        rate = await measure(tracer)
+        units = rate * (time.perf_counter() - started)
+        runs[mode].append(rate)
+        cpu[mode].append((cpu_now() - before) / units)
+
+    with SpanSink() as sink:
+        tracers = {mode: client_tracer(sink, mode) for mode in MODES}
+        try:
+            modes = list(runs)
+            for round_index in range(rounds):
+                # Each round starts with another mode: whatever favours the first (or
+                # last) run of a round must not favour one mode.
+                shift = round_index % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    await asyncio.to_thread(restart_with, procs, ports, sink, mode)
+                    await ready()
+                    if mode == "off":
+                        await timed(None, mode)
+                        continue
+                    with Scraper(ports.values()) as scraper:
+                        await timed(tracers[mode][1], mode)
+                    scrapes += scraper.scrapes
+                line = ", ".join(
+                    f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us"
+                    for mode, values in runs.items()
+                )
+                print(f"telemetry round {len(runs['off'])}/{rounds}: {line}", file=sys.stderr)
+            await asyncio.to_thread(restart_with, procs, ports, sink, "off")
+            await ready()
+        finally:
+            for provider, _ in tracers.values():
+                provider.shutdown()
+    off = statistics.median(runs["off"])
+    cpu_off = statistics.median(cpu["off"])
+    return {
+        "telemetry_cpu_us_off": cpu_off * 1e6,
+        "telemetry_cpu_us_on": statistics.median(cpu["sampled"]) * 1e6,
+        "telemetry_cpu_us_always_on": statistics.median(cpu["always"]) * 1e6,
+        "telemetry_cpu_overhead_ratio": cpu_off / statistics.median(cpu["sampled"]),
+        "telemetry_cpu_overhead_ratio_always_on": cpu_off / statistics.median(cpu["always"]),
+        "telemetry_off_per_s": off,
+        "telemetry_on_per_s": statistics.median(runs["sampled"]),
+        "telemetry_always_on_per_s": statistics.median(runs["always"]),
+        "telemetry_overhead_ratio": statistics.median(runs["sampled"]) / off,
+        "telemetry_overhead_ratio_always_on": statistics.median(runs["always"]) / off,
+        "telemetry_trace_sample_ratio": SAMPLED_RATIO,
+        "telemetry_scrapes": scrapes,
+        "telemetry_spans_exported": sink.spans,
+    }
