@@ -61,12 +61,16 @@ def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]
 
 
 async def _files(
-    site: LocalSite, placement_wait_s: float = 30.0
+    site: LocalSite, placement_wait_s: float = 30.0, fragment_timeout_s: float = 3.0
 ) -> tuple[Bus, MetadataClient, FileStore]:
     bus = await site.client()
     meta = MetadataClient(bus, deadline_s=30)
     files = FileStore(
-        bus, meta, client_id=bus.node, fragment_timeout_s=3.0, placement_wait_s=placement_wait_s
+        bus,
+        meta,
+        client_id=bus.node,
+        fragment_timeout_s=fragment_timeout_s,
+        placement_wait_s=placement_wait_s,
     )
     await files.start()
     return bus, meta, files
@@ -191,13 +195,13 @@ async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_ei
     back (the application sees a stall, not an error), and past its bounded wait it
     fails with EIO naming the nodes, never with ENOSPC."""
     stores = [site.chunkstore(node) for node in site.node_names]
-    bus, meta, files = await _files(site, placement_wait_s=60.0)
+    bus, meta, files = await _files(site, placement_wait_s=60.0, fragment_timeout_s=1.0)
     try:
         ino = (await meta.create(ROOT_INO, "stalled", 0o644)).ino
         for proc in stores:
             proc.pause()
         resumed = asyncio.get_running_loop().call_later(
-            6.0, lambda: [proc.resume() for proc in stores]
+            4.0, lambda: [proc.resume() for proc in stores]
         )
         data = _blob(CS + 7, 1)
         try:
@@ -211,7 +215,7 @@ async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_ei
         await files.close()
         await bus.close()
 
-    bus, meta, files = await _files(site, placement_wait_s=4.0)
+    bus, meta, files = await _files(site, placement_wait_s=2.0, fragment_timeout_s=1.0)
     try:
         ino = (await meta.create(ROOT_INO, "unavailable", 0o644)).ino
         for proc in stores:
@@ -221,7 +225,7 @@ async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_ei
             await files.write_all(ino, _blob(CS, 2))
         waited = asyncio.get_running_loop().time() - started
         assert failed.value.errno == errno.EIO, failed.value
-        assert waited >= 3.0, waited
+        assert waited >= 2.0, waited
     finally:
         for proc in stores:
             proc.resume()

@@ -293,6 +293,7 @@ async def _rename(site: LocalSite, old: str, new: str) -> None:
         await meta.rename(ROOT_INO, old, ROOT_INO, new)
 
 
+@pytest.mark.slow  # the scenario tests (make test-slow) drive the same commands
 def test_the_guides_scenario_6_through_the_cli(pair: SitePair) -> None:
     """Rename on A and owner on B of one file both survive; the owner of another set on
     both is a conflict: shown, resolved by hand for site-a, the rest as merged."""
@@ -382,6 +383,7 @@ def other(pair: SitePair, site: LocalSite) -> LocalSite:
     return pair.b if site is pair.a else pair.a
 
 
+@pytest.mark.slow  # the scenario tests (make test-slow) drive the same commands
 def test_the_annual_failover_test_through_the_cli(pair: SitePair) -> None:
     """The guide's seven commands in order: the primary stops taking writes, the
     secondary proves it could take over, takes over, and the primary comes back."""
