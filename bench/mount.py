@@ -11,11 +11,12 @@ in one directory, `stat` of names looked up just before, unlink with 8 threads,
 Debian's `fio` (installed by the set-up when missing): 1 MiB sequential write with
 `end_fsync`, read after dropping caches, 4 KiB random read.
 
-The FUSE requests one create + close costs are counted (libfuse's request log, on a
-second mount). Ceilings, same site, same run: the client library's create rate (64 in flight), the
-latency of one fsync'd R3 JetStream publish (the least a durable create can wait),
-the library's sequential write and read MB/s. Also the CPU each process role spends
-per create through the mount (8 threads).
+The FUSE requests and metadata calls one create + close costs are counted (libfuse's
+request log and the mount's `/metrics`, on a second mount), and the CPU each process
+role spends per create through the mount (8 threads). Ceilings, same site, same run:
+the client library's create rate (64 in flight), the latency of one fsync'd R3
+JetStream publish (the least a durable create can wait), the library's sequential
+write and read MB/s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,7 @@ from typing import Any
 
 import nats
 from nats.js.api import StorageType, StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +52,7 @@ from cfs.ids import new_id
 from cfs.logs import setup_logging
 from cfs.security import Role, connect_options
 from cfs.supervisor import LocalSite, ManagedProcess
+from cfs.supervisor.ports import free_port
 from cfs_contracts.fs.records import ROOT_INO
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 
@@ -194,13 +198,15 @@ async def raw_r3_pub_p50_ms(site: LocalSite, n: int) -> float:
     nc = await nats.connect(site.urls, **connect_options(site.credentials(Role.ADMIN)))
     js = nc.jetstream()
     await js.add_stream(
-        StreamConfig(name="RAWLAT", subjects=["rawlat"], num_replicas=3, storage=StorageType.FILE)
+        StreamConfig(
+            name="RAWLAT", subjects=["cfs.bench.rawlat"], num_replicas=3, storage=StorageType.FILE
+        )
     )
     try:
         samples = []
         for _ in range(n):
             began = time.perf_counter()
-            await js.publish("rawlat", b"x" * 300)
+            await js.publish("cfs.bench.rawlat", b"x" * 300)
             samples.append((time.perf_counter() - began) * 1000)
         return statistics.median(samples)
     finally:
@@ -251,7 +257,9 @@ def requests_per_create(site: LocalSite, base: Path, n: int) -> dict[str, float]
     mnt = base / "mnt-counted"
     mnt.mkdir()
     log = base / "mount-counted.log"
-    mount = site.mount_process(mnt, log_path=log, env={"CFS_LOG_LEVEL": "WARNING"})
+    port = free_port()
+    env = {"CFS_LOG_LEVEL": "WARNING", "CFS_METRICS_PORT": str(port)}
+    mount = site.mount_process(mnt, log_path=log, env=env)
     mount.argv.append("--debug-fuse")
     mount.start()
     try:
@@ -260,8 +268,10 @@ def requests_per_create(site: LocalSite, base: Path, n: int) -> dict[str, float]
         target.mkdir()
         time.sleep(1.5)  # the mkdir's attributes expire, as between an application's creates
         mark = log.stat().st_size
+        calls_before = metadata_calls(port)
         for i in range(n):
             create(target / f"f{i}")
+        calls = {op: c - calls_before.get(op, 0) for op, c in metadata_calls(port).items()}
         with log.open("rb") as f:
             f.seek(mark)
             text = f.read().decode(errors="replace")
@@ -270,7 +280,21 @@ def requests_per_create(site: LocalSite, base: Path, n: int) -> dict[str, float]
     ops = Counter(re.findall(r"opcode: (\w+)", text))
     out = {"fuse_requests_per_create": sum(ops.values()) / n}
     out.update({f"fuse_{op.lower()}_per_create": count / n for op, count in sorted(ops.items())})
+    out["metadata_calls_per_create"] = sum(calls.values()) / n
+    out.update({f"metadata_{op.lower()}_per_create": c / n for op, c in sorted(calls.items()) if c})
     return out
+
+
+def metadata_calls(port: int) -> dict[str, float]:
+    """The mount's metadata calls so far, per op (its `/metrics`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.labels["op"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "cfs_client_metadata_op_duration_seconds_count"
+    }
 
 
 def roles_of(site: LocalSite, mount: ManagedProcess) -> dict[str, list[int | None]]:
