@@ -72,6 +72,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from cpu_accounting import cpu_seconds, own_cpu_seconds
+from report import print_goals, write_json
 
 from cfs.client import LeaderUnavailable, MetadataClient
 from cfs.client.shard_admin import shard_admin
@@ -587,8 +588,7 @@ def main() -> None:
         f"archive_lag_p99_s <= {GOAL_LAG_P99_S:g}": results["archive_lag_p99_s"] <= GOAL_LAG_P99_S,
         f"snapshot_vs_raw >= {GOAL_VS_RAW:g}": results["snapshot_vs_raw"] >= GOAL_VS_RAW,
     }
-    for goal, met in goals.items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print_goals(goals)
     print(
         f"{results['n_inodes']} inodes: snapshot {results['snapshot_s']:.1f} s "
         f"({results['snapshot_command_s']:.1f} s for the command; "
@@ -613,9 +613,7 @@ def main() -> None:
     )
     for note in results["notes"]:
         print(f"note: {note}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import nats
 
+from report import write_json
 from cfs.logs import setup_logging
 from cfs.bus import Bus, ConsumerSpec, Delivery, DurableConsumer, ensure_streams
 from cfs.ids import new_id
@@ -171,9 +171,7 @@ def main() -> None:
         print(f"{key:24s} {value:12.2f}")
     goal = "met" if results["ratio_pub"] >= 0.8 else "NOT met"
     print(f"goal ratio_pub >= 0.8 (pipelined, median of per-round ratios): {goal}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

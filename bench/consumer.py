@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -39,6 +38,7 @@ from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.message import NatsMessage
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from report import write_json
 from cfs.bus import Bus, ConsumerSpec, Delivery, DurableConsumer, ensure_streams
 from cfs.logs import setup_logging
 from cfs.supervisor import NatsServer
@@ -291,9 +291,7 @@ def main() -> None:
         f"CPU per message ours {ours_us / raw_us:.2f}x raw, faststream {fs_us / raw_us:.2f}x "
         f"raw; all acked: {'yes' if not unsettled else 'NO: ' + ', '.join(unsettled)}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

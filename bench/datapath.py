@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from cfs_chunkstore.store import FileFragmentStore
 from cfs_contracts.data import fragment_key
 from cfs_contracts.fs.records import ROOT_INO
 from cpu_accounting import cpu_seconds, own_cpu_seconds
+from report import write_json
 from telemetry_mode import alternate, span_or_nothing
 
 MiB = 1024 * 1024
@@ -73,8 +73,8 @@ RESPONDER = textwrap.dedent(
         blob = b"r" * int(sys.argv[2])
         async def put(msg): await msg.respond(b"ok")
         async def get(msg): await msg.respond(blob)
-        await nc.subscribe("raw.put", cb=put)
-        await nc.subscribe("raw.get", cb=get)
+        await nc.subscribe("cfs.bench.raw.put", cb=put)
+        await nc.subscribe("cfs.bench.raw.get", cb=get)
         await nc.flush()
         print("READY", flush=True)
         await asyncio.Event().wait()
@@ -182,9 +182,9 @@ async def raw_transport(
             mib = count * FRAGMENT / MiB
             return mib / (time.perf_counter() - start), (cpu() - used) * 1000 / mib
 
-        await run("raw.put", payload)  # warm up connections and buffers
-        put, put_ms = await run("raw.put", payload)
-        get, get_ms = await run("raw.get", b"")
+        await run("cfs.bench.raw.put", payload)  # warm up connections and buffers
+        put, put_ms = await run("cfs.bench.raw.put", payload)
+        get, get_ms = await run("cfs.bench.raw.get", b"")
         await nc.close()
         return put, get, put_ms, get_ms
     finally:
@@ -417,9 +417,7 @@ def main() -> None:
             f"{results[f'{kind}_floor_cpu_ms_per_mib']:.2f} ms/MiB)  {ceiling:.2f} x transport"
             f"; goal {goal} {'reachable' if ceiling >= goal else 'above the ceiling'}"
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

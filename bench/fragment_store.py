@@ -17,7 +17,6 @@ from one thread after reopening the store. The page cache is warm for gets.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ for sub in ("libs", "contracts", "services"):
 
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from report import write_json
 from cfs.logs import setup_logging
 from cfs_chunkstore.store import FileFragmentStore
 
@@ -198,9 +198,7 @@ def main() -> None:
             f"put x4 {figures['put_4threads_mb_s']:8.1f} MB/s   get {figures['get_mb_s']:8.1f} MB/s"
         )
     print(f"faster durable layout: {results['choice']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from report import print_goals, write_json
 from cfs.client import MetadataClient
 from cfs.logs import setup_logging
 from cfs.supervisor.sites import SitePair
@@ -195,11 +195,8 @@ def main() -> None:
             results["catchup_vs_local"] >= GOAL_CATCHUP_VS_LOCAL
         ),
     }
-    for goal, met in goals.items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_goals(goals)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

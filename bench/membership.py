@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from report import print_goals, write_json
 from cfs.logs import setup_logging
 from cfs.bus import Bus
 from cfs.client import ChunkStoreClient, FileStore, MetadataClient
@@ -190,11 +190,8 @@ def main() -> None:
         f"detect_max_s <= {GOAL_MAX_S:g}": results["detect_max_s"] <= GOAL_MAX_S,
     }
     goals["repair_mb_s >= 50"] = results["repair_mb_s"] >= 50
-    for goal, met in goals.items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_goals(goals)
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

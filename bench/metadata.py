@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ from cfs.ids import new_id
 from cfs.logs import setup_logging
 from cfs.supervisor import ManagedProcess, NatsCluster
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
+from report import print_goals, write_json
 from telemetry_mode import alternate, span_or_nothing
 from tests.integration.metadata_harness import MetaSite
 
@@ -390,8 +390,7 @@ def main() -> None:
         "nats_failover_s <= 10": results["nats_failover_s"] <= 10,
         "telemetry_overhead_ratio >= 0.95": results["telemetry_overhead_ratio"] >= 0.95,
     }
-    for goal, met in goals.items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print_goals(goals)
     flow_us = sum(v for k, v in results.items() if k.startswith("flow_cpu_us_"))
     print(
         f"the message flow alone allows {results['flow_ceiling_creates_per_s']:.0f} creates/s "
@@ -399,9 +398,7 @@ def main() -> None:
         f"({results['create_cpu_us_total'] - flow_us:.0f} µs more) the cores allow "
         f"{results['creates_per_s_cpu_bound']:.0f}"
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.ports import free_port
 from cfs_contracts.fs.records import ROOT_INO
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
+from report import print_goals, write_json
 
 MiB = 1024 * 1024
 SERVICES = ("metadata-raft", "chunk-store", "membership")
@@ -367,11 +368,8 @@ def main() -> None:
     results = asyncio.run(run(args.quick))
     for key, value in results.items():
         print(f"{key:36s} {value:12.3f}")
-    for goal, met in goals(results).items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print_goals(goals(results))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
 "On" is what an operator runs: every measured service process with its `/metrics`
 endpoint scraped as each run starts and every `SCRAPE_S`, an OTLP/HTTP exporter
-sending its spans to a receiver in the bench process (`SpanSink`, which decodes every
-export as a collector would), and the bench's own client tracing each operation as
-the FUSE mount does (a root span per call, its context carried to the servers).
-Traces are head-sampled at 1 % with the standard `OTEL_TRACES_SAMPLER` variables
-(`telemetry_overhead_ratio`) and, for comparison, kept whole
-(`telemetry_overhead_ratio_always_on`). "Off" is no endpoint and no tracer provider
-anywhere. The processes are restarted into each mode; the modes alternate, each round
-starting with the next one, so drift on a shared machine falls on all alike.
+sending its spans to a receiver that decodes every export as a collector would (both
+in a process of their own, `Collector`, as Prometheus and a collector would be), and
+the bench's own client tracing each operation as the FUSE mount does (a root span per
+call, its context carried to the servers). Traces are head-sampled at 1 % with the
+standard `OTEL_TRACES_SAMPLER` variables (`telemetry_overhead_ratio`) and, for
+comparison, kept whole (`telemetry_overhead_ratio_always_on`). "Off" is no endpoint
+and no tracer provider anywhere. The processes are restarted into each mode; the
+modes alternate, each round starting with the next one, so drift on a shared machine
+falls on all alike.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -116,6 +118,70 @@ class Scraper:
         self._thread.join()
 
 
+class Collector:
+    """The collector and the scraper an operator runs, in a process of their own (as
+    Prometheus and an OpenTelemetry collector would be), so decoding spans and
+    scraping take no time from the measured client's event loop: `collector_main`
+    on the other end of a pipe."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "--collector"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.endpoint = self._ask("")
+        self.scrapes = 0
+        self.spans = 0
+
+    def _ask(self, command: str) -> str:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        if command:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        return self._proc.stdout.readline().strip()
+
+    @contextlib.contextmanager
+    def scraping(self, ports: Iterable[int]) -> Iterator[None]:
+        self._ask("scrape " + ",".join(str(p) for p in ports))
+        try:
+            yield
+        finally:
+            self.scrapes += int(self._ask("stop"))
+
+    def __enter__(self) -> Collector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.spans = int(self._ask("quit"))
+        finally:
+            self._proc.wait(timeout=10)
+
+
+def collector_main() -> None:
+    """The collector process: an OTLP/HTTP receiver (its endpoint the first line out),
+    then `scrape PORTS` / `stop` (answers the scrapes done) / `quit` (answers the
+    spans received) on stdin."""
+    with SpanSink() as sink:
+        print(sink.endpoint, flush=True)
+        scraper: Scraper | None = None
+        for line in sys.stdin:
+            command, _, arg = line.strip().partition(" ")
+            if command == "scrape":
+                scraper = Scraper(int(p) for p in arg.split(",") if p)
+                scraper.__enter__()
+                print("ok", flush=True)
+            elif command == "stop" and scraper is not None:
+                scraper.__exit__()
+                print(scraper.scrapes, flush=True)
+                scraper = None
+            elif command == "quit":
+                print(sink.spans, flush=True)
+                return
+
+
 # What tracing costs depends on how much of it is kept: every trace ("always"), or the
 # head-sampled share an operator runs in production ("sampled", the standard variables).
 SAMPLED_RATIO = 0.01
@@ -133,7 +199,7 @@ OTEL_VARS = (
 )
 
 
-def client_tracer(sink: SpanSink, mode: str) -> tuple[TracerProvider, RootSpans]:
+def client_tracer(sink: Collector, mode: str) -> tuple[TracerProvider, RootSpans]:
     """The bench client's own provider (not the global one: "off" rounds trace nothing),
     starting traces as the mount does (`cfs.telemetry.RootSpans`) at the mode's ratio."""
     ratio = SAMPLED_RATIO if mode == "sampled" else 1.0
@@ -152,7 +218,7 @@ def span_or_nothing(roots: RootSpans | None, name: str) -> AbstractContextManage
 def restart_with(
     procs: dict[tuple[str, str], ManagedProcess],
     ports: dict[tuple[str, str], int],
-    sink: SpanSink,
+    sink: Collector,
     mode: str,
 ) -> None:
     """Stop `procs`, set their telemetry environment for `mode` ("off" or one of
@@ -184,12 +250,11 @@ async def alternate(
 
     On a shared machine the wall clock swings by tens of percent from one run to the
     next; the CPU each unit of work costs (`procs`, `other_pids` such as the NATS
-    servers, and this process with its receiver and scraper threads) does not, so the
+    servers, and this process; not the collector's) does not, so the
     ratio of those (`telemetry_cpu_overhead_ratio`: the throughput a CPU-bound site
     keeps) is given beside the wall-clock one."""
     runs: dict[str, list[float]] = {"off": [], **{mode: [] for mode in MODES}}
     cpu: dict[str, list[float]] = {mode: [] for mode in runs}
-    scrapes = 0
     others = list(other_pids)
 
     def cpu_now() -> float:
@@ -203,7 +268,7 @@ async def alternate(
         runs[mode].append(rate)
         cpu[mode].append((cpu_now() - before) / units)
 
-    with SpanSink() as sink:
+    with Collector() as sink:
         tracers = {mode: client_tracer(sink, mode) for mode in MODES}
         try:
             modes = list(runs)
@@ -217,9 +282,8 @@ async def alternate(
                     if mode == "off":
                         await timed(None, mode)
                         continue
-                    with Scraper(ports.values()) as scraper:
+                    with sink.scraping(ports.values()):
                         await timed(tracers[mode][1], mode)
-                    scrapes += scraper.scrapes
                 line = ", ".join(
                     f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us"
                     for mode, values in runs.items()
@@ -244,6 +308,10 @@ async def alternate(
         "telemetry_overhead_ratio": statistics.median(runs["sampled"]) / off,
         "telemetry_overhead_ratio_always_on": statistics.median(runs["always"]) / off,
         "telemetry_trace_sample_ratio": SAMPLED_RATIO,
-        "telemetry_scrapes": scrapes,
+        "telemetry_scrapes": sink.scrapes,
         "telemetry_spans_exported": sink.spans,
     }
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--collector"]:
+    collector_main()

@@ -124,6 +124,7 @@ from cfs_contracts.tier import BLOB_TARGET_BYTES, TIER_STATE_KEY, TierState
 from cfs_tierer.blob import BlobBuilder
 from cfs_tierer.service import TierSettings
 from cpu_accounting import cpu_seconds, own_cpu_seconds
+from report import print_goals, write_json
 
 CFS = str(Path(sys.executable).parent / "cfs")
 SITE = "tier"
@@ -941,8 +942,7 @@ def main() -> None:
         goals[f"flush_steady_vs_raw_put >= {GOAL_FLUSH_VS_RAW}"] = (
             results["flush_steady_vs_raw_put"] >= GOAL_FLUSH_VS_RAW
         )
-    for goal, met in goals.items():
-        print(f"goal {goal}: {'met' if met else 'NOT met'}")
+    print_goals(goals)
     mib = results["flush_queued_mb"]
     print(
         f"raw PUT {results['raw_put_mb_s']:.1f} MB/s (moto "
@@ -995,9 +995,7 @@ def main() -> None:
         print(f"service error: {line}")
     for note in results["notes"]:
         print(f"note: {note}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -169,29 +169,7 @@ async def test_a_node_writes_only_its_own_records(site: LocalSite, tmp_path: Pat
         error = await _refused(stolen, lambda: stolen.nc.subscribe(f"cfs.{SITE}.rpc.chunk.*.get"))
         assert "subscription" in error.lower()
         await kv.put(store_record_key("storage-1"), (await kv.get("store.storage-1")).value)
-    env = {
-        "CFS_NATS_URLS": json.dumps(site.urls),
-        "CFS_SITE": SITE,
-        "CFS_NATS_CREDENTIALS": str(own),
-        "PYTHONPATH": child_pythonpath(),
-    }
-    impostor = ManagedProcess(
-        "impostor",
-        [sys.executable, "-m", "cfs_chunkstore", "--node", "storage-2",
-         "--data-dir", str(tmp_path / "storage-2")],
-        log_path=tmp_path / "impostor.log",
-        env=env,
-    )  # fmt: skip
-    impostor.start()
-    try:
-        await asyncio.to_thread(
-            impostor.wait_until,
-            lambda: "nats.permission_denied" in impostor.log_tail(200),
-            30,
-            "the refusal in the impostor's log",
-        )
-    finally:
-        impostor.kill9()
+    impostor = await _refused_chunkstore(site, tmp_path, own, "storage-2")
     assert "storage-2" in impostor.log_tail(200)
     server_log = site.nats_servers[0].log_path.read_text()
     assert 'Publish Violation - Subject "$KV.nodes.store.storage-2"' in server_log
@@ -222,29 +200,21 @@ def _cli(site: LocalSite, credentials: Path | None, *args: str) -> subprocess.Co
     return _run(*args, **env)
 
 
-def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 4, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: permission denied"), result.stderr
-    return lines[0]
-
-
-@pytest.mark.expected_logs("nats.permission_denied")
-async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
-    site: LocalSite, tmp_path: Path
-) -> None:
-    """A chunk-store started with the client's key (a deployment mistake): the server
-    refuses its subscription and its record, and its log names the refusal."""
+async def _refused_chunkstore(
+    site: LocalSite, tmp_path: Path, credentials: Path | None, node: str
+) -> ManagedProcess:
+    """A chunk-store process for `node` under `credentials`, killed once its log names
+    the server's refusal."""
     env = {
         "CFS_NATS_URLS": json.dumps(site.urls),
         "CFS_SITE": SITE,
-        "CFS_NATS_CREDENTIALS": str(site.credentials(Role.CLIENT)),
+        "CFS_NATS_CREDENTIALS": str(credentials),
         "PYTHONPATH": child_pythonpath(),
     }
     impostor = ManagedProcess(
         "impostor",
-        [sys.executable, "-m", "cfs_chunkstore", "--node", "impostor",
-         "--data-dir", str(tmp_path / "impostor")],
+        [sys.executable, "-m", "cfs_chunkstore", "--node", node,
+         "--data-dir", str(tmp_path / node)],
         log_path=tmp_path / "impostor.log",
         env=env,
     )  # fmt: skip
@@ -258,6 +228,23 @@ async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
         )
     finally:
         impostor.kill9()
+    return impostor
+
+
+def _forbidden(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 4, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: permission denied"), result.stderr
+    return lines[0]
+
+
+@pytest.mark.expected_logs("nats.permission_denied")
+async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    """A chunk-store started with the client's key (a deployment mistake): the server
+    refuses its subscription and its record, and its log names the refusal."""
+    await _refused_chunkstore(site, tmp_path, site.credentials(Role.CLIENT), "impostor")
     async with await site.client("check") as admin:
         kv = await admin.key_value(NODES.bucket)
         with pytest.raises(nats.js.errors.KeyNotFoundError):

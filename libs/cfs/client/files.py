@@ -180,8 +180,8 @@ class FileStore:
                         )
                     )
                 except _OutOfNodes as exc:
-                    if exc.errno == errno.ENOSPC and self.nodes.out_of_room(len(data)):
-                        raise FsError(exc.errno, exc.message) from None
+                    if exc.errno == errno.ENOSPC and not self.nodes.eligible(len(data)):
+                        raise FsError(exc.errno, exc.message) from None  # every node said full
                     log.warning(
                         "data.recode", extra={"ino": ino, "chunk": chunk_id, "error": exc.message}
                     )
