@@ -84,6 +84,12 @@ class UdpTransport:
         return self._local
 
     def send(self, data: bytes, addr: Addr) -> None:
+        if self._transport.is_closing():
+            # Stopping: asyncio's sendto on a closed endpoint with datagrams still
+            # buffered fails inside asyncio itself (AttributeError, Python 3.11), and a
+            # datagram lost now is what SWIM expects of UDP anyway.
+            self.send_errors += 1
+            return
         try:
             self._transport.sendto(data, addr)
         except OSError as exc:  # e.g. no route: the same as a lost datagram to SWIM

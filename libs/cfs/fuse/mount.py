@@ -141,7 +141,7 @@ async def _switch_site(operations: ClaudeFsOperations, bus: Bus, client_id: str)
     await store.start()
     old = operations.store
     operations.meta.retire(f"the mount moved to site {bus.site}; try again")
-    operations.meta, operations.store = meta, store
+    operations.serve_from(meta, store)
     try:
         async with asyncio.timeout(OLD_STORE_CLOSE_S):
             await old.close()  # flushes what it can to the old site

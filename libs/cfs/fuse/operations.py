@@ -75,15 +75,22 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     def __init__(self, meta: MetadataClient, store: FileStore, *, shard_count: int) -> None:
         super().__init__()
-        self.meta = meta
-        self.store = store
+        self._seen = SeenInodes(ATTR_TIMEOUT_S)
+        self.meta: MetadataClient
+        self.store: FileStore
+        self.serve_from(meta, store)
         self.shard_count = shard_count
         self._handles: dict[int, OpenFile] = {}  # fh -> open file (FileStore shares per ino)
         self._by_ino: dict[int, OpenFile] = {}
         self._open_count: dict[int, int] = {}  # ino -> file handles the kernel holds
         self._next_fh = itertools.count(1)
-        self._seen = SeenInodes(ATTR_TIMEOUT_S)
+
+    def serve_from(self, meta: MetadataClient, store: FileStore) -> None:
+        """Answer from `meta` and `store` (another site's after a failover): every change
+        sent through `meta` refreshes the records seen, and none seen before is kept."""
         meta.changed = self._seen.changed
+        self._seen.clear()
+        self.meta, self.store = meta, store
 
     # -- attributes -----------------------------------------------------------------
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -508,6 +515,9 @@ class SeenInodes:
 
     def forget(self, ino: int) -> None:
         self._known.pop(ino, None)
+
+    def clear(self) -> None:
+        self._known.clear()
 
     def changed(self, op: rpc.MutationOp | rpc.TxOp, reply: Reply | None) -> None:
         """After a change (reply None: it failed or its outcome is unknown)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
-from cfs.fuse.operations import SeenInodes
+from cfs.fuse.operations import ClaudeFsOperations, SeenInodes
 from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import Inode, Kind
 from cfs_contracts.fs.rpc import Reply
@@ -46,3 +47,13 @@ def test_a_change_refreshes_what_its_reply_carries_and_drops_the_rest() -> None:
     cache.seen(inode(10, Kind.DIR))
     cache.changed(rpc.RmDir(op_id="z", parent=10, name="d"), None)  # failed: unknown
     assert cache.directory(10) is None
+
+
+def test_a_mount_moved_to_another_site_starts_afresh_and_hears_its_changes() -> None:
+    old, new = SimpleNamespace(changed=None), SimpleNamespace(changed=None)
+    ops = ClaudeFsOperations(old, SimpleNamespace(), shard_count=1)  # type: ignore[arg-type]
+    assert old.changed is not None
+    ops._seen.seen(inode(10, Kind.DIR))
+    ops.serve_from(new, SimpleNamespace())  # type: ignore[arg-type]
+    assert new.changed is not None and ops.meta is new
+    assert ops._seen.directory(10) is None  # the other site's records may differ

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from cfs_membership.swim import Addr
-from cfs_membership.transport import FaultyTransport, NetemRule, parse_rules, write_rules
+from cfs_membership.transport import (
+    FaultyTransport,
+    NetemRule,
+    UdpTransport,
+    parse_rules,
+    write_rules,
+)
 
 A: Addr = ("127.0.0.1", 7001)
 B: Addr = ("127.0.0.1", 7002)
@@ -116,3 +122,15 @@ async def test_delay_holds_datagrams_back(tmp_path: Path) -> None:
     await asyncio.sleep(0.1)
     assert [d for d, _ in inner.sent] == [b"now", b"late"]
     assert faulty.delayed == 1
+
+
+async def test_a_datagram_sent_while_stopping_is_lost_not_a_crash() -> None:
+    """The SWIM loop may send once more after the endpoint began closing; that is a lost
+    datagram (counted), never an exception that takes the service down."""
+    transport = await UdpTransport.open("127.0.0.1", 0, lambda data, addr: None)
+    transport.close()
+    for _ in range(3):
+        transport.send(b"ping", ("127.0.0.1", 9))
+    await asyncio.sleep(0)
+    transport.send(b"ping", ("127.0.0.1", 9))
+    assert transport.send_errors == 4
