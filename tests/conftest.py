@@ -82,6 +82,15 @@ def _nats_logs(tmp_path_factory: pytest.TempPathFactory) -> NatsLogWatch:
     return NatsLogWatch(tmp_path_factory.getbasetemp())
 
 
+def _late_reply(line: str) -> bool:
+    """A reply refused because its responder answered after reconnecting to another
+    server (one it lost was killed) or after a config reload: replies are allowed only
+    for requests the same server delivered on that connection (`allow_responses`), so
+    the requester times out and asks again. No declared grant can be missing there:
+    services never publish to an inbox but as a reply."""
+    return 'Publish Violation - Subject "_INBOX.' in line
+
+
 @pytest.fixture(autouse=True)
 def _no_permission_violations(
     request: pytest.FixtureRequest, _nats_logs: NatsLogWatch
@@ -90,7 +99,7 @@ def _no_permission_violations(
     test provokes that on purpose (`@pytest.mark.permission_violations`)."""
     _nats_logs.new_violations()  # whatever earlier tests left is theirs
     yield
-    found = _nats_logs.new_violations()
+    found = [line for line in _nats_logs.new_violations() if not _late_reply(line)]
     if request.node.get_closest_marker("permission_violations") is None:
         assert not found, "NATS refused a permission:\n" + "\n".join(found[:20])
 
