@@ -200,6 +200,14 @@ class Bus:
             denied = is_permission_error(str(exc))
             if denied and not nc.is_connected:
                 refused.set()
+            if denied and nc.is_connected and 'publish to "_inbox.' in str(exc).lower():
+                # A reply to a request delivered before a reconnect (or a server reload):
+                # the server allows replies only to what it delivered on this connection
+                # (`allow_responses`); the requester times out and asks again.
+                log.info(
+                    "nats.reply_refused", extra={"error": _describe(exc), "client": name or node}
+                )
+                return
             if denied and nc.is_connected:
                 # A permission this role lacks: the request it was for just times out,
                 # so say so loudly (cfs.security has the table).
