@@ -133,7 +133,8 @@ def test_quorum_loss_options_1_and_2(dev_site_factory: Callable[..., DevSite]) -
     )
     option2_rto = time.monotonic() - forced_at
     listing = site.ok("fs", "ls", "/")
-    lost = [n for n in names if n.lstrip("/") not in listing.split()]
+    listed = {entry.rstrip("/") for entry in listing.split()}
+    lost = [n for n in names if n.lstrip("/") not in listed]
     assert not lost, (lost, listing)  # RPO: every acknowledged namespace operation survived
     assert "before" in listing
     assert "Leader=storage-3" in site.ok("admin", "raft-status")
