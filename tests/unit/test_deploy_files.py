@@ -64,6 +64,8 @@ CFS_COMMAND = ["cfs", "service", "run"]
 SECRET_FILE = re.compile(r"(\.nk|\.pem|\.key|s3\.ini|auth\.conf)$")
 # What `cfs dev` gives every service process whatever its settings (LocalSite._build_node).
 COMMON_ENV = {"CFS_DATA_DIR", "CFS_SHARDS", "CFS_LABELS", "CFS_NODE"}
+# python-hcl2 gives a heredoc with its markers: <<EOT\n...\nEOT
+HEREDOC = re.compile(r"<<-?(\w+)\n(.*\n)\1", re.S)
 
 
 # -- running the tools ------------------------------------------------------------------------
@@ -106,7 +108,9 @@ def _unquote(value: Any) -> Any:
     if isinstance(value, list):
         return [_unquote(v) for v in value]
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
-        return value[1:-1]
+        value = value[1:-1]
+    if isinstance(value, str) and (heredoc := HEREDOC.fullmatch(value)):
+        return heredoc.group(2)
     return value
 
 
@@ -534,3 +538,63 @@ def test_a_writable_key_a_shared_key_or_a_missing_health_check_is_reported() -> 
     problems = nomad_problems(jobs, registry.specs())
     assert any("group repair: no restart policy" in p for p in problems), problems
     assert any("group alerts: not spread over racks" in p for p in problems), problems
+
+
+def _render_nomad_template(data: str, items: Mapping[str, str], server: str) -> str:
+    """The few consul-template constructs the NATS job uses, rendered as Nomad would for
+    `server` with the variables' `items` (every `nomadVar` answers from them)."""
+    text = data.replace("${var.site}", "site-a")
+    text = text.replace('{{ env "node.unique.name" }}', server)
+    text = re.sub(
+        r'\{\{ range nomadService "cfs-nats-cluster" \}\}(.*?)\{\{ end \}\}',
+        lambda m: m.group(1).replace("{{ .Address }}", "10.0.0.1").replace("{{ .Port }}", "6222"),
+        text,
+    )
+    if not items.get("linked"):  # no `cfs/<site>/link` variable: the block is left out
+        text = re.sub(r"\{\{ if nomadVarExists .*?\{\{ end \}\}\{\{ end \}\}", "", text, flags=re.S)
+    text = re.sub(r'\{\{ if nomadVarExists "[^"]+" \}\}', "", text)
+    text = re.sub(r"\{\{ with nomadVar [^}]+\}\}", "", text)
+    text = re.sub(
+        r"\{\{ if \.(\w+) \}\}", lambda m: "" if items.get(m.group(1)) else "{{ skip }}", text
+    )
+    text = re.sub(r"\{\{ skip \}\}.*?\{\{ end \}\}", "", text, flags=re.S)
+    text = re.sub(r"\{\{ \.(\w+) \}\}", lambda m: items[m.group(1)], text)
+    text = text.replace("{{ end }}", "")
+    assert "{{" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("link", ["none", "hub", "leaf"])
+def test_the_nomad_nats_config_is_taken_by_nats_server(tmp_path: Path, link: str) -> None:
+    """The job's templates rendered (alone, hub of a site link, leaf of one) with the
+    files `cfs cluster credentials` writes, checked by `nats-server -t`."""
+    credentials = tmp_path / "credentials"
+    auth = ensure_credentials(credentials, "site-a", 1, nodes=NODES)
+    tls = ensure_server_cert(credentials, "site-a", "storage-1", ["10.0.0.1"])
+    items = {
+        "auth_conf": auth.read_text(),
+        "cert": tls.cert.read_text(),
+        "key": tls.key.read_text(),
+        "ca": ca_path(credentials).read_text(),
+        "peer_ca": ca_path(credentials).read_text() if link == "leaf" else "",
+        "hub_password": "dummy-link-password" if link == "hub" else "",
+        "remote_urls": '"nats-leaf://cfs-site-link:pw@10.0.9.1:7422"' if link == "leaf" else "",
+        "linked": "yes" if link != "none" else "",
+    }
+    task = _labelled(_labelled(nomad_jobs()["cfs-nats"], "group")["nats"], "task")["nats-server"]
+    root = tmp_path / "alloc"
+    for template in _blocks(task, "template"):
+        text = _render_nomad_template(str(template["data"]), items, "storage-1")
+        text = text.replace('"/secrets/', f'"{root}/secrets/').replace("/data/", f"{tmp_path}/")
+        path = root / str(template["destination"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    conf = (root / "local" / "nats.conf").read_text()
+    assert "leafnodes" not in conf and (
+        "leafnodes" in (root / "secrets" / "auth.conf").read_text()
+    ) == (link != "none")
+    check = subprocess.run(
+        [nats_server_binary(), "-c", str(root / "local" / "nats.conf"), "-t"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
