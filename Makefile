@@ -27,7 +27,7 @@ system-deps:
 	    apt-get install -y -q --no-install-recommends $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
 	      || { echo "error: could not install$$missing with apt-get" >&2; exit 1; }; \
 	  else \
-	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install$$missing" >&2; exit 1; \
+	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install --no-install-recommends$$missing" >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -90,6 +90,13 @@ job "cfs-site" {
       unlimited      = true
     }
 
+    # the last snapshots, kept for fetching (keep_local), follow the allocation
+    ephemeral_disk {
+      size    = 2048
+      sticky  = true
+      migrate = true
+    }
+
     network {
       port "metrics" {}
     }
@@ -109,7 +116,7 @@ job "cfs-site" {
       env {
         CFS_SITE                = "${var.site}"
         CFS_SHARDS              = "${var.shards}"
-        CFS_DATA_DIR            = "/var/lib/claudefs"
+        CFS_DATA_DIR            = "/alloc/data"
         CFS_METRICS_HOST        = "${NOMAD_IP_metrics}"
         CFS_METRICS_PORT        = "${NOMAD_PORT_metrics}"
         CFS_NATS_CREDENTIALS    = "/secrets/backup.nk"

@@ -96,7 +96,8 @@ job "cfs-nats" {
         name     = "nats-healthz"
         type     = "http"
         port     = "monitor"
-        path     = "/healthz"
+        # liveness only: a server catching up on its streams is not restarted
+        path     = "/healthz?js-enabled-only=true"
         interval = "10s"
         timeout  = "3s"
 
