@@ -5,14 +5,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config
+# docker-compose (1.29, Python): `docker-compose config` validates deploy/compose in the
+# tests; without recommends it is 16 small Python packages, not a docker engine.
+DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench dr-report clean
 
 setup: system-deps $(STAMP)
 
-# pyfuse3 compiles against libfuse3; install the Debian packages when missing.
+# pyfuse3 compiles against libfuse3; install the Debian packages when missing
+# (never their recommends: docker-compose would bring a docker engine).
 system-deps:
 	@missing=""; for p in $(DEBIAN_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -21,10 +24,10 @@ system-deps:
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; } \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
 	      || { echo "error: could not install$$missing with apt-get" >&2; exit 1; }; \
 	  else \
-	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install$$missing" >&2; exit 1; \
+	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install --no-install-recommends$$missing" >&2; exit 1; \
 	  fi; \
 	fi
 
