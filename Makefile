@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench dr-report clean
+.PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench dr-report chaos clean
 
 setup: system-deps $(STAMP)
 
@@ -59,6 +59,16 @@ dr-report: setup
 	CFS_DR_RESULTS=$(abspath $(DR_DIR))/measured $(BIN)/python -m pytest -q -m '' -p no:cacheprovider $(DR_SCENARIOS) $(PYTEST_ARGS); \
 	  rc=$$?; $(BIN)/python -m tests.scenarios.drreport $(DR_DIR)/measured --pytest-rc $$rc \
 	    --markdown $(DR_DIR)/dr-report.md --json $(DR_DIR)/dr-report.json
+
+# Seeded fault schedules under a mixed workload (tests/chaos): a table of every seed,
+# non-zero on anything acknowledged lost. CHAOS_SEEDS / CHAOS_SCHEDULES / CHAOS_NODES
+# choose (a failing seed prints the line that replays it).
+CHAOS_DIR := build/chaos
+chaos: setup
+	@rm -rf $(CHAOS_DIR) && mkdir -p $(CHAOS_DIR)
+	CFS_CHAOS_RESULTS=$(abspath $(CHAOS_DIR)) CHAOS_SEEDS="$(CHAOS_SEEDS)" CHAOS_SCHEDULES="$(CHAOS_SCHEDULES)" \
+	  CHAOS_NODES="$(CHAOS_NODES)" $(BIN)/python -m pytest -q -m '' -p no:cacheprovider tests/chaos/test_chaos.py $(PYTEST_ARGS); \
+	  rc=$$?; $(BIN)/python -m tests.chaos.summary $(CHAOS_DIR) && exit $$rc
 
 lint: setup
 	$(BIN)/ruff check contracts libs services tests bench
