@@ -19,15 +19,16 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cfs.backup.snapshot_file import Snapshot, SnapshotInvalid, read_snapshot
 from cfs.bus import Bus
@@ -37,7 +38,7 @@ from cfs.client.metadata import MetadataClient
 from cfs.drill.plan import SPECS, DrillReport, Status, Step, StepResult, build_report, decide
 from cfs.drill.sample import FileFacts, SampleTally, Verdict, choose, classify
 from cfs.drill.smoke import SmokeFailure, posix_smoke
-from cfs.faults import fault_point
+from cfs.faults import InjectedFault, fault_point
 from cfs.fuse.config import ClientSettings, is_fuse_mount
 from cfs.objstore import S3Settings, S3Url, open_store, s3_settings
 from cfs.security import Role
@@ -49,10 +50,23 @@ from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.tier import TierSnapshot, blob_object_key
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DRILL_TIER_URL = "s3://cfs-drill-tier/data"  # in the temporary site's own S3 server
 READ_BYTES = 4 * 1024 * 1024
 MOUNT_WAIT_S = 60.0
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """`fn` in a thread, always to its end: a Ctrl-C while it starts processes waits
+    for it, so the teardown that follows sees (and stops) everything it started."""
+    running = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
 
 
 class StepFailed(Exception):
@@ -135,7 +149,7 @@ class Drill:
         path = self._work() / "metadata.tar.gz"
         reply = await take_snapshot(await self._live(), path)
         try:
-            self.snapshot = await asyncio.to_thread(read_snapshot, path)
+            self.snapshot = await _blocking(read_snapshot, path)
         except SnapshotInvalid as exc:
             raise StepFailed(f"the snapshot does not verify: {exc}") from None
         manifest = self.snapshot.manifest
@@ -184,12 +198,12 @@ class Drill:
             nodes=[NodeSpec(name=n) for n in nodes],
         )
         self.restore_started = time.monotonic()
-        self.dev = DevCluster(self._work() / "site", topology)
-        dev = self.dev
-        assert dev.s3 is not None
-        await asyncio.to_thread(dev.s3.write_credentials, dev.s3_credentials)
-        await asyncio.to_thread(dev.s3.start)
-        await dev.site.start()
+        with _without_operator_env():  # its processes are made here
+            self.dev = dev = DevCluster(self._work() / "site", topology)
+            assert dev.s3 is not None
+            await _blocking(dev.s3.write_credentials, dev.s3_credentials)
+            await _blocking(dev.s3.start)
+            await dev.site.start()
         await dev.site.wait_ready(self.options.site_timeout_s)
         dev.write_cluster_files()
         self.temp = await dev.site.client("dr-drill", Role.ADMIN)
@@ -232,6 +246,8 @@ class Drill:
                 key = blob_object_key(blob.blob_id)
                 async with open_store(blob.url, self.live_s3) as source:
                     await source.get_file(key, staging)
+                if _fault("drill.corrupt-blob-copy"):  # tests: a restore from a bad copy
+                    _flip_byte(staging, blob.bytes // 2)
                 await target.put_file(key, staging)
                 copied += blob.bytes
         staging.unlink(missing_ok=True)
@@ -329,8 +345,9 @@ class Drill:
             env={"CFS_CONFIG": str(self.dev.cluster_file())},
         )
         mount, mountpoint = self.mount, self.mountpoint
-        await asyncio.to_thread(mount.start)
-        await asyncio.to_thread(
+        with _without_operator_env():
+            await _blocking(mount.start)
+        await _blocking(
             mount.wait_until, lambda: is_fuse_mount(mountpoint), MOUNT_WAIT_S, "the FUSE mount"
         )
         return _Outcome(f"mounted at {mountpoint}")
@@ -343,7 +360,7 @@ class Drill:
                 self.served_at = time.monotonic()
 
         try:
-            passed = await asyncio.to_thread(posix_smoke, self.mountpoint, served)
+            passed = await _blocking(posix_smoke, self.mountpoint, served)
         except SmokeFailure as exc:
             raise StepFailed(str(exc)) from None
         except OSError as exc:
@@ -364,7 +381,7 @@ class Drill:
         stopped: list[str] = []
         if self.mount is not None or self.mountpoint is not None:
             try:
-                await asyncio.to_thread(_unmount, self.mount, self.mountpoint)
+                await _blocking(_unmount, self.mount, self.mountpoint)
                 stopped.append("mount")
             except Exception as exc:  # the rest of the teardown still runs
                 problems.append(f"unmount: {exc!r}")
@@ -375,7 +392,7 @@ class Drill:
         self.temp = self.live = None
         if self.dev is not None:
             try:
-                await asyncio.to_thread(self.dev._stop_all)
+                await _blocking(self.dev._stop_all)
                 stopped.append("temporary site")
             except Exception as exc:
                 problems.append(f"stopping the temporary site: {exc!r}")
@@ -391,6 +408,39 @@ class Drill:
         if problems:
             raise StepFailed("; ".join(problems) + kept)
         return _Outcome(f"stopped: {', '.join(stopped) or 'nothing was started'}{kept}")
+
+
+def _fault(point: str) -> bool:
+    try:
+        fault_point(point)
+    except InjectedFault:
+        return True
+    return False
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]) if byte else b"")
+
+
+KEPT_ENV = ("CFS_LOG_LEVEL", "CFS_CRASH_FILE")
+
+
+@contextlib.contextmanager
+def _without_operator_env() -> Iterator[None]:
+    """While the temporary site's processes are made: none of the operator's `CFS_*`
+    settings (the live site's cluster file, NATS URLs, credentials, S3), so the
+    temporary site can reach only itself; its own settings are given explicitly."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("CFS_") and k not in KEPT_ENV}
+    for key in saved:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _unmount(mount: ManagedProcess | None, mountpoint: Path | None) -> None:
@@ -480,15 +530,23 @@ async def run_drill(
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
+    tearing_down = False
+
+    def on_signal(sig: int) -> None:
+        """Cancel the running step; during teardown (a second Ctrl-C) nothing may cut
+        it short. Handlers run only while the task waits, so a cancel is delivered
+        inside the step that waits."""
+        log_event(log, logging.WARNING, "drill.interrupted", signal=sig, teardown=tearing_down)
+        if not tearing_down:
+            task.cancel()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         while (decision := decide(results, interrupted)).step is not None:
             step = decision.step
             spec = SPECS[step]
-            if step is Step.TEARDOWN:  # a second Ctrl-C must not cut the teardown short
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(sig, _ignored, sig)
+            tearing_down = step is Step.TEARDOWN
             if decision.skip_reason is not None:
                 result = StepResult(
                     step=step, title=spec.title, status=Status.SKIPPED, started_ms=0,
@@ -511,10 +569,6 @@ async def run_drill(
             loop.remove_signal_handler(sig)
     report = build_report(drill.site, started_ms, int(time.time() * 1000), results, drill.rto_s)
     return report, interrupted
-
-
-def _ignored(sig: int) -> None:
-    log_event(log, logging.WARNING, "drill.signal_during_teardown", signal=sig)
 
 
 async def _one(drill: Drill, step: Step, results: list[StepResult]) -> tuple[StepResult, bool]:
