@@ -141,10 +141,12 @@ def test_ctrl_c_stops_the_drill_tears_down_and_still_reports(live: DevSite, tmp_
     assert drill.returncode == 130, f"stdout: {out}\nstderr: {err}"
     document = json.loads(report.read_text())
     steps = {s["step"]: s for s in document["steps"]}
-    interrupted = [s for s in steps.values() if s["details"] == "interrupted"]
-    assert len(interrupted) == 1 and interrupted[0]["status"] == "failed", steps
+    assert document["interrupted"] and not document["ok"]
+    # The step under way failed as "interrupted" (or, if a library swallowed the
+    # cancel, finished); every later one but the teardown was skipped.
+    assert steps["posix-smoke-test"] == {**steps["posix-smoke-test"], "status": "skipped",
+                                         "details": "the drill was interrupted"}  # fmt: skip
     assert steps["teardown"]["status"] == "ok"
-    assert steps["posix-smoke-test"]["status"] == "skipped"
     assert _drill_processes(work) == []
 
 

@@ -76,7 +76,7 @@ def dr_drill(
                 f"({result.duration_s:.1f} s)"
             )
 
-    outcome, interrupted = asyncio.run(run_drill(drill, progress))
+    outcome = asyncio.run(run_drill(drill, progress))
     if report is not None:
         text = to_json(outcome) if report.suffix.lower() == ".json" else to_markdown(outcome)
         report.write_text(text)
@@ -84,7 +84,7 @@ def dr_drill(
         typer.echo(json.dumps(outcome.model_dump(mode="json")))
     else:
         _print_table(outcome)
-    if interrupted:
+    if outcome.interrupted:
         raise typer.Exit(INTERRUPTED)
     if not outcome.ok:
         raise typer.Exit(ExitCode.FAILED)

@@ -134,6 +134,9 @@ class DrillReport(BaseModel):
     started_ms: int
     finished_ms: int
     ok: bool = Field(description="every step ok (none failed or skipped)")
+    interrupted: bool = Field(
+        default=False, description="stopped by Ctrl-C or SIGTERM: the steps after it skipped"
+    )
     rto_s: float | None = Field(
         description="seconds from the start of the restore (provisioning the temporary "
         "site) to the restored site serving the smoke test's first operation through a "
@@ -147,14 +150,20 @@ class DrillReport(BaseModel):
 
 
 def build_report(
-    site: str, started_ms: int, finished_ms: int, results: list[StepResult], rto_s: float | None
+    site: str,
+    started_ms: int,
+    finished_ms: int,
+    results: list[StepResult],
+    rto_s: float | None,
+    interrupted: bool = False,
 ) -> DrillReport:
-    ok = bool(results) and all(r.status is Status.OK for r in results)
+    ok = bool(results) and not interrupted and all(r.status is Status.OK for r in results)
     return DrillReport(
         site=site,
         started_ms=started_ms,
         finished_ms=finished_ms,
         ok=ok,
+        interrupted=interrupted,
         rto_s=round(rto_s, 3) if rto_s is not None else None,
         steps=tuple(results),
     )
@@ -164,6 +173,8 @@ def summary_line(report: DrillReport) -> str:
     rto = f"RTO {report.rto_s:.1f} s" if report.rto_s is not None else "RTO not measured"
     if report.ok:
         return f"DR drill of site {report.site}: every step ok; {rto}."
+    if report.interrupted:
+        return f"DR drill of site {report.site} INTERRUPTED; {rto}."
     failed = ", ".join(s.step.value for s in report.failed) or "none"
     skipped = sum(1 for s in report.steps if s.status is Status.SKIPPED)
     return f"DR drill of site {report.site} FAILED: {failed} failed, {skipped} skipped; {rto}."

@@ -131,7 +131,7 @@ class Drill:
     async def _live(self) -> Bus:
         if self.live is None:
             self.live = await self.live_settings.connect(
-                Role.ADMIN, "dr-drill", name="cfs-dr-drill", connect_timeout=5.0
+                Role.ADMIN, f"dr-drill-{os.getpid()}", name="cfs-dr-drill", connect_timeout=5.0
             )
         return self.live
 
@@ -530,40 +530,47 @@ async def _sha256(store: FileStore, ino: int) -> tuple[str, Inode]:
 
 async def run_drill(
     drill: Drill, on_step: Callable[[StepResult], None] | None = None
-) -> tuple[DrillReport, bool]:
-    """Every step `decide` asks for, then the report; True when interrupted."""
+) -> DrillReport:
+    """Every step `decide` asks for, then the report."""
     started_ms = int(time.time() * 1000)
     results: list[StepResult] = []
-    interrupted = False
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     tearing_down = False
+    requested = False  # a signal came: the flag holds even if a library swallowed the cancel
 
     def on_signal(sig: int) -> None:
         """Cancel the running step; during teardown (a second Ctrl-C) nothing may cut
         it short. Handlers run only while the task waits, so a cancel is delivered
         inside the step that waits."""
+        nonlocal requested
         log_event(log, logging.WARNING, "drill.interrupted", signal=sig, teardown=tearing_down)
         if not tearing_down:
+            requested = True
             task.cancel()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        while (decision := decide(results, interrupted)).step is not None:
+        while (decision := decide(results, requested)).step is not None:
             step = decision.step
             spec = SPECS[step]
-            tearing_down = step is Step.TEARDOWN
+            if step is Step.TEARDOWN:
+                tearing_down = True
+                # A cancel requested as the last step ended lands here, not in the teardown.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
+                while task.cancelling():
+                    task.uncancel()
             if decision.skip_reason is not None:
                 result = StepResult(
                     step=step, title=spec.title, status=Status.SKIPPED, started_ms=0,
                     duration_s=0.0, details=decision.skip_reason,
                 )  # fmt: skip
             else:
-                result, cancelled = await _one(drill, step, results)
-                if cancelled:
-                    interrupted = True
+                result = await _one(drill, step, results)
+                while task.cancelling():  # delivered (a failed step) or swallowed
                     task.uncancel()
             results.append(result)
             log_event(
@@ -575,16 +582,15 @@ async def run_drill(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    report = build_report(drill.site, started_ms, int(time.time() * 1000), results, drill.rto_s)
-    return report, interrupted
+    finished_ms = int(time.time() * 1000)
+    return build_report(drill.site, started_ms, finished_ms, results, drill.rto_s, requested)
 
 
-async def _one(drill: Drill, step: Step, results: list[StepResult]) -> tuple[StepResult, bool]:
-    """Run one step: its result, and whether it was cancelled (interrupted)."""
+async def _one(drill: Drill, step: Step, results: list[StepResult]) -> StepResult:
+    """Run one step: its result (a cancelled step failed, "interrupted")."""
     spec = SPECS[step]
     started_ms = int(time.time() * 1000)
     started = time.monotonic()
-    cancelled = False
     try:
         fault_point(f"drill.{step.value}")  # tests: CFS_CRASH_FILE names a step to fail
         if step is Step.TEARDOWN:
@@ -594,7 +600,6 @@ async def _one(drill: Drill, step: Step, results: list[StepResult]) -> tuple[Ste
             outcome = await drill.run(step)
         status, details, figures = Status.OK, outcome.details, outcome.figures
     except asyncio.CancelledError:
-        cancelled = True
         status, details, figures = Status.FAILED, "interrupted", {}
     except (StepFailed, CliError) as exc:
         status, details, figures = Status.FAILED, str(exc), {}
@@ -610,4 +615,4 @@ async def _one(drill: Drill, step: Step, results: list[StepResult]) -> tuple[Ste
         details=details,
         figures=figures,
     )
-    return result, cancelled
+    return result

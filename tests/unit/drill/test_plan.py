@@ -128,6 +128,8 @@ def test_report_ok_only_when_every_step_is_ok() -> None:
     assert not bad.ok and [s.step for s in bad.failed] == [Step.COMPARE_SAMPLE]
     assert "compare-sample failed" in summary_line(bad)
     assert not report_of([]).ok
+    stopped = build_report("local", 1, 2, run({}), None, interrupted=True)
+    assert not stopped.ok and "INTERRUPTED" in summary_line(stopped)
 
 
 def test_report_json_round_trips_and_markdown_has_a_row_per_step() -> None:
