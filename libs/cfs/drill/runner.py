@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cfs.admin.client import record_action
 from cfs.backup.snapshot_file import Snapshot, SnapshotInvalid, read_snapshot
-from cfs.bus import Bus
+from cfs.bus import Bus, BusError
 from cfs.cli.errors import CliError
 from cfs.client.files import FileStore
 from cfs.client.metadata import MetadataClient
@@ -379,17 +380,28 @@ class Drill:
         return self.served_at - self.restore_started
 
     # -- teardown ------------------------------------------------------------------------
-    async def teardown(self, keep_work: bool) -> _Outcome:
-        """Unmount, stop the temporary site, close connections; then check that no
-        process the drill started is left. Each part runs whatever the one before did."""
+    async def teardown(self, not_ok: list[str]) -> _Outcome:
+        """Unmount, stop the temporary site, record the drill in the live site's AUDIT,
+        close connections; then check that no process the drill started is left. Each
+        part runs whatever the one before did. `not_ok`: the steps that failed or were
+        skipped (the drill's files are kept for them)."""
         problems: list[str] = []
         stopped: list[str] = []
+        keep_work = bool(not_ok)
         if self.mount is not None or self.mountpoint is not None:
             try:
                 await _blocking(_unmount, self.mount, self.mountpoint)
                 stopped.append("mount")
             except Exception as exc:  # the rest of the teardown still runs
                 problems.append(f"unmount: {exc!r}")
+        audit = ""
+        if self.live is not None:
+            arguments = {"sample": str(self.options.sample), "not_ok": ",".join(not_ok)}
+            try:
+                outcome = "failed" if not_ok else "succeeded"
+                await record_action(self.live, "dr-drill", arguments, outcome)
+            except BusError as exc:  # the drill's own result stands; say so
+                audit = f"; audit record not written: {exc}"
         for bus in (self.temp, self.live):
             if bus is not None:
                 with contextlib.suppress(Exception):
@@ -412,7 +424,7 @@ class Drill:
         kept = f"; files kept in {work}" if work is not None and (keep_work or problems) else ""
         if problems:
             raise StepFailed("; ".join(problems) + kept)
-        return _Outcome(f"stopped: {', '.join(stopped) or 'nothing was started'}{kept}")
+        return _Outcome(f"stopped: {', '.join(stopped) or 'nothing was started'}{kept}{audit}")
 
 
 def _fault(point: str) -> bool:
@@ -592,11 +604,11 @@ async def _one(drill: Drill, step: Step, results: list[StepResult]) -> StepResul
     started_ms = int(time.time() * 1000)
     started = time.monotonic()
     try:
-        fault_point(f"drill.{step.value}")  # tests: CFS_CRASH_FILE names a step to fail
-        if step is Step.TEARDOWN:
-            failed = any(r.status is not Status.OK for r in results)
-            outcome = await drill.teardown(keep_work=failed)
+        if step is Step.TEARDOWN:  # no fault point: nothing may skip the teardown
+            not_ok = [r.step.value for r in results if r.status is not Status.OK]
+            outcome = await drill.teardown(not_ok)
         else:
+            fault_point(f"drill.{step.value}")  # tests: CFS_CRASH_FILE names a step to fail
             outcome = await drill.run(step)
         status, details, figures = Status.OK, outcome.details, outcome.figures
     except asyncio.CancelledError:
