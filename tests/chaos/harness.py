@@ -107,17 +107,18 @@ class Injector:
         elif fault.kind is Kind.RESTART_NATS:
             pid = _pid(site, node, NATS)
             os.kill(pid, signal.SIGTERM)
-            wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=30)
+            wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=60)
             time.sleep(min(fault.hold_s, 1.0))
             site.ok("dev", "start", node)
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie the supervisor has not reaped yet has exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 def _site_whole(site: DevSite, nodes: list[str]) -> bool:
