@@ -252,6 +252,12 @@ def test_force_leader_without_supervisor_follows_the_operator(
         assert len(lost_stores) == 1 and any(lost_stores[0].rglob("*")), lost_stores
         assert (recovery / "export" / "manifest.json").is_file()
         assert (recovery / "plan.json").is_file()
+        # No service reached the seed before the import was complete: refused until the
+        # reload that admitted them again, none refused after it.
+        seed_log = (tmp_path / "start-seed.log").read_text().splitlines()
+        opened = next(i for i, line in enumerate(seed_log) if "Reloaded: authorization" in line)
+        assert any("authentication error" in line for line in seed_log[:opened])
+        assert not any("authentication error" in line for line in seed_log[opened:])
         # RPO: every acknowledged operation the survivor held; the shard writes again.
         found, write_s = asyncio.run(_names_and_write(survivor.url, site))
         assert set(names) <= found, sorted(set(names) - found)

@@ -66,7 +66,7 @@ def entries(text: str) -> list[Entry]:
         if c in " \t\r\n,;":
             i += 1
             continue
-        if c == "#" or text.startswith("//", i):
+        if _comment(text, i):
             i = _line_end(text, i)
             continue
         start = i
@@ -198,6 +198,13 @@ def cluster_override(config: ServerConfig, name: str, routes: list[str]) -> str:
     return "cluster {\n" + body + "\n}"
 
 
+def _comment(text: str, i: int) -> bool:
+    """`#`, or `//` at the start of a token (not the `//` of `nats-route://host`)."""
+    if text[i] == "#":
+        return True
+    return text.startswith("//", i) and (i == 0 or text[i - 1] in " \t\r\n{[,;")
+
+
 def _line_end(text: str, i: int) -> int:
     end = text.find("\n", i)
     return len(text) if end < 0 else end
@@ -226,7 +233,7 @@ def _close(text: str, i: int) -> int:
         if c in "\"'":
             j = _string_end(text, j)
             continue
-        if c == "#" or text.startswith("//", j):
+        if _comment(text, j):
             j = _line_end(text, j)
             continue
         if c in _OPEN:
