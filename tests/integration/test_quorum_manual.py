@@ -207,6 +207,29 @@ def test_force_leader_without_supervisor_follows_the_operator(
         "CFS_DEV_DIR": str(tmp_path / "no-dev-site"),  # no supervisor anywhere
     }
     env.pop("CFS_NATS_CREDENTIALS")
+    # Bad input: one line, exit 2, nothing done (the survivor's config is needed).
+    refused = subprocess.run(
+        [
+            CFS,
+            "admin",
+            "raft-force-leader",
+            "--shard",
+            "*",
+            "--leader",
+            SURVIVOR,
+            "--yes-i-know",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith("(--nats-config FILE)"), refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "recovery").exists()
     operator = Operator(site, tmp_path)
     stderr: list[str] = []
     lines: queue.Queue[str | None] = queue.Queue()

@@ -56,6 +56,15 @@ from cfs.admin.snapshot import (
 from cfs.bus import Bus, BusError
 from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cli.recovery import (
+    NatsConfigOpt,
+    NatsStoreOpt,
+    NomadJobOpt,
+    NomadOpt,
+    RecoveryDirOpt,
+    RecoveryWaitOpt,
+    WitnessPortOpt,
+)
 from cfs.cluster import read_config
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.lease import Lease
@@ -653,44 +662,13 @@ def raft_force_leader(
     yes_i_know: Annotated[
         bool, typer.Option("--yes-i-know", help="skip the confirmation (may lose data)")
     ] = False,
-    recovery_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--recovery-dir",
-            help="without quorum: where the export and the server configs go "
-            "(default: recovery/<UTC stamp> beside the cluster config)",
-        ),
-    ] = None,
-    wait: Annotated[
-        float,
-        typer.Option(
-            "--wait", min=1.0, help="without quorum: seconds to wait for each server step"
-        ),
-    ] = 600.0,
-    nomad: Annotated[
-        str | None,
-        typer.Option("--nomad", help="Nomad HTTP API address: restart the NATS task through it"),
-    ] = None,
-    nomad_job: Annotated[
-        str, typer.Option("--nomad-job", help="the site's NATS job in Nomad")
-    ] = "cfs-nats",
-    nats_config: Annotated[
-        Path | None,
-        typer.Option(
-            "--nats-config",
-            help="without a dev supervisor or Nomad: the surviving nats-server's config file",
-        ),
-    ] = None,
-    nats_store: Annotated[
-        str | None,
-        typer.Option("--nats-store", help="its JetStream store dir, if its config does not say"),
-    ] = None,
-    witness_port: Annotated[
-        int,
-        typer.Option(
-            "--witness-port", min=1, max=65535, help="route port of the throwaway witness"
-        ),
-    ] = WITNESS_PORT,
+    recovery_dir: RecoveryDirOpt = None,
+    wait: RecoveryWaitOpt = 600.0,
+    nomad: NomadOpt = None,
+    nomad_job: NomadJobOpt = "cfs-nats",
+    nats_config: NatsConfigOpt = None,
+    nats_store: NatsStoreOpt = None,
+    witness_port: WitnessPortOpt = WITNESS_PORT,
     cluster: ClusterOpt = None,
     site: SiteOpt = None,
     shards: ShardsOpt = None,

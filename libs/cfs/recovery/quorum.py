@@ -365,10 +365,14 @@ async def _hand_lease(bus: Bus, shard: str, survivor: str, timeout: float) -> No
         status = await Lease.read_status(bus, f"meta.{shard}")
         if status is not None and status.holder == survivor:
             return
-        try:
-            await lease.request_handoff(survivor)
-        except (BusError, LeaseError, nats.errors.Error) as exc:  # bucket still electing
-            log.info("quorum.handoff_retry", extra={"shard": shard, "error": str(exc)})
+        # Asked once: the dead holder never releases, so the survivor takes the lease
+        # after the record has been silent for a lease time. Asking again rewrites the
+        # record, and every rewrite starts that silence over.
+        if status is None or status.handoff_to != survivor:
+            try:
+                await lease.request_handoff(survivor)
+            except (BusError, LeaseError, nats.errors.Error) as exc:  # bucket still electing
+                log.info("quorum.handoff_retry", extra={"shard": shard, "error": str(exc)})
         if time.monotonic() > deadline:
             raise QuorumRecoveryError(
                 f"shard {shard}: {survivor} did not take the writer lease within "
