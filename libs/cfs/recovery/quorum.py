@@ -216,7 +216,8 @@ class Recovery:
             tls_ca=self.tls_ca,
         ) as bus:
             for shard in self.plan.facts.shards:
-                await _hand_lease(bus, shard, self.plan.facts.survivor, max(LEASE_TIMEOUT_S, 0))
+                await _hand_lease(bus, shard, self.plan.facts.survivor, LEASE_TIMEOUT_S, self.say)
+                self.say(f"    done: shard {shard} led by {self.plan.facts.survivor}")
 
     async def _wait(self, what: str, check: Callable[[], Awaitable[str | None]]) -> None:
         """Until `check` returns None (done); it returns why not yet. Progress lines."""
@@ -357,14 +358,25 @@ async def recover_quorum(
     return await Recovery(settings, plan, runner, wait_s=wait_s, say=say).run()
 
 
-async def _hand_lease(bus: Bus, shard: str, survivor: str, timeout: float) -> None:
+async def _hand_lease(
+    bus: Bus, shard: str, survivor: str, timeout: float, say: Say | None = None
+) -> None:
     """The copied lease still names a dead holder: the survivor takes it at once."""
     lease = Lease(bus, f"meta.{shard}", node="cfs-admin")
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    reported = started
     while True:
         status = await Lease.read_status(bus, f"meta.{shard}")
         if status is not None and status.holder == survivor:
             return
+        if say is not None and time.monotonic() - reported >= PROGRESS_EVERY_S:
+            reported = time.monotonic()
+            holder = status.holder if status is not None else "nobody"
+            say(
+                f"    waiting for {survivor} to take the writer lease of shard {shard} "
+                f"(held by {holder or '-'}; {reported - started:.0f}s of {timeout:.0f}s)"
+            )
         # Asked once: the dead holder never releases, so the survivor takes the lease
         # after the record has been silent for a lease time. Asking again rewrites the
         # record, and every rewrite starts that silence over.
