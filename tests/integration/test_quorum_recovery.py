@@ -1,4 +1,4 @@
-"""Quorum recovery on a deployment without the dev supervisor (guide scenario 3, option 2).
+"""Quorum recovery without the dev supervisor (guide scenario 3, option 2): the operator, Nomad.
 
 A real 3-node site (NATS servers with TLS and NKey auth, metadata-raft and membership
 per node). Acknowledged namespace operations, then two nodes die (kill -9: their
@@ -26,11 +26,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from cfs.bus import BusError
 from cfs.client import MetadataClient
+from cfs.security import AUTH_CONF
 from cfs.supervisor import LocalSite
 from cfs.supervisor.nats import nats_server_binary
 
@@ -294,3 +297,167 @@ def test_force_leader_without_supervisor_follows_the_operator(
                 cli.stdout.close()
         site.stop()  # the services first: they leave while their server still runs
         operator.stop()
+
+
+# -- the Nomad runner, end to end ----------------------------------------------------------
+class NomadOnSite:
+    """A fake Nomad API whose one allocation is the survivor's real nats-server: the
+    job's template is the server's config without its authorization, followed by the
+    variable item `auth_conf` (as deploy/nomad renders it); restart, signal and the
+    witness job start, reload and stop real nats-server processes."""
+
+    def __init__(self, site: LocalSite, work: Path) -> None:
+        server = site.nats_server_of(SURVIVOR)
+        assert server is not None
+        self.server = server
+        self.work = work
+        auth = (site.credentials_dir / AUTH_CONF).read_text()
+        rendered = server.config_path.read_text()
+        assert auth in rendered
+        self.template = rendered.replace(auth, "")
+        self.items = {"auth_conf": auth}
+        self.index = 7
+        self.calls: list[tuple[str, str]] = []
+        self.seed: subprocess.Popen[bytes] | None = None
+        self.witness: subprocess.Popen[bytes] | None = None
+
+    def rendered(self) -> str:
+        return self.template + "\n" + self.items["auth_conf"]
+
+    def _start(self, conf: Path, cwd: Path, name: str) -> subprocess.Popen[bytes]:
+        log = (self.work / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [nats_server_binary(), "-c", str(conf)],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        method, path = request.method, request.path
+        self.calls.append((method, path))
+        body: dict[str, Any] = await request.json() if request.can_read_body else {}
+        if path == "/v1/job/cfs-nats/allocations":
+            alloc = {"ID": "alloc-3", "NodeName": SURVIVOR, "ClientStatus": "running"}
+            return web.json_response([alloc])
+        if path == "/v1/client/fs/cat/alloc-3":
+            return web.Response(text=self.rendered())
+        if path == "/v1/var/nomad/jobs/cfs-nats":
+            if method == "PUT":
+                if int(request.query["cas"]) != self.index:
+                    return web.Response(status=409, text="cas")
+                self.items = dict(body["Items"])
+                self.index += 1
+            return web.json_response({"Items": self.items, "ModifyIndex": self.index})
+        if path == "/v1/jobs":  # the witness
+            task = body["Job"]["TaskGroups"][0]["Tasks"][0]
+            local = self.work / "witness" / "local"
+            local.mkdir(parents=True)
+            conf = local / "witness.conf"
+            conf.write_text(task["Templates"][0]["EmbeddedTmpl"])
+            self.witness = self._start(conf, local.parent, "nomad-witness")
+            return web.json_response({})
+        if path == "/v1/client/allocation/alloc-3/restart":
+            await asyncio.to_thread(self.server.stop)
+            (self.work / "seed.conf").write_text(self.rendered())
+            self.seed = self._start(self.work / "seed.conf", self.work, "nomad-seed")
+            return web.json_response({})
+        if path.startswith("/v1/job/cfs-nats-witness-") and method == "DELETE":
+            await asyncio.to_thread(_terminate, self.witness)
+            return web.json_response({})
+        if path == "/v1/client/allocation/alloc-3/signal":
+            assert body == {"Task": "nats-server", "Signal": "SIGHUP"} and self.seed is not None
+            (self.work / "seed.conf").write_text(self.rendered())
+            self.seed.send_signal(signal.SIGHUP)
+            return web.json_response({})
+        return web.Response(status=404, text=f"unknown {method} {path}")
+
+    def stop(self) -> None:
+        _terminate(self.witness)
+        _terminate(self.seed)
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+async def _run_with_fake_nomad(nomad: NomadOnSite, env: dict[str, str], cwd: Path) -> str:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", nomad.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    http = web.TCPSite(runner, "127.0.0.1", 0)
+    await http.start()
+    port = http._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    cli = await asyncio.create_subprocess_exec(
+        *(CFS, "admin", "raft-force-leader", "--shard", "*", "--leader", SURVIVOR),
+        *("--yes-i-know", "--nomad", f"http://127.0.0.1:{port}", "--wait", "60"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, _ = await asyncio.wait_for(cli.communicate(), 150)
+    finally:
+        if cli.returncode is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            await cli.wait()
+        await runner.cleanup()
+    text = out.decode()
+    assert cli.returncode == 0, text
+    return text
+
+
+def test_force_leader_through_the_nomad_api_on_real_servers(
+    site: LocalSite, tmp_path: Path
+) -> None:
+    names = [f"acked-{i}" for i in range(10)]
+    asyncio.run(_acknowledged(site, names))
+    asyncio.run(_journal_replicated(site))
+    survivor = site.nats_server_of(SURVIVOR)
+    assert survivor is not None
+    for node in LOST:
+        site.kill9(node)
+        server = site.nats_server_of(node)
+        assert server is not None
+        server.kill9()
+    env = {
+        **site.cli_env(),
+        "CFS_CREDENTIALS_DIR": str(site.credentials_dir),
+        "CFS_DEV_DIR": str(tmp_path / "no-dev-site"),
+    }
+    env.pop("CFS_NATS_CREDENTIALS")
+    work = tmp_path / "nomad"
+    work.mkdir()
+    nomad = NomadOnSite(site, work)
+    try:
+        text = asyncio.run(_run_with_fake_nomad(nomad, env, tmp_path))
+        assert f"quorum recovered on {SURVIVOR} for shards 001" in text, text
+        assert nomad.calls[:4] == [
+            ("GET", "/v1/job/cfs-nats/allocations"),
+            ("GET", "/v1/client/fs/cat/alloc-3"),
+            ("GET", "/v1/var/nomad/jobs/cfs-nats"),
+            ("POST", "/v1/jobs"),
+        ]
+        assert nomad.calls[-1] == ("POST", "/v1/client/allocation/alloc-3/signal")
+        # The old store was never touched; the seed runs on a fresh one beside it.
+        assert any(survivor.store_dir.rglob("*.blk")), "the old store is intact"
+        assert list(survivor.state_dir.glob("store.reseed-*"))
+        # The variable keeps the new cluster and the site's authorization again.
+        assert nomad.items["cfs_recovery_auth_conf"] in nomad.items["auth_conf"]
+        found, _ = asyncio.run(_names_and_write(survivor.url, site))
+        assert set(names) <= found, sorted(set(names) - found)
+    finally:
+        site.stop()
+        nomad.stop()
