@@ -177,6 +177,21 @@ class Recovery:
         self.exported = await export_streams(
             urls, names, self.plan.export_dir, credentials=self.credentials
         )
+        missing = [
+            name
+            for name in (f"META_{shard}" for shard in self.plan.facts.shards)
+            if not (name in self.exported and self.exported[name].found)
+        ]
+        if missing:  # nothing destructive has happened yet: stop here
+            reasons = "; ".join(
+                f"{n}: {self.exported[n].reason if n in self.exported else 'not read'}"
+                for n in missing
+            )
+            raise QuorumRecoveryError(
+                f"{self.plan.facts.server} holds no copy of {', '.join(missing)} ({reasons}); "
+                "nothing to re-seed from, nothing was changed (an interrupted recovery's "
+                "export is in its recovery directory)"
+            )
         log.warning(
             "quorum.exported",
             extra={"survivor": self.plan.facts.survivor, "dir": str(self.plan.export_dir)},
