@@ -253,3 +253,36 @@ def test_unquoted_urls_are_not_comments_but_slashes_after_a_space_are() -> None:
     routes = find(body, "routes")
     assert routes is not None and "nats-route://10.0.0.1:6222" in routes.value
     assert find(body, "name").scalar == "a"  # type: ignore[union-attr]
+
+
+# -- the lease hand-over ------------------------------------------------------------------
+async def test_the_hand_over_is_asked_once_so_the_dead_holder_can_fall_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The survivor takes a dead holder's lease after a lease time of silence on the
+    record; asking again would rewrite it and start the silence over."""
+    from cfs.lease import Lease, LeaseStatus
+    from cfs.recovery import quorum
+
+    statuses = [
+        LeaseStatus("storage-1", 3, 9.0, 10, 0.8, None),
+        LeaseStatus("storage-1", 3, 0.1, 11, 0.8, "storage-3"),
+        LeaseStatus("storage-1", 3, 0.6, 11, 0.8, "storage-3"),
+        LeaseStatus("storage-3", 4, 0.0, 12, 0.8, None),
+    ]
+    asked: list[str] = []
+
+    async def read_status(bus: object, key: str) -> LeaseStatus:
+        return statuses.pop(0)
+
+    async def request_handoff(self: Lease, target: str) -> None:
+        asked.append(target)
+
+    async def no_sleep(seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(Lease, "read_status", staticmethod(read_status))
+    monkeypatch.setattr(Lease, "request_handoff", request_handoff)
+    monkeypatch.setattr("cfs.recovery.quorum.asyncio.sleep", no_sleep)
+    await quorum._hand_lease(object(), "001", "storage-3", 5.0)  # type: ignore[arg-type]
+    assert asked == ["storage-3"] and not statuses
