@@ -5,14 +5,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config
+# docker-compose (1.29, Python): `docker-compose config` validates deploy/compose in the
+# tests; without recommends it is 16 small Python packages, not a docker engine.
+DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench clean
+.PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench dr-report chaos clean
 
 setup: system-deps $(STAMP)
 
-# pyfuse3 compiles against libfuse3; install the Debian packages when missing.
+# pyfuse3 compiles against libfuse3; install the Debian packages when missing
+# (never their recommends: docker-compose would bring a docker engine).
 system-deps:
 	@missing=""; for p in $(DEBIAN_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -21,10 +24,10 @@ system-deps:
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q $$missing >/dev/null; } \
+	    apt-get install -y -q --no-install-recommends $$missing >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
 	      || { echo "error: could not install$$missing with apt-get" >&2; exit 1; }; \
 	  else \
-	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install$$missing" >&2; exit 1; \
+	    echo "error: missing Debian packages:$$missing -- run: sudo apt-get install --no-install-recommends$$missing" >&2; exit 1; \
 	  fi; \
 	fi
 
@@ -45,6 +48,27 @@ test-slow: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m '' $(PYTEST_ARGS)
+
+# The guide's RTO/RPO tables against the scenarios' measurements (slow ones included):
+# prints the table, writes it as Markdown and JSON; non-zero on any row not measured or
+# not within the guide. DR_SCENARIOS narrows the run (rows of the others: not measured).
+DR_DIR := build/dr-report
+DR_SCENARIOS ?= tests/scenarios
+dr-report: setup
+	@rm -rf $(DR_DIR) && mkdir -p $(DR_DIR)/measured
+	CFS_DR_RESULTS=$(abspath $(DR_DIR))/measured $(BIN)/python -m pytest -q -m '' -p no:cacheprovider $(DR_SCENARIOS) $(PYTEST_ARGS); \
+	  rc=$$?; $(BIN)/python -m tests.scenarios.drreport $(DR_DIR)/measured --pytest-rc $$rc \
+	    --markdown $(DR_DIR)/dr-report.md --json $(DR_DIR)/dr-report.json
+
+# Seeded fault schedules under a mixed workload (tests/chaos): a table of every seed,
+# non-zero on anything acknowledged lost. CHAOS_SEEDS / CHAOS_SCHEDULES / CHAOS_NODES
+# choose (a failing seed prints the line that replays it).
+CHAOS_DIR := build/chaos
+chaos: setup
+	@rm -rf $(CHAOS_DIR) && mkdir -p $(CHAOS_DIR)
+	CFS_CHAOS_RESULTS=$(abspath $(CHAOS_DIR)) CHAOS_SEEDS="$(CHAOS_SEEDS)" CHAOS_SCHEDULES="$(CHAOS_SCHEDULES)" \
+	  CHAOS_NODES="$(CHAOS_NODES)" $(BIN)/python -m pytest -q -m '' -p no:cacheprovider tests/chaos/test_chaos.py $(PYTEST_ARGS); \
+	  rc=$$?; $(BIN)/python -m tests.chaos.summary $(CHAOS_DIR) && exit $$rc
 
 lint: setup
 	$(BIN)/ruff check contracts libs services tests bench

@@ -33,6 +33,7 @@ from cfs.bus import (
 )
 from cfs.bus.provision import Change
 from cfs.supervisor import NatsCluster, NatsServer
+from cfs.supervisor.linkproxy import LinkProxy
 from cfs_contracts import DecodedEvent, EventPayload, SchemaVersionError, UnknownEventType
 from cfs_contracts.events.cluster import NodeDown, NodeJoinedV1, NodeLeft
 from cfs_contracts.events.metadata import LeaderFenced
@@ -407,3 +408,41 @@ async def _wait_for(cond: object, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.expected_logs("nats.disconnected", "nats.error")
+async def test_a_request_whose_reply_a_reset_connection_lost_is_sent_again_at_once(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The responder never answers the first delivery (as if the reply died with the
+    connection); the requester's link is reset: the request goes again on the new
+    connection and is answered long before its 10 s timeout."""
+    port = int(nats_server.url.rsplit(":", 1)[1])
+    proxy = LinkProxy("requester-link", tmp_path / "proxy", port)
+    proxy.start()
+    responder = await Bus.connect(nats_server.url, site=SITE, node="responder")
+    requester = await Bus.connect(f"nats://{proxy.url}", site=SITE, node="requester")
+    deliveries: list[bytes] = []
+
+    async def answer_the_second(msg: nats.aio.msg.Msg) -> None:
+        deliveries.append(msg.data)
+        if len(deliveries) > 1:  # the first reply never comes
+            await msg.respond(b"pong")
+
+    try:
+        await responder.nc.subscribe("cfs.t.test.ping", cb=answer_the_second)
+        await responder.nc.flush()
+        asked = asyncio.ensure_future(requester.request("cfs.t.test.ping", b"ping", timeout=10))
+        while not deliveries:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await asyncio.to_thread(proxy.cut)
+        await asyncio.to_thread(proxy.heal)
+        reply = await asyncio.wait_for(asked, 10)
+        assert reply.data == b"pong" and deliveries == [b"ping", b"ping"]
+        assert time.monotonic() - started < 3.0  # the reconnect, not the timeout
+        assert requester.link.epoch == 1
+    finally:
+        await requester.close(drain=False)
+        await responder.close(drain=False)
+        proxy.stop()

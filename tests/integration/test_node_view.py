@@ -16,6 +16,7 @@ from cfs.bus import Bus, ensure_buckets
 from cfs.client.nodes import NodeView
 from cfs.recovery.streams import export_streams, import_streams
 from cfs.supervisor import NatsServer
+from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import NodeAdmin
 from cfs_contracts.streams import NODES, SITE_BUCKETS
 
@@ -62,6 +63,60 @@ async def test_the_view_is_rebuilt_from_a_bucket_reseeded_shorter(tmp_path: Path
         took = await _until(lambda: "d" in view.admin, 15)
         assert sorted(view.admin) == ["a", "b", "c", "d"]  # "lost" went with the quorum
         print(f"\nview current {took:.2f}s after the re-seed's first record")
+    finally:
+        if view is not None:
+            await view.stop()
+        for b in buses:
+            await b.close()
+        server.stop()
+
+
+async def _put_store(bus: Bus, node: str, serial: int) -> None:
+    kv = await bus.key_value(NODES.bucket)
+    record = StoreRecord(
+        node=node,
+        capacity_bytes=1 << 30,
+        free_bytes=1 << 29,
+        used_bytes=1 << 29,
+        fragments=serial,
+        updated_ms=int(time.time() * 1000),
+        started_ms=0,
+    )
+    await kv.put(f"store.{node}", record.model_dump_json().encode())
+
+
+async def test_a_watch_that_died_silently_is_started_over(tmp_path: Path) -> None:
+    """The watch's consumer is gone and nats-py's own heartbeat check, which would
+    re-create it, has ended (as it does when a re-creation fails while the bucket's
+    stream has no quorum): the view notices the silence of stores that refresh their
+    records and watches again."""
+    server = NatsServer.standalone(tmp_path / "nats")
+    server.start()
+    view: NodeView | None = None
+    buses: list[Bus] = []
+    try:
+        buses = [await Bus.connect(server.url, site=SITE, node=n) for n in ("a", "viewer")]
+        bus, viewer = buses
+        await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
+        await _put_store(bus, "a", 1)
+        view = NodeView(viewer, stale_after_s=2.0)
+        await view.start()
+        await _until(lambda: "a" in view.records, 10)
+        watcher = view._watcher
+        assert watcher is not None and watcher._sub is not None
+        jsi = watcher._sub._sub._jsi
+        jsi._hbtask.cancel()  # nats-py's check, ended
+        consumer = (await watcher._sub.consumer_info()).name
+        deleted = await bus.nc.request(  # the consumer, gone with its server's copy
+            f"$JS.API.CONSUMER.DELETE.KV_{NODES.bucket}.{consumer}", b""
+        )
+        assert b'"success":true' in deleted.data, deleted.data
+        for serial in range(2, 40):  # the store goes on refreshing its record
+            await _put_store(bus, "a", serial)
+            if view.records["a"].fragments == serial:
+                break
+            await asyncio.sleep(0.25)
+        assert view.records["a"].fragments > 1, "the view never saw the refreshed record"
     finally:
         if view is not None:
             await view.stop()

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -399,17 +398,8 @@ def test_a_reseeded_server_admits_the_admin_only_until_opened(tmp_path: Path) ->
         assert not asyncio.run(_connects(server.url, None))
 
 
-def test_the_compose_server_config_takes_the_generated_authorization(tmp_path: Path) -> None:
-    """deploy/compose/nats/nats.conf includes the file `cfs cluster credentials` writes."""
-    shutil.copy(ROOT / "deploy" / "compose" / "nats" / "nats.conf", tmp_path / "nats.conf")
-    conf = ensure_credentials(tmp_path / "credentials", SITE, 4)
-    shutil.copy(conf, tmp_path / "auth.conf")
-    check = subprocess.run(
-        [nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
-        env={**os.environ, "SERVER_NAME": "nats-1", "CLUSTER_NAME": SITE},
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
-    assert check.returncode == 0, check.stderr
+# deploy/compose/nats/*.conf with the generated authorization and TLS files: checked by
+# `nats-server -t` in tests/unit/test_deploy_files.py.
 
 
 def test_every_link_of_a_server_is_tls_and_nats_server_takes_the_config(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from cfs.fuse.config import is_fuse_mount
+from tests.scenarios import drreport
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse"), reason="scenarios need a FUSE mount (/dev/fuse missing)"
@@ -111,7 +112,7 @@ class DevSite:
             "CFS_CONFIG": str(self.state / "cluster.json"),
             "CFS_OP_TIMEOUT_S": "10",
         }
-        self._mount_pid: int | None = None
+        self._mounts: dict[Path, int | None] = {}
 
     def cfs(
         self, *args: str, timeout: float = 180.0, **env: str
@@ -143,18 +144,20 @@ class DevSite:
     def up(self) -> None:
         self.ok("dev", "up", "--topology", str(self.topology), timeout=240)
 
-    def mount(self) -> None:
-        self.mnt.mkdir(exist_ok=True)
-        out = self.ok("mount", str(self.mnt), "--log", str(self.tmp / "mount.log"))
+    def mount(self, mnt: Path | None = None, *options: str) -> Path:
+        """A mount of the site (`self.mnt` unless told), unmounted by `down`."""
+        mnt = mnt or self.mnt
+        mnt.mkdir(exist_ok=True)
+        log = self.tmp / f"{mnt.name}.log" if mnt != self.mnt else self.tmp / "mount.log"
+        out = self.ok("mount", str(mnt), "--log", str(log), *options)
         found = re.search(r"pid (\d+)", out)
-        self._mount_pid = int(found.group(1)) if found else None
-        assert is_fuse_mount(self.mnt)
+        self._mounts[mnt] = int(found.group(1)) if found else None
+        assert is_fuse_mount(mnt)
+        return mnt
 
     def down(self) -> None:
         """Unmount and stop everything, whatever state the test left."""
-        tear_down(
-            {self.mnt: self._mount_pid}, self.state, lambda: self.cfs("dev", "down", timeout=90)
-        )
+        tear_down(self._mounts, self.state, lambda: self.cfs("dev", "down", timeout=90))
 
     # -- observations ----------------------------------------------------------------------
     def shard_leader(self, shard: str = "001") -> str | None:
@@ -210,11 +213,15 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, every: float 
 
 
 def report(scenario: str, **figures: float | str) -> None:
-    """The measured RTO/RPO, printed (pytest -s) and kept in the test log."""
+    """The measured RTO/RPO, printed (pytest -s), kept for `make dr-report`, and held
+    to the guide's targets this scenario measures (`drreport.TARGETS`)."""
     line = " ".join(
         f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
     )
     print(f"\n[{scenario}] {line}")
+    drreport.record(scenario, figures)
+    missed = drreport.violations(scenario, figures)
+    assert not missed, "; ".join(missed)
 
 
 class Writer(threading.Thread):

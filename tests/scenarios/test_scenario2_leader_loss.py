@@ -87,7 +87,6 @@ def test_raft_leader_loss(dev_site_factory: Callable[..., DevSite]) -> None:
         new_leader=str(new_leader),
         election_s=elected,
         rto_client_s=rto,
-        guide_rto_s=5.0,
         acked=str(len(writer.acked)),
-        lost_writes=0,
+        lost_writes=len(missing),
     )

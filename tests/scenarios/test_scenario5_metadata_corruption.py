@@ -134,9 +134,7 @@ def test_metadata_corruption_repair_then_snapshot_restore(
         "scenario 5",
         repair_rto_s=repair_rto,
         restore_rto_s=restore_rto,
-        acknowledged_files_lost=0,
+        lost_files=sum(sha256_of(p) != digest for p, digest in acked.items()),
         files_back=f"{len(acked)}/{len(acked)}",
         replayed_messages=sum(s["messages"] for s in replay["shards"]),
-        guide_rto_s=3600.0,
-        guide_rpo_s=86400.0,
     )

@@ -144,6 +144,26 @@ class Outgoing:
     headers: dict[str, str]
 
 
+class Link:
+    """The connection's reconnects, counted: a reply the old connection took with it (or
+    a request it never delivered) is lost, so a requester waiting when the connection
+    comes back asks again at once rather than waiting out its timeout."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self._changed = asyncio.Event()
+
+    def reconnected(self) -> None:
+        self.epoch += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def past(self, epoch: int) -> None:
+        """Return once the connection has come back after `epoch`."""
+        while self.epoch == epoch:
+            await self._changed.wait()
+
+
 class Bus:
     """A site-scoped connection; construct with `Bus.connect` (constructors do no I/O)."""
 
@@ -157,8 +177,10 @@ class Bus:
         clock: HybridClock | None = None,
         publish_timeout: float = 5.0,
         publish_window: int = 1024,
+        link: Link | None = None,
     ) -> None:
         self.nc = nc
+        self.link = link or Link()
         self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout)
         self._pipeline = AckPipeline(nc, publish_window)
         self.site = site
@@ -227,8 +249,11 @@ class Bus:
             if not nc.is_closed and not nc.is_draining:
                 log.warning("nats.disconnected", extra={"client": name or node})
 
+        link = Link()
+
         async def on_reconnect() -> None:
             log.info("nats.reconnected", extra={"client": name or node})
+            link.reconnected()
 
         auth = connect_options(credentials, tls_ca)
         nc = Client()
@@ -265,7 +290,15 @@ class Bus:
             raise BusUnavailable(
                 f"cannot reach NATS at {', '.join(servers)} within {connect_timeout:g}s: {cause}"
             ) from None
-        return cls(nc, site=site, node=node, registry=registry, publish_timeout=publish_timeout)
+        return cls(
+            nc,
+            site=site,
+            node=node,
+            registry=registry,
+            publish_timeout=publish_timeout,
+            publish_window=publish_window,
+            link=link,
+        )
 
     def for_site(self, site: str) -> Bus:
         """This connection addressing `site`'s services (the peer's, over the site link:
@@ -278,6 +311,7 @@ class Bus:
             registry=self.registry,
             clock=self.clock,
             publish_timeout=self.publish_timeout,
+            link=self.link,
         )
 
     async def close(self, *, drain: bool = True) -> None:
@@ -495,11 +529,37 @@ class Bus:
         timeout: float = 5.0,
         headers: dict[str, str] | None = None,
     ) -> Msg:
-        """One request, one reply; typed errors name the subject and the timeout."""
+        """One request, one reply; typed errors name the subject and the timeout.
+
+        Sent again whenever the connection comes back while waiting (`Link`): every
+        responder here is idempotent (operation ids, content-addressed fragments),
+        as it must already be for callers that ask again after a timeout."""
         hdrs = dict(headers or {})
         inject_headers(hdrs)
+        deadline = time.monotonic() + timeout
         try:
-            return await self.nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+            while True:
+                epoch = self.link.epoch
+                asked = asyncio.ensure_future(
+                    self.nc.request(
+                        subject,
+                        data,
+                        timeout=max(deadline - time.monotonic(), 0.001),
+                        headers=hdrs or None,
+                    )
+                )
+                back = asyncio.ensure_future(self.link.past(epoch))
+                try:
+                    await asyncio.wait((asked, back), return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:  # cancelled: nothing is left waiting
+                    asked.cancel()
+                    raise
+                finally:
+                    back.cancel()
+                if asked.done() or time.monotonic() >= deadline:
+                    return await asked
+                asked.cancel()
+                log.info("request.resent", extra={"subject": subject, "reason": "reconnected"})
         except nats.errors.NoRespondersError:
             raise NoResponders(subject) from None
         except (TimeoutError, nats.errors.TimeoutError):

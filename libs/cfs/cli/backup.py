@@ -653,3 +653,22 @@ def parse_timestamp(text: str, option: str) -> int:
 
 def _iso(wall_ms: int) -> str:
     return datetime.fromtimestamp(wall_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+# -- the same steps for other commands (`cfs admin dr-drill`) ----------------------------
+async def take_snapshot(bus: Bus, path: Path) -> SnapshotReply:
+    """`snapshot-metadata --output PATH` on a connected admin bus: taken by the backup
+    service, fetched here and verified where it landed."""
+    request = SnapshotRequest(snapshot_id=new_id())
+    reply = await _take(bus, request)
+    await _fetch(bus, request.snapshot_id, reply, path)
+    return reply
+
+
+async def restore_snapshot(bus: Bus, snapshot: Snapshot, pre_restore: Path) -> list[str]:
+    """`restore-metadata` (without --force) then `replay-journal --none`: every shard
+    installed from `snapshot` and opened as it is. The report's lines."""
+    lines, _ = await _restore(bus, snapshot, False, pre_restore)
+    for cut in snapshot.manifest.shards:
+        await _step(bus, int(cut.shard), OpenShard(reason="restored by the DR drill"))
+    return lines

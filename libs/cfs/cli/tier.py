@@ -35,7 +35,7 @@ from cfs.cli.errors import CliError, ExitCode, one_line_errors
 from cfs.client.metadata import MetadataClient
 from cfs.client.tier import Holder, ask_tierer, holder_of, read_blob_records
 from cfs.ids import new_id
-from cfs.objstore import ObjectStoreError, S3Url, open_store, s3_settings
+from cfs.objstore import ObjectStoreError, S3Settings, S3Url, open_store, s3_settings
 from cfs.retry import RetryPolicy
 from cfs_contracts.fs.records import ROOT_INO, Inode, Kind
 from cfs_contracts.streams import NODES, TIER, TIER_INDEX
@@ -441,84 +441,9 @@ def restore_data(
         raise CliError("restore-data needs --from-s3 (the only source)", ExitCode.USAGE)
     _check_url("--url", url)
     settings = _settings(ctx, None, None, None)
-    started = time.monotonic()
 
     async def work(bus: Bus) -> dict[str, object]:
-        config, _ = await read_tier(bus)
-        source = url or (config.url if config is not None else None)
-        if source is None:
-            raise CliError("no data tier is configured: give --url s3://bucket/prefix")
-        if config is None or not config.enabled:
-            kv = await bus.key_value(NODES.bucket)
-            wanted = (config or TierConfig()).model_copy(
-                update={"mode": TierMode.CACHE, "url": source, "updated_by": actor(),
-                        "updated_ms": int(time.time() * 1000)}
-            )  # fmt: skip
-            await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
-            typer.echo(f"Data tier set to cache mode on {source}", err=True)
-        reindexed = ReindexReply.model_validate_json(
-            (await _ask(bus, tier_reindex_subject(bus.site), ReindexRequest(url=source),
-                        REINDEX_TIMEOUT_S)).data
-        )  # fmt: skip
-        typer.echo(
-            f"Index from {source}: {reindexed.blobs} blobs ({reindexed.blobs_indexed} new), "
-            f"{reindexed.chunks_indexed} chunk locations added in {reindexed.seconds:.1f} s"
-            + (f"; damaged: {len(reindexed.damaged)}" if reindexed.damaged else ""),
-            err=True,
-        )
-        totals = {"files": 0, "chunks": 0, "restored_fragments": 0, "present_fragments": 0,
-                  "restored_bytes": 0}  # fmt: skip
-        failed: list[str] = []
-        batch: list[ChunkPlacement] = []
-        last_print = time.monotonic()
-
-        sent: deque[asyncio.Task[None]] = deque()  # RECALLS_AT_ONCE out, in order
-
-        async def recall(chunks: tuple[ChunkPlacement, ...]) -> None:
-            reply = RecallReply.model_validate_json(
-                (await _ask(bus, tier_recall_subject(bus.site), RecallRequest(chunks=chunks),
-                            RECALL_TIMEOUT_S, within_s=RECALL_WITHIN_S)).data
-            )  # fmt: skip
-            totals["restored_fragments"] += reply.restored_fragments
-            totals["present_fragments"] += reply.present_fragments
-            totals["restored_bytes"] += reply.restored_bytes
-            failed.extend(reply.failed)
-
-        async def send() -> None:
-            """The batch out while the tierer still works on the one before."""
-            if len(sent) >= RECALLS_AT_ONCE:
-                await sent.popleft()
-            sent.append(asyncio.create_task(recall(tuple(batch))))
-            batch.clear()
-
-        try:
-            meta = MetadataClient(bus)
-            async for inode in _files(meta):
-                totals["files"] += 1
-                for ref in inode.chunks:
-                    totals["chunks"] += 1
-                    batch.append(
-                        ChunkPlacement(chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme,
-                                       fragments=ref.fragments)
-                    )  # fmt: skip
-                    if len(batch) >= RECALL_BATCH:
-                        await send()
-                if not as_json and time.monotonic() - last_print > 2.0:
-                    last_print = time.monotonic()
-                    typer.echo(
-                        f"  {totals['files']} files, {totals['chunks']} chunks checked, "
-                        f"{size(totals['restored_bytes'])} restored",
-                        err=True,
-                    )
-            if batch:
-                await send()
-            while sent:
-                await sent.popleft()
-        finally:
-            for task in sent:  # a request failed: the rest are not waited for
-                task.cancel()
-        return {**totals, "failed": failed, "seconds": round(time.monotonic() - started, 3),
-                "url": source, "reindex": reindexed.model_dump()}  # fmt: skip
+        return await restore_data_from_s3(bus, url, progress=not as_json)
 
     result = _session(settings, work)
     failed = result["failed"]
@@ -537,6 +462,92 @@ def restore_data(
             typer.echo(f"  failed: {line}")
     if failed:
         raise typer.Exit(ExitCode.FAILED)
+
+
+async def restore_data_from_s3(
+    bus: Bus, url: str | None, *, progress: bool = True
+) -> dict[str, object]:
+    """`restore-data --from-s3`'s work on a connected admin bus (also the DR drill's):
+    the index rebuilt from `url` (default: the configured tier), then every file's
+    chunks recalled. Progress lines go to stderr when `progress`."""
+    started = time.monotonic()
+    config, _ = await read_tier(bus)
+    source = url or (config.url if config is not None else None)
+    if source is None:
+        raise CliError("no data tier is configured: give --url s3://bucket/prefix")
+    if config is None or not config.enabled:
+        kv = await bus.key_value(NODES.bucket)
+        wanted = (config or TierConfig()).model_copy(
+            update={"mode": TierMode.CACHE, "url": source, "updated_by": actor(),
+                    "updated_ms": int(time.time() * 1000)}
+        )  # fmt: skip
+        await kv.put(TIER_CONFIG_KEY, wanted.model_dump_json().encode())
+        if progress:
+            typer.echo(f"Data tier set to cache mode on {source}", err=True)
+    reindexed = ReindexReply.model_validate_json(
+        (await _ask(bus, tier_reindex_subject(bus.site), ReindexRequest(url=source),
+                    REINDEX_TIMEOUT_S)).data
+    )  # fmt: skip
+    if progress:
+        typer.echo(
+            f"Index from {source}: {reindexed.blobs} blobs ({reindexed.blobs_indexed} new), "
+            f"{reindexed.chunks_indexed} chunk locations added in {reindexed.seconds:.1f} s"
+            + (f"; damaged: {len(reindexed.damaged)}" if reindexed.damaged else ""),
+            err=True,
+        )
+    totals = {"files": 0, "chunks": 0, "restored_fragments": 0, "present_fragments": 0,
+              "restored_bytes": 0}  # fmt: skip
+    failed: list[str] = []
+    batch: list[ChunkPlacement] = []
+    last_print = time.monotonic()
+
+    sent: deque[asyncio.Task[None]] = deque()  # RECALLS_AT_ONCE out, in order
+
+    async def recall(chunks: tuple[ChunkPlacement, ...]) -> None:
+        reply = RecallReply.model_validate_json(
+            (await _ask(bus, tier_recall_subject(bus.site), RecallRequest(chunks=chunks),
+                        RECALL_TIMEOUT_S, within_s=RECALL_WITHIN_S)).data
+        )  # fmt: skip
+        totals["restored_fragments"] += reply.restored_fragments
+        totals["present_fragments"] += reply.present_fragments
+        totals["restored_bytes"] += reply.restored_bytes
+        failed.extend(reply.failed)
+
+    async def send() -> None:
+        """The batch out while the tierer still works on the one before."""
+        if len(sent) >= RECALLS_AT_ONCE:
+            await sent.popleft()
+        sent.append(asyncio.create_task(recall(tuple(batch))))
+        batch.clear()
+
+    try:
+        meta = MetadataClient(bus)
+        async for inode in _files(meta):
+            totals["files"] += 1
+            for ref in inode.chunks:
+                totals["chunks"] += 1
+                batch.append(
+                    ChunkPlacement(chunk_id=ref.chunk_id, length=ref.length, scheme=ref.scheme,
+                                   fragments=ref.fragments)
+                )  # fmt: skip
+                if len(batch) >= RECALL_BATCH:
+                    await send()
+            if progress and time.monotonic() - last_print > 2.0:
+                last_print = time.monotonic()
+                typer.echo(
+                    f"  {totals['files']} files, {totals['chunks']} chunks checked, "
+                    f"{size(totals['restored_bytes'])} restored",
+                    err=True,
+                )
+        if batch:
+            await send()
+        while sent:
+            await sent.popleft()
+    finally:
+        for task in sent:  # a request failed: the rest are not waited for
+            task.cancel()
+    return {**totals, "failed": failed, "seconds": round(time.monotonic() - started, 3),
+            "url": source, "reindex": reindexed.model_dump()}  # fmt: skip
 
 
 async def _audit(bus: Bus, command: str, arguments: dict[str, str]) -> None:
@@ -591,49 +602,7 @@ def s3_snapshot(
     settings = _settings(ctx, None, None, None)
 
     async def work(bus: Bus) -> tuple[TierSnapshot, str]:
-        config, state = await read_tier(bus)
-        _require(config, state)
-        assert config is not None and config.url is not None
-        point = int((await bus.js.stream_info(TIER.name)).state.last_seq)
-        deadline = time.monotonic() + timeout
-        while True:
-            _, state = await read_tier(bus)
-            current = _require(config, state)
-            if current.flushed_below_seq > point:
-                break
-            if time.monotonic() > deadline:
-                raise CliError(
-                    f"the flush did not reach the snapshot's point within {timeout:g} s: "
-                    f"{current.queue_entries} chunks still queued "
-                    f"(S3 {'reachable' if current.s3.reachable else 'unreachable'})",
-                    ExitCode.FAILED,
-                )
-            await asyncio.sleep(0.5)
-        index = await bus.key_value(TIER_INDEX.bucket)
-        records = sorted(await read_blob_records(index), key=lambda r: r.blob_id)
-        now = int(time.time() * 1000)
-        snapshot = TierSnapshot(
-            snapshot_id=f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now / 1000))}-{new_id()}",
-            created_ms=now,
-            tier_url=config.url,
-            queue_seq=point,
-            blobs=tuple(
-                TierSnapshotBlob(blob_id=r.blob_id, url=r.url, bytes=r.bytes, chunks=r.chunks)
-                for r in records
-            ),
-            bytes=sum(r.bytes for r in records),
-            chunks=sum(r.chunks for r in records),
-        )
-        key = f"tier-snapshot-{snapshot.snapshot_id}.json"
-        try:
-            async with open_store(output, s3_settings()) as store:
-                await store.ensure_bucket()
-                await store.put(key, snapshot.model_dump_json(indent=1).encode())
-        except ObjectStoreError as exc:
-            raise CliError(f"snapshot not written: {exc}", ExitCode.FAILED) from None
-        where = f"{output.rstrip('/')}/{key}"
-        await _audit(bus, "s3-snapshot", {"output": where})
-        return snapshot, where
+        return await take_tier_snapshot(bus, output, timeout)
 
     snapshot, where = _session(settings, work)
     if as_json:
@@ -645,6 +614,56 @@ def s3_snapshot(
         f"Data tier snapshot {where}: {len(snapshot.blobs)} blobs ({size(snapshot.bytes)}), "
         f"{snapshot.chunks} chunks; every chunk queued before it is included"
     )
+
+
+async def take_tier_snapshot(
+    bus: Bus, output: str, timeout: float, s3: S3Settings | None = None
+) -> tuple[TierSnapshot, str]:
+    """`s3-snapshot`'s work on a connected admin bus (also the DR drill's): the manifest
+    and where it was written. `s3`: the operator's S3 settings (default: as configured)."""
+    config, state = await read_tier(bus)
+    _require(config, state)
+    assert config is not None and config.url is not None
+    point = int((await bus.js.stream_info(TIER.name)).state.last_seq)
+    deadline = time.monotonic() + timeout
+    while True:
+        _, state = await read_tier(bus)
+        current = _require(config, state)
+        if current.flushed_below_seq > point:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(
+                f"the flush did not reach the snapshot's point within {timeout:g} s: "
+                f"{current.queue_entries} chunks still queued "
+                f"(S3 {'reachable' if current.s3.reachable else 'unreachable'})",
+                ExitCode.FAILED,
+            )
+        await asyncio.sleep(0.5)
+    index = await bus.key_value(TIER_INDEX.bucket)
+    records = sorted(await read_blob_records(index), key=lambda r: r.blob_id)
+    now = int(time.time() * 1000)
+    snapshot = TierSnapshot(
+        snapshot_id=f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now / 1000))}-{new_id()}",
+        created_ms=now,
+        tier_url=config.url,
+        queue_seq=point,
+        blobs=tuple(
+            TierSnapshotBlob(blob_id=r.blob_id, url=r.url, bytes=r.bytes, chunks=r.chunks)
+            for r in records
+        ),
+        bytes=sum(r.bytes for r in records),
+        chunks=sum(r.chunks for r in records),
+    )
+    key = f"tier-snapshot-{snapshot.snapshot_id}.json"
+    try:
+        async with open_store(output, s3 or s3_settings()) as store:
+            await store.ensure_bucket()
+            await store.put(key, snapshot.model_dump_json(indent=1).encode())
+    except ObjectStoreError as exc:
+        raise CliError(f"snapshot not written: {exc}", ExitCode.FAILED) from None
+    where = f"{output.rstrip('/')}/{key}"
+    await _audit(bus, "s3-snapshot", {"output": where})
+    return snapshot, where
 
 
 @app.command("s3-compact")

@@ -87,6 +87,7 @@ class NodeView:
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._last_entry = time.monotonic()
 
     async def start(self, timeout: float = 10.0) -> None:
         self._task = asyncio.create_task(self._watch_loop())
@@ -118,13 +119,30 @@ class NodeView:
                 await backoff.wait(exc)
                 continue
             backoff.reset()
+            self._last_entry = time.monotonic()
             follow = asyncio.create_task(self._follow(self._watcher))
-            while not follow.done() and self.bus.nc.stats["reconnects"] == reconnects:
+            while (
+                not follow.done()
+                and self.bus.nc.stats["reconnects"] == reconnects
+                and not self._silent()
+            ):
                 await asyncio.wait([follow], timeout=RECONNECT_CHECK_S)
             if follow.done() and not follow.cancelled() and follow.exception() is not None:
                 log.info("nodes.watch_restart", extra={"error": repr(follow.exception())})
+            elif self._silent():
+                log.info(
+                    "nodes.watch_restart", extra={"error": "silent", "after_s": self.stale_after_s}
+                )
             await cancel_and_wait(follow)
             await self._stop_watch()
+
+    def _silent(self) -> bool:
+        """Stores are known, yet no record came for longer than a store takes to
+        refresh its own: the watch is dead while the connection stayed up. (nats-py
+        re-creates an ordered consumer that misses its heartbeats, but a re-creation
+        that fails, as it does while the bucket's stream has no quorum, ends that
+        check for good, silently.) Start the watch over."""
+        return bool(self.records) and time.monotonic() - self._last_entry > self.stale_after_s
 
     async def _stop_watch(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -137,6 +155,7 @@ class NodeView:
         at once when complete (records deleted while no watch ran disappear too)."""
         fresh: dict[str, dict[str, Any]] | None = {kind: {} for kind in _TABLES}
         async for entry in watcher:
+            self._last_entry = time.monotonic()
             if entry is None:  # initial values delivered
                 if fresh is not None:
                     for kind, (attribute, _) in _TABLES.items():

@@ -210,7 +210,12 @@ class DevCluster:
                 },
                 "nats": None
                 if server is None
-                else {"name": server.name, "running": server.running, "url": server.url},
+                else {
+                    "name": server.name,
+                    "running": server.running,
+                    "url": server.url,
+                    "pid": server.pid,
+                },
             }
         return {
             "killed": site in self._killed,

@@ -1,0 +1,208 @@
+"""One chaos run: a schedule's faults against a `cfs dev` site under the workload.
+
+The faults are real: `kill -9`, SIGSTOP/SIGCONT and SIGTERM of the site's processes
+(found by pid in `cfs dev status`), and `cfs dev kill`/`start` for a whole node. The
+supervisor restarts a service that died unasked (as systemd or Nomad would); a NATS
+server or node that was killed comes back with `cfs dev start` when its fault heals.
+After the last fault: every node started, the site whole again (`cfs admin status`),
+`metadata-consistency-check` clean, the workload's model verified, every process
+running. Each run's figures go to `CFS_CHAOS_RESULTS` (when set) for `make chaos`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.chaos.schedule import NATS, Fault, Kind, Schedule, replay_command
+from tests.chaos.workload import Workload
+from tests.scenarios.conftest import NODE_LOSS_LOGS, DevSite, wait_for
+
+RESULTS_ENV = "CFS_CHAOS_RESULTS"
+
+# What the site logs while the faults hit it: what it logs when a node is lost.
+CHAOS_LOGS = NODE_LOSS_LOGS
+
+
+@dataclass
+class Outcome:
+    schedule: str
+    seed: int
+    nodes: int
+    faults: list[str]
+    acknowledged: int
+    failed_ops: list[str]
+    lost: list[str]
+    corrupt: list[str]
+    unexpected: list[str]
+    longest_stall_s: float
+    longest_op: str
+    checker_clean: bool
+    stuck: list[str] = field(default_factory=list)
+    replay: str = ""
+
+    @property
+    def safe(self) -> bool:
+        """Nothing acknowledged lost or corrupt, the checker clean, nothing stuck."""
+        return not (self.lost or self.corrupt or self.unexpected or self.stuck) and (
+            self.checker_clean
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.schedule} seed {self.seed} ({self.nodes} nodes): "
+            f"{self.acknowledged} ops acknowledged, {len(self.failed_ops)} failed, "
+            f"{len(self.lost)} lost, {len(self.corrupt)} corrupt, "
+            f"{len(self.unexpected)} unexpected, longest stall {self.longest_stall_s:.2f}s "
+            f"({self.longest_op}); checker {'clean' if self.checker_clean else 'NOT clean'}"
+            + (f"; stuck: {', '.join(self.stuck)}" if self.stuck else "")
+            + f"; faults: {'; '.join(self.faults) or 'none'}; replay: {self.replay}"
+        )
+
+
+def _pid(site: DevSite, node: str, process: str) -> int:
+    status = site.json("dev", "status")
+    entry = status["nodes"][node]
+    if process == NATS:
+        pid = (entry.get("nats") or {}).get("pid")
+    else:
+        pid = entry["services"].get(process, {}).get("pid")
+    if not pid:
+        raise AssertionError(f"{process} on {node} is not running: {entry}")
+    return int(pid)
+
+
+class Injector:
+    """Applies and heals one fault (blocking; one thread per fault)."""
+
+    def __init__(self, site: DevSite) -> None:
+        self.site = site
+
+    def apply(self, fault: Fault) -> None:
+        site, node = self.site, fault.node
+        if fault.kind is Kind.KILL_NODE:
+            site.ok("dev", "kill", node)
+            time.sleep(fault.hold_s)
+            site.ok("dev", "start", node)
+        elif fault.kind is Kind.KILL_NATS:
+            os.kill(_pid(site, node, NATS), signal.SIGKILL)
+            time.sleep(fault.hold_s)
+            site.ok("dev", "start", node)
+        elif fault.kind is Kind.KILL_SERVICE:
+            os.kill(_pid(site, node, fault.process), signal.SIGKILL)
+            time.sleep(fault.hold_s)  # the supervisor restarts it meanwhile
+        elif fault.kind is Kind.STOP_PROCESS:
+            pid = _pid(site, node, fault.process)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                time.sleep(fault.hold_s)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        elif fault.kind is Kind.RESTART_NATS:
+            pid = _pid(site, node, NATS)
+            os.kill(pid, signal.SIGTERM)
+            wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=30)
+            time.sleep(min(fault.hold_s, 1.0))
+            site.ok("dev", "start", node)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _site_whole(site: DevSite, nodes: list[str]) -> bool:
+    result = site.cfs("admin", "status")
+    return result.returncode == 0 and all(f'Node "{n}" is UP' in result.stdout for n in nodes)
+
+
+def _stuck(site: DevSite) -> list[str]:
+    """Processes of the site that are not running (or not answering `dev status`)."""
+    status = site.json("dev", "status")
+    down = []
+    for node, entry in status["nodes"].items():
+        if entry.get("nats") and not entry["nats"]["running"]:
+            down.append(f"nats@{node}")
+        down += [f"{name}@{node}" for name, p in entry["services"].items() if not p["running"]]
+    return down
+
+
+def run(site: DevSite, schedule: Schedule, nodes: list[str], root: Path) -> Outcome:
+    """The workload under `schedule` on `site`, healed and verified."""
+    workload = Workload(root, schedule.seed)
+    injector = Injector(site)
+    errors: list[BaseException] = []
+
+    def inject(fault: Fault) -> None:
+        try:
+            injector.apply(fault)
+        except BaseException as exc:  # re-raised below, after the heal
+            errors.append(exc)
+
+    started = time.monotonic()
+    workload.start()
+    threads = []
+    try:
+        for fault in schedule.faults:
+            time.sleep(max(0.0, started + fault.at_s - time.monotonic()))
+            thread = threading.Thread(target=inject, args=(fault,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(timeout=120)
+        time.sleep(2.0)  # the workload goes on a moment on the healed site
+    finally:
+        workload.stop.set()
+        workload.join(timeout=120)
+        for node in nodes:  # whatever happened, every node runs again
+            site.cfs("dev", "start", node)
+    if errors:
+        raise errors[0]
+    if workload.crash is not None:
+        raise AssertionError(f"the workload itself failed: {workload.crash!r}")
+    wait_for("every node UP again", lambda: _site_whole(site, nodes), timeout=120, every=1.0)
+    check = None
+    for _ in range(30):  # repair may still be rewriting what a fault left degraded
+        check = site.cfs("admin", "metadata-consistency-check", "--json", timeout=120)
+        if check.returncode == 0:
+            break
+        time.sleep(2.0)
+    verdict = workload.verify()
+    outcome = Outcome(
+        schedule=schedule.name,
+        seed=schedule.seed,
+        nodes=len(nodes),
+        faults=[f.describe() for f in schedule.faults],
+        acknowledged=verdict.acknowledged,
+        failed_ops=[f"{f.op} {f.path}: {f.message}" for f in workload.failures],
+        lost=verdict.lost,
+        corrupt=verdict.corrupt,
+        unexpected=verdict.unexpected,
+        longest_stall_s=workload.longest_s,
+        longest_op=workload.longest_op,
+        checker_clean=check is not None and check.returncode == 0,
+        stuck=_stuck(site),
+        replay=replay_command(schedule, len(nodes)),
+    )
+    record(outcome)
+    print("\n[chaos] " + outcome.summary())
+    return outcome
+
+
+def record(outcome: Outcome) -> None:
+    directory = os.environ.get(RESULTS_ENV)
+    if not directory:
+        return
+    path = Path(directory) / f"{outcome.schedule}-{outcome.nodes}n-{outcome.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = asdict(outcome)
+    path.write_text(json.dumps(data))
