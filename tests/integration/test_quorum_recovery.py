@@ -343,7 +343,10 @@ class NomadOnSite:
             return web.json_response([alloc])
         if path == "/v1/client/fs/cat/alloc-3":
             return web.Response(text=self.rendered())
-        if path == "/v1/var/nomad/jobs/cfs-nats":
+        if path == "/v1/job/cfs-nats":
+            task = {"Name": "nats-server", "Driver": "exec", "Config": {"command": "nats-server"}}
+            return web.json_response({"TaskGroups": [{"Name": "nats", "Tasks": [task]}]})
+        if path == "/v1/var/cfs/qm/nats":
             if method == "PUT":
                 if int(request.query["cas"]) != self.index:
                     return web.Response(status=409, text="cas")
@@ -352,11 +355,14 @@ class NomadOnSite:
             return web.json_response({"Items": self.items, "ModifyIndex": self.index})
         if path == "/v1/jobs":  # the witness
             task = body["Job"]["TaskGroups"][0]["Tasks"][0]
-            local = self.work / "witness" / "local"
-            local.mkdir(parents=True)
-            conf = local / "witness.conf"
-            conf.write_text(task["Templates"][0]["EmbeddedTmpl"])
-            self.witness = self._start(conf, local.parent, "nomad-witness")
+            assert task["Config"]["args"] == ["-c", "/local/witness.conf"]
+            task_dir = self.work / "witness"
+            for template in task["Templates"]:  # the task directory as the task sees it
+                dest = task_dir / template["DestPath"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_text(template["EmbeddedTmpl"].replace("/local/", f"{task_dir}/local/"))
+            conf = task_dir / "local" / "witness.conf"
+            self.witness = self._start(conf, task_dir, "nomad-witness")
             return web.json_response({})
         if path == "/v1/client/allocation/alloc-3/restart":
             await asyncio.to_thread(self.server.stop)
@@ -444,10 +450,11 @@ def test_force_leader_through_the_nomad_api_on_real_servers(
     try:
         text = asyncio.run(_run_with_fake_nomad(nomad, env, tmp_path))
         assert f"quorum recovered on {SURVIVOR} for shards 001" in text, text
-        assert nomad.calls[:4] == [
+        assert nomad.calls[:5] == [
             ("GET", "/v1/job/cfs-nats/allocations"),
             ("GET", "/v1/client/fs/cat/alloc-3"),
-            ("GET", "/v1/var/nomad/jobs/cfs-nats"),
+            ("GET", "/v1/job/cfs-nats"),
+            ("GET", "/v1/var/cfs/qm/nats"),
             ("POST", "/v1/jobs"),
         ]
         assert nomad.calls[-1] == ("POST", "/v1/client/allocation/alloc-3/signal")

@@ -34,6 +34,32 @@ cluster {{
 }}
 {SITE_AUTH}"""
 ADMISSION = 'authorization {\n  users = [ { nkey: "UADMIN" } ]\n}\n'
+CERT = {"DestPath": "secrets/server.pem", "EmbeddedTmpl": '{{ with nomadVar "x" }}{{ end }}'}
+# The parts of deploy/nomad/nats.nomad.hcl's job (as the API returns it) the runner reads.
+JOB = {
+    "ID": "cfs-nats",
+    "TaskGroups": [
+        {
+            "Name": "nats",
+            "Tasks": [
+                {
+                    "Name": "nats-server",
+                    "Driver": "docker",
+                    "Config": {
+                        "image": "nats:2.14-alpine",
+                        "network_mode": "host",
+                        "args": ["-c", "/local/nats.conf"],
+                    },
+                    "Templates": [
+                        CERT,
+                        {"DestPath": "secrets/auth.conf", "EmbeddedTmpl": "{{ .auth_conf }}"},
+                        {"DestPath": "local/nats.conf", "EmbeddedTmpl": "server_name: x"},
+                    ],
+                }
+            ],
+        }
+    ],
+}
 
 
 @dataclass
@@ -52,7 +78,9 @@ class FakeNomad:
             return web.json_response(self.allocations)
         if request.method == "GET" and path.startswith("/v1/client/fs/cat/"):
             return web.Response(text=RENDERED)
-        if path == "/v1/var/nomad/jobs/cfs-nats":
+        if request.method == "GET" and path == "/v1/job/cfs-nats":
+            return web.json_response(JOB)
+        if path == "/v1/var/cfs/local/nats":
             if request.method == "GET":
                 return web.json_response({"Items": self.items, "ModifyIndex": self.index})
             if int(request.query["cas"]) != self.index:
@@ -113,7 +141,7 @@ async def test_nomad_runner_restarts_the_survivor_as_seed_and_reopens_it(
     nomad: tuple[FakeNomad, str],
 ) -> None:
     fake, address = nomad
-    runner = NomadRunner(address, token="tok")
+    runner = NomadRunner(address, site="local", token="tok")
     config = await runner.prepare("storage-3")
     assert config == RENDERED
     plan = plan_recovery(Mode.NOMAD, _facts(config))
@@ -124,38 +152,45 @@ async def test_nomad_runner_restarts_the_survivor_as_seed_and_reopens_it(
     assert calls == [
         ("GET", "/v1/job/cfs-nats/allocations"),
         ("GET", "/v1/client/fs/cat/a-3"),
-        ("GET", "/v1/var/nomad/jobs/cfs-nats"),
+        ("GET", "/v1/job/cfs-nats"),
+        ("GET", "/v1/var/cfs/local/nats"),
         ("POST", "/v1/jobs"),  # the witness
-        ("PUT", "/v1/var/nomad/jobs/cfs-nats"),  # the seed's overrides
+        ("PUT", "/v1/var/cfs/local/nats"),  # the seed's overrides
         ("POST", "/v1/client/allocation/a-3/restart"),
         ("DELETE", "/v1/job/cfs-nats-witness-20260101t000000z"),
-        ("PUT", "/v1/var/nomad/jobs/cfs-nats"),  # the site's authorization back
+        ("PUT", "/v1/var/cfs/local/nats"),  # the site's authorization back
         ("POST", "/v1/client/allocation/a-3/signal"),
     ]
     by_call = {(m, p, i): (q, b) for i, (m, p, q, b) in enumerate(fake.requests)}
     assert by_call["GET", "/v1/client/fs/cat/a-3", 1][0] == {"path": "nats-server/local/nats.conf"}
     # The witness runs on the survivor's node with the witness config, admin only.
-    job = by_call["POST", "/v1/jobs", 3][1]["Job"]
+    job = by_call["POST", "/v1/jobs", 4][1]["Job"]
     assert job["Constraints"][0]["RTarget"] == "storage-3"
-    witness_conf = job["TaskGroups"][0]["Tasks"][0]["Templates"][0]["EmbeddedTmpl"]
+    task = job["TaskGroups"][0]["Tasks"][0]
+    assert task["Driver"] == "docker" and task["Config"]["image"] == "nats:2.14-alpine"
+    assert task["Config"]["args"] == ["-c", "/local/witness.conf"]
+    templates = {t["DestPath"]: t["EmbeddedTmpl"] for t in task["Templates"]}
+    assert templates["secrets/server.pem"] == CERT["EmbeddedTmpl"]  # the survivor's cert
+    assert templates["secrets/auth.conf"] == ADMISSION
+    witness_conf = templates["local/witness.conf"]
     assert find(witness_conf, "server_name").scalar == "storage-3-witness"  # type: ignore[union-attr]
     assert block(witness_conf, "authorization") == block(ADMISSION, "authorization")
     # Seed: compare-and-set on the variable; admin only; fresh store; original kept.
-    query, body = by_call["PUT", "/v1/var/nomad/jobs/cfs-nats", 4]
+    query, body = by_call["PUT", "/v1/var/cfs/local/nats", 5]
     assert query == {"cas": "41"}
     seed = body["Items"][AUTH_ITEM]
     assert block(seed, "authorization") == block(ADMISSION, "authorization")
     assert "/data/jetstream.reseed-20260101T000000Z" in (block(seed, "jetstream") or "")
     assert body["Items"][SAVED_AUTH_ITEM] == SITE_AUTH
-    assert by_call["POST", "/v1/client/allocation/a-3/restart", 5][1] == {"TaskName": "nats-server"}
-    assert by_call["DELETE", "/v1/job/cfs-nats-witness-20260101t000000z", 6][0] == {"purge": "true"}
+    assert by_call["POST", "/v1/client/allocation/a-3/restart", 6][1] == {"TaskName": "nats-server"}
+    assert by_call["DELETE", "/v1/job/cfs-nats-witness-20260101t000000z", 7][0] == {"purge": "true"}
     # Open: the site's authorization after the overrides (it wins), then a reload.
-    query, body = by_call["PUT", "/v1/var/nomad/jobs/cfs-nats", 7]
+    query, body = by_call["PUT", "/v1/var/cfs/local/nats", 8]
     assert query == {"cas": "42"}
     opened = body["Items"][AUTH_ITEM]
     assert block(opened, "authorization") == block(SITE_AUTH, "authorization")
     assert find(block(opened, "cluster") or "", "name").scalar == plan.new_cluster  # type: ignore[union-attr]
-    assert by_call["POST", "/v1/client/allocation/a-3/signal", 8][1] == {
+    assert by_call["POST", "/v1/client/allocation/a-3/signal", 9][1] == {
         "Task": "nats-server",
         "Signal": "SIGHUP",
     }
@@ -165,8 +200,8 @@ async def test_nomad_runner_restarts_the_survivor_as_seed_and_reopens_it(
 async def test_nomad_runner_errors_name_the_problem(nomad: tuple[FakeNomad, str]) -> None:
     fake, address = nomad
     with pytest.raises(RunnerError, match="no running allocation on node 'storage-9'"):
-        await NomadRunner(address, token="tok").prepare("storage-9")
-    runner = NomadRunner(address, token="tok")
+        await NomadRunner(address, site="local", token="tok").prepare("storage-9")
+    runner = NomadRunner(address, site="local", token="tok")
     await runner.prepare("storage-3")
     plan = plan_recovery(Mode.NOMAD, _facts(RENDERED))
     fake.index = 99  # someone else changed the variable meanwhile: compare-and-set refuses
@@ -174,4 +209,4 @@ async def test_nomad_runner_errors_name_the_problem(nomad: tuple[FakeNomad, str]
     with pytest.raises(RunnerError, match="409 cas conflict"):
         await runner.perform(seed, plan)
     with pytest.raises(RunnerError, match=re.escape("Nomad GET http://127.0.0.1:1/")):
-        await NomadRunner("http://127.0.0.1:1", token="tok").prepare("storage-3")
+        await NomadRunner("http://127.0.0.1:1", site="local", token="tok").prepare("storage-3")

@@ -112,7 +112,7 @@ async def recover(
     if mode is Mode.DEV and control is not None:
         runner = DevRunner(control)
     elif mode is Mode.NOMAD and options.nomad:
-        nomad = NomadRunner(options.nomad, job=options.nomad_job)
+        nomad = NomadRunner(options.nomad, site=settings.site, job=options.nomad_job)
         config_text = await nomad.prepare(survivor)
         runner = nomad
     else:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 from cfs.recovery.natsconf import (
     NatsConfigError,
@@ -36,7 +37,7 @@ from cfs.recovery.natsconf import (
 
 SYSTEM_USER = "cfs-recovery-sys"
 WITNESS_PORT = 6299
-HOST = "127.0.0.1"  # the witness runs on the survivor's host: routes over loopback
+HOST = "127.0.0.1"  # the witness's client port: nobody connects to it
 
 
 class Mode(StrEnum):
@@ -233,10 +234,16 @@ def _witness_name(facts: RecoveryFacts) -> str:
     return f"{facts.server}-witness"
 
 
+def _route_host(facts: RecoveryFacts) -> str:
+    """The witness runs on the survivor's host; routes between them use the address its
+    clients use, which its TLS certificate names (loopback may not be in it)."""
+    return urlsplit(facts.url if "://" in facts.url else f"nats://{facts.url}").hostname or HOST
+
+
 def _seed_overrides(
     facts: RecoveryFacts, config: ServerConfig, new_cluster: str, *, admission: bool
 ) -> list[str]:
-    witness_route = f"nats://{HOST}:{facts.witness_port}"
+    witness_route = f"nats://{_route_host(facts)}:{facts.witness_port}"
     parts = [
         cluster_override(config, new_cluster, [witness_route]),
         accounts_with_system_user(config.accounts_body, SYSTEM_USER, facts.system_password),
@@ -249,12 +256,12 @@ def _seed_overrides(
 def _witness_overrides(
     facts: RecoveryFacts, config: ServerConfig, new_cluster: str, store: str, pid_file: str | None
 ) -> list[str]:
-    seed_route = f"nats://{HOST}:{config.cluster_port}"
+    seed_route = f"nats://{_route_host(facts)}:{config.cluster_port}"
     cluster = rewrite_block(
         config.cluster_body,
         {
             "name": quote(new_cluster),
-            "listen": quote(f"{HOST}:{facts.witness_port}"),
+            "listen": quote(f"{_route_host(facts)}:{facts.witness_port}"),
             "routes": f"[{quote(seed_route)}]",
             # the seed must not tell its clients about the witness: they would connect
             # to it, and through its routes reach the seed's streams before the import
@@ -464,7 +471,7 @@ def _nomad_plan(
         "open-overrides.conf": "\n".join(opened) + "\n",
         "witness.conf": str(facts.config_text).rstrip()
         + "\n\n"
-        + "\n".join(_witness_overrides(facts, config, new_cluster, "witness-store", None))
+        + "\n".join(_witness_overrides(facts, config, new_cluster, "/local/witness-store", None))
         + "\n",
     }
     closed = facts.admission is not None

@@ -4,16 +4,18 @@
 - `ManualRunner`: a person. The steps and their exact commands are printed; the
   command's own waits that follow notice when they are done.
 - `NomadRunner`: the Nomad HTTP API (`--nomad ADDR`, token from `NOMAD_TOKEN`), for the
-  `cfs-nats` system job of `deploy/nomad`: its template appends the variable item
-  `auth_conf` of `nomad/jobs/<job>` to each server's config. The runner reads the
-  survivor's rendered config through the allocation's file system API, runs the
-  witness as a job of its own pinned to the survivor's node, puts the seed overrides
-  (new cluster name, fresh store dir, system user, admin-only authorization) into
-  `auth_conf` (the original kept in `cfs_recovery_auth_conf`, compare-and-set on the
-  variable), restarts the survivor's task, purges the witness job, and at the end puts
-  the site's authorization back and signals the task to reload (SIGHUP). The job's
-  template should use `change_mode = "noop"` or `"signal"` (SIGHUP): a restart of the
-  lone seed after the witness is gone would wait for a route.
+  `cfs-nats` job of `deploy/nomad/nats.nomad.hcl`: its `local/nats.conf` ends by
+  including `secrets/auth.conf`, rendered from the item `auth_conf` of the variable
+  `cfs/<site>/nats` (re-rendered with SIGHUP on a change). The runner reads the
+  survivor's rendered config through the allocation's file system API and the job's
+  spec (driver, image, TLS templates), runs the witness as a job of its own pinned to
+  the survivor's node (same image and certificates, the admin-only authorization), puts
+  the seed overrides (new cluster name, fresh store dir, system user, admin-only
+  authorization) into `auth_conf` (compare-and-set; the original kept in
+  `cfs_recovery_auth_conf`), restarts the survivor's task (a reload cannot change the
+  store or the cluster name), purges the witness job, and at the end puts the site's
+  authorization back after the overrides and signals the task (SIGHUP: a restart of the
+  lone seed would wait for a route to the gone witness).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class NomadRunner:
         self,
         address: str,
         *,
+        site: str,
         job: str = "cfs-nats",
         task: str = "nats-server",
         config_path: str = "local/nats.conf",
@@ -111,15 +114,13 @@ class NomadRunner:
         self.job = job
         self.task = task
         self.config_path = config_path
+        self.var_path = f"cfs/{site}/nats"
         self.token = token if token is not None else os.environ.get("NOMAD_TOKEN")
         self.name = f"Nomad at {self.address}, job {job}"
         self.alloc_id: str | None = None
         self.items: dict[str, str] = {}
         self.var_index = 0
-
-    @property
-    def var_path(self) -> str:
-        return f"nomad/jobs/{self.job}"
+        self.task_spec: dict[str, Any] = {}  # the survivor's task in the job: driver, config
 
     def witness_job_id(self, plan: RecoveryPlan) -> str:
         return f"{self.job}-witness-{plan.facts.stamp.lower()}"
@@ -168,6 +169,9 @@ class NomadRunner:
             f"/v1/client/fs/cat/{self.alloc_id}",
             params={"path": f"{self.task}/{self.config_path}"},
         )
+        spec = await self._call("GET", f"/v1/job/{self.job}")
+        tasks = [t for g in (spec or {}).get("TaskGroups") or [] for t in g.get("Tasks") or []]
+        self.task_spec = next((t for t in tasks if t.get("Name") == self.task), {})
         variable = await self._call("GET", f"/v1/var/{self.var_path}")
         self.items = dict((variable or {}).get("Items") or {})
         self.var_index = int((variable or {}).get("ModifyIndex") or 0)
@@ -218,7 +222,21 @@ class NomadRunner:
             self.var_index = int(answer["ModifyIndex"])
 
     def _witness_job(self, plan: RecoveryPlan) -> dict[str, Any]:
+        """The survivor's task again (its driver, image and certificate templates) with
+        the witness's config and the admin-only authorization, pinned to its node."""
         job_id = self.witness_job_id(plan)
+        config = dict(self.task_spec.get("Config") or {"command": "nats-server"})
+        config["args"] = ["-c", "/local/witness.conf"]
+        templates = [
+            t
+            for t in self.task_spec.get("Templates") or []
+            if str(t.get("DestPath", "")).startswith("secrets/")
+            and t.get("DestPath") != "secrets/auth.conf"
+        ]
+        templates += [
+            _static("secrets/auth.conf", plan.facts.admission or ""),
+            _static("local/witness.conf", plan.files["witness.conf"]),
+        ]
         return {
             "ID": job_id,
             "Name": job_id,
@@ -240,23 +258,23 @@ class NomadRunner:
                     "Tasks": [
                         {
                             "Name": "nats-server",
-                            "Driver": "exec",
-                            "Config": {
-                                "command": "nats-server",
-                                "args": ["-c", "${NOMAD_TASK_DIR}/witness.conf"],
-                            },
-                            "Templates": [
-                                {
-                                    "DestPath": "local/witness.conf",
-                                    "EmbeddedTmpl": plan.files["witness.conf"],
-                                    "ChangeMode": "noop",
-                                    "LeftDelim": "[[cfs[[",
-                                    "RightDelim": "]]cfs]]",
-                                    "Perms": "0600",
-                                }
-                            ],
+                            "Driver": self.task_spec.get("Driver", "exec"),
+                            "Config": config,
+                            "Templates": templates,
                         }
                     ],
                 }
             ],
         }
+
+
+def _static(dest: str, text: str) -> dict[str, Any]:
+    """A template that renders `text` as it is (delimiters nothing in it uses)."""
+    return {
+        "DestPath": dest,
+        "EmbeddedTmpl": text,
+        "ChangeMode": "noop",
+        "LeftDelim": "[[cfs[[",
+        "RightDelim": "]]cfs]]",
+        "Perms": "0600",
+    }
