@@ -204,6 +204,9 @@ def test_manual_configs_include_the_original_and_override_what_must_change() -> 
     assert "nats://127.0.0.1:6299" in seed_cluster and "6223" not in seed_cluster
     assert block(seed, "authorization") == block(ADMISSION, "authorization")
     assert block(opened, "authorization") is None  # the included site authorization applies
+    # open: routes to itself (ignored by it; what servers added later dial), not the witness
+    assert "nats://127.0.0.1:6222" in (block(opened, "cluster") or "")
+    assert "6299" not in (block(opened, "cluster") or "")
     # The witness: its own name, ports and store; never advertised, admin only.
     assert find(witness, "server_name").scalar == "storage-3-witness"  # type: ignore[union-attr]
     witness_cluster = block(witness, "cluster") or ""

@@ -243,9 +243,13 @@ def _route_host(facts: RecoveryFacts) -> str:
 def _seed_overrides(
     facts: RecoveryFacts, config: ServerConfig, new_cluster: str, *, admission: bool
 ) -> list[str]:
-    witness_route = f"nats://{_route_host(facts)}:{facts.witness_port}"
+    # Closed: routes to the witness only (the pair elects). Open: to itself, which a
+    # server ignores, and which servers added later with the same overrides (Nomad
+    # renders them into every allocation) dial to join the new cluster.
+    host = _route_host(facts)
+    route = f"nats://{host}:{facts.witness_port if admission else config.cluster_port}"
     parts = [
-        cluster_override(config, new_cluster, [witness_route]),
+        cluster_override(config, new_cluster, [route]),
         accounts_with_system_user(config.accounts_body, SYSTEM_USER, facts.system_password),
     ]
     if admission and facts.admission is not None:
