@@ -121,6 +121,11 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def nats_nodes(site: DevSite) -> list[str]:
+    """The nodes that run a NATS server (a dev site runs three at most)."""
+    return sorted(n for n, entry in site.json("dev", "status")["nodes"].items() if entry["nats"])
+
+
 def _site_whole(site: DevSite, nodes: list[str]) -> bool:
     result = site.cfs("admin", "status")
     return result.returncode == 0 and all(f'Node "{n}" is UP' in result.stdout for n in nodes)

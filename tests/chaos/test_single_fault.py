@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.harness import CHAOS_LOGS, run
+from tests.chaos.harness import CHAOS_LOGS, nats_nodes, run
 from tests.chaos.schedule import draw
 from tests.scenarios.conftest import DevSite
 
@@ -28,7 +28,7 @@ def test_single_faults_cause_no_application_error(
     site = dev_site_factory(nodes=len(nodes))
     outcomes = []
     for seed in DEFAULT_SEEDS:
-        schedule = draw("single", seed, nodes, faults=1)
+        schedule = draw("single", seed, nodes, nats_nodes=nats_nodes(site), faults=1)
         outcomes.append(run(site, schedule, nodes, site.mnt / f"seed-{seed}"))
     for outcome in outcomes:
         assert outcome.safe, outcome.summary()
