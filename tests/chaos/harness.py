@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cfs_membership.transport import NetemRule, write_rules
 from tests.chaos.schedule import NATS, Fault, Kind, Schedule, replay_command
 from tests.chaos.workload import Workload
 from tests.scenarios.conftest import NODE_LOSS_LOGS, DevSite, wait_for
@@ -104,6 +105,15 @@ class Injector:
                 time.sleep(fault.hold_s)
             finally:
                 os.kill(pid, signal.SIGCONT)
+        elif fault.kind is Kind.SWIM_CUT:
+            # The dev site's membership processes follow one rules file (re-read live).
+            netem = Path(site.json("dev", "status")["state_dir"]) / "netem.json"
+            write_rules(netem, [NetemRule(src=node, dst="*", loss=1.0),
+                                NetemRule(src="*", dst=node, loss=1.0)])  # fmt: skip
+            try:
+                time.sleep(fault.hold_s)
+            finally:
+                write_rules(netem, [])
         elif fault.kind is Kind.RESTART_NATS:
             pid = _pid(site, node, NATS)
             os.kill(pid, signal.SIGTERM)

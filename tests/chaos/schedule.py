@@ -20,6 +20,7 @@ class Kind(StrEnum):
     KILL_SERVICE = "kill-service"  # kill -9 one service process (its supervisor restarts it)
     STOP_PROCESS = "stop-process"  # SIGSTOP one service process or NATS server, then SIGCONT
     RESTART_NATS = "restart-nats"  # SIGTERM a NATS server, start it again
+    SWIM_CUT = "swim-cut"  # every SWIM datagram to and from a node lost (UDP)
 
 
 SINGLE_KINDS = tuple(Kind)
@@ -75,6 +76,8 @@ def draw(
         kind = rng.choice(SINGLE_KINDS)
         if kind in (Kind.KILL_NATS, Kind.RESTART_NATS):
             process = NATS
+        elif kind is Kind.SWIM_CUT:
+            process = "membership"
         elif kind is Kind.STOP_PROCESS:
             process = rng.choice((*SERVICES, NATS))
         else:

@@ -18,7 +18,9 @@ from tests.scenarios.conftest import DevSite
 
 pytestmark = pytest.mark.expected_logs(*CHAOS_LOGS)
 
-DEFAULT_SEEDS = (1, 2, 3)
+# Seeds whose faults differ in kind: SWIM cut off a node, SIGSTOP of a chunk-store for
+# 7.4 s, kill -9 of a whole node (services and NATS server).
+DEFAULT_SEEDS = (2, 4, 11)
 
 
 def test_single_faults_cause_no_application_error(
