@@ -152,8 +152,11 @@ def _stuck(site: DevSite) -> list[str]:
     return down
 
 
-def run(site: DevSite, schedule: Schedule, nodes: list[str], root: Path) -> Outcome:
-    """The workload under `schedule` on `site`, healed and verified."""
+def run(
+    site: DevSite, schedule: Schedule, nodes: list[str], root: Path, *, replay: str = ""
+) -> Outcome:
+    """The workload under `schedule` on `site`, healed and verified; `replay`: the
+    command that runs it again (default: `make chaos` for this seed)."""
     workload = Workload(root, schedule.seed)
     injector = Injector(site)
     errors: list[BaseException] = []
@@ -207,7 +210,7 @@ def run(site: DevSite, schedule: Schedule, nodes: list[str], root: Path) -> Outc
         longest_op=workload.longest_op,
         checker_clean=check is not None and check.returncode == 0,
         stuck=_stuck(site),
-        replay=replay_command(schedule, len(nodes)),
+        replay=replay or replay_command(schedule, len(nodes)),
     )
     record(outcome)
     print("\n[chaos] " + outcome.summary())

@@ -61,12 +61,14 @@ def draw(
     nats_nodes: list[str] | None = None,
     faults: int = 2,
     hold_s: tuple[float, float] = (3.0, 8.0),
+    stop_s: float | None = 30.0,
     settle_s: float = 4.0,
 ) -> Schedule:
     """The schedule `name` for `seed`: `faults` faults over `nodes` (a NATS server's
     only on `nats_nodes`, those that run one; default: all); each fault held
-    between `hold_s` bounds; `single` leaves `settle_s` between one heal and the next
-    fault (time for the site to be whole again)."""
+    between `hold_s` bounds, a SIGSTOP for `stop_s` (issue 19's 30 s) unless None;
+    `single` leaves `settle_s` between one heal and the next fault (time for the site
+    to be whole again)."""
     if name not in ("single", "multi"):
         raise ValueError(f"unknown schedule {name!r} (single, multi)")
     rng = random.Random(f"{name}:{seed}")
@@ -85,6 +87,8 @@ def draw(
         candidates = (nats_nodes or nodes) if process == NATS else nodes
         node = rng.choice(candidates)
         hold = round(rng.uniform(*hold_s), 1)
+        if kind is Kind.STOP_PROCESS and stop_s is not None:
+            hold = stop_s
         if name == "multi" and drawn and rng.random() < 0.5:
             # Overlap the previous fault, on another node.
             last = drawn[-1]

@@ -425,6 +425,9 @@ async def _run_with_fake_nomad(nomad: NomadOnSite, env: dict[str, str], cwd: Pat
     return text
 
 
+# make test-slow: the Nomad runner's requests are checked against a fake Nomad in the
+# unit suite (test_quorum_nomad.py); this drives real servers through it.
+@pytest.mark.slow
 def test_force_leader_through_the_nomad_api_on_real_servers(
     site: LocalSite, tmp_path: Path
 ) -> None:
