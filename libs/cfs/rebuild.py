@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 
-from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable, straggling_s
 from cfs.erasure import Scheme, decode, encode_some
 from cfs_contracts.data import fragment_key
 
@@ -29,10 +30,13 @@ async def gather(
 ) -> dict[int, bytes]:
     """k healthy fragments (index -> bytes): those in `have` (read locally), then
     from `holders`, data fragments first, asking more as some fail (each failure
-    passed to `on_error`); `Unrecoverable` when fewer than k answer."""
+    passed to `on_error`), and one more whenever a request is still unanswered well
+    after its siblings' answers (`straggling_s`: a holder stopped, not failed); the
+    first k answers win. `Unrecoverable` when fewer than k answer."""
     got: dict[int, bytes] = dict(have or {})
     failures: list[str] = []
     pending = sorted(i for i in holders if i not in got)
+    running: set[asyncio.Future[None]] = set()
 
     async def one(i: int) -> None:
         key = fragment_key(chunk_id, scheme.name, i)
@@ -43,12 +47,36 @@ async def gather(
             if on_error is not None:
                 on_error(exc)
 
-    while len(got) < scheme.k and pending:
-        wanted, pending = pending[: scheme.k - len(got)], pending[scheme.k - len(got) :]
-        await asyncio.gather(*(one(i) for i in wanted))
+    def ask(n: int) -> None:
+        nonlocal pending
+        running.update(asyncio.ensure_future(one(i)) for i in pending[:n])
+        pending = pending[n:]
+
+    started = answered_at = time.monotonic()
+    try:
+        while len(got) < scheme.k and (running or pending):
+            if (short := scheme.k - len(got) - len(running)) > 0 and pending:
+                ask(short)
+                continue
+            answered = answered_at > started
+            grace = answered_at + straggling_s(answered_at - started) - time.monotonic()
+            done, _ = await asyncio.wait(
+                running,
+                timeout=grace if answered and pending else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            running.difference_update(done)
+            if done:
+                answered_at = time.monotonic()
+            else:  # a straggler: ask one more holder beside it
+                ask(1)
+                answered_at = time.monotonic()
+    finally:
+        for task in running:
+            task.cancel()
     if len(got) < scheme.k:
         raise Unrecoverable(len(got), scheme.k, "; ".join(failures) or "no other holder")
-    return got
+    return dict(sorted(got.items())[: scheme.k]) if len(got) > scheme.k else got
 
 
 async def rebuild_fragments(

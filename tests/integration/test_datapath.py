@@ -240,7 +240,8 @@ async def test_a_stopped_chunkstore_costs_a_writer_seconds_not_its_timeout(
     """One chunk-store stopped (SIGSTOP: it neither answers nor fails): each chunk's
     put to it is given up a little after its siblings answered and the fragment goes
     elsewhere (the chunk coded again for the nodes that answer), instead of the
-    writer waiting out the 10 s request timeout."""
+    writer waiting out the 10 s request timeout; a read asks another holder beside
+    a stopped one."""
     bus, meta, files = await _files(site, fragment_timeout_s=10.0)
     stopped = site.chunkstore(site.node_names[0])
     try:
@@ -256,6 +257,24 @@ async def test_a_stopped_chunkstore_costs_a_writer_seconds_not_its_timeout(
         assert took < 6.0, f"the write waited {took:.1f}s"
         assert await files.read_all(ino) == data
         print(f"\nwrite with one chunk-store stopped: {took:.2f}s")
+    finally:
+        await files.close()
+        await bus.close()
+
+    # Reading: the holder of a data fragment stopped; another holder is asked beside it.
+    bus, meta, files = await _files(site, fragment_timeout_s=10.0)  # nothing cached
+    try:
+        chunk = (await meta.getattr(ino)).chunks[0]
+        holder = site.chunkstore(chunk.fragments[0])
+        holder.pause()
+        try:
+            started = time.monotonic()
+            assert await files.read_all(ino) == data
+            took = time.monotonic() - started
+        finally:
+            holder.resume()
+        assert took < 6.0, f"the read waited {took:.1f}s"
+        print(f"read with a data fragment's holder stopped: {took:.2f}s")
     finally:
         await files.close()
         await bus.close()

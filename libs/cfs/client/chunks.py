@@ -41,6 +41,19 @@ _PUT_SECONDS = FRAGMENT_SECONDS.labels("put")
 _GET_SECONDS = FRAGMENT_SECONDS.labels("get")
 
 
+# A fragment request may take this long past its siblings' last answer, or this many
+# times as long as they took, whichever is more, before its node counts as stalled.
+STRAGGLER_MIN_S = 1.0
+STRAGGLER_FACTOR = 4.0
+
+
+def straggling_s(siblings_took_s: float) -> float:
+    """How long after its siblings' last answer a fragment request is given up (a
+    put placed elsewhere, a get asked of another holder): relative to the siblings,
+    so a machine slow for everyone gives up on no one."""
+    return max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * siblings_took_s)
+
+
 class FragmentError(FsError):
     def __init__(self, node: str, key: str, code: int, message: str, *, unreachable: bool = False):
         super().__init__(code, f"fragment {key} on {node}: {message}")

@@ -29,7 +29,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from cfs.bus import Bus, BusError
-from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable
+from cfs.client.chunks import ChunkStoreClient, FragmentError, Unrecoverable, straggling_s
 from cfs.client.metadata import MetadataClient
 from cfs.client.nodes import NodeView
 from cfs.client.tier import TierGate
@@ -383,18 +383,6 @@ class FileStore:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-# A fragment put may take this long past its last sibling's answer, or this many times
-# as long as the siblings took, whichever is more, before its node counts as stalled.
-STRAGGLER_MIN_S = 1.0
-STRAGGLER_FACTOR = 4.0
-
-
-def straggling_s(siblings_took_s: float) -> float:
-    """How long after its last sibling answered a fragment put is given up: relative
-    to the siblings, so a machine slow for everyone does not give up on anyone."""
-    return max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * siblings_took_s)
 
 
 class _OutOfNodes(FsError):
