@@ -112,6 +112,7 @@ def subjects(site: LocalSite) -> list[Served]:
     served = {s.service for s in found}
     # every service under test declares and serves at least one subject
     assert served == set(SERVICES), (served, [s.subject for s in found])
+    print(f"\nrequest subjects under test: {[s.subject for s in found]}")
     return found
 
 
