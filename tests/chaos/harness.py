@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cfs_membership.transport import NetemRule, write_rules
 from tests.chaos.schedule import NATS, Fault, Kind, Schedule, replay_command
 from tests.chaos.workload import Workload
 from tests.scenarios.conftest import NODE_LOSS_LOGS, DevSite, wait_for
@@ -104,20 +105,35 @@ class Injector:
                 time.sleep(fault.hold_s)
             finally:
                 os.kill(pid, signal.SIGCONT)
+        elif fault.kind is Kind.SWIM_CUT:
+            # The dev site's membership processes follow one rules file (re-read live).
+            netem = Path(site.json("dev", "status")["state_dir"]) / "netem.json"
+            write_rules(netem, [NetemRule(src=node, dst="*", loss=1.0),
+                                NetemRule(src="*", dst=node, loss=1.0)])  # fmt: skip
+            try:
+                time.sleep(fault.hold_s)
+            finally:
+                write_rules(netem, [])
         elif fault.kind is Kind.RESTART_NATS:
             pid = _pid(site, node, NATS)
             os.kill(pid, signal.SIGTERM)
-            wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=30)
+            wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=60)
             time.sleep(min(fault.hold_s, 1.0))
             site.ok("dev", "start", node)
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie the supervisor has not reaped yet has exited)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
+
+
+def nats_nodes(site: DevSite) -> list[str]:
+    """The nodes that run a NATS server (a dev site runs three at most)."""
+    return sorted(n for n, entry in site.json("dev", "status")["nodes"].items() if entry["nats"])
 
 
 def _site_whole(site: DevSite, nodes: list[str]) -> bool:
@@ -136,8 +152,11 @@ def _stuck(site: DevSite) -> list[str]:
     return down
 
 
-def run(site: DevSite, schedule: Schedule, nodes: list[str], root: Path) -> Outcome:
-    """The workload under `schedule` on `site`, healed and verified."""
+def run(
+    site: DevSite, schedule: Schedule, nodes: list[str], root: Path, *, replay: str = ""
+) -> Outcome:
+    """The workload under `schedule` on `site`, healed and verified; `replay`: the
+    command that runs it again (default: `make chaos` for this seed)."""
     workload = Workload(root, schedule.seed)
     injector = Injector(site)
     errors: list[BaseException] = []
@@ -191,7 +210,7 @@ def run(site: DevSite, schedule: Schedule, nodes: list[str], root: Path) -> Outc
         longest_op=workload.longest_op,
         checker_clean=check is not None and check.returncode == 0,
         stuck=_stuck(site),
-        replay=replay_command(schedule, len(nodes)),
+        replay=replay or replay_command(schedule, len(nodes)),
     )
     record(outcome)
     print("\n[chaos] " + outcome.summary())

@@ -20,6 +20,7 @@ class Kind(StrEnum):
     KILL_SERVICE = "kill-service"  # kill -9 one service process (its supervisor restarts it)
     STOP_PROCESS = "stop-process"  # SIGSTOP one service process or NATS server, then SIGCONT
     RESTART_NATS = "restart-nats"  # SIGTERM a NATS server, start it again
+    SWIM_CUT = "swim-cut"  # every SWIM datagram to and from a node lost (UDP)
 
 
 SINGLE_KINDS = tuple(Kind)
@@ -57,13 +58,17 @@ def draw(
     seed: int,
     nodes: list[str],
     *,
+    nats_nodes: list[str] | None = None,
     faults: int = 2,
     hold_s: tuple[float, float] = (3.0, 8.0),
+    stop_s: float | None = 30.0,
     settle_s: float = 4.0,
 ) -> Schedule:
-    """The schedule `name` for `seed`: `faults` faults over `nodes`; each fault held
-    between `hold_s` bounds; `single` leaves `settle_s` between one heal and the next
-    fault (time for the site to be whole again)."""
+    """The schedule `name` for `seed`: `faults` faults over `nodes` (a NATS server's
+    only on `nats_nodes`, those that run one; default: all); each fault held
+    between `hold_s` bounds, a SIGSTOP for `stop_s` (issue 19's 30 s) unless None;
+    `single` leaves `settle_s` between one heal and the next fault (time for the site
+    to be whole again)."""
     if name not in ("single", "multi"):
         raise ValueError(f"unknown schedule {name!r} (single, multi)")
     rng = random.Random(f"{name}:{seed}")
@@ -71,18 +76,23 @@ def draw(
     at = 2.0  # the workload runs a little before the first fault
     for _ in range(faults):
         kind = rng.choice(SINGLE_KINDS)
-        node = rng.choice(nodes)
         if kind in (Kind.KILL_NATS, Kind.RESTART_NATS):
             process = NATS
+        elif kind is Kind.SWIM_CUT:
+            process = "membership"
         elif kind is Kind.STOP_PROCESS:
             process = rng.choice((*SERVICES, NATS))
         else:
             process = rng.choice(SERVICES) if kind is Kind.KILL_SERVICE else "*"
+        candidates = (nats_nodes or nodes) if process == NATS else nodes
+        node = rng.choice(candidates)
         hold = round(rng.uniform(*hold_s), 1)
+        if kind is Kind.STOP_PROCESS and stop_s is not None:
+            hold = stop_s
         if name == "multi" and drawn and rng.random() < 0.5:
             # Overlap the previous fault, on another node.
             last = drawn[-1]
-            node = rng.choice([n for n in nodes if n != last.node] or nodes)
+            node = rng.choice([n for n in candidates if n != last.node] or candidates)
             start = round(last.at_s + rng.uniform(0.0, last.hold_s), 1)
         else:
             start = round(at, 1)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.harness import CHAOS_LOGS, run
+from tests.chaos.harness import CHAOS_LOGS, nats_nodes, run
 from tests.chaos.schedule import draw
 from tests.scenarios.conftest import DevSite
 
@@ -44,7 +44,8 @@ def test_chaos(dev_site_factory: Callable[..., DevSite], schedule: str, nodes: i
     site = dev_site_factory(nodes=nodes)
     unsafe = []
     for seed in seeds():
-        outcome = run(site, draw(schedule, seed, names), names, site.mnt / f"seed-{seed}")
+        drawn = draw(schedule, seed, names, nats_nodes=nats_nodes(site))
+        outcome = run(site, drawn, names, site.mnt / f"seed-{seed}")
         if not outcome.safe or (schedule == "single" and outcome.failed_ops):
             unsafe.append(outcome.summary())
     assert not unsafe, "\n".join(unsafe)

@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -229,6 +230,33 @@ async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_ei
     finally:
         for proc in stores:
             proc.resume()
+        await files.close()
+        await bus.close()
+
+
+async def test_a_stopped_chunkstore_costs_a_writer_seconds_not_its_timeout(
+    site: LocalSite,
+) -> None:
+    """One chunk-store stopped (SIGSTOP: it neither answers nor fails): each chunk's
+    put to it is given up a little after its siblings answered and the fragment goes
+    elsewhere (the chunk coded again for the nodes that answer), instead of the
+    writer waiting out the 10 s request timeout."""
+    bus, meta, files = await _files(site, fragment_timeout_s=10.0)
+    stopped = site.chunkstore(site.node_names[0])
+    try:
+        ino = (await meta.create(ROOT_INO, "one-stopped", 0o644)).ino
+        data = _blob(2 * CS + 11, 3)
+        stopped.pause()
+        try:
+            started = time.monotonic()
+            await files.write_all(ino, data)
+            took = time.monotonic() - started
+        finally:
+            stopped.resume()
+        assert took < 6.0, f"the write waited {took:.1f}s"
+        assert await files.read_all(ino) == data
+        print(f"\nwrite with one chunk-store stopped: {took:.2f}s")
+    finally:
         await files.close()
         await bus.close()
 

@@ -118,6 +118,7 @@ def test_a_failed_restore_fails_the_drill_names_the_step_and_still_tears_down(
     assert _drill_processes(tmp_path / "work") == []
 
 
+@pytest.mark.slow  # make test-slow
 def test_ctrl_c_stops_the_drill_tears_down_and_still_reports(live: DevSite, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
@@ -150,6 +151,7 @@ def test_ctrl_c_stops_the_drill_tears_down_and_still_reports(live: DevSite, tmp_
     assert _drill_processes(work) == []
 
 
+@pytest.mark.slow  # make test-slow: a failed step is covered by the test above
 @pytest.mark.expected_logs("fault.raise", "tier.recall_failed")
 def test_a_corrupt_copy_of_the_data_fails_the_restore(live: DevSite, tmp_path: Path) -> None:
     """A byte flipped in the copied blob: the restore checks every chunk against its

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import pytest
 
 from cfs.bus import Bus, ensure_buckets
 from cfs.client.nodes import NodeView
@@ -37,15 +40,25 @@ async def _until(check: object, timeout: float) -> float:
     return time.monotonic() - started
 
 
-async def test_the_view_is_rebuilt_from_a_bucket_reseeded_shorter(tmp_path: Path) -> None:
-    server = NatsServer.standalone(tmp_path / "nats")
-    server.start()
-    view: NodeView | None = None
-    buses: list[Bus] = []
+@pytest.fixture
+async def buses(nats_server: NatsServer) -> AsyncIterator[tuple[Bus, Bus]]:
+    """A writer's and a viewer's connection to a server with the site's buckets."""
+    bus = await Bus.connect(nats_server.url, site=SITE, node="a")
+    viewer = await Bus.connect(nats_server.url, site=SITE, node="viewer")
     try:
-        buses = [await Bus.connect(server.url, site=SITE, node=n) for n in ("a", "viewer")]
-        bus, viewer = buses
         await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
+        yield bus, viewer
+    finally:
+        await viewer.close(drain=False)
+        await bus.close(drain=False)
+
+
+async def test_the_view_is_rebuilt_from_a_bucket_reseeded_shorter(
+    nats_server: NatsServer, buses: tuple[Bus, Bus], tmp_path: Path
+) -> None:
+    server, (bus, viewer) = nats_server, buses
+    view: NodeView | None = None
+    try:
         for node in ("a", "b", "c"):
             await _put(bus, node, "before")
         await export_streams([server.url], [f"KV_{NODES.bucket}"], tmp_path / "export")
@@ -66,9 +79,6 @@ async def test_the_view_is_rebuilt_from_a_bucket_reseeded_shorter(tmp_path: Path
     finally:
         if view is not None:
             await view.stop()
-        for b in buses:
-            await b.close()
-        server.stop()
 
 
 async def _put_store(bus: Bus, node: str, serial: int) -> None:
@@ -85,19 +95,14 @@ async def _put_store(bus: Bus, node: str, serial: int) -> None:
     await kv.put(f"store.{node}", record.model_dump_json().encode())
 
 
-async def test_a_watch_that_died_silently_is_started_over(tmp_path: Path) -> None:
+async def test_a_watch_that_died_silently_is_started_over(buses: tuple[Bus, Bus]) -> None:
     """The watch's consumer is gone and nats-py's own heartbeat check, which would
     re-create it, has ended (as it does when a re-creation fails while the bucket's
     stream has no quorum): the view notices the silence of stores that refresh their
     records and watches again."""
-    server = NatsServer.standalone(tmp_path / "nats")
-    server.start()
+    bus, viewer = buses
     view: NodeView | None = None
-    buses: list[Bus] = []
     try:
-        buses = [await Bus.connect(server.url, site=SITE, node=n) for n in ("a", "viewer")]
-        bus, viewer = buses
-        await ensure_buckets(bus.js, SITE_BUCKETS, replicas=1)
         await _put_store(bus, "a", 1)
         view = NodeView(viewer, stale_after_s=2.0)
         await view.start()
@@ -120,6 +125,3 @@ async def test_a_watch_that_died_silently_is_started_over(tmp_path: Path) -> Non
     finally:
         if view is not None:
             await view.stop()
-        for b in buses:
-            await b.close()
-        server.stop()

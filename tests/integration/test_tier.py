@@ -56,6 +56,7 @@ URL = f"s3://{BUCKET}/data"
 KiB = 1024
 pytestmark = pytest.mark.expected_logs(
     "tier.s3_failing", "tier.watermark", "tier.alert", "retry.*", "data.put_failed",
+    "data.put_straggling",
     "fault.crash", "site.restarted", "lease.*", "singleton.*", "service.*",
     "data.degraded_read", "fragment.*",
 )  # fmt: skip

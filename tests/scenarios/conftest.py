@@ -48,6 +48,7 @@ NODE_LOSS_LOGS = (
     "store.heartbeat_failed",
     "data.degraded_read",  # reads around the lost node's fragments
     "data.put_failed",
+    "data.put_straggling",  # a put unanswered long after its siblings: sent elsewhere
     "data.recode",
     "fragment.event_failed",  # a put whose DATA event timed out with the lost server: EIO
     "leader.append_retry",  # the killed node's NATS server led a journal: appends wait

@@ -18,7 +18,8 @@ def test_a_seed_draws_the_same_schedule_and_single_never_overlaps(seed: int, n: 
     assert first == draw("single", seed, NODES, faults=n)
     assert len(first.faults) == n and not overlapping(first)
     for fault in first.faults:
-        assert fault.node in NODES and 3.0 <= fault.hold_s <= 8.0
+        assert fault.node in NODES
+        assert fault.hold_s == 30.0 if fault.kind is Kind.STOP_PROCESS else 3 <= fault.hold_s <= 8
         if fault.kind in (Kind.KILL_NATS, Kind.RESTART_NATS):
             assert fault.process == NATS
 

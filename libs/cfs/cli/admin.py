@@ -56,12 +56,23 @@ from cfs.admin.snapshot import (
 from cfs.bus import Bus, BusError
 from cfs.bus.errors import is_permission_error
 from cfs.cli.errors import CliError, ExitCode, one_line_errors
+from cfs.cli.recovery import (
+    NatsConfigOpt,
+    NatsStoreOpt,
+    NomadJobOpt,
+    NomadOpt,
+    RecoveryDirOpt,
+    RecoveryWaitOpt,
+    WitnessPortOpt,
+)
 from cfs.cluster import read_config
 from cfs.fuse.config import ClientSettings, client_settings
 from cfs.lease import Lease
 from cfs.objstore import S3Settings, S3Url, is_s3_url, open_store, s3_settings
 from cfs.objstore.base import write_file_atomically
-from cfs.recovery.quorum import recover_quorum
+from cfs.recovery.drive import RecoveryOptions, recover
+from cfs.recovery.natsconf import NatsConfigError
+from cfs.recovery.plan import WITNESS_PORT
 from cfs.recovery.streams import RecoveryError
 from cfs.security import Role
 from cfs_contracts.events.admin import AdminCommandCompleted
@@ -651,13 +662,34 @@ def raft_force_leader(
     yes_i_know: Annotated[
         bool, typer.Option("--yes-i-know", help="skip the confirmation (may lose data)")
     ] = False,
+    recovery_dir: RecoveryDirOpt = None,
+    wait: RecoveryWaitOpt = 600.0,
+    nomad: NomadOpt = None,
+    nomad_job: NomadJobOpt = "cfs-nats",
+    nats_config: NatsConfigOpt = None,
+    nats_store: NatsStoreOpt = None,
+    witness_port: WitnessPortOpt = WITNESS_PORT,
     cluster: ClusterOpt = None,
     site: SiteOpt = None,
     shards: ShardsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """DANGER: make LEADER the writer of the shard(s), even without a Raft quorum."""
+    """DANGER: make LEADER the writer of the shard(s), even without a Raft quorum.
+
+    Without a quorum the site is re-seeded from LEADER's NATS server: its streams are
+    exported, the server is restarted on a fresh store as the seed of a new cluster
+    (by the cfs dev supervisor, by Nomad with --nomad, or by the operator following
+    the printed steps while this command waits), and the export is imported."""
     settings = _settings(ctx, cluster, site, shards)
+    options = RecoveryOptions(
+        recovery_dir=recovery_dir,
+        wait_s=wait,
+        nomad=nomad,
+        nomad_job=nomad_job,
+        nats_config=nats_config,
+        nats_store=nats_store,
+        witness_port=witness_port,
+    )
     if not yes_i_know and not sys.stdin.isatty():
         raise CliError(
             "raft-force-leader may lose acknowledged operations; refusing without "
@@ -675,7 +707,7 @@ def raft_force_leader(
         arguments = {"shard": shard, "leader": leader, "shards": ",".join(chosen)}
         await _audit(bus, arguments, "requested")
         try:
-            result = await _force_leader(bus, settings, chosen, leader)
+            result = await _force_leader(bus, settings, chosen, leader, options)
         except (BusError, CliError, RecoveryError, TimeoutError) as exc:
             await _audit(bus, arguments, f"failed: {exc}")
             raise
@@ -702,7 +734,7 @@ async def _check_leader_known(bus: Bus, leader: str) -> None:
 
 
 async def _force_leader(
-    bus: Bus, settings: ClientSettings, chosen: list[str], leader: str
+    bus: Bus, settings: ClientSettings, chosen: list[str], leader: str, options: RecoveryOptions
 ) -> dict[str, Any]:
     """With quorum, move the lease by handoff; without, recover the quorum on `leader`."""
     views = await asyncio.gather(*(shard_view(bus, s) for s in chosen))
@@ -722,7 +754,18 @@ async def _force_leader(
         lines.append(shard_line(await shard_view(bus, name)))
     recovered: str | None = None
     if without:
-        recovered = await recover_quorum(settings, survivor=leader, shards=without)
+        try:
+            recovered = await recover(
+                bus,
+                settings,
+                survivor=leader,
+                server=connected_server_name(bus),
+                shards=without,
+                options=options,
+                say=lambda line: typer.echo(line, err=True),
+            )
+        except NatsConfigError as exc:
+            raise CliError(str(exc), ExitCode.USAGE) from None
         lines.append(
             f"quorum recovered on {leader} for shards {', '.join(without)}"
             + (f": {recovered}" if recovered else "")

@@ -171,14 +171,8 @@ class FileStore:
                 scheme = choose_scheme(len(candidates), self.nodes.ec_default)
                 fragments = await asyncio.to_thread(_encode_with_crcs, scheme, data)
                 order = [c.node for c in rank(chunk_id, candidates)]
-                spare = order[scheme.total :]
                 try:
-                    placed = await asyncio.gather(
-                        *(
-                            self._put_fragment(chunk_id, scheme, i, fragments[i], order[i], spare)
-                            for i in range(scheme.total)
-                        )
-                    )
+                    placed = await self._put_fragments(chunk_id, scheme, fragments, order)
                 except _OutOfNodes as exc:
                     if exc.errno == errno.ENOSPC and not self.nodes.eligible(len(data)):
                         raise FsError(exc.errno, exc.message) from None  # every node said full
@@ -199,19 +193,80 @@ class FileStore:
                 await self.tier.queued(ref, ino)
                 return ref
 
+    async def _put_fragments(
+        self, chunk_id: str, scheme: Scheme, fragments: list[tuple[bytes, int]], order: list[str]
+    ) -> list[str]:
+        """Every fragment on its node in `order` (else on a spare); returns the holders.
+
+        A put still unanswered well after all its siblings were (`straggling_s`) has
+        a node that stopped answering without failing (a process stopped, a server
+        gone quiet): waiting out the request timeout would stall the writer for it.
+        Its node is avoided and the fragment goes to the next spare, or, with none
+        left, `_OutOfNodes` has the chunk coded again for the nodes that answer. (A
+        put given up may still land later: an orphan for the fragment GC.)"""
+        spare = order[scheme.total :]
+        targets = dict(enumerate(order[: scheme.total]))
+
+        def put(index: int) -> asyncio.Future[str]:
+            return asyncio.ensure_future(
+                self._put_fragment(chunk_id, scheme, index, fragments[index], spare, targets)
+            )
+
+        running = {put(i): i for i in range(scheme.total)}
+        placed: dict[int, str] = {}
+        started = last_done = time.monotonic()
+        try:
+            while running:
+                grace = None
+                if placed:  # siblings answered: the rest may take a while longer, not forever
+                    grace = last_done + straggling_s(last_done - started) - time.monotonic()
+                done, _ = await asyncio.wait(
+                    running, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    placed[running.pop(task)] = task.result()  # _OutOfNodes propagates
+                    last_done = time.monotonic()
+                if done:
+                    continue
+                for task, index in list(running.items()):  # the grace is over: stragglers
+                    task.cancel()
+                    del running[task]
+                    node = targets[index]
+                    self.nodes.avoid(node)
+                    log.warning(
+                        "data.put_straggling",
+                        extra={"node": node, "chunk": chunk_id, "index": index,
+                               "after_s": round(time.monotonic() - started, 2)},
+                    )  # fmt: skip
+                    if not spare:
+                        raise _OutOfNodes(
+                            errno.EIO,
+                            f"fragment {index} of {chunk_id}: {node} did not answer "
+                            f"{time.monotonic() - last_done:.1f}s after the others",
+                        )
+                    targets[index] = spare.pop(0)
+                    running[put(index)] = index
+                last_done = time.monotonic()  # the window restarts for the puts sent again
+        finally:
+            for task in running:
+                task.cancel()
+        return [placed[i] for i in range(scheme.total)]
+
     async def _put_fragment(
         self,
         chunk_id: str,
         scheme: Scheme,
         index: int,
         fragment: tuple[bytes, int],
-        node: str,
         spare: list[str],
+        targets: dict[int, str],
     ) -> str:
-        """Store fragment `index` on `node`, else on the next spare node; returns the holder."""
+        """Store fragment `index` on `targets[index]`, else on the next spare node
+        (recorded in `targets`); returns the holder."""
         key = fragment_key(chunk_id, scheme.name, index)
         data, crc = fragment
         errors: list[str] = []
+        node = targets[index]
         while True:
             try:
                 await self.chunks.put(node, key, data, crc=crc)
@@ -225,7 +280,7 @@ class FileStore:
             if not spare:
                 code = errno.ENOSPC if all("full" in e for e in errors) else errno.EIO
                 raise _OutOfNodes(code, f"cannot place fragment {key}: {'; '.join(errors)}")
-            node = spare.pop(0)
+            node = targets[index] = spare.pop(0)
 
     async def fetch_chunk(self, ino: int, ref: ChunkRef) -> memoryview:
         """The chunk's bytes (`ref.length` of them, not copied); shared by concurrent readers."""
@@ -328,6 +383,18 @@ class FileStore:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+# A fragment put may take this long past its last sibling's answer, or this many times
+# as long as the siblings took, whichever is more, before its node counts as stalled.
+STRAGGLER_MIN_S = 1.0
+STRAGGLER_FACTOR = 4.0
+
+
+def straggling_s(siblings_took_s: float) -> float:
+    """How long after its last sibling answered a fragment put is given up: relative
+    to the siblings, so a machine slow for everyone does not give up on anyone."""
+    return max(STRAGGLER_MIN_S, STRAGGLER_FACTOR * siblings_took_s)
 
 
 class _OutOfNodes(FsError):

@@ -611,7 +611,9 @@ class NatsCluster:
             max_payload=self._max_payload,
             die_with_parent=self._die_with_parent,
             system_password=password,
-            auth_file=self._auth_file,
+            # the seed's admission, not the site's: a service that learns the witness's
+            # address from the seed must not reach the fresh streams through it
+            auth_file=admission if admission is not None else self._auth_file,
             tls=seed.tls_issuer,
         )
         seed.cluster_name = new_name
