@@ -234,7 +234,13 @@ class Registry:
                 raise SchemaVersionError(
                     f"no upcaster for {event_type} v{version} -> v{version + 1}"
                 )
-            payload = step(dict(payload))
+            try:
+                payload = step(dict(payload))
+            except Exception as exc:  # an upcaster meets whatever an old writer stored
+                raise MalformedEvent(
+                    f"{event_type} v{version}: cannot upcast to v{version + 1}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
             version += 1
         return payload
 
@@ -300,7 +306,9 @@ def encode_envelope(envelope: Envelope) -> bytes:
 def decode_envelope(raw: bytes) -> Envelope:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise MalformedEvent("not JSON: nested too deeply") from None
+    except ValueError as exc:  # bad UTF-8, bad syntax, an integer of too many digits
         raise MalformedEvent(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedEvent(f"envelope must be a JSON object, got {type(data).__name__}")

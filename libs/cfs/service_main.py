@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from cfs import faults
 from cfs.bus import Bus, BusError
 from cfs.kernel.spec import ServiceSpec
 from cfs.logs import setup_logging
 from cfs.security import CredentialsError
+from cfs.settingtypes import UrlList
 from cfs.telemetry import setup_tracing_from_env, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ServiceSettings(BaseSettings):
 
     node: str = Field(min_length=1, description="this node's id, e.g. storage-1")
     site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_urls: UrlList = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     nats_credentials: Path | None = None
     nats_ca: Path | None = Field(
         default=None, description="the site CA for NATS TLS (default: beside the credentials)"
@@ -108,6 +109,9 @@ def run_spec(spec: ServiceSpec, argv: list[str] | None = None) -> None:
             for err in exc.errors(include_input=False)
         )
         raise SystemExit(f"{spec.name}: bad settings: {problems}") from None
+    except SettingsError as exc:  # a CFS_* variable that is not what its field takes
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise SystemExit(f"{spec.name}: bad settings: {exc}{cause}") from None
     node = settings.node
     setup_logging(settings.log_level, service=spec.name, node=node)
     faults.scope(spec.name)

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 # A module import: cfs.retry imports cfs.bus.errors, which imports this package first.
 import cfs.retry as retrying
@@ -46,7 +47,7 @@ from cfs.ids import new_id
 from cfs.security import CredentialsError, connect_options, load_credentials
 from cfs.telemetry import inject_headers, publish_span
 from cfs_contracts import REGISTRY, Envelope, EventPayload, Registry
-from cfs_contracts.registry import encode_envelope
+from cfs_contracts.registry import ContractError, encode_envelope
 from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
 
 log = logging.getLogger(__name__)
@@ -593,6 +594,18 @@ class Bus:
         async def respond(msg: Msg) -> None:
             try:
                 reply = await handler(msg)
+            except (ValidationError, ContractError) as exc:  # the caller's mistake, not ours
+                log.info("rpc.bad_request", extra={"subject": msg.subject, "error": _first(exc)})
+                if msg.reply:
+                    await self.nc.publish(
+                        msg.reply,
+                        b"",
+                        headers={
+                            "Cfs-Error": "BadRequest",
+                            "Cfs-Error-Message": f"bad request: {_first(exc)}"[:512],
+                        },
+                    )
+                return
             except Exception as exc:  # reported to the caller, not swallowed
                 if not isinstance(exc, BusError):
                     log.exception("rpc.handler_failed", extra={"subject": msg.subject})
@@ -670,6 +683,15 @@ class Bus:
         if exc.temporary and (denied := self._refused(subject)):
             return PublishFailed(f"{what}: {denied}")
         return exc
+
+
+def _first(exc: ValidationError | ContractError) -> str:
+    """One line naming what is wrong with a request (never the values it held)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors(include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        return f"{where}: {' '.join(err['msg'].split())}"
+    return " ".join(str(exc).split())
 
 
 def _error_headers(exc: BaseException) -> dict[str, str]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import IntEnum
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+from typer import Exit
+from typer._click import Context
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
 from cfs.bus.errors import BusError, BusUnavailable, is_permission_error
 from cfs.fuse.config import ConfigError
@@ -77,3 +83,39 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
 def _fail(message: str, code: ExitCode) -> NoReturn:
     print(message.splitlines()[0] if message else "error", file=sys.stderr)
     raise SystemExit(int(code))
+
+
+class OneLineGroup(TyperGroup):
+    """The root command group: a usage error (an unknown option, a value of the wrong
+    type or out of range, a missing argument) is one line on stderr and exit code 2 like
+    every other failure, not click's framed usage text; and a failure in a command
+    group's own callback (`cfs fs` reads the client settings) is as one-line as a
+    command's."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Context | None = None,
+        **extra: Any,
+    ) -> Context:
+        with _usage_in_one_line():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Context) -> Any:
+        with _usage_in_one_line():
+            return one_line_errors(super().invoke)(ctx)
+
+
+@contextlib.contextmanager
+def _usage_in_one_line() -> Iterator[None]:
+    try:
+        yield
+    except NoArgsIsHelpError:  # `cfs admin` alone: its help, as before
+        raise
+    except ClickException as exc:
+        ctx: Context | None = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        first = (exc.format_message().splitlines() or ["bad usage"])[0]
+        print(f"error: {first}{hint}", file=sys.stderr)
+        raise Exit(exc.exit_code) from None

@@ -16,6 +16,7 @@ from cfs.cli import failover as _failover  # noqa: F401 (failover, failback, ...
 from cfs.cli import gc as _gc  # noqa: F401 (adds `cfs admin gc`)
 from cfs.cli import geo as _geo  # noqa: F401 (adds the replication commands)
 from cfs.cli import tier as _tier  # noqa: F401 (adds the data tier commands)
+from cfs.cli.errors import OneLineGroup
 from cfs.logs import setup_logging
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
     help="ClaudeFS: a distributed POSIX file system built for disaster recovery.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=OneLineGroup,
 )
 
 

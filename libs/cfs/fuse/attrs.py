@@ -45,11 +45,22 @@ def entry_attributes(inode: Inode) -> pyfuse3.EntryAttributes:
     attr.st_rdev = inode.rdev
     attr.st_size = inode.size
     attr.st_blksize = BLOCK_SIZE
-    attr.st_blocks = (inode.size + 511) // 512
+    attr.st_blocks = _blocks(inode)
     attr.st_atime_ns = inode.atime_ns
     attr.st_mtime_ns = inode.mtime_ns
     attr.st_ctime_ns = inode.ctime_ns
     return attr
+
+
+def _blocks(inode: Inode) -> int:
+    """512-byte blocks holding data: the committed chunks, so holes take no room (`du`
+    of a file written at 1 TiB is its one chunk). A file with a size but no chunk yet
+    (its data not committed) counts its size: tools such as tar take `st_blocks == 0`
+    for a file that is all hole and would skip its data."""
+    stored = min(sum(chunk.length for chunk in inode.chunks), inode.size)
+    if stored == 0:
+        stored = inode.size
+    return (stored + 511) // 512
 
 
 def posix_errors(

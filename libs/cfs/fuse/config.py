@@ -5,19 +5,22 @@ Kept free of pyfuse3 so `cfs fs` and `cfs umount` load quickly.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from cfs.security import Role, credentials_path
+from cfs.settingtypes import UrlList
 from cfs.tls import ca_path
 
 if TYPE_CHECKING:
@@ -55,7 +58,7 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CFS_", extra="ignore")
 
     site: str = "local"
-    nats_urls: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    nats_urls: UrlList = Field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     nats_credentials: Path | None = Field(
         default=None, description="one credentials file for every command (overrides the dir)"
     )
@@ -149,7 +152,25 @@ class ClientSettings(BaseSettings):
             return (init_settings, env_settings)
         if not path.is_file():
             raise ConfigError(f"cluster config {path} does not exist (CFS_CONFIG)")
+        _check_json_object(path)
         return (init_settings, env_settings, JsonConfigSettingsSource(settings_cls, path))
+
+
+def _check_json_object(path: Path) -> None:
+    """The cluster config must be a JSON object; say so in one line naming the file
+    (pydantic-settings would raise its parser's own error, or ignore a `null`)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cluster config {path}: {exc.strerror or exc}") from None
+    except RecursionError:
+        raise ConfigError(f"cluster config {path}: not JSON: nested too deeply") from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ConfigError(f"cluster config {path}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"cluster config {path}: must hold a JSON object, not {type(data).__name__}"
+        )
 
 
 def client_settings(
@@ -163,7 +184,22 @@ def client_settings(
         overrides["site"] = site
     if shards:
         overrides["shards"] = shards
-    return ClientSettings(**overrides)  # type: ignore[arg-type]
+    try:
+        return ClientSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:  # without the input values: they may hold secrets
+        err = exc.errors(include_input=False)[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ConfigError(
+            f"bad client settings (CFS_* or {_source()}): {where}: {err['msg']}"
+        ) from None
+    except SettingsError as exc:  # a variable or file that is not what the field takes
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigError(f"bad client settings (CFS_* or {_source()}): {exc}{cause}") from None
+
+
+def _source() -> str:
+    path = config_path()
+    return str(path) if path is not None else "no cluster config file"
 
 
 def is_fuse_mount(path: Path | str) -> bool:

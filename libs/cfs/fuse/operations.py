@@ -59,11 +59,20 @@ _KIND_BY_IFMT = {
 
 
 def _name(raw: bytes) -> str:
-    """Kernel names are bytes; ours are str with undecodable bytes kept (surrogateescape)."""
-    name = os.fsdecode(raw)
+    """Kernel names are bytes; ours are UTF-8 text (the metadata wire is JSON)."""
     if len(raw) > MAX_NAME_BYTES:
         raise FsError(errno.ENAMETOOLONG, f"name longer than {MAX_NAME_BYTES} bytes")
-    return name
+    return _text(raw, "name")
+
+
+def _text(raw: bytes, what: str) -> str:
+    """A name, symlink target or xattr name that is not UTF-8 is refused with EILSEQ
+    (as file systems that store UTF-8 names do, e.g. ZFS utf8only), not carried as
+    surrogates that no JSON encoder takes (that was an EIO and an error per lookup)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise FsError(errno.EILSEQ, f"{what} is not valid UTF-8") from None
 
 
 class ClaudeFsOperations(pyfuse3.Operations):
@@ -220,7 +229,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         uid, gid, _ = self._owner(ctx, 0o777)
         created = await self.meta.symlink(
-            parent_inode, _name(name), os.fsdecode(target), uid=uid, gid=gid
+            parent_inode, _name(name), _text(target, "symlink target"), uid=uid, gid=gid
         )
         return self._attrs(created)
 
@@ -449,14 +458,14 @@ class ClaudeFsOperations(pyfuse3.Operations):
         op = rpc.SetXattr(
             op_id=new_id(),
             ino=inode,
-            name=os.fsdecode(name),
+            name=_text(name, "xattr name"),
             value_b64=base64.b64encode(value).decode(),
         )
         await self.meta.call(op)  # the records it touched are refreshed (`SeenInodes`)
 
     @posix_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        key = os.fsdecode(name)
+        key = _text(name, "xattr name")
         known = self._seen.xattrs(inode)
         if known is not None:
             if key not in known:
@@ -475,7 +484,9 @@ class ClaudeFsOperations(pyfuse3.Operations):
 
     @posix_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.meta.call(rpc.RemoveXattr(op_id=new_id(), ino=inode, name=os.fsdecode(name)))
+        await self.meta.call(
+            rpc.RemoveXattr(op_id=new_id(), ino=inode, name=_text(name, "xattr name"))
+        )
 
 
 class SeenInodes:
