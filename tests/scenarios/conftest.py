@@ -236,8 +236,15 @@ class Writer(threading.Thread):
         self.ack_times: list[float] = []
         self.failures = 0
         self.stop = threading.Event()
+        self.ended_at: float | None = None
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self.ended_at = time.monotonic()
+
+    def _loop(self) -> None:
         self.root.mkdir(exist_ok=True)
         i = 0
         while not self.stop.is_set():
@@ -254,8 +261,11 @@ class Writer(threading.Thread):
             i += 1
 
     def longest_gap_after(self, t0: float) -> float:
-        """The longest time without an acknowledged write from t0 on (the client's RTO)."""
-        times = [t0] + [t for t in self.ack_times if t >= t0]
+        """The longest time without an acknowledged write from t0 on (the client's RTO),
+        up to the writer's end: a write stuck until the test stopped the writer counts
+        too (call after `join`)."""
+        end = [self.ended_at] if self.ended_at is not None else []
+        times = [t0] + [t for t in self.ack_times if t >= t0] + end
         return max(b - a for a, b in itertools.pairwise(times)) if len(times) > 1 else 0
 
 

@@ -83,6 +83,14 @@ class FileStore:
         self._open: dict[int, OpenFile] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reported: dict[str, float] = {}
+        self._retired: str | None = None
+
+    def retire(self, why: str) -> None:
+        """From now on a chunk write that would wait for chunk-stores fails with EIO: a
+        mount that moved to the other site stops waiting for this one's (they may be
+        gone: the wait would hold the application up to `placement_wait_s`), while a
+        write the old site still takes (a flush on close) goes through."""
+        self._retired = why
 
     async def start(self) -> None:
         await self.nodes.start()
@@ -165,7 +173,7 @@ class FileStore:
                     if avoiding and self.nodes.eligible(len(data), avoiding=False):
                         avoiding = False  # only nodes that just failed: try them again
                         continue
-                    await backoff.wait(FsError(errno.EIO, self.nodes.unavailable()))
+                    await self._wait_to_place(backoff, FsError(errno.EIO, self.nodes.unavailable()))
                     avoiding = True
                     continue
                 scheme = choose_scheme(len(candidates), self.nodes.ec_default)
@@ -180,7 +188,7 @@ class FileStore:
                         "data.recode", extra={"ino": ino, "chunk": chunk_id, "error": exc.message}
                     )
                     if not avoiding:  # the nodes that had failed failed again: wait
-                        await backoff.wait(FsError(errno.EIO, exc.message))
+                        await self._wait_to_place(backoff, FsError(errno.EIO, exc.message))
                     avoiding = True
                     continue  # fewer nodes now: choose the scheme again
                 ref = ChunkRef(
@@ -192,6 +200,12 @@ class FileStore:
                 )
                 await self.tier.queued(ref, ino)
                 return ref
+
+    async def _wait_to_place(self, backoff: Backoff, why: FsError) -> None:
+        """Wait before placing again, unless this store was retired (EIO at once)."""
+        if self._retired is not None:
+            raise FsError(errno.EIO, self._retired)
+        await backoff.wait(why)
 
     async def _put_fragments(
         self, chunk_id: str, scheme: Scheme, fragments: list[tuple[bytes, int]], order: list[str]

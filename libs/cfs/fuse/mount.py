@@ -140,7 +140,9 @@ async def _switch_site(operations: ClaudeFsOperations, bus: Bus, client_id: str)
     store = FileStore(bus, meta, client_id=client_id)
     await store.start()
     old = operations.store
-    operations.meta.retire(f"the mount moved to site {bus.site}; try again")
+    moved = f"the mount moved to site {bus.site}; try again"
+    operations.meta.retire(moved)
+    old.retire(moved)  # an fsync waiting out the old site's chunk-stores fails now
     operations.serve_from(meta, store)
     try:
         async with asyncio.timeout(OLD_STORE_CLOSE_S):
