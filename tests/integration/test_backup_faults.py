@@ -66,6 +66,7 @@ def _until(what: str, check: object, site: LocalSite, timeout: float = 60.0) -> 
         time.sleep(0.5)
 
 
+@pytest.mark.slow  # make test-slow (the default suite keeps under 15 min)
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_during_a_snapshot_leaves_nothing_then_the_next_succeeds(
     site: tuple[LocalSite, Path], s3_env: dict[str, str], tmp_path: Path

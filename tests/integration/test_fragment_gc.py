@@ -166,6 +166,7 @@ def test_deleted_and_overwritten_files_lose_their_fragments_after_the_grace(
     assert gc(running, s3_env)["deleted"] == 0  # nothing left to collect
 
 
+@pytest.mark.slow  # make test-slow (the default suite keeps under 15 min)
 @pytest.mark.expected_logs("restore.*", "replay.*")
 def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
     site: tuple[LocalSite, Path], s3_env: dict[str, str]
@@ -217,6 +218,7 @@ def test_a_retained_snapshot_keeps_its_chunks_until_it_expires_and_restores(
     assert not named & held(running)
 
 
+@pytest.mark.slow  # make test-slow (the default suite keeps under 15 min)
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_mid_sweep_then_a_rerun_finishes(
     site: tuple[LocalSite, Path], s3_env: dict[str, str]

@@ -522,6 +522,7 @@ async def _diverge(site: LocalSite, ino: int, uid: int) -> None:
         await shard_admin(bus, 1, ApplyRemote(origin="site-x", messages=(message,)))
 
 
+@pytest.mark.slow  # make test-slow (the default suite keeps under 15 min)
 def test_replication_sync_ships_again_what_still_differs(pair: SitePair) -> None:
     ino = asyncio.run(_write(pair.a, {"diverged": b"d"}))["diverged"]
     until(lambda: stat(pair.b, "diverged") is not None, 60, "diverged on site-b")

@@ -614,7 +614,8 @@ def test_failover_sends_new_blobs_to_the_target_and_back_copies_them_home(
         # The new blob written, no location moved yet: the harder case below covers its
         # recovery (the emptied new blob deleted, the old one compacted again).
         pytest.param("tier.compact_written", marks=pytest.mark.slow),
-        "tier.compact_moved",
+        # make test-slow too: the default suite keeps under 15 min
+        pytest.param("tier.compact_moved", marks=pytest.mark.slow),
     ],
 )
 def test_garbage_leaves_s3_through_gc_and_compaction_despite_a_kill9_mid_compaction(
