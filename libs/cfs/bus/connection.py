@@ -543,9 +543,10 @@ class Bus:
     ) -> Msg:
         """One request, one reply; typed errors name the subject and the timeout.
 
-        Sent again whenever the connection comes back while waiting (`Link`): every
-        responder here is idempotent (operation ids, content-addressed fragments),
-        as it must already be for callers that ask again after a timeout."""
+        Sent again whenever the connection comes back while waiting (`Link`), as
+        callers already ask again after a timeout: the data path's responders are
+        idempotent (operation ids, content-addressed fragments); an admin request
+        repeated (a snapshot, a step-down) is done twice, never wrongly."""
         hdrs = dict(headers or {})
         inject_headers(hdrs)
         deadline = time.monotonic() + timeout
