@@ -214,6 +214,7 @@ def test_every_action_is_in_the_audit_stream(site: LocalSite) -> None:
     assert [r.outcome for r in forced] == ["requested", "succeeded"]  # the unconfirmed one: none
 
 
+@pytest.mark.slow  # make test-slow: its guide scenario covers the same (3, 7 or 8)
 # Two of three nodes and their NATS servers killed -9: what the survivor logs without a
 # JetStream quorum, until the module's site stops after this, its last test.
 @pytest.mark.expected_logs(

@@ -87,6 +87,7 @@ async def _archived(site: LocalSite, timeout: float = 30.0) -> BackupStatus:
         await asyncio.sleep(0.3)
 
 
+@pytest.mark.slow  # make test-slow: its guide scenario covers the same (3, 7 or 8)
 def test_total_loss_restore_from_s3_snapshot_and_archive(
     s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -43,6 +43,7 @@ def _store(s3_server: S3Server, proxy: S3FaultProxy, deadline_s: float = 3.0) ->
     return S3ObjectStore(S3Url(f"cfs-proxy{next(_buckets)}-{os.getpid()}", "p"), settings)
 
 
+@pytest.mark.slow  # make test-slow: its guide scenario covers the same (3, 7 or 8)
 async def test_faults_come_out_as_the_error_classes_services_branch_on(
     s3_server: S3Server, proxy: S3FaultProxy
 ) -> None:
