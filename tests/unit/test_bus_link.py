@@ -4,6 +4,7 @@ task's cancellation taken back, never leaking into what the task does next."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,24 +12,16 @@ from cfs.bus.connection import Link
 
 
 async def _waiting_request(link: Link, reply: asyncio.Future[str]) -> str:
-    """What `Bus.request` does around one attempt, against a future as the reply."""
-    task = asyncio.current_task()
-    assert task is not None
+    """`Link.ask` as `Bus.request` uses it, against a future as the reply."""
     attempts = 0
-    while True:
+
+    async def attempt(left: float) -> str:
+        nonlocal attempts
         attempts += 1
-        link.waiting.add(task)
-        try:
-            got = await asyncio.wait_for(asyncio.shield(reply), 5)
-        except asyncio.CancelledError:
-            if not link.take_back(task):
-                raise
-            continue
-        else:
-            link.take_back(task)
-            return f"{got} after {attempts} attempts"
-        finally:
-            link.waiting.discard(task)
+        return await asyncio.wait_for(asyncio.shield(reply), left)
+
+    got = await link.ask(attempt, time.monotonic() + 5)
+    return f"{got} after {attempts} attempts"
 
 
 async def test_a_kicked_request_asks_again_and_its_task_is_not_left_cancelled() -> None:

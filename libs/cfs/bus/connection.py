@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.aio.client
@@ -146,19 +146,49 @@ class Outgoing:
     headers: dict[str, str]
 
 
+T = TypeVar("T")
+
+
 class Link:
     """The connection's reconnects: a reply the old connection took with it (or a
     request it never delivered) is lost, so a request waiting when the connection
     comes back is sent again at once rather than waiting out its timeout.
 
     The waiting requests' tasks are interrupted (cancelled, and the cancellation
-    taken back by `Bus.request`, which tells it from any other by `kicked`): no task
-    or future per request on the hot path, which a request/reply costs in CPU."""
+    taken back by `ask`, which tells it from any other by `kicked`): no task or
+    future per request on the hot path, which a request/reply costs in CPU."""
 
     def __init__(self) -> None:
         self.epoch = 0
         self.waiting: set[asyncio.Task[Any]] = set()
         self.kicked: set[asyncio.Task[Any]] = set()
+
+    async def ask(
+        self, attempt: Callable[[float], Awaitable[T]], deadline: float, what: str = ""
+    ) -> T:
+        """`attempt(seconds_left)` until it returns, sent again each time the
+        connection comes back while it waits; TimeoutError once `deadline` (monotonic)
+        passed during a wait that was cut short."""
+        task = asyncio.current_task()
+        while True:
+            if task is not None:
+                self.waiting.add(task)
+            try:
+                result = await attempt(max(deadline - time.monotonic(), 0.001))
+            except asyncio.CancelledError:
+                if not self.take_back(task):
+                    raise  # not the link's, or someone else's as well
+                if time.monotonic() >= deadline:
+                    raise TimeoutError from None
+                log.info("request.resent", extra={"subject": what, "reason": "reconnected"})
+            else:
+                # A kick that arrived with the reply: wait_for returned the reply and
+                # swallowed the cancellation; take it back all the same.
+                self.take_back(task)
+                return result
+            finally:
+                if task is not None:
+                    self.waiting.discard(task)
 
     def take_back(self, task: asyncio.Task[Any] | None) -> bool:
         """Take back this link's cancellation of `task`, if it made one; True when
@@ -549,33 +579,12 @@ class Bus:
         repeated (a snapshot, a step-down) is done twice, never wrongly."""
         hdrs = dict(headers or {})
         inject_headers(hdrs)
-        deadline = time.monotonic() + timeout
-        task = asyncio.current_task()
         try:
-            while True:
-                if task is not None:
-                    self.link.waiting.add(task)
-                try:
-                    reply = await self.nc.request(
-                        subject,
-                        data,
-                        timeout=max(deadline - time.monotonic(), 0.001),
-                        headers=hdrs or None,
-                    )
-                except asyncio.CancelledError:
-                    if not self.link.take_back(task):
-                        raise  # not the link's, or someone else's as well
-                    if time.monotonic() >= deadline:
-                        raise RequestTimeout(subject, timeout) from None
-                    log.info("request.resent", extra={"subject": subject})
-                else:
-                    # A kick that arrived with the reply: wait_for returned the reply
-                    # and swallowed the cancellation; take it back all the same.
-                    self.link.take_back(task)
-                    return reply
-                finally:
-                    if task is not None:
-                        self.link.waiting.discard(task)
+            return await self.link.ask(
+                lambda left: self.nc.request(subject, data, timeout=left, headers=hdrs or None),
+                time.monotonic() + timeout,
+                subject,
+            )
         except nats.errors.NoRespondersError:
             raise NoResponders(subject) from None
         except (TimeoutError, nats.errors.TimeoutError):
