@@ -54,6 +54,21 @@ def merge(stored: MemberRecord | None, wanted: MemberRecord, *, own: bool) -> Me
     return None
 
 
+def accuses(stored: MemberRecord | None, wanted: MemberRecord, *, own: bool) -> bool:
+    """Whether the stored record says the node writing its own ALIVE record is SUSPECT
+    or DOWN at an incarnation that record cannot override: only a refutation (a
+    higher incarnation) can. SWIM refutes what it hears by gossip; a verdict can also
+    reach the records late, written by a member whose writes waited out a partition
+    while everyone else already saw the node alive."""
+    return (
+        own
+        and stored is not None
+        and wanted.state is Liveness.ALIVE
+        and stored.state in (Liveness.SUSPECT, Liveness.DOWN)
+        and stored.incarnation >= wanted.incarnation
+    )
+
+
 def event_for(stored: MemberRecord | None, written: MemberRecord) -> EventPayload | None:
     """The CLUSTER event announcing `written` (None for refreshes and address updates)."""
     before = stored.state if stored is not None else None

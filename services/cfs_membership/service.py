@@ -158,7 +158,7 @@ class MembershipService:
         self.settings = settings
         self.node = settings.node
         self.bus = bus
-        self.writer = RecordWriter(bus, kv)
+        self.writer = RecordWriter(bus, kv, on_accused=self._on_accused)
         self.codec = Codec(settings.cluster_token.get_secret_value().encode())
         self.swim: Swim | None = None
         self.transport: Transport | None = None
@@ -280,6 +280,12 @@ class MembershipService:
             self._count_bad(exc, addr)
             return
         self._step(lambda now: self._receive(message, addr, now))
+
+    def _on_accused(self, stored: MemberRecord) -> None:
+        swim = self.swim
+        if swim is not None and not swim.leaving:
+            self._step(lambda _now: swim.accused(stored.state, stored.incarnation,
+                                                 stored.detected_by))  # fmt: skip
 
     def _receive(self, message: Message, addr: Addr, now: float) -> list[Action]:
         assert self.swim is not None

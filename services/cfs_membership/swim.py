@@ -479,6 +479,17 @@ class Swim:
             if member.suspicion is not None and now >= member.suspicion.deadline:
                 self._apply(Dead(member.node, member.incarnation, self.node), now, out)
 
+    def accused(self, state: Liveness, incarnation: int, by: str) -> list[Action]:
+        """The stored records call us SUSPECT or DOWN (a verdict that reached them late:
+        from a member that was partitioned away): refuted as that gossip would be,
+        with an incarnation above it."""
+        out: list[Action] = []
+        update = Dead(self.node, incarnation, by) if state is Liveness.DOWN else (
+            Suspect(self.node, incarnation, by)
+        )  # fmt: skip
+        self._about_me(update, out)
+        return out
+
     # -- updates ---------------------------------------------------------------------------
     def _apply(self, update: Update, now: float, out: list[Action]) -> None:
         if update.node == self.node:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nats.errors
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from cfs.bus import Bus, BusError
 from cfs.retry import Backoff, RetryPolicy, retry
 from cfs_contracts.members import Liveness, MemberRecord, member_key
-from cfs_membership.records import event_for, merge
+from cfs_membership.records import accuses, event_for, merge
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,20 @@ class Proposal:
 
 
 class RecordWriter:
-    def __init__(self, bus: Bus, kv: KeyValue, *, op_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        kv: KeyValue,
+        *,
+        op_timeout: float = 5.0,
+        on_accused: Callable[[MemberRecord], None] | None = None,
+    ) -> None:
+        """`on_accused`: told the stored record when it calls this node SUSPECT or DOWN
+        at an incarnation its own ALIVE record cannot override (`records.accuses`)."""
         self.bus = bus
         self.kv = kv
         self.op_timeout = op_timeout
+        self.on_accused = on_accused
         self.written = 0
         self.events = 0
         self._queue: asyncio.Queue[Proposal] = asyncio.Queue()
@@ -115,6 +126,15 @@ class RecordWriter:
         first (read again and merge with what it wrote)."""
         key = member_key(proposal.record.node)
         stored, revision = await self.read(proposal.record.node)
+        if stored is not None and accuses(stored, proposal.record, own=proposal.own):
+            log.warning(
+                "member.accused",
+                extra={"node_id": stored.node, "state": stored.state.value,
+                       "incarnation": stored.incarnation, "by": stored.detected_by},
+            )  # fmt: skip
+            if self.on_accused is not None:
+                self.on_accused(stored)  # refuted: our record comes again, incarnation up
+            return True
         record = merge(stored, proposal.record, own=proposal.own)
         if record is None:
             return True  # someone already recorded this (or something newer)

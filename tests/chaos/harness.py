@@ -19,8 +19,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from cfs.supervisor.s3proxy import S3FaultProxy
 from cfs_membership.transport import NetemRule, write_rules
+from tests.chaos.disks import NodeDisks
+from tests.chaos.netcut import NetCut, Ports
 from tests.chaos.schedule import NATS, Fault, Kind, Schedule, replay_command
 from tests.chaos.workload import Workload
 from tests.scenarios.conftest import NODE_LOSS_LOGS, DevSite, wait_for
@@ -32,8 +36,10 @@ RESULTS_ENV = "CFS_CHAOS_RESULTS"
 # its old last sequence before it learns it was deposed) a replica and the backup's
 # shadow that find the journal shorter than what they applied and rebuild from it,
 # the designed answer to a re-seed, logged loud (seen in `make chaos`, single seed 1
-# on 6 nodes; nothing was lost, the checker clean).
-CHAOS_LOGS = (*NODE_LOSS_LOGS, "projection.rebuilt", "shadow.rebuilt")
+# on 6 nodes; nothing was lost, the checker clean). A node partitioned away from the
+# others: their verdicts on it, and its own on them, written late once the cut heals,
+# which the accused refute (`member.accused`).
+CHAOS_LOGS = (*NODE_LOSS_LOGS, "projection.rebuilt", "shadow.rebuilt", "member.accused")
 
 
 @dataclass
@@ -50,14 +56,16 @@ class Outcome:
     longest_stall_s: float
     longest_op: str
     checker_clean: bool
+    tier_drained: bool = True  # everything queued for S3 flushed once it was back
     stuck: list[str] = field(default_factory=list)
     replay: str = ""
 
     @property
     def safe(self) -> bool:
-        """Nothing acknowledged lost or corrupt, the checker clean, nothing stuck."""
+        """Nothing acknowledged lost or corrupt, the checker clean, the S3 tier caught
+        up, nothing stuck."""
         return not (self.lost or self.corrupt or self.unexpected or self.stuck) and (
-            self.checker_clean
+            self.checker_clean and self.tier_drained
         )
 
     def summary(self) -> str:
@@ -67,6 +75,7 @@ class Outcome:
             f"{len(self.lost)} lost, {len(self.corrupt)} corrupt, "
             f"{len(self.unexpected)} unexpected, longest stall {self.longest_stall_s:.2f}s "
             f"({self.longest_op}); checker {'clean' if self.checker_clean else 'NOT clean'}"
+            + ("" if self.tier_drained else "; S3 tier NOT drained")
             + (f"; stuck: {', '.join(self.stuck)}" if self.stuck else "")
             + f"; faults: {'; '.join(self.faults) or 'none'}; replay: {self.replay}"
         )
@@ -84,11 +93,30 @@ def _pid(site: DevSite, node: str, process: str) -> int:
     return int(pid)
 
 
+@dataclass
+class ChaosSite:
+    """A dev site with what the faults need beyond its processes: every chunk-store
+    on a disk of its own (`disks`), the S3 server behind a fault proxy (`s3`)."""
+
+    site: DevSite
+    nodes: list[str]
+    disks: NodeDisks
+    s3: S3FaultProxy
+
+
+def _ports(entry: dict[str, Any]) -> Ports:
+    """What a node of `cfs dev status` listens on: NATS client and route, SWIM."""
+    nats = entry.get("nats") or {}
+    tcp = [urlparse(url).port for url in (nats.get("url"), nats.get("route_url")) if url]
+    return Ports(frozenset(p for p in tcp if p), frozenset([int(entry["swim_port"])]))
+
+
 class Injector:
     """Applies and heals one fault (blocking; one thread per fault)."""
 
-    def __init__(self, site: DevSite) -> None:
-        self.site = site
+    def __init__(self, chaos: ChaosSite) -> None:
+        self.chaos = chaos
+        self.site = chaos.site
 
     def apply(self, fault: Fault) -> None:
         site, node = self.site, fault.node
@@ -125,6 +153,39 @@ class Injector:
             wait_for(f"nats of {node} to exit", lambda: not _alive(pid), timeout=60)
             time.sleep(min(fault.hold_s, 1.0))
             site.ok("dev", "start", node)
+        elif fault.kind is Kind.DISK_FULL:
+            self.chaos.disks.fill(node)
+            try:
+                time.sleep(fault.hold_s)
+            finally:
+                self.chaos.disks.drain(node)
+        elif fault.kind is Kind.PARTITION:
+            self._partition(fault)
+        elif fault.kind is Kind.S3_FAIL:
+            mode, _, status = fault.how.partition("-")
+            s3 = self.chaos.s3
+            s3.set_fault(mode, status=int(status or 503), delay_s=60.0)  # slow: past deadlines
+            try:
+                time.sleep(fault.hold_s)
+            finally:
+                s3.set_fault("pass")
+
+    def _partition(self, fault: Fault) -> None:
+        nodes = self.site.json("dev", "status")["nodes"]
+        entry = nodes[fault.node]
+        pids = [int(p["pid"]) for p in entry["services"].values() if p.get("pid")]
+        if (entry.get("nats") or {}).get("pid"):
+            pids.append(int(entry["nats"]["pid"]))
+        outside = Ports()
+        for name, other in nodes.items():
+            if name != fault.node:
+                outside = outside | _ports(other)
+        cut = NetCut(fault.node)
+        try:
+            cut.cut(pids, _ports(entry), outside)
+            time.sleep(fault.hold_s)
+        finally:
+            cut.heal()
 
 
 def _alive(pid: int) -> bool:
@@ -157,20 +218,30 @@ def _stuck(site: DevSite) -> list[str]:
     return down
 
 
-def run(
-    site: DevSite, schedule: Schedule, nodes: list[str], root: Path, *, replay: str = ""
-) -> Outcome:
-    """The workload under `schedule` on `site`, healed and verified; `replay`: the
+def _tier_drained(site: DevSite) -> bool:
+    """S3 reachable again and every chunk queued for it flushed."""
+    result = site.cfs("admin", "s3-queue-status", "--json")
+    if result.returncode not in (0, 1) or not result.stdout.strip():
+        return False
+    state = json.loads(result.stdout)
+    return bool(state["s3"]["reachable"]) and int(state["queue_entries"]) == 0
+
+
+def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -> Outcome:
+    """The workload under `schedule` on the site, healed and verified; `replay`: the
     command that runs it again (default: `make chaos` for this seed)."""
+    site, nodes = chaos.site, chaos.nodes
     workload = Workload(root, schedule.seed)
-    injector = Injector(site)
+    injector = Injector(chaos)
     errors: list[BaseException] = []
 
     def inject(fault: Fault) -> None:
+        print(f"[chaos] {time.strftime('%T')} {fault.describe()}: applied", flush=True)
         try:
             injector.apply(fault)
         except BaseException as exc:  # re-raised below, after the heal
             errors.append(exc)
+        print(f"[chaos] {time.strftime('%T')} {fault.kind.value}: healed", flush=True)
 
     started = time.monotonic()
     workload.start()
@@ -194,6 +265,11 @@ def run(
     if workload.crash is not None:
         raise AssertionError(f"the workload itself failed: {workload.crash!r}")
     wait_for("every node UP again", lambda: _site_whole(site, nodes), timeout=120, every=1.0)
+    try:
+        wait_for("the S3 tier drained", lambda: _tier_drained(site), timeout=180, every=2.0)
+        tier_drained = True
+    except AssertionError:
+        tier_drained = False
     check = None
     for _ in range(30):  # repair may still be rewriting what a fault left degraded
         check = site.cfs("admin", "metadata-consistency-check", "--json", timeout=120)
@@ -214,6 +290,7 @@ def run(
         longest_stall_s=workload.longest_s,
         longest_op=workload.longest_op,
         checker_clean=check is not None and check.returncode == 0,
+        tier_drained=tier_drained,
         stuck=_stuck(site),
         replay=replay or replay_command(schedule, len(nodes)),
     )

@@ -21,12 +21,18 @@ class Kind(StrEnum):
     STOP_PROCESS = "stop-process"  # SIGSTOP one service process or NATS server, then SIGCONT
     RESTART_NATS = "restart-nats"  # SIGTERM a NATS server, start it again
     SWIM_CUT = "swim-cut"  # every SWIM datagram to and from a node lost (UDP)
+    DISK_FULL = "disk-full"  # the disk under a node's chunk-store filled to the last byte
+    PARTITION = "partition"  # a node cut off from the rest of its site (TCP and UDP)
+    S3_FAIL = "s3-fail"  # the S3 server failing (errors, hanging, connections cut)
 
 
 SINGLE_KINDS = tuple(Kind)
 # What a node runs that a fault can hit (the supervisor's process names).
 SERVICES = ("chunk-store", "metadata-raft", "membership", "repair")
 NATS = "nats"
+SITE = "site"  # what a fault of the whole site's S3 names instead of a node
+# How S3 fails (`S3FaultProxy` modes): answering 503 or 500, hanging, cutting replies.
+S3_FAILURES = ("status-503", "status-500", "slow", "cut")
 
 
 @dataclass(frozen=True)
@@ -36,9 +42,15 @@ class Fault:
     node: str
     process: str  # a service name, or "nats"
     hold_s: float  # how long it lasts before it is healed
+    how: str = ""  # S3_FAIL: one of S3_FAILURES
 
     def describe(self) -> str:
-        what = self.node if self.kind is Kind.KILL_NODE else f"{self.process}@{self.node}"
+        if self.kind is Kind.S3_FAIL:
+            what = f"S3 ({self.how})"
+        elif self.kind in (Kind.KILL_NODE, Kind.PARTITION):
+            what = self.node
+        else:
+            what = f"{self.process}@{self.node}"
         return f"{self.kind.value} {what} at {self.at_s:.1f}s for {self.hold_s:.1f}s"
 
 
@@ -62,11 +74,14 @@ def draw(
     faults: int = 2,
     hold_s: tuple[float, float] = (3.0, 8.0),
     stop_s: float | None = 30.0,
+    s3_hold_s: tuple[float, float] = (10.0, 30.0),
     settle_s: float = 4.0,
+    kinds: tuple[Kind, ...] = SINGLE_KINDS,
 ) -> Schedule:
-    """The schedule `name` for `seed`: `faults` faults over `nodes` (a NATS server's
-    only on `nats_nodes`, those that run one; default: all); each fault held
-    between `hold_s` bounds, a SIGSTOP for `stop_s` (issue 19's 30 s) unless None;
+    """The schedule `name` for `seed`: `faults` faults of `kinds` over `nodes` (a NATS
+    server's only on `nats_nodes`, those that run one; default: all); each fault held
+    between `hold_s` bounds, S3's between `s3_hold_s` (a tier outage must outlast
+    its retries to be one), a SIGSTOP for `stop_s` (issue 19's 30 s) unless None;
     `single` leaves `settle_s` between one heal and the next fault (time for the site
     to be whole again)."""
     if name not in ("single", "multi"):
@@ -75,28 +90,39 @@ def draw(
     drawn: list[Fault] = []
     at = 2.0  # the workload runs a little before the first fault
     for _ in range(faults):
-        kind = rng.choice(SINGLE_KINDS)
+        kind = rng.choice(kinds)
+        how = ""
         if kind in (Kind.KILL_NATS, Kind.RESTART_NATS):
             process = NATS
         elif kind is Kind.SWIM_CUT:
             process = "membership"
         elif kind is Kind.STOP_PROCESS:
             process = rng.choice((*SERVICES, NATS))
+        elif kind is Kind.KILL_SERVICE:
+            process = rng.choice(SERVICES)
+        elif kind is Kind.DISK_FULL:
+            process = "chunk-store"
+        elif kind is Kind.S3_FAIL:
+            process, how = SITE, rng.choice(S3_FAILURES)
         else:
-            process = rng.choice(SERVICES) if kind is Kind.KILL_SERVICE else "*"
+            process = "*"
         candidates = (nats_nodes or nodes) if process == NATS else nodes
-        node = rng.choice(candidates)
-        hold = round(rng.uniform(*hold_s), 1)
+        node = SITE if kind is Kind.S3_FAIL else rng.choice(candidates)
+        hold = round(rng.uniform(*(s3_hold_s if kind is Kind.S3_FAIL else hold_s)), 1)
         if kind is Kind.STOP_PROCESS and stop_s is not None:
             hold = stop_s
-        if name == "multi" and drawn and rng.random() < 0.5:
+        if (
+            name == "multi" and drawn and rng.random() < 0.5
+            and not node == drawn[-1].node == SITE  # one S3 to fail at a time
+        ):  # fmt: skip
             # Overlap the previous fault, on another node.
             last = drawn[-1]
-            node = rng.choice([n for n in candidates if n != last.node] or candidates)
+            if node != SITE:
+                node = rng.choice([n for n in candidates if n != last.node] or candidates)
             start = round(last.at_s + rng.uniform(0.0, last.hold_s), 1)
         else:
             start = round(at, 1)
-        drawn.append(Fault(start, kind, node, process, hold))
+        drawn.append(Fault(start, kind, node, process, hold, how))
         at = max(at, start + hold + settle_s)
     return Schedule(name, seed, tuple(sorted(drawn, key=lambda f: f.at_s)))
 

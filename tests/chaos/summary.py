@@ -1,7 +1,8 @@
 """`make chaos`'s table: one row per seed run, from the `CFS_CHAOS_RESULTS` files.
 
 Exits 1 when any run lost or corrupted something acknowledged, left the checker
-unclean or a process stuck, or (a `single` schedule) showed an application an error.
+unclean, the S3 tier not drained or a process stuck, or (a `single` schedule) showed
+an application an error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def unsafe(run: dict[str, Any]) -> bool:
         or run["unexpected"]
         or run["stuck"]
         or not run["checker_clean"]
+        or not run.get("tier_drained", True)
         or (run["schedule"] == "single" and run["failed_ops"])
     )
 
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             str(len(run["lost"]) + len(run["unexpected"])),
             str(len(run["corrupt"])),
             f"{run['longest_stall_s']:.2f} s",
-            "clean" if run["checker_clean"] else "NOT clean",
+            ("clean" if run["checker_clean"] else "NOT clean")
+            + ("" if run.get("tier_drained", True) else ", S3 tier NOT drained"),
             "[red]FAILED[/red]" if bad else "[green]ok[/green]",
         )
     Console(width=200).print(table)

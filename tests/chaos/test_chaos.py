@@ -14,9 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.chaos.harness import CHAOS_LOGS, nats_nodes, run
+from tests.chaos.harness import CHAOS_LOGS, ChaosSite, nats_nodes, run
 from tests.chaos.schedule import draw
-from tests.scenarios.conftest import DevSite
 
 # Two faults at once may leave too few nodes for a write: an application may see EIO.
 pytestmark = [pytest.mark.slow, pytest.mark.expected_logs(*CHAOS_LOGS, "fuse.io_error")]
@@ -39,13 +38,12 @@ def _choices(variable: str, default: str) -> list[str]:
 
 @pytest.mark.parametrize("nodes", [int(n) for n in _choices("CHAOS_NODES", "3,6")])
 @pytest.mark.parametrize("schedule", _choices("CHAOS_SCHEDULES", "single,multi"))
-def test_chaos(dev_site_factory: Callable[..., DevSite], schedule: str, nodes: int) -> None:
-    names = [f"storage-{i}" for i in range(1, nodes + 1)]
-    site = dev_site_factory(nodes=nodes)
+def test_chaos(chaos_site_factory: Callable[[int], ChaosSite], schedule: str, nodes: int) -> None:
+    chaos = chaos_site_factory(nodes)
     unsafe = []
     for seed in seeds():
-        drawn = draw(schedule, seed, names, nats_nodes=nats_nodes(site))
-        outcome = run(site, drawn, names, site.mnt / f"seed-{seed}")
+        drawn = draw(schedule, seed, chaos.nodes, nats_nodes=nats_nodes(chaos.site))
+        outcome = run(chaos, drawn, chaos.site.mnt / f"seed-{seed}")
         if not outcome.safe or (schedule == "single" and outcome.failed_ops):
             unsafe.append(outcome.summary())
     assert not unsafe, "\n".join(unsafe)

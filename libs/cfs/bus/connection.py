@@ -130,6 +130,9 @@ _WRONG_LAST_SEQUENCE = 10071
 _WRONG_LAST_MSG_ID = 10070
 _NO_STREAM_MATCH = 10060
 _MESSAGE_TOO_LARGE = 10054
+# A resend that arrives while the first copy (same Nats-Msg-Id) is still in the stream's
+# Raft proposal: not a refusal, the answer is the duplicate's ack once it is stored.
+_DUPLICATE_IN_PROCESS = 10158
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SEQ = "Nats-Expected-Last-Sequence"
@@ -722,6 +725,8 @@ def _translate(exc: BaseException, subject: str, expected: int | None) -> BusErr
             return SequenceConflict(stream, subject, expected or 0, exc.description or "")
         if exc.err_code == _MESSAGE_TOO_LARGE:
             return PayloadTooLarge(f"stream {stream} refused {subject}: {exc.description}")
+        if exc.err_code == _DUPLICATE_IN_PROCESS:
+            return BusUnavailable(f"{subject}: the first copy is still being stored; ask again")
         if exc.err_code == _NO_STREAM_MATCH:
             return PublishFailed(f"no stream captures {subject}; is the cluster initialised?")
         return PublishFailed(

@@ -37,6 +37,7 @@ from cfs_contracts.tier import TierConfig, TierMode, TierState
 log = logging.getLogger(__name__)
 
 RECONNECT_CHECK_S = 0.5  # how soon a reconnect restarts the watch
+WATCH_CALL_S = 5.0  # starting or stopping a watch: past this the connection is dead to us
 
 
 _TABLES: dict[str, tuple[str, type[Any] | dict[str, type[Any]]]] = {
@@ -110,9 +111,10 @@ class NodeView:
         backoff = Backoff(RetryPolicy("nodes watch", temporary=any_bus_error, deadline_s=None))
         while True:
             reconnects = self.bus.nc.stats["reconnects"]
-            try:
-                kv = await self.bus.key_value(NODES.bucket)
-                self._watcher = await kv.watch(">")
+            try:  # bounded: a request on a connection gone quiet (a partition) waits on
+                async with asyncio.timeout(WATCH_CALL_S):
+                    kv = await self.bus.key_value(NODES.bucket)
+                    self._watcher = await kv.watch(">")
             except Exception as exc:
                 if not any_bus_error(exc):
                     raise
@@ -148,7 +150,8 @@ class NodeView:
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(nats.errors.Error, TimeoutError):  # connection gone
-                await watcher.stop()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(WATCH_CALL_S):
+                    await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         """Apply the watch's entries; the initial values go to fresh tables, swapped in

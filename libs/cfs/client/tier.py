@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 RECALL_ATTEMPT_S = 60.0  # one batch from S3 back onto its nodes: ranged GETs and puts
 RECALL_RETRY = RetryPolicy("recall from S3", deadline_s=120.0, max_delay_s=5.0)  # then EIO
+# The queue entry rides out what a metadata request does (a TIER stream leader being
+# elected, the client moving to another server); `Bus.publish` resends it with the same
+# id (deduplicated) until then, and EIO after.
+QUEUE_WAIT_S = 30.0
 HOLDER_CHECK_S = 1.0  # how often a request waiting on the tierer looks at its lease
 RECALLS_IN_FLIGHT = 2  # recall requests one client has out at once; the rest wait
 RECALL_BATCH = 16  # chunks in one request at most (64 MiB of 4 MiB chunks)
@@ -103,7 +107,7 @@ class TierGate:
             ino=ino,
         )
         try:
-            await self.bus.publish(self.bus.event(event))
+            await self.bus.publish(self.bus.event(event), timeout=QUEUE_WAIT_S)
         except BusError as exc:
             raise FsError(
                 errno.EIO, f"chunk {ref.chunk_id[:12]} not queued for S3: {exc}"

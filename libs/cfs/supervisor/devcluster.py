@@ -214,8 +214,10 @@ class DevCluster:
                     "name": server.name,
                     "running": server.running,
                     "url": server.url,
+                    "route_url": server.route_url,
                     "pid": server.pid,
                 },
+                "swim_port": local.swim_port(node),
             }
         return {
             "killed": site in self._killed,

@@ -326,6 +326,11 @@ class LocalSite:
         self._check_node(node)
         return self._metrics_ports.get((node, service))
 
+    def swim_port(self, node: str) -> int:
+        """The UDP port `node`'s membership speaks SWIM on."""
+        self._check_node(node)
+        return self._swim_ports[node]
+
     def metrics_ports(self) -> dict[tuple[str, str], int]:
         """(node, service) -> `/metrics` port, for every process that serves one."""
         return {key: port for key, port in self._metrics_ports.items() if key in self._procs}

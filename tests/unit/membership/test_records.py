@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cfs_contracts.events.cluster import NodeAlive, NodeDown, NodeJoined, NodeLeft, NodeSuspect
 from cfs_contracts.members import Liveness, MemberRecord
-from cfs_membership.records import event_for, merge, proposal
+from cfs_membership.records import accuses, event_for, merge, proposal
 from cfs_membership.swim import Changed
 
 
@@ -82,3 +82,20 @@ def test_events_for_each_transition() -> None:
     assert isinstance(down, NodeDown) and down.detected_by == "n2" and down.method == "SWIM"
     assert isinstance(event_for(_rec(Liveness.ALIVE, 0), _rec(Liveness.LEFT, 0)), NodeLeft)
     assert merge(_rec(Liveness.LEFT, 0), _rec(Liveness.LEFT, 0), own=True) is None
+
+
+def test_a_late_verdict_against_a_live_node_accuses_it_until_it_refutes() -> None:
+    """A DOWN written late (its writer was partitioned) beats the node's own ALIVE at
+    the same incarnation in `merge`; `accuses` says only a refutation can answer it."""
+    own = _rec(Liveness.ALIVE, 0, by="n3")
+    for state in (Liveness.SUSPECT, Liveness.DOWN):
+        stored = _rec(state, 0)
+        assert merge(stored, own, own=True) is None  # the refresh alone never wins
+        assert accuses(stored, own, own=True)
+        assert not accuses(stored, own, own=False)  # another's view of n3: no refutation
+        refuted = _rec(Liveness.ALIVE, 1, by="n3")
+        assert not accuses(stored, refuted, own=True)
+        assert merge(stored, refuted, own=True) == refuted
+    assert not accuses(_rec(Liveness.ALIVE, 0), own, own=True)
+    assert not accuses(_rec(Liveness.LEFT, 0), own, own=True)
+    assert not accuses(None, own, own=True)

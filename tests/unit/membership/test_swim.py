@@ -14,6 +14,7 @@ from cfs_membership.codec import BadMac, Codec, Malformed
 from cfs_membership.swim import (
     Ack,
     Alive,
+    Changed,
     Dead,
     Gossip,
     Join,
@@ -117,6 +118,22 @@ def test_a_suspected_live_member_refutes_and_stays_alive() -> None:
     assert net.nodes["n3"].incarnation == 1
     assert net.nodes["n3"].stats["refutations"] == 1
     assert not [t for t in net.transitions if t.change.new is Liveness.DOWN]
+    for name in names:
+        member = net.nodes[name].members.get("n3")
+        assert member is None or (member.state, member.incarnation) == (Liveness.ALIVE, 1)
+
+
+def test_a_verdict_the_records_got_late_is_refuted_like_gossip() -> None:
+    """n3 finds itself DOWN in the records (n5 wrote it after a partition healed):
+    its incarnation goes above the verdict and everyone hears it alive."""
+    net = SimNet(seed=11)
+    names = net.cluster(6)
+    n3 = net.nodes["n3"]
+    actions = n3.accused(Liveness.DOWN, n3.incarnation, "n5")
+    assert n3.incarnation == 1 and n3.stats["refutations"] == 1
+    assert any(isinstance(a, Changed) and a.node == "n3" for a in actions)
+    assert n3.accused(Liveness.DOWN, 0, "n5") == []  # an older verdict: already above it
+    net.run_for(3.0)
     for name in names:
         member = net.nodes[name].members.get("n3")
         assert member is None or (member.state, member.incarnation) == (Liveness.ALIVE, 1)
