@@ -157,6 +157,27 @@ def _stuck(site: DevSite) -> list[str]:
     return down
 
 
+def _start_what_stopped(site: DevSite, nodes: list[str]) -> None:
+    """`cfs dev start` for each node with a process down, or all of them when `dev
+    status` does not answer (a start of a node that runs whole changes nothing, and
+    costs a CLI process: after most faults every node already runs again)."""
+    try:
+        status = site.json("dev", "status")["nodes"]
+    except (AssertionError, ValueError, KeyError):
+        status = {}
+    for node in nodes:
+        entry = status.get(node)
+        whole = entry is not None and all(
+            process["running"]
+            for process in [
+                *entry["services"].values(),
+                *([entry["nats"]] if entry.get("nats") else []),
+            ]
+        )
+        if not whole:
+            site.cfs("dev", "start", node)
+
+
 def run(
     site: DevSite, schedule: Schedule, nodes: list[str], root: Path, *, replay: str = ""
 ) -> Outcome:
@@ -187,8 +208,7 @@ def run(
     finally:
         workload.stop.set()
         workload.join(timeout=120)
-        for node in nodes:  # whatever happened, every node runs again
-            site.cfs("dev", "start", node)
+        _start_what_stopped(site, nodes)  # whatever happened, every node runs again
     if errors:
         raise errors[0]
     if workload.crash is not None:
