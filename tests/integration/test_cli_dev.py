@@ -129,15 +129,28 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     assert status["nodes"]["solo"]["services"]["metadata-raft"]["running"]
     ports = [s["metrics_port"] for s in status["nodes"]["solo"]["services"].values()]
     assert all(ports) and len(set(ports)) == len(ports)  # each process its own /metrics
-    printed = _cfs({**env, "COLUMNS": "250"}, "dev", "status").stdout
-    assert f":{status['nodes']['solo']['services']['metadata-raft']['metrics_port']}" in printed
-    _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
-    _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
-    # One site: no link to cut, no other site to name.
-    _one_line_error(_cfs(env, "dev", "partition"), 2, "runs one site (local): no site link")
-    _one_line_error(_cfs(env, "dev", "heal"), 2, "no site link to heal")
-    _one_line_error(_cfs(env, "dev", "kill-site", "site-b"), 2, "unknown site 'site-b'")
-    _one_line_error(_cfs(env, "dev", "kill", "solo", "--site", "b"), 2, "unknown site 'b'")
+    printed, *refused = _side_by_side(
+        partial(_cfs, {**env, "COLUMNS": "250"}, "dev", "status"),
+        partial(_cfs, env, "dev", "up"),
+        partial(_cfs, env, "dev", "kill", "nope"),
+        partial(_cfs, env, "dev", "partition"),
+        partial(_cfs, env, "dev", "heal"),
+        partial(_cfs, env, "dev", "kill-site", "site-b"),
+        partial(_cfs, env, "dev", "kill", "solo", "--site", "b"),
+    )
+    port = status["nodes"]["solo"]["services"]["metadata-raft"]["metrics_port"]
+    assert f":{port}" in printed.stdout
+    expected = [
+        (1, "already running"),
+        (2, "unknown node 'nope'"),
+        # One site: no link to cut, no other site to name.
+        (2, "runs one site (local): no site link"),
+        (2, "no site link to heal"),
+        (2, "unknown site 'site-b'"),
+        (2, "unknown site 'b'"),
+    ]
+    for result, (code, fragment) in zip(refused, expected, strict=True):
+        _one_line_error(result, code, fragment)
     cluster = json.loads((tmp_path / "state" / "cluster.json").read_text())
     assert "peer" not in cluster
     assert json.loads((tmp_path / "state" / "cluster-local.json").read_text()) == cluster
