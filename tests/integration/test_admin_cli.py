@@ -214,12 +214,14 @@ def test_every_action_is_in_the_audit_stream(site: LocalSite) -> None:
             sub = await bus.js.subscribe(f"cfs.{SITE}.audit.>", ordered_consumer=True)
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    msg = await sub.next_msg(timeout=1.0)  # the wait of an empty stream
                 except TimeoutError:
                     break
                 payload = REGISTRY.decode(msg.data).payload
                 assert isinstance(payload, AdminActionRecorded)
                 found.append(payload)
+                if msg.metadata.num_pending == 0:  # the last record there is
+                    break
         return found
 
     records = asyncio.run(read())
