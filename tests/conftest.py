@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -33,21 +33,65 @@ def _no_leaked_processes() -> Iterator[None]:
     assert not leaked, f"supervised processes still alive at session end: {leaked}"
 
 
-def appended_lines(path: str, offsets: dict[str, int]) -> bytes:
-    """The complete lines appended to `path` since the offset kept in `offsets` (which
-    moves past them); a file that shrank is a new log and is read from its start."""
-    offset = offsets.get(path, 0)
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < offset:
-                offset = 0
-            f.seek(offset)
-            chunk = f.read()
-    except OSError:
-        return b""
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    offsets[path] = offset + len(complete)
-    return complete
+class LogTails:
+    """The complete lines appended to each log since the last look; a file that shrank
+    is a new log and is read from its start.
+
+    The watchers below look before and after every test at every log under the session's
+    temp dir, which grows to thousands of directories and logs: a log whose size and
+    modification time are those of the last look (as the caller just stat'ed them) has
+    nothing new and is not opened."""
+
+    def __init__(self) -> None:
+        self._offsets: dict[str, int] = {}
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def appended(self, path: str, stat: os.stat_result | None = None) -> bytes:
+        if stat is not None and self._seen.get(path) == (stat.st_size, stat.st_mtime_ns):
+            return b""
+        offset = self._offsets.get(path, 0)
+        try:
+            with open(path, "rb") as f:
+                opened = os.fstat(f.fileno())
+                if opened.st_size < offset:
+                    offset = 0
+                f.seek(offset)
+                chunk = f.read()
+        except OSError:
+            return b""
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offsets[path] = offset + len(complete)
+        if offset + len(chunk) == opened.st_size:  # else it grew meanwhile: look again
+            self._seen[path] = (opened.st_size, opened.st_mtime_ns)
+        else:
+            self._seen.pop(path, None)
+        return complete
+
+
+def files_under(
+    base: Path, skip: tuple[str, ...], wanted: Callable[[str], bool]
+) -> dict[str, os.stat_result]:
+    """Every file under `base` whose name is `wanted`, by path, with its stat; what
+    `os.walk` would find not going into directories whose names start with one of `skip`
+    (nor into links to directories)."""
+    found: dict[str, os.stat_result] = {}
+    stack = [str(base)]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:  # removed meanwhile
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir():
+                        if not entry.name.startswith(skip) and not entry.is_symlink():
+                            stack.append(entry.path)
+                    elif wanted(entry.name):
+                        found[entry.path] = entry.stat()
+                except OSError:  # removed meanwhile
+                    continue
+    return found
 
 
 class NatsLogWatch:
@@ -61,18 +105,16 @@ class NatsLogWatch:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self._offsets: dict[str, int] = {}
+        self._tails = LogTails()
 
     def new_violations(self) -> list[str]:
         found: list[str] = []
-        for root, dirs, files in os.walk(self.base):
-            dirs[:] = [d for d in dirs if not d.startswith(self._SKIP)]
-            if "nats.log" in files:
-                found += self._read(os.path.join(root, "nats.log"))
+        for path, stat in files_under(self.base, self._SKIP, "nats.log".__eq__).items():
+            found += self._read(path, stat)
         return found
 
-    def _read(self, path: str) -> list[str]:
-        complete = appended_lines(path, self._offsets)
+    def _read(self, path: str, stat: os.stat_result) -> list[str]:
+        complete = self._tails.appended(path, stat)
         lines = complete.decode(errors="replace").splitlines()
         return [f"{path}: {line}" for line in lines if "Violation" in line]
 
@@ -151,23 +193,24 @@ class ServiceLogWatch:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self._offsets: dict[str, int] = {}
+        self._tails = LogTails()
 
     def new_lines(self) -> list[LogLine]:
         found: list[LogLine] = []
-        for path in sorted(self._paths()):
-            found += self._read(path)
+        for path, stat in sorted(self._paths().items()):
+            found += self._read(path, stat)
         return found
 
-    def _paths(self) -> set[str]:
-        paths = {str(proc.log_path) for proc in all_processes()}
-        for root, dirs, files in os.walk(self.base):
-            dirs[:] = [d for d in dirs if not d.startswith(self._SKIP)]
-            paths.update(os.path.join(root, name) for name in files if name.endswith(".log"))
+    def _paths(self) -> dict[str, os.stat_result | None]:
+        """Each log by path, with its stat when it is under the temp dir."""
+        paths: dict[str, os.stat_result | None] = dict.fromkeys(
+            str(proc.log_path) for proc in all_processes()
+        )
+        paths.update(files_under(self.base, self._SKIP, lambda name: name.endswith(".log")))
         return paths
 
-    def _read(self, path: str) -> list[LogLine]:
-        complete = appended_lines(path, self._offsets)
+    def _read(self, path: str, stat: os.stat_result | None) -> list[LogLine]:
+        complete = self._tails.appended(path, stat)
         found: list[LogLine] = []
         for line in complete.splitlines():
             # Most lines are INFO or DEBUG: look before parsing (cfs.logs writes the level

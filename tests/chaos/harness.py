@@ -227,6 +227,27 @@ def _tier_drained(site: DevSite) -> bool:
     return bool(state["s3"]["reachable"]) and int(state["queue_entries"]) == 0
 
 
+def _start_what_stopped(site: DevSite, nodes: list[str]) -> None:
+    """`cfs dev start` for each node with a process down, or all of them when `dev
+    status` does not answer (a start of a node that runs whole changes nothing, and
+    costs a CLI process: after most faults every node already runs again)."""
+    try:
+        status = site.json("dev", "status")["nodes"]
+    except (AssertionError, ValueError, KeyError):
+        status = {}
+    for node in nodes:
+        entry = status.get(node)
+        whole = entry is not None and all(
+            process["running"]
+            for process in [
+                *entry["services"].values(),
+                *([entry["nats"]] if entry.get("nats") else []),
+            ]
+        )
+        if not whole:
+            site.cfs("dev", "start", node)
+
+
 def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -> Outcome:
     """The workload under `schedule` on the site, healed and verified; `replay`: the
     command that runs it again (default: `make chaos` for this seed)."""
@@ -258,8 +279,7 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
     finally:
         workload.stop.set()
         workload.join(timeout=120)
-        for node in nodes:  # whatever happened, every node runs again
-            site.cfs("dev", "start", node)
+        _start_what_stopped(site, nodes)  # whatever happened, every node runs again
     if errors:
         raise errors[0]
     if workload.crash is not None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -103,34 +104,51 @@ def test_raft_status_shows_both_layers_and_raft_debug_one_shard(site: LocalSite)
     assert as_json(site, "raft-debug", "--shard", "002")["stream"] == "META_002"
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("raft-debug", "--shard", "abc"), "bad shard id 'abc'"),
-        (("raft-debug", "--shard", "000"), "bad shard id '000'"),
-        (("raft-debug", "--shard", "7"), "unknown shard 007 (shards: 001, 002)"),
-        (("raft-force-election", "--shard", "9"), "unknown shard 009"),
-        (("raft-force-election", "--shard", "1", "--to", "storage-9"), "unknown node 'storage-9'"),
-        (("node-drain", "storage-9"), "unknown node 'storage-9' (known: storage-1, storage-2"),
-        (("node-remove", "nope"), "unknown node 'nope'"),
-        (("raft-force-leader", "--shard", "*", "--leader", "x", "--yes-i-know"), "unknown node"),
-    ],
-)
+BAD_INPUT = [
+    (("raft-debug", "--shard", "abc"), "bad shard id 'abc'"),
+    (("raft-debug", "--shard", "000"), "bad shard id '000'"),
+    (("raft-debug", "--shard", "7"), "unknown shard 007 (shards: 001, 002)"),
+    (("raft-force-election", "--shard", "9"), "unknown shard 009"),
+    (("raft-force-election", "--shard", "1", "--to", "storage-9"), "unknown node 'storage-9'"),
+    (("node-drain", "storage-9"), "unknown node 'storage-9' (known: storage-1, storage-2"),
+    (("node-remove", "nope"), "unknown node 'nope'"),
+    (("raft-force-leader", "--shard", "*", "--leader", "x", "--yes-i-know"), "unknown node"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused(site: LocalSite) -> dict[tuple[str, ...], subprocess.CompletedProcess[str]]:
+    """What `cfs admin` answered to each bad input, the commands run side by side (each
+    refused one costs an interpreter's start and a round trip to the services, and
+    none changes anything): each test below checks one answer."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = pool.map(lambda args: cfs(site, *args), [args for args, _ in BAD_INPUT])
+        return dict(zip([args for args, _ in BAD_INPUT], results, strict=True))
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
 def test_bad_input_is_exit_2_and_one_line(
-    site: LocalSite, args: tuple[str, ...], message: str
+    refused: dict[tuple[str, ...], subprocess.CompletedProcess[str]],
+    args: tuple[str, ...],
+    message: str,
 ) -> None:
-    result = cfs(site, *args)
+    result = refused[args]
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_unreachable_cluster_is_exit_3_within_seconds(site: LocalSite) -> None:
-    for args in (("status",), ("node-drain", "storage-1", "--json")):
+    def timed(args: tuple[str, ...]) -> tuple[subprocess.CompletedProcess[str], float]:
         started = time.monotonic()
         result = cfs(None, *args, "--cluster", "nats://127.0.0.1:1")
+        return result, time.monotonic() - started
+
+    with ThreadPoolExecutor() as pool:  # side by side: each waits out a connect deadline
+        runs = list(pool.map(timed, [("status",), ("node-drain", "storage-1", "--json")]))
+    for result, took in runs:
         assert result.returncode == 3, (result.stdout, result.stderr)
-        assert time.monotonic() - started < 10  # 2.5 s connect deadline + interpreter start
+        assert took < 10  # 2.5 s connect deadline + interpreter start
         assert result.stderr.startswith("error: cannot reach NATS at nats://127.0.0.1:1")
         assert result.stderr.count("\n") == 1 and not result.stdout
 
@@ -196,12 +214,14 @@ def test_every_action_is_in_the_audit_stream(site: LocalSite) -> None:
             sub = await bus.js.subscribe(f"cfs.{SITE}.audit.>", ordered_consumer=True)
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    msg = await sub.next_msg(timeout=1.0)  # the wait of an empty stream
                 except TimeoutError:
                     break
                 payload = REGISTRY.decode(msg.data).payload
                 assert isinstance(payload, AdminActionRecorded)
                 found.append(payload)
+                if msg.metadata.num_pending == 0:  # the last record there is
+                    break
         return found
 
     records = asyncio.run(read())

@@ -10,7 +10,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,15 @@ def _cfs(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Co
         timeout=timeout,
         check=False,
     )
+
+
+def _side_by_side(
+    *runs: Callable[[], subprocess.CompletedProcess[str]],
+) -> list[subprocess.CompletedProcess[str]]:
+    """Each run's result, in order, the runs side by side: commands that change nothing,
+    each costing an interpreter's start (and some a connect deadline)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda run: run(), runs))
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
@@ -72,42 +83,44 @@ def site(tmp_path: Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
 
 
 def test_dev_commands_without_a_site(env: dict[str, str], tmp_path: Path) -> None:
-    _one_line_error(_cfs(env, "dev", "status"), 1, "no dev cluster is running")
-    _one_line_error(_cfs(env, "dev", "kill", "storage-1"), 1, "no dev cluster is running")
-    _one_line_error(_cfs(env, "dev", "down"), 1, "no dev site is running")
-    _one_line_error(_cfs(env, "dev", "partition"), 1, "no dev cluster is running")
-    missing = tmp_path / "missing.yaml"
-    _one_line_error(_cfs(env, "dev", "up", "--topology", str(missing)), 1, "No such file")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"nodes": [{"name": "a"}, {"name": "a"}]}))
-    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "duplicate node names: a")
-    bad.write_text("nodes: [unclosed")
-    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "not valid YAML")
-    bad.write_text(yaml.safe_dump({"nodes": [{"name": "a b"}]}))
-    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "nodes.0.name")
-    bad.write_text(yaml.safe_dump({"site": "a", "peer_site": "a", "nodes": [{"name": "n"}]}))
-    _one_line_error(_cfs(env, "dev", "up", "--topology", str(bad)), 1, "another site than 'a'")
+    bad = {
+        "duplicate": yaml.safe_dump({"nodes": [{"name": "a"}, {"name": "a"}]}),
+        "unclosed": "nodes: [unclosed",
+        "space": yaml.safe_dump({"nodes": [{"name": "a b"}]}),
+        "peer": yaml.safe_dump({"site": "a", "peer_site": "a", "nodes": [{"name": "n"}]}),
+    }
+    for name, text in bad.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    expected = [
+        (("dev", "status"), "no dev cluster is running"),
+        (("dev", "kill", "storage-1"), "no dev cluster is running"),
+        (("dev", "down"), "no dev site is running"),
+        (("dev", "partition"), "no dev cluster is running"),
+        (("dev", "up", "--topology", str(tmp_path / "missing.yaml")), "No such file"),
+        (("dev", "up", "--topology", str(tmp_path / "duplicate.yaml")), "duplicate node names: a"),
+        (("dev", "up", "--topology", str(tmp_path / "unclosed.yaml")), "not valid YAML"),
+        (("dev", "up", "--topology", str(tmp_path / "space.yaml")), "nodes.0.name"),
+        (("dev", "up", "--topology", str(tmp_path / "peer.yaml")), "another site than 'a'"),
+    ]
+    results = _side_by_side(*(partial(_cfs, env, *args) for args, _ in expected))
+    for result, (_, fragment) in zip(results, expected, strict=True):
+        _one_line_error(result, 1, fragment)
     assert not (tmp_path / "state" / "dev.json").exists()  # nothing was started
 
 
 def test_cluster_commands_bad_input(env: dict[str, str]) -> None:
     env = {k: v for k, v in env.items() if k != "CFS_CONFIG"}
-    unreachable = _cfs(
-        env, "cluster", "init", "--cluster", "nats://127.0.0.1:1",
-        "--bootstrap-node", "n1", "--cluster-name", "c", timeout=30,
-    )  # fmt: skip
-    _one_line_error(unreachable, 3, "cannot reach NATS at nats://127.0.0.1:1")
-    bad_ec = _cfs(
-        env, "cluster", "init", "--cluster", "nats://127.0.0.1:1",
-        "--bootstrap-node", "n1", "--cluster-name", "c", "--ec", "ec9",
-    )  # fmt: skip
-    _one_line_error(bad_ec, 2, "unknown erasure scheme")
-    _one_line_error(
-        _cfs({**env, "CFS_CONFIG": "/nonexistent/cluster.json"}, "cluster", "info"),
-        1,
-        "cluster config /nonexistent/cluster.json does not exist",
+    init = ("cluster", "init", "--cluster", "nats://127.0.0.1:1", "--bootstrap-node", "n1")
+    unreachable, bad_ec, no_config, no_label = _side_by_side(
+        partial(_cfs, env, *init, "--cluster-name", "c", timeout=30),
+        partial(_cfs, env, *init, "--cluster-name", "c", "--ec", "ec9"),
+        partial(_cfs, {**env, "CFS_CONFIG": "/nonexistent/cluster.json"}, "cluster", "info"),
+        partial(_cfs, env, "node", "add", "--node", "x", "--label", "norack"),
     )
-    _one_line_error(_cfs(env, "node", "add", "--node", "x", "--label", "norack"), 2, "KEY=VALUE")
+    _one_line_error(unreachable, 3, "cannot reach NATS at nats://127.0.0.1:1")
+    _one_line_error(bad_ec, 2, "unknown erasure scheme")
+    _one_line_error(no_config, 1, "cluster config /nonexistent/cluster.json does not exist")
+    _one_line_error(no_label, 2, "KEY=VALUE")
 
 
 def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Path) -> None:
@@ -116,15 +129,28 @@ def test_dev_site_lifecycle_and_cluster_init(site: dict[str, str], tmp_path: Pat
     assert status["nodes"]["solo"]["services"]["metadata-raft"]["running"]
     ports = [s["metrics_port"] for s in status["nodes"]["solo"]["services"].values()]
     assert all(ports) and len(set(ports)) == len(ports)  # each process its own /metrics
-    printed = _cfs({**env, "COLUMNS": "250"}, "dev", "status").stdout
-    assert f":{status['nodes']['solo']['services']['metadata-raft']['metrics_port']}" in printed
-    _one_line_error(_cfs(env, "dev", "up"), 1, "already running")
-    _one_line_error(_cfs(env, "dev", "kill", "nope"), 2, "unknown node 'nope'")
-    # One site: no link to cut, no other site to name.
-    _one_line_error(_cfs(env, "dev", "partition"), 2, "runs one site (local): no site link")
-    _one_line_error(_cfs(env, "dev", "heal"), 2, "no site link to heal")
-    _one_line_error(_cfs(env, "dev", "kill-site", "site-b"), 2, "unknown site 'site-b'")
-    _one_line_error(_cfs(env, "dev", "kill", "solo", "--site", "b"), 2, "unknown site 'b'")
+    printed, *refused = _side_by_side(
+        partial(_cfs, {**env, "COLUMNS": "250"}, "dev", "status"),
+        partial(_cfs, env, "dev", "up"),
+        partial(_cfs, env, "dev", "kill", "nope"),
+        partial(_cfs, env, "dev", "partition"),
+        partial(_cfs, env, "dev", "heal"),
+        partial(_cfs, env, "dev", "kill-site", "site-b"),
+        partial(_cfs, env, "dev", "kill", "solo", "--site", "b"),
+    )
+    port = status["nodes"]["solo"]["services"]["metadata-raft"]["metrics_port"]
+    assert f":{port}" in printed.stdout
+    expected = [
+        (1, "already running"),
+        (2, "unknown node 'nope'"),
+        # One site: no link to cut, no other site to name.
+        (2, "runs one site (local): no site link"),
+        (2, "no site link to heal"),
+        (2, "unknown site 'site-b'"),
+        (2, "unknown site 'b'"),
+    ]
+    for result, (code, fragment) in zip(refused, expected, strict=True):
+        _one_line_error(result, code, fragment)
     cluster = json.loads((tmp_path / "state" / "cluster.json").read_text())
     assert "peer" not in cluster
     assert json.loads((tmp_path / "state" / "cluster-local.json").read_text()) == cluster

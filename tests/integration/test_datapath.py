@@ -49,8 +49,9 @@ async def site(tmp_path: Path) -> AsyncIterator[LocalSite]:
 
 @pytest.fixture(scope="module")
 def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSite]:
-    """One site for the tests that only write and read their own files (the last ones
-    of the module, so it never runs beside another test's site)."""
+    """One site for the tests that write and read their own files, pausing chunk-stores
+    at most (SIGSTOP, always resumed): the last ones of the module, so it never runs
+    beside another test's site."""
     base = tmp_path_factory.mktemp("datapath") / "site"
     running = LocalSite(base, nodes=6, servers=1, site="t", services=SERVICES)
     try:
@@ -190,11 +191,12 @@ async def test_fsynced_file_survives_kill9_of_client_and_one_chunkstore(
 
 
 async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_eio(
-    site: LocalSite,
+    shared_site: LocalSite,
 ) -> None:
     """No node answering is not a full disk: a write waits for the chunk-stores to come
     back (the application sees a stall, not an error), and past its bounded wait it
     fails with EIO naming the nodes, never with ENOSPC."""
+    site = shared_site
     stores = [site.chunkstore(node) for node in site.node_names]
     bus, meta, files = await _files(site, placement_wait_s=60.0, fragment_timeout_s=1.0)
     try:
@@ -235,13 +237,14 @@ async def test_writes_wait_out_chunkstores_that_answer_nothing_then_fail_with_ei
 
 
 async def test_a_stopped_chunkstore_costs_a_writer_seconds_not_its_timeout(
-    site: LocalSite,
+    shared_site: LocalSite,
 ) -> None:
     """One chunk-store stopped (SIGSTOP: it neither answers nor fails): each chunk's
     put to it is given up a little after its siblings answered and the fragment goes
     elsewhere (the chunk coded again for the nodes that answer), instead of the
     writer waiting out the 10 s request timeout; a read asks another holder beside
     a stopped one."""
+    site = shared_site
     bus, meta, files = await _files(site, fragment_timeout_s=10.0)
     stopped = site.chunkstore(site.node_names[0])
     try:

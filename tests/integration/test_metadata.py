@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 
+from cfs.bus import BusError
 from cfs.supervisor import NatsCluster
 from cfs_contracts.events.metadata import LeaderFenced, MetaCommitted
+from cfs_contracts.fs.check import ScanReplicas
 from cfs_metadata.admin import force_election, shard_status
 from cfs_metadata.check import check_replay, check_tree
+from cfs_metadata.fsck import ask_node
 from cfs_metadata.state import MemoryShard, apply_entries
 from tests.integration.metadata_harness import MetaSite, Workload, replay_journal
 
 
 @pytest.fixture
 async def site(tmp_path: Path, nats_cluster3: NatsCluster) -> AsyncIterator[MetaSite]:
+    """A site of its own, for a test that kills or pauses a process or a server."""
     meta = MetaSite(tmp_path / "meta", nats_cluster3)
     await meta.provision()
     meta.start_all()
@@ -27,6 +32,22 @@ async def site(tmp_path: Path, nats_cluster3: NatsCluster) -> AsyncIterator[Meta
         yield meta
     finally:
         meta.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetaSite]:
+    """One site for the tests that only move the lease and write their own names (the
+    last ones of the module, so it never runs beside another test's site)."""
+    base = tmp_path_factory.mktemp("meta-shared")
+    with NatsCluster(3, base / "nats-cluster") as cluster:
+        meta = MetaSite(base / "meta", cluster)
+        asyncio.run(meta.provision())
+        meta.start_all()
+        try:
+            asyncio.run(meta.wait_ready())
+            yield meta
+        finally:
+            meta.stop_all()
 
 
 async def _run_load_through(
@@ -138,9 +159,29 @@ async def test_kill9_of_the_nats_server_leading_the_shard_stream(site: MetaSite)
     site.cluster.server(kill_stream_leader.victim).restart()  # type: ignore[attr-defined]
     site.cluster.wait_healthy()
     # JetStream's API can answer slowly for a few seconds after a server rejoins (consumer
-    # creation times out), so followers get longer to re-tail than after a process kill.
-    await asyncio.sleep(6.0)
+    # creation times out), so followers take longer to re-tail than after a process kill.
+    await _until_replicas_applied(site, timeout=60.0)
     await _verify_replicas(site)
+
+
+async def _until_replicas_applied(site: MetaSite, timeout: float) -> None:
+    """Until every node's replica has applied the journal's last entry, as its replica
+    checks report it (what _verify_replicas then checks with the processes stopped)."""
+    deadline = time.monotonic() + timeout
+    applied: dict[str, int] = {}
+    async with await site.local.client("probe") as bus:
+        while True:
+            try:
+                last = (await bus.js.stream_info("META_001")).state.last_seq
+                for node in site.nodes:
+                    reply = await ask_node(bus, node, ScanReplicas(shards=(1,)), 5.0)
+                    applied[node] = reply.shards[0].applied_seq if reply.shards else -1
+            except (BusError, TimeoutError, nats.errors.Error):
+                last = -1  # a server still rejoining, or a replica not answering yet
+            if last >= 0 and all(applied.get(n, -1) >= last for n in site.nodes):
+                return
+            assert time.monotonic() < deadline, f"replicas behind seq {last}: {applied}"
+            await asyncio.sleep(0.5)
 
 
 # A renewal sent just before SIGSTOP times out when the writer wakes: lease.write_failed.
@@ -185,11 +226,13 @@ async def test_a_paused_then_resumed_writer_cannot_append(site: MetaSite) -> Non
 
 
 async def test_raft_status_shows_both_layers_and_force_election_moves_them(
-    site: MetaSite,
+    shared_site: MetaSite,
 ) -> None:
+    site = shared_site
     bus, client = await site.client()
     try:
-        await client.mkdir(1, "before")
+        folder = await client.mkdir(1, "force-election")  # the shared root holds other names
+        await client.mkdir(folder.ino, "before")
         deadline = time.monotonic() + 10
         while True:  # a follower may be one append behind for a moment
             before = await shard_status(bus, "001")
@@ -209,21 +252,21 @@ async def test_raft_status_shows_both_layers_and_force_election_moves_them(
                 break
             assert time.monotonic() < deadline, f"no new election: {after}"
             await asyncio.sleep(0.2)
-        await client.mkdir(1, "after")  # the new writer serves
+        await client.mkdir(folder.ino, "after")  # the new writer serves
         assert after.stream_leader != before.stream_leader
-        assert {e.name async for e in client.readdir(1)} == {"before", "after"}
+        assert {e.name async for e in client.readdir(folder.ino)} == {"before", "after"}
     finally:
         await bus.close()
 
 
 async def test_every_attribute_change_is_stamped_for_the_other_sites_merge(
-    site: MetaSite,
+    shared_site: MetaSite,
 ) -> None:
     """A chmod records the site and the stamp it replaced; a second one builds on the
     first (DESIGN.md §8); the creation itself carries no stamp."""
     from tests.integration.metadata_harness import SITE
 
-    bus, client = await site.client()
+    bus, client = await shared_site.client()
     try:
         created = await client.create(1, "stamped", mode=0o644)
         assert created.stamps == {}

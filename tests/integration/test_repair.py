@@ -245,6 +245,7 @@ async def test_a_coordinator_killed_mid_repair_is_resumed_without_double_rebuild
             deadline = time.monotonic() + 30
             while len(started := await _started_events(bus, "storage-5")) < 2:
                 assert time.monotonic() < deadline, "no coordinator took over"
+                await asyncio.sleep(0.2)
             assert started[1]["resumed"] is True, started
             await _wait_event(bus, "cfs.t.cluster.repair.storage-5.completed", 120)
             inodes = await _inodes(MetadataClient(bus), list(digests))
@@ -262,10 +263,12 @@ async def _started_events(bus: Bus, node: str) -> list[dict[str, object]]:
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=1.0)
+                msg = await sub.next_msg(timeout=1.0)  # the wait of an empty stream
             except TimeoutError:
                 return found
             found.append(dict(Envelope.model_validate_json(msg.data).payload))
+            if msg.metadata.num_pending == 0:  # the last event there is
+                return found
     finally:
         await sub.unsubscribe()
 
@@ -283,12 +286,14 @@ async def _stored_after(bus: Bus, gone: str, inodes: list[Inode]) -> dict[str, s
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=1.0)
+                msg = await sub.next_msg(timeout=1.0)  # the wait of an empty stream
             except TimeoutError:
                 break
             payload = Envelope.model_validate_json(msg.data).payload
             if payload["key"] in moved:
                 seen.setdefault(str(payload["key"]), set()).add(str(payload["node_id"]))
+            if msg.metadata.num_pending == 0:  # the last event there is
+                break
     finally:
         await sub.unsubscribe()
     return {key: nodes - {gone} for key, nodes in seen.items() if gone in nodes}

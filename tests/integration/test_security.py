@@ -253,20 +253,21 @@ async def test_a_service_with_the_wrong_key_says_so_and_changes_nothing(
 async def test_admin_commands_need_admin_credentials(site: LocalSite) -> None:
     client = site.credentials(Role.CLIENT)
     admin = site.credentials(Role.ADMIN)
-    line = _forbidden(
-        await asyncio.to_thread(_cli, site, client, "admin", "node-drain", "storage-1")
-    )
-    assert f"cfs.{SITE}.cmd" in line
-    _forbidden(await asyncio.to_thread(_cli, site, None, "admin", "status"))
-    assert "Authorization Violation" in _forbidden(
-        await asyncio.to_thread(_cli, site, None, "fs", "ls", "/")
-    )
-    listed = await asyncio.to_thread(_cli, site, client, "fs", "ls", "/")
-    assert listed.returncode == 0, listed.stderr
-    status = await asyncio.to_thread(_cli, site, admin, "admin", "status")
-    assert status.returncode == 0 and "storage-1" in status.stdout, status.stderr
     unreadable = site.base_dir / "nope.nk"
-    bad = await asyncio.to_thread(_cli, site, unreadable, "admin", "status")
+    # Side by side: none changes anything (the drain is refused), each costs a process.
+    drain, anonymous_status, anonymous_ls, listed, status, bad = await asyncio.gather(
+        asyncio.to_thread(_cli, site, client, "admin", "node-drain", "storage-1"),
+        asyncio.to_thread(_cli, site, None, "admin", "status"),
+        asyncio.to_thread(_cli, site, None, "fs", "ls", "/"),
+        asyncio.to_thread(_cli, site, client, "fs", "ls", "/"),
+        asyncio.to_thread(_cli, site, admin, "admin", "status"),
+        asyncio.to_thread(_cli, site, unreadable, "admin", "status"),
+    )
+    assert f"cfs.{SITE}.cmd" in _forbidden(drain)
+    _forbidden(anonymous_status)
+    assert "Authorization Violation" in _forbidden(anonymous_ls)
+    assert listed.returncode == 0, listed.stderr
+    assert status.returncode == 0 and "storage-1" in status.stdout, status.stderr
     assert bad.returncode == 1 and "cannot read NATS credentials" in bad.stderr, bad.stderr
 
 

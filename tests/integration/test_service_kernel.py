@@ -165,11 +165,13 @@ async def _items(bus: Bus) -> list[tuple[int, str]]:
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=1.0)
+                msg = await sub.next_msg(timeout=1.0)  # the wait of an empty stream
             except TimeoutError:
                 return found
             body = json.loads(msg.data)
             found.append((body["n"], body["by"]))
+            if msg.metadata.num_pending == 0:  # the last item there is
+                return found
     finally:
         await sub.unsubscribe()
 

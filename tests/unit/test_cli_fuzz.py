@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -420,19 +421,34 @@ def _cfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "code"),
-    [
-        (["version", "--bogus"], {}, 2),
-        (["admin", "status"], {"CFS_CONFIG": "", "CFS_NATS_URLS": "[x"}, 1),
-        (["dev", "up", "--topology", str(ROOT / "pyproject.toml")], {}, 1),
-        (["service", "run", "chunk-store", "--node", "n1", "--config", "/nonexistent"], {}, 1),
-        (["service", "run", "chunk-store", "--node", "n1"], {"CFS_NATS_URLS": "[x"}, 1),
-    ],
-    ids=["usage", "env", "topology", "service-config", "service-env"],
-)
-def test_console_script(args: list[str], env: dict[str, str], code: int) -> None:
-    done = _cfs(*args, env=env)
+CONSOLE_SCRIPT = {
+    "usage": (["version", "--bogus"], {}, 2),
+    "env": (["admin", "status"], {"CFS_CONFIG": "", "CFS_NATS_URLS": "[x"}, 1),
+    "topology": (["dev", "up", "--topology", str(ROOT / "pyproject.toml")], {}, 1),
+    "service-config": (
+        ["service", "run", "chunk-store", "--node", "n1", "--config", "/nonexistent"],
+        {},
+        1,
+    ),
+    "service-env": (["service", "run", "chunk-store", "--node", "n1"], {"CFS_NATS_URLS": "[x"}, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def console_script_runs() -> dict[str, subprocess.CompletedProcess[str]]:
+    """Each case of CONSOLE_SCRIPT run once, side by side (each costs an interpreter's
+    start and changes nothing); each test below checks one."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        done = pool.map(lambda case: _cfs(*case[0], env=case[1]), CONSOLE_SCRIPT.values())
+        return dict(zip(CONSOLE_SCRIPT, done, strict=True))
+
+
+@pytest.mark.parametrize("case", list(CONSOLE_SCRIPT))
+def test_console_script(
+    console_script_runs: dict[str, subprocess.CompletedProcess[str]], case: str
+) -> None:
+    _, _, code = CONSOLE_SCRIPT[case]
+    done = console_script_runs[case]
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == code, (done.returncode, done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
