@@ -21,6 +21,9 @@ from tests.chaos.schedule import draw
 pytestmark = [pytest.mark.slow, pytest.mark.expected_logs(*CHAOS_LOGS, "fuse.io_error")]
 
 SEEDS_PER_SITE = 25  # x (single, multi) x (3, 6 nodes) = 100 seeds
+# A seed: two faults (a SIGSTOP holds 30 s, an S3 outage up to 30 s), the heal, the
+# checks; about a minute, far more when something is stuck, which then shows.
+SEED_BUDGET_S = 300
 
 
 def seeds() -> list[int]:
@@ -36,6 +39,7 @@ def _choices(variable: str, default: str) -> list[str]:
     return (os.environ.get(variable) or default).replace(",", " ").split()
 
 
+@pytest.mark.timeout(120 + SEED_BUDGET_S * len(seeds()))
 @pytest.mark.parametrize("nodes", [int(n) for n in _choices("CHAOS_NODES", "3,6")])
 @pytest.mark.parametrize("schedule", _choices("CHAOS_SCHEDULES", "single,multi"))
 def test_chaos(chaos_site_factory: Callable[[int], ChaosSite], schedule: str, nodes: int) -> None:

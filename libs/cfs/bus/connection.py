@@ -533,10 +533,13 @@ class Bus:
     async def _find_stored(
         self, out: Outgoing, expected_last_seq: int | None, conflict: SequenceConflict
     ) -> Ack | None:
-        """Our event's Ack if an earlier attempt stored it, else None (a real conflict)."""
+        """Our event's Ack if an earlier attempt stored it, else None (a real conflict).
+        The refusal names the stream; looking it up by subject instead takes
+        `$JS.API.STREAM.NAMES`, which no service role may publish to."""
         try:
-            stream = await self.js.find_stream_name_by_subject(out.subject)
-            conflict.stream = stream
+            stream = conflict.stream
+            if stream in ("", "?"):
+                stream = conflict.stream = await self.js.find_stream_name_by_subject(out.subject)
             if expected_last_seq is not None:
                 stored = await self.js.get_msg(stream, seq=expected_last_seq + 1, direct=True)
             else:
