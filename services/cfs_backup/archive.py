@@ -34,11 +34,22 @@ from cfs.backup.segments import (
 from cfs.bus import Bus
 from cfs.faults import crash_point
 from cfs.objstore import ObjectStore, ObjectStoreError
-from cfs.retry import Backoff, RetryPolicy, any_bus_error
+from cfs.retry import Backoff, RetryPolicy, any_bus_error, retry
 from cfs_contracts.backup import ArchiveStream
 from cfs_contracts.envelope import Envelope
 
 log = logging.getLogger(__name__)
+
+
+def _s3_wait(what: str) -> RetryPolicy:
+    """S3 trouble outlasting the store's own retries: wait it out, as a segment does."""
+    return RetryPolicy(
+        what,
+        temporary=lambda exc: isinstance(exc, ObjectStoreError),
+        deadline_s=None,
+        max_delay_s=5.0,
+    )
+
 
 WallMs = Callable[[], int]
 
@@ -145,7 +156,7 @@ class Archiver:
     # -- running ---------------------------------------------------------------------
     async def run(self) -> None:
         try:
-            await self.store.ensure_bucket()
+            await retry(self.store.ensure_bucket, _s3_wait("archive bucket"), logger=log)
             async with asyncio.TaskGroup() as tasks:
                 for state in self.states.values():
                     tasks.create_task(self._stream(state), name=f"archive {state.name}")
@@ -165,7 +176,12 @@ class Archiver:
         return last
 
     async def _stream(self, state: _StreamState) -> None:
-        state.archived_seq = await self.resume_position(state.name)
+        state.archived_seq = await retry(
+            lambda: self.resume_position(state.name),
+            _s3_wait(f"archive resume of {state.name}"),
+            extra={"stream": state.name},
+            logger=log,
+        )  # S3 down at a new term's start: waited out (the lag shows), never a crash
         state.journal_seq = state.archived_seq
         log.info("archive.resume", extra={"stream": state.name, "after_seq": state.archived_seq})
         backoff = Backoff(

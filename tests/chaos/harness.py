@@ -39,7 +39,19 @@ RESULTS_ENV = "CFS_CHAOS_RESULTS"
 # on 6 nodes; nothing was lost, the checker clean). A node partitioned away from the
 # others: their verdicts on it, and its own on them, written late once the cut heals,
 # which the accused refute (`member.accused`).
-CHAOS_LOGS = (*NODE_LOSS_LOGS, "projection.rebuilt", "shadow.rebuilt", "member.accused")
+# S3 failing: the tierer says so (and the store's retries give up); with a node down
+# too, a chunk may not be readable for the flush until it is back (retried). A service
+# (re)started while its NATS server was partitioned away waits for its first view.
+CHAOS_LOGS = (
+    *NODE_LOSS_LOGS,
+    "projection.rebuilt",
+    "shadow.rebuilt",
+    "member.accused",
+    "tier.s3_failing",
+    "tier.chunk_unreadable",
+    "retry.*",
+    "nodes.initial_view_slow",
+)
 
 
 @dataclass

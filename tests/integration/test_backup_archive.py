@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -162,6 +164,39 @@ def test_s3_outage_shows_in_archive_lag_and_catches_up(
             assert status is not None
             lag = max(a.lag_s for a in status.archive)
             assert lag >= 2.0, status
+        finally:
+            server.resume()
+        caught_up = asyncio.run(_archived(site, timeout=60.0))
+        assert max(a.lag_s for a in caught_up.archive) < 2.0
+    finally:
+        site.stop()
+
+
+@pytest.mark.expected_logs("retry.*", "site.restarted")  # the store's retries giving up
+def test_a_backup_term_that_starts_while_s3_is_down_waits_for_it(
+    s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A backup restarted (a new term) during an S3 outage waits for S3 (the lag shows)
+    instead of crashing on its first LIST: make chaos found `service.task_crashed`,
+    and the expected-logs check fails this test on it."""
+    server, env = s3_server, s3_env
+    site = _site(tmp_path / "restart", {**env, "CFS_S3_DEADLINE_S": "1"}, "rst")
+    asyncio.run(site.start())
+    try:
+        asyncio.run(site.wait_ready())
+        asyncio.run(_create(site, "warm", 1))
+        asyncio.run(_archived(site))
+        server.pause()
+        try:
+            backup = site.service(site.node_names[0], "backup")
+            assert backup.pid is not None
+            os.kill(backup.pid, signal.SIGKILL)  # died unasked: its restart policy applies
+            deadline = time.monotonic() + 10
+            while not site.restart_exited():
+                assert time.monotonic() < deadline, "backup was not restarted"
+                time.sleep(0.1)
+            asyncio.run(_create(site, "during", 2))
+            time.sleep(8.0)  # the new term meets S3 down at its start
         finally:
             server.resume()
         caught_up = asyncio.run(_archived(site, timeout=60.0))
