@@ -195,6 +195,7 @@ class Injector:
         cut = NetCut(fault.node)
         try:
             cut.cut(pids, _ports(entry), outside)
+            print(f"[chaos] {time.strftime('%T')} partition {fault.node}: cut", flush=True)
             time.sleep(fault.hold_s)
         finally:
             cut.heal()
