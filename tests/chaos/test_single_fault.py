@@ -19,9 +19,11 @@ from tests.chaos.test_chaos import seeds
 
 pytestmark = pytest.mark.expected_logs(*CHAOS_LOGS)
 
-# Seeds whose faults differ in kind: a node partitioned from the rest of the site, the
-# disk under a chunk-store full, kill -9 of a whole node (services and NATS server).
-DEFAULT_SEEDS = (1, 4, 11)
+# Seeds whose faults differ in kind: kill -9 of a chunk-store, the disk under a
+# chunk-store full, kill -9 of a whole node (services and NATS server). The partition
+# (seed 1) runs in `make chaos` only for now: one heal in about ten comes late (`nft
+# delete table` took 56 s once), which stalls the site that long.
+DEFAULT_SEEDS = (2, 4, 11)
 REPLAY = ".venv/bin/python -m pytest -s tests/chaos/test_single_fault.py"
 
 
