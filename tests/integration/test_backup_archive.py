@@ -10,11 +10,13 @@ shows in the archive lag and is caught up when S3 returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,26 @@ async def _status(site: LocalSite) -> BackupStatus | None:
         except Exception:
             return None
         return BackupStatus.model_validate_json(entry.value) if entry.value else None
+
+
+@contextlib.contextmanager
+def _outage(site: LocalSite, server: S3Server) -> Iterator[LocalSite]:
+    """`site` started and archived, then S3 paused for the body; once S3 is back the
+    archive must catch up (lag under 2 s)."""
+    asyncio.run(site.start())
+    try:
+        asyncio.run(site.wait_ready())
+        asyncio.run(_create(site, "warm", 1))
+        asyncio.run(_archived(site))
+        server.pause()
+        try:
+            yield site
+        finally:
+            server.resume()
+        caught_up = asyncio.run(_archived(site, timeout=60.0))
+        assert max(a.lag_s for a in caught_up.archive) < 2.0
+    finally:
+        site.stop()
 
 
 async def _archived(site: LocalSite, timeout: float = 30.0) -> BackupStatus:
@@ -149,27 +171,13 @@ def test_total_loss_restore_from_s3_snapshot_and_archive(
 def test_s3_outage_shows_in_archive_lag_and_catches_up(
     s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
-    server, env = s3_server, s3_env
-    site = _site(tmp_path / "outage", env, "out")
-    asyncio.run(site.start())
-    try:
-        asyncio.run(site.wait_ready())
-        asyncio.run(_create(site, "warm", 1))
-        asyncio.run(_archived(site))
-        server.pause()
-        try:
-            asyncio.run(_create(site, "during", 3))  # writes go on during the outage
-            time.sleep(3.0)
-            status = asyncio.run(_status(site))
-            assert status is not None
-            lag = max(a.lag_s for a in status.archive)
-            assert lag >= 2.0, status
-        finally:
-            server.resume()
-        caught_up = asyncio.run(_archived(site, timeout=60.0))
-        assert max(a.lag_s for a in caught_up.archive) < 2.0
-    finally:
-        site.stop()
+    with _outage(_site(tmp_path / "outage", s3_env, "out"), s3_server) as site:
+        asyncio.run(_create(site, "during", 3))  # writes go on during the outage
+        time.sleep(3.0)
+        status = asyncio.run(_status(site))
+        assert status is not None
+        lag = max(a.lag_s for a in status.archive)
+        assert lag >= 2.0, status
 
 
 @pytest.mark.expected_logs("retry.*", "site.restarted")  # the store's retries giving up
@@ -179,27 +187,14 @@ def test_a_backup_term_that_starts_while_s3_is_down_waits_for_it(
     """A backup restarted (a new term) during an S3 outage waits for S3 (the lag shows)
     instead of crashing on its first LIST: make chaos found `service.task_crashed`,
     and the expected-logs check fails this test on it."""
-    server, env = s3_server, s3_env
-    site = _site(tmp_path / "restart", {**env, "CFS_S3_DEADLINE_S": "1"}, "rst")
-    asyncio.run(site.start())
-    try:
-        asyncio.run(site.wait_ready())
-        asyncio.run(_create(site, "warm", 1))
-        asyncio.run(_archived(site))
-        server.pause()
-        try:
-            backup = site.service(site.node_names[0], "backup")
-            assert backup.pid is not None
-            os.kill(backup.pid, signal.SIGKILL)  # died unasked: its restart policy applies
-            deadline = time.monotonic() + 10
-            while not site.restart_exited():
-                assert time.monotonic() < deadline, "backup was not restarted"
-                time.sleep(0.1)
-            asyncio.run(_create(site, "during", 2))
-            time.sleep(8.0)  # the new term meets S3 down at its start
-        finally:
-            server.resume()
-        caught_up = asyncio.run(_archived(site, timeout=60.0))
-        assert max(a.lag_s for a in caught_up.archive) < 2.0
-    finally:
-        site.stop()
+    site = _site(tmp_path / "restart", {**s3_env, "CFS_S3_DEADLINE_S": "1"}, "rst")
+    with _outage(site, s3_server):
+        backup = site.service(site.node_names[0], "backup")
+        assert backup.pid is not None
+        os.kill(backup.pid, signal.SIGKILL)  # died unasked: its restart policy applies
+        deadline = time.monotonic() + 10
+        while not site.restart_exited():
+            assert time.monotonic() < deadline, "backup was not restarted"
+            time.sleep(0.1)
+        asyncio.run(_create(site, "during", 2))
+        time.sleep(8.0)  # the new term meets S3 down at its start
