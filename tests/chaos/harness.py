@@ -26,10 +26,13 @@ from cfs_membership.transport import NetemRule, write_rules
 from tests.chaos.disks import NodeDisks
 from tests.chaos.netcut import NetCut, Ports
 from tests.chaos.schedule import NATS, Fault, Kind, Schedule, replay_command
-from tests.chaos.workload import Workload
+from tests.chaos.workload import Ledger, WorkloadProcess, verify
 from tests.scenarios.conftest import NODE_LOSS_LOGS, DevSite, wait_for
 
 RESULTS_ENV = "CFS_CHAOS_RESULTS"
+# A workload still in one operation this long after it was told to stop is stuck
+# (the library gives an operation 180 s before it calls it failed).
+WORKLOAD_FINISH_S = 240.0
 
 # What the site logs while the faults hit it: what it logs when a node is lost, and
 # (a NATS server that led a journal SIGSTOP'd for 30 s, then resumed: it answers with
@@ -262,10 +265,15 @@ def _start_what_stopped(site: DevSite, nodes: list[str]) -> None:
 
 
 def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -> Outcome:
-    """The workload under `schedule` on the site, healed and verified; `replay`: the
-    command that runs it again (default: `make chaos` for this seed)."""
+    """The workloads (one through the mount in `root`, one through the client library
+    beside it) under `schedule` on the site, healed and verified; `replay`: the command
+    that runs it again (default: `make chaos` for this seed)."""
     site, nodes = chaos.site, chaos.nodes
-    workload = Workload(root, schedule.seed)
+    config = site.state / "cluster.json"
+    workloads = [
+        WorkloadProcess("mount", root, config, schedule.seed),
+        WorkloadProcess("library", root.with_name(root.name + "-lib"), config, schedule.seed),
+    ]
     injector = Injector(chaos)
     errors: list[BaseException] = []
 
@@ -277,9 +285,11 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
             errors.append(exc)
         print(f"[chaos] {time.strftime('%T')} {fault.kind.value}: healed", flush=True)
 
+    for workload in workloads:
+        workload.start()
     started = time.monotonic()
-    workload.start()
     threads = []
+    ledgers: list[Ledger] = []
     try:
         for fault in schedule.faults:
             time.sleep(max(0.0, started + fault.at_s - time.monotonic()))
@@ -288,15 +298,17 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
             threads.append(thread)
         for thread in threads:
             thread.join(timeout=120)
-        time.sleep(2.0)  # the workload goes on a moment on the healed site
+        time.sleep(2.0)  # the workloads go on a moment on the healed site
     finally:
-        workload.stop.set()
-        workload.join(timeout=120)
-        _start_what_stopped(site, nodes)  # whatever happened, every node runs again
+        try:
+            ledgers = [w.finish(timeout=WORKLOAD_FINISH_S) for w in workloads]
+        finally:
+            _start_what_stopped(site, nodes)  # whatever happened, every node runs again
     if errors:
         raise errors[0]
-    if workload.crash is not None:
-        raise AssertionError(f"the workload itself failed: {workload.crash!r}")
+    for workload, ledger in zip(workloads, ledgers, strict=True):
+        if ledger.crash is not None:
+            raise AssertionError(f"the {workload.via} workload itself failed: {ledger.crash}")
     wait_for("every node UP again", lambda: _site_whole(site, nodes), timeout=120, every=1.0)
     try:
         wait_for("the S3 tier drained", lambda: _tier_drained(site), timeout=180, every=2.0)
@@ -309,19 +321,27 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
         if check.returncode == 0:
             break
         time.sleep(2.0)
-    verdict = workload.verify()
+    runs = [
+        (w.via, ledger, verify(ledger, w.root))
+        for w, ledger in zip(workloads, ledgers, strict=True)
+    ]
+    slowest = max(runs, key=lambda run: run[1].longest_s)
     outcome = Outcome(
         schedule=schedule.name,
         seed=schedule.seed,
         nodes=len(nodes),
         faults=[f.describe() for f in schedule.faults],
-        acknowledged=verdict.acknowledged,
-        failed_ops=[f"{f.op} {f.path}: {f.message}" for f in workload.failures],
-        lost=verdict.lost,
-        corrupt=verdict.corrupt,
-        unexpected=verdict.unexpected,
-        longest_stall_s=workload.longest_s,
-        longest_op=workload.longest_op,
+        acknowledged=sum(verdict.acknowledged for _, _, verdict in runs),
+        failed_ops=[
+            f"{via}: {f.op} {f.path}: {f.message}"
+            for via, ledger, _ in runs
+            for f in ledger.failures
+        ],
+        lost=[f"{via}: {p}" for via, _, verdict in runs for p in verdict.lost],
+        corrupt=[f"{via}: {p}" for via, _, verdict in runs for p in verdict.corrupt],
+        unexpected=[f"{via}: {p}" for via, _, verdict in runs for p in verdict.unexpected],
+        longest_stall_s=slowest[1].longest_s,
+        longest_op=f"{slowest[0]}: {slowest[1].longest_op}",
         checker_clean=check is not None and check.returncode == 0,
         tier_drained=tier_drained,
         stuck=_stuck(site),

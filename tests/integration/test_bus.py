@@ -231,6 +231,43 @@ async def test_kill9_of_the_r3_stream_leader_loses_no_acknowledged_event(
         await bus.close()
 
 
+async def test_a_client_leaves_a_server_that_stopped_answering(
+    nats_cluster3: NatsCluster,
+) -> None:
+    """A frozen server (or one partitioned away) keeps the TCP connection open: only
+    unanswered pings tell the client to go to another server, and its requests go on."""
+    bus = await Bus.connect(nats_cluster3.urls, site=SITE, node="c", ping_interval_s=0.5)
+    assert bus.nc.connected_url is not None
+    frozen = next(s for s in nats_cluster3.servers if s.port == bus.nc.connected_url.port)
+    others = [s.url for s in nats_cluster3.servers if s is not frozen]
+    responder = await Bus.connect(others, site=SITE, node="r")
+
+    async def echo(msg: object) -> bytes:
+        return b"pong"
+
+    sub = await responder.serve(f"cfs.{SITE}.rpc.echo", echo)
+    await responder.nc.flush()
+    frozen.pause()
+    try:
+        started = time.monotonic()
+        while True:
+            try:
+                reply = await bus.request(f"cfs.{SITE}.rpc.echo", b"", timeout=0.5)
+                break
+            except (RequestTimeout, BusUnavailable, NoResponders):
+                assert time.monotonic() - started < 15, "still on the frozen server"
+        took = time.monotonic() - started
+        assert reply.data == b"pong"
+        assert bus.nc.connected_url.port != frozen.port
+        # 4 pings of 0.5 s go unanswered, then a reconnect (0.25 s back-off).
+        assert took < 6, f"answered only after {took:.1f}s"
+    finally:
+        frozen.resume()
+        await sub.unsubscribe()
+        await responder.close()
+        await bus.close()
+
+
 async def test_malformed_message_is_dead_lettered_and_consumer_keeps_going(bus: Bus) -> None:
     subject = f"cfs.{SITE}.cluster.node.x.down"
     await bus.js.publish(subject, b"{not json", headers={"Nats-Msg-Id": "garbage-1"})

@@ -53,6 +53,12 @@ from cfs_contracts.streams import JOURNAL_MAX_MSG_BYTES
 log = logging.getLogger(__name__)
 # Errors of the first connection attempts, kept to say why connecting failed.
 CONNECT_ERRORS_KEPT = 16
+# A server that went silent (its host partitioned away, or frozen) leaves the TCP
+# connection open: only unanswered pings tell. nats-py's default (120 s, 2 pings) kept
+# a client on such a server for minutes; this moves it to another within about
+# PING_INTERVAL_S x (MAX_OUTSTANDING_PINGS + 1) = 20 s, for a PING a client every 5 s.
+PING_INTERVAL_S = 5.0
+MAX_OUTSTANDING_PINGS = 3
 
 # nats-py reads the socket DEFAULT_BUFFER_SIZE (32 KiB) bytes per event-loop turn and
 # uses it as the stream reader's limit. File fragments travel as 1 MiB messages, so
@@ -249,8 +255,10 @@ class Bus:
         publish_timeout: float = 5.0,
         publish_window: int = 1024,
         registry: Registry = REGISTRY,
+        ping_interval_s: float = PING_INTERVAL_S,
     ) -> Bus:
-        """Connect to any of `urls`; reconnects forever once connected.
+        """Connect to any of `urls`; reconnects forever once connected, also away from
+        a server that stopped answering pings (`ping_interval_s`, see PING_INTERVAL_S).
 
         TLS, verified against `tls_ca` or else the site CA beside `credentials`
         (`cfs.tls.ca_for`), whenever the site has one; plain otherwise."""
@@ -311,6 +319,8 @@ class Bus:
                     name=name or f"cfs-{node}",
                     connect_timeout=max(1, min(2, int(connect_timeout))),
                     reconnect_time_wait=0.25,  # type: ignore[arg-type]  # float is fine
+                    ping_interval=ping_interval_s,  # type: ignore[arg-type]  # likewise
+                    max_outstanding_pings=MAX_OUTSTANDING_PINGS,
                     max_reconnect_attempts=-1,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
