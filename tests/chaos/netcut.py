@@ -128,8 +128,9 @@ class NetCut:
         for group in (self.cgroup, self.cgroup.parent):
             with contextlib.suppress(OSError):  # still in use (another cut) or gone
                 group.rmdir()
-        # A heal that came late lengthens the partition: say where the time went (one
-        # `make chaos` run saw a 5.8 s partition healed after 91 s, cause not yet known).
+        # A heal that came late lengthens the partition: say where the time went. (Heals
+        # of 56-91 s were the fork of `nft` waiting on a stalled mount, when the workload
+        # ran in this process: see tests/chaos/workload.py.)
         if (took := time.monotonic() - started) > 1.0:
             print(f"[netcut] slow heal of {self.table}: {took:.1f}s, nft "
                   f"{deleted - started:.1f}s", flush=True)  # fmt: skip
