@@ -147,8 +147,13 @@ def test_total_loss_restore_from_s3_snapshot_and_archive(
     try:
         asyncio.run(fresh.wait_ready())
         started = time.monotonic()
-        restored = ok(fresh, env, "restore-metadata", "--from-snapshot", url)
+        scratch = tmp_path / "tmp"  # where the download from S3 goes, and is removed
+        scratch.mkdir()
+        restored = ok(
+            fresh, {**env, "TMPDIR": str(scratch)}, "restore-metadata", "--from-snapshot", url
+        )
         assert "read-only until" in restored
+        assert not list(scratch.iterdir()), "the downloaded snapshot was left behind"
         replay: dict[str, Any] = json.loads(ok(fresh, env, "replay-journal", "--json"))
         rto = time.monotonic() - started
         names = asyncio.run(_names(fresh))
