@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
 from cfs.supervisor import ManagedProcess
 from cfs.telemetry import RootSpans
-from cpu_accounting import cpu_seconds, own_cpu_seconds
+from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 
 # Prometheus scrapes every minute by default, 15 s is common; every 5 s (and once as
 # each measured run starts) is a strict setting, not a quiet one.
@@ -255,18 +255,25 @@ async def alternate(
     keeps) is given beside the wall-clock one."""
     runs: dict[str, list[float]] = {"off": [], **{mode: [] for mode in MODES}}
     cpu: dict[str, list[float]] = {mode: [] for mode in runs}
+    # the same CPU per unit of work split by process role: which process pays for "on"
+    by_role: dict[str, list[dict[str, float]]] = {mode: [] for mode in runs}
     others = list(other_pids)
 
-    def cpu_now() -> float:
-        pids = [proc.pid for proc in procs.values()] + others + [None]
-        return sum(own_cpu_seconds() if pid is None else cpu_seconds(pid) for pid in pids)
+    def roles() -> dict[str, list[int | None]]:
+        found: dict[str, list[int | None]] = {"client": [None], "nats": list(others)}
+        for (_, service), proc in procs.items():
+            found.setdefault(service, []).append(proc.pid)
+        return found
 
     async def timed(tracer: Any | None, mode: str) -> None:
-        before, started = cpu_now(), time.perf_counter()
+        watched = roles()  # the pids of this mode's processes (restarted into it)
+        before, started = role_cpu_seconds(watched), time.perf_counter()
         rate = await measure(tracer)
         units = rate * (time.perf_counter() - started)
+        spent = cpu_us_per_op(before, role_cpu_seconds(watched), 1, "cpu")
         runs[mode].append(rate)
-        cpu[mode].append((cpu_now() - before) / units)
+        by_role[mode].append({role: us / units for role, us in spent.items()})
+        cpu[mode].append(sum(spent.values()) / 1e6 / units)
 
     with Collector() as sink:
         tracers = {mode: client_tracer(sink, mode) for mode in MODES}
@@ -284,8 +291,10 @@ async def alternate(
                         continue
                     with sink.scraping(ports.values()):
                         await timed(tracers[mode][1], mode)
-                line = ", ".join(
-                    f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us"
+                line = "; ".join(
+                    f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us ("
+                    + ", ".join(f"{r[4:]} {us:.0f}" for r, us in by_role[mode][-1].items())
+                    + ")"
                     for mode, values in runs.items()
                 )
                 print(f"telemetry round {len(runs['off'])}/{rounds}: {line}", file=sys.stderr)
@@ -308,6 +317,13 @@ async def alternate(
         "telemetry_overhead_ratio": statistics.median(runs["sampled"]) / off,
         "telemetry_overhead_ratio_always_on": statistics.median(runs["always"]) / off,
         "telemetry_trace_sample_ratio": SAMPLED_RATIO,
+        **{
+            f"telemetry_{role.replace('-', '_')}_us_{mode}": statistics.median(
+                split[role] for split in splits
+            )
+            for mode, splits in by_role.items()
+            for role in splits[0]
+        },
         "telemetry_scrapes": sink.scrapes,
         "telemetry_spans_exported": sink.spans,
     }

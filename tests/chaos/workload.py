@@ -365,36 +365,45 @@ _SPAWN = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing in
 
 
 def _serve(
-    via: Via, mount_root: Path, config: Path, seed: int, stop: Event, out: Connection
+    via: Via, mount_root: Path, config: Path, seed: int, log: Path, stop: Event, out: Connection
 ) -> None:
-    ops: Operations
+    from cfs.logs import setup_logging
+
     ledger = Ledger()
-    try:
-        if via == "mount":
-            ops = MountOperations(mount_root)
-        else:
-            ops = LibraryOperations(mount_root.name, config)
+    with open(log, "a", buffering=1) as stream:  # the library's JSON log lines
+        setup_logging(stream=stream, service=f"workload-{via}")
         try:
-            ledger = Workload(ops, seed, stop).run()
-        finally:
-            ops.close()
-    except Exception as exc:  # the library could not even connect
-        ledger.crash = repr(exc)
+            ledger = _work(via, mount_root, config, seed, stop)
+        except Exception as exc:  # the library could not even connect
+            ledger.crash = repr(exc)
     out.send(ledger)
+
+
+def _work(via: Via, mount_root: Path, config: Path, seed: int, stop: Event) -> Ledger:
+    ops: Operations
+    if via == "mount":
+        ops = MountOperations(mount_root)
+    else:
+        ops = LibraryOperations(mount_root.name, config)
+    try:
+        return Workload(ops, seed, stop).run()
+    finally:
+        ops.close()
 
 
 class WorkloadProcess:
     """One workload (`via` the mount, or the client library connecting with the cluster
     config `config`) in its own process; its directory is `mount_root` (a directory
-    right under the mount point, where `verify` reads it back)."""
+    right under the mount point, where `verify` reads it back); what the library logs
+    goes to `log`."""
 
-    def __init__(self, via: Via, mount_root: Path, config: Path, seed: int) -> None:
+    def __init__(self, via: Via, mount_root: Path, config: Path, seed: int, log: Path) -> None:
         self.via = via
         self.root = mount_root
         self._stop = _SPAWN.Event()
         self._results, sender = _SPAWN.Pipe(duplex=False)
         self._process = _SPAWN.Process(
-            target=_serve, args=(via, mount_root, config, seed, self._stop, sender),
+            target=_serve, args=(via, mount_root, config, seed, log, self._stop, sender),
             name=f"workload-{via}-{seed}", daemon=True,
         )  # fmt: skip
         self._sender = sender

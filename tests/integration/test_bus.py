@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import nats
@@ -35,6 +35,7 @@ from cfs.bus import (
 from cfs.bus.provision import Change
 from cfs.supervisor import NatsCluster, NatsServer
 from cfs.supervisor.linkproxy import LinkProxy
+from cfs.tls import ca_path, ensure_server_cert
 from cfs_contracts import DecodedEvent, EventPayload, SchemaVersionError, UnknownEventType
 from cfs_contracts.events.cluster import NodeDown, NodeJoinedV1, NodeLeft
 from cfs_contracts.events.metadata import LeaderFenced
@@ -231,16 +232,32 @@ async def test_kill9_of_the_r3_stream_leader_loses_no_acknowledged_event(
         await bus.close()
 
 
+@pytest.fixture
+def tls_cluster3(tmp_path: Path) -> Iterator[tuple[NatsCluster, Path]]:
+    """Three routed servers with TLS on every link, as `cfs dev` runs them; and the CA."""
+    credentials = tmp_path / "credentials"
+    cluster = NatsCluster(
+        3, tmp_path / "tls-cluster", tls=lambda name: ensure_server_cert(credentials, SITE, name)
+    )
+    try:
+        cluster.start()
+        yield cluster, ca_path(credentials)
+    finally:
+        cluster.stop()
+
+
 async def test_a_client_leaves_a_server_that_stopped_answering(
-    nats_cluster3: NatsCluster,
+    tls_cluster3: tuple[NatsCluster, Path],
 ) -> None:
     """A frozen server (or one partitioned away) keeps the TCP connection open: only
-    unanswered pings tell the client to go to another server, and its requests go on."""
-    bus = await Bus.connect(nats_cluster3.urls, site=SITE, node="c", ping_interval_s=0.5)
+    unanswered pings tell the client to go to another server, and its requests go on.
+    Over TLS, where closing a connection waits for the peer's close_notify."""
+    cluster, ca = tls_cluster3
+    bus = await Bus.connect(cluster.urls, site=SITE, node="c", tls_ca=ca, ping_interval_s=0.5)
     assert bus.nc.connected_url is not None
-    frozen = next(s for s in nats_cluster3.servers if s.port == bus.nc.connected_url.port)
-    others = [s.url for s in nats_cluster3.servers if s is not frozen]
-    responder = await Bus.connect(others, site=SITE, node="r")
+    frozen = next(s for s in cluster.servers if s.port == bus.nc.connected_url.port)
+    others = [s.url for s in cluster.servers if s is not frozen]
+    responder = await Bus.connect(others, site=SITE, node="r", tls_ca=ca)
 
     async def echo(msg: object) -> bytes:
         return b"pong"
@@ -259,8 +276,8 @@ async def test_a_client_leaves_a_server_that_stopped_answering(
         took = time.monotonic() - started
         assert reply.data == b"pong"
         assert bus.nc.connected_url.port != frozen.port
-        # 4 pings of 0.5 s go unanswered, then a reconnect (0.25 s back-off).
-        assert took < 6, f"answered only after {took:.1f}s"
+        # 2-3 ping intervals of 0.5 s go unanswered, then a reconnect (0.25 s back-off).
+        assert took < 5, f"answered only after {took:.1f}s"
     finally:
         frozen.resume()
         await sub.unsubscribe()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from asyncio import constants as asyncio_constants
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,20 @@ log = logging.getLogger(__name__)
 CONNECT_ERRORS_KEPT = 16
 # A server that went silent (its host partitioned away, or frozen) leaves the TCP
 # connection open: only unanswered pings tell. nats-py's default (120 s, 2 pings) kept
-# a client on such a server for minutes; this moves it to another within about
-# PING_INTERVAL_S x (MAX_OUTSTANDING_PINGS + 1) = 20 s, for a PING a client every 5 s.
-PING_INTERVAL_S = 5.0
-MAX_OUTSTANDING_PINGS = 3
+# a client on such a server for minutes, past every deadline (a metadata call waits
+# 30 s); this moves it to another within 2-3 PING_INTERVAL_S (6-9 s), for a PING a
+# client every 3 s. A live server answers a PING within milliseconds, also when busy.
+PING_INTERVAL_S = 3.0
+MAX_OUTSTANDING_PINGS = 2
+# Closing a TLS connection waits for the peer's close_notify, up to asyncio's
+# SSL_SHUTDOWN_TIMEOUT (30 s); nats-py closes the old connection before it reconnects,
+# so a client left a frozen or partitioned server 30 s after it noticed. The wait is
+# process-wide and has no per-connection option nats-py passes on, hence the module
+# setting (read when a connection is made); test_bus.py checks the whole move.
+TLS_CLOSE_WAIT_S = 1.0
+asyncio_constants.SSL_SHUTDOWN_TIMEOUT = min(
+    asyncio_constants.SSL_SHUTDOWN_TIMEOUT, TLS_CLOSE_WAIT_S
+)
 
 # nats-py reads the socket DEFAULT_BUFFER_SIZE (32 KiB) bytes per event-loop turn and
 # uses it as the stream reader's limit. File fragments travel as 1 MiB messages, so
