@@ -342,7 +342,7 @@ async def run(quick: bool) -> dict[str, float]:
             ino, write = await client_write(site, "client.bin", size)
             read = await client_read(site, ino, size)
             fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)
-            telemetry = await telemetry_overhead(site, size, rounds=5 if quick else 7)
+            telemetry = await telemetry_overhead(site, size, rounds=7 if quick else 9)
             site.kill9("storage-2")
             site.kill9("storage-5")
             degraded = await client_read(site, ino, size)
