@@ -293,7 +293,9 @@ async def alternate(
                         await timed(tracers[mode][1], mode)
                 line = "; ".join(
                     f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us ("
-                    + ", ".join(f"{r[4:]} {us:.0f}" for r, us in by_role[mode][-1].items())
+                    + ", ".join(
+                        f"{r.removeprefix('cpu_')} {us:.0f}" for r, us in by_role[mode][-1].items()
+                    )
                     + ")"
                     for mode, values in runs.items()
                 )

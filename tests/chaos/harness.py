@@ -272,6 +272,23 @@ def _start_what_stopped(site: DevSite, nodes: list[str]) -> None:
             site.cfs("dev", "start", node)
 
 
+def _finish(workloads: list[WorkloadProcess]) -> list[Ledger]:
+    """Every workload stopped (one stuck in an operation killed), then their ledgers;
+    the first that could not give one fails the run, after all have stopped."""
+    for workload in workloads:
+        workload.stop()
+    ledgers: list[Ledger] = []
+    failures: list[AssertionError] = []
+    for workload in workloads:
+        try:
+            ledgers.append(workload.finish(timeout=WORKLOAD_FINISH_S))
+        except AssertionError as exc:
+            failures.append(exc)
+    if failures:
+        raise failures[0]
+    return ledgers
+
+
 def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -> Outcome:
     """The workloads (one through the mount in `root`, one through the client library
     beside it) under `schedule` on the site, healed and verified; `replay`: the command
@@ -312,7 +329,7 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
         time.sleep(2.0)  # the workloads go on a moment on the healed site
     finally:
         try:
-            ledgers = [w.finish(timeout=WORKLOAD_FINISH_S) for w in workloads]
+            ledgers = _finish(workloads)
         finally:
             _start_what_stopped(site, nodes)  # whatever happened, every node runs again
     if errors:

@@ -5,7 +5,7 @@ Writes with fsync, overwrites, renames across directories, unlinks, mkdir and rm
 drawn from a seed. An operation that returned is acknowledged and goes into the model
 (the tree as it must be); one that failed leaves the names it touched uncertain (it
 may or may not have happened), and the workload never touches them again. After the
-faults are healed `Ledger.verify` holds the mount to the model: every acknowledged file
+faults are healed `verify` holds the mount to the model: every acknowledged file
 with its bytes (SHA-256), every directory, no name an acknowledged unlink or rename
 removed, link counts.
 
@@ -412,9 +412,13 @@ class WorkloadProcess:
         self._process.start()
         self._sender.close()  # the child's now: EOF once it exits
 
+    def stop(self) -> None:
+        """Stop after the operation in progress."""
+        self._stop.set()
+
     def finish(self, timeout: float) -> Ledger:
         """Stop after the operation in progress; what the workload acknowledged."""
-        self._stop.set()
+        self.stop()
         try:
             if not self._results.poll(timeout):
                 raise AssertionError(
