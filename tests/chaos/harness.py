@@ -45,9 +45,10 @@ VIAS: tuple[tuple[Via, str], ...] = (("mount", ""), ("library", "-lib"))
 # on 6 nodes; nothing was lost, the checker clean). A node partitioned away from the
 # others: their verdicts on it, and its own on them, written late once the cut heals,
 # which the accused refute (`member.accused`).
-# S3 failing: the tierer says so (and the store's retries give up); with a node down
-# too, a chunk may not be readable for the flush until it is back (retried). A service
-# (re)started while its NATS server was partitioned away waits for its first view.
+# S3 failing: the tierer says so (and the store's retries give up; a compaction pass
+# stops, the next one tries again); with a node down too, a chunk may not be readable
+# for the flush until it is back (retried). A service (re)started while its NATS
+# server was partitioned away waits for its first view.
 # A new writer whose fence meets a journal shorter than what it applied (the stream's
 # old leader, back from a partition, answering before it learns it was deposed) steps
 # down and tries again (seen in `make chaos`, single seed 14 on 6 nodes: a partition,
@@ -58,6 +59,7 @@ CHAOS_LOGS = (
     "shadow.rebuilt",
     "member.accused",
     "tier.s3_failing",
+    "tier.compact_failed",
     "tier.chunk_unreadable",
     "retry.*",
     "nodes.initial_view_slow",
