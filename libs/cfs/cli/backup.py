@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import sys
@@ -293,22 +292,25 @@ async def _fetch(bus: Bus, snapshot_id: str, reply: SnapshotReply, path: Path) -
 def _load(source: str) -> Snapshot:
     """A snapshot from a path or s3://bucket/key, checked completely (or refused); one
     from S3 is downloaded to a temporary directory, removed once read (into memory)."""
-    with contextlib.ExitStack() as stack:
-        path = Path(source)
-        if is_s3_url(source):
-            url = _s3_url(source, "--from-snapshot")
-            path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cfs-restore-")))
-            path /= "snapshot.tar.gz"
+    if not is_s3_url(source):
+        return _read(Path(source))
+    url = _s3_url(source, "--from-snapshot")
+    with tempfile.TemporaryDirectory(prefix="cfs-restore-") as tmp:
+        local = Path(tmp) / "snapshot.tar.gz"
 
-            async def download() -> None:
-                async with open_store(S3Url(url.bucket), s3_settings()) as store:
-                    await store.get_file(url.prefix, path)
+        async def download() -> None:
+            async with open_store(S3Url(url.bucket), s3_settings()) as store:
+                await store.get_file(url.prefix, local)
 
-            asyncio.run(download())
-        try:
-            return read_snapshot(path)
-        except SnapshotInvalid as exc:
-            raise CliError(f"refusing the snapshot: {exc}") from None
+        asyncio.run(download())
+        return _read(local)
+
+
+def _read(path: Path) -> Snapshot:
+    try:
+        return read_snapshot(path)
+    except SnapshotInvalid as exc:
+        raise CliError(f"refusing the snapshot: {exc}") from None
 
 
 @app.command("restore-metadata")
