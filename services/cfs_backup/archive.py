@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def _s3_wait(what: str) -> RetryPolicy:
-    """S3 trouble outlasting the store's own retries: wait it out, as a segment does."""
+    """S3 trouble outlasting the store's own retries: waited out (the archive lag shows
+    meanwhile), at a term's start as for every segment."""
     return RetryPolicy(
         what,
         temporary=lambda exc: isinstance(exc, ObjectStoreError),
@@ -251,7 +252,7 @@ class Archiver:
         blob, manifest = encode_segment(state.name, messages)
         key = f"{self.cluster_id}/{segment_key(state.name, manifest.first, manifest.last)}"
         backoff = Backoff(
-            RetryPolicy(f"archive of {state.name}", deadline_s=None, max_delay_s=5.0),
+            _s3_wait(f"archive of {state.name}"),
             extra={"stream": state.name},
             logger=log,
         )
