@@ -1,7 +1,8 @@
 """Telemetry on and off for the benchmarks' `telemetry_overhead_ratio` (issue 17).
 
 "On" is what an operator runs: every measured service process with its `/metrics`
-endpoint scraped as each run starts and every `SCRAPE_S`, an OTLP/HTTP exporter
+endpoint scraped every `SCRAPE_S` from the moment it starts (at the scraper's own
+pace, as Prometheus would, not in step with the measured run), an OTLP/HTTP exporter
 sending its spans to a receiver that decodes every export as a collector would (both
 in a process of their own, `Collector`, as Prometheus and a collector would be), and
 the bench's own client tracing each operation as the FUSE mount does (a root span per
@@ -39,9 +40,12 @@ from cfs.supervisor import ManagedProcess
 from cfs.telemetry import RootSpans
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 
-# Prometheus scrapes every minute by default, 15 s is common; every 5 s (and once as
-# each measured run starts) is a strict setting, not a quiet one.
+# Prometheus scrapes every minute by default, 15 s is common; every 5 s is a strict
+# setting, not a quiet one.
 SCRAPE_S = 5.0
+# After a restart the processes elect, catch up and warm their caches for a while
+# after they answer ready: measured runs start once that has passed, in every mode.
+SETTLE_S = 2.0
 
 
 class SpanSink(ThreadingHTTPServer):
@@ -265,11 +269,18 @@ async def alternate(
             found.setdefault(service, []).append(proc.pid)
         return found
 
-    async def timed(tracer: Any | None, mode: str) -> None:
+    async def timed(mode: str) -> None:
         watched = roles()  # the pids of this mode's processes (restarted into it)
+        provider, roots = tracers.get(mode, (None, None))
         before, started = role_cpu_seconds(watched), time.perf_counter()
-        rate = await measure(tracer)
-        units = rate * (time.perf_counter() - started)
+        rate = await measure(roots)
+        elapsed = time.perf_counter() - started
+        if provider is not None:
+            # The spans this run batched are exported inside its window, not during
+            # the next mode's run (the processor would send them up to 5 s later).
+            await asyncio.to_thread(provider.force_flush)
+        units = rate * elapsed
+        rate = units / (time.perf_counter() - started)
         spent = cpu_us_per_op(before, role_cpu_seconds(watched), 1, "cpu")
         runs[mode].append(rate)
         by_role[mode].append({role: us / units for role, us in spent.items()})
@@ -285,12 +296,13 @@ async def alternate(
                 shift = round_index % len(modes)
                 for mode in modes[shift:] + modes[:shift]:
                     await asyncio.to_thread(restart_with, procs, ports, sink, mode)
-                    await ready()
-                    if mode == "off":
-                        await timed(None, mode)
-                        continue
-                    with sink.scraping(ports.values()):
-                        await timed(tracers[mode][1], mode)
+                    # Scraped on the scraper's own clock from the restart on, as
+                    # Prometheus does, not in step with the measured run.
+                    scraping = sink.scraping(ports.values()) if mode != "off" else None
+                    with scraping or contextlib.nullcontext():
+                        await ready()
+                        await asyncio.sleep(SETTLE_S)
+                        await timed(mode)
                 line = "; ".join(
                     f"{mode} {values[-1]:.1f}/s {cpu[mode][-1] * 1e6:.0f} cpu-us ("
                     + ", ".join(
