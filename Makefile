@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 # tests; without recommends it is 16 small Python packages, not a docker engine.
 DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose nftables
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: setup system-deps run test test-slow test-all lint fmt asyncapi bench dr-report chaos clean
 
@@ -40,8 +41,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/cfs dev run
 
+# Test files run on TEST_WORKERS pytest-xdist workers, each file whole on one worker
+# (module fixtures are shared within a file); TEST_WORKERS=0 runs them in this process.
 test: setup
-	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
