@@ -93,6 +93,7 @@ from cfs_metadata.metrics import (
     REPLICA_LAG,
     op_finished,
 )
+from cfs_metadata.pacing import CommitPacer
 from cfs_metadata.projection import Projection
 from cfs_metadata.reads import read, scan
 from cfs_metadata.records import CorruptRecord
@@ -123,6 +124,7 @@ class ReplicaSettings:
     renew_s: float = 0.2
     max_batch_ops: int = 512
     max_batch_bytes: int = 512 * 1024
+    commit_linger_s: float = 0.004  # see cfs_metadata.pacing
     append_timeout_s: float = 5.0
     shard_count: int = 1
 
@@ -160,6 +162,7 @@ class ShardReplica:
         self._release_first = False  # stepped down still holding the lease (see _may_hold)
         self._locked: set[str] = set()  # keys held by prepared transactions (leader only)
         self._queue: asyncio.Queue[WorkItem | AdminStep] = asyncio.Queue()
+        self._pacer = CommitPacer(self.settings.commit_linger_s)
         self.placement = placement(self.settings.shard_count)
         self.coordinator = Coordinator(
             shard_index,
@@ -544,12 +547,10 @@ class ShardReplica:
                 continue
             batch = carry or [first]
             fault_point("commit_loop")
-            while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
-                item = self._queue.get_nowait()
-                if isinstance(item, AdminStep):  # ordered after this batch, alone
-                    step = item
-                    break
-                batch.append(item)
+            step = self._take_queued(batch)
+            if step is None:
+                step = await self._wait_for_company(batch)
+            self._pacer.committed(len(batch))
             committed, carry = await self._decide_and_commit(batch)
             if not committed:
                 for item in carry:
@@ -557,6 +558,37 @@ class ShardReplica:
                 if step is not None:
                     await step.finish(_admin_not_leader(self.shard))
                 return
+
+    async def _wait_for_company(self, batch: list[WorkItem]) -> AdminStep | None:
+        """Let requests that usually come together join `batch`, for at most the
+        pacer's linger (`cfs_metadata.pacing`); an admin step ends the wait."""
+        limit = self.settings.max_batch_ops
+        deadline = asyncio.get_running_loop().time() + self._pacer.linger_s
+        while self._pacer.wants_more(len(batch), limit):
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            try:
+                item = await asyncio.wait_for(self._queue.get(), left)
+            except TimeoutError:
+                return None
+            if isinstance(item, AdminStep):
+                return item
+            batch.append(item)
+            step = self._take_queued(batch)
+            if step is not None:
+                return step
+        return None
+
+    def _take_queued(self, batch: list[WorkItem]) -> AdminStep | None:
+        """Move what is queued into `batch` (up to the limit); an admin step stops it
+        and is returned, to run after this batch, alone."""
+        while not self._queue.empty() and len(batch) < self.settings.max_batch_ops:
+            item = self._queue.get_nowait()
+            if isinstance(item, AdminStep):
+                return item
+            batch.append(item)
+        return None
 
     async def _decide_and_commit(self, batch: list[WorkItem]) -> tuple[bool, list[WorkItem]]:
         """Decide items in order over an overlay, append them as one message, then answer.

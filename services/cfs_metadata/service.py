@@ -34,6 +34,9 @@ class MetadataSettings(ServiceSettings):
     lease_s: float = 0.8
     renew_s: float = 0.2
     max_batch_ops: int = 512
+    commit_linger_s: float = Field(
+        default=0.004, ge=0, le=0.05, description="group commit's wait for company (pacing.py)"
+    )
 
 
 async def start(ctx: Context) -> None:
@@ -43,6 +46,7 @@ async def start(ctx: Context) -> None:
         lease_s=settings.lease_s,
         renew_s=settings.renew_s,
         max_batch_ops=settings.max_batch_ops,
+        commit_linger_s=settings.commit_linger_s,
         shard_count=settings.shards,
     )
     nodes = await ctx.nodes()
