@@ -4,7 +4,7 @@ A journal append costs the same whatever it carries: on a 3-node site about 3 ms
 NATS CPU (an R3, fsync'd publish and its deliveries to every replica) and 2 ms of
 metadata CPU (encode, apply here and on each follower). Through the mount, 8 threads
 creating files filled batches of 2.1 operations and 32 threads of 5.3, and CPU per
-create fell from 4.2 to 2.5 ms (bench/mount.py's site). When requests are arriving
+create fell from 4.1 to 2.5 ms (bench/mount.py's site). When requests are arriving
 together, waiting a fraction of an append for the next ones makes batches larger and
 every operation cheaper; a lone writer must never wait. That is PostgreSQL's
 `commit_delay` with `commit_siblings`: here the siblings are seen in the batches
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How much the last batch moves the average: a few batches of company start the
-# waiting, a few lone ones stop it.
+# waiting, about ten lone ones stop it.
 WEIGHT = 0.25
 # Average batch size above which requests are taken to arrive together.
 COMPANY = 1.5
