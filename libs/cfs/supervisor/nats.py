@@ -99,25 +99,6 @@ def _quote(value: str) -> str:
     return json.dumps(value)
 
 
-def cores_per_server(servers: int, cores: int | None = None) -> int:
-    """Each of `servers` nats-servers on one machine gets its share of the cores (at
-    least one). Go's default is every core for each: three servers on two cores then
-    wake each other's idle threads (futex wake-ups, work stealing) for every message,
-    and an R3 site's NATS spent a third more CPU per create through the mount (8
-    threads: 1,122 against 752 µs, 522 against 588 creates/s with GOMAXPROCS=1).
-    A deployment runs one server per node: a share of all its cores."""
-    cores = cores if cores is not None else os.cpu_count() or 1
-    return max(1, cores // max(1, servers))
-
-
-def go_procs_env(go_procs: int | None) -> dict[str, str]:
-    """GOMAXPROCS for a server, unless the environment sets it already (the
-    operator's choice wins)."""
-    if go_procs is None or "GOMAXPROCS" in os.environ:
-        return {}
-    return {"GOMAXPROCS": str(go_procs)}
-
-
 class NatsServer:
     """One nats-server with JetStream; clustered when `cluster_name` is given."""
 
@@ -140,7 +121,6 @@ class NatsServer:
         leaf_listen: LeafListen | None = None,
         leaf_remotes: Sequence[LeafRemote] = (),
         tls: Callable[[str], ServerTls] | None = None,
-        go_procs: int | None = None,
     ) -> None:
         """Ports left as None are allocated now; files live under `state_dir`.
 
@@ -156,8 +136,6 @@ class NatsServer:
         `tls`: server name -> its certificate, key and CA (`cfs.tls`), issued when the
         server starts: clients, routes and the leaf-node listener then speak TLS only;
         a client without it is refused.
-        `go_procs`: the server's GOMAXPROCS (see `cores_per_server`); None, or a
-        GOMAXPROCS already in the environment: Go's default, every core.
         """
         self.name = name
         self.state_dir = Path(state_dir)
@@ -182,14 +160,12 @@ class NatsServer:
         self.admission: Path | None = None
         self.config_path = self.state_dir / "nats.conf"
         self.store_dir = self.state_dir / "store"
-        self.go_procs = go_procs
         self.process = ManagedProcess(
             name,
             [nats_server_binary(), "-c", str(self.config_path)],
             log_path=self.state_dir / "nats.log",
             cwd=self.state_dir,
             die_with_parent=die_with_parent,
-            env=go_procs_env(go_procs),
         )
 
     @classmethod
@@ -478,7 +454,6 @@ class NatsCluster:
         self._domain = domain
         self._leaf_remotes = list(leaf_remotes)
         self._tls = tls
-        self._go_procs = cores_per_server(size)  # they share this machine
         self.system_password: str | None = None
         self._lost: list[NatsServer] = []  # members left behind by `reform`
         self._stale_routes: set[str] = set()  # the reform witness's route
@@ -503,7 +478,6 @@ class NatsCluster:
                 ),
                 leaf_remotes=leaf_remotes,
                 tls=tls,
-                go_procs=self._go_procs,
             )
             for i in range(size)
         ]
@@ -641,7 +615,6 @@ class NatsCluster:
             # address from the seed must not reach the fresh streams through it
             auth_file=admission if admission is not None else self._auth_file,
             tls=seed.tls_issuer,
-            go_procs=self._go_procs,
         )
         seed.cluster_name = new_name
         seed.admission = admission
@@ -735,7 +708,6 @@ class NatsCluster:
             domain=self._domain,
             leaf_remotes=self._leaf_remotes,  # a linked site's link stays (not its listener)
             tls=self._tls,
-            go_procs=self._go_procs,
         )
         server.start(wait=False)
         members = {s.name for s in self._servers}
