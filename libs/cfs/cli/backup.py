@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -105,8 +106,8 @@ def parse_duration(text: str, option: str) -> float:
         raise CliError(
             f"{option} {text!r}: expected a duration like 30m, 1h, 30d", ExitCode.USAGE
         ) from None
-    if seconds <= 0:
-        raise CliError(f"{option} {text!r}: must be more than 0", ExitCode.USAGE)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise CliError(f"{option} {text!r}: must be a finite duration, more than 0", ExitCode.USAGE)
     return seconds
 
 
@@ -640,9 +641,16 @@ async def _replay_all(
 def parse_timestamp(text: str, option: str) -> int:
     """ISO 8601 (`2026-12-03T01:20:00Z`, naive = UTC) or epoch seconds, as wall ms."""
     try:
-        return int(float(text) * 1000)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        try:  # a moment a date can name: not inf, nan, or past the year 9999
+            return int(datetime.fromtimestamp(seconds, UTC).timestamp() * 1000)
+        except (OverflowError, ValueError, OSError):
+            raise CliError(
+                f"{option} {text!r}: epoch seconds out of range", ExitCode.USAGE
+            ) from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
