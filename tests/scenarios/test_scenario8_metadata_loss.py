@@ -32,6 +32,7 @@ from tests.scenarios.conftest import (
     report,
     sha256_of,
     wait_for,
+    wait_until_the_mount_tiers,
     write_file,
 )
 
@@ -200,6 +201,7 @@ def test_complete_cluster_loss_restores_metadata_and_data_from_s3_alone(
     site = dev_site_factory(nodes=3, env=env)
     site.env.update(s3)
     site.ok("admin", "tier-config", "--mode", "cache", "--url", DATA, "--flush-after", "0.5")
+    wait_until_the_mount_tiers(site)
     acked = {}
     for i in range(8):
         path = site.mnt / f"before/{i}.bin"
