@@ -232,6 +232,15 @@ class TierState(BaseModel):
     orphan_blobs: int = Field(default=0, ge=0, description="by this holder: unrecorded, deleted")
     reclaimed_bytes: int = Field(default=0, ge=0, description="by this holder, from S3")
     compact_note: str | None = None
+    backfilled_chunks: int = Field(
+        default=0, ge=0, description="by this holder: chunks found unqueued and not in S3"
+    )
+    backfilled_bytes: int = Field(default=0, ge=0, description="by this holder")
+    backfill_pass_ms: int | None = Field(
+        default=None,
+        description="when the last backfill pass began (it covers what was committed before)",
+    )
+    backfill_note: str | None = Field(default=None, description="why the last pass failed")
     evicted_chunks: int = Field(default=0, ge=0, description="by this holder (tiered)")
     evicted_bytes: int = Field(default=0, ge=0, description="by this holder (tiered)")
     evict_pass_ms: int | None = Field(default=None, description="when the last pass ended")
@@ -345,6 +354,27 @@ class CompactReply(BaseModel):
     reclaimed_bytes: int = Field(default=0, ge=0)
     errors: tuple[str, ...] = ()
     seconds: float = Field(default=0.0, ge=0)
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BackfillReply(BaseModel):
+    """`s3-backfill`: one pass over every file's chunk map, run now."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    files: int = Field(default=0, ge=0, description="files with a chunk map, scanned")
+    chunks: int = Field(default=0, ge=0, description="distinct chunks not queued, looked up")
+    queued: int = Field(default=0, ge=0, description="of those, not in S3: queued now")
+    queued_bytes: int = Field(default=0, ge=0)
+    error: str | None = None
+    seconds: float = Field(default=0.0, ge=0)
+
+
+def tier_backfill_subject(site: str) -> str:
+    return f"cfs.{site}.rpc.tier.backfill"
 
 
 def tier_compact_subject(site: str) -> str:

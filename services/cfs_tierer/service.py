@@ -63,6 +63,7 @@ from cfs_contracts.fs.rpc import FsError
 from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_STATE_KEY,
+    BackfillReply,
     BlobRecord,
     ChunkLocation,
     CompactReply,
@@ -79,12 +80,14 @@ from cfs_contracts.tier import (
     blob_object_key,
     blob_record_key,
     chunk_location_key,
+    tier_backfill_subject,
     tier_compact_subject,
     tier_flush_subject,
     tier_forget_subject,
     tier_recall_subject,
     tier_reindex_subject,
 )
+from cfs_tierer.backfill import Backfiller, Schedule, tier_key
 from cfs_tierer.blob import BlobBuilder
 from cfs_tierer.compact import Compactor, CompactResult
 from cfs_tierer.evict import Evictor, PassAborted
@@ -95,6 +98,7 @@ from cfs_tierer.watermark import Level, Reading, Thresholds, policy, settle, wor
 log = logging.getLogger(__name__)
 
 DRAIN_WINDOW_S = 30.0  # the drain rate is measured over this long
+BACKFILL_TICK_S = 0.5  # how often the backfill schedule is looked at
 
 
 class TierSettings(ServiceSettings):
@@ -114,6 +118,14 @@ class TierSettings(ServiceSettings):
     )
     orphan_sweep_s: float = Field(
         default=3600.0, gt=0, description="how often compaction LISTs the bucket for orphans"
+    )
+    backfill_s: float = Field(
+        default=900.0, gt=0, description="how often every chunk map is checked against S3"
+    )
+    backfill_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="after a new tier URL or mode: the wait for clients to see it, then a pass",
     )
 
 
@@ -198,9 +210,17 @@ class Term:
         self.health = Health()
         self.chunks = ChunkStoreClient(bus)
         self.recaller = Recaller(index, self.chunks, tierer.store)
-        self.evictor = Evictor(
-            MetadataClient(bus), index, self.chunks, self.recaller, shards=self.settings.shards
+        meta = MetadataClient(bus)
+        self.evictor = Evictor(meta, index, self.chunks, self.recaller, shards=self.settings.shards)
+        self.backfiller = Backfiller(bus, meta, index, shards=self.settings.shards)
+        self.backfill_schedule = Schedule(
+            grace_s=self.settings.backfill_grace_s, every_s=self.settings.backfill_s
         )
+        self._backfilling = asyncio.Lock()
+        self.backfilled_chunks = 0
+        self.backfilled_bytes = 0
+        self.backfill_pass_ms: int | None = None
+        self.backfill_note: str | None = None
         self.compactor = Compactor(
             index,
             tierer.store,
@@ -633,6 +653,54 @@ class Term:
             log.info("tier.compact_pass", extra=reply.model_dump())
         return reply
 
+    # -- backfill: what no client queued ---------------------------------------------------
+    async def backfill_loop(self) -> None:
+        """A pass when the schedule says (`backfill.Schedule`: after a new tier is seen,
+        then every `backfill_s`)."""
+        await self._caught_up.wait()
+        while True:
+            key = tier_key(self.config())
+            reason = self.backfill_schedule.due(key, time.monotonic())
+            if key is not None and reason is not None:
+                await self.backfill(key, reason)
+            await asyncio.sleep(BACKFILL_TICK_S)
+
+    async def on_backfill(self, msg: Msg) -> bytes:
+        """`s3-backfill`: a pass now (after the one running, if any)."""
+        await self._caught_up.wait()
+        key = tier_key(self.config())
+        if key is None:
+            reply = BackfillReply(error="no data tier is configured")
+        else:
+            reply = await self.backfill(key, "asked for (cfs admin s3-backfill)")
+        return reply.model_dump_json().encode()
+
+    async def backfill(self, key: tuple[str, str], reason: str) -> BackfillReply:
+        async with self._backfilling:
+            started, started_ms = time.monotonic(), system_wall_ms()
+            try:
+                result = await self.backfiller.run(pending=lambda c: c in self.queue.pending)
+            except (FsError, BusError) as exc:
+                self.backfill_schedule.failed(time.monotonic())
+                self.backfill_note = str(exc)
+                log.warning("tier.backfill_failed", extra={"reason": reason, "error": str(exc)})
+                return BackfillReply(error=str(exc), seconds=time.monotonic() - started)
+            self.backfill_schedule.ran(key, started)
+        self.backfilled_chunks += result.queued
+        self.backfilled_bytes += result.queued_bytes
+        self.backfill_pass_ms, self.backfill_note = started_ms, None
+        reply = BackfillReply(
+            files=result.files,
+            chunks=result.chunks,
+            queued=result.queued,
+            queued_bytes=result.queued_bytes,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        log.info(
+            "tier.backfill_pass", extra={"reason": reason, **reply.model_dump(exclude={"error"})}
+        )
+        return reply
+
     # -- eviction (tiered mode) -------------------------------------------------------------
     async def evict_loop(self) -> None:
         """A pass over every file every quarter of `evict_after_s` (bounded), while the
@@ -806,6 +874,10 @@ class Term:
             orphan_blobs=self.garbage.orphans,
             reclaimed_bytes=self.garbage.reclaimed,
             compact_note="; ".join(self.garbage.errors[:3]) or None,
+            backfilled_chunks=self.backfilled_chunks,
+            backfilled_bytes=self.backfilled_bytes,
+            backfill_pass_ms=self.backfill_pass_ms,
+            backfill_note=self.backfill_note,
             evicted_chunks=self.evicted_chunks,
             evicted_bytes=self.evicted_bytes,
             evict_pass_ms=self.evict_pass_ms,
@@ -839,6 +911,7 @@ async def lead(ctx: Context) -> None:
         await ctx.bus.serve(tier_reindex_subject(site), term.on_reindex),
         await ctx.bus.serve(tier_forget_subject(site), term.on_forget),
         await ctx.bus.serve(tier_compact_subject(site), term.on_compact),
+        await ctx.bus.serve(tier_backfill_subject(site), term.on_backfill),
     ]
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -848,6 +921,7 @@ async def lead(ctx: Context) -> None:
             tasks.create_task(term.copy_loop(), name="tier failover copy")
             tasks.create_task(term.evict_loop(), name="tier eviction")
             tasks.create_task(term.compact_loop(), name="tier compaction")
+            tasks.create_task(term.backfill_loop(), name="tier backfill")
     finally:
         if not ctx.bus.nc.is_closed:
             for sub in subs:

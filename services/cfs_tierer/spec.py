@@ -22,6 +22,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.chunk.*.delete",  # eviction: its fragments leave flash
             "{s}.rpc.meta.*",  # eviction: every file's chunk map (scan_chunks)
             "{s}.cluster.tier.watermark",  # WatermarkChanged
+            "{s}.tier.chunk",  # backfill: chunks no client queued (ChunkQueued)
             f"$JS.API.STREAM.PURGE.{TIER.name}",  # the queue below the oldest pending
         ),
         serve=(
@@ -30,6 +31,7 @@ SPEC = ServiceSpec(
             "{s}.rpc.tier.reindex",
             "{s}.rpc.tier.forget",  # from backup's GC: chunks outside its keep set
             "{s}.rpc.tier.compact",  # `s3-compact`: a pass now
+            "{s}.rpc.tier.backfill",  # `s3-backfill`: a pass now
         ),
         read_streams=(TIER.name,),
         read_buckets=(NODES.bucket, TIER_INDEX.bucket),

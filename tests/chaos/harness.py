@@ -60,6 +60,7 @@ CHAOS_LOGS = (
     "member.accused",
     "tier.s3_failing",
     "tier.compact_failed",
+    "tier.backfill_failed",
     "tier.chunk_unreadable",
     "retry.*",
     "nodes.initial_view_slow",

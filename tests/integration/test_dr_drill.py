@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cfs.supervisor import free_port
-from tests.scenarios.conftest import DevSite, wait_until_the_mount_tiers, write_file
+from tests.scenarios.conftest import DevSite, backfill, write_file
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse"), reason="the drill mounts the restored site (/dev/fuse)"
@@ -39,10 +39,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevSite]:
         site.up()
         site.mount()
         site.ok("admin", "tier-config", "--mode", "cache", "--url", TIER, "--flush-after", "0.5")
-        wait_until_the_mount_tiers(site)
         for i in range(12):
             write_file(site.mnt / f"docs/{i}.bin", os.urandom(1000 + i * 30_000))
         write_file(site.mnt / "top.txt", b"hello\n")
+        backfill(site)
         yield site
     finally:
         site.down()

@@ -47,6 +47,7 @@ from cfs_contracts.tier import (
     blob_record_key,
     chunk_location_key,
 )
+from cfs_tierer.backfill import PAGE
 from cfs_tierer.blob import read_index
 from tests.integration.test_admin_cli import CFS, cfs
 
@@ -448,6 +449,75 @@ def test_a_tierer_killed_mid_flush_loses_nothing_and_indexes_each_chunk_once(
         assert orphans == [], f"nothing uploaded twice: {holding}"
     print(f"\n[tier kill -9 at {point}] blobs holding the files {len(holding)}, "
           f"orphans {len(orphans)}")  # fmt: skip
+
+
+async def _write_untiered(site: LocalSite, files: dict[str, bytes]) -> dict[str, list[str]]:
+    """Files written by a client that sees no tier (as one that has not yet seen a new
+    `tier-config`, or any write before a tier existed): none of it is queued for S3."""
+    async with Client(site) as client:
+        assert client.files.tier.nodes.tier_config is None
+        return {name: await client.write(name, data) for name, data in files.items()}
+
+
+async def _tier_state(site: LocalSite) -> TierState:
+    async with await site.client() as admin:
+        state = await _state(admin)
+    assert state is not None
+    return state
+
+
+def test_files_written_with_no_tier_reach_s3_by_the_backfill_pass(
+    site: LocalSite, s3_env: dict[str, str], s3_direct: S3Settings
+) -> None:
+    """The tier off, files written, the tier on again: no client queued them, so the
+    tierer's pass a few seconds later (`backfill_grace_s`) finds them in the chunk maps
+    and queues them; after it, `s3-backfill` finds nothing left to queue."""
+    rng = random.Random("backfill")
+    files = {f"untiered-{i}": rng.randbytes(rng.randrange(1, 300) * KiB) for i in range(12)}
+    _tier_config(site, s3_env, "--mode", "off")
+    try:
+        before = asyncio.run(_tier_state(site)).backfilled_chunks
+        chunks = asyncio.run(_write_untiered(site, files))
+    finally:
+        _tier_config(site, s3_env, "--mode", "cache")
+    asyncio.run(_until_indexed(site, chunks, timeout=60))
+    for name, data in files.items():
+        assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == data, name
+    state = asyncio.run(_tier_state(site))
+    assert state.backfilled_chunks - before >= len({c for ids in chunks.values() for c in ids})
+    again = cfs(site, "s3-backfill", "--json", timeout=60)
+    assert again.returncode == 0, (again.stdout, again.stderr)
+    reply = json.loads(again.stdout)
+    assert reply["queued"] == 0 and reply["files"] >= len(files), reply
+    status = cfs(site, "s3-queue-status", timeout=60)
+    assert "no client had queued" in status.stdout, status.stdout
+
+
+def test_a_tierer_killed_mid_backfill_leaves_the_rest_to_the_next_holder(
+    site: LocalSite,
+    s3_env: dict[str, str],
+    s3_direct: S3Settings,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """kill -9 right after a pass queued its first page of files (of two): what it
+    queued is in the TIER stream, and the next holder's own pass queues the rest."""
+    rng = random.Random("backfill-kill")
+    files = {f"kill-backfill-{i}": rng.randbytes(2 * KiB) for i in range(PAGE + 40)}
+    _tier_config(site, s3_env, "--mode", "off")
+    try:
+        first = asyncio.run(_tier_state(site)).holder
+        chunks = asyncio.run(_write_untiered(site, files))
+        CRASH_FILE(tmp_path_factory).write_text("tier.backfill_queued@s3-tierer")
+    finally:
+        _tier_config(site, s3_env, "--mode", "cache")
+    asyncio.run(_until_indexed(site, chunks, timeout=90))
+    assert not CRASH_FILE(tmp_path_factory).exists(), "the crash point was never reached"
+    state = asyncio.run(_tier_state(site))
+    assert state.holder != first and state.backfilled_chunks > 0, state
+    for name in rng.sample(sorted(files), 10):
+        assert asyncio.run(_in_s3(site, s3_direct, chunks[name])) == files[name], name
+    print(f"\n[tier kill -9 mid-backfill] holder {first} -> {state.holder}, which queued "
+          f"{state.backfilled_chunks} of {len(files)} chunks")  # fmt: skip
 
 
 def test_lost_fragments_come_back_from_s3_on_read_and_by_restore_data(

@@ -29,10 +29,10 @@ from cfs.supervisor import S3Server
 from tests.scenarios.conftest import (
     NODE_LOSS_LOGS,
     DevSite,
+    backfill,
     report,
     sha256_of,
     wait_for,
-    wait_until_the_mount_tiers,
     write_file,
 )
 
@@ -201,7 +201,6 @@ def test_complete_cluster_loss_restores_metadata_and_data_from_s3_alone(
     site = dev_site_factory(nodes=3, env=env)
     site.env.update(s3)
     site.ok("admin", "tier-config", "--mode", "cache", "--url", DATA, "--flush-after", "0.5")
-    wait_until_the_mount_tiers(site)
     acked = {}
     for i in range(8):
         path = site.mnt / f"before/{i}.bin"
@@ -212,6 +211,7 @@ def test_complete_cluster_loss_restores_metadata_and_data_from_s3_alone(
     for i in range(8):
         path = site.mnt / f"after/{i}.bin"
         acked[path] = write_file(path, os.urandom(300_000))
+    backfill(site)
     wait_for("the data flush keeping up", lambda: _flushing(site), timeout=60, every=0.5)
     wait_for("the journal archive caught up", lambda: _archived(site), timeout=60, every=0.5)
     writer = _SteadyWriter(site.mnt / "until-loss")

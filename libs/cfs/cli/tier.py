@@ -42,6 +42,8 @@ from cfs_contracts.streams import NODES, TIER, TIER_INDEX
 from cfs_contracts.tier import (
     TIER_CONFIG_KEY,
     TIER_STATE_KEY,
+    BackfillReply,
+    BackfillRequest,
     ChunkPlacement,
     CompactReply,
     CompactRequest,
@@ -54,6 +56,7 @@ from cfs_contracts.tier import (
     TierSnapshot,
     TierSnapshotBlob,
     TierState,
+    tier_backfill_subject,
     tier_compact_subject,
     tier_recall_subject,
     tier_reindex_subject,
@@ -348,6 +351,13 @@ def describe_queue(state: TierState, now_ms: int) -> list[str]:
         )
     if state.compact_note:
         lines.append(f"Compaction waiting: {state.compact_note}")
+    backfill = (
+        f"Backfill by {state.holder}: {state.backfilled_chunks} chunks no client had queued "
+        f"({size(state.backfilled_bytes)})"
+    )
+    if state.backfill_pass_ms is not None:
+        backfill += f"; last pass {_age(state.backfill_pass_ms, now_ms)}"
+    lines.append(backfill + (f"; failing: {state.backfill_note}" if state.backfill_note else ""))
     if state.mode is TierMode.TIERED:
         lines.append(
             f"Evicted by {state.holder}: {state.evicted_chunks} chunks "
@@ -664,6 +674,42 @@ async def take_tier_snapshot(
     where = f"{output.rstrip('/')}/{key}"
     await _audit(bus, "s3-snapshot", {"output": where})
     return snapshot, where
+
+
+@app.command("s3-backfill")
+@one_line_errors
+def s3_backfill(
+    ctx: typer.Context,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the pass")
+    ] = 3600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Queue for S3 every chunk a file names that S3 lacks, now (it also runs every
+    15 minutes, and a few seconds after the tier is configured or changed).
+
+    Writes are queued by the client that makes them once it has seen the tier's
+    config: files written before, or by a client that had not seen it yet, are found
+    here. Once it returns, `cfs admin s3-queue-status` shows them flushing."""
+    settings = _settings(ctx, None, None, None)
+
+    async def work(bus: Bus) -> BackfillReply:
+        # idempotent: sent again to a new holder if the one asked dies mid-pass
+        subject = tier_backfill_subject(bus.site)
+        msg = await _ask(bus, subject, BackfillRequest(), timeout, within_s=timeout)
+        return BackfillReply.model_validate_json(msg.data)
+
+    reply = _session(settings, work)
+    if as_json:
+        typer.echo(reply.model_dump_json(indent=2))
+    elif reply.error is None:
+        typer.echo(
+            f"Backfill: {reply.files} files scanned, {reply.chunks} chunks not queued "
+            f"looked up, {reply.queued} not in S3 queued ({size(reply.queued_bytes)}) "
+            f"in {reply.seconds:.1f} s"
+        )
+    if reply.error is not None:
+        raise CliError(f"backfill failed: {reply.error}", ExitCode.FAILED)
 
 
 @app.command("s3-compact")
