@@ -96,14 +96,16 @@ class Operator:
         for command in commands:
             if command.startswith("nats-server "):
                 log = (self.logs / f"{kind}.log").open("wb")
-                self.servers.append(
-                    subprocess.Popen(
-                        [nats_server_binary(), *shlex.split(command)[1:]],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
+                server = subprocess.Popen(
+                    [nats_server_binary(), *shlex.split(command)[1:]],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
+                # reaped when it exits, as the operator's shell would: a printed step
+                # waits for the pid to be gone (`tail --pid`), which a zombie never is
+                threading.Thread(target=server.wait, daemon=True).start()
+                self.servers.append(server)
             else:
                 subprocess.run(command, shell=True, check=True, env=self.env)
 

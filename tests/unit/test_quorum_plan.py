@@ -179,6 +179,8 @@ def test_manual_plan_names_the_server_its_store_and_exact_commands() -> None:
     ]
     assert all(s.reason for s in plan.steps)
     assert "storage-3 (nats://127.0.0.1:4222)" in steps[StepKind.STOP_SERVER].action
+    stop, remove = steps[StepKind.STOP_WITNESS].commands  # the store goes once it has exited
+    assert "tail --pid=$pid" in stop and remove.startswith("rm -rf ")
     # moved aside, never deleted
     assert steps[StepKind.MOVE_STORE].commands == (
         "mv /srv/nats/storage-3/store /srv/nats/storage-3/store.lost-20260101T000000Z",

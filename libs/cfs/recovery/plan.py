@@ -393,7 +393,12 @@ def _manual_plan(
             Actor.OPERATOR,
             f"stop the witness {witness} and delete its store",
             "it is no longer a peer and holds nothing of the site",
-            (f"kill $(cat {witness_pid})", f"rm -rf {witness_store}"),
+            # kill returns at once; the store is deleted only once the server has exited
+            # (a server shutting down still writes it: rm would meet new files)
+            (
+                f"pid=$(cat {witness_pid}); kill $pid; tail --pid=$pid -f /dev/null",
+                f"rm -rf {witness_store}",
+            ),
         ),
         Step(
             StepKind.WAIT_ALONE,
