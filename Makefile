@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # docker-compose (1.29, Python): `docker-compose config` validates deploy/compose in the
 # tests; without recommends it is 16 small Python packages, not a docker engine.
-DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose nftables
+DEBIAN_PKGS := fuse3 libfuse3-dev pkg-config docker-compose nftables strace
 PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 

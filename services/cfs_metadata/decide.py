@@ -56,6 +56,7 @@ from cfs_contracts.fs.rpc import (
     Symlink,
     TxOp,
     Unlink,
+    refuse_unsupported_xattr,
 )
 from cfs_metadata.state import Overlay, ShardView, apply_change
 
@@ -534,6 +535,7 @@ def _removexattr(ctx: _Ctx, op: RemoveXattr) -> Reply:
 def _check_xattr_name(name: str) -> None:
     if not name:
         raise FsError(errno.EINVAL, "empty xattr name")
+    refuse_unsupported_xattr(name)
     if len(name.encode()) > 255:
         raise FsError(errno.ERANGE, "xattr name longer than 255 bytes")
 

@@ -21,6 +21,8 @@ from cfs_contracts.fs.rpc import (
     ScanChunks,
     StatFs,
     TxRead,
+    listed_xattrs,
+    refuse_unsupported_xattr,
 )
 from cfs_metadata.state import Scannable, ShardView
 from cfs_metadata.txn import read_records
@@ -70,12 +72,13 @@ def read(view: ShardView, op: ReadOp) -> Reply:
                         )
             return Reply(entries=tuple(entries), more=more, inodes=tuple(attrs))
         case GetXattr():
+            refuse_unsupported_xattr(op.name)
             inode = _inode(view, op.ino)
             if op.name not in inode.xattrs:
                 raise FsError(errno.ENODATA, f"no xattr {op.name!r}")
             return Reply(value_b64=inode.xattrs[op.name])
         case ListXattr():
-            return Reply(names=tuple(sorted(_inode(view, op.ino).xattrs)))
+            return Reply(names=listed_xattrs(_inode(view, op.ino).xattrs))
         case StatFs():
             return Reply(stats={"shard": view.shard, "inodes": view.inode_count()})
         case TxRead():

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -455,6 +456,32 @@ def test_xattrs(d: Path) -> None:
     os.mkdir(d / "dir")
     os.setxattr(d / "dir", "user.on-a-dir", b"")
     assert os.getxattr(d / "dir", "user.on-a-dir") == b""
+
+
+def test_acls_and_selinux_labels_are_unsupported_so_ls_asks_once_per_listing(d: Path) -> None:
+    """EOPNOTSUPP, as a file system without them answers (an ACL stored would be
+    enforced by nobody); `ls -l` remembers that of the device, so a long listing
+    costs no xattr request per file."""
+    touch(d / "f")
+    os.mkdir(d / "sub")  # a default ACL belongs on a directory (the kernel says so of a file)
+    # user::rw- group::r-- other::r-- in the kernel's xattr form
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 4), (0x20, 4))
+    )
+    for name in ("system.posix_acl_access", "system.posix_acl_default", "security.selinux"):
+        assert _errno(os.getxattr, d / "sub", name) == errno.EOPNOTSUPP, name
+        assert _errno(os.setxattr, d / "sub", name, acl) == errno.EOPNOTSUPP, name
+    assert os.listxattr(d / "sub") == []
+    for i in range(20):
+        touch(d / f"g{i}")
+    traced = subprocess.run(
+        ["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(d)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    asked = [line for line in traced.stderr.splitlines() if "getxattr(" in line]
+    assert len(asked) <= 2, asked  # the first file's two questions, then none
 
 
 # -- readdir ------------------------------------------------------------------------------

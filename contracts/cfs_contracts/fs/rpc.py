@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +33,28 @@ class FsError(Exception):
         super().__init__(f"[{errno.errorcode.get(code, code)}] {message or os.strerror(code)}")
         self.errno = code
         self.message = message or os.strerror(code)
+
+
+# Extended attributes the kernel gives a meaning this file system does not implement:
+# POSIX ACLs (access is decided by the mode bits alone) and SELinux labels. They are
+# refused with EOPNOTSUPP, as a file system without them answers: `setfacl` says so
+# instead of storing an ACL nobody enforces, and `ls -l`, which remembers a device that
+# answered so, asks once per listing instead of twice per file.
+UNSUPPORTED_XATTRS = frozenset(
+    {"system.posix_acl_access", "system.posix_acl_default", "security.selinux"}
+)
+
+
+def listed_xattrs(names: Iterable[str]) -> tuple[str, ...]:
+    """What listxattr shows: a name stored before it was refused stays hidden."""
+    return tuple(sorted(n for n in names if n not in UNSUPPORTED_XATTRS))
+
+
+def refuse_unsupported_xattr(name: str) -> None:
+    if name in UNSUPPORTED_XATTRS:
+        raise FsError(
+            errno.EOPNOTSUPP, f"{name}: this file system has no POSIX ACLs or SELinux labels"
+        )
 
 
 class _Op(BaseModel):

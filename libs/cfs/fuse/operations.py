@@ -466,6 +466,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     @posix_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         key = _text(name, "xattr name")
+        rpc.refuse_unsupported_xattr(key)  # no round trip: `ls -l` asks of every file
         known = self._seen.xattrs(inode)
         if known is not None:
             if key not in known:
@@ -478,7 +479,7 @@ class ClaudeFsOperations(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         known = self._seen.xattrs(inode)
         if known is not None:
-            return [os.fsencode(name) for name in sorted(known)]
+            return [os.fsencode(name) for name in rpc.listed_xattrs(known)]
         reply = await self.meta.call(rpc.ListXattr(ino=inode))
         return [os.fsencode(name) for name in reply.names]
 

@@ -41,6 +41,7 @@ from cfs_contracts.fs.records import (
     shard_of,
 )
 from cfs_contracts.fs.rpc import (
+    UNSUPPORTED_XATTRS,
     CommitChunks,
     Create,
     FsError,
@@ -63,6 +64,7 @@ from cfs_contracts.fs.rpc import (
     SetXattr,
     Symlink,
     Unlink,
+    listed_xattrs,
 )
 from cfs_contracts.registry import decode_envelope, encode_envelope
 from cfs_metadata.decide import bootstrap_entry, decide
@@ -1026,6 +1028,17 @@ def test_setxattr_with_unknown_flags_is_einval() -> None:
     state = Harness().state
     op = SetXattr(op_id="x1", ino=ROOT_INO, name="user.k", value_b64="", flags=4)
     assert decide_and_apply(state, op, T0 + 1) == errno.EINVAL
+
+
+def test_acls_and_selinux_labels_are_refused_as_unsupported() -> None:
+    """Stored, an ACL would be enforced by nobody: EOPNOTSUPP, as without ACL support."""
+    state = Harness().state
+    for i, name in enumerate(sorted(UNSUPPORTED_XATTRS)):
+        op = SetXattr(op_id=f"x{i}", ino=ROOT_INO, name=name, value_b64="AA==")
+        assert decide_and_apply(state, op, T0 + 1) == errno.EOPNOTSUPP
+        remove = RemoveXattr(op_id=f"r{i}", ino=ROOT_INO, name=name)
+        assert decide_and_apply(state, remove, T0 + 1) == errno.EOPNOTSUPP
+    assert listed_xattrs(["user.b", "system.posix_acl_access", "user.a"]) == ("user.a", "user.b")
 
 
 def test_symlink_target_of_path_max_bytes_is_enametoolong() -> None:
