@@ -83,6 +83,10 @@ class Outcome:
     longest_op: str
     checker_clean: bool
     tier_drained: bool = True  # everything queued for S3 flushed once it was back
+    # chunks of acknowledged files that no client had queued for S3, found by the
+    # tierer's backfill pass at the end (-1: the pass failed; then the tier is not
+    # known to hold everything, and the run is not safe)
+    tier_backfilled: int = 0
     stuck: list[str] = field(default_factory=list)
     replay: str = ""
 
@@ -91,7 +95,7 @@ class Outcome:
         """Nothing acknowledged lost or corrupt, the checker clean, the S3 tier caught
         up, nothing stuck."""
         return not (self.lost or self.corrupt or self.unexpected or self.stuck) and (
-            self.checker_clean and self.tier_drained
+            self.checker_clean and self.tier_drained and self.tier_backfilled >= 0
         )
 
     def summary(self) -> str:
@@ -102,6 +106,11 @@ class Outcome:
             f"{len(self.unexpected)} unexpected, longest stall {self.longest_stall_s:.2f}s "
             f"({self.longest_op}); checker {'clean' if self.checker_clean else 'NOT clean'}"
             + ("" if self.tier_drained else "; S3 tier NOT drained")
+            + (
+                f"; backfilled {self.tier_backfilled} chunks no client had queued"
+                if self.tier_backfilled
+                else ""
+            )
             + (f"; stuck: {', '.join(self.stuck)}" if self.stuck else "")
             + f"; faults: {'; '.join(self.faults) or 'none'}; replay: {self.replay}"
         )
@@ -245,6 +254,16 @@ def _stuck(site: DevSite) -> list[str]:
     return down
 
 
+def _backfill(site: DevSite) -> int:
+    """`s3-backfill`: every chunk a file names that is neither queued nor in S3 is
+    queued, so the drain that follows leaves the whole tree in S3. How many it found
+    (-1: the pass did not run)."""
+    result = site.cfs("admin", "s3-backfill", "--json", timeout=300)
+    if result.returncode != 0 or not result.stdout.strip():
+        return -1
+    return int(json.loads(result.stdout)["queued"])
+
+
 def _tier_drained(site: DevSite) -> bool:
     """S3 reachable again and every chunk queued for it flushed."""
     result = site.cfs("admin", "s3-queue-status", "--json")
@@ -341,6 +360,7 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
         if ledger.crash is not None:
             raise AssertionError(f"the {workload.via} workload itself failed: {ledger.crash}")
     wait_for("every node UP again", lambda: _site_whole(site, nodes), timeout=120, every=1.0)
+    backfilled = _backfill(site)
     try:
         wait_for("the S3 tier drained", lambda: _tier_drained(site), timeout=180, every=2.0)
         tier_drained = True
@@ -375,6 +395,7 @@ def run(chaos: ChaosSite, schedule: Schedule, root: Path, *, replay: str = "") -
         longest_op=f"{slowest[0]}: {slowest[1].longest_op}",
         checker_clean=check is not None and check.returncode == 0,
         tier_drained=tier_drained,
+        tier_backfilled=backfilled,
         stuck=_stuck(site),
         replay=replay or replay_command(schedule, len(nodes)),
     )

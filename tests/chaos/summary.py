@@ -22,6 +22,7 @@ def unsafe(run: dict[str, Any]) -> bool:
         or run["stuck"]
         or not run["checker_clean"]
         or not run.get("tier_drained", True)
+        or run.get("tier_backfilled", 0) < 0
         or (run["schedule"] == "single" and run["failed_ops"])
     )
 
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             str(len(run["corrupt"])),
             f"{run['longest_stall_s']:.2f} s",
             ("clean" if run["checker_clean"] else "NOT clean")
-            + ("" if run.get("tier_drained", True) else ", S3 tier NOT drained"),
+            + ("" if run.get("tier_drained", True) else ", S3 tier NOT drained")
+            + (
+                f", {run['tier_backfilled']} chunks backfilled"
+                if run.get("tier_backfilled", 0) > 0
+                else ", backfill FAILED"
+                if run.get("tier_backfilled", 0) < 0
+                else ""
+            ),
             "[red]FAILED[/red]" if bad else "[green]ok[/green]",
         )
     Console(width=200).print(table)
