@@ -66,7 +66,8 @@ Figures, in the order they are taken:
   off's over cache's, is what `cache_vs_off` would be if the cores were the only
   limit: on a shared 2-core machine the wall-time ratio follows the load.
 - `recall_mb_s`: the data back from S3 on read. The files written with the tier
-  off are unlinked (they are in no bucket), then every chunk-store is stopped, its
+  off were unlinked once measured (else the tierer's backfill pass would queue them
+  when the tier comes on, into the figures after), then every chunk-store is stopped, its
   fragments deleted and started again: the rest of the data is in S3 only, as
   after tiered mode evicted it or after losing every node's flash. 128 MiB
   (64 MiB with --quick) of the flush figure's files are read whole, 1 MiB at a
@@ -624,8 +625,10 @@ def names(prefix: str, total: int) -> list[str]:
 
 
 async def forget(site: LocalSite, unlinked: list[str]) -> None:
-    """Unlink files that were never tiered (written with the tier off): restore-data
-    brings back every file of the tree, and theirs are in no bucket."""
+    """Unlink files written with the tier off once they are measured, before the tier
+    is on again: else the tierer's backfill pass queues them into the figures that
+    follow, and restore-data (which brings back every file of the tree) needs them
+    in the bucket."""
     async with await site.client("bench-unlink") as bus:
         meta = MetadataClient(bus, deadline_s=30)
         for name in unlinked:
@@ -783,6 +786,8 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
             asyncio.run(write_files(site, "warmup", WARMUP_FILES * FILE, tiered=False))
             off = asyncio.run(measured_write(site, pids, "off0", write_total))
             print(f"write, tier off: {off['mb_s']:.1f} MB/s ({off['mb']:.0f} MiB)", flush=True)
+            untiered = names("warmup", WARMUP_FILES * FILE) + names("off0", write_total)
+            asyncio.run(forget(site, untiered))
             asyncio.run(configure_cache(site, env))
             results.update(asyncio.run(flush_phase(site, s3, flush_total, notes)))
             results["flush_vs_raw_put"] = results["flush_mb_s"] / results["raw_put_mb_s"]
@@ -810,6 +815,7 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
                     again = asyncio.run(measured_write(site, pids, f"off{round_}", write_total))
                     offs.append(again)
                     print(f"write, tier off again: {again['mb_s']:.1f} MB/s", flush=True)
+                    asyncio.run(forget(site, names(f"off{round_}", write_total)))
                     tier_config(site, env, "--mode", "cache")
                 cache = asyncio.run(cache_phase(site, pids, f"cache{round_}", write_total))
                 caches.append(cache)
@@ -851,10 +857,6 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
                 flush=True,
             )
             results["queue_status"] = queue_status(site)
-            untiered = names("warmup", WARMUP_FILES * FILE)
-            for round_ in range(rounds):
-                untiered += names(f"off{round_}", write_total)
-            asyncio.run(forget(site, untiered))
             wipe_flash(site)
             recalled = names("flush", flush_total)[: recall_total // FILE]
             pids = roles(site, s3)  # the chunk-stores were restarted
