@@ -65,6 +65,10 @@ Figures, in the order they are taken:
   MiB written, the cache rounds' until their files are in S3. `cache_vs_off_cpu`,
   off's over cache's, is what `cache_vs_off` would be if the cores were the only
   limit: on a shared 2-core machine the wall-time ratio follows the load.
+- `backfill_chunks_per_s` (and `backfill_files_per_s`, `backfill_pass_s`): the
+  tierer's backfill pass over the whole tree once S3 holds all of it (what it costs
+  every `backfill_s`): 4,000 more one-chunk files (1,000 with --quick) written and
+  flushed, then `cfs admin s3-backfill --json`. `backfill_queued` must be 0.
 - `recall_mb_s`: the data back from S3 on read. The files written with the tier
   off were unlinked once measured (else the tierer's backfill pass would queue them
   when the tier comes on, into the figures after), then every chunk-store is stopped, its
@@ -677,6 +681,60 @@ async def read_files(site: LocalSite, read: list[str]) -> dict[str, float]:
     return {"recall_mib": mib, "recall_s": elapsed, "recall_mb_s": mib / elapsed}
 
 
+async def small_files(site: LocalSite, prefix: str, count: int) -> None:
+    """`count` files of 1 KiB each (one chunk apiece), 32 at once, in cache mode."""
+    bus = await site.client(role=Role.CLIENT)
+    meta = MetadataClient(bus, deadline_s=30)
+    files = FileStore(bus, meta, client_id=bus.node)
+    await files.start()
+    try:
+        work = iter(range(count))
+
+        async def worker() -> None:
+            for i in work:
+                ino = (await meta.create(ROOT_INO, f"{prefix}-{i:05d}")).ino
+                await files.write_all(ino, os.urandom(1024))
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+    finally:
+        await files.close()
+        await bus.close()
+
+
+def backfill_pass(site: LocalSite, env: dict[str, str], small: int) -> dict[str, Any]:
+    """What the periodic backfill pass costs when S3 has everything: `small` more
+    one-chunk files written and flushed, then `cfs admin s3-backfill --json` over the
+    whole tree (every file's chunk map read, every chunk looked up in the index)."""
+    asyncio.run(small_files(site, "small", small))
+
+    async def flushed() -> None:
+        async with await site.client("bench-backfill") as bus:
+            await until_state(bus, "the small files flushed", lambda s: s.queue_entries == 0)
+
+    asyncio.run(flushed())
+    done = subprocess.run(
+        [CFS, "admin", "s3-backfill", "--json"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=site.cli_env(**env),
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"cfs admin s3-backfill: {done.stderr or done.stdout}")
+    reply = json.loads(done.stdout)
+    seconds = max(float(reply["seconds"]), 1e-6)
+    return {
+        "backfill_files": reply["files"],
+        "backfill_chunks": reply["chunks"],
+        "backfill_queued": reply["queued"],
+        "backfill_pass_s": seconds,
+        "backfill_files_per_s": reply["files"] / seconds,
+        "backfill_chunks_per_s": reply["chunks"] / seconds,
+    }
+
+
 def restore_data(site: LocalSite, env: dict[str, str], notes: list[str]) -> dict[str, Any]:
     """`cfs admin restore-data --from-s3 --json` end to end: the tier index rebuilt from
     the bucket, then every chunk not on flash recalled."""
@@ -854,6 +912,14 @@ def run(quick: bool, keep: bool = False) -> dict[str, Any]:
                 f"write: tier off {results['write_mb_s_tier_off']:.1f} MB/s, cache mode "
                 f"{results['write_mb_s_cache']:.1f} MB/s ({results['cache_vs_off']:.2f} x off; "
                 f"goal >= {GOAL_CACHE_VS_OFF})",
+                flush=True,
+            )
+            results.update(backfill_pass(site, env, small=1000 if quick else 4000))
+            print(
+                f"backfill pass, S3 holding everything: {results['backfill_files']} files, "
+                f"{results['backfill_chunks']} chunks in {results['backfill_pass_s']:.2f} s "
+                f"({results['backfill_chunks_per_s']:.0f} chunks/s), "
+                f"{results['backfill_queued']} queued",
                 flush=True,
             )
             results["queue_status"] = queue_status(site)
