@@ -24,7 +24,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nats.js.kv import KeyValue
 
@@ -113,7 +113,6 @@ class PassResult:
     chunks: int = 0  # distinct chunks looked up (not pending already)
     queued: int = 0
     queued_bytes: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 class Backfiller:

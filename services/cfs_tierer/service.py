@@ -87,7 +87,7 @@ from cfs_contracts.tier import (
     tier_recall_subject,
     tier_reindex_subject,
 )
-from cfs_tierer.backfill import Backfiller, Schedule, tier_key
+from cfs_tierer.backfill import Backfiller, Schedule, TierKey, tier_key
 from cfs_tierer.blob import BlobBuilder
 from cfs_tierer.compact import Compactor, CompactResult
 from cfs_tierer.evict import Evictor, PassAborted
@@ -675,16 +675,24 @@ class Term:
             reply = await self.backfill(key, "asked for (cfs admin s3-backfill)")
         return reply.model_dump_json().encode()
 
-    async def backfill(self, key: tuple[str, str], reason: str) -> BackfillReply:
+    async def backfill(self, key: TierKey, reason: str) -> BackfillReply:
         async with self._backfilling:
             started, started_ms = time.monotonic(), system_wall_ms()
             try:
                 result = await self.backfiller.run(pending=lambda c: c in self.queue.pending)
-            except (FsError, BusError) as exc:
+            except (FsError, BusError, nats.errors.Error, TimeoutError) as exc:
+                # metadata or JetStream not answering: tried again in RETRY_S; a WARNING
+                # once it failed twice in a row (a leader election is over by then)
+                again = self.backfill_note is not None
                 self.backfill_schedule.failed(time.monotonic())
-                self.backfill_note = str(exc)
-                log.warning("tier.backfill_failed", extra={"reason": reason, "error": str(exc)})
-                return BackfillReply(error=str(exc), seconds=time.monotonic() - started)
+                self.backfill_note = str(exc) or type(exc).__name__
+                log.log(
+                    logging.WARNING if again else logging.INFO,
+                    "tier.backfill_failed",
+                    extra={"reason": reason, "error": self.backfill_note},
+                )
+                seconds = round(time.monotonic() - started, 3)
+                return BackfillReply(error=self.backfill_note, seconds=seconds)
             self.backfill_schedule.ran(key, started)
         self.backfilled_chunks += result.queued
         self.backfilled_bytes += result.queued_bytes
