@@ -33,7 +33,6 @@ from cfs.client.metadata import MetadataClient
 from cfs.client.tier import read_location
 from cfs.faults import crash_point
 from cfs_contracts.events.tier import ChunkQueued
-from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import Inode
 from cfs_contracts.tier import TierConfig
 
@@ -126,17 +125,9 @@ class Backfiller:
     async def run(self, pending: Callable[[str], bool]) -> PassResult:
         """One pass over every shard's files; `pending`: the chunks queued already."""
         result = PassResult()
-        for shard in range(1, self.shards + 1):
-            after = 0
-            while True:
-                reply = await self.meta.call(
-                    rpc.ScanChunks(shard=shard, after_ino=after, node="", limit=PAGE)
-                )
-                result.files += len(reply.inodes)
-                await self._page(reply.inodes, pending, result)
-                after = reply.cursor
-                if not after:
-                    break
+        async for inodes in self.meta.scan_chunk_maps(self.shards, PAGE):
+            result.files += len(inodes)
+            await self._page(inodes, pending, result)
         return result
 
     async def _page(

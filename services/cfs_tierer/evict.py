@@ -39,7 +39,6 @@ from cfs.faults import crash_point
 from cfs.hlc import system_wall_ms
 from cfs.objstore import ObjectStoreError
 from cfs_contracts.data import fragment_key
-from cfs_contracts.fs import rpc
 from cfs_contracts.fs.records import ChunkRef, Inode
 from cfs_contracts.tier import ChunkLocation, FlashCopy, TierConfig, chunk_location_key
 from cfs_tierer.blob import BlobError
@@ -122,17 +121,9 @@ class Evictor:
             raise PassAborted("no chunk-store in service: nobody can say what is cold")
         cut_ms = system_wall_ms() - int(config.evict_after_s * 1000)
         result = PassResult()
-        for shard in range(1, self.shards + 1):
-            after = 0
-            while True:
-                reply = await self.meta.call(
-                    rpc.ScanChunks(shard=shard, after_ino=after, node="", limit=PAGE)
-                )
-                result.files_scanned += len(reply.inodes)
-                await self._page(reply.inodes, stores, cut_ms, result)
-                after = reply.cursor
-                if not after:
-                    break
+        async for inodes in self.meta.scan_chunk_maps(self.shards, PAGE):
+            result.files_scanned += len(inodes)
+            await self._page(inodes, stores, cut_ms, result)
         return result
 
     async def _page(

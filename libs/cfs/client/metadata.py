@@ -272,6 +272,22 @@ class MetadataClient:
                 return
             cookie = reply.entries[-1].cookie
 
+    async def scan_chunk_maps(
+        self, shards: int, page: int = 100
+    ) -> AsyncIterator[tuple[Inode, ...]]:
+        """Every file with a chunk map, shard by shard in inode order, a page at a time
+        (the tierer's passes over the whole tree)."""
+        for shard in range(1, shards + 1):
+            after = 0
+            while True:
+                reply = await self.call(
+                    rpc.ScanChunks(shard=shard, after_ino=after, node="", limit=page)
+                )
+                yield reply.inodes
+                after = reply.cursor
+                if not after:
+                    break
+
 
 _READS: tuple[type[BaseModel], ...] = get_args(rpc.ReadOp)
 
