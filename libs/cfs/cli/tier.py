@@ -676,13 +676,16 @@ async def take_tier_snapshot(
     return snapshot, where
 
 
+PassTimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=1.0, help="seconds to wait for the pass")
+]
+
+
 @app.command("s3-backfill")
 @one_line_errors
 def s3_backfill(
     ctx: typer.Context,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the pass")
-    ] = 3600.0,
+    timeout: PassTimeoutOpt = 3600.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Queue for S3 every chunk a file names that S3 lacks, now (it also runs every
@@ -716,9 +719,7 @@ def s3_backfill(
 @one_line_errors
 def s3_compact(
     ctx: typer.Context,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=1.0, help="seconds to wait for the pass")
-    ] = 3600.0,
+    timeout: PassTimeoutOpt = 3600.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a compaction pass of the data tier now (it also runs every few minutes).
