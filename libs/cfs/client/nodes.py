@@ -22,6 +22,7 @@ from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from cfs.bus import Bus
+from cfs.bus.kv import delivered_so_far
 from cfs.kernel.runtime import cancel_and_wait
 from cfs.liveness import NodeFacts
 from cfs.placement import Candidate
@@ -155,35 +156,44 @@ class NodeView:
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         """Apply the watch's entries; the initial values go to fresh tables, swapped in
-        at once when complete (records deleted while no watch ran disappear too)."""
+        at once when complete (records deleted while no watch ran disappear too).
+        Complete is as many entries as the watch's consumer had delivered when nats-py
+        marked the end (`delivered_so_far`): its marker can come before them."""
         fresh: dict[str, dict[str, Any]] | None = {kind: {} for kind in _TABLES}
+        arrived, owed = 0, None
         async for entry in watcher:
             self._last_entry = time.monotonic()
-            if entry is None:  # initial values delivered
+            if entry is None:
                 if fresh is not None:
-                    for kind, (attribute, _) in _TABLES.items():
-                        setattr(self, attribute, fresh[kind])
-                        self.versions[kind] += 1
-                    fresh = None
-                    self._notify()
-                self._ready.set()
-                continue
-            kind, _, node = entry.key.partition(".")
-            if kind not in _TABLES or (model := _model(kind, node)) is None:
-                continue  # e.g. health and alerts records
-            attribute = _TABLES[kind][0]
-            table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                table.pop(node, None)
+                    owed = await delivered_so_far(watcher)
             else:
-                try:
-                    table[node] = model.model_validate_json(entry.value)
-                except ValidationError as exc:
-                    log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
-                    continue
-            if fresh is None:
-                self.versions[kind] += 1
+                arrived += 1
+                self._apply(entry, fresh)
+            if fresh is not None and owed is not None and arrived >= owed:
+                for kind, (attribute, _) in _TABLES.items():
+                    setattr(self, attribute, fresh[kind])
+                    self.versions[kind] += 1
+                fresh = None
                 self._notify()
+                self._ready.set()
+
+    def _apply(self, entry: KeyValue.Entry, fresh: dict[str, dict[str, Any]] | None) -> None:
+        kind, _, node = entry.key.partition(".")
+        if kind not in _TABLES or (model := _model(kind, node)) is None:
+            return  # e.g. health and alerts records
+        attribute = _TABLES[kind][0]
+        table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            table.pop(node, None)
+        else:
+            try:
+                table[node] = model.model_validate_json(entry.value)
+            except ValidationError as exc:
+                log.error("nodes.bad_record", extra={"key": entry.key, "error": str(exc)})
+                return
+        if fresh is None:
+            self.versions[kind] += 1
+            self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

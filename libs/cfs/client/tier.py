@@ -21,7 +21,6 @@ flash and queued.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from cfs.bus import Bus, BusError, NoResponders, RequestTimeout
+from cfs.bus.kv import live_entries
 from cfs.client.nodes import NodeView
 from cfs.retry import RetryPolicy, retry
 from cfs_contracts.events.tier import ChunkQueued
@@ -291,7 +291,7 @@ async def read_blob_records(index: KeyValue) -> list[BlobRecord]:
     locations, many more, are not read)."""
     return [
         BlobRecord.model_validate_json(value)
-        for _, value, _ in await read_entries(index, blob_record_key("*"))
+        for _, value, _ in await live_entries(index, blob_record_key("*"))
     ]
 
 
@@ -300,21 +300,5 @@ async def read_locations(index: KeyValue) -> list[tuple[str, ChunkLocation, int]
     prefix = chunk_location_key("")
     return [
         (key[len(prefix) :], ChunkLocation.model_validate_json(value), revision)
-        for key, value, revision in await read_entries(index, chunk_location_key("*"))
+        for key, value, revision in await live_entries(index, chunk_location_key("*"))
     ]
-
-
-async def read_entries(index: KeyValue, pattern: str) -> list[tuple[str, bytes, int]]:
-    """(key, value, revision) of every live key matching `pattern`, from one watch."""
-    found = []
-    watcher = await index.watch(pattern, ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            if entry.value:
-                found.append((entry.key, entry.value, entry.revision or 0))
-    finally:
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await watcher.stop()  # type: ignore[no-untyped-call]
-    return found
