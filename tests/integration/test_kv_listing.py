@@ -1,4 +1,4 @@
-"""Listing a KV bucket on a real 3-server cluster (`cfs.bus.kv.live_entries`).
+"""Listing a KV bucket on a real cluster (`cfs.bus.kv`).
 
 nats-py's watcher marks the end of a bucket's initial values when its consumer info
 says nothing is pending and nothing has arrived, which also holds while every value
@@ -13,7 +13,9 @@ import asyncio
 import collections
 from pathlib import Path
 
-from cfs.bus.kv import live_entries
+import pytest
+
+from cfs.bus.kv import bucket_keys, live_entries
 from cfs.client.nodes import NodeView
 from cfs.supervisor import LocalSite
 from cfs_contracts.streams import NODES
@@ -63,3 +65,24 @@ def test_a_node_view_is_ready_only_with_every_record(tmp_path: Path) -> None:
             return empty
 
     assert asyncio.run(go()) == 0
+
+
+@pytest.mark.slow  # 100,500 keys stored: about half a minute
+def test_bucket_keys_pages_past_the_servers_hundred_thousand(tmp_path: Path) -> None:
+    """The server answers a subject listing 100,000 at a time: one unpaged call saw
+    no more (a GC sweep of a larger tier index never reached the rest)."""
+
+    async def go() -> list[str]:
+        site = LocalSite(tmp_path / "site", nodes=1, site="kv", services=())
+        async with site, await site.client() as bus:
+            await bus.js.create_key_value(bucket="big", replicas=1, history=1)
+            for i in range(100_500):
+                await bus.nc.publish(f"$KV.big.k.{i}", b"x")  # a KV put, unacknowledged
+                if i % 5000 == 0:
+                    await bus.nc.flush()
+            await bus.nc.flush()
+            while (await bus.js.stream_info("KV_big")).state.messages < 100_500:
+                await asyncio.sleep(0.5)
+            return await bucket_keys(bus, "big", "k.")
+
+    assert asyncio.run(go()) == sorted(f"k.{i}" for i in range(100_500))

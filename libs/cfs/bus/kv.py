@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import nats.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
@@ -16,14 +17,26 @@ LISTING_STALL_S = 10.0  # no message for this long while one is owed: the listin
 async def bucket_keys(
     bus: Bus, bucket: str, prefix: str = "", site: str | None = None
 ) -> list[str]:
-    """Keys (starting with `prefix`) from the bucket stream's subject counts: one API
-    call, unlike nats-py's `kv.keys()`, whose watcher can report "no keys" when its
-    messages race its consumer info. Deleted keys may be listed (their marker is the
-    last message): read each one to know. `site`: the peer's bucket, over the link."""
+    """Keys (starting with `prefix`) from the bucket stream's subject counts: an API
+    call per 100,000 keys (the server's page; one unpaged call stopped there, so a
+    GC sweep of a larger tier index never saw the rest), unlike nats-py's
+    `kv.keys()`, whose watcher can report "no keys" when its messages race its
+    consumer info. Deleted keys may be listed (their marker is the last message):
+    read each one to know. `site`: the peer's bucket, over the link."""
     subjects = f"$KV.{bucket}."
     js = bus.js if site is None else bus.nc.jetstream(domain=site, timeout=5.0)
-    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{subjects}{prefix}>")
-    return sorted(s.removeprefix(subjects) for s in (info.state.subjects or {}))
+    found: set[str] = set()
+    while True:  # the server sorts the subjects it pages through
+        request = {"subjects_filter": f"{subjects}{prefix}>", "offset": len(found)}
+        reply = await js._api_request(  # nats-py's stream_info() sends no offset
+            f"{js._prefix}.STREAM.INFO.KV_{bucket}", json.dumps(request).encode(), js._timeout
+        )
+        page = (reply.get("state") or {}).get("subjects") or {}
+        before = len(found)
+        found.update(page)
+        if len(found) == before or len(found) >= int(reply.get("total") or 0):
+            break
+    return sorted(s.removeprefix(subjects) for s in found)
 
 
 async def live_entries(kv: KeyValue, pattern: str = ">") -> list[tuple[str, bytes, int]]:
