@@ -68,7 +68,8 @@ Figures, in the order they are taken:
 - `backfill_chunks_per_s` (and `backfill_files_per_s`, `backfill_pass_s`): the
   tierer's backfill pass over the whole tree once S3 holds all of it (what it costs
   every `backfill_s`): 4,000 more one-chunk files (1,000 with --quick) written and
-  flushed, then `cfs admin s3-backfill --json`. `backfill_queued` must be 0.
+  flushed, then `cfs admin s3-backfill --json` (`backfill_queued` must be 0), then
+  the small files unlinked again.
 - `recall_mb_s`: the data back from S3 on read. The files written with the tier
   off were unlinked once measured (else the tierer's backfill pass would queue them
   when the tier comes on, into the figures after), then every chunk-store is stopped, its
@@ -278,18 +279,25 @@ async def baseline(
 
 
 # -- the site --------------------------------------------------------------------------
-def tier_config(site: LocalSite, env: dict[str, str], *args: str) -> str:
-    """`cfs admin tier-config ARGS` with the S3 settings (the command creates the bucket)."""
-    done = subprocess.run(
-        [CFS, "admin", "tier-config", *args],
+def cfs_admin(
+    site: LocalSite, env: dict[str, str], *args: str, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """`cfs admin ARGS` as the operator runs it, with the S3 settings in `env`."""
+    return subprocess.run(
+        [CFS, "admin", *args],
         capture_output=True,
         text=True,
         stdin=subprocess.DEVNULL,
         env=site.cli_env(**env),
         cwd=site.base_dir,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
+
+
+def tier_config(site: LocalSite, env: dict[str, str], *args: str) -> str:
+    """`cfs admin tier-config ARGS` with the S3 settings (the command creates the bucket)."""
+    done = cfs_admin(site, env, "tier-config", *args)
     if done.returncode != 0:
         raise RuntimeError(f"cfs admin tier-config {' '.join(args)}: {done.stderr or done.stdout}")
     return done.stdout
@@ -297,15 +305,7 @@ def tier_config(site: LocalSite, env: dict[str, str], *args: str) -> str:
 
 def queue_status(site: LocalSite) -> dict[str, Any]:
     """`cfs admin s3-queue-status --json` (what an operator sees), for the record."""
-    done = subprocess.run(
-        [CFS, "admin", "s3-queue-status", "--json"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env=site.cli_env(),
-        timeout=120,
-        check=False,
-    )
+    done = cfs_admin(site, {}, "s3-queue-status", "--json")
     try:
         report: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
@@ -629,10 +629,10 @@ def names(prefix: str, total: int) -> list[str]:
 
 
 async def forget(site: LocalSite, unlinked: list[str]) -> None:
-    """Unlink files written with the tier off once they are measured, before the tier
-    is on again: else the tierer's backfill pass queues them into the figures that
-    follow, and restore-data (which brings back every file of the tree) needs them
-    in the bucket."""
+    """Unlink a phase's files once they are measured, so the figures after it are not
+    of them: the tier-off files before the tier is on again (else the backfill pass
+    queues them into the next figures, and restore-data, which brings back every
+    file of the tree, needs them in the bucket), and the backfill phase's small ones."""
     async with await site.client("bench-unlink") as bus:
         meta = MetadataClient(bus, deadline_s=30)
         for name in unlinked:
@@ -682,7 +682,8 @@ async def read_files(site: LocalSite, read: list[str]) -> dict[str, float]:
 
 
 async def small_files(site: LocalSite, prefix: str, count: int) -> None:
-    """`count` files of 1 KiB each (one chunk apiece), 32 at once, in cache mode."""
+    """`count` files of 1 KiB each (one chunk apiece; `<prefix>-<5 digits>`), 32 at
+    once, in cache mode."""
     bus = await site.client(role=Role.CLIENT)
     meta = MetadataClient(bus, deadline_s=30)
     files = FileStore(bus, meta, client_id=bus.node)
@@ -712,19 +713,13 @@ def backfill_pass(site: LocalSite, env: dict[str, str], small: int) -> dict[str,
             await until_state(bus, "the small files flushed", lambda s: s.queue_entries == 0)
 
     asyncio.run(flushed())
-    done = subprocess.run(
-        [CFS, "admin", "s3-backfill", "--json"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env=site.cli_env(**env),
-        timeout=600,
-        check=False,
-    )
+    done = cfs_admin(site, env, "s3-backfill", "--json", timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"cfs admin s3-backfill: {done.stderr or done.stdout}")
     reply = json.loads(done.stdout)
     seconds = max(float(reply["seconds"]), 1e-6)
+    # gone again: restore-data's figures are of the same files as before this phase
+    asyncio.run(forget(site, [f"small-{i:05d}" for i in range(small)]))
     return {
         "backfill_files": reply["files"],
         "backfill_chunks": reply["chunks"],
@@ -739,15 +734,7 @@ def restore_data(site: LocalSite, env: dict[str, str], notes: list[str]) -> dict
     """`cfs admin restore-data --from-s3 --json` end to end: the tier index rebuilt from
     the bucket, then every chunk not on flash recalled."""
     start = time.perf_counter()
-    done = subprocess.run(
-        [CFS, "admin", "restore-data", "--from-s3", "--json"],
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        env=site.cli_env(**env),
-        timeout=1800,
-        check=False,
-    )
+    done = cfs_admin(site, env, "restore-data", "--from-s3", "--json", timeout=1800)
     wall = time.perf_counter() - start
     try:
         report: dict[str, Any] = json.loads(done.stdout)

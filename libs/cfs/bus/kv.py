@@ -44,7 +44,7 @@ async def live_entries(kv: KeyValue, pattern: str = ">") -> list[tuple[str, byte
 
     nats-py's watcher marks the end of the initial values when its consumer info says
     nothing is pending and nothing has arrived yet, which also holds while every value
-    is still on its way: a listing of 13 keys came back empty about once in 300 on a
+    is still on its way: a listing of 13 keys came back empty 13 times in 2,000 on a
     3-server site (an `s3-snapshot` of no blobs). So its marker only says when to ask:
     the listing ends once as many messages arrived as the consumer says it delivered."""
     live: dict[str, tuple[bytes, int]] = {}
