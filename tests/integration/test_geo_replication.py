@@ -351,7 +351,9 @@ def test_the_guides_scenario_6_through_the_cli(pair: SitePair) -> None:
     report = json.loads(check.stdout)
     assert check.returncode == 0 and report["differences"] == [], check.stdout + check.stderr
     assert [s["equal"] for s in report["shards"]] == [True]
-    assert report["shards"][0]["records_here"] == report["shards"][0]["records_there"] > 20
+    # the root and this test's two files with their entries; more after the module's
+    # other tests (`make test-slow` runs this one alone)
+    assert report["shards"][0]["records_here"] == report["shards"][0]["records_there"] >= 5
 
 
 def test_the_cross_site_check_names_what_one_site_lacks(pair: SitePair) -> None:

@@ -57,6 +57,9 @@ def test_full_site_failure_with_a_second_site(dev_pair_factory: Callable[..., De
         wait_for("writes under way", lambda: len(writer.acked) >= 30, timeout=60)
         killed_at = time.monotonic()
         pair.ok("dev", "kill-site", SITE_A)
+        # Site A acknowledged what the writer finished while the kill ran; from here on
+        # only B can (the mount reaches B after the failover)
+        dead_at = time.monotonic()
 
         # 1. Detect: B sees A unreachable, then takes over by itself.
         cut = pair.cfs("admin", "replication-status", site=SITE_B)
@@ -79,10 +82,10 @@ def test_full_site_failure_with_a_second_site(dev_pair_factory: Callable[..., De
     assert f"Active site: {SITE_B}" in status and "automatic failover" in status, status
     assert "client.site_switched" in pair.mount_log("app")
 
-    before = {p: d for p, d in writer.acked.items() if writer.acked_at[p] < killed_at}
+    before = {p: d for p, d in writer.acked.items() if writer.acked_at[p] < dead_at}
     missing = [p for p, d in before.items() if not p.exists() or sha256_of(p) != d]
-    rpo = killed_at - min((writer.acked_at[p] for p in missing), default=killed_at)
-    after = [p for p in writer.acked if writer.acked_at[p] >= killed_at]
+    rpo = dead_at - min((writer.acked_at[p] for p in missing), default=dead_at)
+    after = [p for p in writer.acked if writer.acked_at[p] >= dead_at]
     assert after and all(p.exists() for p in after), "writes acknowledged by B are there"
 
     # 4. A is back: resync from B, then switch back; the mount follows.
