@@ -259,6 +259,17 @@ def test_known_bad_invocations(runner: CliRunner, args: list[str]) -> None:
     assert_one_line_error(runner.invoke(app, args), args)
 
 
+def test_dev_down_purges_only_a_dev_sites_directory(runner: CliRunner, tmp_path: Path) -> None:
+    """Found by the fuzz test: `dev down --purge --state-dir .` deleted the working
+    directory (and would have deleted any directory named, a home directory too)."""
+    (tmp_path / "precious").write_text("keep me")
+    args = ["dev", "down", "--purge", "--state-dir", "."]
+    result = runner.invoke(app, args)
+    assert_one_line_error(result, args, {2})
+    assert "holds no dev site" in result.stderr
+    assert (tmp_path / "precious").read_text() == "keep me"
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

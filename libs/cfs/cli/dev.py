@@ -33,6 +33,7 @@ from cfs.supervisor.devcluster import DevCluster
 from cfs.supervisor.devcontrol import (
     CLUSTER_FILE,
     LOG_FILE,
+    STATE_FILE,
     DevControl,
     DevUsageError,
     cluster_file_name,
@@ -271,6 +272,12 @@ def down(
     elif not purge:
         raise CliError(f"no dev site is running from {control.state_dir}")
     if purge and control.state_dir.exists():
+        if control.state() is None and any(control.state_dir.iterdir()):
+            # `--state-dir .` or a typo must not delete a directory that is not a site's
+            raise CliError(
+                f"{control.state_dir} holds no dev site ({STATE_FILE} is missing): not deleted",
+                ExitCode.USAGE,
+            )
         shutil.rmtree(control.state_dir)
         console.print(f"removed {control.state_dir}")
 
