@@ -16,13 +16,18 @@ request log and the mount's `/metrics`, on a second mount), and the CPU each pro
 role spends per create through the mount (8 threads). Ceilings, same site, same run:
 the client library's create rate (64 in flight), the latency of one fsync'd R3
 JetStream publish (the least a durable create can wait), the library's sequential
-write and read MB/s.
+write and read MB/s. And the library making the very calls a create through the
+mount makes (the kernel's lookup of the new name, then the create) with the mount's
+concurrency, one at a time and 8 in 8 directories: the floor under the mount's
+latency and the ceiling over its rate, whatever the mount itself costs
+(`limits`: what each goal is up against).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -54,6 +59,7 @@ from cfs.security import Role, connect_options
 from cfs.supervisor import LocalSite, ManagedProcess
 from cfs.supervisor.ports import free_port
 from cfs_contracts.fs.records import ROOT_INO
+from cfs_contracts.fs.rpc import FsError
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 from report import print_goals, write_json
 
@@ -232,6 +238,7 @@ async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
         began = time.perf_counter()
         await asyncio.gather(*(worker(p.ino) for p in parents))
         out = {"lib_create_per_s": per * 64 / (time.perf_counter() - began)}
+        out.update(await as_the_kernel_asks(meta, n))
         data = os.urandom(size_mb * MiB)
         ino = (await meta.create(ROOT_INO, f"lib-data-{new_id()}")).ino
         began = time.perf_counter()
@@ -249,6 +256,40 @@ async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
     finally:
         await files.close()
         await bus.close()
+
+
+async def lookup_then_create(meta: MetadataClient, parent: int, name: str) -> tuple[float, float]:
+    """The calls one create through the mount makes (the kernel's lookup of the new name,
+    then the create); seconds each took."""
+    began = time.perf_counter()
+    with contextlib.suppress(FsError):  # ENOENT: the name is new
+        await meta.lookup(parent, name)
+    looked = time.perf_counter()
+    await meta.create(parent, name, exclusive=False)
+    return looked - began, time.perf_counter() - looked
+
+
+async def as_the_kernel_asks(meta: MetadataClient, n: int) -> dict[str, float]:
+    """The library making the mount's calls with the mount's concurrency: one at a time,
+    and 8 in 8 directories. What the mount adds is the rest; one directory allows at
+    most one lookup + create at a time (the kernel holds its lock across both)."""
+    parent = (await meta.mkdir(ROOT_INO, f"lib1-{new_id()}")).ino
+    timed = [await lookup_then_create(meta, parent, f"f{i}") for i in range(min(n, 500))]
+    parents = [(await meta.mkdir(ROOT_INO, f"lib8-{new_id()}")).ino for _ in range(8)]
+    per = n // 8
+
+    async def worker(parent: int) -> None:
+        for i in range(per):
+            await lookup_then_create(meta, parent, f"f{i}")
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker(p) for p in parents))
+    return {
+        "lib_lookup_p50_ms_1": 1000 * statistics.median(look for look, _ in timed),
+        "lib_create_p50_ms_1": 1000 * statistics.median(create for _, create in timed),
+        "lib_lookup_create_p50_ms_1": 1000 * statistics.median(a + b for a, b in timed),
+        "lib_lookup_create_per_s_8": per * 8 / (time.perf_counter() - began),
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -359,6 +400,23 @@ def goals(r: dict[str, float]) -> dict[str, bool]:
     }
 
 
+def limits(r: dict[str, float]) -> dict[str, float]:
+    """Ratios against what the library does with the mount's own calls and concurrency."""
+    return {
+        "mount_create_p50_vs_lib_calls": (
+            r["mount_create_p50_ms_1"] / r["lib_lookup_create_p50_ms_1"]
+        ),
+        "lib_calls_p50_vs_raw_r3": r["lib_lookup_create_p50_ms_1"] / r["raw_r3_pub_p50_ms"],
+        "mount_create_8_vs_lib_calls_8": (
+            r["mount_create_per_s_8"] / r["lib_lookup_create_per_s_8"]
+        ),
+        "onedir_ceiling_per_s": 1000 / r["lib_lookup_create_p50_ms_1"],
+        "mount_onedir_vs_ceiling": (
+            r["mount_create_per_s_8_onedir"] * r["lib_lookup_create_p50_ms_1"] / 1000
+        ),
+    }
+
+
 def main() -> None:
     setup_logging(os.environ.get("CFS_LOG_LEVEL", "ERROR"), service="bench")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -366,6 +424,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = asyncio.run(run(args.quick))
+    results.update(limits(results))
     for key, value in results.items():
         print(f"{key:36s} {value:12.3f}")
     print_goals(goals(results))
