@@ -272,10 +272,12 @@ def down(
     elif not purge:
         raise CliError(f"no dev site is running from {control.state_dir}")
     if purge and control.state_dir.exists():
-        if control.state() is None and any(control.state_dir.iterdir()):
+        marks = [control.state_dir / name for name in (STATE_FILE, LOG_FILE)]
+        if not any(mark.exists() for mark in marks) and any(control.state_dir.iterdir()):
             # `--state-dir .` or a typo must not delete a directory that is not a site's
             raise CliError(
-                f"{control.state_dir} holds no dev site ({STATE_FILE} is missing): not deleted",
+                f"{control.state_dir} holds no dev site (no {STATE_FILE} or {LOG_FILE}): "
+                "not deleted",
                 ExitCode.USAGE,
             )
         shutil.rmtree(control.state_dir)
