@@ -4,7 +4,10 @@ Servers keep their ports across restarts (a restarted NATS node must come back a
 same route address), so a port handed out here may sit unbound for a while. Two rules
 keep that safe:
 
-* never hand out the same port twice within this process, and
+* never hand out the same port twice within this process, nor one another process
+  of this user handed out in the last `CLAIM_S` (a claim file per port: two test
+  workers starting sites at once each found port 19320 bindable, and the second
+  service to bind it ran without its metrics endpoint), and
 * prefer ports *below* the kernel's ephemeral range, so that an outgoing connection
   (which takes its local port from that range) cannot grab a port while its server is
   down. If that range leaves no room we fall back to binding port 0.
@@ -13,14 +16,20 @@ keep that safe:
 from __future__ import annotations
 
 import collections
+import os
 import random
 import socket
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 _LOW_PORT = 10_000
 _REMEMBER = 8192
 _ATTEMPTS = 200
+# How long a port handed out stays claimed against other processes: it covers the wait
+# until its server binds it (and a restart's); a bound port is never bindable anyway.
+CLAIM_S = 600.0
 
 _lock = threading.Lock()
 _issued: set[int] = set()
@@ -52,6 +61,29 @@ def _bind_zero(host: str) -> int:
         return port
 
 
+def _claims_dir() -> Path:
+    path = Path(tempfile.gettempdir()) / f"cfs-ports-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _claim(port: int) -> bool:
+    """Claim `port` against other processes of this user; False if one holds it."""
+    path = _claims_dir() / str(port)
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return True
+        except FileExistsError:
+            try:
+                if time.time() - path.stat().st_mtime < CLAIM_S:
+                    return False
+                path.unlink()  # stale: the next O_EXCL create decides who takes it
+            except FileNotFoundError:
+                pass
+    return False
+
+
 def _remember(port: int) -> None:
     _issued.add(port)
     _issued_order.append(port)
@@ -66,12 +98,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         if high - _LOW_PORT > 1000:
             for _ in range(_ATTEMPTS):
                 port = random.randrange(_LOW_PORT, high)
-                if port not in _issued and _bindable(host, port):
+                if port not in _issued and _bindable(host, port) and _claim(port):
                     _remember(port)
                     return port
         for _ in range(_ATTEMPTS):
             port = _bind_zero(host)
-            if port not in _issued:
+            if port not in _issued and _claim(port):
                 _remember(port)
                 return port
     raise OSError(f"no free TCP port found on {host}")
