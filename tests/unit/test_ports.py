@@ -5,6 +5,7 @@ one)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,11 @@ def test_a_stale_claim_is_taken_over(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not ports._claim(port)
     monkeypatch.setattr(ports, "CLAIM_S", 0.0)
     assert ports._claim(port)
+
+
+def test_without_a_usable_claims_directory_ports_still_come(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(ports.tempfile, "gettempdir", lambda: str(tmp_path / "missing" / "x"))
+    assert ports._claims_dir() is None
+    assert ports.free_port() > 0

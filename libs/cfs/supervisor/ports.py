@@ -61,15 +61,25 @@ def _bind_zero(host: str) -> int:
         return port
 
 
-def _claims_dir() -> Path:
+def _claims_dir() -> Path | None:
+    """This user's claim files, or None where there can be none (no writable temporary
+    directory, or one of that name someone else owns): then only this process's memory
+    keeps ports apart, as before claims."""
     path = Path(tempfile.gettempdir()) / f"cfs-ports-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        owned = path.lstat().st_uid == os.getuid() and path.is_dir() and not path.is_symlink()
+    except OSError:
+        return None
+    return path if owned else None
 
 
 def _claim(port: int) -> bool:
     """Claim `port` against other processes of this user; False if one holds it."""
-    path = _claims_dir() / str(port)
+    claims = _claims_dir()
+    if claims is None:
+        return True
+    path = claims / str(port)
     for _ in range(2):
         try:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -81,6 +91,8 @@ def _claim(port: int) -> bool:
                 path.unlink()  # stale: the next O_EXCL create decides who takes it
             except FileNotFoundError:
                 pass
+        except OSError:
+            return True  # claims unusable here (a full or read-only disk): memory only
     return False
 
 
