@@ -13,7 +13,8 @@ create a traced root span): `telemetry_overhead_ratio` = creates/s on / off.
 
 Where the create rate comes from, measured in the same run: the CPU each
 process spends per create (writer, followers, NATS servers, client), and the
-rate of the same message flow with no file-system work in it (`flow_ceiling`).
+rate and one-at-a-time latency of the same message flow with no file-system work
+in it (bench/flow.py).
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ import os
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.api import StorageType, StreamConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,61 +37,14 @@ sys.path.insert(0, str(ROOT))
 from cfs.client import MetadataClient
 from cfs.ids import new_id
 from cfs.logs import setup_logging
-from cfs.supervisor import ManagedProcess, NatsCluster
+from cfs.supervisor import NatsCluster
+import flow
 from cpu_accounting import cpu_us_per_op, role_cpu_seconds
 from report import print_goals, write_json
 from telemetry_mode import alternate, span_or_nothing
 from tests.integration.metadata_harness import MetaSite
 
 SITE = "t"
-
-# The message flow of a create with no file-system work in it (see `flow_ceiling`).
-FLOW_BYTES = 200  # per op: request, journal record and reply, each
-FLOW_WRITER = textwrap.dedent(
-    """
-    import asyncio, sys, nats
-    async def main():
-        nc = await nats.connect(sys.argv[1].split(","))
-        js = nc.jetstream()
-        record = b"j" * int(sys.argv[2])
-        reply = b"r" * int(sys.argv[2])
-        queue, wake = [], asyncio.Event()
-        async def on_request(msg):
-            queue.append(msg)
-            wake.set()
-        await nc.subscribe("flow.rpc", queue="writer", cb=on_request)
-        last = (await js.stream_info("FLOW")).state.last_seq
-        print("READY", flush=True)
-        while True:
-            await wake.wait()
-            wake.clear()
-            batch = queue[:512]
-            del queue[:512]
-            if queue:
-                wake.set()
-            ack = await js.publish(
-                "flow.journal", record * len(batch),
-                headers={"Nats-Expected-Last-Sequence": str(last)},
-            )
-            last = ack.seq
-            for msg in batch:
-                await nc.publish(msg.reply, reply)
-    asyncio.run(main())
-    """
-)
-FLOW_FOLLOWER = textwrap.dedent(
-    """
-    import asyncio, sys, nats
-    async def main():
-        nc = await nats.connect(sys.argv[1].split(","))
-        js = nc.jetstream()
-        sub = await js.subscribe("flow.journal", stream="FLOW", ordered_consumer=True)
-        print("READY", flush=True)
-        while True:
-            await sub.next_msg(timeout=None)
-    asyncio.run(main())
-    """
-)
 
 
 async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
@@ -111,71 +63,6 @@ async def raw_r3_publish_rate(urls: list[str], n: int) -> float:
     rate = n / (time.perf_counter() - start)
     await nc.close()
     return rate
-
-
-async def flow_ceiling(
-    urls: list[str], n: int, concurrency: int, nats_pids: list[int | None], log_dir: Path
-) -> dict[str, float]:
-    """Creates/s if creating a file cost nothing but its messages.
-
-    The same flow as a create, in plain nats-py, in processes laid out as the real
-    ones: `concurrency` requests in flight from this process to a writer process,
-    which group-commits them into an R3 fsync'd stream with an expected last
-    sequence and then replies to each; two follower processes tail the stream.
-    No parsing, no checks, no records: the most any Python implementation of this
-    design can reach on this machine.
-    """
-    nc = await nats.connect(urls)
-    js = nc.jetstream()
-    await js.add_stream(
-        StreamConfig(
-            name="FLOW", subjects=["flow.journal"], num_replicas=3, storage=StorageType.FILE
-        )
-    )
-    procs = [
-        ManagedProcess(
-            name,
-            [sys.executable, "-c", script, ",".join(urls), str(FLOW_BYTES)],
-            log_path=log_dir / f"{name}.log",
-        )
-        for name, script in (
-            ("flow-writer", FLOW_WRITER),
-            ("flow-follower-1", FLOW_FOLLOWER),
-            ("flow-follower-2", FLOW_FOLLOWER),
-        )
-    ]
-    try:
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.wait_until(lambda p=proc: "READY" in p.log_tail(5), 30, proc.name)
-        roles: dict[str, list[int | None]] = {
-            "writer": [procs[0].pid],
-            "followers": [proc.pid for proc in procs[1:]],
-            "nats": nats_pids,
-            "client": [None],
-        }
-        request = b"q" * FLOW_BYTES
-        queue = iter(range(n))
-
-        async def worker() -> None:
-            for _ in queue:
-                await nc.request("flow.rpc", request, timeout=30)
-
-        cpu_before = role_cpu_seconds(roles)
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-        cpu_after = role_cpu_seconds(roles)
-        return {
-            "flow_ceiling_creates_per_s": n / elapsed,
-            **cpu_us_per_op(cpu_before, cpu_after, n, "flow_cpu_us"),
-        }
-    finally:
-        for proc in procs:
-            proc.stop()
-        await js.delete_stream("FLOW")
-        await nc.close()
 
 
 async def create_rate(
@@ -307,8 +194,13 @@ async def measure(site: MetaSite, quick: bool) -> dict[str, float]:
     results["raw_r3_pub_per_s"] = await raw_r3_publish_rate(site.cluster.urls, n)
     nats_pids: list[int | None] = [server.pid for server in site.cluster.servers]
     results.update(
-        await flow_ceiling(
-            site.cluster.urls, n, concurrency=64, nats_pids=nats_pids, log_dir=site.base
+        await flow.measure(
+            site.cluster.urls,
+            nats_pids,
+            site.base,
+            n=n,
+            concurrency=64,
+            one_at_a_time=300 if quick else 1000,
         )
     )
     bus, client = await site.client(deadline_s=60)
