@@ -33,16 +33,16 @@ _CONNECT = """
     import asyncio, sys, nats
     from pathlib import Path
     from cfs.security import connect_options
-    def connect():
+    async def connect():
         creds = Path(sys.argv[3]) if sys.argv[3] else None
-        return nats.connect(sys.argv[1].split(","), **connect_options(creds))
+        nc = await nats.connect(sys.argv[1].split(","), **connect_options(creds))
+        return nc, nc.jetstream()
 """
 WRITER = textwrap.dedent(
     _CONNECT
     + """
     async def main():
-        nc = await connect()
-        js = nc.jetstream()
+        nc, js = await connect()
         record = b"j" * int(sys.argv[2])
         reply = b"r" * int(sys.argv[2])
         queue, wake = [], asyncio.Event()
@@ -76,8 +76,7 @@ FOLLOWER = textwrap.dedent(
     _CONNECT
     + """
     async def main():
-        nc = await connect()
-        js = nc.jetstream()
+        nc, js = await connect()
         sub = await js.subscribe(
             f"{sys.argv[4]}.journal", stream=sys.argv[5], ordered_consumer=True
         )
