@@ -20,7 +20,9 @@ write and read MB/s. And the library making the very calls a create through the
 mount makes (the kernel's lookup of the new name, then the create) with the mount's
 concurrency, one at a time and 8 in 8 directories: the floor under the mount's
 latency and the ceiling over its rate, whatever the mount itself costs
-(`limits`: what each goal is up against).
+(`limits`: what each goal is up against). And the design's own floor
+(bench/flow.py): a create's messages with no file-system work, one at a time, and a
+bare request and reply for the lookup before it.
 """
 
 from __future__ import annotations
