@@ -12,6 +12,7 @@ least cost (one request and reply to the writer, nothing stored).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import nats
+import nats.js.errors
 from nats.js.api import StorageType, StreamConfig
 
 from cfs.security import connect_options
@@ -101,16 +103,6 @@ async def measure(
     """`n` requests `concurrency` at a time (`flow_ceiling_creates_per_s` and the CPU
     per op by role), then `one_at_a_time` requests and as many echoes in sequence
     (`flow_p50_ms_1`, `echo_p50_ms`)."""
-    nc = await nats.connect(urls, **connect_options(credentials))
-    js = nc.jetstream()
-    await js.add_stream(
-        StreamConfig(
-            name=STREAM,
-            subjects=[f"{SUBJECT}.journal"],
-            num_replicas=3,
-            storage=StorageType.FILE,
-        )
-    )
     args = [",".join(urls), str(BYTES), str(credentials or ""), SUBJECT, STREAM]
     procs = [
         ManagedProcess(
@@ -123,7 +115,17 @@ async def measure(
         )
     ]
     out: dict[str, float] = {}
+    nc = await nats.connect(urls, **connect_options(credentials))
+    js = nc.jetstream()
     try:
+        await js.add_stream(
+            StreamConfig(
+                name=STREAM,
+                subjects=[f"{SUBJECT}.journal"],
+                num_replicas=3,
+                storage=StorageType.FILE,
+            )
+        )
         for proc in procs:
             proc.start()
         for proc in procs:
@@ -156,7 +158,8 @@ async def measure(
     finally:
         for proc in procs:
             proc.stop()
-        await js.delete_stream(STREAM)
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # add_stream failed
+            await js.delete_stream(STREAM)
         await nc.close()
 
 
