@@ -148,7 +148,8 @@ class RepairJob(BaseModel):
 
 
 def health_key(node: str, service: str) -> str:
-    return f"health.{node}.{service}"
+    """The key of a service process's `ServiceHealth` in the `health` bucket."""
+    return f"{node}.{service}"
 
 
 class ComponentState(StrEnum):

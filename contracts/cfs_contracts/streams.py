@@ -112,8 +112,12 @@ SITE_STREAMS: tuple[StreamSpec, ...] = (
 
 LEASES = KVSpec("leases", "writer leases per metadata shard and singleton service", history=1)
 NODES = KVSpec("nodes", "membership view: state, incarnation, labels, capacity", history=5)
+# Each service process rewrites its record every few seconds. Apart from `nodes`: every
+# live view of the site (`NodeView`, in each service and client) watches all of that
+# bucket, and with the health records in it each process's heartbeat reached every view.
+HEALTH = KVSpec("health", "service health: one record per process (<node>.<service>)")
 TIER_INDEX = KVSpec("tier", "s3 tier: the blob of each chunk in S3, and each blob's record")
-SITE_BUCKETS: tuple[KVSpec, ...] = (LEASES, NODES, TIER_INDEX)
+SITE_BUCKETS: tuple[KVSpec, ...] = (LEASES, NODES, HEALTH, TIER_INDEX)
 
 
 def site_streams(shard_count: int) -> list[StreamSpec]:

@@ -45,7 +45,7 @@ import nkeys
 from cfs.kernel.spec import Grants, ServiceSpec
 from cfs_contracts.data import VERBS
 from cfs_contracts.members import health_key
-from cfs_contracts.streams import CMD, LEASES, NODES, meta_stream, shard_name
+from cfs_contracts.streams import CMD, HEALTH, LEASES, NODES, meta_stream, shard_name
 
 AUTH_CONF = "nats-auth.conf"
 # What a re-seeded server admits until its import is complete (the admin only).
@@ -257,9 +257,15 @@ def permissions(role: str, site: str, shards: int, node: str | None = None) -> P
 
 def common_publish(site: str) -> list[str]:
     """What every non-admin role may publish: account info, dead letters, alerts, and
-    reading the `nodes` bucket."""
+    reading the `nodes` and `health` buckets."""
     s = f"cfs.{site}"
-    return ["$JS.API.INFO", f"{s}.dlq.>", f"{s}.alerts.>", *_read_bucket(NODES.bucket)]
+    return [
+        "$JS.API.INFO",
+        f"{s}.dlq.>",
+        f"{s}.alerts.>",
+        *_read_bucket(NODES.bucket),
+        *_read_bucket(HEALTH.bucket),
+    ]
 
 
 def spec_subjects(
@@ -283,7 +289,7 @@ def spec_subjects(
         ]
     if spec.lease_key is not None:
         pub += [*_read_bucket(LEASES.bucket), *_write_keys(LEASES.bucket, spec.lease_key)]
-    pub += _write_keys(NODES.bucket, health_key(bound, spec.name))
+    pub += _write_keys(HEALTH.bucket, health_key(bound, spec.name))
     return pub, sub
 
 

@@ -30,7 +30,7 @@ from cfs.security import (
 )
 from cfs.supervisor import ManagedProcess, NatsCluster, NatsServer
 from cfs_contracts.members import ServiceHealth, health_key
-from cfs_contracts.streams import CLUSTER, SITE_BUCKETS, service_lease_key
+from cfs_contracts.streams import CLUSTER, HEALTH, SITE_BUCKETS, service_lease_key
 from tests.integration.metadata_harness import MetaSite
 from tests.integration.procs.counter_service import CURSOR
 from tests.integration.test_metadata import _run_load_through, _verify_replicas
@@ -177,7 +177,7 @@ async def _items(bus: Bus) -> list[tuple[int, str]]:
 
 
 async def _health(bus: Bus, node: str) -> ServiceHealth | None:
-    kv = await bus.key_value("nodes")
+    kv = await bus.key_value(HEALTH.bucket)
     try:
         entry = await kv.get(health_key(node, "counter"))
     except nats.js.errors.KeyNotFoundError:
@@ -284,7 +284,7 @@ def test_a_services_permissions_are_exactly_its_declared_subjects(spec) -> None:
     assert set(subscribe) == {inbox, *declared_sub}
     assert not any("{" in subject for subject in [*allowed, *subscribe]), "all bound"
     if spec.per_node:  # nothing of another node's: its health record, its subjects
-        assert f"$KV.nodes.health.n1.{spec.name}" in allowed
+        assert f"$KV.health.n1.{spec.name}" in allowed
         other_node = {s.replace(".n1.", ".n2.").replace(".n1", ".n2") for s in allowed}
         assert not any(subject_matches(p, x) for p in allowed for x in other_node - set(allowed))
     mine = permissions(spec.role, SITE, shards, node)

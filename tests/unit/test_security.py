@@ -98,6 +98,11 @@ def test_node_records_are_written_by_their_owners_only() -> None:
     assert allowed["metadata"] == set()
     assert allowed[Role.CLIENT] == set()
     assert allowed[Role.ADMIN] == keys
+    health = {
+        role: permissions(role, SITE, 1, "n").may_publish("$KV.health.n.metadata-raft")
+        for role in roles()
+    }
+    assert {role for role, may in health.items() if may} == {"metadata", Role.ADMIN}
 
 
 def test_each_role_reads_only_its_own_inbox_and_serves_only_its_subjects() -> None:
@@ -183,8 +188,8 @@ def test_a_per_node_key_writes_only_its_own_nodes_records_and_subjects() -> None
     store = permissions("chunkstore", SITE, 1, "n1")
     assert store.may_publish("$KV.nodes.store.n1")
     assert not store.may_publish("$KV.nodes.store.n2")
-    assert store.may_publish("$KV.nodes.health.n1.chunk-store")
-    assert not store.may_publish("$KV.nodes.health.n2.chunk-store")
+    assert store.may_publish("$KV.health.n1.chunk-store")
+    assert not store.may_publish("$KV.health.n2.chunk-store")
     assert store.may_subscribe(f"cfs.{SITE}.rpc.chunk.n1.get")
     assert not store.may_subscribe(f"cfs.{SITE}.rpc.chunk.n2.get")
     assert not store.may_subscribe(f"cfs.{SITE}.rpc.chunk.*.get")
@@ -198,8 +203,8 @@ def test_a_per_node_key_writes_only_its_own_nodes_records_and_subjects() -> None
     for role in ("metadata", "repair"):
         mine = permissions(role, SITE, 1, "n1")
         spec_name = {"metadata": "metadata-raft", "repair": "repair"}[role]
-        assert mine.may_publish(f"$KV.nodes.health.n1.{spec_name}")
-        assert not mine.may_publish(f"$KV.nodes.health.n2.{spec_name}")
+        assert mine.may_publish(f"$KV.health.n1.{spec_name}")
+        assert not mine.may_publish(f"$KV.health.n2.{spec_name}")
     # a site-wide role ignores the node: its key is shared
     assert permissions("tierer", SITE, 1, "n1") == permissions("tierer", SITE, 1)
 

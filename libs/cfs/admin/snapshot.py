@@ -27,7 +27,7 @@ from cfs.lease import LeaseRecord
 from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.data import StoreRecord
 from cfs_contracts.members import Liveness, MemberRecord, NodeAdmin, ServiceHealth
-from cfs_contracts.streams import LEASES, NODES, meta_stream, site_subject
+from cfs_contracts.streams import HEALTH, LEASES, NODES, meta_stream, site_subject
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +73,24 @@ async def read_backup_status(bus: Bus, timeout: float = 2.0) -> BackupStatus | N
 
 
 async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
-    """Every `member.*`, `admin.*` and `store.*` record; SnapshotUnavailable on timeout."""
+    """Every `member.*`, `admin.*` and `store.*` record and every service's health
+    record; SnapshotUnavailable on timeout."""
     tables: dict[str, dict[str, Any]] = {kind: {} for kind in _MODELS}
     health: list[ServiceHealth] = []
     try:
         async with asyncio.timeout(timeout):
-            kv = await bus.key_value(NODES.bucket)
-            for key in await bucket_keys(bus, NODES.bucket):
+            for key, value in await _bucket_values(bus, NODES.bucket):
                 kind, _, node = key.partition(".")
-                if kind not in _MODELS and kind != "health":
-                    continue  # repair jobs and future record kinds
-                try:
-                    entry = await kv.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    continue  # deleted between keys() and get()
-                if not entry.value:
-                    continue
-                try:
-                    if kind == "health":
-                        health.append(ServiceHealth.model_validate_json(entry.value))
-                    else:
-                        tables[kind][node] = _MODELS[kind].model_validate_json(entry.value)
-                except ValidationError as exc:
-                    log.warning("admin.bad_record", extra={"key": key, "error": str(exc)})
+                if kind in _MODELS:  # not repair jobs and future record kinds
+                    record = _parsed(key, value, _MODELS[kind])
+                    if record is not None:
+                        tables[kind][node] = record
+            for key, value in await _bucket_values(bus, HEALTH.bucket):
+                report = _parsed(key, value, ServiceHealth)
+                if report is not None:
+                    health.append(report)
     except TRANSPORT_ERRORS as exc:
-        raise SnapshotUnavailable(f"nodes KV unreadable: {_why(exc)}") from None
+        raise SnapshotUnavailable(f"nodes or health KV unreadable: {_why(exc)}") from None
     return NodeFacts(
         members=tables["member"],
         admin=tables["admin"],
@@ -105,6 +98,28 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
         now_ms=now_ms(),
         health=tuple(health),
     )
+
+
+async def _bucket_values(bus: Bus, bucket: str) -> list[tuple[str, bytes]]:
+    """(key, value) of every key of `bucket` holding a value."""
+    kv = await bus.key_value(bucket)
+    values = []
+    for key in await bucket_keys(bus, bucket):
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # deleted between keys() and get()
+        if entry.value:
+            values.append((key, entry.value))
+    return values
+
+
+def _parsed(key: str, value: bytes, model: type[M]) -> M | None:
+    try:
+        return model.model_validate_json(value)
+    except ValidationError as exc:
+        log.warning("admin.bad_record", extra={"key": key, "error": str(exc)})
+        return None
 
 
 async def discover_shards(bus: Bus, fallback: int, timeout: float = 2.0) -> list[str]:

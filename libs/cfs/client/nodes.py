@@ -180,7 +180,7 @@ class NodeView:
     def _apply(self, entry: KeyValue.Entry, fresh: dict[str, dict[str, Any]] | None) -> None:
         kind, _, node = entry.key.partition(".")
         if kind not in _TABLES or (model := _model(kind, node)) is None:
-            return  # e.g. health and alerts records
+            return  # e.g. the alerts service's state record
         attribute = _TABLES[kind][0]
         table: dict[str, Any] = fresh[kind] if fresh is not None else getattr(self, attribute)
         if entry.operation in ("DEL", "PURGE") or not entry.value:

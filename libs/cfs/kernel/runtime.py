@@ -37,7 +37,7 @@ from cfs.kernel.spec import ServiceSpec, Singleton
 from cfs.retry import Backoff, RetryPolicy, any_bus_error, is_temporary, retry
 from cfs.telemetry import gauge, serve_metrics
 from cfs_contracts.members import ServiceHealth, health_key
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import HEALTH
 
 if TYPE_CHECKING:
     from cfs.client.nodes import NodeView
@@ -135,7 +135,7 @@ class Health:
 
     async def start(self) -> None:
         self._kv = await until_jetstream_answers(
-            "nodes bucket", lambda: self.bus.key_value(NODES.bucket)
+            "health bucket", lambda: self.bus.key_value(HEALTH.bucket)
         )
         await self._write()
 
