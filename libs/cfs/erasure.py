@@ -66,7 +66,10 @@ def encode_some(scheme: Scheme, chunk: bytes, wanted: Iterable[int]) -> dict[int
     out = {i: padded[i * size : (i + 1) * size] for i in indices if i < scheme.k}
     parity = [i for i in indices if i >= scheme.k]
     if parity:
-        data = [padded[i * size : (i + 1) * size] for i in range(scheme.k)]
+        # zfec reads its input through the buffer protocol: views, not another copy
+        # of the chunk (a fresh 4 MiB copy costs about 1 ms here, page faults included)
+        view = memoryview(padded)
+        data = [view[i * size : (i + 1) * size] for i in range(scheme.k)]
         coded = zfec.Encoder(scheme.k, scheme.total).encode(data, parity)
         out.update(zip(parity, coded, strict=True))
     return out
