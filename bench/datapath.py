@@ -6,7 +6,8 @@ Figures (MB/s, 1 MiB = 2**20 bytes): sequential write and read through the
 client library and through a FUSE mount (dd-style, 1 MiB blocks), read with two
 chunk-store nodes killed, and in the same run the raw nats-py request/reply rate
 for 1 MiB payloads to a separate responder process with the same number of
-requests in flight (the transport limit on this machine), with the ratios.
+requests in flight (the transport limit on this machine), with the ratios; and the
+same spread over one responder process per node, as a chunk's fragments are.
 EC 4+2 sends 1.5 bytes per byte written, so 0.67 x transport is the write ceiling.
 
 Telemetry: the client write and read again (three times the file, so each run lasts
@@ -24,8 +25,14 @@ fragments CRC'd, sent through NATS and stored durably by the chunk-store's own
 put; read: 1 MiB read and checked by the store's own get, sent through NATS,
 CRC'd by the client, and the end-to-end SHA-256 check of every chunk read),
 spread over every core at 100 % with nothing else to do: no metadata commit,
-no events, no event loop, no waiting. A goal above its ceiling cannot be met
-on this machine by any tuning of the code around that work.
+no events, no event loop, no waiting. The transport's share is measured as the
+design must send: over one process per node (six receivers each woken for its
+part cost 0.6-0.9 ms more per MiB put than one receiver taking everything). A goal
+above its ceiling cannot be met on this machine by any tuning of the code around
+that work. `write_vs_ceiling` and `read_vs_ceiling` are the client's rates against
+these ceilings (issue 18: goals 0.8 and 0.9); `site_idle_cores` is what the six
+nodes' services keep busy at rest, and `*_ceiling_net_mb_s` the ceilings on the
+cores left.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import textwrap
 import time
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +82,8 @@ RESPONDER = textwrap.dedent(
         blob = b"r" * int(sys.argv[2])
         async def put(msg): await msg.respond(b"ok")
         async def get(msg): await msg.respond(blob)
-        await nc.subscribe("cfs.bench.raw.put", cb=put)
-        await nc.subscribe("cfs.bench.raw.get", cb=get)
+        await nc.subscribe(f"cfs.bench.raw.{sys.argv[4]}.put", cb=put)
+        await nc.subscribe(f"cfs.bench.raw.{sys.argv[4]}.get", cb=get)
         await nc.flush()
         print("READY", flush=True)
         await asyncio.Event().wait()
@@ -111,10 +119,11 @@ def store_costs(root: Path) -> tuple[float, float]:
 
 
 def unavoidable_costs(
-    raw_put: float, raw_get: float, raw_put_ms: float, raw_get_ms: float, scratch: Path
+    raw_put: float, raw_get: float, put_ms: float, get_ms: float, scratch: Path
 ) -> dict[str, float]:
     """CPU ms per MiB written and read that this design cannot skip, and the ceilings:
-    every core busy with nothing else gives cores * 1000 / floor MB/s."""
+    every core busy with nothing else gives cores * 1000 / floor MB/s. `put_ms` and
+    `get_ms`: the transport's CPU per MiB spread over the nodes as fragments are."""
     chunk = os.urandom(4 * MiB)
     scheme = Scheme.parse("ec4+2")
     encode_ms = ms_per_mib(lambda: encode(scheme, chunk), 4)
@@ -124,14 +133,12 @@ def unavoidable_costs(
     cores = len(os.sched_getaffinity(0))
     # written: coded, hashed, 1.5 MiB of fragments CRC'd by the sender, sent through
     # NATS and stored durably (the store's put checks the CRC again)
-    write_ms = encode_ms + sha_ms + 1.5 * (crc_ms + raw_put_ms + store_put_ms)
+    write_ms = encode_ms + sha_ms + 1.5 * (crc_ms + put_ms + store_put_ms)
     # read: 1 MiB read and checked by the stores, sent through NATS, CRC'd by the
     # client, the chunk hashed
-    read_ms = store_get_ms + raw_get_ms + crc_ms + sha_ms
+    read_ms = store_get_ms + get_ms + crc_ms + sha_ms
     return {
         "cores": cores,
-        "raw_put_cpu_ms_per_mib": raw_put_ms,
-        "raw_get_cpu_ms_per_mib": raw_get_ms,
         "encode_cpu_ms_per_mib": encode_ms,
         "sha256_cpu_ms_per_mib": sha_ms,
         "crc32_cpu_ms_per_mib": crc_ms,
@@ -139,57 +146,91 @@ def unavoidable_costs(
         "store_get_cpu_ms_per_mib": store_get_ms,
         "write_floor_cpu_ms_per_mib": write_ms,
         "read_floor_cpu_ms_per_mib": read_ms,
+        "write_ceiling_mb_s": cores * 1000 / write_ms,
+        "read_ceiling_mb_s": cores * 1000 / read_ms,
         "write_ratio_ceiling": cores * 1000 / write_ms / raw_put,
         "read_ratio_ceiling": cores * 1000 / read_ms / raw_get,
     }
 
 
 async def raw_transport(
-    url: str, credentials: Path, total_bytes: int, log_dir: Path, server_pid: int
+    url: str,
+    credentials: Path,
+    total_bytes: int,
+    log_dir: Path,
+    server_pid: int,
+    responders: int = 1,
 ) -> tuple[float, float, float, float]:
     """MB/s of 1 MiB requests (put-like) and of 1 MiB replies (get-like), through the
     same authenticated server the file system uses, and the CPU ms per MiB each cost
-    (requester, responder and server together)."""
-    responder = ManagedProcess(
-        "raw-responder",
-        [sys.executable, "-c", RESPONDER, url, str(FRAGMENT), str(credentials)],
-        log_path=log_dir / "raw-responder.log",
-        env={"PYTHONPATH": child_pythonpath()},
-    )
-    responder.start()
-    try:
-        responder.wait_until(
-            lambda: "READY" in responder.log_tail(5).splitlines(), 30, "the responder"
+    (requester, responders and server together). With `responders` > 1 the requests
+    go round the responder processes in turn, as a chunk's fragments go to as many
+    chunk-store nodes."""
+    procs = [
+        ManagedProcess(
+            f"raw-responder-{i}",
+            [sys.executable, "-c", RESPONDER, url, str(FRAGMENT), str(credentials), str(i)],
+            log_path=log_dir / f"raw-responder-{i}.log",
+            env={"PYTHONPATH": child_pythonpath()},
         )
+        for i in range(responders)
+    ]
+    try:
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            ready = partial(_announced_ready, proc)
+            proc.wait_until(ready, 30, "the responder")
         nc = await nats.connect(url, **connect_options(credentials))
         payload = os.urandom(FRAGMENT)
         count = total_bytes // FRAGMENT
-
-        assert responder.pid is not None
+        pids = [server_pid]
+        for proc in procs:
+            assert proc.pid is not None
+            pids.append(proc.pid)
 
         def cpu() -> float:
-            assert responder.pid is not None
-            return own_cpu_seconds() + cpu_seconds(responder.pid) + cpu_seconds(server_pid)
+            return own_cpu_seconds() + sum(cpu_seconds(pid) for pid in pids)
 
-        async def run(subject: str, body: bytes) -> tuple[float, float]:
+        async def run(verb: str, body: bytes) -> tuple[float, float]:
             queue = iter(range(count))
 
             async def worker() -> None:
-                for _ in queue:
-                    await nc.request(subject, body, timeout=30)
+                for i in queue:
+                    await nc.request(f"cfs.bench.raw.{i % responders}.{verb}", body, timeout=30)
 
             start, used = time.perf_counter(), cpu()
             await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
             mib = count * FRAGMENT / MiB
             return mib / (time.perf_counter() - start), (cpu() - used) * 1000 / mib
 
-        await run("cfs.bench.raw.put", payload)  # warm up connections and buffers
-        put, put_ms = await run("cfs.bench.raw.put", payload)
-        get, get_ms = await run("cfs.bench.raw.get", b"")
+        await run("put", payload)  # warm up connections and buffers
+        put, put_ms = await run("put", payload)
+        get, get_ms = await run("get", b"")
         await nc.close()
         return put, get, put_ms, get_ms
     finally:
-        responder.stop()
+        for proc in procs:
+            proc.stop()
+
+
+def _announced_ready(proc: ManagedProcess) -> bool:
+    return "READY" in proc.log_tail(5).splitlines()
+
+
+async def busy_cores(seconds: float) -> float:
+    """How many cores the machine kept busy over `seconds` (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    (total0, idle0) = sample()
+    await asyncio.sleep(seconds)
+    (total1, idle1) = sample()
+    cores = len(os.sched_getaffinity(0))
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
 
 
 async def _files(site: LocalSite) -> tuple[Bus, FileStore]:
@@ -339,7 +380,14 @@ async def run(quick: bool) -> dict[str, float]:
             raw_put, raw_get, put_ms, get_ms = await raw_transport(
                 site.urls[0], admin, size, base, server_pid
             )
-            costs = unavoidable_costs(raw_put, raw_get, put_ms, get_ms, base / "scratch-store")
+            nodes = len(site.node_names)
+            spread = await raw_transport(site.urls[0], admin, size, base, server_pid, nodes)
+            costs = unavoidable_costs(raw_put, raw_get, spread[2], spread[3], base / "scratch")
+            idle = await busy_cores(3.0)  # the site's services at rest: heartbeats, watches
+            for kind in ("write", "read"):
+                costs[f"{kind}_ceiling_net_mb_s"] = (
+                    (costs["cores"] - idle) * 1000 / costs[f"{kind}_floor_cpu_ms_per_mib"]
+                )
             ino, write = await client_write(site, "client.bin", size)
             read = await client_read(site, ino, size)
             fuse_write, fuse_read = fuse_rates(site, base / "mnt", size, base)
@@ -357,6 +405,12 @@ async def run(quick: bool) -> dict[str, float]:
         "file_mib": size / MiB,
         "raw_transport_mb_s": raw_put,
         "raw_transport_get_mb_s": raw_get,
+        "raw_put_cpu_ms_per_mib": put_ms,
+        "raw_get_cpu_ms_per_mib": get_ms,
+        "spread_transport_mb_s": spread[0],
+        "spread_transport_get_mb_s": spread[1],
+        "spread_put_cpu_ms_per_mib": spread[2],
+        "spread_get_cpu_ms_per_mib": spread[3],
         "write_mb_s": write,
         "read_mb_s": read,
         "fuse_write_mb_s": fuse_write,
@@ -366,6 +420,9 @@ async def run(quick: bool) -> dict[str, float]:
         "read_ratio": read / raw_get,
         "fuse_write_ratio": fuse_write / write,
         "fuse_read_ratio": fuse_read / read,
+        "site_idle_cores": idle,
+        "write_vs_ceiling": write / costs["write_ceiling_mb_s"],
+        "read_vs_ceiling": read / costs["read_ceiling_mb_s"],
         **telemetry,
         **costs,
     }
@@ -379,8 +436,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = asyncio.run(run(args.quick))
-    print(f"transport (1 MiB req/reply)  put {results['raw_transport_mb_s']:8.1f} MB/s")
-    print(f"                             get {results['raw_transport_get_mb_s']:8.1f} MB/s")
+    print(
+        f"transport (1 MiB req/reply)  put {results['raw_transport_mb_s']:8.1f} MB/s"
+        f"  (over the nodes {results['spread_transport_mb_s']:.1f})"
+    )
+    print(
+        f"                             get {results['raw_transport_get_mb_s']:8.1f} MB/s"
+        f"  (over the nodes {results['spread_transport_get_mb_s']:.1f})"
+    )
     print(
         f"client write                     {results['write_mb_s']:8.1f} MB/s"
         f"  ({results['write_ratio']:.2f} x transport; goal >= 0.5)"
@@ -409,18 +472,22 @@ def main() -> None:
     )
     print(
         f"CPU ms per MiB on {results['cores']:.0f} cores: transport put "
-        f"{results['raw_put_cpu_ms_per_mib']:.2f}, get {results['raw_get_cpu_ms_per_mib']:.2f}; "
-        f"zfec encode {results['encode_cpu_ms_per_mib']:.2f}, SHA-256 "
+        f"{results['raw_put_cpu_ms_per_mib']:.2f}, get {results['raw_get_cpu_ms_per_mib']:.2f} "
+        f"(over the nodes {results['spread_put_cpu_ms_per_mib']:.2f}, "
+        f"{results['spread_get_cpu_ms_per_mib']:.2f}); zfec encode "
+        f"{results['encode_cpu_ms_per_mib']:.2f}, SHA-256 "
         f"{results['sha256_cpu_ms_per_mib']:.2f}, CRC-32 {results['crc32_cpu_ms_per_mib']:.2f}"
         f"; fragment store put {results['store_put_cpu_ms_per_mib']:.2f}, "
         f"get {results['store_get_cpu_ms_per_mib']:.2f}"
     )
-    for kind, goal in (("write", 0.5), ("read", 0.8)):
-        ceiling = results[f"{kind}_ratio_ceiling"]
+    for kind, goal in (("write", 0.8), ("read", 0.9)):
         print(
             f"{kind} ceiling (work no tuning can skip: "
-            f"{results[f'{kind}_floor_cpu_ms_per_mib']:.2f} ms/MiB)  {ceiling:.2f} x transport"
-            f"; goal {goal} {'reachable' if ceiling >= goal else 'above the ceiling'}"
+            f"{results[f'{kind}_floor_cpu_ms_per_mib']:.2f} ms/MiB)  "
+            f"{results[f'{kind}_ceiling_mb_s']:.1f} MB/s; client {kind} "
+            f"{results[f'{kind}_vs_ceiling']:.2f} x it (goal >= {goal}); net of the site at "
+            f"rest ({results['site_idle_cores']:.2f} cores busy) "
+            f"{results[f'{kind}_ceiling_net_mb_s']:.1f} MB/s"
         )
     write_json(args.json, results)
 
