@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import nats.errors
@@ -58,13 +58,7 @@ async def read_record(bus: Bus, key: str, model: type[M], timeout: float = 2.0) 
             entry = await kv.get(key)
     except (*TRANSPORT_ERRORS, nats.js.errors.KeyNotFoundError):
         return None
-    if not entry.value:
-        return None
-    try:
-        return model.model_validate_json(entry.value)
-    except ValidationError as exc:
-        log.warning("admin.bad_record", extra={"key": key, "error": str(exc)})
-        return None
+    return _parsed(key, entry.value, model) if entry.value else None
 
 
 async def read_backup_status(bus: Bus, timeout: float = 2.0) -> BackupStatus | None:
@@ -79,12 +73,11 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     health: list[ServiceHealth] = []
     try:
         async with asyncio.timeout(timeout):
-            for key, value in await _bucket_values(bus, NODES.bucket):
+            for key, value in await _bucket_values(bus, NODES.bucket, _held_in_facts):
                 kind, _, node = key.partition(".")
-                if kind in _MODELS:  # not repair jobs and future record kinds
-                    record = _parsed(key, value, _MODELS[kind])
-                    if record is not None:
-                        tables[kind][node] = record
+                record = _parsed(key, value, _MODELS[kind])
+                if record is not None:
+                    tables[kind][node] = record
             for key, value in await _bucket_values(bus, HEALTH.bucket):
                 report = _parsed(key, value, ServiceHealth)
                 if report is not None:
@@ -100,11 +93,13 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     )
 
 
-async def _bucket_values(bus: Bus, bucket: str) -> list[tuple[str, bytes]]:
-    """(key, value) of every key of `bucket` holding a value."""
+async def _bucket_values(
+    bus: Bus, bucket: str, wanted: Callable[[str], bool] = lambda _: True
+) -> list[tuple[str, bytes]]:
+    """(key, value) of every `wanted` key of `bucket` holding a value."""
     kv = await bus.key_value(bucket)
     values = []
-    for key in await bucket_keys(bus, bucket):
+    for key in filter(wanted, await bucket_keys(bus, bucket)):
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:
@@ -114,7 +109,13 @@ async def _bucket_values(bus: Bus, bucket: str) -> list[tuple[str, bytes]]:
     return values
 
 
+def _held_in_facts(key: str) -> bool:
+    """Member, lifecycle and store records (not repair jobs, configs and the rest)."""
+    return key.partition(".")[0] in _MODELS
+
+
 def _parsed(key: str, value: bytes, model: type[M]) -> M | None:
+    """The record, or None (logged) when it does not parse."""
     try:
         return model.model_validate_json(value)
     except ValidationError as exc:
