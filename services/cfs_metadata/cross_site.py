@@ -21,7 +21,7 @@ from cfs.bus import Bus, BusError
 from cfs.bus.kv import bucket_keys
 from cfs_contracts.fs.check import ListRecords, ReplicaShard, ScanReplicas
 from cfs_contracts.members import health_key
-from cfs_contracts.streams import NODES
+from cfs_contracts.streams import HEALTH
 from cfs_metadata.digest import record_name
 from cfs_metadata.fsck import CheckFailed, ask_node, metadata_nodes
 from cfs_metadata.projection import key_record
@@ -84,10 +84,10 @@ class CrossSiteReport:
 
 
 async def peer_metadata_nodes(bus: Bus, site: str) -> list[str]:
-    """The nodes whose metadata-raft reports health on the peer site, from its nodes
+    """The nodes whose metadata-raft reports health on the peer site, from its health
     bucket over the link (this site's come from `fsck.metadata_nodes`)."""
     prefix, suffix = health_key("\0", SERVICE).split("\0")
-    keys = await bucket_keys(bus, NODES.bucket, prefix, site=site)
+    keys = await bucket_keys(bus, HEALTH.bucket, prefix, site=site)
     named = [k for k in keys if k.endswith(suffix)]
     return sorted(k[len(prefix) : -len(suffix)] for k in named)
 
