@@ -40,6 +40,14 @@ log = logging.getLogger("cfs.fuse")
 
 FOLLOWER_CONNECT_S = 2.0  # a site that does not answer within this is skipped this round
 OLD_STORE_CLOSE_S = 10.0
+# pyfuse3 starts a worker task whenever a request arrives with none idle, and a worker
+# ends once more than `min_tasks` are idle; each new one allocates a fresh libfuse
+# receive buffer (about 1 MiB). At its default of one idle worker, 8 application threads
+# kept workers starting and ending all the time; keeping as many as a busy application
+# runs threads cut the mount's CPU per create by 4-6 % (8 threads creating files,
+# alternating runs: 972-1,040 against 1,055-1,065 us).
+IDLE_WORKERS = 16
+MAX_WORKERS = 256
 
 
 def mount_options(*, debug: bool = False) -> set[str]:
@@ -114,7 +122,9 @@ async def run_mount(
             "fuse.mounted",
             extra={"mountpoint": str(mountpoint), "site": site, "client": client_id},
         )
-        serving = asyncio.create_task(pyfuse3.main(max_tasks=256), name="fuse-main")
+        serving = asyncio.create_task(
+            pyfuse3.main(min_tasks=IDLE_WORKERS, max_tasks=MAX_WORKERS), name="fuse-main"
+        )
         stopping = asyncio.create_task(stop.wait(), name="fuse-stop")
         tasks = {serving, stopping}
         if follower is not None:  # its failure ends the mount, loudly, like the loop's
