@@ -27,7 +27,7 @@ CRC'd by the client, and the end-to-end SHA-256 check of every chunk read),
 spread over every core at 100 % with nothing else to do: no metadata commit,
 no events, no event loop, no waiting. The transport's share is measured as the
 design must send: over one process per node (six receivers each woken for its
-part cost 0.6-0.9 ms more per MiB put than one receiver taking everything). A goal
+part cost 0.3-0.9 ms more per MiB put than one receiver taking everything). A goal
 above its ceiling cannot be met on this machine by any tuning of the code around
 that work. `write_vs_ceiling` and `read_vs_ceiling` are the client's rates against
 these ceilings (issue 18: goals 0.8 and 0.9); `site_idle_cores` is what the six
