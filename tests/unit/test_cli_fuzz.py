@@ -268,6 +268,10 @@ def test_dev_down_purges_only_a_dev_sites_directory(runner: CliRunner, tmp_path:
     assert_one_line_error(result, args, {2})
     assert "holds no dev site" in result.stderr
     assert (tmp_path / "precious").read_text() == "keep me"
+    (tmp_path / "precious").unlink()  # empty, as the fuzz test's working directory was
+    result = runner.invoke(app, args)
+    assert_one_line_error(result, args, {2})
+    assert tmp_path.is_dir(), "an empty directory that is no dev site's is kept too"
 
 
 @pytest.mark.parametrize(

@@ -273,8 +273,9 @@ def down(
         raise CliError(f"no dev site is running from {control.state_dir}")
     if purge and control.state_dir.exists():
         marks = [control.state_dir / name for name in (STATE_FILE, LOG_FILE)]
-        if not any(mark.exists() for mark in marks) and any(control.state_dir.iterdir()):
-            # `--state-dir .` or a typo must not delete a directory that is not a site's
+        if not any(mark.exists() for mark in marks):
+            # `--state-dir .` or a typo must not delete a directory that is not a site's,
+            # an empty one included (the working directory, say): `up` writes its log first
             raise CliError(
                 f"{control.state_dir} holds no dev site (no {STATE_FILE} or {LOG_FILE}): "
                 "not deleted",
