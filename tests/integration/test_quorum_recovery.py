@@ -281,9 +281,13 @@ def test_force_leader_without_supervisor_follows_the_operator(
         assert (recovery / "export" / "manifest.json").is_file()
         assert (recovery / "plan.json").is_file()
         # No service reached the seed before the import was complete: refused until the
-        # reload that admitted them again, none refused after it.
+        # reload that admitted them again, none refused after it. The reload ends at its
+        # summary line: a connection checked against the old authorization while it was
+        # being applied is logged between its "Reloaded: ..." lines.
         seed_log = (tmp_path / "start-seed.log").read_text().splitlines()
-        opened = next(i for i, line in enumerate(seed_log) if "Reloaded: authorization" in line)
+        opened = next(
+            i for i, line in enumerate(seed_log) if "Reloaded server configuration" in line
+        )
         assert any("authentication error" in line for line in seed_log[:opened])
         assert not any("authentication error" in line for line in seed_log[opened:])
         # RPO: every acknowledged operation the survivor held; the shard writes again.
