@@ -24,7 +24,10 @@ creates alone, 8 in 8 directories, no lookups (`lib_create_per_s_8`): the most a
 mount with 8 threads could pass on, even one that never had to look a new name up
 (`limits`: what each goal is up against). And the design's own floor
 (bench/flow.py): a create's messages with no file-system work, one at a time, and a
-bare request and reply for the lookup before it.
+bare request and reply for the lookup before it. And what the kernel and pyfuse3
+take per create with nothing behind them (bench/null_fuse.py, the same 8 threads):
+added to the site's CPU per create of the library's 8-wide runs, the most a mount
+could do with every core busy (`mount_ceiling_per_s_8`, `lookupless_ceiling_per_s_8`).
 """
 
 from __future__ import annotations
@@ -227,7 +230,9 @@ async def raw_r3_pub_p50_ms(site: LocalSite, n: int) -> float:
         await nc.close()
 
 
-async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
+async def library(
+    site: LocalSite, n: int, size_mb: int, roles: dict[str, list[int | None]]
+) -> dict[str, float]:
     """The client library on the same site: creates with 64 in flight, and file MB/s."""
     bus = await site.client(role=Role.CLIENT)
     meta = MetadataClient(bus, deadline_s=60)
@@ -244,7 +249,7 @@ async def library(site: LocalSite, n: int, size_mb: int) -> dict[str, float]:
         began = time.perf_counter()
         await asyncio.gather(*(worker(p.ino) for p in parents))
         out = {"lib_create_per_s": per * 64 / (time.perf_counter() - began)}
-        out.update(await as_the_kernel_asks(meta, n))
+        out.update(await as_the_kernel_asks(meta, n, roles))
         data = os.urandom(size_mb * MiB)
         ino = (await meta.create(ROOT_INO, f"lib-data-{new_id()}")).ino
         began = time.perf_counter()
@@ -275,34 +280,48 @@ async def lookup_then_create(meta: MetadataClient, parent: int, name: str) -> tu
     return looked - began, time.perf_counter() - looked
 
 
-async def as_the_kernel_asks(meta: MetadataClient, n: int) -> dict[str, float]:
+async def as_the_kernel_asks(
+    meta: MetadataClient, n: int, roles: dict[str, list[int | None]]
+) -> dict[str, float]:
     """The library making the mount's calls with the mount's concurrency: one at a time,
-    and 8 in 8 directories. What the mount adds is the rest; one directory allows at
+    and 8 in 8 directories, with the CPU the whole site spends per create at 8 (this
+    process is the client). What the mount adds is the rest; one directory allows at
     most one lookup + create at a time (the kernel holds its lock across both)."""
     parent = (await meta.mkdir(ROOT_INO, f"lib1-{new_id()}")).ino
     timed = [await lookup_then_create(meta, parent, f"f{i}") for i in range(min(n, 500))]
     parents = [(await meta.mkdir(ROOT_INO, f"lib8-{new_id()}")).ino for _ in range(8)]
     per = n // 8
 
-    async def per_s_in_8_dirs(create: Callable[[int, str], Awaitable[object]]) -> float:
+    async def per_s_in_8_dirs(
+        create: Callable[[int, str], Awaitable[object]],
+    ) -> tuple[float, float]:
+        """(creates per second, CPU µs per create over every process of the site)."""
+
         async def worker(parent: int) -> None:
             for i in range(per):
                 await create(parent, f"f{i}")
 
+        before = role_cpu_seconds(roles)
         began = time.perf_counter()
         await asyncio.gather(*(worker(p) for p in parents))
-        return per * 8 / (time.perf_counter() - began)
+        rate = per * 8 / (time.perf_counter() - began)
+        after = role_cpu_seconds(roles)
+        return rate, sum(cpu_us_per_op(before, after, per * 8, "cpu").values())
 
-    calls_8 = await per_s_in_8_dirs(partial(lookup_then_create, meta))
+    calls_8, calls_cpu_8 = await per_s_in_8_dirs(partial(lookup_then_create, meta))
     # No lookup at all, as a mount that knew every new name is new would ask: the
     # most 8 threads could get through any mount here.
-    creates_8 = await per_s_in_8_dirs(lambda parent, name: meta.create(parent, f"c{name}"))
+    creates_8, creates_cpu_8 = await per_s_in_8_dirs(
+        lambda parent, name: meta.create(parent, f"c{name}")
+    )
     return {
         "lib_lookup_p50_ms_1": 1000 * statistics.median(look for look, _ in timed),
         "lib_create_p50_ms_1": 1000 * statistics.median(create for _, create in timed),
         "lib_lookup_create_p50_ms_1": 1000 * statistics.median(a + b for a, b in timed),
         "lib_lookup_create_per_s_8": calls_8,
         "lib_create_per_s_8": creates_8,
+        "lib_lookup_create_cpu_us_8": calls_cpu_8,
+        "lib_create_cpu_us_8": creates_cpu_8,
     }
 
 
@@ -353,13 +372,45 @@ def metadata_calls(port: int) -> dict[str, float]:
     }
 
 
-def roles_of(site: LocalSite, mount: ManagedProcess) -> dict[str, list[int | None]]:
+def site_roles(site: LocalSite) -> dict[str, list[int | None]]:
+    """The site's processes by role; "bench" is this process (the library's client, or
+    the application threads creating through a mount)."""
     return {
-        "mount": [mount.pid],
         "metadata": [site.metadata(n).pid for n in site.node_names],
         "chunkstore": [site.chunkstore(n).pid for n in site.node_names],
         "nats": [server.pid for server in site.nats_servers],
         "bench": [None],
+    }
+
+
+def null_fuse_creates(base: Path, n: int) -> dict[str, float]:
+    """The 8-thread creates through bench/null_fuse.py: what the kernel, pyfuse3 and the
+    application's own calls cost per create with no file-system work behind them."""
+    mnt = base / "mnt-null"
+    mnt.mkdir()
+    script = Path(__file__).with_name("null_fuse.py")
+    proc = ManagedProcess(
+        "null-fuse", [sys.executable, str(script), str(mnt)], log_path=base / "null-fuse.log"
+    )
+    proc.start()
+    try:
+        proc.wait_until(lambda: is_fuse_mount(mnt), 30, "the null FUSE mount")
+        dirs = [mnt / f"d{i}" for i in range(THREADS)]
+        for d in dirs:
+            d.mkdir()
+        per = n // THREADS
+        spread = [[d / f"f{i}" for i in range(per)] for d in dirs]
+        roles: dict[str, list[int | None]] = {"null_fuse": [proc.pid], "bench": [None]}
+        before = role_cpu_seconds(roles)
+        seconds, _ = in_threads(lambda t: timed(spread[t], create), THREADS)
+        after = role_cpu_seconds(roles)
+    finally:
+        unmount(proc, mnt)
+    cpu = cpu_us_per_op(before, after, per * THREADS, "null_fuse_cpu_us")
+    return {
+        "null_fuse_create_per_s_8": per * THREADS / seconds,
+        **cpu,
+        "null_fuse_cpu_us_per_create": sum(cpu.values()),
     }
 
 
@@ -381,14 +432,16 @@ async def run(quick: bool) -> dict[str, float]:
                     credentials=site.credentials(Role.ADMIN),
                 )
             )
-            results.update(await library(site, 2_000 if quick else 10_000, size_mb))
+            roles = site_roles(site)
+            results.update(await library(site, 2_000 if quick else 10_000, size_mb, roles))
+            results.update(await asyncio.to_thread(null_fuse_creates, base, n8))
             mnt = base / "mnt"
             mnt.mkdir()
             mount = site.mount_process(mnt, env={"CFS_LOG_LEVEL": "WARNING"})
             mount.start()
             try:
                 mount.wait_until(lambda: is_fuse_mount(mnt), 60, "the FUSE mount")
-                roles = roles_of(site, mount)
+                roles["mount"] = [mount.pid]
                 results.update(await asyncio.to_thread(mdtest, mnt, n1, n8, onedir, roles))
                 results.update(
                     await asyncio.to_thread(fio, binary, mnt, size_mb, 5 if quick else 20)
@@ -427,6 +480,8 @@ def limits(r: dict[str, float]) -> dict[str, float]:
     """Ratios against what the library does with the mount's own calls and concurrency,
     and against the least this design can take for a create on this machine."""
     floor = r["flow_p50_ms_1"] + r["echo_p50_ms"]
+    cores = len(os.sched_getaffinity(0))
+    null_us = r["null_fuse_cpu_us_per_create"]
     return {
         "mount_create_p50_vs_lib_calls": (
             r["mount_create_p50_ms_1"] / r["lib_lookup_create_p50_ms_1"]
@@ -435,9 +490,29 @@ def limits(r: dict[str, float]) -> dict[str, float]:
         "mount_create_8_vs_lib_calls_8": (
             r["mount_create_per_s_8"] / r["lib_lookup_create_per_s_8"]
         ),
+        # What the 8-thread goal asks against the library making the mount's calls
+        # (lookup + create) with the mount's concurrency (above 1: no mount that looks
+        # new names up can meet it).
+        "goal_8_vs_lib_calls_8": 0.5 * r["lib_create_per_s"] / r["lib_lookup_create_per_s_8"],
         # What the 8-thread goal asks against the library's own creates with 8 in
         # flight and no lookup (above 1: no mount, with or without lookups, can meet it).
         "goal_8_vs_lib_creates_8": 0.5 * r["lib_create_per_s"] / r["lib_create_per_s_8"],
+        # The most any mount of this design could do with 8 threads on these cores: the
+        # site's CPU per create for the library's calls (8 in 8 directories) plus what
+        # the kernel and pyfuse3 take with no work behind them (bench/null_fuse.py),
+        # every core busy. With the kernel's lookup of each new name answered by the
+        # shard (close-to-open), and without it (a mount holding directory leases).
+        "mount_ceiling_per_s_8": cores * 1e6 / (r["lib_lookup_create_cpu_us_8"] + null_us),
+        "lookupless_ceiling_per_s_8": cores * 1e6 / (r["lib_create_cpu_us_8"] + null_us),
+        "goal_8_vs_mount_ceiling": (
+            0.5 * r["lib_create_per_s"] * (r["lib_lookup_create_cpu_us_8"] + null_us) / cores / 1e6
+        ),
+        "goal_8_vs_lookupless_ceiling": (
+            0.5 * r["lib_create_per_s"] * (r["lib_create_cpu_us_8"] + null_us) / cores / 1e6
+        ),
+        "mount_create_8_vs_ceiling": (
+            r["mount_create_per_s_8"] * (r["lib_lookup_create_cpu_us_8"] + null_us) / cores / 1e6
+        ),
         "onedir_ceiling_per_s": 1000 / r["lib_lookup_create_p50_ms_1"],
         "mount_onedir_vs_ceiling": (
             r["mount_create_per_s_8_onedir"] * r["lib_lookup_create_p50_ms_1"] / 1000
