@@ -480,8 +480,15 @@ def limits(r: dict[str, float]) -> dict[str, float]:
     """Ratios against what the library does with the mount's own calls and concurrency,
     and against the least this design can take for a create on this machine."""
     floor = r["flow_p50_ms_1"] + r["echo_p50_ms"]
-    cores = len(os.sched_getaffinity(0))
-    null_us = r["null_fuse_cpu_us_per_create"]
+    goal_8 = 0.5 * r["lib_create_per_s"]
+    # The most any mount of this design could do with 8 threads on these cores: the
+    # site's CPU per create for the library's calls (8 in 8 directories) plus what the
+    # kernel and pyfuse3 take with no work behind them (bench/null_fuse.py), every core
+    # busy. With the kernel's lookup of each new name answered by the shard
+    # (close-to-open), and without it (a mount holding directory leases).
+    core_us = len(os.sched_getaffinity(0)) * 1e6
+    ceiling_8 = core_us / (r["lib_lookup_create_cpu_us_8"] + r["null_fuse_cpu_us_per_create"])
+    lookupless_8 = core_us / (r["lib_create_cpu_us_8"] + r["null_fuse_cpu_us_per_create"])
     return {
         "mount_create_p50_vs_lib_calls": (
             r["mount_create_p50_ms_1"] / r["lib_lookup_create_p50_ms_1"]
@@ -493,26 +500,15 @@ def limits(r: dict[str, float]) -> dict[str, float]:
         # What the 8-thread goal asks against the library making the mount's calls
         # (lookup + create) with the mount's concurrency (above 1: no mount that looks
         # new names up can meet it).
-        "goal_8_vs_lib_calls_8": 0.5 * r["lib_create_per_s"] / r["lib_lookup_create_per_s_8"],
-        # What the 8-thread goal asks against the library's own creates with 8 in
-        # flight and no lookup (above 1: no mount, with or without lookups, can meet it).
-        "goal_8_vs_lib_creates_8": 0.5 * r["lib_create_per_s"] / r["lib_create_per_s_8"],
-        # The most any mount of this design could do with 8 threads on these cores: the
-        # site's CPU per create for the library's calls (8 in 8 directories) plus what
-        # the kernel and pyfuse3 take with no work behind them (bench/null_fuse.py),
-        # every core busy. With the kernel's lookup of each new name answered by the
-        # shard (close-to-open), and without it (a mount holding directory leases).
-        "mount_ceiling_per_s_8": cores * 1e6 / (r["lib_lookup_create_cpu_us_8"] + null_us),
-        "lookupless_ceiling_per_s_8": cores * 1e6 / (r["lib_create_cpu_us_8"] + null_us),
-        "goal_8_vs_mount_ceiling": (
-            0.5 * r["lib_create_per_s"] * (r["lib_lookup_create_cpu_us_8"] + null_us) / cores / 1e6
-        ),
-        "goal_8_vs_lookupless_ceiling": (
-            0.5 * r["lib_create_per_s"] * (r["lib_create_cpu_us_8"] + null_us) / cores / 1e6
-        ),
-        "mount_create_8_vs_ceiling": (
-            r["mount_create_per_s_8"] * (r["lib_lookup_create_cpu_us_8"] + null_us) / cores / 1e6
-        ),
+        "goal_8_vs_lib_calls_8": goal_8 / r["lib_lookup_create_per_s_8"],
+        # ... and against the library's own creates with 8 in flight and no lookup
+        # (above 1: no mount, with or without lookups, can meet it).
+        "goal_8_vs_lib_creates_8": goal_8 / r["lib_create_per_s_8"],
+        "mount_ceiling_per_s_8": ceiling_8,
+        "lookupless_ceiling_per_s_8": lookupless_8,
+        "goal_8_vs_mount_ceiling": goal_8 / ceiling_8,
+        "goal_8_vs_lookupless_ceiling": goal_8 / lookupless_8,
+        "mount_create_8_vs_ceiling": r["mount_create_per_s_8"] / ceiling_8,
         "onedir_ceiling_per_s": 1000 / r["lib_lookup_create_p50_ms_1"],
         "mount_onedir_vs_ceiling": (
             r["mount_create_per_s_8_onedir"] * r["lib_lookup_create_p50_ms_1"] / 1000
