@@ -66,6 +66,21 @@ def _until(what: str, check: object, site: LocalSite, timeout: float = 60.0) -> 
         time.sleep(0.5)
 
 
+def _crash_taken(site: LocalSite, crash: Path, timeout: float = 60.0) -> str:
+    """Wait for the armed fault point to end its process, restart that process and
+    return its name. The point's file goes a moment before the process exits: a test
+    that only waited for the file could end with the process still to die, and the
+    next test find it dead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        restarted = site.restart_exited()
+        if restarted:
+            assert not crash.exists() and len(restarted) == 1, restarted
+            return restarted[0]
+        assert time.monotonic() < deadline, f"the fault point: not within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow  # make test-slow (the default suite keeps under 15 min)
 @pytest.mark.expected_logs(*CRASHES)
 def test_backup_killed_during_a_snapshot_leaves_nothing_then_the_next_succeeds(
@@ -98,7 +113,7 @@ def test_backup_killed_after_a_segment_upload_resumes_without_gap_or_duplicate(
     running, crash = site
     crash.write_text("backup.segment_uploaded")
     asyncio.run(_create(running, "arc", 10))
-    _until("the fault point", lambda: not crash.exists(), running)
+    assert "backup" in _crash_taken(running, crash)
     asyncio.run(_create(running, "arc2", 5))
     status = asyncio.run(archived(running, timeout=60.0))
     assert status.archive_url is not None
