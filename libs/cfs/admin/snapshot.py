@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import nats.errors
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from cfs.admin.decide import NodeFacts
 from cfs.admin.report import Replica, ShardView
 from cfs.bus import Bus, BusError
-from cfs.bus.kv import live_entries
+from cfs.bus.kv import bucket_keys
 from cfs.lease import LeaseRecord
 from cfs_contracts.backup import BACKUP_STATUS_KEY, BackupStatus
 from cfs_contracts.data import StoreRecord
@@ -73,13 +73,12 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
     health: list[ServiceHealth] = []
     try:
         async with asyncio.timeout(timeout):
-            nodes = await bus.key_value(NODES.bucket)
-            for kind, table in tables.items():  # not repair jobs, configs and the rest
-                for key, value, _ in await live_entries(nodes, f"{kind}.>"):
-                    record = _parsed(key, value, _MODELS[kind])
-                    if record is not None:
-                        table[key.partition(".")[2]] = record
-            for key, value, _ in await live_entries(await bus.key_value(HEALTH.bucket)):
+            for key, value in await _bucket_values(bus, NODES.bucket, _held_in_facts):
+                kind, _, node = key.partition(".")
+                record = _parsed(key, value, _MODELS[kind])
+                if record is not None:
+                    tables[kind][node] = record
+            for key, value in await _bucket_values(bus, HEALTH.bucket):
                 report = _parsed(key, value, ServiceHealth)
                 if report is not None:
                     health.append(report)
@@ -92,6 +91,27 @@ async def read_node_facts(bus: Bus, timeout: float = 3.0) -> NodeFacts:
         now_ms=now_ms(),
         health=tuple(health),
     )
+
+
+async def _bucket_values(
+    bus: Bus, bucket: str, wanted: Callable[[str], bool] = lambda _: True
+) -> list[tuple[str, bytes]]:
+    """(key, value) of every `wanted` key of `bucket` holding a value."""
+    kv = await bus.key_value(bucket)
+    values = []
+    for key in filter(wanted, await bucket_keys(bus, bucket)):
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # deleted between keys() and get()
+        if entry.value:
+            values.append((key, entry.value))
+    return values
+
+
+def _held_in_facts(key: str) -> bool:
+    """Member, lifecycle and store records (not repair jobs, configs and the rest)."""
+    return key.partition(".")[0] in _MODELS
 
 
 def _parsed(key: str, value: bytes, model: type[M]) -> M | None:
