@@ -252,6 +252,8 @@ def test_odd_values_fail_in_one_line_or_succeed(runner: CliRunner, data: st.Data
         ["dev", "up", "--topology", "/nonexistent/topology.yaml"],
         ["service", "run", "no-such-service", "--node", "n1"],
         ["admin", "raft-debug", "--shard", "x"],
+        ["umount", "\x85"],  # a line break to str.splitlines(), in the path it names
+        ["fs", "put", "/nonexistent/a\u2028b", "/x"],
     ],
     ids=lambda a: " ".join(a)[:40],
 )

@@ -81,8 +81,18 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
-    print(message.splitlines()[0] if message else "error", file=sys.stderr)
+    print(one_line(message.split("\n", 1)[0]) if message else "error", file=sys.stderr)
     raise SystemExit(int(code))
+
+
+# What str.splitlines() breaks a line at: a path or name the user typed may hold any of
+# them, and the message must stay one line.
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: line breaks written escaped, as `repr` writes them."""
+    return "".join(repr(c)[1:-1] if c in _LINE_BREAKS else c for c in message)
 
 
 class OneLineGroup(TyperGroup):

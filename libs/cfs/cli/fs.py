@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 
 from cfs.bus import Bus
-from cfs.cli.errors import ExitCode, one_line_errors
+from cfs.cli.errors import ExitCode, one_line, one_line_errors
 from cfs.client.metadata import LeaderUnavailable, MetadataClient
 from cfs.fuse.config import ClientSettings, client_settings, is_fuse_mount
 from cfs.security import Role
@@ -54,7 +54,7 @@ ShardsOpt = Annotated[
 
 
 def _fail(message: str, code: ExitCode = ExitCode.FAILED) -> NoReturn:
-    typer.echo(f"cfs: {message}", err=True)
+    typer.echo(f"cfs: {one_line(message)}", err=True)
     raise typer.Exit(int(code))
 
 
